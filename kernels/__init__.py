@@ -1,0 +1,25 @@
+"""hf_mamba.kernels: the selective scan, its decode step and the causal conv, as plain functions on tensors.
+
+Nothing here imports the model, its config or transformers.
+"""
+
+from .causal_conv1d import causal_conv1d, causal_conv1d_update
+from .selective_scan import (
+    BACKENDS,
+    resolve_backend,
+    selective_scan,
+    selective_scan_ref,
+    selective_state_update,
+    selective_state_update_ref,
+)
+
+__all__ = [
+    "BACKENDS",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+]

@@ -1,0 +1,153 @@
+"""Selective scan: the one entry to the SSM, with interchangeable backends.
+
+Backends:
+    "reference"  exact sequential loop in fp32 (tests)
+    "torch"      chunked PyTorch scan (CPU default)
+    "triton"     Triton kernels (CUDA default; CPU tensors only under TRITON_INTERPRET=1)
+    None         the fastest one available for the tensors' device
+"""
+
+import os
+
+from .reference import selective_scan_ref, selective_state_update_ref
+from .torch_scan import selective_scan_torch
+
+BACKENDS = ("reference", "torch", "triton")
+
+
+def triton_available(device) -> bool:
+    """Whether the Triton kernels can run on `device` (CUDA, or any device under TRITON_INTERPRET=1)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend, device) -> str:
+    """Turn a requested backend (or None) into the name of the implementation to run on `device`."""
+    if backend is None:
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) and an installed "
+            f"triton; got tensors on {device}"
+        )
+    return backend
+
+
+def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape (batch, d_inner, seqlen), got {tuple(u.shape)}")
+    batch, d_inner, seqlen = u.shape
+    if A.dim() != 2 or A.shape[0] != d_inner:
+        raise ValueError(f"A must have shape (d_inner={d_inner}, d_state), got {tuple(A.shape)}")
+    d_state = A.shape[1]
+    expected = {
+        "delta": (delta, (batch, d_inner, seqlen)),
+        "B": (B, (batch, d_state, seqlen)),
+        "C": (C, (batch, d_state, seqlen)),
+        "D": (D, (d_inner,)),
+        "z": (z, (batch, d_inner, seqlen)),
+        "delta_bias": (delta_bias, (d_inner,)),
+        "initial_state": (initial_state, (batch, d_inner, d_state)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    backend=None,
+):
+    """Selective scan y = SSM(Ā, B̄, C)(u) with ZOH discretisation (Ā = exp(ΔA), B̄u = ΔBu).
+
+    Args:
+        u, delta, z: (batch, d_inner, seqlen), any float dtype.
+        A: (d_inner, d_state), normally -exp(A_log), fp32.
+        B, C: (batch, d_state, seqlen).
+        D, delta_bias: (d_inner,).
+        delta_softplus: apply softplus to delta + delta_bias.
+        initial_state: (batch, d_inner, d_state), the state before the first step (zeros if None).
+        return_final_state: also return the state after the last step.
+        backend: "reference", "torch", "triton" or None (fastest for the device).
+
+    Returns:
+        y (batch, d_inner, seqlen) in u's dtype, or (y, final_state) with final_state fp32
+        (batch, d_inner, d_state). Every float input gets a gradient.
+    """
+    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
+    name = resolve_backend(backend, u.device)
+    if name == "reference":
+        return selective_scan_ref(*args)
+    if name == "torch":
+        return selective_scan_torch(*args)
+    from .triton_scan import selective_scan_triton
+
+    return selective_scan_triton(*args)
+
+
+def selective_state_update(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend=None
+):
+    """One recurrent step of the selective SSM, for decoding.
+
+    Args:
+        state: (batch, d_inner, d_state), updated in place (keep it fp32).
+        x, dt, z: (batch, d_inner).
+        A: (d_inner, d_state). B, C: (batch, d_state). D, dt_bias: (d_inner,).
+
+    Returns:
+        y (batch, d_inner) in x's dtype.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (batch, d_inner), got {tuple(x.shape)}")
+    batch, d_inner = x.shape
+    d_state = A.shape[-1]
+    expected = {
+        "state": (state, (batch, d_inner, d_state)),
+        "dt": (dt, (batch, d_inner)),
+        "A": (A, (d_inner, d_state)),
+        "B": (B, (batch, d_state)),
+        "C": (C, (batch, d_state)),
+        "D": (D, (d_inner,)),
+        "z": (z, (batch, d_inner)),
+        "dt_bias": (dt_bias, (d_inner,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    # One step is already fully vectorised in PyTorch: "torch" and "reference" share the code.
+    if resolve_backend(backend, x.device) in ("reference", "torch"):
+        return selective_state_update_ref(*args)
+    from .triton_state_update import selective_state_update_triton
+
+    return selective_state_update_triton(*args)
+
+
+__all__ = [
+    "BACKENDS",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_ref",
+    "selective_scan_torch",
+    "selective_state_update",
+    "selective_state_update_ref",
+]

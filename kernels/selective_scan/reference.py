@@ -1,0 +1,81 @@
+"""Exact PyTorch references for the selective scan: a plain sequential loop in fp32.
+
+Glossary (paper notation, Gu & Dao 2023, Algorithm 2):
+    u      input sequence x_t                      (batch, d_inner, seqlen)
+    delta  step size Δ_t (before bias / softplus)  (batch, d_inner, seqlen)
+    A      state matrix, diagonal, negative real   (d_inner, d_state)
+    B, C   input / output projections per step     (batch, d_state, seqlen)
+    D      skip connection                         (d_inner,)
+    z      gate, output multiplied by SiLU(z)      (batch, d_inner, seqlen)
+    h      hidden state                            (batch, d_inner, d_state)
+
+Zero-order hold: Ā = exp(Δ A); B̄ u ≈ Δ B u (the simplification the paper uses for B).
+These functions are slow on purpose: one time step at a time, every product in fp32,
+so every faster path is tested against them.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _effective_delta(delta, delta_bias, delta_softplus):
+    """Δ after the optional bias and softplus, in fp32."""
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[..., None] if delta.dim() == 3 else delta + delta_bias.float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def _finish_output(y, u, D, z, out_dtype):
+    """Add the D skip, gate by SiLU(z), cast back to the input dtype."""
+    if D is not None:
+        y = y + u.float() * (D.float()[..., None] if u.dim() == 3 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
+    """Sequential selective scan; same signature and semantics as `hf_mamba.kernels.selective_scan`."""
+    batch, d_inner, seqlen = u.shape
+    d_state = A.shape[1]
+    delta = _effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
+    u_f, A_f, B_f, C_f = u.float(), A.float(), B.float(), C.float()
+    if initial_state is None:
+        h = u.new_zeros(batch, d_inner, d_state, dtype=torch.float32)
+    else:
+        h = initial_state.float()
+    ys = []
+    for t in range(seqlen):
+        dA = torch.exp(delta[:, :, t, None] * A_f)  # (batch, d_inner, d_state)
+        dBu = (delta[:, :, t] * u_f[:, :, t])[:, :, None] * B_f[:, None, :, t]  # (batch, d_inner, d_state)
+        h = dA * h + dBu
+        ys.append(torch.einsum("bdn,bn->bd", h, C_f[:, :, t]))
+    y = torch.stack(ys, dim=-1) if ys else u_f.new_zeros(batch, d_inner, 0)  # (batch, d_inner, seqlen)
+    out = _finish_output(y, u, D, z, u.dtype)
+    return (out, h) if return_final_state else out
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One recurrent step; updates `state` in place and returns y (batch, d_inner) in x's dtype."""
+    delta = _effective_delta(dt, dt_bias, dt_softplus)  # (batch, d_inner)
+    dA = torch.exp(delta[:, :, None] * A.float())  # (batch, d_inner, d_state)
+    dBx = (delta * x.float())[:, :, None] * B.float()[:, None, :]  # (batch, d_inner, d_state)
+    h = dA * state.float() + dBx
+    state.copy_(h)
+    y = torch.einsum("bdn,bn->bd", h, C.float())  # (batch, d_inner)
+    return _finish_output(y, x, D, z, x.dtype)
