@@ -1,0 +1,546 @@
+"""Mamba (Gu & Dao 2023, arXiv 2312.00752) as a Transformers model.
+
+Read top to bottom: RMSNorm -> MambaDeltaProjection -> MambaMixer (the selective SSM) -> MambaBlock
+-> MambaPreTrainedModel -> MambaModel -> MambaForCausalLM / MambaForSequenceClassification.
+Parameter names and shapes are those of Transformers' built-in Mamba, so its checkpoints load as they are.
+The scan itself lives in `hf_mamba.kernels`; `scan_backend_for` below is the one place that picks its backend.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.utils import ModelOutput
+
+from .cache import MambaCache
+from .configuration_mamba import MambaConfig
+from .kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+
+try:  # Transformers' init helpers skip tensors already loaded from a checkpoint.
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older Transformers
+    init = nn.init
+
+BACKEND_ENV_VAR = "HF_MAMBA_BACKEND"
+
+
+def scan_backend_for(config) -> str | None:
+    """The scan backend for the whole model: $HF_MAMBA_BACKEND, else config.scan_backend, else None (auto)."""
+    return os.environ.get(BACKEND_ENV_VAR) or getattr(config, "scan_backend", None)
+
+
+class MambaRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+
+
+class MambaDeltaProjection(nn.Linear):
+    """dt_proj: a Linear whose forward returns W x *without* its bias.
+
+    The bias is added in fp32 inside the scan, fused with the softplus, so Δ keeps full precision
+    under bf16/fp16; calling the module (rather than reading its weight) keeps LoRA and other
+    wrappers of dt_proj in the computation.
+    """
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class MambaMixer(nn.Module):
+    """in_proj -> causal depthwise conv -> SiLU -> selective SSM (input-dependent Δ, B, C) -> gate -> out_proj."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.d_inner = config.intermediate_size
+        self.d_state = config.state_size
+        self.d_conv = config.conv_kernel
+        self.dt_rank = int(config.time_step_rank)
+        self.activation = config.hidden_act
+        self.act = ACT2FN[config.hidden_act]
+        # SiLU is fused into the conv and the scan's gate; other activations run here.
+        self.fused_silu = config.hidden_act in ("silu", "swish")
+
+        self.in_proj = nn.Linear(config.hidden_size, 2 * self.d_inner, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=self.d_conv,
+            groups=self.d_inner,
+            padding=self.d_conv - 1,
+            bias=config.use_conv_bias,
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = MambaDeltaProjection(self.dt_rank, self.d_inner, bias=True)
+        # S4D-real: A = -exp(A_log) with A_n = -(n + 1); stored as a log so A stays negative.
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
+
+    def _conv(self, x, cache_params, continuing):
+        """Causal conv over a whole chunk, continuing from (and refreshing) the cached conv state."""
+        weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+        activation = "silu" if self.fused_silu else None
+        previous = cache_params.conv_states[self.layer_idx] if continuing else None
+        if cache_params is not None:
+            if previous is None:
+                window = F.pad(x, (self.d_conv, 0))  # (batch, d_inner, d_conv + seqlen)
+            else:
+                window = torch.cat([previous.to(x.dtype), x], dim=-1)
+            cache_params.update_conv_state(self.layer_idx, window[:, :, -self.d_conv :])
+        initial = previous[:, :, 1:] if previous is not None else None  # (batch, d_inner, d_conv - 1)
+        out = causal_conv1d(x, weight, self.conv1d.bias, activation=activation, initial_state=initial)
+        return out if self.fused_silu else self.act(out)
+
+    def _ssm_params(self, x):
+        """Δ (before bias), B, C from the conv output x (batch, d_inner, seqlen)."""
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
+        return dt, B.transpose(1, 2), C.transpose(1, 2)  # B, C: (batch, d_state, seqlen)
+
+    def forward(self, hidden_states, cache_params: MambaCache | None = None, attention_mask=None):
+        batch, seqlen, _ = hidden_states.shape
+        backend = scan_backend_for(self.config)
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        continuing = cache_params is not None and cache_params.seqlen_offset > 0
+        if continuing and seqlen == 1:
+            return self._step(hidden_states, cache_params, A, backend)
+
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
+        x, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
+        if mask is not None:
+            x = x * mask  # padded inputs never reach the conv window
+        x = self._conv(x, cache_params, continuing)
+        if mask is not None:
+            x = x * mask
+        dt, B, C = self._ssm_params(x)
+
+        dt_bias = self.dt_proj.bias.float()
+        if mask is not None:
+            # Δ = 0 at padding: Ā = 1 and B̄x = 0, so the state passes through padded positions unchanged.
+            dt = F.softplus(dt.float() + dt_bias[:, None]) * mask
+            dt_bias, softplus = None, False
+        else:
+            softplus = True
+        scan = selective_scan(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            D=self.D.float(),
+            z=z if self.fused_silu else None,
+            delta_bias=dt_bias,
+            delta_softplus=softplus,
+            initial_state=cache_params.ssm_states[self.layer_idx] if continuing else None,
+            return_final_state=cache_params is not None,
+            backend=backend,
+        )
+        if cache_params is not None:
+            y, final_state = scan
+            cache_params.update_ssm_state(self.layer_idx, final_state)
+        else:
+            y = scan
+        if not self.fused_silu:
+            y = y * self.act(z)
+        return self.out_proj(y.transpose(1, 2))  # (batch, seqlen, hidden_size)
+
+    def _step(self, hidden_states, cache_params, A, backend):
+        """One decode step from the cache: O(1) in the number of tokens already seen."""
+        xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
+        x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
+        weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+        conv_state = cache_params.conv_states[self.layer_idx]
+        x = causal_conv1d_update(x, conv_state, weight, self.conv1d.bias, "silu" if self.fused_silu else None)
+        if not self.fused_silu:
+            x = self.act(x)
+        dt, B, C = self._ssm_params(x[:, :, None])
+        y = selective_state_update(
+            cache_params.ssm_states[self.layer_idx],
+            x,
+            dt[:, :, 0],
+            A,
+            B[:, :, 0],
+            C[:, :, 0],
+            D=self.D.float(),
+            z=z if self.fused_silu else None,
+            dt_bias=self.dt_proj.bias.float(),
+            dt_softplus=True,
+            backend=backend,
+        )
+        if not self.fused_silu:
+            y = y * self.act(z)
+        return self.out_proj(y)[:, None, :]  # (batch, 1, hidden_size)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: h + mixer(norm(h)), with the residual stream optionally in fp32."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = MambaMixer(config, layer_idx=layer_idx)
+
+    def forward(self, hidden_states, cache_params=None, attention_mask=None):
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
+        hidden_states = self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+        return residual + hidden_states
+
+
+class MambaPreTrainedModel(PreTrainedModel):
+    config_class = MambaConfig
+    config: MambaConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    _no_split_modules = ["MambaBlock"]
+    supports_gradient_checkpointing = True
+    # The state cannot be rolled back to an earlier token, so generate() refuses assisted decoding.
+    _is_stateful = True
+    # Under fp16/bf16 loading these stay fp32: A, D and the Δ bias set the decay rates of the state.
+    _keep_in_fp32_modules_strict = ["A_log", "mixer.D", "dt_proj.bias"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        config = self.config
+        if isinstance(module, MambaMixer):
+            self._init_mixer(module)
+        elif isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+        elif isinstance(module, MambaRMSNorm):
+            init.ones_(module.weight)
+
+    def _init_mixer(self, mixer):
+        """Paper init: S4D-real A, D = 1, Δ log-uniform in [time_step_min, time_step_max] via the dt bias."""
+        config = self.config
+        A = torch.arange(1, mixer.d_state + 1, dtype=torch.float32).expand(mixer.d_inner, -1)
+        init.copy_(mixer.A_log, torch.log(A))
+        init.ones_(mixer.D)
+        init.kaiming_uniform_(mixer.conv1d.weight, a=math.sqrt(5))
+        if mixer.conv1d.bias is not None:
+            init.zeros_(mixer.conv1d.bias)
+        for linear in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
+            init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+            if linear.bias is not None:
+                init.zeros_(linear.bias)
+        dt_init_std = mixer.dt_rank**-0.5 * config.time_step_scale
+        if config.time_step_init_scheme == "constant":
+            init.constant_(mixer.dt_proj.weight, dt_init_std)
+        else:
+            init.uniform_(mixer.dt_proj.weight, -dt_init_std, dt_init_std)
+        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(mixer.d_inner) * (log_max - log_min) + log_min).clamp(min=config.time_step_floor)
+        inverse_softplus_dt = dt + torch.log(-torch.expm1(-dt))  # softplus(bias) == dt
+        init.copy_(mixer.dt_proj.bias, inverse_softplus_dt)
+        if config.rescale_prenorm_residual:
+            # GPT-2 scheme: shrink the residual branch output by 1/sqrt(n_layer) (copy_ skips loaded weights).
+            weight = mixer.out_proj.weight
+            init.copy_(weight, weight / math.sqrt(config.num_hidden_layers))
+
+
+@dataclass
+class MambaOutput(ModelOutput):
+    """Output of MambaModel: last hidden state, the cache (when use_cache) and all hidden states (on request)."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache_params: MambaCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MambaCausalLMOutput(ModelOutput):
+    """Output of MambaForCausalLM."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache_params: MambaCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _check_inputs(input_ids, inputs_embeds, attention_mask, vocab_size):
+    """Raise ValueError with the offending argument for anything the forward cannot use."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds, not both and not neither")
+    if input_ids is not None:
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
+        shape = tuple(input_ids.shape)
+        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if input_ids.numel() and not capturing and ((input_ids < 0) | (input_ids >= vocab_size)).any():
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
+            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
+    else:
+        if inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must have shape (batch, seqlen, hidden_size), got {tuple(inputs_embeds.shape)}")
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[1] == 0:
+        raise ValueError("The input sequence is empty (seqlen 0); pass at least one token")
+    if attention_mask is not None and tuple(attention_mask.shape) != shape:
+        raise ValueError(f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}")
+
+
+class MambaModel(MambaPreTrainedModel):
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MambaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self._register_load_state_dict_pre_hook(self._rename_state_spaces_embedding)
+        self.post_init()
+
+    @staticmethod
+    def _rename_state_spaces_embedding(state_dict, prefix, *args):
+        """state-spaces checkpoints call the embedding `embedding`; ours is `embeddings`."""
+        old, new = prefix + "embedding.weight", prefix + "embeddings.weight"
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache_params: MambaCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | MambaOutput:
+        """
+        Args:
+            input_ids: (batch, seqlen) token ids, or inputs_embeds (batch, seqlen, hidden_size).
+            cache_params: a MambaCache to continue from and update in place.
+            use_cache: create (if needed) and return a cache; defaults to config.use_cache outside training.
+            attention_mask: (batch, seqlen), 1 for tokens and 0 for padding; padding leaves the state unchanged.
+        """
+        _check_inputs(input_ids, inputs_embeds, attention_mask, self.config.vocab_size)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputation would advance the cache twice
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        batch, seqlen = inputs_embeds.shape[:2]
+        if use_cache and cache_params is None:
+            cache_params = MambaCache(self.config, batch, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        if not use_cache:
+            cache_params = None
+        if cache_params is not None and cache_params.batch_size != batch:
+            raise ValueError(f"cache_params holds {cache_params.batch_size} sequences but the input has {batch}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take the fused path
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(
+                    block.__call__, hidden_states, cache_params, attention_mask
+                )
+            else:
+                hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+        hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if cache_params is not None:
+            cache_params.seqlen_offset += seqlen
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache_params, all_hidden_states) if v is not None)
+        return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params, hidden_states=all_hidden_states)
+
+
+class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        self.backbone = MambaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        return self.backbone.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache: the forward creates a MambaCache
+
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, cache_params=None, attention_mask=None, use_cache=None, **kwargs
+    ):
+        if cache_params is not None and cache_params.seqlen_offset > 0:
+            # Feed only what the cache has not seen; at least the newest token. (After a prefill from
+            # inputs_embeds, input_ids holds only generated tokens, so the count can come out < 1.)
+            n_new = max(input_ids.shape[1] - cache_params.seqlen_offset, 1)
+            model_inputs = {"input_ids": input_ids[:, -n_new:]}
+            attention_mask = None  # new tokens are never padding
+        elif inputs_embeds is not None:
+            model_inputs = {"inputs_embeds": inputs_embeds}
+        else:
+            model_inputs = {"input_ids": input_ids}
+        model_inputs.update(cache_params=cache_params, use_cache=use_cache, attention_mask=attention_mask)
+        if kwargs.get("logits_to_keep") is not None:
+            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache_params: MambaCache | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | MambaCausalLMOutput:
+        """
+        Args:
+            labels: (batch, seqlen) targets, shifted inside (labels = input_ids works); -100 is ignored.
+            logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
+            Others: see MambaModel.forward.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            cache_params=cache_params,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            attention_mask=attention_mask,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.cache_params, outputs.hidden_states) if v is not None)
+            return (loss, *output) if loss is not None else output
+        return MambaCausalLMOutput(
+            loss=loss, logits=logits, cache_params=outputs.cache_params, hidden_states=outputs.hidden_states
+        )
+
+
+class MambaForSequenceClassification(MambaPreTrainedModel):
+    """Mamba with a linear head on the last non-padding token (regression, single- or multi-label)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.backbone = MambaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        return self.backbone.set_input_embeddings(new_embeddings)
+
+    def _last_token_index(self, input_ids, attention_mask, seqlen, device):
+        """Index of the last real token per row; works for left and right padding."""
+        if attention_mask is not None:
+            real = attention_mask.to(device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id
+        else:
+            return torch.full((1,), seqlen - 1, device=device)
+        positions = torch.arange(seqlen, device=device)
+        return torch.where(real, positions, -1).amax(dim=-1).clamp(min=0)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | SequenceClassifierOutputWithPast:
+        """labels: (batch,) class ids (single label), (batch, num_labels) floats (multi-label), or values (regression)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            attention_mask=attention_mask,
+        )
+        logits = self.score(outputs.last_hidden_state.to(self.score.weight.dtype))  # (batch, seqlen, num_labels)
+        batch, seqlen = logits.shape[:2]
+        last = self._last_token_index(input_ids, attention_mask, seqlen, logits.device)
+        pooled_logits = logits[torch.arange(batch, device=logits.device), last]  # (batch, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        if not return_dict:
+            output = tuple(v for v in (pooled_logits, outputs.hidden_states) if v is not None)
+            return (loss, *output) if loss is not None else output
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "MambaCausalLMOutput",
+    "MambaForCausalLM",
+    "MambaForSequenceClassification",
+    "MambaModel",
+    "MambaOutput",
+    "MambaPreTrainedModel",
+]
