@@ -18,11 +18,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(t):
+    """t in fp32, or fp64 if it already is: half-precision inputs are computed in fp32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _effective_delta(delta, delta_bias, delta_softplus):
-    """Δ after the optional bias and softplus, in fp32."""
-    delta = delta.float()
+    """Δ after the optional bias and softplus, in fp32 (fp64 for fp64 inputs)."""
+    delta = _wide(delta)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[..., None] if delta.dim() == 3 else delta + delta_bias.float()
+        delta = delta + _wide(delta_bias)[..., None] if delta.dim() == 3 else delta + _wide(delta_bias)
     if delta_softplus:
         delta = F.softplus(delta)
     return delta
@@ -31,9 +36,9 @@ def _effective_delta(delta, delta_bias, delta_softplus):
 def _finish_output(y, u, D, z, out_dtype):
     """Add the D skip, gate by SiLU(z), cast back to the input dtype."""
     if D is not None:
-        y = y + u.float() * (D.float()[..., None] if u.dim() == 3 else D.float())
+        y = y + _wide(u) * (_wide(D)[..., None] if u.dim() == 3 else _wide(D))
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(_wide(z))
     return y.to(out_dtype)
 
 
@@ -54,11 +59,11 @@ def selective_scan_ref(
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     delta = _effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
-    u_f, A_f, B_f, C_f = u.float(), A.float(), B.float(), C.float()
+    u_f, A_f, B_f, C_f = _wide(u), _wide(A), _wide(B), _wide(C)
     if initial_state is None:
-        h = u.new_zeros(batch, d_inner, d_state, dtype=torch.float32)
+        h = u_f.new_zeros(batch, d_inner, d_state)
     else:
-        h = initial_state.float()
+        h = _wide(initial_state)
     ys = []
     for t in range(seqlen):
         dA = torch.exp(delta[:, :, t, None] * A_f)  # (batch, d_inner, d_state)
@@ -73,9 +78,9 @@ def selective_scan_ref(
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One recurrent step; updates `state` in place and returns y (batch, d_inner) in x's dtype."""
     delta = _effective_delta(dt, dt_bias, dt_softplus)  # (batch, d_inner)
-    dA = torch.exp(delta[:, :, None] * A.float())  # (batch, d_inner, d_state)
-    dBx = (delta * x.float())[:, :, None] * B.float()[:, None, :]  # (batch, d_inner, d_state)
-    h = dA * state.float() + dBx
+    dA = torch.exp(delta[:, :, None] * _wide(A))  # (batch, d_inner, d_state)
+    dBx = (delta * _wide(x))[:, :, None] * _wide(B)[:, None, :]  # (batch, d_inner, d_state)
+    h = dA * _wide(state) + dBx
     state.copy_(h)
-    y = torch.einsum("bdn,bn->bd", h, C.float())  # (batch, d_inner)
+    y = torch.einsum("bdn,bn->bd", h, _wide(C))  # (batch, d_inner)
     return _finish_output(y, x, D, z, x.dtype)

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import _effective_delta, _finish_output
+from .reference import _effective_delta, _finish_output, _wide
 
 
 def _scan_chunks_locally(dA, dBu):
@@ -54,7 +54,7 @@ def selective_scan_torch(
     d_state = A.shape[1]
     delta = _effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
     if seqlen == 0:
-        h = initial_state.float() if initial_state is not None else u.new_zeros(batch, d_inner, d_state).float()
+        h = _wide(initial_state) if initial_state is not None else _wide(u).new_zeros(batch, d_inner, d_state)
         out = u.new_zeros(batch, d_inner, 0)
         return (out, h) if return_final_state else out
 
@@ -63,16 +63,16 @@ def selective_scan_torch(
     pad = n_chunks * chunk_len - seqlen
     # Padding with Δ = 0 gives Ā = 1 and B̄u = 0: the state passes through the padded tail unchanged.
     delta_p = F.pad(delta, (0, pad))
-    u_p = F.pad(u.float(), (0, pad))
-    B_p = F.pad(B.float(), (0, pad)).view(batch, d_state, n_chunks, chunk_len)
-    C_p = F.pad(C.float(), (0, pad)).view(batch, d_state, n_chunks, chunk_len)
+    u_p = F.pad(_wide(u), (0, pad))
+    B_p = F.pad(_wide(B), (0, pad)).view(batch, d_state, n_chunks, chunk_len)
+    C_p = F.pad(_wide(C), (0, pad)).view(batch, d_state, n_chunks, chunk_len)
 
-    dA = torch.exp(delta_p[..., None] * A.float()[:, None, :])  # (batch, d_inner, padded_len, d_state)
+    dA = torch.exp(delta_p[..., None] * _wide(A)[:, None, :])  # (batch, d_inner, padded_len, d_state)
     dA = dA.view(batch, d_inner, n_chunks, chunk_len, d_state)
     dBu = (delta_p * u_p).view(batch, d_inner, n_chunks, chunk_len, 1) * B_p.permute(0, 2, 3, 1)[:, None]
     local_states, decays = _scan_chunks_locally(dA, dBu)  # (batch, d_inner, n_chunks, chunk_len, d_state)
 
-    h = initial_state.float() if initial_state is not None else u.new_zeros(batch, d_inner, d_state).float()
+    h = _wide(initial_state) if initial_state is not None else u_p.new_zeros(batch, d_inner, d_state)
     entering = []
     for c in range(n_chunks):
         entering.append(h)

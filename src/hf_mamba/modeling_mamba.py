@@ -30,6 +30,11 @@ except ImportError:  # pragma: no cover - older Transformers
 BACKEND_ENV_VAR = "HF_MAMBA_BACKEND"
 
 
+def _fp32_or_wider(t):
+    """SSM parameters enter the scan in fp32 (fp64 stays fp64, for gradient checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def scan_backend_for(config) -> str | None:
     """The scan backend for the whole model: $HF_MAMBA_BACKEND, else config.scan_backend, else None (auto)."""
     return os.environ.get(BACKEND_ENV_VAR) or getattr(config, "scan_backend", None)
@@ -43,7 +48,7 @@ class MambaRMSNorm(nn.Module):
 
     def forward(self, hidden_states):
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = _fp32_or_wider(hidden_states)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
@@ -100,7 +105,8 @@ class MambaMixer(nn.Module):
         """Causal conv over a whole chunk, continuing from (and refreshing) the cached conv state."""
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         activation = "silu" if self.fused_silu else None
-        previous = cache_params.conv_states[self.layer_idx] if continuing else None
+        # Copy: the cached window is overwritten in place just below.
+        previous = cache_params.conv_states[self.layer_idx].clone() if continuing else None
         if cache_params is not None:
             if previous is None:
                 window = F.pad(x, (self.d_conv, 0))  # (batch, d_inner, d_conv + seqlen)
@@ -121,7 +127,7 @@ class MambaMixer(nn.Module):
     def forward(self, hidden_states, cache_params: MambaCache | None = None, attention_mask=None):
         batch, seqlen, _ = hidden_states.shape
         backend = scan_backend_for(self.config)
-        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        A = -torch.exp(_fp32_or_wider(self.A_log))  # (d_inner, d_state)
         continuing = cache_params is not None and cache_params.seqlen_offset > 0
         if continuing and seqlen == 1:
             return self._step(hidden_states, cache_params, A, backend)
@@ -136,10 +142,10 @@ class MambaMixer(nn.Module):
             x = x * mask
         dt, B, C = self._ssm_params(x)
 
-        dt_bias = self.dt_proj.bias.float()
+        dt_bias = _fp32_or_wider(self.dt_proj.bias)
         if mask is not None:
             # Δ = 0 at padding: Ā = 1 and B̄x = 0, so the state passes through padded positions unchanged.
-            dt = F.softplus(dt.float() + dt_bias[:, None]) * mask
+            dt = F.softplus(_fp32_or_wider(dt) + dt_bias[:, None]) * mask
             dt_bias, softplus = None, False
         else:
             softplus = True
@@ -149,7 +155,7 @@ class MambaMixer(nn.Module):
             A,
             B,
             C,
-            D=self.D.float(),
+            D=_fp32_or_wider(self.D),
             z=z if self.fused_silu else None,
             delta_bias=dt_bias,
             delta_softplus=softplus,
@@ -183,9 +189,9 @@ class MambaMixer(nn.Module):
             A,
             B[:, :, 0],
             C[:, :, 0],
-            D=self.D.float(),
+            D=_fp32_or_wider(self.D),
             z=z if self.fused_silu else None,
-            dt_bias=self.dt_proj.bias.float(),
+            dt_bias=_fp32_or_wider(self.dt_proj.bias),
             dt_softplus=True,
             backend=backend,
         )
@@ -204,7 +210,7 @@ class MambaBlock(nn.Module):
         self.mixer = MambaMixer(config, layer_idx=layer_idx)
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None):
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        residual = _fp32_or_wider(hidden_states) if self.residual_in_fp32 else hidden_states
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
         hidden_states = self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
         return residual + hidden_states
@@ -464,7 +470,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
+        logits = _fp32_or_wider(self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -1,0 +1,453 @@
+"""Model tests: parity with Transformers' built-in Mamba, every scan path against the reference,
+cache continuation, padding, save/load, Auto classes, bad input."""
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hf_mamba
+from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
+
+LOGITS_RTOL = 1e-5  # fp32: relative to the largest logit
+
+
+def max_rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def builtin_pair(tiny_kwargs, tmp_path):
+    """Transformers' built-in MambaForCausalLM and ours loaded from the folder it saved."""
+    builtin = transformers.MambaForCausalLM(transformers.MambaConfig(**tiny_kwargs)).eval()
+    builtin.save_pretrained(tmp_path)
+    ours, info = MambaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    return builtin, ours.eval(), info
+
+
+@pytest.fixture
+def model(tiny_kwargs):
+    return MambaForCausalLM(MambaConfig(**tiny_kwargs)).eval()
+
+
+# ---- parity with Transformers' built-in Mamba -------------------------------------------------
+
+
+def test_builtin_checkpoint_loads_without_missing_or_unexpected_keys(builtin_pair):
+    _, _, info = builtin_pair
+    assert info["missing_keys"] == set() or info["missing_keys"] == []
+    assert info["unexpected_keys"] == set() or info["unexpected_keys"] == []
+    assert list(info["mismatched_keys"]) == []
+
+
+def test_parameter_names_and_shapes_match_builtin(builtin_pair):
+    builtin, ours, _ = builtin_pair
+    theirs = {k: v.shape for k, v in builtin.state_dict().items()}
+    mine = {k: v.shape for k, v in ours.state_dict().items()}
+    assert mine == theirs
+
+
+def test_logits_and_loss_match_builtin(builtin_pair):
+    builtin, ours, _ = builtin_pair
+    ids = torch.randint(0, 97, (3, 21))
+    with torch.no_grad():
+        expected, actual = builtin(ids, labels=ids), ours(ids, labels=ids)
+    assert max_rel_diff(actual.logits, expected.logits) < LOGITS_RTOL
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_generation_matches_builtin(builtin_pair):
+    builtin, ours, _ = builtin_pair
+    ids = torch.randint(1, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    expected = builtin.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    actual = ours.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(actual, expected)
+
+
+def test_left_padded_generation_matches_builtin(builtin_pair):
+    builtin, ours, _ = builtin_pair
+    ids = torch.randint(1, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = 0
+    expected = builtin.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    actual = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(actual, expected)
+
+
+# ---- scan paths ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seqlen", [1, 7, 64, 129])
+def test_torch_path_matches_reference_logits_and_gradients(tiny_kwargs, seqlen, monkeypatch):
+    model = MambaForCausalLM(MambaConfig(**tiny_kwargs))
+    ids = torch.randint(0, 97, (2, seqlen))
+    results = {}
+    for backend in ("reference", "torch"):
+        monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
+        model.zero_grad()
+        out = model(ids, labels=ids if seqlen > 1 else None, use_cache=False)
+        (out.loss if out.loss is not None else out.logits.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (out.logits.detach(), grads)
+    ref_logits, ref_grads = results["reference"]
+    logits, grads = results["torch"]
+    assert max_rel_diff(logits, ref_logits) < LOGITS_RTOL
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_config_scan_backend_is_used(tiny_kwargs, monkeypatch):
+    monkeypatch.delenv("HF_MAMBA_BACKEND", raising=False)
+    calls = []
+    original = hf_mamba.modeling_mamba.selective_scan
+
+    def spy(*args, backend=None, **kwargs):
+        calls.append(backend)
+        return original(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(hf_mamba.modeling_mamba, "selective_scan", spy)
+    model = MambaForCausalLM(MambaConfig(scan_backend="reference", **tiny_kwargs))
+    model(torch.randint(0, 97, (1, 5)))
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "torch")
+    model(torch.randint(0, 97, (1, 5)))
+    assert calls == ["reference"] * 2 + ["torch"] * 2
+
+
+def test_gradients_match_finite_differences(tiny_kwargs, monkeypatch):
+    """Autograd through the model (torch path) against central differences in float64."""
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "torch")
+    model = MambaForCausalLM(MambaConfig(**{**tiny_kwargs, "num_hidden_layers": 1})).double()
+    ids = torch.randint(0, 97, (1, 6))
+
+    def loss_fn():  # in float64 (Transformers' loss upcasts to fp32 only)
+        return torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:])
+
+    loss_fn().backward()
+    for name in ("backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.dt_proj.bias", "backbone.layers.0.mixer.D"):
+        param = dict(model.named_parameters())[name]
+        index = (0,) * param.dim()
+        eps = 1e-4  # float64: truncation error ~eps^2, rounding ~1e-16 / eps
+        with torch.no_grad():
+            param[index] += eps
+            plus = loss_fn().item()
+            param[index] -= 2 * eps
+            minus = loss_fn().item()
+            param[index] += eps
+        numeric = (plus - minus) / (2 * eps)
+        assert param.grad[index].item() == pytest.approx(numeric, rel=1e-6, abs=1e-12), name
+
+
+# ---- cache and generation --------------------------------------------------------------------
+
+
+def test_step_by_step_decoding_equals_full_forward(model):
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :4], use_cache=True)
+        cache = out.cache_params
+        assert isinstance(cache, MambaCache)
+        steps = [out.logits]
+        for t in range(4, 11):
+            out = model(ids[:, t : t + 1], cache_params=cache, use_cache=True)
+            steps.append(out.logits)
+    assert cache.seqlen_offset == 11
+    assert max_rel_diff(torch.cat(steps, dim=1), full) < LOGITS_RTOL
+
+
+def test_chunked_prefill_continues_exactly(model):
+    """Several new tokens on top of an existing cache (chunked prefill, continuing a conversation)."""
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full = model(ids, use_cache=True)
+        cache = MambaCache(model.config, batch_size=2)
+        chunks = [model(ids[:, a:b], cache_params=cache, use_cache=True).logits for a, b in [(0, 7), (7, 8), (8, 30)]]
+    assert max_rel_diff(torch.cat(chunks, dim=1), full.logits) < LOGITS_RTOL
+    for mine, theirs in zip(cache.ssm_states + cache.conv_states, full.cache_params.ssm_states + full.cache_params.conv_states):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_greedy_equals_recomputing_every_step(model):
+    ids = torch.randint(1, 97, (2, 6))
+    cached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(10):
+            next_token = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, next_token], dim=1)
+    assert torch.equal(cached, seq)
+
+
+def test_generate_uses_our_cache_with_one_token_per_step(model, monkeypatch):
+    seen = []
+    original = MambaForCausalLM.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((type(kwargs.get("cache_params")).__name__, kwargs["input_ids"].shape[1]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MambaForCausalLM, "forward", spy)
+    ids = torch.randint(1, 97, (2, 9))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert seen == [("NoneType", 9)] + [("MambaCache", 1)] * 3
+
+
+def test_generate_continues_from_a_user_cache(model):
+    ids = torch.randint(1, 97, (1, 12))
+    with torch.no_grad():
+        cache = model(ids[:, :8], use_cache=True).cache_params
+    continued = model.generate(ids, cache_params=cache, max_new_tokens=5, do_sample=False)
+    fresh = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(continued, fresh)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_gives_same_result_as_unpadded_rows(model, side):
+    lengths = [9, 5]
+    width = max(lengths)
+    rows = [torch.randint(1, 97, (n,)) for n in lengths]
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, use_cache=True)
+        for i, row in enumerate(rows):
+            single = model(row[None], use_cache=True)
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            assert max_rel_diff(padded.logits[i, span], single.logits[0]) < LOGITS_RTOL
+            torch.testing.assert_close(
+                padded.cache_params.ssm_states[-1][i], single.cache_params.ssm_states[-1][0], rtol=1e-5, atol=1e-6
+            )
+
+
+def test_padding_is_respected_in_training_loss(model):
+    row = torch.randint(1, 97, (6,))
+    ids = torch.cat([torch.zeros(3, dtype=torch.long), row])[None]
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 3] = -100  # the first real token has no prediction in the unpadded row either
+    model.train()
+    padded = model(ids, attention_mask=mask, labels=labels).loss
+    single = model(row[None], labels=row[None]).loss
+    torch.testing.assert_close(padded, single, rtol=1e-5, atol=1e-6)
+
+
+def test_left_padded_batch_generation_equals_single_rows(model):
+    rows = [torch.randint(1, 97, (7,)), torch.randint(1, 97, (4,))]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 7 - len(row) :], mask[i, 7 - len(row) :] = row, 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for i, row in enumerate(rows):
+        single = model.generate(row[None], max_new_tokens=6, do_sample=False)
+        assert torch.equal(batched[i, 7:], single[0, len(row) :])
+
+
+def test_beam_search_matches_builtin(builtin_pair):
+    builtin, ours, _ = builtin_pair
+    ids = torch.randint(1, 97, (2, 5))
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, num_return_sequences=2)
+    assert torch.equal(ours.generate(ids, **kwargs), builtin.generate(ids, **kwargs))
+
+
+def test_sampling_runs_and_is_reproducible(model):
+    ids = torch.randint(1, 97, (2, 5))
+    torch.manual_seed(1)
+    a = model.generate(ids, max_new_tokens=5, do_sample=True, top_k=20)
+    torch.manual_seed(1)
+    b = model.generate(ids, max_new_tokens=5, do_sample=True, top_k=20)
+    assert a.shape == (2, 10) and torch.equal(a, b)
+
+
+def test_cache_reorder_and_reset(model):
+    cache = MambaCache(model.config, batch_size=3)
+    for i, state in enumerate(cache.ssm_states):
+        state.copy_(torch.arange(3.0)[:, None, None] + i)
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert cache.ssm_states[0][:, 0, 0].tolist() == [2.0, 2.0, 0.0]
+    cache.seqlen_offset = 5
+    cache.reset()
+    assert cache.seqlen_offset == 0 and all(not s.any() for s in cache.ssm_states)
+
+
+# ---- outputs and heads -----------------------------------------------------------------------
+
+
+def test_logits_to_keep_inputs_embeds_hidden_states_and_tuples(model):
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True)
+        last = model(ids, logits_to_keep=1)
+        embeds = model(inputs_embeds=model.get_input_embeddings()(ids))
+        as_tuple = model(ids, return_dict=False, use_cache=False)
+    assert len(full.hidden_states) == model.config.num_hidden_layers + 1
+    assert last.logits.shape == (2, 1, 97)
+    torch.testing.assert_close(last.logits[:, 0], full.logits[:, -1])
+    torch.testing.assert_close(embeds.logits, full.logits)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], full.logits)
+
+
+def test_tied_lm_head(model):
+    assert model.lm_head.weight.data_ptr() == model.backbone.embeddings.weight.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "problem_type, labels",
+    [
+        ("regression", torch.randn(3)),
+        ("single_label_classification", torch.tensor([0, 2, 1])),
+        ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])),
+    ],
+)
+def test_sequence_classification_losses(tiny_kwargs, problem_type, labels):
+    num_labels = 1 if problem_type == "regression" else 3
+    config = MambaConfig(num_labels=num_labels, problem_type=problem_type, **tiny_kwargs)
+    model = MambaForSequenceClassification(config).eval()
+    ids = torch.randint(1, 97, (3, 6))
+    out = model(ids, labels=labels)
+    assert out.logits.shape == (3, num_labels)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.score.weight.grad.abs().sum() > 0
+
+
+def test_sequence_classification_pools_last_real_token(tiny_kwargs):
+    model = MambaForSequenceClassification(MambaConfig(num_labels=2, **tiny_kwargs)).eval()
+    row = torch.randint(1, 97, (5,))
+    with torch.no_grad():
+        single = model(row[None]).logits
+        left = model(torch.cat([torch.zeros(2, dtype=torch.long), row])[None], attention_mask=torch.tensor([[0, 0] + [1] * 5])).logits
+        right = model(torch.cat([row, torch.zeros(2, dtype=torch.long)])[None], attention_mask=torch.tensor([[1] * 5 + [0, 0]])).logits
+    torch.testing.assert_close(left, single, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(right, single, rtol=1e-5, atol=1e-6)
+
+
+# ---- save / load / Auto ----------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_bit_exact_and_auto_returns_our_class(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MambaForCausalLM
+    assert type(AutoConfig.from_pretrained(tmp_path)) is MambaConfig
+    assert type(AutoModel.from_pretrained(tmp_path)) is MambaModel
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_auto_sequence_classification(tiny_kwargs, tmp_path):
+    MambaForSequenceClassification(MambaConfig(num_labels=4, **tiny_kwargs)).save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert type(loaded) is MambaForSequenceClassification and loaded.config.num_labels == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_ssm_parameters_in_fp32(model, tmp_path, dtype):
+    model.save_pretrained(tmp_path)
+    half = MambaForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    mixer = half.backbone.layers[0].mixer
+    assert mixer.A_log.dtype == torch.float32 and mixer.D.dtype == torch.float32
+    assert mixer.dt_proj.bias.dtype == torch.float32
+    assert mixer.in_proj.weight.dtype == dtype
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        out = half(ids, use_cache=True)
+        reference = model(ids).logits
+    assert out.cache_params.ssm_states[0].dtype == torch.float32
+    assert torch.isfinite(out.logits).all()
+    assert max_rel_diff(out.logits, reference) < 5e-2
+
+
+def test_gradient_checkpointing_gives_identical_loss_and_gradients(tiny_kwargs):
+    model = MambaForCausalLM(MambaConfig(**tiny_kwargs)).train()
+    ids = torch.randint(0, 97, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_init_follows_the_paper(tiny_kwargs):
+    config = MambaConfig(**tiny_kwargs)
+    mixer = MambaForCausalLM(config).backbone.layers[0].mixer
+    expected_A = -torch.arange(1, config.state_size + 1, dtype=torch.float32).expand(config.intermediate_size, -1)
+    torch.testing.assert_close(-torch.exp(mixer.A_log), expected_A)
+    assert torch.equal(mixer.D.detach(), torch.ones(config.intermediate_size))
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias.detach())
+    assert dt.min() >= config.time_step_floor * (1 - 1e-4)
+    assert dt.min() >= config.time_step_min * (1 - 1e-4) and dt.max() <= config.time_step_max * (1 + 1e-4)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_ids=torch.tensor([[1, 97]])), "vocab_size"),
+        (dict(input_ids=torch.tensor([[1, -1]])), "vocab_size"),
+        (dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer"),
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty"),
+        (dict(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3)), "attention_mask"),
+        (dict(input_ids=torch.tensor([[1, 2]]), inputs_embeds=torch.randn(1, 2, 32)), "exactly one"),
+        (dict(), "exactly one"),
+        (dict(input_ids=torch.tensor([1, 2])), r"\(batch, seqlen\)"),
+    ],
+    ids=["id-too-large", "negative-id", "float-ids", "empty", "mask-shape", "ids-and-embeds", "nothing", "1d-ids"],
+)
+def test_bad_input_raises_clear_errors(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        model(**kwargs)
+
+
+def test_cache_batch_mismatch_raises(model):
+    cache = MambaCache(model.config, batch_size=2)
+    with pytest.raises(ValueError, match="cache_params"):
+        model(torch.randint(0, 97, (3, 4)), cache_params=cache, use_cache=True)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("hidden_size", 0),
+        ("state_size", -1),
+        ("num_hidden_layers", 0),
+        ("conv_kernel", 0),
+        ("expand", 0),
+        ("hidden_act", "nope"),
+        ("time_step_min", 0.0),
+        ("time_step_init_scheme", "weird"),
+        ("scan_backend", "cuda"),
+    ],
+)
+def test_config_rejects_invalid_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        MambaConfig(**{field: value})
+
+
+def test_config_rejects_min_above_max():
+    with pytest.raises(ValueError, match="time_step_min"):
+        MambaConfig(time_step_min=0.5, time_step_max=0.1)
+
+
+def test_config_loads_builtin_mamba_config(tmp_path, tiny_kwargs):
+    transformers.MambaConfig(**tiny_kwargs).save_pretrained(tmp_path)
+    config = MambaConfig.from_pretrained(tmp_path)
+    for key, value in tiny_kwargs.items():
+        assert getattr(config, key) == value
+    assert config.intermediate_size == 64 and config.time_step_rank == 2
