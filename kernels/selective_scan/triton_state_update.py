@@ -1,0 +1,120 @@
+"""One decoding step of the selective SSM in Triton, registered as a torch.library custom op.
+
+Glossary as in `triton_scan`: x is u at one step, dt is Δ, state is h (batch, d_inner, d_state).
+    h <- exp(Δ A) h + Δ x B;   y = C . h + D x,   y *= SiLU(z)
+
+One program per (batch, block of BLOCK_D channels); the state tile is read once and written once
+in place. No host synchronisation and fixed launch parameters per shape, so the step can be
+captured in a CUDA graph.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _selective_state_update_kernel(
+    p_state, p_x, p_dt, p_A, p_B, p_C, p_D, p_z, p_dt_bias, p_y,
+    d_inner, d_state,
+    s_h_b, s_h_d, s_h_n,
+    s_x_b, s_x_d,
+    s_dt_b, s_dt_d,
+    s_A_d, s_A_n,
+    s_B_b, s_B_n,
+    s_C_b, s_C_n,
+    s_z_b, s_z_d,
+    s_y_b, s_y_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, BLOCK_N)
+    m_d = o_d < d_inner
+    m_n = o_n < d_state
+    m_dn = m_d[:, None] & m_n[None, :]
+
+    p_h = p_state + i_b * s_h_b + o_d[:, None] * s_h_d + o_n[None, :] * s_h_n
+    b_h = tl.load(p_h, mask=m_dn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
+    b_x = tl.load(p_x + i_b * s_x_b + o_d * s_x_d, mask=m_d, other=0.0).to(tl.float32)
+    b_dt = tl.load(p_dt + i_b * s_dt_b + o_d * s_dt_d, mask=m_d, other=0.0).to(tl.float32)
+    b_A = tl.load(p_A + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
+    b_B = tl.load(p_B + i_b * s_B_b + o_n * s_B_n, mask=m_n, other=0.0).to(tl.float32)
+    b_C = tl.load(p_C + i_b * s_C_b + o_n * s_C_n, mask=m_n, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        b_dt += tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if DT_SOFTPLUS:
+        b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+    b_a = tl.exp(b_dt[:, None] * b_A)  # (BLOCK_D, BLOCK_N)
+    b_h = b_a * b_h + (b_dt * b_x)[:, None] * b_B[None, :]
+    tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_dn)
+    b_y = tl.sum(b_h * b_C[None, :], axis=1)  # (BLOCK_D,)
+    if HAS_D:
+        b_y += b_x * tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        b_z = tl.load(p_z + i_b * s_z_b + o_d * s_z_d, mask=m_d, other=0.0).to(tl.float32)
+        b_y = b_y * b_z * tl.sigmoid(b_z)
+    tl.store(p_y + i_b * s_y_b + o_d * s_y_d, b_y.to(p_y.dtype.element_ty), mask=m_d)
+
+
+def _config(d_state):
+    block_n = triton.next_power_of_2(d_state)
+    block_d = max(1, min(64, 1024 // block_n))
+    return block_d, block_n, 4
+
+
+@torch.library.custom_op("hf_mamba::selective_state_update", mutates_args=("state",))
+def selective_state_update_op(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    dt_softplus: bool,
+) -> torch.Tensor:
+    """Updates `state` in place; returns y (batch, d_inner) in x's dtype."""
+    batch, d_inner = x.shape
+    d_state = A.shape[1]
+    block_d, block_n, num_warps = _config(d_state)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    z_ = z if z is not None else x
+    grid = (batch, triton.cdiv(d_inner, block_d))
+    with torch.cuda.device(x.device) if x.is_cuda else _null():
+        _selective_state_update_kernel[grid](
+            state, x, dt, A, B, C, D, z, dt_bias, y,
+            d_inner, d_state,
+            *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z_.stride(),
+            *y.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return y
+
+
+@selective_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """Triton decode step; same semantics as `hf_mamba.kernels.selective_state_update` (backend="triton")."""
+    return selective_state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+
+
+__all__ = ["selective_state_update_triton"]

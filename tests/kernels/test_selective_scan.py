@@ -1,0 +1,201 @@
+"""Selective scan and decode step: every backend against the exact fp32 sequential reference.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (see conftest.py) at tiny shapes; on a GPU
+the same cases run at larger shapes. Errors are relative: ||out - ref|| / ||ref||, with the inputs
+rounded to the tested dtype first, so the reference sees exactly what the kernel sees.
+"""
+
+import pytest
+import torch
+
+from hf_mamba.kernels import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+ON_GPU = DEVICE.type == "cuda"
+
+# Relative-norm tolerances: fp32 accumulation everywhere, so the error is the output's rounding.
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+# (batch, d_inner, seqlen, d_state) on CPU (interpreter) and on the GPU.
+SCAN_CASES = [
+    pytest.param(dict(cpu=(2, 3, 1, 4), gpu=(2, 96, 1, 16), D=True, z=True, bias=True, h0=True), id="L1-all"),
+    pytest.param(dict(cpu=(2, 5, 7, 4), gpu=(2, 200, 7, 16)), id="L7-plain"),
+    pytest.param(dict(cpu=(1, 7, 63, 8), gpu=(2, 333, 1023, 16), D=True, z=True), id="L63-d7-Dz"),
+    pytest.param(dict(cpu=(1, 10, 129, 16), gpu=(2, 160, 2049, 16), D=True, z=True, bias=True, h0=True),
+                 id="L129-d10-all"),
+    pytest.param(dict(cpu=(2, 6, 40, 5), gpu=(3, 100, 777, 13), bias=True, h0=True), id="L40-N5-bias-h0"),
+    pytest.param(dict(cpu=(1, 4, 33, 32), gpu=(1, 64, 1000, 64), D=True, bias=True), id="L33-N32"),
+]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+
+
+def _make_scan_inputs(case, dtype, softplus=True, transposed_BC=True):
+    """Leaves for the kernel (in `dtype`) and for the reference (the same values in fp32)."""
+    batch, d_inner, seqlen, d_state = case["gpu" if ON_GPU else "cpu"]
+    g = dict(device=DEVICE)
+    u = torch.randn(batch, d_inner, seqlen, **g)
+    delta = torch.randn(batch, d_inner, seqlen, **g) * 0.5 - (0.0 if softplus else -1.0)
+    if not softplus:
+        delta = delta.abs()
+    A = -torch.exp(torch.randn(d_inner, d_state, **g) * 0.5)
+    if transposed_BC:  # what the model passes: views of (batch, seqlen, d_state)
+        B = torch.randn(batch, seqlen, d_state, **g).transpose(1, 2)
+        C = torch.randn(batch, seqlen, d_state, **g).transpose(1, 2)
+    else:
+        B = torch.randn(batch, d_state, seqlen, **g)
+        C = torch.randn(batch, d_state, seqlen, **g)
+    D = torch.randn(d_inner, **g) if case.get("D") else None
+    z = torch.randn(batch, d_inner, seqlen, **g) if case.get("z") else None
+    bias = torch.randn(d_inner, **g) * 0.5 if case.get("bias") else None
+    h0 = torch.randn(batch, d_inner, d_state, **g) if case.get("h0") else None
+    low = {"u": u, "delta": delta, "B": B, "C": C, "z": z}  # these take the tested dtype
+    full = {"A": A, "D": D, "delta_bias": bias, "initial_state": h0}  # these stay fp32
+    kernel, ref = {}, {}
+    for name, t in {**low, **full}.items():
+        if t is None:
+            kernel[name] = ref[name] = None
+            continue
+        k = t.to(dtype) if name in low else t.clone()
+        kernel[name] = k.detach().requires_grad_()
+        ref[name] = k.detach().float().requires_grad_()
+    return kernel, ref
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _check_scan(backend, case, dtype, softplus=True, transposed_BC=True):
+    kernel, ref = _make_scan_inputs(case, dtype, softplus, transposed_BC)
+    out, final = selective_scan(
+        **kernel, delta_softplus=softplus, return_final_state=True, backend=backend
+    )
+    out_ref, final_ref = selective_scan_ref(**ref, delta_softplus=softplus, return_final_state=True)
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    assert final.dtype == torch.float32 and final.shape == final_ref.shape
+    assert torch.isfinite(out).all() and torch.isfinite(final).all()
+    tol = TOL[dtype]
+    assert _rel_err(out, out_ref) < tol, f"out: {_rel_err(out, out_ref)}"
+    assert _rel_err(final, final_ref) < tol, f"final state: {_rel_err(final, final_ref)}"
+
+    dout = torch.randn_like(out)
+    dfinal = torch.randn_like(final)
+    names = [n for n, t in kernel.items() if t is not None]
+    grads = torch.autograd.grad((out * dout).sum() + (final * dfinal).sum(), [kernel[n] for n in names])
+    grads_ref = torch.autograd.grad(
+        (out_ref * dout.float()).sum() + (final_ref * dfinal).sum(), [ref[n] for n in names]
+    )
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert g.dtype == kernel[name].dtype and g.shape == g_ref.shape, name
+        assert torch.isfinite(g).all(), f"d{name} not finite"
+        assert _rel_err(g, g_ref) < tol, f"d{name}: {_rel_err(g, g_ref)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_triton_scan_matches_reference(case, dtype, nan_fill_empty):
+    torch.manual_seed(0)
+    _check_scan("triton", case, dtype)
+
+
+@pytest.mark.parametrize(
+    "softplus,transposed_BC",
+    [pytest.param(False, False, id="no-softplus-contiguousBC"), pytest.param(True, False, id="contiguousBC")],
+)
+def test_triton_scan_variants(softplus, transposed_BC, nan_fill_empty):
+    torch.manual_seed(1)
+    case = dict(cpu=(2, 5, 21, 4), gpu=(2, 130, 301, 16), D=True, z=True, bias=True, h0=True)
+    _check_scan("triton", case, torch.float32, softplus, transposed_BC)
+
+
+def test_triton_scan_without_grad_and_noncontiguous_u():
+    """No gradient wanted: no checkpoints are stored; u and delta as strided views."""
+    torch.manual_seed(2)
+    batch, d_inner, seqlen, d_state = (2, 6, 50, 8) if not ON_GPU else (2, 192, 1500, 16)
+    g = dict(device=DEVICE)
+    u = torch.randn(batch, seqlen, d_inner, **g).transpose(1, 2)
+    delta = torch.randn(batch, seqlen, 2 * d_inner, **g)[..., :d_inner].transpose(1, 2)
+    A = -torch.rand(d_inner, d_state, **g) - 0.2
+    B, C = torch.randn(2, batch, d_state, seqlen, **g)
+    with torch.no_grad():
+        out = selective_scan(u, delta, A, B, C, delta_softplus=True, backend="triton")
+    out_ref = selective_scan_ref(u, delta, A, B, C, delta_softplus=True)
+    assert _rel_err(out, out_ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES[1:4])
+def test_torch_scan_matches_reference(case):
+    torch.manual_seed(3)
+    _check_scan("torch", case, torch.float32)
+
+
+def test_triton_scan_compiles_fullgraph():
+    """The custom op traces under torch.compile(fullgraph=True), forward and backward."""
+    torch.manual_seed(4)
+    case = dict(cpu=(1, 3, 9, 4), gpu=(2, 64, 100, 16), D=True, z=True, bias=True)
+    kernel, ref = _make_scan_inputs(case, torch.float32)
+
+    def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, True, initial_state, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    out = compiled(**kernel)
+    out.sum().backward()
+    out_ref = selective_scan_ref(**ref, delta_softplus=True)
+    out_ref.sum().backward()
+    assert _rel_err(out, out_ref) < TOL[torch.float32]
+    for name, t in kernel.items():
+        if t is not None:
+            assert _rel_err(t.grad, ref[name].grad) < TOL[torch.float32], name
+
+
+def test_triton_scan_opcheck():
+    """torch.library.opcheck: fake tensor, schema and autograd registration of the forward op."""
+    from hf_mamba.kernels.selective_scan import triton_scan
+
+    torch.manual_seed(5)
+    case = dict(cpu=(1, 3, 5, 4), gpu=(2, 32, 70, 16), D=True, z=True, bias=True, h0=True)
+    kernel, _ = _make_scan_inputs(case, torch.float32)
+    k = kernel
+    args = (k["u"], k["delta"], k["A"], k["B"], k["C"], k["D"], k["z"], k["delta_bias"], True, k["initial_state"], True)
+    torch.library.opcheck(
+        triton_scan.selective_scan_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+    )
+
+
+STEP_CASES = [
+    pytest.param(dict(shape=(2, 5, 4), D=True, z=True, bias=True, softplus=True), id="all"),
+    pytest.param(dict(shape=(3, 7, 16)), id="plain"),
+    pytest.param(dict(shape=(1, 10, 5), z=True, softplus=True), id="N5-z"),
+    pytest.param(dict(shape=(16, 1536 if ON_GPU else 12, 16), D=True, z=True, bias=True, softplus=True), id="wide"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_triton_state_update_matches_reference(case, dtype, nan_fill_empty):
+    torch.manual_seed(6)
+    batch, d_inner, d_state = case["shape"]
+    g = dict(device=DEVICE)
+    state = torch.randn(batch, d_inner, d_state, **g)
+    x, dt = torch.randn(2, batch, d_inner, **g).to(dtype)
+    A = -torch.rand(d_inner, d_state, **g) - 0.1
+    B = torch.randn(batch, 2 * d_state, **g).to(dtype)[:, ::2]  # strided, like slices of a projection
+    C = torch.randn(batch, d_state, **g).to(dtype)
+    D = torch.randn(d_inner, **g) if case.get("D") else None
+    z = torch.randn(batch, d_inner, **g).to(dtype) if case.get("z") else None
+    bias = torch.randn(d_inner, **g) if case.get("bias") else None
+    softplus = case.get("softplus", False)
+    if not softplus:
+        dt = dt.abs()
+    state_ref = state.clone()
+    y = selective_state_update(state, x, dt, A, B, C, D, z, bias, softplus, backend="triton")
+    y_ref = selective_state_update_ref(state_ref, x, dt, A, B, C, D, z, bias, softplus)
+    assert y.dtype == dtype and y.shape == (batch, d_inner)
+    assert _rel_err(y, y_ref) < TOL[dtype]
+    assert _rel_err(state, state_ref) < TOL[torch.float32]
