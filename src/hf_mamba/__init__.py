@@ -13,6 +13,7 @@ from transformers import (
 
 from .cache import MambaCache
 from .configuration_mamba import MambaConfig
+from .integrations import register_peft_target_modules
 from .modeling_mamba import (
     MambaForCausalLM,
     MambaForSequenceClassification,
@@ -26,6 +27,7 @@ AutoConfig.register(MambaConfig.model_type, MambaConfig, exist_ok=True)
 AutoModel.register(MambaConfig, MambaModel, exist_ok=True)
 AutoModelForCausalLM.register(MambaConfig, MambaForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(MambaConfig, MambaForSequenceClassification, exist_ok=True)
+register_peft_target_modules(MambaConfig.model_type)
 
 __all__ = [
     "MambaCache",

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from .cache import MambaCache
 from .configuration_mamba import MambaConfig
+from .hub import MambaHubMixin
 from .kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 try:  # Transformers' init helpers skip tensors already loaded from a checkpoint.
@@ -216,7 +217,7 @@ class MambaBlock(nn.Module):
         return residual + hidden_states
 
 
-class MambaPreTrainedModel(PreTrainedModel):
+class MambaPreTrainedModel(MambaHubMixin, PreTrainedModel):
     config_class = MambaConfig
     config: MambaConfig
     base_model_prefix = "backbone"
