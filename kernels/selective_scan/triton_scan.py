@@ -20,7 +20,6 @@ the chunk's states from that checkpoint, and runs the adjoint recurrence g_t = d
 as a reverse associative scan. dB and dC (summed over d_inner) are accumulated with atomics.
 """
 
-from typing import Optional
 
 import torch
 import triton
@@ -360,11 +359,11 @@ def selective_scan_fwd_op(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor],
-    z: Optional[torch.Tensor],
-    delta_bias: Optional[torch.Tensor],
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
     delta_softplus: bool,
-    initial_state: Optional[torch.Tensor],
+    initial_state: torch.Tensor | None,
     save_states: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, final_state, chunk_states); chunk_states is empty unless save_states."""
@@ -390,13 +389,13 @@ def selective_scan_bwd_op(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor],
-    z: Optional[torch.Tensor],
-    delta_bias: Optional[torch.Tensor],
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
     delta_softplus: bool,
     chunk_states: torch.Tensor,
     dout: torch.Tensor,
-    dfinal_state: Optional[torch.Tensor],
+    dfinal_state: torch.Tensor | None,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,

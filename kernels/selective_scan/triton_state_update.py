@@ -8,7 +8,6 @@ in place. No host synchronisation and fixed launch parameters per shape, so the 
 captured in a CUDA graph.
 """
 
-from typing import Optional
 
 import torch
 import triton
@@ -75,9 +74,9 @@ def selective_state_update_op(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor],
-    z: Optional[torch.Tensor],
-    dt_bias: Optional[torch.Tensor],
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
     dt_softplus: bool,
 ) -> torch.Tensor:
     """Updates `state` in place; returns y (batch, d_inner) in x's dtype."""

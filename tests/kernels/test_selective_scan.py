@@ -7,7 +7,6 @@ rounded to the tested dtype first, so the reference sees exactly what the kernel
 
 import pytest
 import torch
-
 from hf_mamba.kernels import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,6 +51,8 @@ def _make_scan_inputs(case, dtype, softplus=True, transposed_BC=True):
     D = torch.randn(d_inner, **g) if case.get("D") else None
     z = torch.randn(batch, d_inner, seqlen, **g) if case.get("z") else None
     bias = torch.randn(d_inner, **g) * 0.5 if case.get("bias") else None
+    if bias is not None and not softplus:
+        bias = bias.abs()  # without softplus, delta + bias must stay >= 0 or h grows without bound
     h0 = torch.randn(batch, d_inner, d_state, **g) if case.get("h0") else None
     low = {"u": u, "delta": delta, "B": B, "C": C, "z": z}  # these take the tested dtype
     full = {"A": A, "D": D, "delta_bias": bias, "initial_state": h0}  # these stay fp32

@@ -1,0 +1,213 @@
+"""Benchmark the selective-scan kernels against the PyTorch paths and mamba_ssm's CUDA scan.
+
+Run on a CUDA machine (the mamba_ssm columns appear only when it is importable, e.g. after
+`source ../shared/peers/activate.sh`):
+
+    python scripts/benchmark_kernels.py                      # tables: scan shapes, L scaling
+    python scripts/benchmark_kernels.py --no-torch-path      # skip the (slow) PyTorch scan
+    python scripts/benchmark_kernels.py --sweep              # also time a few fixed kernel configs
+
+Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between repeats). Inputs as
+the Mamba block passes them: u, delta, z (batch, d_inner, seqlen); B, C (batch, d_state, seqlen);
+A, D, delta_bias fp32; delta_softplus=True. Effective bandwidth counts the bytes that must move in
+the forward: u, delta, z, B, C read once and out written once,
+(4 x batch x d_inner x L + 2 x batch x d_state x L) x element size, the convention of the peer
+figures in ../shared/peers/measurements.md.
+"""
+
+import argparse
+import math
+
+import torch
+import triton
+import triton.testing
+from hf_mamba.kernels import selective_scan
+from hf_mamba.kernels.selective_scan import triton_scan
+
+SHAPES = [(8, 1536, 2048, 16), (4, 4096, 4096, 16), (1, 2048, 16384, 16)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The PyTorch chunked scan materialises several (batch, d_inner, seqlen, d_state) fp32 tensors
+# (and autograd keeps more): beyond this many state elements it would take too long or not fit.
+TORCH_PATH_MAX_ELEMENTS = 2**29
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth():
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def make_inputs(batch, d_inner, seqlen, d_state, dtype, requires_grad=False):
+    g = dict(device="cuda")
+    t = {
+        "u": torch.randn(batch, d_inner, seqlen, dtype=dtype, **g),
+        "delta": (torch.randn(batch, d_inner, seqlen, **g) * 0.5 - 1.0).to(dtype),
+        "A": -torch.exp(torch.randn(d_inner, d_state, **g) * 0.5),
+        "B": torch.randn(batch, d_state, seqlen, dtype=dtype, **g),
+        "C": torch.randn(batch, d_state, seqlen, dtype=dtype, **g),
+        "D": torch.randn(d_inner, **g),
+        "z": torch.randn(batch, d_inner, seqlen, dtype=dtype, **g),
+        "delta_bias": torch.randn(d_inner, **g) * 0.1,
+    }
+    for v in t.values():
+        v.requires_grad_(requires_grad)
+    return t
+
+
+def scan_fns():
+    """name -> callable(u, delta, A, B, C, D, z, delta_bias) for every implementation present."""
+    fns = {
+        "triton": lambda *a: selective_scan(*a, delta_softplus=True, backend="triton"),
+        "torch": lambda *a: selective_scan(*a, delta_softplus=True, backend="torch"),
+    }
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        fns["mamba_ssm"] = lambda u, delta, A, B, C, D, z, bias: selective_scan_fn(
+            u, delta, A, B, C, D, z, bias, delta_softplus=True
+        )
+    except ImportError:
+        pass
+    return fns
+
+
+def time_fwd(fn, inp):
+    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with torch.no_grad():
+        return bench(lambda: fn(*args))
+
+
+def time_fwd_bwd(fn, inp):
+    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    dout = torch.randn_like(inp["u"])
+
+    def step():
+        fn(*args).backward(dout)
+
+    return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=args, return_mode="median")
+
+
+def fwd_bytes(batch, d_inner, seqlen, d_state, dtype):
+    return (4 * batch * d_inner * seqlen + 2 * batch * d_state * seqlen) * torch.finfo(dtype).bits // 8
+
+
+def shape_table(args, bw):
+    fns = scan_fns()
+    has_peer = "mamba_ssm" in fns
+    rows = []
+    for shape in SHAPES:
+        batch, d_inner, seqlen, d_state = shape
+        for dname, dtype in DTYPES.items():
+            row = {"shape": shape, "dtype": dname}
+            inp = make_inputs(*shape, dtype)
+            inp_g = make_inputs(*shape, dtype, requires_grad=True)
+            run_torch = args.torch_path and batch * d_inner * seqlen * d_state <= TORCH_PATH_MAX_ELEMENTS
+            for name, fn in fns.items():
+                if name == "torch" and not run_torch:
+                    row[name] = (None, None)
+                    continue
+                try:
+                    fwd = time_fwd(fn, inp)
+                    fwd_bwd = time_fwd_bwd(fn, inp_g)
+                except torch.OutOfMemoryError:
+                    fwd = fwd_bwd = None
+                torch.cuda.empty_cache()
+                row[name] = (fwd, fwd_bwd)
+            row["bytes"] = fwd_bytes(*shape, dtype)
+            rows.append(row)
+            del inp, inp_g
+            torch.cuda.empty_cache()
+            print(f"  measured {shape} {dname}", flush=True)
+
+    def fmt(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    print(f"\nSelective scan, {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.3f} TB/s")
+    print("torch path: '-' = skipped (more than 2^29 state elements: too slow / too much memory)")
+    head = ["shape (b,d,L,N)", "dtype", "fwd ms", "fwd+bwd ms", "eff TB/s", "% copy", "torch fwd ms",
+            "x torch fwd", "x torch f+b"]
+    if has_peer:
+        head += ["mamba_ssm fwd", "mamba_ssm f+b", "x peer fwd", "x peer f+b"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        t_fwd, t_fb = r["triton"]
+        tb_s = None if t_fwd is None else r["bytes"] / (t_fwd * 1e-3) / 1e12
+        cells = [str(r["shape"]), r["dtype"], fmt(t_fwd), fmt(t_fb), fmt(tb_s), fmt(None if tb_s is None else
+                 100 * tb_s * 1e12 / bw, ".1f"), fmt(r["torch"][0], ".2f"), fmt(ratio(r["torch"][0], t_fwd), ".1f"),
+                 fmt(ratio(r["torch"][1], t_fb), ".1f")]
+        if has_peer:
+            p_fwd, p_fb = r["mamba_ssm"]
+            cells += [fmt(p_fwd), fmt(p_fb), fmt(ratio(p_fwd, t_fwd), ".2f"), fmt(ratio(p_fb, t_fb), ".2f")]
+        print("| " + " | ".join(cells) + " |")
+
+
+def scaling_table(args):
+    fns = scan_fns()
+    names = [n for n in ("triton", "mamba_ssm") if n in fns]
+    d_inner, d_state = 1536, 16
+    print(f"\nForward scaling, batch 1, d_inner {d_inner}, d_state {d_state}, bf16 (ms, and ms per 1K tokens)")
+    print("| L | " + " | ".join(f"{n} ms | {n} ms/1K" for n in names) + " |")
+    print("|---|" + "---|---|" * len(names))
+    for log_l in range(10, 19):
+        seqlen = 2**log_l
+        inp = make_inputs(1, d_inner, seqlen, d_state, torch.bfloat16)
+        cells = [str(seqlen)]
+        for n in names:
+            ms = time_fwd(fns[n], inp)
+            cells += [f"{ms:.3f}", f"{ms / (seqlen / 1024):.4f}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def sweep(args):
+    """Time a few fixed (BLOCK_D, CHUNK, num_warps) configs of the forward and backward."""
+    print("\nConfig sweep (triton fwd / fwd+bwd ms, bf16)")
+    default_fwd, default_bwd = triton_scan._fwd_config, triton_scan._bwd_config
+    for shape in (SHAPES[0], SHAPES[2]):
+        inp = make_inputs(*shape, torch.bfloat16)
+        fn = scan_fns()["triton"]
+        for block_d, chunk, warps in [(4, 32, 4), (8, 32, 4), (8, 16, 4), (16, 16, 4), (4, 64, 4), (8, 64, 8),
+                                      (16, 32, 8), (2, 64, 4), (32, 16, 8)]:
+            triton_scan._fwd_config = lambda n, L, c=(block_d, 16, chunk, warps): c
+            print(f"  {shape} fwd BLOCK_D={block_d} CHUNK={chunk} warps={warps}: {time_fwd(fn, inp):.3f}", flush=True)
+        triton_scan._fwd_config = default_fwd
+        inp_g = make_inputs(*shape, torch.bfloat16, requires_grad=True)
+        chunk = default_fwd(16, shape[2])[2]
+        for block_d, warps in [(1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8)]:
+            triton_scan._bwd_config = lambda n, L, c=(block_d, 16, chunk, warps): c
+            ms = time_fwd_bwd(fn, inp_g)
+            print(f"  {shape} fwd+bwd bwd BLOCK_D={block_d} warps={warps}: {ms:.3f}", flush=True)
+        triton_scan._bwd_config = default_bwd
+        del inp, inp_g
+        torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-torch-path", dest="torch_path", action="store_false", help="skip the PyTorch scan")
+    parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the L scaling table")
+    parser.add_argument("--sweep", action="store_true", help="time a few kernel configs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmark_kernels.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    if args.sweep:
+        sweep(args)
+    bw = copy_bandwidth()
+    shape_table(args, bw)
+    if args.scaling:
+        scaling_table(args)
+    print(f"\n(L up to {2**18}: time per 1K tokens should stay flat; log2 range {int(math.log2(1024))}..18)")
+
+
+if __name__ == "__main__":
+    main()
