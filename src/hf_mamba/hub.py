@@ -268,7 +268,7 @@ class MambaHubMixin:
         write_model_card(save_directory, self.config, **card_kwargs)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
-            _upload_folder(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
+            upload_folder(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
 
     def push_to_hub(
         self,
@@ -293,7 +293,7 @@ class MambaHubMixin:
         ]
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size, model_card=model_card)
-            return _upload_folder(
+            return upload_folder(
                 folder,
                 repo_id,
                 token=token,
@@ -305,7 +305,7 @@ class MambaHubMixin:
             )
 
 
-def _upload_folder(
+def upload_folder(
     folder,
     repo_id,
     *,
@@ -315,7 +315,9 @@ def _upload_folder(
     commit_description=None,
     revision=None,
     create_pr=False,
+    ignore_patterns=None,
 ):
+    """Create the model repo if needed and upload `folder` as it is (one commit)."""
     import huggingface_hub
 
     api = huggingface_hub.HfApi(token=token)
@@ -329,6 +331,7 @@ def _upload_folder(
         commit_description=commit_description,
         revision=revision,
         create_pr=create_pr,
+        ignore_patterns=ignore_patterns,
     )
 
 
@@ -337,6 +340,7 @@ __all__ = [
     "MambaHubMixin",
     "remote_code_sources",
     "render_model_card",
+    "upload_folder",
     "write_model_card",
     "write_remote_code",
 ]
