@@ -25,7 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .triton_scan_seq import scan_fwd_seq
+
+# Up to this d_state the forward runs the sequential per-channel kernel of `triton_scan_seq`
+# (state in registers, d_state fp32 values per thread); above it, the tile-scan kernel below.
+SEQ_MAX_D_STATE = 64
 
 
 @triton.jit
@@ -281,6 +285,11 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         chunk_states = u.new_empty(batch, d_inner, n_chunks, d_state, dtype=torch.float32)
     else:
         chunk_states = u.new_empty(0, dtype=torch.float32)
+    if d_state <= SEQ_MAX_D_STATE:
+        out, final_state = scan_fwd_seq(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, chunk
+        )
+        return out, final_state, chunk_states
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     z_ = z if z is not None else u

@@ -104,6 +104,17 @@ def test_triton_scan_matches_reference(case, dtype, nan_fill_empty):
     _check_scan("triton", case, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
+    """Short batches cut the sequence into segments scanned in parallel, then chained."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    monkeypatch.setattr(triton_scan_seq, "MIN_TILES_PER_SEG", 2)
+    torch.manual_seed(7)
+    case = dict(cpu=(1, 3, 77, 4), gpu=(1, 64, 3001, 16), D=True, z=True, bias=True, h0=True)
+    _check_scan("triton", case, dtype)
+
+
 @pytest.mark.parametrize(
     "softplus,transposed_BC",
     [pytest.param(False, False, id="no-softplus-contiguousBC"), pytest.param(True, False, id="contiguousBC")],
