@@ -1,0 +1,266 @@
+"""Training with the standard tools: Trainer, gradient checkpointing, resume, scripts/train.py, accelerate launch."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+import hf_mamba
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+train_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_script)
+
+TINY = dict(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2)
+BLOCK = 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine they are 10x slower with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return hf_mamba.MambaForCausalLM(hf_mamba.MambaConfig(**TINY))
+
+
+def counting_dataset(n=48):
+    """Rows of (start + t) mod 16 (+ an offset): a pattern a tiny model learns within a few dozen steps."""
+    rows = [[(start + t) % 16 + 16 * (start % 3) for t in range(BLOCK)] for start in range(n)]
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def training_args(output_dir, **overrides):
+    args = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        max_steps=12,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    args.update(overrides)
+    return TrainingArguments(**args)
+
+
+def train_losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trainer_lowers_loss(tmp_path):
+    data = counting_dataset()
+    model = tiny_model()
+    batch = default_data_collator([data[i] for i in range(16)])
+    with torch.no_grad():
+        before = model(**batch).loss.item()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=30), train_dataset=data)
+    trainer.train()
+    with torch.no_grad():
+        after = model(**batch).loss.item()
+    assert after < 0.5 * before, (before, after)
+    assert train_losses(trainer)[-1] < train_losses(trainer)[0]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    data = counting_dataset()
+    full = Trainer(
+        model=tiny_model(),
+        args=training_args(tmp_path / "full", save_strategy="steps", save_steps=6),
+        train_dataset=data,
+    )
+    full.train()
+    assert (tmp_path / "full" / "checkpoint-6").is_dir()
+
+    # A fresh model with other weights: everything must come from the checkpoint.
+    resumed = Trainer(model=tiny_model(seed=1), args=training_args(tmp_path / "resumed"), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    assert resumed.state.global_step == 12
+    # The log history comes back from the checkpoint; steps 7..12 are the ones trained after resuming.
+    full_losses, resumed_losses = train_losses(full), train_losses(resumed)
+    assert len(full_losses) == len(resumed_losses) == 12
+    torch.testing.assert_close(torch.tensor(resumed_losses), torch.tensor(full_losses), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):
+    batch = default_data_collator([counting_dataset()[i] for i in range(4)])
+    plain, checkpointed = tiny_model(), tiny_model()
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    plain.train()
+    checkpointed.train()
+    loss_plain, loss_checkpointed = plain(**batch).loss, checkpointed(**batch).loss
+    loss_plain.backward()
+    loss_checkpointed.backward()
+    assert loss_plain.item() == loss_checkpointed.item()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+    # ... and through TrainingArguments: the same losses step for step.
+    runs = {}
+    for flag in (False, True):
+        trainer = Trainer(
+            model=tiny_model(),
+            args=training_args(tmp_path / str(flag), max_steps=4, gradient_checkpointing=flag),
+            train_dataset=counting_dataset(),
+        )
+        trainer.train()
+        assert trainer.model.is_gradient_checkpointing == flag
+        runs[flag] = train_losses(trainer)
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def local_assets(tmp_path_factory):
+    """A saved tiny hf_mamba model with its tokenizer, and json / parquet / text data files."""
+    folder = tmp_path_factory.mktemp("assets")
+    texts = [line for _ in range(12) for line in train_script.DEMO_TEXT]
+    tokenizer = train_script.train_demo_tokenizer(texts, vocab_size=300)
+    tokenizer.save_pretrained(folder / "model")
+    config = hf_mamba.MambaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, state_size=8, num_hidden_layers=2, eos_token_id=0, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    hf_mamba.MambaForCausalLM(config).save_pretrained(folder / "model")
+    with open(folder / "train.jsonl", "w") as f:
+        for text in texts:
+            f.write(json.dumps({"content": text}) + "\n")
+    Dataset.from_dict({"text": texts}).to_parquet(str(folder / "train.parquet"))
+    (folder / "valid.txt").write_text("\n".join(train_script.DEMO_TEXT) + "\n")
+    return folder
+
+
+def test_train_script_full_finetune_and_push(local_assets, tmp_path, monkeypatch):
+    uploads = []
+
+    class Repo:
+        repo_id = "me/tiny"
+
+    def fake_upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploads.append((repo_id, sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))))
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kwargs: Repo())
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", fake_upload_folder)
+    out = tmp_path / "run"
+    argv = [
+        "--model", str(local_assets / "model"),
+        "--train-file", str(local_assets / "train.jsonl"),
+        "--text-column", "content",
+        "--block-size", "32",
+        "--max-steps", "8",
+        "--save-steps", "4",
+        "--learning-rate", "3e-3",
+        "--per-device-train-batch-size", "4",
+        "--output-dir", str(out),
+        "--push-to-hub", "--hub-model-id", "me/tiny",
+        "--use-cpu",
+    ]  # fmt: skip
+    result = train_script.main(argv)
+    assert result["eval_loss_after"] < result["eval_loss_before"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(reloaded, hf_mamba.MambaForCausalLM)
+    card = (out / "README.md").read_text()
+    assert "perplexity" in card and f"{math.exp(result['eval_loss_after']):.4g}" in card
+
+    [(repo_id, files)] = uploads
+    assert repo_id == "me/tiny"
+    assert {"config.json", "model.safetensors", "README.md", "modeling_mamba.py", "tokenizer.json"} <= set(files)
+    assert not [f for f in files if f.startswith("checkpoint-")]
+
+
+def test_train_script_lora_checkpointing_and_resume(local_assets, tmp_path):
+    out = tmp_path / "lora"
+    argv = [
+        "--model", str(local_assets / "model"),
+        "--train-file", str(local_assets / "train.parquet"),
+        "--validation-file", str(local_assets / "train.parquet"),
+        "--block-size", "32",
+        "--max-steps", "4",
+        "--save-steps", "2",
+        "--per-device-train-batch-size", "4",
+        "--lora", "--lora-r", "4",
+        "--gradient-checkpointing",
+        "--output-dir", str(out),
+        "--use-cpu",
+    ]  # fmt: skip
+    first = train_script.main(argv)
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert first["eval_loss_after"] < first["eval_loss_before"]
+    assert first["trainer"].model.base_model.model.is_gradient_checkpointing
+
+    # Resume from the latest checkpoint (step 4) and train on to step 6.
+    argv[argv.index("--max-steps") + 1] = "6"
+    resumed = train_script.main([*argv, "--resume-from-checkpoint", "latest"])
+    assert resumed["eval_loss_before"] is None
+    assert resumed["trainer"].state.global_step == 6
+
+
+def test_train_script_text_files_without_packing(local_assets, tmp_path):
+    argv = [
+        "--model", str(local_assets / "model"),
+        "--train-file", str(local_assets / "valid.txt"),
+        "--no-packing",
+        "--block-size", "16",
+        "--max-steps", "2",
+        "--per-device-train-batch-size", "4",
+        "--output-dir", str(tmp_path / "txt"),
+        "--use-cpu",
+    ]  # fmt: skip
+    result = train_script.main(argv)
+    assert math.isfinite(result["eval_loss_after"])
+    assert result["trainer"].state.num_input_tokens_seen > 0
+
+
+def test_accelerate_launch_two_processes(local_assets, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "scripts" / "train.py"),
+        "--model", str(local_assets / "model"),
+        "--train-file", str(local_assets / "train.jsonl"),
+        "--text-column", "content",
+        "--block-size", "32",
+        "--max-steps", "3",
+        "--per-device-train-batch-size", "2",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = {  # the results table: name, two or more spaces, value
+        name.strip(): value.strip()
+        for name, _, value in (line.partition("  ") for line in result.stdout.splitlines())
+        if name in ("processes", "train steps", "tokens seen")
+    }
+    assert table["processes"] == "2"
+    assert table["train steps"] == "3"
+    assert table["tokens seen"] == f"{3 * 2 * 2 * 32:,}"  # steps x processes x batch x block
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(reloaded, hf_mamba.MambaForCausalLM)
