@@ -171,12 +171,24 @@ def scaling_table(args):
 def sweep(args):
     """Time a few fixed (BLOCK_D, num_warps) configs of the backward (the forward has one config per dtype)."""
     print("\nConfig sweep (triton fwd+bwd ms, bf16)")
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    print("forward: segment heuristic (WARPS_PER_SM, MIN_TILES_PER_SEG)")
+    defaults = triton_scan_seq.WARPS_PER_SM, triton_scan_seq.MIN_TILES_PER_SEG
+    for shape in SHAPES:
+        inp = make_inputs(*shape, torch.bfloat16)
+        for warps_per_sm, min_tiles in [(1, 16), (8, 16), (16, 16), (32, 16), (64, 8), (16, 4)]:
+            triton_scan_seq.WARPS_PER_SM, triton_scan_seq.MIN_TILES_PER_SEG = warps_per_sm, min_tiles
+            ms = time_fwd(scan_fns()["triton"], inp)
+            print(f"  {shape} fwd WARPS_PER_SM={warps_per_sm} MIN_TILES_PER_SEG={min_tiles}: {ms:.3f}", flush=True)
+        del inp
+    triton_scan_seq.WARPS_PER_SM, triton_scan_seq.MIN_TILES_PER_SEG = defaults
     default_fwd, default_bwd = triton_scan._fwd_config, triton_scan._bwd_config
-    for shape in (SHAPES[0], SHAPES[2]):
+    for shape in (SHAPES[0],):
         fn = scan_fns()["triton"]
         inp_g = make_inputs(*shape, torch.bfloat16, requires_grad=True)
         chunk = default_fwd(16, shape[2])[2]
-        for block_d, warps in [(1, 4), (2, 4), (1, 2), (2, 2), (4, 2), (1, 1), (2, 1)]:
+        for block_d, warps in [(1, 2), (2, 1), (4, 2)]:
             triton_scan._bwd_config = lambda n, L, c=(block_d, 16, chunk, warps): c
             ms = time_fwd_bwd(fn, inp_g)
             print(f"  {shape} fwd+bwd bwd BLOCK_D={block_d} warps={warps}: {ms:.3f}", flush=True)
