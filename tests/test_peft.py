@@ -1,0 +1,173 @@
+"""PEFT / LoRA on hf_mamba: default targets, adapter gradients on every scan backend, save/load, merge, generate."""
+
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from torch.nn.utils import parametrize
+
+import hf_mamba
+from hf_mamba.integrations import LORA_TARGET_MODULES
+
+TINY = dict(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine they are 10x slower with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_model(cls=hf_mamba.MambaForCausalLM, **config_kwargs):
+    torch.manual_seed(0)
+    return cls(hf_mamba.MambaConfig(**TINY, **config_kwargs)).eval()
+
+
+def with_lora(model, task_type="CAUSAL_LM", **lora_kwargs):
+    # init_lora_weights=False: random A *and* B, so every adapter changes the output and gets a gradient.
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(task_type=task_type, r=4, init_lora_weights=False, **lora_kwargs))
+
+
+def input_ids(batch=2, seqlen=11, seed=2):
+    return torch.randint(TINY["vocab_size"], (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def lora_module_names(model):
+    return {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+
+
+def test_default_target_modules_are_every_projection():
+    model = with_lora(base_model())
+    expected = {
+        f"base_model.model.backbone.layers.{i}.mixer.{projection}"
+        for i in range(TINY["num_hidden_layers"])
+        for projection in LORA_TARGET_MODULES
+    }
+    assert lora_module_names(model) == expected
+    assert set(model.peft_config["default"].target_modules) == set(LORA_TARGET_MODULES)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+
+
+def test_explicit_target_modules():
+    model = with_lora(base_model(), target_modules=["x_proj", "dt_proj"])
+    assert {name.rsplit(".", 1)[1] for name in lora_module_names(model)} == {"x_proj", "dt_proj"}
+
+
+class LoraDelta(nn.Module):
+    """W -> W + scaling * B @ A as a parametrization: the adapter folded into the weight itself (unfused)."""
+
+    def __init__(self, lora_A, lora_B, scaling):
+        super().__init__()
+        self.A, self.B, self.scaling = nn.Parameter(lora_A.clone()), nn.Parameter(lora_B.clone()), scaling
+
+    def forward(self, weight):
+        return weight + self.scaling * (self.B @ self.A)
+
+
+def unfused_reference(peft_model):
+    """The same base weights with every adapter folded into its projection's weight, on the exact scan.
+
+    Whatever reads a projection (its module or its weight directly, as fused kernels do) sees the adapter, so
+    the gradients of A and B here are the true ones.
+    """
+    reference = base_model(scan_backend="reference")
+    deltas = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            path = name.removeprefix("base_model.model.")
+            delta = LoraDelta(
+                module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]
+            )
+            parametrize.register_parametrization(reference.get_submodule(path), "weight", delta)
+            deltas[f"{name}.lora_A.default.weight"] = delta.A
+            deltas[f"{name}.lora_B.default.weight"] = delta.B
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    for param in deltas.values():
+        param.requires_grad_(True)
+    return reference, deltas
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, id=b) for b in ("reference", "torch", "triton")])
+def test_adapter_gradients_match_unfused_computation(backend):
+    """Each adapter's gradient is non-zero and equals the gradient of the adapter folded into the weight."""
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be on before triton is first imported (tests/kernels/conftest.py does that).
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1 from the start of the session")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    model = with_lora(base_model(scan_backend=backend)).to(device)
+    reference, reference_params = unfused_reference(model)
+    reference.to(device)
+    ids = input_ids().to(device)
+    for m in (model, reference):
+        m(input_ids=ids, labels=ids).loss.backward()
+
+    adapters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert len(adapters) == 2 * len(LORA_TARGET_MODULES) * TINY["num_hidden_layers"]
+    assert {name for name, _ in adapters} == set(reference_params)
+    for name, param in adapters:
+        assert param.grad is not None and param.grad.abs().max() > 0, f"{name} gets no gradient"
+        torch.testing.assert_close(param.grad, reference_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_adapter_save_load_merge_and_generate(tmp_path):
+    model = with_lora(base_model())
+    ids = input_ids()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with model.disable_adapter():
+            plain = model(ids).logits
+    assert (adapted - plain).abs().max() > 1e-3  # the adapters do something
+
+    model.save_pretrained(tmp_path / "adapter")
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not files & {"model.safetensors", "config.json", "modeling_mamba.py"}
+
+    loaded = PeftModel.from_pretrained(base_model(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, adapted, rtol=1e-6, atol=1e-6)
+
+    # Greedy generation through the PEFT wrapper runs on hf_mamba's recurrent cache.
+    out = loaded.generate(input_ids=ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, hf_mamba.MambaCache)
+
+    merged = loaded.merge_and_unload()
+    assert type(merged) is hf_mamba.MambaForCausalLM and not lora_module_names(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    merged_out = merged.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out.sequences, merged_out)
+
+
+def test_sequence_classification_lora(tmp_path):
+    model = with_lora(base_model(hf_mamba.MambaForSequenceClassification, num_labels=3), task_type="SEQ_CLS")
+    assert len(lora_module_names(model)) == len(LORA_TARGET_MODULES) * TINY["num_hidden_layers"]
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # SEQ_CLS also trains (and saves) the new head, PEFT's modules_to_save.
+    assert any(".score." in name for name in trainable)
+    assert all("lora_" in name or ".score." in name for name in trainable)
+
+    ids, labels = input_ids(), torch.tensor([0, 2])
+    output = model(input_ids=ids, labels=labels)
+    output.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in model.named_parameters() if n in trainable)
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(
+        base_model(hf_mamba.MambaForSequenceClassification, num_labels=3), tmp_path / "adapter"
+    ).eval()
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-6, atol=1e-6)
+        merged = loaded.merge_and_unload()
+        assert type(merged) is hf_mamba.MambaForSequenceClassification
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
