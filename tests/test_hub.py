@@ -4,6 +4,7 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -122,12 +123,13 @@ REMOTE_LOAD = textwrap.dedent(
     """
     import sys
 
-    class BlockHfMamba:
+    class Block:
+        # A Hub user who never installed hf_mamba, on a CPU-only torch without triton.
         def find_spec(self, name, path=None, target=None):
-            if name == "hf_mamba" or name.startswith("hf_mamba."):
+            if name.split(".")[0] in ("hf_mamba", "triton"):
                 raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
 
-    sys.meta_path.insert(0, BlockHfMamba())
+    sys.meta_path.insert(0, Block())
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -148,21 +150,39 @@ REMOTE_LOAD = textwrap.dedent(
             "generated": model.generate(ids, max_new_tokens=4, do_sample=False),
             "class_logits": classifier(ids).logits,
         }
-    assert "hf_mamba" not in sys.modules
+    assert "hf_mamba" not in sys.modules and "triton" not in sys.modules
     torch.save(result, out_path)
     """
 )
+
+
+def as_hub_cache(folder: Path, cache: Path, repo_id: str) -> str:
+    """Lay `folder` out as a downloaded Hub repo, so an offline from_pretrained(repo_id) takes the Hub path
+    (which, unlike a local folder, fetches and checks the imports of every remote-code file)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo_id
 
 
 def test_remote_code_loads_without_hf_mamba(tmp_path):
     model, classifier = tiny_model(), tiny_model(hf_mamba.MambaForSequenceClassification, num_labels=3)
     model.save_pretrained(tmp_path / "lm")
     classifier.save_pretrained(tmp_path / "cls")
+    repo_id = as_hub_cache(tmp_path / "lm", tmp_path / "hub", "me/tiny-mamba")
     ids = input_ids()
     torch.save(ids, tmp_path / "ids.pt")
     (tmp_path / "load.py").write_text(REMOTE_LOAD)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(tmp_path / "load.py"), str(tmp_path / "lm"), str(tmp_path / "cls")]
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, str(tmp_path / "load.py"), repo_id, str(tmp_path / "cls")]
     command += [str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
     # cwd outside the repository, so nothing but the saved folder can provide the code.
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
