@@ -411,6 +411,11 @@ def main(argv=None):
                 f"{sum(tokens_per_second.history) / max(len(tokens_per_second.history), 1):,.0f}",
             ),
             ("train time", f"{train_seconds:.1f} s"),
+            *(
+                [("peak CUDA memory", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")]
+                if torch.cuda.is_available()
+                else []
+            ),
             ("saved to", args.output_dir + (" (adapter)" if args.lora else "")),
         ]
         if args.fsdp:
