@@ -169,32 +169,31 @@ def scaling_table(args):
 
 
 def sweep(args):
-    """Time a few fixed (BLOCK_D, num_warps) configs of the backward (the forward has one config per dtype)."""
-    print("\nConfig sweep (triton fwd+bwd ms, bf16)")
-    from hf_mamba.kernels.selective_scan import triton_scan_seq
+    """Check and time the forward's fixed configs: lanes per channel and the segment heuristic."""
+    from hf_mamba.kernels import selective_scan_ref
+    from hf_mamba.kernels.selective_scan import triton_scan_seq as seq
 
-    print("forward: segment heuristic (WARPS_PER_SM, MIN_TILES_PER_SEG)")
-    defaults = triton_scan_seq.WARPS_PER_SM, triton_scan_seq.MIN_TILES_PER_SEG
-    for shape in SHAPES:
-        inp = make_inputs(*shape, torch.bfloat16)
-        for warps_per_sm, min_tiles in [(1, 16), (8, 16), (16, 16), (32, 16), (64, 8), (16, 4)]:
-            triton_scan_seq.WARPS_PER_SM, triton_scan_seq.MIN_TILES_PER_SEG = warps_per_sm, min_tiles
-            ms = time_fwd(scan_fns()["triton"], inp)
-            print(f"  {shape} fwd WARPS_PER_SM={warps_per_sm} MIN_TILES_PER_SEG={min_tiles}: {ms:.3f}", flush=True)
-        del inp
-    triton_scan_seq.WARPS_PER_SM, triton_scan_seq.MIN_TILES_PER_SEG = defaults
-    default_fwd, default_bwd = triton_scan._fwd_config, triton_scan._bwd_config
-    for shape in (SHAPES[0],):
-        fn = scan_fns()["triton"]
-        inp_g = make_inputs(*shape, torch.bfloat16, requires_grad=True)
-        chunk = default_fwd(16, shape[2])[2]
-        for block_d, warps in [(1, 2), (2, 1), (4, 2)]:
-            triton_scan._bwd_config = lambda n, L, c=(block_d, 16, chunk, warps): c
-            ms = time_fwd_bwd(fn, inp_g)
-            print(f"  {shape} fwd+bwd bwd BLOCK_D={block_d} warps={warps}: {ms:.3f}", flush=True)
-        triton_scan._bwd_config = default_bwd
-        del inp_g
-        torch.cuda.empty_cache()
+    print("\nForward config sweep (bf16 ms; error = ||out - ref|| / ||ref|| at (2, 96, 777, 16))")
+    defaults = seq.LANES_PER_CHANNEL, seq.WARPS_PER_SM
+    for lanes in (1, 2, 4):
+        seq.LANES_PER_CHANNEL = lanes
+        for dtype in (torch.float32, torch.bfloat16):
+            small = make_inputs(2, 96, 777, 16, dtype)
+            args_ = [small[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+            for warps_per_sm in (1, 64):  # without and with segments
+                seq.WARPS_PER_SM = warps_per_sm
+                out = selective_scan(*args_, delta_softplus=True, backend="triton")
+                ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                print(f"  lanes={lanes} {dtype} WARPS_PER_SM={warps_per_sm}: error {err:.2e}", flush=True)
+        for shape in SHAPES:
+            inp = make_inputs(*shape, torch.bfloat16)
+            for warps_per_sm in (1, 8, 16):
+                seq.WARPS_PER_SM = warps_per_sm
+                ms = time_fwd(scan_fns()["triton"], inp)
+                print(f"  lanes={lanes} {shape} WARPS_PER_SM={warps_per_sm}: {ms:.3f}", flush=True)
+            del inp
+    seq.LANES_PER_CHANNEL, seq.WARPS_PER_SM = defaults
 
 
 def main():
