@@ -110,9 +110,21 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
     from hf_mamba.kernels.selective_scan import triton_scan_seq
 
     monkeypatch.setattr(triton_scan_seq, "MIN_TILES_PER_SEG", 2)
+    monkeypatch.setattr(triton_scan_seq, "WARPS_PER_SM", 64)
     torch.manual_seed(7)
     case = dict(cpu=(1, 3, 77, 4), gpu=(1, 64, 3001, 16), D=True, z=True, bias=True, h0=True)
     _check_scan("triton", case, dtype)
+
+
+@pytest.mark.parametrize("states_per_lane", [pytest.param(2, id="4-lanes"), pytest.param(4, id="2-lanes")])
+def test_triton_scan_lanes_per_channel(states_per_lane, monkeypatch, nan_fill_empty):
+    """The forward can spread one channel's state over several lanes (used for large d_state)."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    monkeypatch.setattr(triton_scan_seq, "STATES_PER_LANE", states_per_lane)
+    torch.manual_seed(8)
+    case = dict(cpu=(2, 5, 19, 8), gpu=(2, 100, 999, 16), D=True, z=True, bias=True, h0=True)
+    _check_scan("triton", case, torch.float32)
 
 
 @pytest.mark.parametrize(
