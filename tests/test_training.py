@@ -281,3 +281,64 @@ def test_accelerate_launch_two_processes(local_assets, tmp_path):
     assert table["tokens seen"] == f"{3 * 2 * 2 * 32:,}"  # steps x processes x batch x block
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(reloaded, hf_mamba.MambaForCausalLM)
+
+
+FSDP_WORKER = """
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+import hf_mamba
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = hf_mamba.MambaForCausalLM(hf_mamba.MambaConfig(**{tiny}))
+# The policy Accelerate's and the Trainer's FSDP auto-wrap use by default: every _no_split_modules class.
+wrapped = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+for module in wrapped:
+    fully_shard(module)
+fully_shard(model)
+assert wrapped and all(type(m).__name__ == "FSDPMambaBlock" for m in wrapped)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+input_ids = torch.load(sys.argv[1])
+shard = input_ids.chunk(world)[rank]
+for _ in range(3):
+    model(input_ids=shard, labels=shard).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    torch.save(state_dict, sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_wraps_mamba_blocks_and_trains_like_one_process(tmp_path):
+    """Two CPU processes (gloo), each MambaBlock an FSDP2 unit: same weights after 3 steps as one process.
+
+    The Trainer applies FSDP only on accelerators (Accelerate runs CPU processes as DDP), so this drives
+    torch's fully_shard directly with the wrapping policy the Trainer would use.
+    """
+    input_ids = torch.randint(TINY["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(input_ids, tmp_path / "ids.pt")
+    (tmp_path / "worker.py").write_text(FSDP_WORKER.replace("{tiny}", repr(TINY)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(tmp_path / "worker.py"), str(tmp_path / "ids.pt"), str(tmp_path / "state.pt")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    sharded = torch.load(tmp_path / "state.pt")
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(sharded[name], param, rtol=1e-4, atol=1e-5, msg=name)
