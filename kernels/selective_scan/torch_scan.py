@@ -1,13 +1,18 @@
 """Fast pure-PyTorch selective scan for CPU (and any device without Triton).
 
-The exact recurrence h_t = Ā_t h_{t-1} + B̄_t u_t is linear, so it splits into chunks:
-  1. every chunk scans its own T steps from a zero state, all chunks at once, also
-     keeping the running product of Ā inside the chunk;
-  2. a short loop carries the state from chunk to chunk (one step per chunk);
-  3. each position adds (running product of Ā) x (state entering its chunk).
-With T ~ sqrt(seqlen) this is ~2 sqrt(seqlen) Python steps instead of seqlen, every
-step a large vectorised op. All products are of decays in (0, 1], so nothing overflows
-(unlike a cumsum-of-logs formulation, which needs exp(+|ΔA|) terms).
+Everything that does not depend on the previous state is computed for all steps at once, in
+time-major layout (seqlen, batch, d_inner, d_state) so every step reads contiguous memory:
+Ā_t = exp(Δ_t A) and B̄_t u_t = Δ_t B_t u_t. What remains is one multiply-add per step,
+h_t = Ā_t h_{t-1} + B̄_t u_t, and one contraction with C at the end.
+
+When a step is too small to amortise Python's per-op overhead (short channels, long sequences),
+the recurrence is split into chunks of T ~ sqrt(seqlen) steps: every chunk scans from a zero state,
+all chunks at once, keeping the running product of Ā; a loop over chunks carries the state across;
+each position then adds (running product) x (state entering its chunk). All products are of decays
+in (0, 1], so nothing overflows (a cumsum-of-logs form would need exp(+|ΔA|)).
+
+Steps are taken with `unbind` rather than indexing: indexing a big tensor once per step makes
+autograd allocate a full-size gradient per step (quadratic time in the backward pass).
 """
 
 import math
@@ -17,22 +22,50 @@ import torch.nn.functional as F
 
 from .reference import _effective_delta, _finish_output, _wide
 
+# Below this many state elements per step (batch * d_inner * d_state) and above MIN_CHUNKED_SEQLEN
+# steps, Python overhead dominates a sequential loop and the chunked form wins (measured on CPU).
+SMALL_STEP_ELEMENTS = 1 << 16
+MIN_CHUNKED_SEQLEN = 512
 
-def _scan_chunks_locally(dA, dBu):
-    """Scan every chunk from a zero state. dA, dBu: (batch, d_inner, n_chunks, T, d_state).
 
-    Returns the local states and the running products of dA, both shaped like the inputs.
-    """
-    chunk_len = dA.shape[3]
-    h = dBu[:, :, :, 0]
-    decay = dA[:, :, :, 0]
-    local_states, decays = [h], [decay]
-    for t in range(1, chunk_len):
-        h = dA[:, :, :, t] * h + dBu[:, :, :, t]
-        decay = decay * dA[:, :, :, t]
-        local_states.append(h)
+def _sequential_states(dA, dBu, h):
+    """All states h_1..h_L from h_0 = h. dA, dBu: (seqlen, batch, d_inner, d_state)."""
+    states = []
+    for dA_t, dBu_t in zip(dA.unbind(0), dBu.unbind(0)):
+        h = dA_t * h + dBu_t
+        states.append(h)
+    return torch.stack(states), h
+
+
+def _chunked_states(dA, dBu, h, chunk_len):
+    """Same result as _sequential_states, with ~2 sqrt(seqlen) Python steps."""
+    seqlen = dA.shape[0]
+    n_chunks = -(-seqlen // chunk_len)
+    pad = n_chunks * chunk_len - seqlen
+    # Padded steps have Ā = 1 and B̄u = 0: the state passes through them unchanged.
+    dA = F.pad(dA, (0, 0, 0, 0, 0, 0, 0, pad), value=1.0)
+    dBu = F.pad(dBu, (0, 0, 0, 0, 0, 0, 0, pad))
+    shape = (n_chunks, chunk_len) + tuple(dA.shape[1:])
+    dA_steps = dA.view(shape).transpose(0, 1).unbind(0)  # chunk_len x (n_chunks, batch, d_inner, d_state)
+    dBu_steps = dBu.view(shape).transpose(0, 1).unbind(0)
+
+    local_h, decay = dBu_steps[0], dA_steps[0]
+    local_states, decays = [local_h], [decay]
+    for dA_t, dBu_t in zip(dA_steps[1:], dBu_steps[1:]):
+        local_h = dA_t * local_h + dBu_t
+        decay = decay * dA_t
+        local_states.append(local_h)
         decays.append(decay)
-    return torch.stack(local_states, dim=3), torch.stack(decays, dim=3)
+    local_states = torch.stack(local_states, dim=1)  # (n_chunks, chunk_len, batch, d_inner, d_state)
+    decays = torch.stack(decays, dim=1)
+
+    entering = []
+    for chunk_decay, chunk_state in zip(decays[:, -1].unbind(0), local_states[:, -1].unbind(0)):
+        entering.append(h)
+        h = chunk_decay * h + chunk_state
+    entering = torch.stack(entering)[:, None]  # (n_chunks, 1, batch, d_inner, d_state)
+    states = (local_states + decays * entering).flatten(0, 1)[:seqlen]  # (seqlen, batch, d_inner, d_state)
+    return states, h
 
 
 def selective_scan_torch(
@@ -49,37 +82,31 @@ def selective_scan_torch(
     return_final_state=False,
     chunk_size=None,
 ):
-    """Chunked selective scan; same signature and semantics as `hf_mamba.kernels.selective_scan`."""
+    """Vectorised selective scan; same signature and semantics as `hf_mamba.kernels.selective_scan`.
+
+    chunk_size: steps per chunk of the chunked form; None picks by size, >= seqlen means sequential.
+    """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
+    u_w = _wide(u)
     delta = _effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
+    h = _wide(initial_state) if initial_state is not None else u_w.new_zeros(batch, d_inner, d_state)
     if seqlen == 0:
-        h = _wide(initial_state) if initial_state is not None else _wide(u).new_zeros(batch, d_inner, d_state)
         out = u.new_zeros(batch, d_inner, 0)
         return (out, h) if return_final_state else out
 
-    chunk_len = chunk_size or max(1, math.isqrt(seqlen))
-    n_chunks = -(-seqlen // chunk_len)
-    pad = n_chunks * chunk_len - seqlen
-    # Padding with Δ = 0 gives Ā = 1 and B̄u = 0: the state passes through the padded tail unchanged.
-    delta_p = F.pad(delta, (0, pad))
-    u_p = F.pad(_wide(u), (0, pad))
-    B_p = F.pad(_wide(B), (0, pad)).view(batch, d_state, n_chunks, chunk_len)
-    C_p = F.pad(_wide(C), (0, pad)).view(batch, d_state, n_chunks, chunk_len)
+    delta_t = delta.permute(2, 0, 1)  # (seqlen, batch, d_inner)
+    dA = torch.exp(delta_t[..., None] * _wide(A))  # (seqlen, batch, d_inner, d_state)
+    B_t = _wide(B).permute(2, 0, 1)[:, :, None, :]  # (seqlen, batch, 1, d_state)
+    dBu = (delta_t * u_w.permute(2, 0, 1))[..., None] * B_t  # (seqlen, batch, d_inner, d_state)
 
-    dA = torch.exp(delta_p[..., None] * _wide(A)[:, None, :])  # (batch, d_inner, padded_len, d_state)
-    dA = dA.view(batch, d_inner, n_chunks, chunk_len, d_state)
-    dBu = (delta_p * u_p).view(batch, d_inner, n_chunks, chunk_len, 1) * B_p.permute(0, 2, 3, 1)[:, None]
-    local_states, decays = _scan_chunks_locally(dA, dBu)  # (batch, d_inner, n_chunks, chunk_len, d_state)
-
-    h = _wide(initial_state) if initial_state is not None else u_p.new_zeros(batch, d_inner, d_state)
-    entering = []
-    for c in range(n_chunks):
-        entering.append(h)
-        h = decays[:, :, c, -1] * h + local_states[:, :, c, -1]
-    entering = torch.stack(entering, dim=2)  # (batch, d_inner, n_chunks, d_state)
-
-    states = local_states + decays * entering[:, :, :, None]  # (batch, d_inner, n_chunks, chunk_len, d_state)
-    y = torch.einsum("bdctn,bnct->bdct", states, C_p).reshape(batch, d_inner, -1)[..., :seqlen]
+    if chunk_size is None:
+        small_steps = batch * d_inner * d_state < SMALL_STEP_ELEMENTS and seqlen >= MIN_CHUNKED_SEQLEN
+        chunk_size = math.isqrt(seqlen) if small_steps else seqlen
+    if chunk_size < seqlen:
+        states, h = _chunked_states(dA, dBu, h, chunk_size)
+    else:
+        states, h = _sequential_states(dA, dBu, h)
+    y = torch.einsum("lbdn,bnl->bdl", states, _wide(C))  # (batch, d_inner, seqlen)
     out = _finish_output(y, u, D, z, u.dtype)
     return (out, h) if return_final_state else out
