@@ -39,6 +39,8 @@ class MambaCache:
         ]
         # Number of positions already folded into the states (same for every row; left padding counts).
         self.seqlen_offset = 0
+        # CUDA graph of the model's decode step on these tensors, captured on first use (CUDA only).
+        self.decode_graph = None
 
     def __len__(self):
         return len(self.ssm_states)

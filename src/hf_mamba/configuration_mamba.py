@@ -32,6 +32,8 @@ class MambaConfig(PretrainedConfig):
         rescale_prenorm_residual: scale out_proj init by 1/sqrt(num_hidden_layers).
         scan_backend: force the selective-scan backend for the whole model ("reference", "torch", "triton"),
             None = fastest for the device. The environment variable HF_MAMBA_BACKEND overrides it.
+        use_cuda_graph: on CUDA, decode each new token by replaying a CUDA graph of the whole step
+            (captured once per cache), instead of launching every kernel from Python.
     """
 
     model_type = "hf_mamba"
@@ -63,6 +65,7 @@ class MambaConfig(PretrainedConfig):
         use_cache=True,
         tie_word_embeddings=True,
         scan_backend=None,
+        use_cuda_graph=True,
         **kwargs,
     ):
         # Fields of the built-in config that only steer its fallback paths; ours has one dispatch point.
@@ -89,6 +92,7 @@ class MambaConfig(PretrainedConfig):
         self.rescale_prenorm_residual = rescale_prenorm_residual
         self.use_cache = use_cache
         self.scan_backend = scan_backend
+        self.use_cuda_graph = use_cuda_graph
         self._validate_mamba_fields()
         self.intermediate_size = int(expand * hidden_size)
         super().__init__(

@@ -13,7 +13,10 @@ so even an import inside a function must name a file that exists. `remote_code_s
 every relative (or `hf_mamba.`-absolute) import from the model's modules, names each module after its
 dotted path (`hf_mamba.kernels.selective_scan.reference` -> `kernels_selective_scan_reference.py`) and
 rewrites the imports to those flat names. An import of a module that does not exist (an optional backend
-not built yet) becomes the `ModuleNotFoundError` Python would raise at that point.
+not built yet) becomes the `ModuleNotFoundError` Python would raise at that point. Top-level imports of
+triton are put inside `try: ... except ImportError: raise` (same behaviour): Transformers checks that every
+package a remote-code file imports is installed, except inside `try`, and the Triton modules are only
+imported when the Triton backend runs, so a CPU machine without triton still loads the folder.
 """
 
 import ast

@@ -397,6 +397,34 @@ class MambaModel(MambaPreTrainedModel):
         return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params, hidden_states=all_hidden_states)
 
 
+class _DecodeGraph:
+    """A CUDA graph of one decode step (embedding -> blocks -> norm -> lm_head) on one MambaCache.
+
+    The cache's tensors never move (every update is in place), so a graph captured on them stays
+    valid for the cache's whole life; it is stored on the cache and goes away with it.
+    """
+
+    def __init__(self, model, cache, input_ids):
+        self.static_ids = input_ids.clone()
+        saved_states = [state.clone() for state in cache.conv_states + cache.ssm_states]
+        # Warm up on a side stream (compiles kernels, creates library handles), as capture requires.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model._decode_step_logits(self.static_ids, cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states):
+            state.copy_(saved)  # undo the warm-up step
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = model._decode_step_logits(self.static_ids, cache)
+
+    def __call__(self, input_ids):
+        self.static_ids.copy_(input_ids)
+        self.graph.replay()
+        return self.static_logits.clone()
+
+
 class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
@@ -440,6 +468,30 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return model_inputs
 
+    def _decode_step_logits(self, input_ids, cache_params):
+        """Logits (batch, 1, vocab) of one token on top of the cache; advances the states, not the offset."""
+        hidden_states = self.backbone.embeddings(input_ids)
+        for block in self.backbone.layers:
+            hidden_states = block(hidden_states, cache_params=cache_params)
+        hidden_states = self.backbone.norm_f(hidden_states.to(self.backbone.norm_f.weight.dtype))
+        return _fp32_or_wider(self.lm_head(hidden_states.to(self.lm_head.weight.dtype)))
+
+    def _use_decode_graph(self, input_ids, cache_params, use_cache, other_inputs):
+        """CUDA-graph replay serves plain inference decode steps: one token id per row on a warm cache."""
+        return (
+            self.config.use_cuda_graph
+            and input_ids is not None
+            and input_ids.is_cuda
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and cache_params is not None
+            and cache_params.seqlen_offset > 0
+            and use_cache is not False
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and all(value is None or value is False for value in other_inputs)
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -460,6 +512,15 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             Others: see MambaModel.forward.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self._use_decode_graph(
+            input_ids, cache_params, use_cache, (attention_mask, inputs_embeds, labels, output_hidden_states)
+        ):
+            _check_inputs(input_ids, None, None, self.config.vocab_size)
+            if getattr(cache_params, "decode_graph", None) is None:
+                cache_params.decode_graph = _DecodeGraph(self, cache_params, input_ids)
+            logits = cache_params.decode_graph(input_ids)
+            cache_params.seqlen_offset += 1
+            return MambaCausalLMOutput(logits=logits, cache_params=cache_params) if return_dict else (logits, cache_params)
         outputs = self.backbone(
             input_ids,
             inputs_embeds=inputs_embeds,

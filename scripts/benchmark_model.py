@@ -1,0 +1,192 @@
+"""Whole-model GPU benchmark: training throughput, peak memory and greedy decoding speed.
+
+    python scripts/benchmark_model.py                       # the 130M shape, all implementations found
+    source <shared>/peers/activate.sh && python scripts/benchmark_model.py   # with mamba_ssm side by side
+    python scripts/benchmark_model.py --layers 4 --quick    # a smoke run
+
+Implementations: hf_mamba (Triton kernels; decoding with and without CUDA graphs), Transformers'
+built-in MambaForCausalLM (whatever kernels it finds), and mamba_ssm's MambaLMHeadModel when it is
+importable (decoding with its CUDA graphs, cg=True). All share one set of weights.
+
+Training: batch x seqlen tokens, bf16 autocast, AdamW step included; tokens/s is the median over
+--train-steps timed steps, peak memory is torch.cuda.max_memory_allocated over them.
+Decoding: greedy, prompt --prompt-len, exactly --new-tokens new tokens, tokens/s = batch x new / time.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from hf_mamba import MambaConfig, MambaForCausalLM
+
+
+def load_peer():
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig as PeerConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except Exception:  # noqa: BLE001 - any import failure means "not installed here"
+        return None
+    return PeerConfig, MambaLMHeadModel
+
+
+def peer_model(args, state_dict, peer):
+    """mamba_ssm's model with our weights (its names: backbone.embedding, otherwise identical)."""
+    PeerConfig, MambaLMHeadModel = peer
+    config = PeerConfig(
+        d_model=args.hidden, n_layer=args.layers, vocab_size=args.vocab, ssm_cfg={"layer": "Mamba1"},
+        rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=1,
+    )
+    model = MambaLMHeadModel(config, device="cuda", dtype=torch.float32)
+    renamed = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in state_dict.items()}
+    model.load_state_dict(renamed, strict=False)
+    return model
+
+
+def cuda_time(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def train_throughput(model, args, logits_of):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), device="cuda")
+    model.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = logits_of(model, ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup_steps):
+        step()
+    torch.cuda.reset_peak_memory_stats()
+    times = [cuda_time(step)[0] for _ in range(args.train_steps)]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del optimizer
+    return args.batch * args.seqlen / statistics.median(times), peak
+
+
+def decode_throughput(generate, args, batch):
+    prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
+    generate(prompt, 8)  # warm-up: compile kernels, capture graphs for this batch size
+    seconds, out = cuda_time(lambda: generate(prompt, args.new_tokens))
+    assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
+    return batch * args.new_tokens / seconds
+
+
+def hf_generate(model):
+    def generate(prompt, new_tokens):
+        with torch.no_grad():
+            return model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            )
+    return generate
+
+
+def peer_generate(model, cg):
+    def generate(prompt, new_tokens):
+        out = model.generate(prompt, max_length=prompt.shape[1] + new_tokens, cg=cg, top_k=1)
+        return out if torch.is_tensor(out) else out.sequences
+    return generate
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=50280)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--skip-builtin-train", action="store_true", help="skip Transformers' training run")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU")
+    if args.quick:
+        args.warmup_steps, args.train_steps, args.new_tokens = 1, 3, 32
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers)
+    ours = MambaForCausalLM(config).cuda()
+    state_dict = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    folder = tempfile.mkdtemp()
+    ours.save_pretrained(folder)
+    shared_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel")
+    builtin_config = transformers.MambaConfig(**{k: getattr(config, k) for k in shared_fields})
+    builtin = transformers.MambaForCausalLM(builtin_config)
+    builtin.load_state_dict(state_dict)
+    builtin.cuda()
+    peer = load_peer()
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"mamba_ssm {'found' if peer else 'not installed'}")
+    print(f"model: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
+          f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters")
+
+    def logits_hf(model, ids):
+        return model(ids, use_cache=False).logits
+
+    def logits_peer(model, ids):
+        return model(ids).logits
+
+    rows = []
+    tps, peak = train_throughput(ours, args, logits_hf)
+    rows.append(("hf_mamba (Triton)", tps, peak))
+    if not args.skip_builtin_train:
+        tps, peak = train_throughput(builtin, args, logits_hf)
+        rows.append(("transformers built-in", tps, peak))
+    if peer:
+        model = peer_model(args, state_dict, peer)
+        tps, peak = train_throughput(model, args, logits_peer)
+        rows.append(("mamba_ssm", tps, peak))
+        del model
+    torch.cuda.empty_cache()
+    print(f"\nTraining, batch {args.batch} x {args.seqlen}, bf16 autocast, AdamW")
+    print(f"{'implementation':<26}{'tokens/s':>12}{'peak GiB':>10}")
+    for name, tps, peak in rows:
+        print(f"{name:<26}{tps:>12,.0f}{peak:>10.2f}")
+
+    del ours
+    builtin.eval()
+    # from_pretrained keeps A_log, D and the Δ bias in fp32 (a plain .to(bfloat16) would not).
+    ours_bf16 = MambaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    decoders = []
+
+    def ours_graphs(prompt, new_tokens):
+        ours_bf16.config.use_cuda_graph = True
+        return hf_generate(ours_bf16)(prompt, new_tokens)
+
+    def ours_eager(prompt, new_tokens):
+        ours_bf16.config.use_cuda_graph = False
+        return hf_generate(ours_bf16)(prompt, new_tokens)
+
+    decoders += [("hf_mamba, CUDA graphs", ours_graphs), ("hf_mamba, no graphs", ours_eager)]
+    decoders.append(("transformers built-in", hf_generate(builtin.to(torch.bfloat16))))
+    if peer:
+        model = peer_model(args, state_dict, peer).to(torch.bfloat16).eval()
+        decoders += [("mamba_ssm, cg=True", peer_generate(model, True)), ("mamba_ssm, cg=False", peer_generate(model, False))]
+    print(f"\nGreedy decoding, bf16, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s)")
+    print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
+    for name, generate in decoders:
+        speeds = [decode_throughput(generate, args, batch) for batch in args.decode_batches]
+        print(f"{name:<26}" + "".join(f"{s:>12,.0f}" for s in speeds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""End to end: MambaForCausalLM on the Triton kernels against the PyTorch path, and (on CUDA) the
+CUDA-graph decode against plain eager decoding. On CPU the Triton kernels run under the interpreter
+(see conftest.py), so the model is tiny."""
+
+import pytest
+import torch
+
+from hf_mamba import MambaConfig, MambaForCausalLM
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# Model sizes: small enough for the Triton interpreter on CPU, real on the GPU.
+SIZES = (
+    dict(vocab_size=257, hidden_size=128, state_size=16, num_hidden_layers=2)
+    if CUDA
+    else dict(vocab_size=53, hidden_size=8, state_size=4, num_hidden_layers=1)
+)
+
+
+def run(model, ids, backend, monkeypatch):
+    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
+    model.zero_grad()
+    out = model(ids, labels=ids if ids.shape[1] > 1 else None, use_cache=False)
+    loss = out.loss if out.loss is not None else out.logits.pow(2).mean()  # seqlen 1 has no next token
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), loss.detach(), grads
+
+
+@pytest.mark.parametrize("seqlen", [1, 9, 70])
+def test_triton_logits_and_gradients_match_torch_path(seqlen, monkeypatch):
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, seqlen), device=DEVICE)
+    ref_logits, ref_loss, ref_grads = run(model, ids, "torch", monkeypatch)
+    logits, loss, grads = run(model, ids, "triton", monkeypatch)
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 1e-4
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        scale = ref_grads[name].abs().max().clamp(min=1e-6)
+        assert ((grad - ref_grads[name]).abs().max() / scale).item() < 1e-3, name
+
+
+def test_triton_decode_steps_match_full_forward(monkeypatch):
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(use_cuda_graph=False, **SIZES)).to(DEVICE).eval()
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 8), device=DEVICE)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :5], use_cache=True)
+        steps = [out.logits]
+        for t in range(5, 8):
+            out = model(ids[:, t : t + 1], cache_params=out.cache_params, use_cache=True)
+            steps.append(out.logits)
+    stepped = torch.cat(steps, dim=1)
+    assert ((stepped - full).abs().max() / full.abs().max()).item() < 1e-4
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cuda_graph_decode_matches_eager(dtype, num_beams):
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE, dtype).eval()
+    ids = torch.randint(1, SIZES["vocab_size"], (2, 12), device=DEVICE)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, num_beams=num_beams)
+    model.config.use_cuda_graph = False
+    eager = model.generate(ids, **kwargs)
+    model.config.use_cuda_graph = True
+    graphed = model.generate(ids, **kwargs)
+    assert torch.equal(graphed, eager)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_is_captured_once_per_cache_and_replayed():
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE).eval()
+    ids = torch.randint(0, SIZES["vocab_size"], (1, 6), device=DEVICE)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.cache_params
+        token = out.logits[:, -1:].argmax(-1)
+        model(token, cache_params=cache, use_cache=True)
+        graph = cache.decode_graph
+        assert graph is not None
+        model(token, cache_params=cache, use_cache=True)
+        assert cache.decode_graph is graph and cache.seqlen_offset == 8
