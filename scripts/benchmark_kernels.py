@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.testing
 from hf_mamba.kernels import selective_scan
-from hf_mamba.kernels.selective_scan import triton_scan
 
 SHAPES = [(8, 1536, 2048, 16), (4, 4096, 4096, 16), (1, 2048, 16384, 16)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -70,7 +70,8 @@ def _selective_scan_fwd_kernel(
     m_dn = m_d[:, None] & m_n[None, :]
 
     # A pre-scaled by log2(e): exp(ΔA) = exp2(Δ A log2 e).
-    b_A2 = tl.load(p_A + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    b_A2 = tl.load(p_A + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
+    b_A2 *= 1.4426950408889634
     if HAS_D:
         b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
@@ -84,16 +85,24 @@ def _selective_scan_fwd_kernel(
     for i_c in range(n_chunks):
         if SAVE_CHUNK_STATES:
             # (batch, d_inner, n_chunks, d_state): the state entering chunk i_c, for the backward.
-            p_hc_c = i_b * d_inner * n_chunks * d_state + o_d[:, None] * n_chunks * d_state + i_c * d_state + o_n[None, :]
+            p_hc_c = (i_b * d_inner + o_d[:, None]) * n_chunks * d_state + i_c * d_state + o_n[None, :]
             tl.store(p_hc + p_hc_c, b_h, mask=m_dn)
         o_t = i_c * CHUNK + o_c
         m_t = o_t < seqlen
         m_dt = m_d[:, None] & m_t[None, :]
         m_nt = m_n[:, None] & m_t[None, :]
-        b_u = tl.load(p_u + i_b * s_u_b + o_d[:, None] * s_u_d + o_t[None, :] * s_u_l, mask=m_dt, other=0.0).to(tl.float32)
-        b_dt = tl.load(p_delta + i_b * s_dt_b + o_d[:, None] * s_dt_d + o_t[None, :] * s_dt_l, mask=m_dt, other=0.0).to(tl.float32)
-        b_B = tl.load(p_B + i_b * s_B_b + o_n[:, None] * s_B_n + o_t[None, :] * s_B_l, mask=m_nt, other=0.0).to(tl.float32)
-        b_C = tl.load(p_C + i_b * s_C_b + o_n[:, None] * s_C_n + o_t[None, :] * s_C_l, mask=m_nt, other=0.0).to(tl.float32)
+        b_u = tl.load(
+            p_u + i_b * s_u_b + o_d[:, None] * s_u_d + o_t[None, :] * s_u_l, mask=m_dt, other=0.0
+        ).to(tl.float32)
+        b_dt = tl.load(
+            p_delta + i_b * s_dt_b + o_d[:, None] * s_dt_d + o_t[None, :] * s_dt_l, mask=m_dt, other=0.0
+        ).to(tl.float32)
+        b_B = tl.load(
+            p_B + i_b * s_B_b + o_n[:, None] * s_B_n + o_t[None, :] * s_B_l, mask=m_nt, other=0.0
+        ).to(tl.float32)
+        b_C = tl.load(
+            p_C + i_b * s_C_b + o_n[:, None] * s_C_n + o_t[None, :] * s_C_l, mask=m_nt, other=0.0
+        ).to(tl.float32)
         if HAS_DELTA_BIAS:
             b_dt = b_dt + b_db[:, None]
         if DELTA_SOFTPLUS:
@@ -109,9 +118,12 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             b_y += b_u * b_D[:, None]
         if HAS_Z:
-            b_z = tl.load(p_z + i_b * s_z_b + o_d[:, None] * s_z_d + o_t[None, :] * s_z_l, mask=m_dt, other=0.0).to(tl.float32)
+            b_z = tl.load(
+                p_z + i_b * s_z_b + o_d[:, None] * s_z_d + o_t[None, :] * s_z_l, mask=m_dt, other=0.0
+            ).to(tl.float32)
             b_y = b_y * b_z * tl.sigmoid(b_z)
-        tl.store(p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_t[None, :] * s_o_l, b_y.to(p_out.dtype.element_ty), mask=m_dt)
+        p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_t[None, :] * s_o_l
+        tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)
     tl.store(p_hT + p_state, b_h, mask=m_dn)
 
 
@@ -171,9 +183,15 @@ def _selective_scan_bwd_kernel(
         b_dt_raw = tl.load(p_delta + p_dtd, mask=m_dt, other=0.0).to(tl.float32)
         # Δ at t + 1 for the adjoint recurrence, which needs a_{t+1} at step t.
         b_dt1 = tl.load(p_delta + p_dtd + s_dt_l, mask=m_dt1, other=0.0).to(tl.float32)
-        b_B = tl.load(p_B + i_b * s_B_b + o_n[:, None] * s_B_n + o_t[None, :] * s_B_l, mask=m_nt, other=0.0).to(tl.float32)
-        b_C = tl.load(p_C + i_b * s_C_b + o_n[:, None] * s_C_n + o_t[None, :] * s_C_l, mask=m_nt, other=0.0).to(tl.float32)
-        b_do = tl.load(p_dout + i_b * s_do_b + o_d[:, None] * s_do_d + o_t[None, :] * s_do_l, mask=m_dt, other=0.0).to(tl.float32)
+        b_B = tl.load(
+            p_B + i_b * s_B_b + o_n[:, None] * s_B_n + o_t[None, :] * s_B_l, mask=m_nt, other=0.0
+        ).to(tl.float32)
+        b_C = tl.load(
+            p_C + i_b * s_C_b + o_n[:, None] * s_C_n + o_t[None, :] * s_C_l, mask=m_nt, other=0.0
+        ).to(tl.float32)
+        b_do = tl.load(
+            p_dout + i_b * s_do_b + o_d[:, None] * s_do_d + o_t[None, :] * s_do_l, mask=m_dt, other=0.0
+        ).to(tl.float32)
         if HAS_DELTA_BIAS:
             b_dt_raw = b_dt_raw + b_db[:, None]
             b_dt1 = b_dt1 + b_db[:, None]

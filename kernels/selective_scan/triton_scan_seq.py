@@ -144,7 +144,8 @@ def _fwd_source(N, T):
         L.append(f"{J}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
         L.append(f"{J}p_Bt = p_B_b + i_t * s_B_l")
         for n in ns:
-            L.append(f"{J}h_{n} = tl.exp2(dt_{t} * a_{n}) * h_{n} + dtu_{t} * tl.load(p_Bt + {n} * s_B_n).to(tl.float32)")
+            b_n = f"tl.load(p_Bt + {n} * s_B_n).to(tl.float32)"
+            L.append(f"{J}h_{n} = tl.exp2(dt_{t} * a_{n}) * h_{n} + dtu_{t} * {b_n}")
         L.append(f"{J}if not STATES_ONLY:")
         L.append(f"{J}    p_Ct = p_C_b + i_t * s_C_l")
         terms = " + ".join(f"h_{n} * tl.load(p_Ct + {n} * s_C_n).to(tl.float32)" for n in ns)
@@ -213,7 +214,8 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{I}m_dg = m_d[:, None] & (o_g < {G})[None, :]  # (BLOCK_D, G)")
     L.append(f"{I}o_n = o_g[None, :] * {npt} + o_d[:, None] * 0  # (BLOCK_D, G): first state of each lane")
     for k in ks:
-        L.append(f"{I}a_{k} = tl.load(p_A + o_d[:, None] * s_A_d + (o_n + {k}) * s_A_n, mask=m_dg, other=0.0).to(tl.float32) * 1.4426950408889634")
+        p_a = f"p_A + o_d[:, None] * s_A_d + (o_n + {k}) * s_A_n"
+        L.append(f"{I}a_{k} = tl.load({p_a}, mask=m_dg, other=0.0).to(tl.float32) * 1.4426950408889634")
     L.append(f"{I}if USE_INITIAL_STATE:")
     L.append(f"{I}    p_h0_d = p_h0 + i_b * s_h0_b + o_d[:, None] * s_h0_d + i_s * s_h0_s + o_n")
     for k in ks:
@@ -234,15 +236,18 @@ def _fwd_source_lanes(N, T, G):
     J = I * 2
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
-    L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d[:, None]) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N} + o_n")
+    L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d[:, None]) * (n_ckpt * {N})")
+    L.append(f"{J}        p_hc_d += (i_c // CKPT_EVERY) * {N} + o_n")
     for k in ks:
         L.append(f"{J}        tl.store(p_hc_d + {k}, h_{k}, mask=m_dg)")
     L.append(f"{J}o_tt = i_c * {T} + o_t")
     L.append(f"{J}m_t = o_tt < seqlen")
     L.append(f"{J}m_3 = m_dg[:, :, None] & m_t[None, None, :]  # (BLOCK_D, G, T)")
     L.append(f"{J}o_3 = o_d[:, None, None] + o_g[None, :, None] * 0")
-    L.append(f"{J}b_u3 = tl.load(p_u + i_b * s_u_b + o_3 * s_u_d + o_tt[None, None, :] * s_u_l, mask=m_3, other=0.0).to(tl.float32)")
-    L.append(f"{J}b_dt3 = tl.load(p_delta + i_b * s_dt_b + o_3 * s_dt_d + o_tt[None, None, :] * s_dt_l, mask=m_3, other=0.0).to(tl.float32)")
+    L.append(f"{J}p_u3 = p_u + i_b * s_u_b + o_3 * s_u_d + o_tt[None, None, :] * s_u_l")
+    L.append(f"{J}b_u3 = tl.load(p_u3, mask=m_3, other=0.0).to(tl.float32)")
+    L.append(f"{J}p_dt3 = p_delta + i_b * s_dt_b + o_3 * s_dt_d + o_tt[None, None, :] * s_dt_l")
+    L.append(f"{J}b_dt3 = tl.load(p_dt3, mask=m_3, other=0.0).to(tl.float32)")
     L.append(f"{J}if HAS_DELTA_BIAS:")
     L.append(f"{J}    b_dt3 = b_dt3 + b_db[:, None, None]")
     L.append(f"{J}if DELTA_SOFTPLUS:")
@@ -256,7 +261,8 @@ def _fwd_source_lanes(N, T, G):
         L.append(f"{J}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
         L.append(f"{J}p_Bt = p_Bg + i_t * s_B_l")
         for k in ks:
-            L.append(f"{J}h_{k} = tl.exp2(dt_{t} * a_{k}) * h_{k} + dtu_{t} * tl.load(p_Bt + {k} * s_B_n).to(tl.float32)")
+            b_k = f"tl.load(p_Bt + {k} * s_B_n).to(tl.float32)"
+            L.append(f"{J}h_{k} = tl.exp2(dt_{t} * a_{k}) * h_{k} + dtu_{t} * {b_k}")
         L.append(f"{J}if not STATES_ONLY:")
         L.append(f"{J}    p_Ct = p_Cg + i_t * s_C_l")
         terms = " + ".join(f"h_{k} * tl.load(p_Ct + {k} * s_C_n).to(tl.float32)" for k in ks)
@@ -284,7 +290,7 @@ def _fwd_source_lanes(N, T, G):
     return _HEADER + "\n".join(L) + "\n"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fwd_kernel(N, T, G=1):
     """The generated kernel for (d_state, T), written to a cache file so Triton can read its source."""
     src = _fwd_source(N, T) if G == 1 else _fwd_source_lanes(N, T, G)

@@ -91,7 +91,7 @@ def _check_scan(backend, case, dtype, softplus=True, transposed_BC=True):
     grads_ref = torch.autograd.grad(
         (out_ref * dout.float()).sum() + (final_ref * dfinal).sum(), [ref[n] for n in names]
     )
-    for name, g, g_ref in zip(names, grads, grads_ref):
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
         assert g.dtype == kernel[name].dtype and g.shape == g_ref.shape, name
         assert torch.isfinite(g).all(), f"d{name} not finite"
         assert _rel_err(g, g_ref) < tol, f"d{name}: {_rel_err(g, g_ref)}"
@@ -113,6 +113,17 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
     monkeypatch.setattr(triton_scan_seq, "WARPS_PER_SM", 64)
     torch.manual_seed(7)
     case = dict(cpu=(1, 3, 77, 4), gpu=(1, 64, 3001, 16), D=True, z=True, bias=True, h0=True)
+    _check_scan("triton", case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_triton_scan_tile_forward(dtype, monkeypatch, nan_fill_empty):
+    """The tile-scan forward kernel (used above SEQ_MAX_D_STATE) matches the reference too."""
+    from hf_mamba.kernels.selective_scan import triton_scan
+
+    monkeypatch.setattr(triton_scan, "SEQ_MAX_D_STATE", 0)
+    torch.manual_seed(9)
+    case = dict(cpu=(2, 5, 37, 6), gpu=(2, 100, 999, 16), D=True, z=True, bias=True, h0=True)
     _check_scan("triton", case, dtype)
 
 
@@ -186,10 +197,10 @@ def test_triton_scan_opcheck():
     case = dict(cpu=(1, 3, 5, 4), gpu=(2, 32, 70, 16), D=True, z=True, bias=True, h0=True)
     kernel, _ = _make_scan_inputs(case, torch.float32)
     k = kernel
-    args = (k["u"], k["delta"], k["A"], k["B"], k["C"], k["D"], k["z"], k["delta_bias"], True, k["initial_state"], True)
-    torch.library.opcheck(
-        triton_scan.selective_scan_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
-    )
+    args = (k["u"], k["delta"], k["A"], k["B"], k["C"], k["D"], k["z"], k["delta_bias"])
+    args += (True, k["initial_state"], True)  # delta_softplus, initial_state, save_states
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(triton_scan.selective_scan_fwd_op, args, test_utils=checks)
 
 
 STEP_CASES = [

@@ -1,0 +1,80 @@
+"""Causal depthwise conv1d (PyTorch / cuDNN path) against a plain loop, and its one-step update.
+
+No Triton conv was written: the PyTorch call (cuDNN on GPU) is the only implementation (kernels/NOTES.md).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_mamba.kernels import causal_conv1d, causal_conv1d_update
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def causal_conv1d_loop(x, weight, bias, activation, initial_state):
+    """out[t] = act(bias + sum_k weight[k] x[t - d_conv + 1 + k]), one step at a time in fp32."""
+    batch, d_inner, seqlen = x.shape
+    d_conv = weight.shape[1]
+    past = initial_state.float() if initial_state is not None else x.new_zeros(batch, d_inner, d_conv - 1).float()
+    x_ext = torch.cat([past, x.float()], dim=-1)  # (batch, d_inner, d_conv - 1 + seqlen)
+    outs = []
+    for t in range(seqlen):
+        out = (x_ext[:, :, t : t + d_conv] * weight.float()).sum(-1)  # (batch, d_inner)
+        if bias is not None:
+            out = out + bias.float()
+        outs.append(out)
+    out = torch.stack(outs, dim=-1)
+    return F.silu(out) if activation is not None else out
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    pytest.param(dict(shape=(2, 5, 1), d_conv=4, bias=True, act="silu"), id="L1"),
+    pytest.param(dict(shape=(2, 7, 63), d_conv=4, bias=True, act="silu", init=True), id="L63-init"),
+    pytest.param(dict(shape=(1, 3, 129), d_conv=3, bias=False, act=None), id="L129-nobias-noact"),
+    pytest.param(dict(shape=(2, 10, 2), d_conv=4, bias=True, act="silu", init=True), id="L-shorter-than-kernel"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES)
+def test_causal_conv1d_matches_loop(case, dtype):
+    torch.manual_seed(0)
+    batch, d_inner, seqlen = case["shape"]
+    d_conv = case["d_conv"]
+    g = dict(device=DEVICE)
+    x = torch.randn(batch, d_inner, seqlen, **g).to(dtype).requires_grad_()
+    weight = torch.randn(d_inner, d_conv, **g).to(dtype).requires_grad_()
+    bias = torch.randn(d_inner, **g).to(dtype).requires_grad_() if case["bias"] else None
+    init = torch.randn(batch, d_inner, d_conv - 1, **g).to(dtype) if case.get("init") else None
+    out = causal_conv1d(x, weight, bias, case["act"], init)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref_bias = ref_leaves[2] if bias is not None else None
+    ref = causal_conv1d_loop(ref_leaves[0], ref_leaves[1], ref_bias, case["act"], init)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert _rel_err(out, ref) < TOL[dtype]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), leaves)
+    grads_ref = torch.autograd.grad((ref * dout.float()).sum(), ref_leaves)
+    for g_, g_ref in zip(grads, grads_ref, strict=True):
+        assert _rel_err(g_, g_ref) < TOL[dtype] * 2
+
+
+def test_causal_conv1d_update_continues_the_sequence():
+    """Feeding the tokens one at a time through the update equals the full convolution."""
+    torch.manual_seed(1)
+    batch, d_inner, seqlen, d_conv = 2, 6, 9, 4
+    g = dict(device=DEVICE)
+    x = torch.randn(batch, d_inner, seqlen, **g)
+    weight = torch.randn(d_inner, d_conv, **g)
+    bias = torch.randn(d_inner, **g)
+    full = causal_conv1d(x, weight, bias, "silu")
+    conv_state = torch.zeros(batch, d_inner, d_conv, **g)
+    steps = [causal_conv1d_update(x[:, :, t], conv_state, weight, bias, "silu") for t in range(seqlen)]
+    assert _rel_err(torch.stack(steps, dim=-1), full) < 1e-6
+    assert torch.equal(conv_state, x[:, :, -d_conv:])
