@@ -8,7 +8,10 @@ Glossary (paper notation, Gu & Dao 2023, Algorithm 2):
     D      skip, z the SiLU gate, h the state       (d_inner,), like u, (batch, d_inner, d_state)
     a_t    Ā_t = exp(Δ_t A)    b_t = Δ_t u_t B_t    h_t = a_t h_{t-1} + b_t    y_t = C_t . h_t
 
-Design: one program per (batch, block of BLOCK_D channels). It walks the sequence in chunks of
+The forward for d_state <= SEQ_MAX_D_STATE runs the faster sequential kernel of `triton_scan_seq`
+(one thread per channel); the tile kernels below are its fallback and the backward.
+
+Tile design: one program per (batch, block of BLOCK_D channels). It walks the sequence in chunks of
 CHUNK steps, holding h (BLOCK_D x d_state) in fp32 registers. Inside a chunk the recurrence is a
 linear scan, done with `tl.associative_scan` on [BLOCK_D, d_state, CHUNK] tiles of (a, b); the
 state entering the chunk is added afterwards (h_t = (prod a) h_in + scanned b). exp(ΔA) is
