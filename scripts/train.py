@@ -41,6 +41,7 @@ import datasets
 import torch
 import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
@@ -258,6 +259,11 @@ def load_model(args, tokenizer, dtype):
             eos_token_id=tokenizer.eos_token_id,
         )
         return hf_mamba.MambaForCausalLM(config)
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    if config.model_type == "mamba":
+        # A Transformers-format Mamba checkpoint (state-spaces/mamba-*-hf): same weights and config fields, so
+        # hf_mamba loads it directly and saves an hf_mamba folder.
+        return hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
@@ -156,11 +157,15 @@ def local_assets(tmp_path_factory):
     texts = [line for _ in range(12) for line in train_script.DEMO_TEXT]
     tokenizer = train_script.train_demo_tokenizer(texts, vocab_size=300)
     tokenizer.save_pretrained(folder / "model")
-    config = hf_mamba.MambaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, state_size=8, num_hidden_layers=2, eos_token_id=0, pad_token_id=0
-    )
+    fields = dict(vocab_size=len(tokenizer), hidden_size=32, state_size=8, num_hidden_layers=2, eos_token_id=0)
+    config = hf_mamba.MambaConfig(**fields, pad_token_id=0)
     torch.manual_seed(0)
-    hf_mamba.MambaForCausalLM(config).save_pretrained(folder / "model")
+    model = hf_mamba.MambaForCausalLM(config)
+    model.save_pretrained(folder / "model")
+    # The same weights as Transformers' built-in "mamba" (what state-spaces/mamba-*-hf on the Hub are).
+    builtin = transformers.MambaForCausalLM(transformers.MambaConfig(**fields, pad_token_id=0))
+    builtin.load_state_dict(model.state_dict())
+    builtin.save_pretrained(folder / "model" / "transformers")
     with open(folder / "train.jsonl", "w") as f:
         for text in texts:
             f.write(json.dumps({"content": text}) + "\n")
@@ -238,8 +243,12 @@ def test_train_script_lora_checkpointing_and_resume(local_assets, tmp_path):
 
 
 def test_train_script_text_files_without_packing(local_assets, tmp_path):
+    """Also starts from a Transformers-format "mamba" folder: trained and saved as hf_mamba."""
+    builtin = transformers.MambaForCausalLM.from_pretrained(local_assets / "model" / "transformers")
+    assert builtin.config.model_type == "mamba"
     argv = [
-        "--model", str(local_assets / "model"),
+        "--model", str(local_assets / "model" / "transformers"),
+        "--tokenizer", str(local_assets / "model"),
         "--train-file", str(local_assets / "valid.txt"),
         "--no-packing",
         "--block-size", "16",
@@ -251,6 +260,8 @@ def test_train_script_text_files_without_packing(local_assets, tmp_path):
     result = train_script.main(argv)
     assert math.isfinite(result["eval_loss_after"])
     assert result["trainer"].state.num_input_tokens_seen > 0
+    assert type(result["trainer"].model) is hf_mamba.MambaForCausalLM
+    assert json.loads((tmp_path / "txt" / "config.json").read_text())["model_type"] == "hf_mamba"
 
 
 def test_accelerate_launch_two_processes(local_assets, tmp_path):
