@@ -9,6 +9,8 @@ Backends:
 
 import os
 
+import torch
+
 from .reference import selective_scan_ref, selective_state_update_ref
 from .torch_scan import selective_scan_torch
 
@@ -40,7 +42,7 @@ def resolve_backend(backend, device) -> str:
     return backend
 
 
-def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx=None):
     if u.dim() != 3:
         raise ValueError(f"u must have shape (batch, d_inner, seqlen), got {tuple(u.shape)}")
     batch, d_inner, seqlen = u.shape
@@ -59,6 +61,11 @@ def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if seq_idx is not None:
+        if tuple(seq_idx.shape) != (batch, seqlen):
+            raise ValueError(f"seq_idx must have shape {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
+        if seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool:
+            raise ValueError(f"seq_idx must hold integer document ids, got dtype {seq_idx.dtype}")
 
 
 def selective_scan(
@@ -74,6 +81,7 @@ def selective_scan(
     initial_state=None,
     return_final_state=False,
     backend=None,
+    seq_idx=None,
 ):
     """Selective scan y = SSM(Ā, B̄, C)(u) with ZOH discretisation (Ā = exp(ΔA), B̄u = ΔBu).
 
@@ -86,21 +94,25 @@ def selective_scan(
         initial_state: (batch, d_inner, d_state), the state before the first step (zeros if None).
         return_final_state: also return the state after the last step.
         backend: "reference", "torch", "triton" or None (fastest for the device).
+        seq_idx: optional (batch, seqlen) integer document ids of packed sequences: where the id
+            changes the state is reset to zero, so documents do not leak into each other
+            (initial_state feeds the first document only). No gradient. The "torch" backend has no
+            fast path for it and runs the reference loop.
 
     Returns:
         y (batch, d_inner, seqlen) in u's dtype, or (y, final_state) with final_state fp32
         (batch, d_inner, d_state). Every float input gets a gradient.
     """
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
     name = resolve_backend(backend, u.device)
-    if name == "reference":
-        return selective_scan_ref(*args)
+    if name == "reference" or (name == "torch" and seq_idx is not None):
+        return selective_scan_ref(*args, seq_idx=seq_idx)
     if name == "torch":
         return selective_scan_torch(*args)
     from .triton_scan import selective_scan_triton
 
-    return selective_scan_triton(*args)
+    return selective_scan_triton(*args, seq_idx=seq_idx)
 
 
 def selective_state_update(

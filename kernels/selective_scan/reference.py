@@ -54,8 +54,13 @@ def selective_scan_ref(
     delta_softplus=False,
     initial_state=None,
     return_final_state=False,
+    seq_idx=None,
 ):
-    """Sequential selective scan; same signature and semantics as `hf_mamba.kernels.selective_scan`."""
+    """Sequential selective scan; same signature and semantics as `hf_mamba.kernels.selective_scan`.
+
+    seq_idx: optional (batch, seqlen) integer document ids of packed sequences; where it changes
+    from t - 1 to t the state is reset to zero before step t (documents do not see each other).
+    """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     delta = _effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
@@ -66,6 +71,9 @@ def selective_scan_ref(
         h = _wide(initial_state)
     ys = []
     for t in range(seqlen):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).to(h.dtype)  # (batch,)
+            h = h * keep[:, None, None]
         dA = torch.exp(delta[:, :, t, None] * A_f)  # (batch, d_inner, d_state)
         dBu = (delta[:, :, t] * u_f[:, :, t])[:, :, None] * B_f[:, None, :, t]  # (batch, d_inner, d_state)
         h = dA * h + dBu

@@ -48,6 +48,15 @@ def _softplus(x):
 
 
 @triton.jit
+def _keep_state(p_si, o_t, seqlen, s_si_l):
+    # 1.0 where step t continues the document of step t - 1 (or is past the end), else 0.0.
+    m_t = o_t < seqlen
+    b_si = tl.load(p_si + o_t * s_si_l, mask=m_t, other=0)
+    b_si_prev = tl.load(p_si + (o_t - 1) * s_si_l, mask=m_t & (o_t > 0), other=0)
+    return tl.where((b_si == b_si_prev) | (o_t == 0) | (o_t >= seqlen), 1.0, 0.0)
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_h0,
     p_out, p_hT, p_hc,
@@ -59,8 +68,9 @@ def _selective_scan_fwd_kernel(
     s_C_b, s_C_n, s_C_l,
     s_z_b, s_z_d, s_z_l,
     s_o_b, s_o_d, s_o_l,
+    p_seq_idx, s_si_b, s_si_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, SAVE_CHUNK_STATES: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, SAVE_CHUNK_STATES: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     i_b = tl.program_id(0)
@@ -113,6 +123,8 @@ def _selective_scan_fwd_kernel(
         # Steps past the end get Δ = 0: a = 1, b = 0, so they leave h unchanged.
         b_dt = tl.where(m_dt, b_dt, 0.0)  # (BLOCK_D, CHUNK)
         b_a = tl.exp2(b_dt[:, None, :] * b_A2[:, :, None])  # (BLOCK_D, BLOCK_N, CHUNK)
+        if HAS_SEQ_IDX:  # a document starts where seq_idx changes: no decay from the previous state
+            b_a = b_a * _keep_state(p_seq_idx + i_b * s_si_b, o_t, seqlen, s_si_l)[None, None, :]
         b_b = (b_dt * b_u)[:, None, :] * b_B[None, :, :]  # (BLOCK_D, BLOCK_N, CHUNK)
         b_aa, b_bb = tl.associative_scan((b_a, b_b), 2, _linear_combine)
         b_hs = b_aa * b_h[:, :, None] + b_bb  # (BLOCK_D, BLOCK_N, CHUNK): h_t for the chunk
@@ -142,8 +154,9 @@ def _selective_scan_bwd_kernel(
     s_C_b, s_C_n, s_C_l,
     s_z_b, s_z_d, s_z_l,
     s_do_b, s_do_d, s_do_l,
+    p_seq_idx, s_si_b, s_si_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-    HAS_DHT: tl.constexpr,
+    HAS_DHT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     i_b = tl.program_id(0)
@@ -211,6 +224,8 @@ def _selective_scan_bwd_kernel(
         p_hc_c = i_b * d_inner * n_chunks * d_state + o_d[:, None] * n_chunks * d_state + i_c * d_state + o_n[None, :]
         b_h0 = tl.load(p_hc + p_hc_c, mask=m_dn, other=0.0)
         b_a = tl.exp2(b_dt[:, None, :] * b_A2[:, :, None])  # (BLOCK_D, BLOCK_N, CHUNK)
+        if HAS_SEQ_IDX:
+            b_a = b_a * _keep_state(p_seq_idx + i_b * s_si_b, o_t, seqlen, s_si_l)[None, None, :]
         b_dtu = b_dt * b_u  # (BLOCK_D, CHUNK)
         b_b = b_dtu[:, None, :] * b_B[None, :, :]  # (BLOCK_D, BLOCK_N, CHUNK)
         b_aa, b_bb = tl.associative_scan((b_a, b_b), 2, _linear_combine)
@@ -234,6 +249,8 @@ def _selective_scan_bwd_kernel(
 
         # Adjoint: g_t = dy_t C_t + a_{t+1} g_{t+1}, as a reverse scan, plus the carry from later chunks.
         b_a1 = tl.exp2(b_dt1[:, None, :] * b_A2[:, :, None])  # (BLOCK_D, BLOCK_N, CHUNK)
+        if HAS_SEQ_IDX:  # a_{t+1} is 0 where step t + 1 starts a new document
+            b_a1 = b_a1 * _keep_state(p_seq_idx + i_b * s_si_b, o_t + 1, seqlen, s_si_l)[None, None, :]
         b_dyC = b_dy[:, None, :] * b_C[None, :, :]
         b_ga, b_gb = tl.associative_scan((b_a1, b_dyC), 2, _linear_combine, reverse=True)
         b_g = b_gb + b_ga * b_x[:, :, None]  # (BLOCK_D, BLOCK_N, CHUNK)
@@ -291,11 +308,15 @@ def _chunk_len(d_state, seqlen):
     return _fwd_config(d_state, seqlen)[2]
 
 
+def _seq_idx_args(seq_idx):
+    return (seq_idx, *seq_idx.stride()) if seq_idx is not None else (None, 0, 0)
+
+
 def _empty():
     return torch.empty(0)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states):
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     block_d, block_n, chunk, num_warps = _fwd_config(d_state, seqlen)
@@ -308,7 +329,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         chunk_states = u.new_empty(0, dtype=torch.float32)
     if d_state <= SEQ_MAX_D_STATE:
         out, final_state = scan_fwd_seq(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, chunk
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, chunk, seq_idx
         )
         return out, final_state, chunk_states
     if initial_state is not None:
@@ -320,15 +341,16 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         out, final_state, chunk_states,
         seqlen, d_inner, d_state, n_chunks,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_.stride(), *out.stride(),
+        *_seq_idx_args(seq_idx),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, USE_INITIAL_STATE=initial_state is not None,
-        SAVE_CHUNK_STATES=save_states,
+        SAVE_CHUNK_STATES=save_states, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, num_warps=num_warps,
     )
     return out, final_state, chunk_states
 
 
-def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state):
+def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     block_d, block_n, _, num_warps = _bwd_config(d_state, seqlen)
@@ -353,8 +375,9 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states,
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0,
         seqlen, d_inner, d_state, n_chunks,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_.stride(), *dout.stride(),
+        *_seq_idx_args(seq_idx),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-        DELTA_SOFTPLUS=delta_softplus, HAS_DHT=dfinal_state is not None,
+        DELTA_SOFTPLUS=delta_softplus, HAS_DHT=dfinal_state is not None, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, num_warps=num_warps,
     )
     return (
@@ -395,14 +418,15 @@ def selective_scan_fwd_op(
     delta_softplus: bool,
     initial_state: torch.Tensor | None,
     save_states: bool,
+    seq_idx: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, final_state, chunk_states); chunk_states is empty unless save_states."""
     with _device_guard(u):
-        return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states)
+        return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx)
 
 
 @selective_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     n_chunks = triton.cdiv(seqlen, _chunk_len(d_state, seqlen))
@@ -426,17 +450,20 @@ def selective_scan_bwd_op(
     chunk_states: torch.Tensor,
     dout: torch.Tensor,
     dfinal_state: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
 ]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); absent inputs get empty tensors."""
     with _device_guard(u):
-        return _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state)
+        return _scan_bwd(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx
+        )
 
 
 @selective_scan_bwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     empty = u.new_empty(0)
@@ -454,18 +481,19 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, d
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx = inputs
     ctx.delta_softplus = delta_softplus
     ctx.has_initial_state = initial_state is not None
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], seq_idx)
 
 
 def _backward(ctx, dout, dfinal_state, dchunk_states):
-    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, chunk_states, seq_idx = ctx.saved_tensors
     if chunk_states.numel() == 0 and u.shape[-1] > 0:
         raise RuntimeError("selective_scan backward needs the forward to run with save_states=True")
     grads = selective_scan_bwd_op(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout.contiguous(), dfinal_state
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout.contiguous(), dfinal_state,
+        seq_idx,
     )
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = grads
     return (
@@ -476,6 +504,7 @@ def _backward(ctx, dout, dfinal_state, dchunk_states):
         None,  # delta_softplus: a flag
         dinitial_state if ctx.has_initial_state else None,
         None,  # save_states: a flag
+        None,  # seq_idx: integer document ids
     )
 
 
@@ -483,13 +512,13 @@ selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selective_scan_triton(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, seq_idx=None
 ):
     """Triton selective scan; same semantics as `hf_mamba.kernels.selective_scan` (backend="triton")."""
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, final_state, _ = selective_scan_fwd_op(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, save_states
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, save_states, seq_idx
     )
     return (out, final_state) if return_final_state else out
 

@@ -75,6 +75,18 @@ def _pack(names, lines, indent, tmp):
     return tmp
 
 
+def _reset_state(lines, indent, t, T, names):
+    """Emit the document-boundary reset: h = 0 before step t where seq_idx[t] != seq_idx[t - 1]."""
+    lines.append(f"{indent}if HAS_SEQ_IDX:")
+    lines.append(f"{indent}    p_si_b = p_seq_idx + i_b * s_si_b")
+    lines.append(f"{indent}    si_prev = tl.load(p_si_b + tl.maximum(i_t - 1, 0) * s_si_l)")
+    lines.append(f"{indent}    same = tl.load(p_si_b + i_t * s_si_l) == si_prev")
+    # Steps past the end (i_t clamped) never reset, so the final state survives them.
+    lines.append(f"{indent}    keep = tl.where(same | (i_c * {T} + {t} >= seqlen), 1.0, 0.0)")
+    for name in names:
+        lines.append(f"{indent}    {name} = {name} * keep")
+
+
 def _fwd_source(N, T):
     """Source of the forward kernel for d_state = N and T time steps per tile (T a power of two >= 2)."""
     ns = range(N)
@@ -85,7 +97,8 @@ def _fwd_source(N, T):
     L.append("    seqlen, d_inner, n_ckpt, chunks_per_seg,")
     L.append("    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_A_d, s_A_n,")
     L.append("    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_o_b, s_o_d, s_o_l,")
-    L.append("    s_h0_b, s_h0_d, s_h0_s, s_hT_b, s_hT_d, s_hT_s,")
+    L.append("    s_h0_b, s_h0_d, s_h0_s, s_hT_b, s_hT_d, s_hT_s, p_seq_idx, s_si_b, s_si_l,")
+    L.append("    HAS_SEQ_IDX: tl.constexpr,")
     L.append("    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,")
     L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
     L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
@@ -142,6 +155,7 @@ def _fwd_source(N, T):
     for t in range(T):
         # Clamp the step index: B, C past the end are never used (Δ = 0 there) but must be in bounds.
         L.append(f"{J}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
+        _reset_state(L, J, t, T, [f"h_{n}" for n in ns])
         L.append(f"{J}p_Bt = p_B_b + i_t * s_B_l")
         for n in ns:
             b_n = f"tl.load(p_Bt + {n} * s_B_n).to(tl.float32)"
@@ -197,7 +211,8 @@ def _fwd_source_lanes(N, T, G):
     L.append("    seqlen, d_inner, n_ckpt, chunks_per_seg,")
     L.append("    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_A_d, s_A_n,")
     L.append("    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_o_b, s_o_d, s_o_l,")
-    L.append("    s_h0_b, s_h0_d, s_h0_s, s_hT_b, s_hT_d, s_hT_s,")
+    L.append("    s_h0_b, s_h0_d, s_h0_s, s_hT_b, s_hT_d, s_hT_s, p_seq_idx, s_si_b, s_si_l,")
+    L.append("    HAS_SEQ_IDX: tl.constexpr,")
     L.append("    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,")
     L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
     L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
@@ -259,6 +274,7 @@ def _fwd_source_lanes(N, T, G):
     _unpack3("b_dtu3", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
     for t in range(T):
         L.append(f"{J}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
+        _reset_state(L, J, t, T, [f"h_{k}" for k in ks])
         L.append(f"{J}p_Bt = p_Bg + i_t * s_B_l")
         for k in ks:
             b_k = f"tl.load(p_Bt + {k} * s_B_n).to(tl.float32)"
@@ -349,7 +365,9 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def scan_fwd_seq(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len):
+def scan_fwd_seq(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx=None
+):
     """Forward scan; fills `chunk_states` (batch, d_inner, n_ckpt, d_state) every `ckpt_len` steps if non-empty.
 
     Returns (out, final_state).
@@ -374,6 +392,8 @@ def scan_fwd_seq(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     programs = batch * d_blocks
     n_seg = 1
     while (
+        seq_idx is None  # segments chain by ΣΔ, which does not see document resets
+        and
         programs * n_seg < WARPS_PER_SM * _num_sms(u.device)
         and n_tiles // (n_seg * 2) >= MIN_TILES_PER_SEG
     ):
@@ -386,7 +406,9 @@ def scan_fwd_seq(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     common = (
         *u.stride(), *delta.stride(), *A_c.stride(), *B.stride(), *C.stride(), *z_.stride(), *out.stride(),
     )
+    si = (seq_idx, *seq_idx.stride()) if seq_idx is not None else (None, 0, 0)
     flags = dict(
+        HAS_SEQ_IDX=seq_idx is not None,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, BLOCK_D=block_d, CKPT_EVERY=ckpt_every, num_warps=num_warps,
     )
@@ -395,7 +417,7 @@ def scan_fwd_seq(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         h0_strides = (d_inner * d_state, d_state, 0)
         kernel[(batch, d_blocks, 1)](
             u, delta, A_c, B, C, D, z, delta_bias, initial_state, out, final_state, None, chunk_states,
-            seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *h0_strides, *h0_strides,
+            seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
             USE_INITIAL_STATE=initial_state is not None, STATES_ONLY=False, SAVE_CHUNK_STATES=save, **flags,
         )
         return out, final_state
@@ -404,7 +426,7 @@ def scan_fwd_seq(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     dtsum = u.new_empty(batch, d_inner, n_seg, dtype=torch.float32)
     kernel[(batch, d_blocks, n_seg)](
         u, delta, A_c, B, C, D, z, delta_bias, None, out, h_end, dtsum, chunk_states,
-        seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *seg_strides, *seg_strides,
+        seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *seg_strides, *seg_strides, *si,
         USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False, **flags,
     )
     h_in = torch.empty_like(h_end)
@@ -416,7 +438,7 @@ def scan_fwd_seq(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     )
     kernel[(batch, d_blocks, n_seg)](
         u, delta, A_c, B, C, D, z, delta_bias, h_in, out, h_end, None, chunk_states,
-        seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *seg_strides, *seg_strides,
+        seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *seg_strides, *seg_strides, *si,
         USE_INITIAL_STATE=True, STATES_ONLY=False, SAVE_CHUNK_STATES=save, **flags,
     )
     return out, h_end[:, :, -1].contiguous()

@@ -71,12 +71,14 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def _check_scan(backend, case, dtype, softplus=True, transposed_BC=True):
+def _check_scan(backend, case, dtype, softplus=True, transposed_BC=True, seq_idx=None):
     kernel, ref = _make_scan_inputs(case, dtype, softplus, transposed_BC)
     out, final = selective_scan(
-        **kernel, delta_softplus=softplus, return_final_state=True, backend=backend
+        **kernel, delta_softplus=softplus, return_final_state=True, backend=backend, seq_idx=seq_idx
     )
-    out_ref, final_ref = selective_scan_ref(**ref, delta_softplus=softplus, return_final_state=True)
+    out_ref, final_ref = selective_scan_ref(
+        **ref, delta_softplus=softplus, return_final_state=True, seq_idx=seq_idx
+    )
     assert out.dtype == dtype and out.shape == out_ref.shape
     assert final.dtype == torch.float32 and final.shape == final_ref.shape
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
@@ -198,7 +200,7 @@ def test_triton_scan_opcheck():
     kernel, _ = _make_scan_inputs(case, torch.float32)
     k = kernel
     args = (k["u"], k["delta"], k["A"], k["B"], k["C"], k["D"], k["z"], k["delta_bias"])
-    args += (True, k["initial_state"], True)  # delta_softplus, initial_state, save_states
+    args += (True, k["initial_state"], True, None)  # delta_softplus, initial_state, save_states, seq_idx
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(triton_scan.selective_scan_fwd_op, args, test_utils=checks)
 
@@ -234,3 +236,66 @@ def test_triton_state_update_matches_reference(case, dtype, nan_fill_empty):
     assert y.dtype == dtype and y.shape == (batch, d_inner)
     assert _rel_err(y, y_ref) < TOL[dtype]
     assert _rel_err(state, state_ref) < TOL[torch.float32]
+
+
+def _document_ids(batch, seqlen, n_docs, seed):
+    """(batch, seqlen) int32 ids of packed documents with random boundaries (one row a single document)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.zeros(seqlen, dtype=torch.int32)]
+    for _ in range(batch - 1):
+        starts = torch.randperm(seqlen - 1, generator=gen)[: n_docs - 1] + 1
+        row = torch.zeros(seqlen, dtype=torch.int32)
+        row[starts] = 1
+        rows.append(torch.cumsum(row, 0, dtype=torch.int32) + 5)  # ids need not start at 0
+    return torch.stack(rows).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("forward", ["sequential", "tile"])
+def test_triton_scan_seq_idx(forward, dtype, monkeypatch, nan_fill_empty):
+    """seq_idx resets the state at document boundaries, forward and backward."""
+    from hf_mamba.kernels.selective_scan import triton_scan
+
+    if forward == "tile":
+        monkeypatch.setattr(triton_scan, "SEQ_MAX_D_STATE", 0)
+    torch.manual_seed(10)
+    case = dict(cpu=(3, 5, 45, 6), gpu=(3, 100, 1500, 16), D=True, z=True, bias=True, h0=True)
+    batch, _, seqlen, _ = case["gpu" if ON_GPU else "cpu"]
+    _check_scan("triton", case, dtype, seq_idx=_document_ids(batch, seqlen, 4, seed=0))
+
+
+def test_reference_seq_idx_equals_separate_documents():
+    torch.manual_seed(11)
+    d_inner, d_state, lengths = 4, 3, (5, 1, 9)
+    seqlen = sum(lengths)
+    u, delta, z = torch.randn(3, 1, d_inner, seqlen)
+    B, C = torch.randn(2, 1, d_state, seqlen)
+    A = -torch.rand(d_inner, d_state) - 0.1
+    h0 = torch.randn(1, d_inner, d_state)
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    packed = selective_scan_ref(u, delta, A, B, C, z=z, delta_softplus=True, initial_state=h0, seq_idx=seq_idx)
+    parts, start = [], 0
+    for i, n in enumerate(lengths):
+        sl = slice(start, start + n)
+        parts.append(selective_scan_ref(
+            u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], z=z[..., sl], delta_softplus=True,
+            initial_state=h0 if i == 0 else None,
+        ))
+        start += n
+    torch.testing.assert_close(packed, torch.cat(parts, dim=-1))
+    # The torch backend has no chunked path for seq_idx and gives the reference's result.
+    torch.testing.assert_close(
+        selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, initial_state=h0, seq_idx=seq_idx,
+                       backend="torch"),
+        packed,
+    )
+
+
+def test_scan_rejects_bad_seq_idx():
+    u = torch.randn(2, 3, 5)
+    A = -torch.rand(3, 4)
+    B = torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="seq_idx must have shape"):
+        selective_scan(u, u, A, B, B, seq_idx=torch.zeros(2, 4, dtype=torch.int32), backend="reference")
+    with pytest.raises(ValueError, match="integer document ids"):
+        selective_scan(u, u, A, B, B, seq_idx=torch.zeros(2, 5), backend="reference")
