@@ -48,11 +48,10 @@ class MambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states):
+        # Normalise in fp32 (one fused op on CUDA), cast back, then scale: Transformers' Mamba order.
         input_dtype = hidden_states.dtype
-        hidden_states = _fp32_or_wider(hidden_states)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        normalized = F.rms_norm(_fp32_or_wider(hidden_states), self.weight.shape, eps=self.variance_epsilon)
+        return self.weight * normalized.to(input_dtype)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
