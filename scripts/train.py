@@ -247,7 +247,7 @@ def load_tokenizer(args, raw):
     return tokenizer
 
 
-def load_model(args, tokenizer, dtype):
+def load_model(args, tokenizer):
     if args.model is None:
         config = hf_mamba.MambaConfig(
             vocab_size=len(tokenizer),
@@ -263,8 +263,10 @@ def load_model(args, tokenizer, dtype):
     if config.model_type == "mamba":
         # A Transformers-format Mamba checkpoint (state-spaces/mamba-*-hf): same weights and config fields, so
         # hf_mamba loads it directly and saves an hf_mamba folder.
-        return hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        return hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+    )
 
 
 def wrap_lora(model, args):
@@ -316,7 +318,6 @@ def perplexity(loss: float) -> float:
 def main(argv=None):
     args = parse_args(argv)
     transformers.set_seed(args.seed)
-    dtype = torch.bfloat16 if args.bf16 else None  # fp16 trains fp32 master weights under autocast
     # Transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
     fields = {field.name for field in dataclasses.fields(TrainingArguments)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -355,7 +356,8 @@ def main(argv=None):
     raw = load_raw_datasets(args)
     tokenizer = load_tokenizer(args, raw)
     data = tokenize(raw, tokenizer, args, training_args)
-    model = load_model(args, tokenizer, dtype)
+    # Weights load in fp32: --bf16 / --fp16 are mixed precision (autocast) with fp32 master weights.
+    model = load_model(args, tokenizer)
     base_config, num_parameters = model.config, model.num_parameters()
     if args.lora:
         model = wrap_lora(model, args)
@@ -389,6 +391,7 @@ def main(argv=None):
                 args.output_dir,
                 base_config,
                 model_name=Path(args.hub_model_id or args.output_dir).name,
+                repo_id=args.hub_model_id,
                 base_model=args.model if args.model and not os.path.isdir(args.model) else None,
                 datasets=dataset_names,
                 license=args.license,

@@ -217,7 +217,8 @@ def fake_hub(monkeypatch):
 
 def test_push_to_hub_uploads_the_saved_folder(tmp_path, fake_hub):
     model = tiny_model()
-    model.save_pretrained(tmp_path / "saved", model_card=CARD)
+    card = {**CARD, "repo_id": "me/tiny-mamba"}
+    model.save_pretrained(tmp_path / "saved", model_card=card)
     model.push_to_hub("me/tiny-mamba", model_card=CARD, commit_message="first")
 
     [upload] = fake_hub
@@ -227,8 +228,10 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, fake_hub):
     for name, content in saved.items():
         assert upload["files"][name] == content, name  # our card, not Transformers' generic one
 
+    assert 'from_pretrained("me/tiny-mamba", trust_remote_code=True)' in upload["files"]["README.md"].decode()
+
     # save_pretrained(push_to_hub=True) sends the same folder.
-    model.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="me/other", model_card=CARD)
+    model.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="me/other", model_card=card)
     assert fake_hub[1]["repo_id"] == "me/other"
     assert fake_hub[1]["files"].keys() == saved.keys()
 

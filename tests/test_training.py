@@ -243,7 +243,7 @@ def test_train_script_lora_checkpointing_and_resume(local_assets, tmp_path):
 
 
 def test_train_script_text_files_without_packing(local_assets, tmp_path):
-    """Also starts from a Transformers-format "mamba" folder: trained and saved as hf_mamba."""
+    """Also bf16 autocast, and a Transformers-format "mamba" folder as the start: trained and saved as hf_mamba."""
     builtin = transformers.MambaForCausalLM.from_pretrained(local_assets / "model" / "transformers")
     assert builtin.config.model_type == "mamba"
     argv = [
@@ -251,6 +251,7 @@ def test_train_script_text_files_without_packing(local_assets, tmp_path):
         "--tokenizer", str(local_assets / "model"),
         "--train-file", str(local_assets / "valid.txt"),
         "--no-packing",
+        "--bf16",
         "--block-size", "16",
         "--max-steps", "2",
         "--per-device-train-batch-size", "4",

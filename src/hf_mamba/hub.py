@@ -188,9 +188,12 @@ def render_model_card(
     eval_dataset: str | None = None,
     num_parameters: int | None = None,
     pipeline_tag: str | None = None,
+    repo_id: str | None = None,
     template_path=None,
 ):
     """A `huggingface_hub.ModelCard` for a model with `config`.
+
+    repo_id is the name the loading snippets use (push_to_hub fills it in; a placeholder otherwise).
 
     eval_results maps metric names to values (e.g. {"perplexity": 12.3}); they go into the card's table and,
     with eval_dataset (or the first of datasets) named, into the `model-index` metadata.
@@ -245,14 +248,13 @@ def render_model_card(
         card_data,
         template_path=str(template_path),
         model_name=model_name,
+        repo_id=repo_id or "REPO_ID_OR_FOLDER",
         base_model=base_model,
         datasets=datasets,
         architecture=architecture,
         eval_results=eval_results,
         eval_dataset=eval_dataset,
-        auto_class="AutoModelForSequenceClassification"
-        if pipeline_tag == "text-classification"
-        else "AutoModelForCausalLM",
+        auto_class=AUTO_CLASSES.get(pipeline_tag, "AutoModelForCausalLM"),
     )
 
 
@@ -282,13 +284,13 @@ class MambaHubMixin:
         if not is_main_process:
             return
         write_remote_code(save_directory)
-        card_kwargs = {"num_parameters": self.num_parameters(), **(model_card or {})}
+        repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name) if push_to_hub else None
+        card_kwargs = {"num_parameters": self.num_parameters(), "repo_id": repo_id, **(model_card or {})}
         card_kwargs.setdefault("base_model", getattr(self.config, "_name_or_path", None) or None)
         if card_kwargs["base_model"] and os.path.isdir(card_kwargs["base_model"]):
             card_kwargs["base_model"] = None  # a local path is no Hub id
         write_model_card(save_directory, self.config, **card_kwargs)
         if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             upload_folder(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
 
     def push_to_hub(
@@ -307,6 +309,7 @@ class MambaHubMixin:
     ):
         """Save into a temporary folder exactly as `save_pretrained` does, then upload that folder."""
         model_card = dict(model_card or {})
+        model_card.setdefault("repo_id", repo_id)
         model_card["tags"] = [
             *(model_card.get("tags") or []),
             *(tags or []),
