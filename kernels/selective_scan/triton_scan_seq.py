@@ -6,7 +6,8 @@ Why generated code: the fastest layout gives every thread one channel d and its 
 h[d, 0:d_state] in registers, so that y_t = sum_n C_t[n] h_t[n] needs no shuffles and each step is
 d_state x (exp2, FMA, FMA) in one thread. Triton has no way to say "this axis lives in one thread"
 for a 2-D tile, so the kernel is written with d_state separate [BLOCK_D] vectors h_0 .. h_{N-1},
-unrolled by a small generator below (cached per (d_state, T)). Time is read in tiles of T steps,
+unrolled by a small generator below (cached per (d_state, T) in ~/.cache/hf_mamba/generated,
+or $HF_MAMBA_KERNEL_CACHE, where Triton can read the source). Time is read in tiles of T steps,
 [BLOCK_D, T] (one 16-byte vector per thread), and split into per-step [BLOCK_D] vectors with
 tl.split, which is free when the tile's T steps sit in one thread. B_t and C_t are per-step
 scalars, the same for every channel, loaded uniformly.
@@ -15,7 +16,11 @@ Short batches do not fill the GPU with one program per 32 channels, so the seque
 cut into segments run in parallel: pass 1 scans each segment from h = 0 (keeping only its end
 state and sum of Δ), a small kernel chains the segments (h_in[s+1] = exp(A ΣΔ_s) h_in[s] + h_end[s]),
 and pass 2 reruns every segment from its true incoming state. That doubles the exps, so it is used
-only when the GPU would otherwise be mostly idle.
+only when the GPU would otherwise be mostly idle (fewer than WARPS_PER_SM warps per SM).
+
+A larger d_state can be spread over several lanes per channel (`_fwd_source_lanes`): each lane keeps
+d_state // lanes states and y_t is summed over the lanes with shuffles. For d_state 16 this measured
+slower than one lane (kernels/NOTES.md), so it is used only above STATES_PER_LANE states.
 
 The forward also stores h every CKPT steps, (batch, d_inner, n_ckpt, d_state) fp32, for the backward
 in `triton_scan`.
@@ -25,7 +30,6 @@ import functools
 import hashlib
 import importlib.util
 import os
-import tempfile
 
 import torch
 import triton
@@ -311,7 +315,8 @@ def _fwd_kernel(N, T, G=1):
     """The generated kernel for (d_state, T), written to a cache file so Triton can read its source."""
     src = _fwd_source(N, T) if G == 1 else _fwd_source_lanes(N, T, G)
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), "hf_mamba_generated")
+    default = os.path.join(os.path.expanduser("~"), ".cache", "hf_mamba", "generated")
+    folder = os.environ.get("HF_MAMBA_KERNEL_CACHE", default)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"scan_fwd_N{N}_T{T}_G{G}_{digest}.py")
     if not os.path.exists(path):

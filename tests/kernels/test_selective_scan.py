@@ -20,11 +20,11 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 SCAN_CASES = [
     pytest.param(dict(cpu=(2, 3, 1, 4), gpu=(2, 96, 1, 16), D=True, z=True, bias=True, h0=True), id="L1-all"),
     pytest.param(dict(cpu=(2, 5, 7, 4), gpu=(2, 200, 7, 16)), id="L7-plain"),
-    pytest.param(dict(cpu=(1, 7, 63, 8), gpu=(2, 333, 1023, 16), D=True, z=True), id="L63-d7-Dz"),
-    pytest.param(dict(cpu=(1, 10, 129, 16), gpu=(2, 160, 2049, 16), D=True, z=True, bias=True, h0=True),
+    pytest.param(dict(cpu=(1, 7, 63, 8), gpu=(2, 333, 511, 16), D=True, z=True), id="L63-d7-Dz"),
+    pytest.param(dict(cpu=(1, 10, 129, 16), gpu=(2, 160, 1025, 16), D=True, z=True, bias=True, h0=True),
                  id="L129-d10-all"),
-    pytest.param(dict(cpu=(2, 6, 40, 5), gpu=(3, 100, 777, 13), bias=True, h0=True), id="L40-N5-bias-h0"),
-    pytest.param(dict(cpu=(1, 4, 33, 32), gpu=(1, 64, 1000, 64), D=True, bias=True), id="L33-N32"),
+    pytest.param(dict(cpu=(2, 6, 40, 5), gpu=(3, 100, 389, 13), bias=True, h0=True), id="L40-N5-bias-h0"),
+    pytest.param(dict(cpu=(1, 4, 33, 32), gpu=(1, 64, 500, 64), D=True, bias=True), id="L33-N32"),
 ]
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -114,7 +114,7 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
     monkeypatch.setattr(triton_scan_seq, "MIN_TILES_PER_SEG", 2)
     monkeypatch.setattr(triton_scan_seq, "WARPS_PER_SM", 64)
     torch.manual_seed(7)
-    case = dict(cpu=(1, 3, 77, 4), gpu=(1, 64, 3001, 16), D=True, z=True, bias=True, h0=True)
+    case = dict(cpu=(1, 3, 77, 4), gpu=(1, 64, 1501, 16), D=True, z=True, bias=True, h0=True)
     _check_scan("triton", case, dtype)
 
 
@@ -125,7 +125,7 @@ def test_triton_scan_tile_forward(dtype, monkeypatch, nan_fill_empty):
 
     monkeypatch.setattr(triton_scan, "SEQ_MAX_D_STATE", 0)
     torch.manual_seed(9)
-    case = dict(cpu=(2, 5, 37, 6), gpu=(2, 100, 999, 16), D=True, z=True, bias=True, h0=True)
+    case = dict(cpu=(2, 5, 37, 6), gpu=(2, 100, 499, 16), D=True, z=True, bias=True, h0=True)
     _check_scan("triton", case, dtype)
 
 
@@ -136,7 +136,7 @@ def test_triton_scan_lanes_per_channel(states_per_lane, monkeypatch, nan_fill_em
 
     monkeypatch.setattr(triton_scan_seq, "STATES_PER_LANE", states_per_lane)
     torch.manual_seed(8)
-    case = dict(cpu=(2, 5, 19, 8), gpu=(2, 100, 999, 16), D=True, z=True, bias=True, h0=True)
+    case = dict(cpu=(2, 5, 19, 8), gpu=(2, 100, 499, 16), D=True, z=True, bias=True, h0=True)
     _check_scan("triton", case, torch.float32)
 
 
@@ -259,7 +259,7 @@ def test_triton_scan_seq_idx(forward, dtype, monkeypatch, nan_fill_empty):
     if forward == "tile":
         monkeypatch.setattr(triton_scan, "SEQ_MAX_D_STATE", 0)
     torch.manual_seed(10)
-    case = dict(cpu=(3, 5, 45, 6), gpu=(3, 100, 1500, 16), D=True, z=True, bias=True, h0=True)
+    case = dict(cpu=(3, 5, 45, 6), gpu=(3, 100, 750, 16), D=True, z=True, bias=True, h0=True)
     batch, _, seqlen, _ = case["gpu" if ON_GPU else "cpu"]
     _check_scan("triton", case, dtype, seq_idx=_document_ids(batch, seqlen, 4, seed=0))
 
