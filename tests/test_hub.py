@@ -236,6 +236,16 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, fake_hub):
     assert fake_hub[1]["files"].keys() == saved.keys()
 
 
+def test_pipeline_from_a_saved_folder(tokenizer, tmp_path):
+    model = tiny_model(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = pipeline("text-generation", model=str(tmp_path))
+    assert type(generator.model) is hf_mamba.MambaForCausalLM
+    [result] = generator("The selective scan", max_new_tokens=4, do_sample=False)
+    assert result["generated_text"].startswith("The selective scan")
+
+
 def test_pipeline_and_text_streamer(tokenizer, capsys):
     model = tiny_model(
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
