@@ -73,9 +73,9 @@ def _selective_scan_fwd_kernel(
     USE_INITIAL_STATE: tl.constexpr, SAVE_CHUNK_STATES: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    i_b = tl.program_id(0)
+    i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen may pass 2^31
     i_d = tl.program_id(1)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     o_n = tl.arange(0, BLOCK_N)
     o_c = tl.arange(0, CHUNK)
     m_d = o_d < d_inner
@@ -159,9 +159,9 @@ def _selective_scan_bwd_kernel(
     HAS_DHT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    i_b = tl.program_id(0)
+    i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen may pass 2^31
     i_d = tl.program_id(1)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     o_n = tl.arange(0, BLOCK_N)
     o_c = tl.arange(0, CHUNK)
     m_d = o_d < d_inner
