@@ -451,3 +451,39 @@ def test_config_loads_builtin_mamba_config(tmp_path, tiny_kwargs):
     for key, value in tiny_kwargs.items():
         assert getattr(config, key) == value
     assert config.intermediate_size == 64 and config.time_step_rank == 2
+
+
+# ---- packed sequences --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_packed_documents_do_not_leak(model, backend, monkeypatch):
+    """position_ids restarting at 0 (DataCollatorWithFlattening) reset the state and the conv per document."""
+    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
+    docs = [torch.randint(1, 97, (n,)) for n in (5, 1, 9)]
+    packed = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        logits = model(packed, position_ids=position_ids, use_cache=False).logits[0]
+        separate = torch.cat([model(d[None], use_cache=False).logits[0] for d in docs])
+        leaking = model(packed, use_cache=False).logits[0]
+    assert max_rel_diff(logits, separate) < LOGITS_RTOL
+    assert max_rel_diff(leaking, separate) > 1e-3  # without the reset the later documents differ
+
+
+def test_packed_documents_train_with_data_collator_with_flattening(model):
+    from transformers import DataCollatorWithFlattening
+
+    docs = [torch.randint(1, 97, (n,)).tolist() for n in (6, 4)]
+    batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d} for d in docs])
+    model.train()
+    packed_loss = model(**batch).loss
+    per_doc = [model(torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1) for d in docs]
+    torch.testing.assert_close(packed_loss, sum(per_doc) / sum(len(d) - 1 for d in docs), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_documents_cannot_continue_a_cache(model):
+    with torch.no_grad():
+        cache = model(torch.randint(0, 97, (1, 4)), use_cache=True).cache_params
+        with pytest.raises(ValueError, match="cache"):
+            model(torch.randint(0, 97, (1, 4)), position_ids=torch.tensor([[0, 1, 0, 1]]), cache_params=cache)

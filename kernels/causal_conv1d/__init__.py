@@ -7,12 +7,18 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None):
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, seq_idx=None):
     """out[t] = act(bias + sum_k weight[k] * x[t - d_conv + 1 + k]), with x before t=0 taken from `initial_state`.
 
     initial_state: (batch, d_inner, d_conv - 1), the inputs just before x (zeros if None), so a
     sequence can be continued from a cache exactly.
+    seq_idx: optional (batch, seqlen) document ids of packed sequences; inputs of another document
+    count as zeros, so each document is convolved as if it started the sequence.
     """
+    if seq_idx is not None:
+        if initial_state is not None:
+            raise ValueError("causal_conv1d takes seq_idx or initial_state, not both")
+        return _causal_conv1d_packed(x, weight, bias, activation, seq_idx)
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     d_inner, d_conv = weight.shape
@@ -21,6 +27,19 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None):
     else:
         x_ext = torch.cat([initial_state.to(x.dtype), x], dim=-1)
     out = F.conv1d(x_ext, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None, groups=d_inner)
+    return F.silu(out) if activation is not None else out
+
+
+def _causal_conv1d_packed(x, weight, bias, activation, seq_idx):
+    """The conv as d_conv shifted taps, each masked where it would reach into another document."""
+    seqlen = x.shape[-1]
+    d_conv = weight.shape[1]
+    out = torch.zeros_like(x) if bias is None else bias.to(x.dtype)[:, None].expand_as(x).clone()
+    for k in range(d_conv):
+        shift = d_conv - 1 - k  # tap k reads x[t - shift]
+        shifted = F.pad(x, (shift, 0))[..., :seqlen]
+        same_document = F.pad(seq_idx, (shift, 0), value=-1)[..., :seqlen] == seq_idx  # (batch, seqlen)
+        out = out + weight[:, k, None].to(x.dtype) * shifted * same_document[:, None, :].to(x.dtype)
     return F.silu(out) if activation is not None else out
 
 

@@ -96,8 +96,7 @@ def selective_scan(
         backend: "reference", "torch", "triton" or None (fastest for the device).
         seq_idx: optional (batch, seqlen) integer document ids of packed sequences: where the id
             changes the state is reset to zero, so documents do not leak into each other
-            (initial_state feeds the first document only). No gradient. The "torch" backend has no
-            fast path for it and runs the reference loop.
+            (initial_state feeds the first document only). No gradient.
 
     Returns:
         y (batch, d_inner, seqlen) in u's dtype, or (y, final_state) with final_state fp32
@@ -106,10 +105,10 @@ def selective_scan(
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
     name = resolve_backend(backend, u.device)
-    if name == "reference" or (name == "torch" and seq_idx is not None):
+    if name == "reference":
         return selective_scan_ref(*args, seq_idx=seq_idx)
     if name == "torch":
-        return selective_scan_torch(*args)
+        return selective_scan_torch(*args, seq_idx=seq_idx)
     from .triton_scan import selective_scan_triton
 
     return selective_scan_triton(*args, seq_idx=seq_idx)

@@ -31,10 +31,15 @@ MIN_CHUNKED_SEQLEN = 512
 BLOCK_ELEMENTS = 1 << 18
 
 
-def _discretize(u, delta, A, B, steps):
-    """Ā = exp(ΔA) and B̄u = ΔBu for the given slice of steps, time-major (steps, batch, d_inner, d_state)."""
+def _discretize(u, delta, A, B, steps, keep=None):
+    """Ā = exp(ΔA) and B̄u = ΔBu for the given slice of steps, time-major (steps, batch, d_inner, d_state).
+
+    keep: optional (batch, seqlen) 0/1, 0 where a new document starts: Ā = 0 there resets the state.
+    """
     delta_t = delta[:, :, steps].permute(2, 0, 1)  # (steps, batch, d_inner)
     dA = torch.exp(delta_t[..., None] * _wide(A))
+    if keep is not None:
+        dA = dA * keep[:, steps].t()[:, :, None, None]
     B_t = _wide(B[:, :, steps]).permute(2, 0, 1)[:, :, None, :]  # (steps, batch, 1, d_state)
     dBu = (delta_t * u[:, :, steps].permute(2, 0, 1))[..., None] * B_t
     return dA, dBu
@@ -93,6 +98,7 @@ def selective_scan_torch(
     initial_state=None,
     return_final_state=False,
     chunk_size=None,
+    seq_idx=None,
 ):
     """Vectorised selective scan; same signature and semantics as `hf_mamba.kernels.selective_scan`.
 
@@ -107,11 +113,14 @@ def selective_scan_torch(
         out = u.new_zeros(batch, d_inner, 0)
         return (out, h) if return_final_state else out
 
+    keep = None
+    if seq_idx is not None:  # 0 where the document id changes: the state restarts from zero there
+        keep = F.pad((seq_idx[:, 1:] == seq_idx[:, :-1]).to(u_w.dtype), (1, 0), value=1.0)  # (batch, seqlen)
     per_step = batch * d_inner * d_state
     if chunk_size is None and per_step < SMALL_STEP_ELEMENTS and seqlen >= MIN_CHUNKED_SEQLEN:
         chunk_size = math.isqrt(seqlen)
     if chunk_size is not None and chunk_size < seqlen:
-        dA, dBu = _discretize(u_w, delta, A, B, slice(None))
+        dA, dBu = _discretize(u_w, delta, A, B, slice(None), keep)
         states, h = _chunked_states(dA, dBu, h, chunk_size)
         y = torch.einsum("lbdn,bnl->bdl", states, _wide(C))  # (batch, d_inner, seqlen)
     else:
@@ -120,7 +129,7 @@ def selective_scan_torch(
         ys = []
         for start in range(0, seqlen, block):
             steps = slice(start, start + block)
-            dA, dBu = _discretize(u_w, delta, A, B, steps)
+            dA, dBu = _discretize(u_w, delta, A, B, steps, keep)
             states, h = _sequential_states(dA, dBu, h)
             ys.append(torch.einsum("lbdn,bnl->bdl", states, _wide(C[:, :, steps])))
         y = torch.cat(ys, dim=-1)  # (batch, d_inner, seqlen)

@@ -101,7 +101,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
 
-    def _conv(self, x, cache_params, continuing):
+    def _conv(self, x, cache_params, continuing, seq_idx=None):
         """Causal conv over a whole chunk, continuing from (and refreshing) the cached conv state."""
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         activation = "silu" if self.fused_silu else None
@@ -114,7 +114,7 @@ class MambaMixer(nn.Module):
                 window = torch.cat([previous.to(x.dtype), x], dim=-1)
             cache_params.update_conv_state(self.layer_idx, window[:, :, -self.d_conv :])
         initial = previous[:, :, 1:] if previous is not None else None  # (batch, d_inner, d_conv - 1)
-        out = causal_conv1d(x, weight, self.conv1d.bias, activation=activation, initial_state=initial)
+        out = causal_conv1d(x, weight, self.conv1d.bias, activation=activation, initial_state=initial, seq_idx=seq_idx)
         return out if self.fused_silu else self.act(out)
 
     def _ssm_params(self, x):
@@ -124,11 +124,14 @@ class MambaMixer(nn.Module):
         dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
         return dt, B.transpose(1, 2), C.transpose(1, 2)  # B, C: (batch, d_state, seqlen)
 
-    def forward(self, hidden_states, cache_params: MambaCache | None = None, attention_mask=None):
+    def forward(self, hidden_states, cache_params: MambaCache | None = None, attention_mask=None, seq_idx=None):
+        """seq_idx: optional (batch, seqlen) document ids of packed sequences; state and conv restart at each."""
         batch, seqlen, _ = hidden_states.shape
         backend = scan_backend_for(self.config)
         A = -torch.exp(_fp32_or_wider(self.A_log))  # (d_inner, d_state)
         continuing = cache_params is not None and cache_params.seqlen_offset > 0
+        if continuing and seq_idx is not None:
+            raise ValueError("Packed sequences (seq_idx / restarting position_ids) cannot continue from a cache")
         if continuing and seqlen == 1:
             return self._step(hidden_states, cache_params, A, backend)
 
@@ -137,7 +140,7 @@ class MambaMixer(nn.Module):
         mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
         if mask is not None:
             x = x * mask  # padded inputs never reach the conv window
-        x = self._conv(x, cache_params, continuing)
+        x = self._conv(x, cache_params, continuing, seq_idx)
         if mask is not None:
             x = x * mask
         dt, B, C = self._ssm_params(x)
@@ -162,6 +165,7 @@ class MambaMixer(nn.Module):
             initial_state=cache_params.ssm_states[self.layer_idx] if continuing else None,
             return_final_state=cache_params is not None,
             backend=backend,
+            seq_idx=seq_idx,
         )
         if cache_params is not None:
             y, final_state = scan
@@ -209,10 +213,12 @@ class MambaBlock(nn.Module):
         self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = MambaMixer(config, layer_idx=layer_idx)
 
-    def forward(self, hidden_states, cache_params=None, attention_mask=None):
+    def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None):
         residual = _fp32_or_wider(hidden_states) if self.residual_in_fp32 else hidden_states
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
-        hidden_states = self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+        hidden_states = self.mixer(
+            hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
+        )
         return residual + hidden_states
 
 
@@ -313,6 +319,19 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask, vocab_size):
         raise ValueError(f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}")
 
 
+def _document_ids(position_ids, shape):
+    """Document ids (batch, seqlen) of packed sequences, from position_ids that restart at 0 for each
+    document (Transformers' DataCollatorWithFlattening); None when no row restarts."""
+    if position_ids is None:
+        return None
+    if tuple(position_ids.shape) != shape:
+        raise ValueError(f"position_ids must have shape (batch, seqlen) = {shape}, got {tuple(position_ids.shape)}")
+    restarts = position_ids[:, 1:] == 0
+    if not bool(restarts.any()):
+        return None
+    return F.pad(restarts.cumsum(-1), (1, 0)).to(torch.int32)
+
+
 class MambaModel(MambaPreTrainedModel):
     def __init__(self, config: MambaConfig):
         super().__init__(config)
@@ -345,6 +364,7 @@ class MambaModel(MambaPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple | MambaOutput:
         """
@@ -353,6 +373,8 @@ class MambaModel(MambaPreTrainedModel):
             cache_params: a MambaCache to continue from and update in place.
             use_cache: create (if needed) and return a cache; defaults to config.use_cache outside training.
             attention_mask: (batch, seqlen), 1 for tokens and 0 for padding; padding leaves the state unchanged.
+            position_ids: (batch, seqlen); Mamba needs no positions, but where they restart at 0 inside a row
+                (packed documents, as DataCollatorWithFlattening makes) the state and conv restart there.
         """
         _check_inputs(input_ids, inputs_embeds, attention_mask, self.config.vocab_size)
         output_hidden_states = (
@@ -373,16 +395,19 @@ class MambaModel(MambaPreTrainedModel):
             raise ValueError(f"cache_params holds {cache_params.batch_size} sequences but the input has {batch}")
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fused path
+        seq_idx = _document_ids(position_ids, (batch, seqlen))
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
                 hidden_states = self._gradient_checkpointing_func(
-                    block.__call__, hidden_states, cache_params, attention_mask
+                    block.__call__, hidden_states, cache_params, attention_mask, seq_idx
                 )
             else:
-                hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+                hidden_states = block(
+                    hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
+                )
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
         hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
@@ -502,6 +527,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple | MambaCausalLMOutput:
         """
@@ -512,7 +538,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if self._use_decode_graph(
-            input_ids, cache_params, use_cache, (attention_mask, inputs_embeds, labels, output_hidden_states)
+            input_ids, cache_params, use_cache, (attention_mask, inputs_embeds, labels, output_hidden_states, position_ids)
         ):
             _check_inputs(input_ids, None, None, self.config.vocab_size)
             if getattr(cache_params, "decode_graph", None) is None:
@@ -528,6 +554,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             attention_mask=attention_mask,
+            position_ids=position_ids,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

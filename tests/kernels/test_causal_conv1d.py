@@ -78,3 +78,17 @@ def test_causal_conv1d_update_continues_the_sequence():
     steps = [causal_conv1d_update(x[:, :, t], conv_state, weight, bias, "silu") for t in range(seqlen)]
     assert _rel_err(torch.stack(steps, dim=-1), full) < 1e-6
     assert torch.equal(conv_state, x[:, :, -d_conv:])
+
+
+def test_packed_conv_equals_separate_documents():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, dtype=torch.float64)
+    weight, bias = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 1 + [2] * 5, [0] * 10])
+    packed = causal_conv1d(x, weight, bias, "silu", seq_idx=seq_idx)
+    for row, spans in ((0, [(0, 4), (4, 5), (5, 10)]), (1, [(0, 10)])):
+        for start, end in spans:
+            alone = causal_conv1d(x[row : row + 1, :, start:end], weight, bias, "silu")
+            torch.testing.assert_close(packed[row : row + 1, :, start:end], alone, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="seq_idx"):
+        causal_conv1d(x, weight, bias, "silu", initial_state=torch.zeros(2, 3, 3, dtype=torch.float64), seq_idx=seq_idx)
