@@ -15,9 +15,9 @@ import time
 
 import torch
 import transformers
+from hf_mamba.kernels import selective_scan
 
 from hf_mamba import MambaForCausalLM
-from hf_mamba.kernels import selective_scan
 
 
 def median_seconds(fn, repeats):
@@ -91,22 +91,30 @@ def main():
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
 
-    scan_shapes = [(2, 128, 256, 16), (1, 64, 4096, 16)] if args.quick else [
-        (4, 256, 1024, 16),
-        (1, 1536, 2048, 16),
-        (1, 64, 8192, 16),
-    ]
+    scan_shapes = (
+        [(2, 128, 256, 16), (1, 64, 4096, 16)]
+        if args.quick
+        else [
+            (4, 256, 1024, 16),
+            (1, 1536, 2048, 16),
+            (1, 64, 8192, 16),
+        ]
+    )
     print("\nSelective scan, fp32, CPU (median seconds)")
-    print(f"{'(batch, d_inner, seqlen, d_state)':<36}{'ref fwd':>9}{'torch fwd':>11}{'speedup':>9}"
-          f"{'ref f+b':>9}{'torch f+b':>11}{'speedup':>9}")
+    print(
+        f"{'(batch, d_inner, seqlen, d_state)':<36}{'ref fwd':>9}{'torch fwd':>11}{'speedup':>9}"
+        f"{'ref f+b':>9}{'torch f+b':>11}{'speedup':>9}"
+    )
     for shape in scan_shapes:
         ref_f, ref_fb = time_scan(shape, "reference", args.repeats)
         fast_f, fast_fb = time_scan(shape, "torch", args.repeats)
-        print(f"{str(shape):<36}{ref_f:>9.3f}{fast_f:>11.3f}{ref_f / fast_f:>8.1f}x"
-              f"{ref_fb:>9.3f}{fast_fb:>11.3f}{ref_fb / fast_fb:>8.1f}x")
+        print(
+            f"{str(shape):<36}{ref_f:>9.3f}{fast_f:>11.3f}{ref_f / fast_f:>8.1f}x"
+            f"{ref_fb:>9.3f}{fast_fb:>11.3f}{ref_fb / fast_fb:>8.1f}x"
+        )
 
     config = dict(vocab_size=1024, hidden_size=256, state_size=16, num_hidden_layers=4)
-    batch, seqlen = (2, 256) if args.quick else (2, 1024)
+    batch, seqlen = (1, 128) if args.quick else (2, 256)
     results = time_models(config, batch, seqlen, args.repeats)
     print(f"\nWhole model (hidden 256, 4 layers, vocab 1024), batch {batch} x {seqlen} tokens, fp32, CPU")
     print(f"{'':<28}{'forward s':>10}{'tok/s':>9}{'train step s':>14}{'tok/s':>9}")

@@ -38,8 +38,14 @@ def peer_model(args, state_dict, peer):
     """mamba_ssm's model with our weights (its names: backbone.embedding, otherwise identical)."""
     PeerConfig, MambaLMHeadModel = peer
     config = PeerConfig(
-        d_model=args.hidden, n_layer=args.layers, vocab_size=args.vocab, ssm_cfg={"layer": "Mamba1"},
-        rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=1,
+        d_model=args.hidden,
+        n_layer=args.layers,
+        vocab_size=args.vocab,
+        ssm_cfg={"layer": "Mamba1"},
+        rms_norm=True,
+        residual_in_fp32=True,
+        fused_add_norm=True,
+        pad_vocab_size_multiple=1,
     )
     model = MambaLMHeadModel(config, device="cuda", dtype=torch.float32)
     renamed = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in state_dict.items()}
@@ -73,7 +79,7 @@ def train_throughput(model, args, logits_of, warmup_steps=None, steps=None):
     torch.cuda.reset_peak_memory_stats()
     times = [cuda_time(step)[0] for _ in range(args.train_steps if steps is None else steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del optimizer
+
     return args.batch * args.seqlen / statistics.median(times), peak
 
 
@@ -89,9 +95,14 @@ def hf_generate(model):
     def generate(prompt, new_tokens):
         with torch.no_grad():
             return model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
             )
+
     return generate
 
 
@@ -99,6 +110,7 @@ def peer_generate(model, cg):
     def generate(prompt, new_tokens):
         out = model.generate(prompt, max_length=prompt.shape[1] + new_tokens, cg=cg, top_k=1)
         return out if torch.is_tensor(out) else out.sequences
+
     return generate
 
 
@@ -135,10 +147,14 @@ def main():
     builtin.load_state_dict(state_dict)
     builtin.cuda()
     peer = load_peer()
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"mamba_ssm {'found' if peer else 'not installed'}")
-    print(f"model: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
-          f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters")
+    print(
+        f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"mamba_ssm {'found' if peer else 'not installed'}"
+    )
+    print(
+        f"model: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
+        f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters"
+    )
 
     def logits_hf(model, ids):
         return model(ids, use_cache=False).logits
@@ -182,7 +198,10 @@ def main():
     decoders.append(("transformers built-in", hf_generate(builtin.to(torch.bfloat16))))
     if peer:
         model = peer_model(args, state_dict, peer).to(torch.bfloat16).eval()
-        decoders += [("mamba_ssm, cg=True", peer_generate(model, True)), ("mamba_ssm, cg=False", peer_generate(model, False))]
+        decoders += [
+            ("mamba_ssm, cg=True", peer_generate(model, True)),
+            ("mamba_ssm, cg=False", peer_generate(model, False)),
+        ]
     print(f"\nGreedy decoding, bf16, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s)")
     print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
     for name, generate in decoders:

@@ -79,8 +79,12 @@ def load_task(args):
         except FileNotFoundError:
             loaded = datasets.load_dataset(args.dataset)
         return loaded["train"], loaded["test"]
-    train = datasets.Dataset.from_dict(make_examples(args.train_size, args.seq_len, args.n_data, args.vocab, args.seed))
-    test = datasets.Dataset.from_dict(make_examples(args.eval_size, args.seq_len, args.n_data, args.vocab, args.seed + 1))
+    train = datasets.Dataset.from_dict(
+        make_examples(args.train_size, args.seq_len, args.n_data, args.vocab, args.seed)
+    )
+    test = datasets.Dataset.from_dict(
+        make_examples(args.eval_size, args.seq_len, args.n_data, args.vocab, args.seed + 1)
+    )
     return train, test
 
 
@@ -125,7 +129,9 @@ def main(argv=None):
         datasets.DatasetDict({"train": train, "test": test}).save_to_disk(args.save_dataset)
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {type(model).__name__}, {n_params / 1e3:.1f}k parameters; task: {len(train)} train / {len(test)} test")
+    print(
+        f"model: {type(model).__name__}, {n_params / 1e3:.1f}k parameters; task: {len(train)} train / {len(test)} test"
+    )
 
     before = copy_accuracy(model, test)
     training_args = TrainingArguments(
@@ -156,7 +162,10 @@ def main(argv=None):
     print(f"{'before training':<22}{before[0]:>10.3f}{before[1]:>10.3f}")
     print(f"{'after training':<22}{after[0]:>10.3f}{after[1]:>10.3f}")
     print(f"{'reloaded from disk':<22}{reload_accuracy[0]:>10.3f}{reload_accuracy[1]:>10.3f}")
-    print(f"trained {args.steps} steps in {train_seconds:.0f} s; saved to {args.output_dir}; reloaded as {type(reloaded).__name__}")
+    print(
+        f"trained {args.steps} steps in {train_seconds:.0f} s; saved to {args.output_dir}; "
+        f"reloaded as {type(reloaded).__name__}"
+    )
 
     print("\nGenerated answers (greedy, with the recurrent cache):")
     context_len = len(test[0]["input_ids"]) - sum(label != -100 for label in test[0]["labels"])

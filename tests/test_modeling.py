@@ -166,7 +166,9 @@ def test_chunked_prefill_continues_exactly(model):
         cache = MambaCache(model.config, batch_size=2)
         chunks = [model(ids[:, a:b], cache_params=cache, use_cache=True).logits for a, b in [(0, 7), (7, 8), (8, 30)]]
     assert max_rel_diff(torch.cat(chunks, dim=1), full.logits) < LOGITS_RTOL
-    for mine, theirs in zip(cache.ssm_states + cache.conv_states, full.cache_params.ssm_states + full.cache_params.conv_states):
+    for mine, theirs in zip(
+        cache.ssm_states + cache.conv_states, full.cache_params.ssm_states + full.cache_params.conv_states, strict=True
+    ):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -324,8 +326,12 @@ def test_sequence_classification_pools_last_real_token(tiny_kwargs):
     row = torch.randint(1, 97, (5,))
     with torch.no_grad():
         single = model(row[None]).logits
-        left = model(torch.cat([torch.zeros(2, dtype=torch.long), row])[None], attention_mask=torch.tensor([[0, 0] + [1] * 5])).logits
-        right = model(torch.cat([row, torch.zeros(2, dtype=torch.long)])[None], attention_mask=torch.tensor([[1] * 5 + [0, 0]])).logits
+        left = model(
+            torch.cat([torch.zeros(2, dtype=torch.long), row])[None], attention_mask=torch.tensor([[0, 0] + [1] * 5])
+        ).logits
+        right = model(
+            torch.cat([row, torch.zeros(2, dtype=torch.long)])[None], attention_mask=torch.tensor([[1] * 5 + [0, 0]])
+        ).logits
     torch.testing.assert_close(left, single, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(right, single, rtol=1e-5, atol=1e-6)
 

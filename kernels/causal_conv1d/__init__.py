@@ -26,7 +26,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, seq
         x_ext = F.pad(x, (d_conv - 1, 0))  # (batch, d_inner, d_conv - 1 + seqlen)
     else:
         x_ext = torch.cat([initial_state.to(x.dtype), x], dim=-1)
-    out = F.conv1d(x_ext, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None, groups=d_inner)
+    out = F.conv1d(
+        x_ext, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None, groups=d_inner
+    )
     return F.silu(out) if activation is not None else out
 
 

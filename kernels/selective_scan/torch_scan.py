@@ -48,7 +48,7 @@ def _discretize(u, delta, A, B, steps, keep=None):
 def _sequential_states(dA, dBu, h):
     """All states h_1..h_L from h_0 = h. dA, dBu: (seqlen, batch, d_inner, d_state)."""
     states = []
-    for dA_t, dBu_t in zip(dA.unbind(0), dBu.unbind(0)):
+    for dA_t, dBu_t in zip(dA.unbind(0), dBu.unbind(0), strict=True):
         h = torch.addcmul(dBu_t, dA_t, h)
         states.append(h)
     return torch.stack(states), h
@@ -68,7 +68,7 @@ def _chunked_states(dA, dBu, h, chunk_len):
 
     local_h, decay = dBu_steps[0], dA_steps[0]
     local_states, decays = [local_h], [decay]
-    for dA_t, dBu_t in zip(dA_steps[1:], dBu_steps[1:]):
+    for dA_t, dBu_t in zip(dA_steps[1:], dBu_steps[1:], strict=True):
         local_h = dA_t * local_h + dBu_t
         decay = decay * dA_t
         local_states.append(local_h)
@@ -77,7 +77,7 @@ def _chunked_states(dA, dBu, h, chunk_len):
     decays = torch.stack(decays, dim=1)
 
     entering = []
-    for chunk_decay, chunk_state in zip(decays[:, -1].unbind(0), local_states[:, -1].unbind(0)):
+    for chunk_decay, chunk_state in zip(decays[:, -1].unbind(0), local_states[:, -1].unbind(0), strict=True):
         entering.append(h)
         h = chunk_decay * h + chunk_state
     entering = torch.stack(entering)[:, None]  # (n_chunks, 1, batch, d_inner, d_state)

@@ -104,7 +104,14 @@ class MambaConfig(PretrainedConfig):
         )
 
     def _validate_mamba_fields(self):
-        positive_ints = ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "conv_kernel", "time_step_rank")
+        positive_ints = (
+            "vocab_size",
+            "hidden_size",
+            "state_size",
+            "num_hidden_layers",
+            "conv_kernel",
+            "time_step_rank",
+        )
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -117,9 +124,7 @@ class MambaConfig(PretrainedConfig):
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.time_step_min > self.time_step_max:
-            raise ValueError(
-                f"time_step_min ({self.time_step_min}) must be <= time_step_max ({self.time_step_max})"
-            )
+            raise ValueError(f"time_step_min ({self.time_step_min}) must be <= time_step_max ({self.time_step_max})")
         if not isinstance(self.time_step_floor, (int, float)) or self.time_step_floor < 0:
             raise ValueError(f"time_step_floor must be a number >= 0, got {self.time_step_floor!r}")
         if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:

@@ -311,12 +311,16 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask, vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
     else:
         if inputs_embeds.dim() != 3:
-            raise ValueError(f"inputs_embeds must have shape (batch, seqlen, hidden_size), got {tuple(inputs_embeds.shape)}")
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, seqlen, hidden_size), got {tuple(inputs_embeds.shape)}"
+            )
         shape = tuple(inputs_embeds.shape[:2])
     if shape[1] == 0:
         raise ValueError("The input sequence is empty (seqlen 0); pass at least one token")
     if attention_mask is not None and tuple(attention_mask.shape) != shape:
-        raise ValueError(f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}"
+        )
 
 
 def _document_ids(position_ids, shape):
@@ -437,7 +441,7 @@ class _DecodeGraph:
         with torch.cuda.stream(stream):
             model._decode_step_logits(self.static_ids, cache)
         torch.cuda.current_stream().wait_stream(stream)
-        for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states):
+        for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states, strict=True):
             state.copy_(saved)  # undo the warm-up step
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -538,14 +542,21 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if self._use_decode_graph(
-            input_ids, cache_params, use_cache, (attention_mask, inputs_embeds, labels, output_hidden_states, position_ids)
+            input_ids,
+            cache_params,
+            use_cache,
+            (attention_mask, inputs_embeds, labels, output_hidden_states, position_ids),
         ):
             _check_inputs(input_ids, None, None, self.config.vocab_size)
             if getattr(cache_params, "decode_graph", None) is None:
                 cache_params.decode_graph = _DecodeGraph(self, cache_params, input_ids)
             logits = cache_params.decode_graph(input_ids)
             cache_params.seqlen_offset += 1
-            return MambaCausalLMOutput(logits=logits, cache_params=cache_params) if return_dict else (logits, cache_params)
+            return (
+                MambaCausalLMOutput(logits=logits, cache_params=cache_params)
+                if return_dict
+                else (logits, cache_params)
+            )
         outputs = self.backbone(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -607,7 +618,8 @@ class MambaForSequenceClassification(MambaPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> tuple | SequenceClassifierOutputWithPast:
-        """labels: (batch,) class ids (single label), (batch, num_labels) floats (multi-label), or values (regression)."""
+        """labels: (batch,) class ids (single label), (batch, num_labels) floats (multi-label),
+        or (batch,) values (regression)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
             input_ids,

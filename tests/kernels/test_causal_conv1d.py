@@ -91,4 +91,6 @@ def test_packed_conv_equals_separate_documents():
             alone = causal_conv1d(x[row : row + 1, :, start:end], weight, bias, "silu")
             torch.testing.assert_close(packed[row : row + 1, :, start:end], alone, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="seq_idx"):
-        causal_conv1d(x, weight, bias, "silu", initial_state=torch.zeros(2, 3, 3, dtype=torch.float64), seq_idx=seq_idx)
+        causal_conv1d(
+            x, weight, bias, "silu", initial_state=torch.zeros(2, 3, 3, dtype=torch.float64), seq_idx=seq_idx
+        )

@@ -3,7 +3,6 @@ any difference is a bug, not rounding: outputs, final state and every gradient."
 
 import pytest
 import torch
-
 from hf_mamba.kernels import selective_scan_ref
 from hf_mamba.kernels.selective_scan.torch_scan import selective_scan_torch
 
@@ -48,7 +47,7 @@ def test_torch_scan_matches_reference(shape, chunk_size):
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-12)
     names = [k for k, v in inputs.items() if torch.is_tensor(v)]
-    for name, grad, grad_ref in zip(names, grads, grads_ref):
+    for name, grad, grad_ref in zip(names, grads, grads_ref, strict=True):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-11, msg=name)
 
 
