@@ -305,8 +305,9 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask, vocab_size):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
         shape = tuple(input_ids.shape)
-        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if input_ids.numel() and not capturing and ((input_ids < 0) | (input_ids >= vocab_size)).any():
+        # The value check reads the ids back to the host: impossible while compiling or capturing a graph.
+        tracing = torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+        if input_ids.numel() and not tracing and ((input_ids < 0) | (input_ids >= vocab_size)).any():
             bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
             raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
     else:
@@ -331,7 +332,7 @@ def _document_ids(position_ids, shape):
     if tuple(position_ids.shape) != shape:
         raise ValueError(f"position_ids must have shape (batch, seqlen) = {shape}, got {tuple(position_ids.shape)}")
     restarts = position_ids[:, 1:] == 0
-    if not bool(restarts.any()):
+    if not torch.compiler.is_compiling() and not bool(restarts.any()):
         return None
     return F.pad(restarts.cumsum(-1), (1, 0)).to(torch.int32)
 
@@ -397,7 +398,7 @@ class MambaModel(MambaPreTrainedModel):
             cache_params = None
         if cache_params is not None and cache_params.batch_size != batch:
             raise ValueError(f"cache_params holds {cache_params.batch_size} sequences but the input has {batch}")
-        if attention_mask is not None and bool(attention_mask.all()):
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fused path
         seq_idx = _document_ids(position_ids, (batch, seqlen))
 
