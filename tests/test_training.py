@@ -326,6 +326,7 @@ for _ in range(3):
 state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if rank == 0:
     torch.save(state_dict, sys.argv[2])
+dist.barrier()  # no rank tears gloo down while another still talks to it
 dist.destroy_process_group()
 """
 
