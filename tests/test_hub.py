@@ -22,15 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=300, hidden_size=32, state_size=8, num_hidden_layers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they are 10x slower with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(cls=hf_mamba.MambaForCausalLM, **config_kwargs):
     torch.manual_seed(0)
     return cls(hf_mamba.MambaConfig(**TINY, **config_kwargs)).eval()

@@ -25,15 +25,6 @@ TINY = dict(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2)
 BLOCK = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they are 10x slower with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return hf_mamba.MambaForCausalLM(hf_mamba.MambaConfig(**TINY))
