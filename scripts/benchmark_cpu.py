@@ -70,13 +70,13 @@ def time_models(config_kwargs, batch, seqlen, repeats):
     ids = torch.randint(0, config_kwargs["vocab_size"], (batch, seqlen))
     results = {}
     for name, model in (("transformers (slow path)", builtin), ("hf_mamba (torch path)", ours)):
-        model.train()
-
         def forward(model=model):
+            model.eval()  # inference: Transformers' model picks its eval path
             with torch.no_grad():
                 model(ids, use_cache=False)
 
         def train_step(model=model):
+            model.train()
             model(ids, labels=ids, use_cache=False).loss.backward()
 
         results[name] = (median_seconds(forward, repeats), median_seconds(train_step, repeats))
@@ -117,6 +117,7 @@ def main():
     batch, seqlen = (1, 128) if args.quick else (2, 256)
     results = time_models(config, batch, seqlen, args.repeats)
     print(f"\nWhole model (hidden 256, 4 layers, vocab 1024), batch {batch} x {seqlen} tokens, fp32, CPU")
+    print("forward: eval mode, no_grad; train step: train mode, forward + backward")
     print(f"{'':<28}{'forward s':>10}{'tok/s':>9}{'train step s':>14}{'tok/s':>9}")
     for name, (fwd, step) in results.items():
         tokens = batch * seqlen
