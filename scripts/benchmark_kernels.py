@@ -5,7 +5,7 @@ Run on a CUDA machine (the mamba_ssm columns appear only when it is importable, 
 
     python scripts/benchmark_kernels.py                      # tables: scan shapes, L scaling
     python scripts/benchmark_kernels.py --no-torch-path      # skip the (slow) PyTorch scan
-    python scripts/benchmark_kernels.py --sweep              # also time a few fixed kernel configs
+    python scripts/benchmark_kernels.py --sweep              # time the chunk configs, tables with the best
 
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between repeats). Inputs as
 the Mamba block passes them: u, delta, z (batch, d_inner, seqlen); B, C (batch, d_state, seqlen);
@@ -168,31 +168,37 @@ def scaling_table(args):
 
 
 def sweep(args):
-    """Check and time the forward's fixed configs: lanes per channel and the segment heuristic."""
+    """Check and time the fixed kernel configs; keep the fastest forward+backward for the tables."""
     from hf_mamba.kernels import selective_scan_ref
-    from hf_mamba.kernels.selective_scan import triton_scan_seq as seq
+    from hf_mamba.kernels.selective_scan import triton_scan as ts
 
-    print("\nForward config sweep (bf16 ms; error = ||out - ref|| / ||ref|| at (2, 96, 777, 16))")
-    defaults = seq.LANES_PER_CHANNEL, seq.WARPS_PER_SM
-    for lanes in (1, 2, 4):
-        seq.LANES_PER_CHANNEL = lanes
-        for dtype in (torch.float32, torch.bfloat16):
-            small = make_inputs(2, 96, 777, 16, dtype)
+    configs = [(512, 4, 4), (1024, 8, 4), (1024, 4, 8), (2048, 8, 8), (2048, 16, 4), (256, 8, 1)]
+    shapes = [SHAPES[0], (4, 1536, 1024, 16)]  # the first benchmark shape; the 130M model's training shape
+    print("\nChunk config sweep, bf16 ms (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS); error = ||out - ref|| / ||ref||")
+    print("| config | forward | " + " | ".join(f"{s} fwd | {s} f+b" for s in shapes) + " | error |")
+    print("|---|---|" + "---|---|" * len(shapes) + "---|")
+    best = None
+    for config in configs:
+        ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS = config
+        for forward in ("seq", "chunk"):
+            ts.FORWARD = forward
+            small = make_inputs(2, 96, 3000, 16, torch.bfloat16)
             args_ = [small[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-            for warps_per_sm in (1, 64):  # without and with segments
-                seq.WARPS_PER_SM = warps_per_sm
-                out = selective_scan(*args_, delta_softplus=True, backend="triton")
-                ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                print(f"  lanes={lanes} {dtype} WARPS_PER_SM={warps_per_sm}: error {err:.2e}", flush=True)
-        for shape in SHAPES:
-            inp = make_inputs(*shape, torch.bfloat16)
-            for warps_per_sm in (1, 8, 16):
-                seq.WARPS_PER_SM = warps_per_sm
-                ms = time_fwd(scan_fns()["triton"], inp)
-                print(f"  lanes={lanes} {shape} WARPS_PER_SM={warps_per_sm}: {ms:.3f}", flush=True)
-            del inp
-    seq.LANES_PER_CHANNEL, seq.WARPS_PER_SM = defaults
+            out = selective_scan(*args_, delta_softplus=True, backend="triton")
+            ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            cells = []
+            total = 0.0
+            for shape in shapes:
+                fwd = time_fwd(scan_fns()["triton"], make_inputs(*shape, torch.bfloat16))
+                fb = time_fwd_bwd(scan_fns()["triton"], make_inputs(*shape, torch.bfloat16, requires_grad=True))
+                cells += [f"{fwd:.3f}", f"{fb:.3f}"]
+                total += fb
+            print(f"| {config} | {forward} | " + " | ".join(cells) + f" | {err:.1e} |", flush=True)
+            if best is None or total < best[0]:
+                best = (total, config, forward)
+    _, (ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS), ts.FORWARD = best
+    print(f"Tables below use {best[1]} with the {best[2]} forward (fastest forward+backward summed over the shapes)")
 
 
 def main():

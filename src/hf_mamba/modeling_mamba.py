@@ -121,8 +121,8 @@ class MambaMixer(nn.Module):
         """Δ (before bias), B, C from the conv output x (batch, d_inner, seqlen)."""
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
-        return dt, B.transpose(1, 2), C.transpose(1, 2)  # B, C: (batch, d_state, seqlen)
+        dt = self.dt_proj(dt).transpose(1, 2).contiguous()  # (batch, d_inner, seqlen), time-contiguous
+        return dt, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # B, C: (batch, d_state, seqlen)
 
     def forward(self, hidden_states, cache_params: MambaCache | None = None, attention_mask=None, seq_idx=None):
         """seq_idx: optional (batch, seqlen) document ids of packed sequences; state and conv restart at each."""
@@ -135,8 +135,9 @@ class MambaMixer(nn.Module):
         if continuing and seqlen == 1:
             return self._step(hidden_states, cache_params, A, backend)
 
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
-        x, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
+        # Time-contiguous copies: the conv and the scan kernels read each channel along time.
+        x, z = (t.transpose(1, 2).contiguous() for t in xz.chunk(2, dim=-1))  # (batch, d_inner, seqlen) each
         mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
         if mask is not None:
             x = x * mask  # padded inputs never reach the conv window

@@ -119,14 +119,23 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
-def test_triton_scan_tile_forward(dtype, monkeypatch, nan_fill_empty):
-    """The tile-scan forward kernel (used above SEQ_MAX_D_STATE) matches the reference too."""
+@pytest.mark.parametrize("forward", ["seq", "chunk"])
+def test_triton_scan_many_chunks(forward, dtype, monkeypatch, nan_fill_empty):
+    """Short chunks: checkpoints, the state carried between chunks, the adjoint carried back."""
     from hf_mamba.kernels.selective_scan import triton_scan
 
-    monkeypatch.setattr(triton_scan, "SEQ_MAX_D_STATE", 0)
+    monkeypatch.setattr(triton_scan, "FORWARD", forward)
+    monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
     torch.manual_seed(9)
     case = dict(cpu=(2, 5, 37, 6), gpu=(2, 100, 499, 16), D=True, z=True, bias=True, h0=True)
     _check_scan("triton", case, dtype)
+
+
+def test_triton_scan_chunk_forward_large_d_state(nan_fill_empty):
+    """Above SEQ_MAX_D_STATE only the chunk forward runs; a state size that is not a power of two."""
+    torch.manual_seed(11)
+    case = dict(cpu=(1, 3, 20, 65), gpu=(2, 64, 300, 65), D=True, z=True, bias=True, h0=True)
+    _check_scan("triton", case, torch.float32)
 
 
 @pytest.mark.parametrize("states_per_lane", [pytest.param(2, id="4-lanes"), pytest.param(4, id="2-lanes")])
@@ -251,13 +260,13 @@ def _document_ids(batch, seqlen, n_docs, seed):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
-@pytest.mark.parametrize("forward", ["sequential", "tile"])
+@pytest.mark.parametrize("forward", ["seq", "chunk"])
 def test_triton_scan_seq_idx(forward, dtype, monkeypatch, nan_fill_empty):
-    """seq_idx resets the state at document boundaries, forward and backward."""
+    """seq_idx resets the state at document boundaries, forward and backward (across chunks too)."""
     from hf_mamba.kernels.selective_scan import triton_scan
 
-    if forward == "tile":
-        monkeypatch.setattr(triton_scan, "SEQ_MAX_D_STATE", 0)
+    monkeypatch.setattr(triton_scan, "FORWARD", forward)
+    monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
     torch.manual_seed(10)
     case = dict(cpu=(3, 5, 45, 6), gpu=(3, 100, 750, 16), D=True, z=True, bias=True, h0=True)
     batch, _, seqlen, _ = case["gpu" if ON_GPU else "cpu"]
