@@ -172,33 +172,53 @@ def sweep(args):
     from hf_mamba.kernels import selective_scan_ref
     from hf_mamba.kernels.selective_scan import triton_scan as ts
 
-    configs = [(512, 4, 4), (1024, 8, 4), (1024, 4, 8), (2048, 8, 8), (2048, 16, 4), (256, 8, 1)]
+    # (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D)
+    configs = [
+        (512, 4, 4, 1), (256, 4, 2, 1), (128, 4, 1, 1), (256, 4, 4, 2), (128, 4, 4, 4),
+        (256, 8, 2, 2), (512, 4, 8, 2), (64, 2, 1, 1), (1024, 8, 4, 1),
+    ]
     shapes = [SHAPES[0], (4, 1536, 1024, 16)]  # the first benchmark shape; the 130M model's training shape
-    print("\nChunk config sweep, bf16 ms (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS); error = ||out - ref|| / ||ref||")
-    print("| config | forward | " + " | ".join(f"{s} fwd | {s} f+b" for s in shapes) + " | error |")
-    print("|---|---|" + "---|---|" * len(shapes) + "---|")
+    fns = scan_fns()
+    print("\nChunk config sweep, bf16 ms; error = ||out - ref|| / ||ref||, forward at (2, 96, 3000, 16)")
+    print("| config (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D) | " + " | ".join(
+        f"{s} fwd seq | fwd chunk | f+b" for s in shapes) + " | error seq / chunk |")
+    print("|---|" + "---|---|---|" * len(shapes) + "---|")
+    if "mamba_ssm" in fns:
+        cells = []
+        for shape in shapes:
+            fwd = time_fwd(fns["mamba_ssm"], make_inputs(*shape, torch.bfloat16))
+            fb = time_fwd_bwd(fns["mamba_ssm"], make_inputs(*shape, torch.bfloat16, requires_grad=True))
+            cells += [f"{fwd:.3f}", "", f"{fb:.3f}"]
+        print("| mamba_ssm | " + " | ".join(cells) + " | |", flush=True)
     best = None
     for config in configs:
-        ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS = config
+        ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS, ts.BLOCK_D = config
+        errors = []
         for forward in ("seq", "chunk"):
             ts.FORWARD = forward
             small = make_inputs(2, 96, 3000, 16, torch.bfloat16)
             args_ = [small[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
             out = selective_scan(*args_, delta_softplus=True, backend="triton")
             ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            cells = []
-            total = 0.0
-            for shape in shapes:
-                fwd = time_fwd(scan_fns()["triton"], make_inputs(*shape, torch.bfloat16))
-                fb = time_fwd_bwd(scan_fns()["triton"], make_inputs(*shape, torch.bfloat16, requires_grad=True))
-                cells += [f"{fwd:.3f}", f"{fb:.3f}"]
-                total += fb
-            print(f"| {config} | {forward} | " + " | ".join(cells) + f" | {err:.1e} |", flush=True)
-            if best is None or total < best[0]:
-                best = (total, config, forward)
-    _, (ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS), ts.FORWARD = best
-    print(f"Tables below use {best[1]} with the {best[2]} forward (fastest forward+backward summed over the shapes)")
+            errors.append(f"{((out.float() - ref).norm() / ref.norm()).item():.1e}")
+        cells = []
+        total = 0.0
+        for shape in shapes:
+            inp = make_inputs(*shape, torch.bfloat16)
+            fwds = {}
+            for forward in ("seq", "chunk"):
+                ts.FORWARD = forward
+                fwds[forward] = time_fwd(fns["triton"], inp)
+            ts.FORWARD = min(fwds, key=fwds.get)
+            fb = time_fwd_bwd(fns["triton"], make_inputs(*shape, torch.bfloat16, requires_grad=True))
+            cells += [f"{fwds['seq']:.3f}", f"{fwds['chunk']:.3f}", f"{fb:.3f}"]
+            total += fb
+        print(f"| {config} | " + " | ".join(cells) + f" | {' / '.join(errors)} |", flush=True)
+        if best is None or total < best[0]:
+            best = (total, config)
+    ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS, ts.BLOCK_D = best[1]
+    ts.FORWARD = None
+    print(f"Tables below use {best[1]} (fastest forward+backward summed over the shapes; f+b with the faster forward)")
 
 
 def main():

@@ -39,16 +39,23 @@ from .triton_scan_seq import scan_fwd_seq
 SEQ_MAX_D_STATE = 64
 # Which forward to run for d_state <= SEQ_MAX_D_STATE: "seq", "chunk", or None (measured choice).
 FORWARD = None
-# Longest chunk (power of two): its steps are spread over up to MAX_WARPS warps, ~8 per thread.
-MAX_CHUNK = 1024
-STEPS_PER_THREAD = 8
+# Chunk kernels: BLOCK_D channels x up to MAX_CHUNK steps (a power of two) per program, spread
+# over up to MAX_WARPS warps with about STEPS_PER_THREAD steps per thread.
+MAX_CHUNK = 512
+STEPS_PER_THREAD = 4
 MAX_WARPS = 4
+BLOCK_D = 1
 
 
 @triton.jit
 def _linear_combine(a_l, b_l, a_r, b_r):
     # Composition of h -> a_l h + b_l followed by h -> a_r h + b_r.
     return a_l * a_r, b_l * a_r + b_r
+
+
+@triton.jit
+def _add_pair(a_l, b_l, a_r, b_r):
+    return a_l + a_r, b_l + b_r
 
 
 @triton.jit
@@ -243,12 +250,13 @@ def _chunk_bwd_kernel(
                 b_a1 = b_a1 * b_keep1
             b_ga, b_gb = tl.associative_scan((b_a1, b_dy * b_C[None, :]), 1, _linear_combine, reverse=True)
             b_g = b_gb + b_ga * _column(b_x, o_n, n)[:, None]  # (BLOCK_D, CHUNK)
-            b_x_n = tl.sum(tl.where((o_c == 0)[None, :], b_a * b_g, 0.0), axis=1)
-            b_x = tl.where((o_n == n)[None, :], b_x_n[:, None], b_x)
-
             # a_t h_{t-1} = h_t - b_t, so g_t * d(a_t h_{t-1}) / d(Δ_t A) needs no division.
             b_gah = b_g * (b_hs - b_b)
-            b_dA_n = tl.sum(b_gah * b_dt, axis=1)
+            # One reduction for both: the carry a_0 g_0 into the previous chunk, and this chunk's dA.
+            b_x_n, b_dA_n = tl.reduce(
+                (tl.where((o_c == 0)[None, :], b_a * b_g, 0.0), b_gah * b_dt), 1, _add_pair
+            )  # (BLOCK_D,) each
+            b_x = tl.where((o_n == n)[None, :], b_x_n[:, None], b_x)
             b_dA = tl.where((o_n == n)[None, :], b_dA + b_dA_n[:, None], b_dA)
             b_ddt += b_gah * b_A[:, None]
             b_gB += b_g * b_B[None, :]
@@ -285,8 +293,8 @@ def _chunk_bwd_kernel(
 def _chunk_config(seqlen):
     """(BLOCK_D, CHUNK, num_warps): a fixed heuristic, no autotuning. CHUNK is also the checkpoint interval."""
     chunk = min(MAX_CHUNK, max(16, triton.next_power_of_2(max(seqlen, 1))))
-    num_warps = max(1, min(MAX_WARPS, chunk // (32 * STEPS_PER_THREAD)))
-    return 1, chunk, num_warps
+    num_warps = max(1, min(MAX_WARPS, BLOCK_D * chunk // (32 * STEPS_PER_THREAD)))
+    return BLOCK_D, chunk, num_warps
 
 
 def _chunk_len(seqlen):

@@ -119,13 +119,15 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
-@pytest.mark.parametrize("forward", ["seq", "chunk"])
-def test_triton_scan_many_chunks(forward, dtype, monkeypatch, nan_fill_empty):
-    """Short chunks: checkpoints, the state carried between chunks, the adjoint carried back."""
+@pytest.mark.parametrize("forward,block_d", [("seq", 1), ("chunk", 1), ("chunk", 4)])
+def test_triton_scan_many_chunks(forward, block_d, dtype, monkeypatch, nan_fill_empty):
+    """Short chunks: checkpoints, the state carried between chunks, the adjoint carried back;
+    several channels per program (d_inner 5 is not a multiple of 4: masked rows)."""
     from hf_mamba.kernels.selective_scan import triton_scan
 
     monkeypatch.setattr(triton_scan, "FORWARD", forward)
     monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
+    monkeypatch.setattr(triton_scan, "BLOCK_D", block_d)
     torch.manual_seed(9)
     case = dict(cpu=(2, 5, 37, 6), gpu=(2, 100, 499, 16), D=True, z=True, bias=True, h0=True)
     _check_scan("triton", case, dtype)
