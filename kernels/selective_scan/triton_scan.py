@@ -40,10 +40,13 @@ SEQ_MAX_D_STATE = 64
 # Which forward to run for d_state <= SEQ_MAX_D_STATE: "seq", "chunk", or None (measured choice).
 FORWARD = None
 # Chunk kernels: BLOCK_D channels x up to MAX_CHUNK steps (a power of two) per program, spread
-# over up to MAX_WARPS warps with about STEPS_PER_THREAD steps per thread.
-MAX_CHUNK = 512
+# over up to MAX_WARPS warps with about STEPS_PER_THREAD steps per thread. One warp per channel and
+# 128-step chunks had the fastest forward+backward of 9 configs on H100 at (8, 1536, 2048, 16) and
+# (4, 1536, 1024, 16), bf16 (`scripts/benchmark_kernels.py --sweep`, kernels/NOTES.md): no
+# cross-warp barriers in the scans and reductions, and many small programs per multiprocessor.
+MAX_CHUNK = 128
 STEPS_PER_THREAD = 4
-MAX_WARPS = 4
+MAX_WARPS = 1
 BLOCK_D = 1
 
 
