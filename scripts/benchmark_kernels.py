@@ -221,11 +221,47 @@ def sweep(args):
     print(f"Tables below use {best[1]} (fastest forward+backward summed over the shapes; f+b with the faster forward)")
 
 
+def conv_table(args):
+    """Causal conv1d (bias + SiLU) at the Mamba block shapes: Triton kernel vs the PyTorch call vs causal_conv1d."""
+    from hf_mamba.kernels import causal_conv1d
+
+    fns = {
+        "triton": lambda x, w, b: causal_conv1d(x, w, b, "silu", backend="triton"),
+        "torch": lambda x, w, b: causal_conv1d(x, w, b, "silu", backend="torch"),
+    }
+    try:
+        from causal_conv1d import causal_conv1d_fn
+
+        fns["causal_conv1d"] = lambda x, w, b: causal_conv1d_fn(x, w, b, activation="silu")
+    except ImportError:
+        pass
+    print("\nCausal conv1d, d_conv 4, bias + SiLU, bf16 input, fp32 weight: fwd / fwd+bwd ms")
+    print("| shape (b,d,L) | " + " | ".join(f"{n} fwd | {n} f+b" for n in fns) + " |")
+    print("|---|" + "---|---|" * len(fns))
+    for shape in [(4, 1536, 1024), (8, 1536, 2048), (1, 2048, 16384)]:
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(shape[1], 4, device="cuda", requires_grad=True)
+        b = torch.randn(shape[1], device="cuda", requires_grad=True)
+        dout = torch.randn_like(x)
+        cells = []
+        for name, fn in fns.items():
+            w_ = w if name != "causal_conv1d" else w.detach().bfloat16().requires_grad_()  # it wants one dtype
+            b_ = b if name != "causal_conv1d" else b.detach().bfloat16().requires_grad_()
+            with torch.no_grad():
+                fwd = bench(lambda: fn(x, w_, b_))
+            fb = triton.testing.do_bench(
+                lambda: fn(x, w_, b_).backward(dout), warmup=25, rep=100, grad_to_none=[x, w_, b_], return_mode="median"
+            )
+            cells += [f"{fwd:.3f}", f"{fb:.3f}"]
+        print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-torch-path", dest="torch_path", action="store_false", help="skip the PyTorch scan")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the L scaling table")
     parser.add_argument("--sweep", action="store_true", help="time a few kernel configs")
+    parser.add_argument("--no-conv", dest="conv", action="store_false", help="skip the causal conv1d table")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")
@@ -234,6 +270,8 @@ def main():
         sweep(args)
     bw = copy_bandwidth()
     shape_table(args, bw)
+    if args.conv:
+        conv_table(args)
     if args.scaling:
         scaling_table(args)
     print(f"\n(L up to {2**18}: time per 1K tokens should stay flat; log2 range {int(math.log2(1024))}..18)")

@@ -7,20 +7,27 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, seq_idx=None):
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, seq_idx=None, backend=None):
     """out[t] = act(bias + sum_k weight[k] * x[t - d_conv + 1 + k]), with x before t=0 taken from `initial_state`.
 
     initial_state: (batch, d_inner, d_conv - 1), the inputs just before x (zeros if None), so a
     sequence can be continued from a cache exactly.
     seq_idx: optional (batch, seqlen) document ids of packed sequences; inputs of another document
     count as zeros, so each document is convolved as if it started the sequence.
+    backend: "reference" / "torch" (PyTorch ops), "triton" (fused kernel; no initial_state), or
+    None: Triton on CUDA when there is no initial_state, else PyTorch.
     """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    name = _conv_backend(backend, x.device, initial_state)
+    if name == "triton":
+        from .triton_conv import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, bias, activation, seq_idx)
     if seq_idx is not None:
         if initial_state is not None:
             raise ValueError("causal_conv1d takes seq_idx or initial_state, not both")
         return _causal_conv1d_packed(x, weight, bias, activation, seq_idx)
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     d_inner, d_conv = weight.shape
     if initial_state is None:
         x_ext = F.pad(x, (d_conv - 1, 0))  # (batch, d_inner, d_conv - 1 + seqlen)
@@ -30,6 +37,17 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, seq
         x_ext, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None, groups=d_inner
     )
     return F.silu(out) if activation is not None else out
+
+
+def _conv_backend(backend, device, initial_state):
+    from ..selective_scan import resolve_backend  # one definition of the backend names and checks
+
+    name = resolve_backend(backend, device)
+    if name == "triton" and initial_state is not None:
+        if backend == "triton":
+            raise ValueError("causal_conv1d: backend='triton' does not take an initial_state; use 'torch'")
+        return "torch"
+    return name
 
 
 def _causal_conv1d_packed(x, weight, bias, activation, seq_idx):

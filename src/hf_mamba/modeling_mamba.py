@@ -101,7 +101,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
 
-    def _conv(self, x, cache_params, continuing, seq_idx=None):
+    def _conv(self, x, cache_params, continuing, seq_idx=None, backend=None):
         """Causal conv over a whole chunk, continuing from (and refreshing) the cached conv state."""
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         activation = "silu" if self.fused_silu else None
@@ -114,7 +114,15 @@ class MambaMixer(nn.Module):
                 window = torch.cat([previous.to(x.dtype), x], dim=-1)
             cache_params.update_conv_state(self.layer_idx, window[:, :, -self.d_conv :])
         initial = previous[:, :, 1:] if previous is not None else None  # (batch, d_inner, d_conv - 1)
-        out = causal_conv1d(x, weight, self.conv1d.bias, activation=activation, initial_state=initial, seq_idx=seq_idx)
+        out = causal_conv1d(
+            x,
+            weight,
+            self.conv1d.bias,
+            activation=activation,
+            initial_state=initial,
+            seq_idx=seq_idx,
+            backend=backend if initial is None else "torch",  # the Triton conv starts from zeros only
+        )
         return out if self.fused_silu else self.act(out)
 
     def _ssm_params(self, x):
@@ -141,7 +149,7 @@ class MambaMixer(nn.Module):
         mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
         if mask is not None:
             x = x * mask  # padded inputs never reach the conv window
-        x = self._conv(x, cache_params, continuing, seq_idx)
+        x = self._conv(x, cache_params, continuing, seq_idx, backend)
         if mask is not None:
             x = x * mask
         dt, B, C = self._ssm_params(x)

@@ -1,6 +1,6 @@
-"""Causal depthwise conv1d (PyTorch / cuDNN path) against a plain loop, and its one-step update.
+"""Causal depthwise conv1d (PyTorch path and Triton kernel) against a plain loop, and its one-step update.
 
-No Triton conv was written: the PyTorch call (cuDNN on GPU) is the only implementation (kernels/NOTES.md).
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py).
 """
 
 import pytest
@@ -40,9 +40,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", CASES)
-def test_causal_conv1d_matches_loop(case, dtype):
+def test_causal_conv1d_matches_loop(case, dtype, backend, monkeypatch):
+    if backend == "triton" and case.get("init"):
+        pytest.skip("the Triton conv takes no initial_state (continuing from a cache runs the PyTorch path)")
+    from hf_mamba.kernels.causal_conv1d import triton_conv
+
+    monkeypatch.setattr(triton_conv, "BLOCK_L", 32)  # several blocks along time at L = 129
     torch.manual_seed(0)
     batch, d_inner, seqlen = case["shape"]
     d_conv = case["d_conv"]
@@ -51,7 +57,7 @@ def test_causal_conv1d_matches_loop(case, dtype):
     weight = torch.randn(d_inner, d_conv, **g).to(dtype).requires_grad_()
     bias = torch.randn(d_inner, **g).to(dtype).requires_grad_() if case["bias"] else None
     init = torch.randn(batch, d_inner, d_conv - 1, **g).to(dtype) if case.get("init") else None
-    out = causal_conv1d(x, weight, bias, case["act"], init)
+    out = causal_conv1d(x, weight, bias, case["act"], init, backend=backend)
     leaves = [t for t in (x, weight, bias) if t is not None]
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     ref_bias = ref_leaves[2] if bias is not None else None
@@ -94,3 +100,34 @@ def test_packed_conv_equals_separate_documents():
         causal_conv1d(
             x, weight, bias, "silu", initial_state=torch.zeros(2, 3, 3, dtype=torch.float64), seq_idx=seq_idx
         )
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_triton_packed_conv_matches_torch(bias, monkeypatch):
+    """seq_idx in the Triton kernel (forward and every gradient) equals the PyTorch path, across blocks."""
+    from hf_mamba.kernels.causal_conv1d import triton_conv
+
+    monkeypatch.setattr(triton_conv, "BLOCK_L", 16)
+    monkeypatch.setattr(triton_conv, "BLOCK_D", 4)
+    torch.manual_seed(2)
+    g = dict(device=DEVICE)
+    x = torch.randn(2, 6, 37, **g).requires_grad_()
+    weight = torch.randn(6, 4, **g).requires_grad_()
+    b = torch.randn(6, **g).requires_grad_() if bias else None
+    seq_idx = torch.tensor([[0] * 15 + [1] * 2 + [2] * 20, [5] * 30 + [6] * 7], device=DEVICE)
+    leaves = [t for t in (x, weight, b) if t is not None]
+    outs, grads = [], []
+    for backend in ("torch", "triton"):
+        out = causal_conv1d(x, weight, b, "silu", seq_idx=seq_idx, backend=backend)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), **g).view_as(out)).sum(), leaves))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for g_triton, g_torch in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g_triton, g_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_conv_rejects_initial_state():
+    x = torch.randn(1, 2, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="initial_state"):
+        causal_conv1d(x, torch.randn(2, 4, device=DEVICE), initial_state=torch.zeros(1, 2, 3, device=DEVICE),
+                      backend="triton")

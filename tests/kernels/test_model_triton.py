@@ -49,8 +49,11 @@ def test_triton_decode_steps_match_full_forward(monkeypatch):
     ids = torch.randint(0, SIZES["vocab_size"], (2, 8), device=DEVICE)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :5], use_cache=True)
+        out = model(ids[:, :3], use_cache=True)
         steps = [out.logits]
+        # A 2-token chunk continuing the cache (conv from the cached window), then single steps.
+        out = model(ids[:, 3:5], cache_params=out.cache_params, use_cache=True)
+        steps.append(out.logits)
         for t in range(5, 8):
             out = model(ids[:, t : t + 1], cache_params=out.cache_params, use_cache=True)
             steps.append(out.logits)

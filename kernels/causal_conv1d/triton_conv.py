@@ -1,0 +1,221 @@
+"""Causal depthwise conv1d in Triton: forward and backward with the bias and SiLU fused in.
+
+    out[t] = act(bias + sum_k weight[k] * x[t - (d_conv - 1) + k])      x: (batch, d_inner, seqlen)
+
+One program per (batch, BLOCK_D channels, BLOCK_L steps); x is read along time (time-contiguous),
+the d_conv taps as shifted loads of the same tile (cache hits). The backward recomputes the
+pre-activation where it needs SiLU's derivative instead of storing it, and writes the weight and
+bias gradients as per-program partial sums that the host adds up (no atomics, deterministic).
+With seq_idx, a tap that would read another document counts as zero, as in the PyTorch path.
+"""
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_D = 16
+BLOCK_L = 128
+
+
+@triton.jit
+def _conv_at(p_row, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
+             HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    # Pre-activation at steps o_t, (BLOCK_D, BLOCK_L) fp32.
+    b_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    for k in tl.static_range(K):
+        o_src = o_t - (K - 1 - k)
+        m_src = (o_src >= 0) & (o_src < seqlen)
+        if HAS_SEQ_IDX:  # another document's input counts as zero
+            b_si_src = tl.load(p_si_b + o_src * s_si_l, mask=m_src, other=-1)
+            m_src = m_src & (b_si_src == b_si_t)
+        b_x = tl.load(p_row + o_src[None, :], mask=m_d[:, None] & m_src[None, :], other=0.0).to(tl.float32)
+        b_w = tl.load(p_w_d + k, mask=m_d, other=0.0).to(tl.float32)
+        b_acc += b_w[:, None] * b_x
+    if HAS_BIAS:
+        b_acc += b_bias[:, None]
+    return b_acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    p_x, p_w, p_bias, p_out, p_seq_idx, d_inner, seqlen, s_si_b, s_si_l,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    m_d = o_d < d_inner
+    m_t = o_t < seqlen
+    p_row = p_x + (i_b * d_inner + o_d[:, None]) * seqlen  # (BLOCK_D, 1): each channel's row
+    p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
+    if HAS_SEQ_IDX:
+        p_si_b += i_b * s_si_b
+    b_si_t = 0
+    if HAS_SEQ_IDX:
+        b_si_t = tl.load(p_si_b + o_t * s_si_l, mask=m_t, other=0)
+    b_bias = 0.0
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_pre = _conv_at(p_row, p_w + o_d * K, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
+                     HAS_BIAS, HAS_SEQ_IDX, K, BLOCK_D, BLOCK_L)
+    b_out = b_pre
+    if SILU:
+        b_out = b_pre * tl.sigmoid(b_pre)
+    p_out_t = p_out + (i_b * d_inner + o_d[:, None]) * seqlen + o_t[None, :]
+    tl.store(p_out_t, b_out.to(p_out.dtype.element_ty), mask=m_d[:, None] & m_t[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    p_x, p_w, p_bias, p_dout, p_dx, p_dw, p_dbias, p_seq_idx, d_inner, seqlen, s_si_b, s_si_l,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    i_l = tl.program_id(2)
+    o_s = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # the steps whose dx this program writes
+    m_d = o_d < d_inner
+    m_s = o_s < seqlen
+    p_row = p_x + (i_b * d_inner + o_d[:, None]) * seqlen
+    p_drow = p_dout + (i_b * d_inner + o_d[:, None]) * seqlen
+    p_w_d = p_w + o_d * K
+    p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
+    if HAS_SEQ_IDX:
+        p_si_b += i_b * s_si_b
+    b_si_s = 0
+    if HAS_SEQ_IDX:
+        b_si_s = tl.load(p_si_b + o_s * s_si_l, mask=m_s, other=0)
+    b_bias = 0.0
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    # x[s] feeds out[s + j] through tap K - 1 - j; dpre at those steps comes from dout and, with
+    # SiLU, the recomputed pre-activation there.
+    for j in tl.static_range(K):
+        o_t = o_s + j
+        m_t = o_t < seqlen
+        b_si_t = 0
+        if HAS_SEQ_IDX:
+            b_si_t = tl.load(p_si_b + o_t * s_si_l, mask=m_t, other=-1)
+        b_dpre = tl.load(p_drow + o_t[None, :], mask=m_d[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+        if SILU:
+            b_pre = _conv_at(p_row, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
+                             HAS_BIAS, HAS_SEQ_IDX, K, BLOCK_D, BLOCK_L)
+            b_sig = tl.sigmoid(b_pre)
+            b_dpre = b_dpre * b_sig * (1.0 + b_pre * (1.0 - b_sig))
+        if j == 0:
+            b_dpre_s = b_dpre  # dpre at the program's own steps: for dweight and dbias
+        if HAS_SEQ_IDX:
+            b_dpre = tl.where((b_si_t == b_si_s)[None, :], b_dpre, 0.0)
+        b_w = tl.load(p_w_d + (K - 1 - j), mask=m_d, other=0.0).to(tl.float32)
+        b_dx += b_w[:, None] * b_dpre
+    p_dx_s = p_dx + (i_b * d_inner + o_d[:, None]) * seqlen + o_s[None, :]
+    tl.store(p_dx_s, b_dx.to(p_dx.dtype.element_ty), mask=m_d[:, None] & m_s[None, :])
+
+    # Partial sums over this program's steps: dweight[k] = sum_s dpre[s] x[s - (K - 1 - k)].
+    i_part = i_b * tl.num_programs(2) + i_l  # (batch x L-blocks, d_inner, K) partials
+    for k in tl.static_range(K):
+        o_src = o_s - (K - 1 - k)
+        m_src = m_s & (o_src >= 0)
+        if HAS_SEQ_IDX:
+            b_si_src = tl.load(p_si_b + o_src * s_si_l, mask=m_src, other=-1)
+            m_src = m_src & (b_si_src == b_si_s)
+        b_x = tl.load(p_row + o_src[None, :], mask=m_d[:, None] & m_src[None, :], other=0.0).to(tl.float32)
+        tl.store(p_dw + (i_part * d_inner + o_d) * K + k, tl.sum(b_dpre_s * b_x, axis=1), mask=m_d)
+    if HAS_BIAS:
+        tl.store(p_dbias + i_part * d_inner + o_d, tl.sum(b_dpre_s, axis=1), mask=m_d)
+
+
+def _grid(x):
+    batch, d_inner, seqlen = x.shape
+    return (batch, triton.cdiv(d_inner, BLOCK_D), triton.cdiv(seqlen, BLOCK_L))
+
+
+def _seq_idx_args(seq_idx):
+    return (seq_idx, *seq_idx.stride()) if seq_idx is not None else (None, 0, 0)
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("hf_mamba::causal_conv1d_fwd", mutates_args=())
+def causal_conv1d_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool
+) -> torch.Tensor:
+    """x: time-contiguous (batch, d_inner, seqlen); weight: contiguous (d_inner, d_conv)."""
+    out = torch.empty_like(x)
+    si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
+    with _device_guard(x):
+        _conv_fwd_kernel[_grid(x)](
+            x, weight, bias, out, si, x.shape[1], x.shape[2], s_si_b, s_si_l,
+            HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
+            BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
+        )
+    return out
+
+
+@causal_conv1d_fwd_op.register_fake
+def _(x, weight, bias, seq_idx, silu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("hf_mamba::causal_conv1d_bwd", mutates_args=())
+def causal_conv1d_bwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    silu: bool,
+    dout: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dweight, dbias); dbias is empty without a bias."""
+    batch, d_inner, seqlen = x.shape
+    grid = _grid(x)
+    dx = torch.empty_like(x)
+    dw_parts = x.new_empty(batch * grid[2], d_inner, weight.shape[1], dtype=torch.float32)
+    dbias_parts = x.new_empty(batch * grid[2], d_inner, dtype=torch.float32) if bias is not None else None
+    si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
+    with _device_guard(x):
+        _conv_bwd_kernel[grid](
+            x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, s_si_b, s_si_l,
+            HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
+            BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
+        )
+    dweight = dw_parts.sum(0).to(weight.dtype)
+    dbias = dbias_parts.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dweight, dbias
+
+
+@causal_conv1d_bwd_op.register_fake
+def _(x, weight, bias, seq_idx, silu, dout):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else x.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, seq_idx, silu = inputs
+    ctx.silu = silu
+    ctx.save_for_backward(x, weight, bias, seq_idx)
+
+
+def _backward(ctx, dout):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dweight, dbias = causal_conv1d_bwd_op(x, weight, bias, seq_idx, ctx.silu, dout.contiguous())
+    # seq_idx holds integer document ids, silu is a flag: neither has a gradient.
+    return dx, dweight, dbias if bias is not None else None, None, None
+
+
+causal_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def causal_conv1d_triton(x, weight, bias=None, activation=None, seq_idx=None):
+    """Triton causal conv1d (no initial state); weight (d_inner, d_conv). Output in x's dtype."""
+    return causal_conv1d_fwd_op(x.contiguous(), weight.contiguous(), bias, seq_idx, activation is not None)
+
+
+__all__ = ["causal_conv1d_triton"]
