@@ -221,6 +221,15 @@ def sweep(args):
     print(f"Tables below use {best[1]} (fastest forward+backward summed over the shapes; f+b with the faster forward)")
 
 
+def _time_conv(fn, x, w, b, dout):
+    with torch.no_grad():
+        fwd = bench(lambda: fn(x, w, b))
+    fwd_bwd = triton.testing.do_bench(
+        lambda: fn(x, w, b).backward(dout), warmup=25, rep=100, grad_to_none=[x, w, b], return_mode="median"
+    )
+    return fwd, fwd_bwd
+
+
 def conv_table(args):
     """Causal conv1d (bias + SiLU) at the Mamba block shapes: Triton kernel vs the PyTorch call vs causal_conv1d."""
     from hf_mamba.kernels import causal_conv1d
@@ -247,12 +256,7 @@ def conv_table(args):
         for name, fn in fns.items():
             w_ = w if name != "causal_conv1d" else w.detach().bfloat16().requires_grad_()  # it wants one dtype
             b_ = b if name != "causal_conv1d" else b.detach().bfloat16().requires_grad_()
-            with torch.no_grad():
-                fwd = bench(lambda: fn(x, w_, b_))
-            fb = triton.testing.do_bench(
-                lambda: fn(x, w_, b_).backward(dout), warmup=25, rep=100, grad_to_none=[x, w_, b_], return_mode="median"
-            )
-            cells += [f"{fwd:.3f}", f"{fb:.3f}"]
+            cells += [f"{ms:.3f}" for ms in _time_conv(fn, x, w_, b_, dout)]
         print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
 
 

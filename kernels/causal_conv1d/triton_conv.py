@@ -194,7 +194,8 @@ def causal_conv1d_bwd_op(
 
 @causal_conv1d_bwd_op.register_fake
 def _(x, weight, bias, seq_idx, silu, dout):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weight), dbias
 
 
 def _setup_context(ctx, inputs, output):
