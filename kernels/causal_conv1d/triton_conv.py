@@ -144,11 +144,7 @@ def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@torch.library.custom_op("hf_mamba::causal_conv1d_fwd", mutates_args=())
-def causal_conv1d_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool
-) -> torch.Tensor:
-    """x: time-contiguous (batch, d_inner, seqlen); weight: contiguous (d_inner, d_conv)."""
+def _conv_fwd(x, weight, bias, seq_idx, silu):
     out = torch.empty_like(x)
     si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
     with _device_guard(x):
@@ -160,21 +156,7 @@ def causal_conv1d_fwd_op(
     return out
 
 
-@causal_conv1d_fwd_op.register_fake
-def _(x, weight, bias, seq_idx, silu):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("hf_mamba::causal_conv1d_bwd", mutates_args=())
-def causal_conv1d_bwd_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    seq_idx: torch.Tensor | None,
-    silu: bool,
-    dout: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx, dweight, dbias); dbias is empty without a bias."""
+def _conv_bwd(x, weight, bias, seq_idx, silu, dout):
     batch, d_inner, seqlen = x.shape
     grid = _grid(x)
     dx = torch.empty_like(x)
@@ -192,10 +174,41 @@ def causal_conv1d_bwd_op(
     return dx, dweight, dbias
 
 
+@torch.library.custom_op("hf_mamba::causal_conv1d_fwd", mutates_args=())
+def causal_conv1d_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool
+) -> torch.Tensor:
+    """x: time-contiguous (batch, d_inner, seqlen); weight: contiguous (d_inner, d_conv)."""
+    return _conv_fwd(x, weight, bias, seq_idx, silu)
+
+
+@causal_conv1d_fwd_op.register_fake
+def _(x, weight, bias, seq_idx, silu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("hf_mamba::causal_conv1d_bwd", mutates_args=())
+def causal_conv1d_bwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    silu: bool,
+    dout: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dweight, dbias); dbias is empty without a bias."""
+    return _conv_bwd(x, weight, bias, seq_idx, silu, dout)
+
+
 @causal_conv1d_bwd_op.register_fake
 def _(x, weight, bias, seq_idx, silu, dout):
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return torch.empty_like(x), torch.empty_like(weight), dbias
+
+
+def _input_grads(bias, dx, dweight, dbias):
+    # seq_idx holds integer document ids, silu is a flag: neither has a gradient.
+    return dx, dweight, dbias if bias is not None else None, None, None
 
 
 def _setup_context(ctx, inputs, output):
@@ -206,17 +219,33 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout):
     x, weight, bias, seq_idx = ctx.saved_tensors
-    dx, dweight, dbias = causal_conv1d_bwd_op(x, weight, bias, seq_idx, ctx.silu, dout.contiguous())
-    # seq_idx holds integer document ids, silu is a flag: neither has a gradient.
-    return dx, dweight, dbias if bias is not None else None, None, None
+    return _input_grads(bias, *causal_conv1d_bwd_op(x, weight, bias, seq_idx, ctx.silu, dout.contiguous()))
 
 
 causal_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _CausalConv1dEager(torch.autograd.Function):
+    """The same kernels without the custom-op dispatcher in eager mode (its CPU cost: see
+    `hf_mamba.kernels.selective_scan.triton_scan._SelectiveScanEager`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, silu):
+        _setup_context(ctx, (x, weight, bias, seq_idx, silu), None)
+        return _conv_fwd(x, weight, bias, seq_idx, silu)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, seq_idx = ctx.saved_tensors
+        return _input_grads(bias, *_conv_bwd(x, weight, bias, seq_idx, ctx.silu, dout.contiguous()))
+
+
 def causal_conv1d_triton(x, weight, bias=None, activation=None, seq_idx=None):
     """Triton causal conv1d (no initial state); weight (d_inner, d_conv). Output in x's dtype."""
-    return causal_conv1d_fwd_op(x.contiguous(), weight.contiguous(), bias, seq_idx, activation is not None)
+    args = (x.contiguous(), weight.contiguous(), bias, seq_idx, activation is not None)
+    if torch.compiler.is_compiling():
+        return causal_conv1d_fwd_op(*args)  # the op torch.compile / export trace through
+    return _CausalConv1dEager.apply(*args)
 
 
 __all__ = ["causal_conv1d_triton"]

@@ -487,27 +487,14 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, d
     )
 
 
-def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx = inputs
-    ctx.delta_softplus = delta_softplus
-    ctx.has_initial_state = initial_state is not None
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], seq_idx)
-
-
-def _backward(ctx, dout, dfinal_state, dchunk_states):
-    u, delta, A, B, C, D, z, delta_bias, chunk_states, seq_idx = ctx.saved_tensors
-    if chunk_states.numel() == 0 and u.shape[-1] > 0:
-        raise RuntimeError("selective_scan backward needs the forward to run with save_states=True")
-    grads = selective_scan_bwd_op(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout.contiguous(), dfinal_state,
-        seq_idx,
-    )
+def _input_grads(ctx, grads):
+    """The scan's gradients in the order of the forward op's inputs."""
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = grads
     return (
         du, ddelta, dA, dB, dC,
-        dD if D is not None else None,
-        dz if z is not None else None,
-        ddelta_bias if delta_bias is not None else None,
+        dD if ctx.has_D else None,
+        dz if ctx.has_z else None,
+        ddelta_bias if ctx.has_delta_bias else None,
         None,  # delta_softplus: a flag
         dinitial_state if ctx.has_initial_state else None,
         None,  # save_states: a flag
@@ -515,7 +502,64 @@ def _backward(ctx, dout, dfinal_state, dchunk_states):
     )
 
 
+def _save(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, seq_idx):
+    ctx.delta_softplus = delta_softplus
+    ctx.has_D, ctx.has_z, ctx.has_delta_bias = D is not None, z is not None, delta_bias is not None
+    ctx.has_initial_state = initial_state is not None
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, seq_idx)
+
+
+def _saved_for_backward(ctx):
+    saved = ctx.saved_tensors
+    if saved[8].numel() == 0 and saved[0].shape[-1] > 0:
+        raise RuntimeError("selective_scan backward needs the forward to run with save_states=True")
+    return saved
+
+
+def _backward(ctx, dout, dfinal_state, dchunk_states):
+    u, delta, A, B, C, D, z, delta_bias, chunk_states, seq_idx = _saved_for_backward(ctx)
+    grads = selective_scan_bwd_op(
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout.contiguous(), dfinal_state,
+        seq_idx,
+    )
+    return _input_grads(ctx, grads)
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx = inputs
+    _save(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, output[2], seq_idx)
+
+
 selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SelectiveScanEager(torch.autograd.Function):
+    """The same kernels as the custom ops, without the dispatcher in eager mode.
+
+    Calling a torch.library custom op with autograd costs about 0.2 ms of CPU per forward +
+    backward (measured on this project's 2-core CPU machine), several times a plain autograd.Function;
+    a 24-layer model pays it per layer and step, and small models' training steps are CPU-bound.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx):
+        with _device_guard(u):
+            out, final_state, chunk_states = _scan_fwd(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx
+            )
+        _save(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, seq_idx)
+        ctx.set_materialize_grads(False)
+        return out, final_state
+
+    @staticmethod
+    def backward(ctx, dout, dfinal_state):
+        u, delta, A, B, C, D, z, delta_bias, chunk_states, seq_idx = _saved_for_backward(ctx)
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        with _device_guard(u):
+            grads = _scan_bwd(
+                u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout, dfinal_state, seq_idx
+            )
+        return _input_grads(ctx, grads)
 
 
 def selective_scan_triton(
@@ -524,9 +568,11 @@ def selective_scan_triton(
     """Triton selective scan; same semantics as `hf_mamba.kernels.selective_scan` (backend="triton")."""
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, final_state, _ = selective_scan_fwd_op(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, save_states, seq_idx
-    )
+    args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, save_states, seq_idx)
+    if torch.compiler.is_compiling():
+        out, final_state, _ = selective_scan_fwd_op(*args)  # the op torch.compile / export trace through
+    else:
+        out, final_state = _SelectiveScanEager.apply(*args)
     return (out, final_state) if return_final_state else out
 
 

@@ -131,3 +131,23 @@ def test_triton_conv_rejects_initial_state():
     with pytest.raises(ValueError, match="initial_state"):
         causal_conv1d(x, torch.randn(2, 4, device=DEVICE), initial_state=torch.zeros(1, 2, 3, device=DEVICE),
                       backend="triton")
+
+
+def test_triton_conv_custom_op():
+    """opcheck of the op torch.compile traces, and its gradients equal the eager autograd.Function's."""
+    from hf_mamba.kernels.causal_conv1d import triton_conv
+
+    torch.manual_seed(3)
+    g = dict(device=DEVICE)
+    x = torch.randn(2, 5, 19, **g).requires_grad_()
+    weight = torch.randn(5, 4, **g).requires_grad_()
+    bias = torch.randn(5, **g).requires_grad_()
+    seq_idx = torch.tensor([[0] * 7 + [1] * 12, [3] * 19], device=DEVICE)
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(triton_conv.causal_conv1d_fwd_op, (x, weight, bias, seq_idx, True), test_utils=checks)
+    results = []
+    for fn in (triton_conv.causal_conv1d_fwd_op, triton_conv._CausalConv1dEager.apply):
+        out = fn(x, weight, bias, seq_idx, True)
+        results.append((out, *torch.autograd.grad((out * out.detach().cos()).sum(), (x, weight, bias))))
+    for op_value, eager_value in zip(*results, strict=True):
+        torch.testing.assert_close(op_value, eager_value, rtol=0, atol=0)

@@ -216,6 +216,26 @@ def test_triton_scan_opcheck():
     torch.library.opcheck(triton_scan.selective_scan_fwd_op, args, test_utils=checks)
 
 
+def test_triton_scan_custom_op_equals_eager_function():
+    """Eager mode runs an autograd.Function; torch.compile traces the custom ops: same outputs and gradients."""
+    from hf_mamba.kernels.selective_scan import triton_scan
+
+    torch.manual_seed(6)
+    case = dict(cpu=(2, 3, 21, 4), gpu=(2, 32, 300, 16), D=True, z=True, bias=True, h0=True)
+    kernel, _ = _make_scan_inputs(case, torch.float32)
+    k = kernel
+    args = (k["u"], k["delta"], k["A"], k["B"], k["C"], k["D"], k["z"], k["delta_bias"])
+    args += (True, k["initial_state"], True, None)  # delta_softplus, initial_state, save_states, seq_idx
+    leaves = [t for t in args if isinstance(t, torch.Tensor)]
+    results = []
+    for fn in (triton_scan.selective_scan_fwd_op, triton_scan._SelectiveScanEager.apply):
+        out, final = fn(*args)[:2]
+        grads = torch.autograd.grad((out * out.detach().sin()).sum() + final.sum(), leaves)
+        results.append((out, final, *grads))
+    for op_value, eager_value in zip(*results, strict=True):
+        torch.testing.assert_close(op_value, eager_value, rtol=0, atol=0)
+
+
 STEP_CASES = [
     pytest.param(dict(shape=(2, 5, 4), D=True, z=True, bias=True, softplus=True), id="all"),
     pytest.param(dict(shape=(3, 7, 16)), id="plain"),
