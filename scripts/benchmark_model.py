@@ -3,6 +3,7 @@
     python scripts/benchmark_model.py                       # the 130M shape, all implementations found
     source <shared>/peers/activate.sh && python scripts/benchmark_model.py   # with mamba_ssm side by side
     python scripts/benchmark_model.py --layers 4 --quick    # a smoke run
+    python scripts/benchmark_model.py --profile             # also: CPU enqueue vs GPU kernel time per step
 
 Implementations: hf_mamba (Triton kernels; decoding with and without CUDA graphs), Transformers'
 built-in MambaForCausalLM (whatever kernels it finds), and mamba_ssm's MambaLMHeadModel when it is
@@ -61,7 +62,7 @@ def cuda_time(fn):
     return time.perf_counter() - start, result
 
 
-def train_throughput(model, args, logits_of, warmup_steps=None, steps=None):
+def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), device="cuda")
     model.train()
@@ -79,8 +80,35 @@ def train_throughput(model, args, logits_of, warmup_steps=None, steps=None):
     torch.cuda.reset_peak_memory_stats()
     times = [cuda_time(step)[0] for _ in range(args.train_steps if steps is None else steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        print_step_profile(name, step, statistics.median(times))
 
     return args.batch * args.seqlen / statistics.median(times), peak
+
+
+def print_step_profile(name, step, wall_seconds, steps=3):
+    """Where a training step's time goes: CPU time to enqueue it, GPU kernel time, the top kernels.
+
+    When the enqueue time is close to the wall time the step is bound by the CPU issuing kernels,
+    and faster kernels do not show in tokens/s.
+    """
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    enqueue = time.perf_counter() - start
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events) / steps / 1e3
+    print(
+        f"{name} step: wall {wall_seconds * 1e3:.1f} ms, CPU enqueue {enqueue * 1e3:.1f} ms, "
+        f"GPU kernels {gpu_ms:.1f} ms"
+    )
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
+        print(f"    {e.self_device_time_total / steps / 1e3:7.2f} ms  x{e.count // steps:4d}  {e.key[:80]}")
 
 
 def decode_throughput(generate, args, batch):
@@ -129,6 +157,7 @@ def main():
     parser.add_argument("--skip-builtin-train", action="store_true", help="skip Transformers' training run")
     parser.add_argument("--builtin-train-steps", type=int, default=2, help="timed steps for Transformers' model")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
+    parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
@@ -163,15 +192,17 @@ def main():
         return model(ids).logits
 
     rows = []
-    tps, peak = train_throughput(ours, args, logits_hf)
+    tps, peak = train_throughput("hf_mamba (Triton)", ours, args, logits_hf)
     rows.append(("hf_mamba (Triton)", tps, peak))
     if not args.skip_builtin_train:
         # Its pure-PyTorch fallback runs ~100 tokens/s at this shape: time few steps.
-        tps, peak = train_throughput(builtin, args, logits_hf, warmup_steps=1, steps=args.builtin_train_steps)
+        tps, peak = train_throughput(
+            "transformers built-in", builtin, args, logits_hf, warmup_steps=1, steps=args.builtin_train_steps
+        )
         rows.append(("transformers built-in", tps, peak))
     if peer:
         model = peer_model(args, state_dict, peer)
-        tps, peak = train_throughput(model, args, logits_peer)
+        tps, peak = train_throughput("mamba_ssm", model, args, logits_peer)
         rows.append(("mamba_ssm", tps, peak))
         del model
     torch.cuda.empty_cache()
