@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, seq_idx=None, backend=None):
+def causal_conv1d(
+    x, weight, bias=None, activation=None, initial_state=None, seq_idx=None, backend=None, channels_last_out=False
+):
     """out[t] = act(bias + sum_k weight[k] * x[t - d_conv + 1 + k]), with x before t=0 taken from `initial_state`.
 
     initial_state: (batch, d_inner, d_conv - 1), the inputs just before x (zeros if None), so a
@@ -16,6 +18,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, seq
     count as zeros, so each document is convolved as if it started the sequence.
     backend: "reference" / "torch" (PyTorch ops), "triton" (fused kernel; no initial_state), or
     None: Triton on CUDA when there is no initial_state, else PyTorch.
+    channels_last_out: return the output as a (batch, d_inner, seqlen) view of a (batch, seqlen,
+    d_inner) tensor, the layout a following nn.Linear over the channels reads without a copy.
     """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
@@ -23,7 +27,12 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, seq
     if name == "triton":
         from .triton_conv import causal_conv1d_triton
 
-        return causal_conv1d_triton(x, weight, bias, activation, seq_idx)
+        return causal_conv1d_triton(x, weight, bias, activation, seq_idx, channels_last_out)
+    out = _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx)
+    return out.transpose(1, 2).contiguous().transpose(1, 2) if channels_last_out else out
+
+
+def _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx):
     if seq_idx is not None:
         if initial_state is not None:
             raise ValueError("causal_conv1d takes seq_idx or initial_state, not both")

@@ -3,7 +3,8 @@
     out[t] = act(bias + sum_k weight[k] * x[t - (d_conv - 1) + k])      x: (batch, d_inner, seqlen)
 
 One program per (batch, BLOCK_D channels, BLOCK_L steps); x is read along time (time-contiguous),
-the d_conv taps as shifted loads of the same tile (cache hits). The backward recomputes the
+the d_conv taps as shifted loads of the same tile (cache hits). The output (and its gradient) may be
+channels-last, so that the Linear after the conv reads it without a transposing copy. The backward recomputes the
 pre-activation where it needs SiLU's derivative instead of storing it, and writes the weight and
 bias gradients as per-program partial sums that the host adds up (no atomics, deterministic).
 With seq_idx, a tap that would read another document counts as zero, as in the PyTorch path.
@@ -41,7 +42,7 @@ def _conv_at(p_row, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
 
 @triton.jit
 def _conv_fwd_kernel(
-    p_x, p_w, p_bias, p_out, p_seq_idx, d_inner, seqlen, s_si_b, s_si_l,
+    p_x, p_w, p_bias, p_out, p_seq_idx, d_inner, seqlen, s_o_b, s_o_d, s_o_l, s_si_b, s_si_l,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -65,13 +66,14 @@ def _conv_fwd_kernel(
     b_out = b_pre
     if SILU:
         b_out = b_pre * tl.sigmoid(b_pre)
-    p_out_t = p_out + (i_b * d_inner + o_d[:, None]) * seqlen + o_t[None, :]
+    p_out_t = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_t[None, :] * s_o_l
     tl.store(p_out_t, b_out.to(p_out.dtype.element_ty), mask=m_d[:, None] & m_t[None, :])
 
 
 @triton.jit
 def _conv_bwd_kernel(
-    p_x, p_w, p_bias, p_dout, p_dx, p_dw, p_dbias, p_seq_idx, d_inner, seqlen, s_si_b, s_si_l,
+    p_x, p_w, p_bias, p_dout, p_dx, p_dw, p_dbias, p_seq_idx, d_inner, seqlen, s_do_b, s_do_d, s_do_l,
+    s_si_b, s_si_l,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -82,7 +84,7 @@ def _conv_bwd_kernel(
     m_d = o_d < d_inner
     m_s = o_s < seqlen
     p_row = p_x + (i_b * d_inner + o_d[:, None]) * seqlen
-    p_drow = p_dout + (i_b * d_inner + o_d[:, None]) * seqlen
+    p_drow = p_dout + i_b * s_do_b + o_d[:, None] * s_do_d
     p_w_d = p_w + o_d * K
     p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
     if HAS_SEQ_IDX:
@@ -102,7 +104,8 @@ def _conv_bwd_kernel(
         b_si_t = 0
         if HAS_SEQ_IDX:
             b_si_t = tl.load(p_si_b + o_t * s_si_l, mask=m_t, other=-1)
-        b_dpre = tl.load(p_drow + o_t[None, :], mask=m_d[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+        b_dpre = tl.load(p_drow + o_t[None, :] * s_do_l, mask=m_d[:, None] & m_t[None, :], other=0.0)
+        b_dpre = b_dpre.to(tl.float32)
         if SILU:
             b_pre = _conv_at(p_row, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
                              HAS_BIAS, HAS_SEQ_IDX, K, BLOCK_D, BLOCK_L)
@@ -144,12 +147,20 @@ def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _conv_fwd(x, weight, bias, seq_idx, silu):
-    out = torch.empty_like(x)
+def _empty_out(x, channels_last):
+    # channels_last: a (batch, d_inner, seqlen) view of a (batch, seqlen, d_inner) tensor, the layout a
+    # following nn.Linear over the channels reads without a copy.
+    if channels_last:
+        return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
+    return torch.empty_like(x)
+
+
+def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last):
+    out = _empty_out(x, channels_last)
     si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
     with _device_guard(x):
         _conv_fwd_kernel[_grid(x)](
-            x, weight, bias, out, si, x.shape[1], x.shape[2], s_si_b, s_si_l,
+            x, weight, bias, out, si, x.shape[1], x.shape[2], *out.stride(), s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
             BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
         )
@@ -165,7 +176,8 @@ def _conv_bwd(x, weight, bias, seq_idx, silu, dout):
     si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
     with _device_guard(x):
         _conv_bwd_kernel[grid](
-            x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, s_si_b, s_si_l,
+            x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, *dout.stride(),
+            s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
             BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
         )
@@ -176,15 +188,20 @@ def _conv_bwd(x, weight, bias, seq_idx, silu, dout):
 
 @torch.library.custom_op("hf_mamba::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    silu: bool,
+    channels_last: bool,
 ) -> torch.Tensor:
     """x: time-contiguous (batch, d_inner, seqlen); weight: contiguous (d_inner, d_conv)."""
-    return _conv_fwd(x, weight, bias, seq_idx, silu)
+    return _conv_fwd(x, weight, bias, seq_idx, silu, channels_last)
 
 
 @causal_conv1d_fwd_op.register_fake
-def _(x, weight, bias, seq_idx, silu):
-    return torch.empty_like(x)
+def _(x, weight, bias, seq_idx, silu, channels_last):
+    return _empty_out(x, channels_last)
 
 
 @torch.library.custom_op("hf_mamba::causal_conv1d_bwd", mutates_args=())
@@ -207,19 +224,19 @@ def _(x, weight, bias, seq_idx, silu, dout):
 
 
 def _input_grads(bias, dx, dweight, dbias):
-    # seq_idx holds integer document ids, silu is a flag: neither has a gradient.
-    return dx, dweight, dbias if bias is not None else None, None, None
+    # seq_idx holds integer document ids, silu and channels_last are flags: none has a gradient.
+    return dx, dweight, dbias if bias is not None else None, None, None, None
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, seq_idx, silu = inputs
+    x, weight, bias, seq_idx, silu, channels_last = inputs
     ctx.silu = silu
     ctx.save_for_backward(x, weight, bias, seq_idx)
 
 
 def _backward(ctx, dout):
     x, weight, bias, seq_idx = ctx.saved_tensors
-    return _input_grads(bias, *causal_conv1d_bwd_op(x, weight, bias, seq_idx, ctx.silu, dout.contiguous()))
+    return _input_grads(bias, *causal_conv1d_bwd_op(x, weight, bias, seq_idx, ctx.silu, dout))
 
 
 causal_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -230,19 +247,19 @@ class _CausalConv1dEager(torch.autograd.Function):
     `hf_mamba.kernels.selective_scan.triton_scan._SelectiveScanEager`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, silu):
-        _setup_context(ctx, (x, weight, bias, seq_idx, silu), None)
-        return _conv_fwd(x, weight, bias, seq_idx, silu)
+    def forward(ctx, x, weight, bias, seq_idx, silu, channels_last):
+        _setup_context(ctx, (x, weight, bias, seq_idx, silu, channels_last), None)
+        return _conv_fwd(x, weight, bias, seq_idx, silu, channels_last)
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, seq_idx = ctx.saved_tensors
-        return _input_grads(bias, *_conv_bwd(x, weight, bias, seq_idx, ctx.silu, dout.contiguous()))
+        return _input_grads(bias, *_conv_bwd(x, weight, bias, seq_idx, ctx.silu, dout))
 
 
-def causal_conv1d_triton(x, weight, bias=None, activation=None, seq_idx=None):
+def causal_conv1d_triton(x, weight, bias=None, activation=None, seq_idx=None, channels_last_out=False):
     """Triton causal conv1d (no initial state); weight (d_inner, d_conv). Output in x's dtype."""
-    args = (x.contiguous(), weight.contiguous(), bias, seq_idx, activation is not None)
+    args = (x.contiguous(), weight.contiguous(), bias, seq_idx, activation is not None, channels_last_out)
     if torch.compiler.is_compiling():
         return causal_conv1d_fwd_op(*args)  # the op torch.compile / export trace through
     return _CausalConv1dEager.apply(*args)

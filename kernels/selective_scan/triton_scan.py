@@ -340,6 +340,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, chunk, seq_idx
         )
         return out, final_state, chunk_states
+    out_like = u  # the output takes u's layout, whichever forward runs (and the fake op says so)
     u, delta, B, C, z = (_time_contiguous(t) for t in (u, delta, B, C, z))
     out = torch.empty_like(u)  # (batch, d_inner, seqlen)
     final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
@@ -356,6 +357,8 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         SAVE_CHUNK_STATES=save_states, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
     )
+    if out.stride() != torch.empty_like(out_like).stride():
+        out = torch.empty_like(out_like).copy_(out)
     return out, final_state, chunk_states
 
 
@@ -437,7 +440,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_s
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     n_chunks = triton.cdiv(seqlen, _chunk_len(seqlen))
-    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    out = torch.empty_like(u)
     final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
     shape = (batch, d_inner, n_chunks, d_state) if save_states else (0,)
     return out, final_state, u.new_empty(shape, dtype=torch.float32)

@@ -388,7 +388,7 @@ def scan_fwd_seq(
     assert not save or ckpt_len % T == 0
     ckpt_every = max(1, ckpt_len // T)
     n_ckpt = chunk_states.shape[2] if save else 1
-    out = torch.empty_like(u, memory_format=torch.contiguous_format)  # (batch, d_inner, seqlen)
+    out = torch.empty_like(u)  # (batch, d_inner, seqlen), in u's layout (channels-last in the model)
     kernel = _fwd_kernel(d_state, T, lanes)
     d_blocks = triton.cdiv(d_inner, block_d)
     # Segments: one warp per 32 channels is latency-bound (each step waits on its B_t, C_t loads and

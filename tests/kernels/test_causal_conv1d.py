@@ -36,6 +36,7 @@ CASES = [
     pytest.param(dict(shape=(2, 5, 1), d_conv=4, bias=True, act="silu"), id="L1"),
     pytest.param(dict(shape=(2, 7, 63), d_conv=4, bias=True, act="silu", init=True), id="L63-init"),
     pytest.param(dict(shape=(1, 3, 129), d_conv=3, bias=False, act=None), id="L129-nobias-noact"),
+    pytest.param(dict(shape=(2, 20, 70), d_conv=4, bias=True, act="silu", cl=True), id="L70-channels-last-out"),
     pytest.param(dict(shape=(2, 10, 2), d_conv=4, bias=True, act="silu", init=True), id="L-shorter-than-kernel"),
 ]
 
@@ -57,7 +58,7 @@ def test_causal_conv1d_matches_loop(case, dtype, backend, monkeypatch):
     weight = torch.randn(d_inner, d_conv, **g).to(dtype).requires_grad_()
     bias = torch.randn(d_inner, **g).to(dtype).requires_grad_() if case["bias"] else None
     init = torch.randn(batch, d_inner, d_conv - 1, **g).to(dtype) if case.get("init") else None
-    out = causal_conv1d(x, weight, bias, case["act"], init, backend=backend)
+    out = causal_conv1d(x, weight, bias, case["act"], init, backend=backend, channels_last_out=case.get("cl", False))
     leaves = [t for t in (x, weight, bias) if t is not None]
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     ref_bias = ref_leaves[2] if bias is not None else None
@@ -144,10 +145,13 @@ def test_triton_conv_custom_op():
     bias = torch.randn(5, **g).requires_grad_()
     seq_idx = torch.tensor([[0] * 7 + [1] * 12, [3] * 19], device=DEVICE)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(triton_conv.causal_conv1d_fwd_op, (x, weight, bias, seq_idx, True), test_utils=checks)
+    for channels_last in (False, True):
+        args = (x, weight, bias, seq_idx, True, channels_last)
+        torch.library.opcheck(triton_conv.causal_conv1d_fwd_op, args, test_utils=checks)
     results = []
     for fn in (triton_conv.causal_conv1d_fwd_op, triton_conv._CausalConv1dEager.apply):
-        out = fn(x, weight, bias, seq_idx, True)
+        out = fn(x, weight, bias, seq_idx, True, True)
+        assert out.transpose(1, 2).is_contiguous()  # channels-last, as asked
         results.append((out, *torch.autograd.grad((out * out.detach().cos()).sum(), (x, weight, bias))))
     for op_value, eager_value in zip(*results, strict=True):
         torch.testing.assert_close(op_value, eager_value, rtol=0, atol=0)

@@ -202,7 +202,7 @@ def test_triton_scan_compiles_fullgraph():
             assert _rel_err(t.grad, ref[name].grad) < TOL[torch.float32], name
 
 
-def test_triton_scan_opcheck():
+def test_triton_scan_opcheck(monkeypatch):
     """torch.library.opcheck: fake tensor, schema and autograd registration of the forward op."""
     from hf_mamba.kernels.selective_scan import triton_scan
 
@@ -214,6 +214,12 @@ def test_triton_scan_opcheck():
     args += (True, k["initial_state"], True, None)  # delta_softplus, initial_state, save_states, seq_idx
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(triton_scan.selective_scan_fwd_op, args, test_utils=checks)
+    # A channels-last u (what the model passes) gives a channels-last output, in both forwards.
+    u_cl = k["u"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    for forward in ("seq", "chunk"):
+        monkeypatch.setattr(triton_scan, "FORWARD", forward)
+        torch.library.opcheck(triton_scan.selective_scan_fwd_op, (u_cl, *args[1:]), test_utils=checks)
+        assert triton_scan.selective_scan_fwd_op(u_cl, *args[1:])[0].transpose(1, 2).is_contiguous()
 
 
 def test_triton_scan_custom_op_equals_eager_function():
