@@ -2,11 +2,12 @@
 
     out[t] = act(bias + sum_k weight[k] * x[t - (d_conv - 1) + k])      x: (batch, d_inner, seqlen)
 
-One program per (batch, BLOCK_D channels, BLOCK_L steps); x is read along time (time-contiguous),
-the d_conv taps as shifted loads of the same tile (cache hits). The output (and its gradient) may be
-channels-last, so that the Linear after the conv reads it without a transposing copy. The backward recomputes the
-pre-activation where it needs SiLU's derivative instead of storing it, and writes the weight and
-bias gradients as per-program partial sums that the host adds up (no atomics, deterministic).
+One program per (batch, BLOCK_D channels, BLOCK_L steps). x may be time-contiguous or channels-last
+(a view of the in_proj output); the d_conv taps are shifted loads of the same tile (cache hits). The
+output may be channels-last too, so that the Linear after the conv reads it without a transposing
+copy. The backward recomputes the pre-activation where it needs SiLU's derivative instead of storing
+it, writes dx in x's layout, and writes the weight and bias gradients as per-program partial sums
+that the host adds up (no atomics, deterministic).
 With seq_idx, a tap that would read another document counts as zero, as in the PyTorch path.
 """
 
@@ -21,7 +22,7 @@ BLOCK_L = 128
 
 
 @triton.jit
-def _conv_at(p_row, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
+def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
              HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     # Pre-activation at steps o_t, (BLOCK_D, BLOCK_L) fp32.
@@ -32,8 +33,9 @@ def _conv_at(p_row, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
         if HAS_SEQ_IDX:  # another document's input counts as zero
             b_si_src = tl.load(p_si_b + o_src * s_si_l, mask=m_src, other=-1)
             m_src = m_src & (b_si_src == b_si_t)
-        b_x = tl.load(p_row + o_src[None, :], mask=m_d[:, None] & m_src[None, :], other=0.0).to(tl.float32)
+        b_x = tl.load(p_row + o_src[None, :] * s_x_l, mask=m_d[:, None] & m_src[None, :], other=0.0)
         b_w = tl.load(p_w_d + k, mask=m_d, other=0.0).to(tl.float32)
+        b_x = b_x.to(tl.float32)
         b_acc += b_w[:, None] * b_x
     if HAS_BIAS:
         b_acc += b_bias[:, None]
@@ -42,7 +44,8 @@ def _conv_at(p_row, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
 
 @triton.jit
 def _conv_fwd_kernel(
-    p_x, p_w, p_bias, p_out, p_seq_idx, d_inner, seqlen, s_o_b, s_o_d, s_o_l, s_si_b, s_si_l,
+    p_x, p_w, p_bias, p_out, p_seq_idx, d_inner, seqlen, s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l,
+    s_si_b, s_si_l,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -51,7 +54,7 @@ def _conv_fwd_kernel(
     o_t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
     m_d = o_d < d_inner
     m_t = o_t < seqlen
-    p_row = p_x + (i_b * d_inner + o_d[:, None]) * seqlen  # (BLOCK_D, 1): each channel's row
+    p_row = p_x + i_b * s_x_b + o_d[:, None] * s_x_d  # (BLOCK_D, 1): each channel's row
     p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
     if HAS_SEQ_IDX:
         p_si_b += i_b * s_si_b
@@ -61,7 +64,7 @@ def _conv_fwd_kernel(
     b_bias = 0.0
     if HAS_BIAS:
         b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_pre = _conv_at(p_row, p_w + o_d * K, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
+    b_pre = _conv_at(p_row, s_x_l, p_w + o_d * K, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
                      HAS_BIAS, HAS_SEQ_IDX, K, BLOCK_D, BLOCK_L)
     b_out = b_pre
     if SILU:
@@ -72,8 +75,8 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_kernel(
-    p_x, p_w, p_bias, p_dout, p_dx, p_dw, p_dbias, p_seq_idx, d_inner, seqlen, s_do_b, s_do_d, s_do_l,
-    s_si_b, s_si_l,
+    p_x, p_w, p_bias, p_dout, p_dx, p_dw, p_dbias, p_seq_idx, d_inner, seqlen, s_x_b, s_x_d, s_x_l,
+    s_do_b, s_do_d, s_do_l, s_dx_b, s_dx_d, s_dx_l, s_si_b, s_si_l,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -83,7 +86,7 @@ def _conv_bwd_kernel(
     o_s = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # the steps whose dx this program writes
     m_d = o_d < d_inner
     m_s = o_s < seqlen
-    p_row = p_x + (i_b * d_inner + o_d[:, None]) * seqlen
+    p_row = p_x + i_b * s_x_b + o_d[:, None] * s_x_d
     p_drow = p_dout + i_b * s_do_b + o_d[:, None] * s_do_d
     p_w_d = p_w + o_d * K
     p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
@@ -107,7 +110,7 @@ def _conv_bwd_kernel(
         b_dpre = tl.load(p_drow + o_t[None, :] * s_do_l, mask=m_d[:, None] & m_t[None, :], other=0.0)
         b_dpre = b_dpre.to(tl.float32)
         if SILU:
-            b_pre = _conv_at(p_row, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
+            b_pre = _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
                              HAS_BIAS, HAS_SEQ_IDX, K, BLOCK_D, BLOCK_L)
             b_sig = tl.sigmoid(b_pre)
             b_dpre = b_dpre * b_sig * (1.0 + b_pre * (1.0 - b_sig))
@@ -117,7 +120,7 @@ def _conv_bwd_kernel(
             b_dpre = tl.where((b_si_t == b_si_s)[None, :], b_dpre, 0.0)
         b_w = tl.load(p_w_d + (K - 1 - j), mask=m_d, other=0.0).to(tl.float32)
         b_dx += b_w[:, None] * b_dpre
-    p_dx_s = p_dx + (i_b * d_inner + o_d[:, None]) * seqlen + o_s[None, :]
+    p_dx_s = p_dx + i_b * s_dx_b + o_d[:, None] * s_dx_d + o_s[None, :] * s_dx_l
     tl.store(p_dx_s, b_dx.to(p_dx.dtype.element_ty), mask=m_d[:, None] & m_s[None, :])
 
     # Partial sums over this program's steps: dweight[k] = sum_s dpre[s] x[s - (K - 1 - k)].
@@ -128,7 +131,8 @@ def _conv_bwd_kernel(
         if HAS_SEQ_IDX:
             b_si_src = tl.load(p_si_b + o_src * s_si_l, mask=m_src, other=-1)
             m_src = m_src & (b_si_src == b_si_s)
-        b_x = tl.load(p_row + o_src[None, :], mask=m_d[:, None] & m_src[None, :], other=0.0).to(tl.float32)
+        b_x = tl.load(p_row + o_src[None, :] * s_x_l, mask=m_d[:, None] & m_src[None, :], other=0.0)
+        b_x = b_x.to(tl.float32)
         tl.store(p_dw + (i_part * d_inner + o_d) * K + k, tl.sum(b_dpre_s * b_x, axis=1), mask=m_d)
     if HAS_BIAS:
         tl.store(p_dbias + i_part * d_inner + o_d, tl.sum(b_dpre_s, axis=1), mask=m_d)
@@ -155,12 +159,16 @@ def _empty_out(x, channels_last):
     return torch.empty_like(x)
 
 
+def _is_channels_last(x):
+    return x.stride(1) == 1 and x.shape[2] > 1
+
+
 def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last):
     out = _empty_out(x, channels_last)
     si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
     with _device_guard(x):
         _conv_fwd_kernel[_grid(x)](
-            x, weight, bias, out, si, x.shape[1], x.shape[2], *out.stride(), s_si_b, s_si_l,
+            x, weight, bias, out, si, x.shape[1], x.shape[2], *x.stride(), *out.stride(), s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
             BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
         )
@@ -170,14 +178,14 @@ def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last):
 def _conv_bwd(x, weight, bias, seq_idx, silu, dout):
     batch, d_inner, seqlen = x.shape
     grid = _grid(x)
-    dx = torch.empty_like(x)
+    dx = _empty_out(x, _is_channels_last(x))  # in x's layout, so the gradient of a view needs no transpose
     dw_parts = x.new_empty(batch * grid[2], d_inner, weight.shape[1], dtype=torch.float32)
     dbias_parts = x.new_empty(batch * grid[2], d_inner, dtype=torch.float32) if bias is not None else None
     si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
     with _device_guard(x):
         _conv_bwd_kernel[grid](
-            x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, *dout.stride(),
-            s_si_b, s_si_l,
+            x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, *x.stride(), *dout.stride(),
+            *dx.stride(), s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
             BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
         )
@@ -195,7 +203,7 @@ def causal_conv1d_fwd_op(
     silu: bool,
     channels_last: bool,
 ) -> torch.Tensor:
-    """x: time-contiguous (batch, d_inner, seqlen); weight: contiguous (d_inner, d_conv)."""
+    """x: (batch, d_inner, seqlen) with time or channels of stride 1; weight: contiguous (d_inner, d_conv)."""
     return _conv_fwd(x, weight, bias, seq_idx, silu, channels_last)
 
 
@@ -220,7 +228,7 @@ def causal_conv1d_bwd_op(
 @causal_conv1d_bwd_op.register_fake
 def _(x, weight, bias, seq_idx, silu, dout):
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), dbias
+    return _empty_out(x, _is_channels_last(x)), torch.empty_like(weight), dbias
 
 
 def _input_grads(bias, dx, dweight, dbias):
@@ -259,7 +267,9 @@ class _CausalConv1dEager(torch.autograd.Function):
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None, seq_idx=None, channels_last_out=False):
     """Triton causal conv1d (no initial state); weight (d_inner, d_conv). Output in x's dtype."""
-    args = (x.contiguous(), weight.contiguous(), bias, seq_idx, activation is not None, channels_last_out)
+    if x.stride(-1) != 1 and x.stride(1) != 1:
+        x = x.contiguous()  # read along time or across channels; anything else is copied first
+    args = (x, weight.contiguous(), bias, seq_idx, activation is not None, channels_last_out)
     if torch.compiler.is_compiling():
         return causal_conv1d_fwd_op(*args)  # the op torch.compile / export trace through
     return _CausalConv1dEager.apply(*args)

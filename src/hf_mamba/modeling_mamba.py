@@ -145,8 +145,8 @@ class MambaMixer(nn.Module):
             return self._step(hidden_states, cache_params, A, backend)
 
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
-        # Time-contiguous copies: the conv and the scan kernels read each channel along time.
-        x, z = (t.transpose(1, 2).contiguous() for t in xz.chunk(2, dim=-1))  # (batch, d_inner, seqlen) each
+        # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
+        x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))  # (batch, d_inner, seqlen) each
         mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
         if mask is not None:
             x = x * mask  # padded inputs never reach the conv window

@@ -36,7 +36,7 @@ CASES = [
     pytest.param(dict(shape=(2, 5, 1), d_conv=4, bias=True, act="silu"), id="L1"),
     pytest.param(dict(shape=(2, 7, 63), d_conv=4, bias=True, act="silu", init=True), id="L63-init"),
     pytest.param(dict(shape=(1, 3, 129), d_conv=3, bias=False, act=None), id="L129-nobias-noact"),
-    pytest.param(dict(shape=(2, 20, 70), d_conv=4, bias=True, act="silu", cl=True), id="L70-channels-last-out"),
+    pytest.param(dict(shape=(2, 20, 70), d_conv=4, bias=True, act="silu", cl=True), id="L70-channels-last-in-out"),
     pytest.param(dict(shape=(2, 10, 2), d_conv=4, bias=True, act="silu", init=True), id="L-shorter-than-kernel"),
 ]
 
@@ -54,7 +54,10 @@ def test_causal_conv1d_matches_loop(case, dtype, backend, monkeypatch):
     batch, d_inner, seqlen = case["shape"]
     d_conv = case["d_conv"]
     g = dict(device=DEVICE)
-    x = torch.randn(batch, d_inner, seqlen, **g).to(dtype).requires_grad_()
+    if case.get("cl"):  # channels-last input too: a view of a wider (batch, seqlen, 2 * d_inner) tensor
+        x = torch.randn(batch, seqlen, 2 * d_inner, **g).to(dtype)[..., :d_inner].transpose(1, 2).requires_grad_()
+    else:
+        x = torch.randn(batch, d_inner, seqlen, **g).to(dtype).requires_grad_()
     weight = torch.randn(d_inner, d_conv, **g).to(dtype).requires_grad_()
     bias = torch.randn(d_inner, **g).to(dtype).requires_grad_() if case["bias"] else None
     init = torch.randn(batch, d_inner, d_conv - 1, **g).to(dtype) if case.get("init") else None
@@ -145,9 +148,11 @@ def test_triton_conv_custom_op():
     bias = torch.randn(5, **g).requires_grad_()
     seq_idx = torch.tensor([[0] * 7 + [1] * 12, [3] * 19], device=DEVICE)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    for channels_last in (False, True):
-        args = (x, weight, bias, seq_idx, True, channels_last)
-        torch.library.opcheck(triton_conv.causal_conv1d_fwd_op, args, test_utils=checks)
+    x_cl = torch.randn(2, 19, 10, **g)[..., :5].transpose(1, 2).requires_grad_()  # a channels-last view
+    for x_in in (x, x_cl):
+        for channels_last in (False, True):
+            args = (x_in, weight, bias, seq_idx, True, channels_last)
+            torch.library.opcheck(triton_conv.causal_conv1d_fwd_op, args, test_utils=checks)
     results = []
     for fn in (triton_conv.causal_conv1d_fwd_op, triton_conv._CausalConv1dEager.apply):
         out = fn(x, weight, bias, seq_idx, True, True)
