@@ -270,7 +270,7 @@ def _chunk_bwd_kernel(
             if HAS_D:
                 b_y += b_u * b_D[:, None]
             b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
-            tl.store(p_dz + p_dt, b_dz, mask=m_dt)
+            tl.store(p_dz + p_dt, b_dz.to(p_dz.dtype.element_ty), mask=m_dt)
         b_ddt += b_gB * b_u
         b_du = b_gB * b_dt
         if HAS_D:
@@ -281,8 +281,8 @@ def _chunk_bwd_kernel(
         b_ddt = tl.where(m_dt, b_ddt, 0.0)
         if HAS_DELTA_BIAS:
             b_ddb += tl.sum(b_ddt, axis=1)
-        tl.store(p_du + p_dt, b_du, mask=m_dt)
-        tl.store(p_ddelta + p_dt, b_ddt, mask=m_dt)
+        tl.store(p_du + p_dt, b_du.to(p_du.dtype.element_ty), mask=m_dt)
+        tl.store(p_ddelta + p_dt, b_ddt.to(p_ddelta.dtype.element_ty), mask=m_dt)
 
     tl.store(p_dh0 + p_state, b_x, mask=m_dn)
     # Per-batch partial sums of the channel-wise gradients; the host sums over batch.
@@ -369,9 +369,10 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states,
     n_chunks = triton.cdiv(seqlen, chunk)
     u, delta, B, C, z, dout = (_time_contiguous(t) for t in (u, delta, B, C, z, dout))
     f32 = dict(dtype=torch.float32, device=u.device)
-    du = torch.empty(batch, d_inner, seqlen, **f32)
-    ddelta = torch.empty(batch, d_inner, seqlen, **f32)
-    dz = torch.empty(batch, d_inner, seqlen, **f32) if z is not None else None
+    # du, ddelta, dz in their inputs' dtypes: the kernel rounds once when it stores (no cast kernels).
+    du = torch.empty(batch, d_inner, seqlen, dtype=u.dtype, device=u.device)
+    ddelta = torch.empty(batch, d_inner, seqlen, dtype=delta.dtype, device=u.device)
+    dz = torch.empty(batch, d_inner, seqlen, dtype=z.dtype, device=u.device) if z is not None else None
     dA = torch.empty(batch, d_inner, d_state, **f32)  # per-batch partials
     dB = torch.zeros(batch, d_state, seqlen, **f32)  # atomics accumulate here
     dC = torch.zeros(batch, d_state, seqlen, **f32)
@@ -391,13 +392,13 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
     )
     return (
-        du.to(u.dtype),
-        ddelta.to(delta.dtype),
+        du,
+        ddelta,
         dA.sum(0).to(A.dtype),
         dB.to(B.dtype),
         dC.to(C.dtype),
         dD.sum(0).to(D.dtype) if D is not None else _empty().to(u.device),
-        dz.to(z.dtype) if z is not None else _empty().to(u.device),
+        dz if z is not None else _empty().to(u.device),
         ddelta_bias.sum(0).to(delta_bias.dtype) if delta_bias is not None else _empty().to(u.device),
         dh0,
     )
