@@ -18,8 +18,10 @@ def causal_conv1d(
     count as zeros, so each document is convolved as if it started the sequence.
     backend: "reference" / "torch" (PyTorch ops), "triton" (fused kernel; no initial_state), or
     None: Triton on CUDA when there is no initial_state, else PyTorch.
-    channels_last_out: return the output as a (batch, d_inner, seqlen) view of a (batch, seqlen,
-    d_inner) tensor, the layout a following nn.Linear over the channels reads without a copy.
+    channels_last_out: a layout hint for the Triton kernel: write the output as a (batch, d_inner,
+    seqlen) view of a (batch, seqlen, d_inner) tensor, the layout a following nn.Linear over the
+    channels reads without a copy. The PyTorch path returns its own layout (on CPU the copy cost
+    more than it saved); the values are the same either way.
     """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
@@ -28,8 +30,7 @@ def causal_conv1d(
         from .triton_conv import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, activation, seq_idx, channels_last_out)
-    out = _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx)
-    return out.transpose(1, 2).contiguous().transpose(1, 2) if channels_last_out else out
+    return _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx)
 
 
 def _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx):

@@ -130,8 +130,10 @@ class MambaMixer(nn.Module):
         """Δ (before bias), B, C from the conv output x (batch, d_inner, seqlen)."""
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj(dt).transpose(1, 2).contiguous()  # (batch, d_inner, seqlen), time-contiguous
-        return dt, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # B, C: (batch, d_state, seqlen)
+        # Channels-last views, no copies: the CPU scan and the Triton forward read them as they are (the
+        # Triton backward copies what it needs along time into temporaries).
+        dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
+        return dt, B.transpose(1, 2), C.transpose(1, 2)  # B, C: (batch, d_state, seqlen)
 
     def forward(self, hidden_states, cache_params: MambaCache | None = None, attention_mask=None, seq_idx=None):
         """seq_idx: optional (batch, seqlen) document ids of packed sequences; state and conv restart at each."""
