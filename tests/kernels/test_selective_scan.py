@@ -202,16 +202,20 @@ def test_triton_scan_compiles_fullgraph():
             assert _rel_err(t.grad, ref[name].grad) < TOL[torch.float32], name
 
 
+def _forward_op_args(shapes, seed):
+    """fp32 leaves with every optional input, and the argument tuple of the forward custom op."""
+    torch.manual_seed(seed)
+    k, _ = _make_scan_inputs(dict(**shapes, D=True, z=True, bias=True, h0=True), torch.float32)
+    args = (k["u"], k["delta"], k["A"], k["B"], k["C"], k["D"], k["z"], k["delta_bias"])
+    args += (True, k["initial_state"], True, None)  # delta_softplus, initial_state, save_states, seq_idx
+    return k, args
+
+
 def test_triton_scan_opcheck(monkeypatch):
     """torch.library.opcheck: fake tensor, schema and autograd registration of the forward op."""
     from hf_mamba.kernels.selective_scan import triton_scan
 
-    torch.manual_seed(5)
-    case = dict(cpu=(1, 3, 5, 4), gpu=(2, 32, 70, 16), D=True, z=True, bias=True, h0=True)
-    kernel, _ = _make_scan_inputs(case, torch.float32)
-    k = kernel
-    args = (k["u"], k["delta"], k["A"], k["B"], k["C"], k["D"], k["z"], k["delta_bias"])
-    args += (True, k["initial_state"], True, None)  # delta_softplus, initial_state, save_states, seq_idx
+    k, args = _forward_op_args(dict(cpu=(1, 3, 5, 4), gpu=(2, 32, 70, 16)), seed=5)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(triton_scan.selective_scan_fwd_op, args, test_utils=checks)
     # A channels-last u (what the model passes) gives a channels-last output, in both forwards.
@@ -226,12 +230,7 @@ def test_triton_scan_custom_op_equals_eager_function():
     """Eager mode runs an autograd.Function; torch.compile traces the custom ops: same outputs and gradients."""
     from hf_mamba.kernels.selective_scan import triton_scan
 
-    torch.manual_seed(6)
-    case = dict(cpu=(2, 3, 21, 4), gpu=(2, 32, 300, 16), D=True, z=True, bias=True, h0=True)
-    kernel, _ = _make_scan_inputs(case, torch.float32)
-    k = kernel
-    args = (k["u"], k["delta"], k["A"], k["B"], k["C"], k["D"], k["z"], k["delta_bias"])
-    args += (True, k["initial_state"], True, None)  # delta_softplus, initial_state, save_states, seq_idx
+    _, args = _forward_op_args(dict(cpu=(2, 3, 21, 4), gpu=(2, 32, 300, 16)), seed=6)
     leaves = [t for t in args if isinstance(t, torch.Tensor)]
     results = []
     for fn in (triton_scan.selective_scan_fwd_op, triton_scan._SelectiveScanEager.apply):
