@@ -129,3 +129,27 @@ def test_model_compiles_fullgraph_through_the_kernels(monkeypatch):
     ref.loss.backward()
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, model.backbone.layers[0].mixer.A_log.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_model_exports_through_the_kernels(strict, monkeypatch):
+    """torch.export: the exported graph calls the conv and scan custom ops and gives the same logits."""
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(use_cuda_graph=False, **SIZES)).to(DEVICE).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids, use_cache=False).logits
+
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 9), device=DEVICE)
+    wrapped = Logits(model)
+    with torch.no_grad():
+        program = torch.export.export(wrapped, (ids,), strict=strict)
+        targets = {str(node.target) for node in program.graph.nodes}
+        assert {"hf_mamba.causal_conv1d_fwd.default", "hf_mamba.selective_scan_fwd.default"} <= targets
+        torch.testing.assert_close(program.module()(ids), wrapped(ids), rtol=0, atol=0)
