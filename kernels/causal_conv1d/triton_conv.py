@@ -11,11 +11,11 @@ that the host adds up (no atomics, deterministic).
 With seq_idx, a tap that would read another document counts as zero, as in the PyTorch path.
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .._launch import device_guard, seq_idx_args
 
 BLOCK_D = 16
 BLOCK_L = 128
@@ -143,14 +143,6 @@ def _grid(x):
     return (batch, triton.cdiv(d_inner, BLOCK_D), triton.cdiv(seqlen, BLOCK_L))
 
 
-def _seq_idx_args(seq_idx):
-    return (seq_idx, *seq_idx.stride()) if seq_idx is not None else (None, 0, 0)
-
-
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _empty_out(x, channels_last):
     # channels_last: a (batch, d_inner, seqlen) view of a (batch, seqlen, d_inner) tensor, the layout a
     # following nn.Linear over the channels reads without a copy.
@@ -165,8 +157,8 @@ def _is_channels_last(x):
 
 def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last):
     out = _empty_out(x, channels_last)
-    si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
-    with _device_guard(x):
+    si, s_si_b, s_si_l = seq_idx_args(seq_idx)
+    with device_guard(x):
         _conv_fwd_kernel[_grid(x)](
             x, weight, bias, out, si, x.shape[1], x.shape[2], *x.stride(), *out.stride(), s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
@@ -181,8 +173,8 @@ def _conv_bwd(x, weight, bias, seq_idx, silu, dout):
     dx = _empty_out(x, _is_channels_last(x))  # in x's layout, so the gradient of a view needs no transpose
     dw_parts = x.new_empty(batch * grid[2], d_inner, weight.shape[1], dtype=torch.float32)
     dbias_parts = x.new_empty(batch * grid[2], d_inner, dtype=torch.float32) if bias is not None else None
-    si, s_si_b, s_si_l = _seq_idx_args(seq_idx)
-    with _device_guard(x):
+    si, s_si_b, s_si_l = seq_idx_args(seq_idx)
+    with device_guard(x):
         _conv_bwd_kernel[grid](
             x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, *x.stride(), *dout.stride(),
             *dx.stride(), s_si_b, s_si_l,

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import device_guard, seq_idx_args
 from .triton_scan_seq import scan_fwd_seq
 
 # Up to this d_state the sequential per-channel forward of `triton_scan_seq` may be used (state in
@@ -313,10 +314,6 @@ def _use_seq_forward(batch, d_inner, seqlen, d_state):
     return True
 
 
-def _seq_idx_args(seq_idx):
-    return (seq_idx, *seq_idx.stride()) if seq_idx is not None else (None, 0, 0)
-
-
 def _time_contiguous(t):
     # The chunk kernels read every (batch, row) along time: make the last dimension dense.
     return t if t is None or t.is_contiguous() else t.contiguous()
@@ -351,7 +348,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         u, delta, A, B, C, D, z, delta_bias, initial_state,
         out, final_state, chunk_states,
         seqlen, d_inner, d_state, n_chunks,
-        *A.stride(), *_seq_idx_args(seq_idx),
+        *A.stride(), *seq_idx_args(seq_idx),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, USE_INITIAL_STATE=initial_state is not None,
         SAVE_CHUNK_STATES=save_states, HAS_SEQ_IDX=seq_idx is not None,
@@ -386,7 +383,7 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states,
         u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dfinal_state,
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0,
         seqlen, d_inner, d_state, n_chunks,
-        *A.stride(), *_seq_idx_args(seq_idx),
+        *A.stride(), *seq_idx_args(seq_idx),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, HAS_DHT=dfinal_state is not None, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
@@ -402,18 +399,6 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states,
         ddelta_bias.sum(0).to(delta_bias.dtype) if delta_bias is not None else _empty().to(u.device),
         dh0,
     )
-
-
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.library.custom_op("hf_mamba::selective_scan_fwd", mutates_args=())
@@ -432,7 +417,7 @@ def selective_scan_fwd_op(
     seq_idx: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, final_state, chunk_states); chunk_states is empty unless save_states."""
-    with _device_guard(u):
+    with device_guard(u):
         return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx)
 
 
@@ -467,7 +452,7 @@ def selective_scan_bwd_op(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
 ]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); absent inputs get empty tensors."""
-    with _device_guard(u):
+    with device_guard(u):
         return _scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx
         )
@@ -547,7 +532,7 @@ class _SelectiveScanEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx):
-        with _device_guard(u):
+        with device_guard(u):
             out, final_state, chunk_states = _scan_fwd(
                 u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx
             )
@@ -559,7 +544,7 @@ class _SelectiveScanEager(torch.autograd.Function):
     def backward(ctx, dout, dfinal_state):
         u, delta, A, B, C, D, z, delta_bias, chunk_states, seq_idx = _saved_for_backward(ctx)
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
-        with _device_guard(u):
+        with device_guard(u):
             grads = _scan_bwd(
                 u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout, dfinal_state, seq_idx
             )

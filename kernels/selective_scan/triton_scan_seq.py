@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import seq_idx_args
+
 # A segment must be at least this many T-step tiles long to be worth its second pass.
 MIN_TILES_PER_SEG = 16
 # Below this many one-warp programs per multiprocessor, the forward cuts the sequence into segments
@@ -411,7 +413,7 @@ def scan_fwd_seq(
     common = (
         *u.stride(), *delta.stride(), *A_c.stride(), *B.stride(), *C.stride(), *z_.stride(), *out.stride(),
     )
-    si = (seq_idx, *seq_idx.stride()) if seq_idx is not None else (None, 0, 0)
+    si = seq_idx_args(seq_idx)
     flags = dict(
         HAS_SEQ_IDX=seq_idx is not None,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
