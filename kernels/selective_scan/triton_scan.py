@@ -337,16 +337,16 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, chunk, seq_idx
         )
         return out, final_state, chunk_states
-    out_like = u  # the output takes u's layout, whichever forward runs (and the fake op says so)
+    out = torch.empty_like(u)  # (batch, d_inner, seqlen) in u's layout, whichever forward runs (as the fake op says)
+    out_rows = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     u, delta, B, C, z = (_time_contiguous(t) for t in (u, delta, B, C, z))
-    out = torch.empty_like(u)  # (batch, d_inner, seqlen)
     final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     grid = (batch, triton.cdiv(d_inner, block_d))
     _chunk_fwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state,
-        out, final_state, chunk_states,
+        out_rows, final_state, chunk_states,
         seqlen, d_inner, d_state, n_chunks,
         *A.stride(), *seq_idx_args(seq_idx),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
@@ -354,8 +354,8 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         SAVE_CHUNK_STATES=save_states, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
     )
-    if out.stride() != torch.empty_like(out_like).stride():
-        out = torch.empty_like(out_like).copy_(out)
+    if out_rows is not out:  # the kernel writes time-contiguous rows
+        out.copy_(out_rows)
     return out, final_state, chunk_states
 
 
@@ -508,7 +508,7 @@ def _saved_for_backward(ctx):
 def _backward(ctx, dout, dfinal_state, dchunk_states):
     u, delta, A, B, C, D, z, delta_bias, chunk_states, seq_idx = _saved_for_backward(ctx)
     grads = selective_scan_bwd_op(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout.contiguous(), dfinal_state,
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout, dfinal_state,
         seq_idx,
     )
     return _input_grads(ctx, grads)
@@ -543,7 +543,7 @@ class _SelectiveScanEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dfinal_state):
         u, delta, A, B, C, D, z, delta_bias, chunk_states, seq_idx = _saved_for_backward(ctx)
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(u) if dout is None else dout  # _scan_bwd makes it time-contiguous
         with device_guard(u):
             grads = _scan_bwd(
                 u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout, dfinal_state, seq_idx
