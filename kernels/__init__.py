@@ -4,6 +4,7 @@ Nothing here imports the model, its config or transformers.
 """
 
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
+from .mamba_inner import mamba_inner_triton
 from .selective_scan import (
     BACKENDS,
     resolve_backend,
@@ -17,6 +18,7 @@ __all__ = [
     "BACKENDS",
     "causal_conv1d",
     "causal_conv1d_update",
+    "mamba_inner_triton",
     "resolve_backend",
     "selective_scan",
     "selective_scan_ref",

@@ -97,18 +97,25 @@ def print_step_profile(name, step, wall_seconds, steps=3):
     step()
     enqueue = time.perf_counter() - start
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events) / steps / 1e3
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not the ops launching them
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / steps / 1e3
     print(
         f"{name} step: wall {wall_seconds * 1e3:.1f} ms, CPU enqueue {enqueue * 1e3:.1f} ms, "
         f"GPU kernels {gpu_ms:.1f} ms"
     )
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]:
         print(f"    {e.self_device_time_total / steps / 1e3:7.2f} ms  x{e.count // steps:4d}  {e.key[:80]}")
+    # Host side (profiler-inflated, for comparison between implementations): ops launched per step.
+    host_ops = [e for e in events if e.self_cpu_time_total > 0]
+    print(f"  host: {sum(e.count for e in host_ops) // steps} profiled calls per step; top by self CPU time:")
+    for e in sorted(host_ops, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"    {e.self_cpu_time_total / steps / 1e3:7.2f} ms  x{e.count // steps:4d}  {e.key[:80]}")
 
 
 def decode_throughput(generate, args, batch):
@@ -156,6 +163,7 @@ def main():
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--skip-builtin-train", action="store_true", help="skip Transformers' training run")
     parser.add_argument("--builtin-train-steps", type=int, default=2, help="timed steps for Transformers' model")
+    parser.add_argument("--no-decode", action="store_true", help="training only")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
     args = parser.parse_args()
@@ -211,6 +219,8 @@ def main():
     for name, tps, peak in rows:
         print(f"{name:<26}{tps:>12,.0f}{peak:>10.2f}")
 
+    if args.no_decode:
+        return
     del ours
     builtin.eval()
     # from_pretrained keeps A_log, D and the Δ bias in fp32 (a plain .to(bfloat16) would not).

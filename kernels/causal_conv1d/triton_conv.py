@@ -145,7 +145,7 @@ def _grid(x):
 
 def _empty_out(x, channels_last):
     # channels_last: a (batch, d_inner, seqlen) view of a (batch, seqlen, d_inner) tensor, the layout a
-    # following nn.Linear over the channels reads without a copy.
+    # following nn.Linear over the channels reads without a copy. Otherwise x's dimension order.
     if channels_last:
         return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
     return torch.empty_like(x)
@@ -155,8 +155,10 @@ def _is_channels_last(x):
     return x.stride(1) == 1 and x.shape[2] > 1
 
 
-def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last):
-    out = _empty_out(x, channels_last)
+def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None):
+    """The conv's output, written into `out` when given (any strides), else a new tensor (see _empty_out)."""
+    if out is None:
+        out = _empty_out(x, channels_last)
     si, s_si_b, s_si_l = seq_idx_args(seq_idx)
     with device_guard(x):
         _conv_fwd_kernel[_grid(x)](
@@ -167,10 +169,12 @@ def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last):
     return out
 
 
-def _conv_bwd(x, weight, bias, seq_idx, silu, dout):
+def _conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
+    """(dx, dweight, dbias); dx is written into `dx` when given (any strides), else a new tensor in x's layout."""
     batch, d_inner, seqlen = x.shape
     grid = _grid(x)
-    dx = _empty_out(x, _is_channels_last(x))  # in x's layout, so the gradient of a view needs no transpose
+    if dx is None:
+        dx = _empty_out(x, _is_channels_last(x))  # in x's layout, so the gradient of a view needs no transpose
     dw_parts = x.new_empty(batch * grid[2], d_inner, weight.shape[1], dtype=torch.float32)
     dbias_parts = x.new_empty(batch * grid[2], d_inner, dtype=torch.float32) if bias is not None else None
     si, s_si_b, s_si_l = seq_idx_args(seq_idx)

@@ -161,15 +161,17 @@ def _chunk_fwd_kernel(
 @triton.jit
 def _chunk_bwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_hc, p_dout, p_dhT,
-    p_du, p_ddelta, p_dA, p_dB, p_dC, p_dD, p_dz, p_ddelta_bias, p_dh0,
+    p_du, p_ddelta, p_dA, p_dB, p_dC, p_dD, p_dz, p_ddelta_bias, p_dh0, p_y,
     seqlen, d_inner, d_state, n_chunks,
     s_A_d, s_A_n,
     p_seq_idx, s_si_b, s_si_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-    HAS_DHT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    HAS_DHT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, STORE_Y: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     # Same layouts as the forward; du, ddelta, dz contiguous like u; dB, dC (batch, d_state, seqlen) fp32.
+    # STORE_Y: also write the forward's output y (recomputed here anyway for dz), so a caller that
+    # needs y in its backward (out_proj's weight gradient) does not have to keep it from the forward.
     i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen may pass 2^31
     i_d = tl.program_id(1)
     o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -243,7 +245,7 @@ def _chunk_bwd_kernel(
             b_b = b_dtu * b_B[None, :]
             b_aa, b_bb = tl.associative_scan((b_a, b_b), 1, _linear_combine)
             b_hs = b_aa * b_h0[:, None] + b_bb
-            if HAS_Z:
+            if HAS_Z or STORE_Y:
                 b_y += b_hs * b_C[None, :]
             b_dC = tl.sum(b_dy * b_hs, axis=0)  # (CHUNK,): this block's share of the sum over d_inner
             tl.atomic_add(p_dC + p_bc + n * seqlen + o_t, b_dC, mask=m_t, sem="relaxed")
@@ -267,11 +269,15 @@ def _chunk_bwd_kernel(
             b_dB = tl.sum(b_g * b_dtu, axis=0)
             tl.atomic_add(p_dB + p_bc + n * seqlen + o_t, b_dB, mask=m_t, sem="relaxed")
 
+        if (HAS_Z or STORE_Y) and HAS_D:
+            b_y += b_u * b_D[:, None]
         if HAS_Z:
-            if HAS_D:
-                b_y += b_u * b_D[:, None]
             b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
             tl.store(p_dz + p_dt, b_dz.to(p_dz.dtype.element_ty), mask=m_dt)
+        if STORE_Y:
+            if HAS_Z:
+                b_y = b_y * b_z * b_sig
+            tl.store(p_y + p_dt, b_y.to(p_y.dtype.element_ty), mask=m_dt)
         b_ddt += b_gB * b_u
         b_du = b_gB * b_dt
         if HAS_D:
@@ -359,7 +365,10 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     return out, final_state, chunk_states
 
 
-def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx):
+def _scan_bwd(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx, y_out=None
+):
+    """The scan's gradients; y_out, a contiguous tensor like u, also receives the forward's output."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     block_d, chunk, num_warps = _chunk_config(seqlen)
@@ -381,11 +390,12 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states,
     grid = (batch, triton.cdiv(d_inner, block_d))
     _chunk_bwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dfinal_state,
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0,
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, y_out,
         seqlen, d_inner, d_state, n_chunks,
         *A.stride(), *seq_idx_args(seq_idx),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, HAS_DHT=dfinal_state is not None, HAS_SEQ_IDX=seq_idx is not None,
+        STORE_Y=y_out is not None,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
     )
     return (

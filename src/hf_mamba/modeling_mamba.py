@@ -21,7 +21,14 @@ from transformers.utils import ModelOutput
 from .cache import MambaCache
 from .configuration_mamba import MambaConfig
 from .hub import MambaHubMixin
-from .kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from .kernels import (
+    causal_conv1d,
+    causal_conv1d_update,
+    mamba_inner_triton,
+    resolve_backend,
+    selective_scan,
+    selective_state_update,
+)
 
 try:  # Transformers' init helpers skip tensors already loaded from a checkpoint.
     from transformers import initialization as init
@@ -36,9 +43,54 @@ def _fp32_or_wider(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _unhooked(module):
+    """No forward hooks (the module's or global) and no replaced forward (as accelerate's hooks do)."""
+    from torch.nn.modules import module as module_globals
+
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
 def scan_backend_for(config) -> str | None:
     """The scan backend for the whole model: $HF_MAMBA_BACKEND, else config.scan_backend, else None (auto)."""
     return os.environ.get(BACKEND_ENV_VAR) or getattr(config, "scan_backend", None)
+
+
+# The op behind F.rms_norm that also returns 1/rms (PyTorch >= 2.8); without it the norm is composed from ops.
+_HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """weight * rms_norm(x).to(dtype), keeping only x (which the residual keeps anyway) and 1/rms per row.
+
+    Composed from ops, autograd also keeps the normalised fp32 copy of x for the weight gradient: one
+    (batch, seqlen, hidden) fp32 tensor per layer, recomputed here with one multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, dtype):
+        normalized, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.dtype = dtype
+        return weight * normalized.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normalized = x * rstd
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (grad * normalized.to(ctx.dtype)).sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
+        # Rounded to dtype first, as autograd rounds the gradient of the cast normalised tensor.
+        dnormalized = (grad * weight).to(ctx.dtype).to(x.dtype)
+        # d/dx of x * rstd(x): rstd * (g - n * mean(g * n)) with n the normalised row.
+        dx = rstd * (dnormalized - normalized * (dnormalized * normalized).mean(-1, keepdim=True))
+        return dx, dweight, None, None
 
 
 class MambaRMSNorm(nn.Module):
@@ -50,7 +102,11 @@ class MambaRMSNorm(nn.Module):
     def forward(self, hidden_states):
         # Normalise in fp32 (one fused op on CUDA), cast back, then scale: Transformers' Mamba order.
         input_dtype = hidden_states.dtype
-        normalized = F.rms_norm(_fp32_or_wider(hidden_states), self.weight.shape, eps=self.variance_epsilon)
+        hidden_fp32 = _fp32_or_wider(hidden_states)
+        needs_grad = hidden_states.requires_grad or self.weight.requires_grad
+        if needs_grad and torch.is_grad_enabled() and _HAS_FUSED_RMS_NORM and not torch.compiler.is_compiling():
+            return _RMSNormFunction.apply(hidden_fp32, self.weight, self.variance_epsilon, input_dtype)
+        normalized = F.rms_norm(hidden_fp32, self.weight.shape, eps=self.variance_epsilon)
         return self.weight * normalized.to(input_dtype)
 
     def extra_repr(self):
@@ -139,14 +195,19 @@ class MambaMixer(nn.Module):
         """seq_idx: optional (batch, seqlen) document ids of packed sequences; state and conv restart at each."""
         batch, seqlen, _ = hidden_states.shape
         backend = scan_backend_for(self.config)
-        A = -torch.exp(_fp32_or_wider(self.A_log))  # (d_inner, d_state)
         continuing = cache_params is not None and cache_params.seqlen_offset > 0
         if continuing and seq_idx is not None:
             raise ValueError("Packed sequences (seq_idx / restarting position_ids) cannot continue from a cache")
         if continuing and seqlen == 1:
-            return self._step(hidden_states, cache_params, A, backend)
+            return self._step(hidden_states, cache_params, self._A(), backend)
 
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
+        if self._fused_inner_ok(xz, cache_params, attention_mask, backend):
+            return mamba_inner_triton(
+                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias, seq_idx,
+            )
+        A = self._A()
         # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))  # (batch, d_inner, seqlen) each
         mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
@@ -187,6 +248,23 @@ class MambaMixer(nn.Module):
         if not self.fused_silu:
             y = y * self.act(z)
         return self.out_proj(y.transpose(1, 2))  # (batch, seqlen, hidden_size)
+
+    def _A(self):
+        return -torch.exp(_fp32_or_wider(self.A_log))  # (d_inner, d_state), negative
+
+    def _fused_inner_ok(self, xz, cache_params, attention_mask, backend):
+        """Whether training can run the mixer after in_proj as one function (`mamba_inner_triton`: less
+        memory, fewer ops), computing exactly what the modules below would."""
+        if cache_params is not None or attention_mask is not None or not self.fused_silu:
+            return False
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False  # nothing to save without grad; torch.compile traces the custom ops instead
+        if resolve_backend(backend, xz.device) != "triton":
+            return False
+        modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection),
+                   (self.out_proj, nn.Linear))
+        # LoRA and other wrappers replace or hook these modules: then the modules must run.
+        return all(type(m) is cls and _unhooked(m) for m, cls in modules)
 
     def _step(self, hidden_states, cache_params, A, backend):
         """One decode step from the cache: O(1) in the number of tokens already seen."""

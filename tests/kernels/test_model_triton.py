@@ -153,3 +153,93 @@ def test_model_exports_through_the_kernels(strict, monkeypatch):
         targets = {str(node.target) for node in program.graph.nodes}
         assert {"hf_mamba.causal_conv1d_fwd.default", "hf_mamba.selective_scan_fwd.default"} <= targets
         torch.testing.assert_close(program.module()(ids), wrapped(ids), rtol=0, atol=0)
+
+
+def fused_calls(monkeypatch):
+    """Count the model's calls of the fused mixer (`mamba_inner_triton`), letting them run."""
+    from hf_mamba import modeling_mamba
+
+    calls = []
+    real = modeling_mamba.mamba_inner_triton
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_mamba, "mamba_inner_triton", spy)
+    return calls
+
+
+def train_step(model, ids, **kwargs):
+    model.zero_grad()
+    out = model(ids, labels=ids, use_cache=False, **kwargs)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("use_bias,packed", [(False, False), (True, False), (False, True)])
+def test_fused_mixer_matches_the_modules(use_bias, packed, monkeypatch):
+    """Training on the Triton backend runs the mixer after in_proj as one function (conv output, Δ and
+    the scan output recomputed in the backward); it must give the modules' logits and gradients (fp32)."""
+    from hf_mamba.modeling_mamba import MambaMixer
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(use_bias=use_bias, **SIZES)).to(DEVICE)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 37), device=DEVICE)
+    kwargs = {}
+    if packed:
+        kwargs["position_ids"] = torch.tensor([list(range(20)) + list(range(17))] * 2, device=DEVICE)
+    calls = fused_calls(monkeypatch)
+    logits, grads = train_step(model, ids, **kwargs)
+    assert len(calls) == SIZES["num_hidden_layers"]
+    monkeypatch.setattr(MambaMixer, "_fused_inner_ok", lambda *args: False)
+    ref_logits, ref_grads = train_step(model, ids, **kwargs)
+    assert len(calls) == SIZES["num_hidden_layers"]
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < 1e-5, name
+
+
+def test_fused_mixer_under_bf16_autocast(monkeypatch):
+    from hf_mamba.modeling_mamba import MambaMixer
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 37), device=DEVICE)
+    calls = fused_calls(monkeypatch)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        logits, grads = train_step(model, ids)
+    assert len(calls) == SIZES["num_hidden_layers"]
+    monkeypatch.setattr(MambaMixer, "_fused_inner_ok", lambda *args: False)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ref_logits, ref_grads = train_step(model, ids)
+    assert logits.dtype == ref_logits.dtype
+    # bf16 matmuls: the recomputed Δ and the per-batch weight-gradient sums round differently.
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 2e-2
+    for name, grad in grads.items():
+        assert grad.dtype == ref_grads[name].dtype == torch.float32
+        assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < 5e-2, name
+
+
+def test_fused_mixer_leaves_wrapped_or_hooked_modules_to_run(monkeypatch):
+    """LoRA adapters and forward hooks live in the modules: with them the modules run (no fused call)."""
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 9), device=DEVICE)
+    calls = fused_calls(monkeypatch)
+    seen = []
+    handle = model.backbone.layers[0].mixer.out_proj.register_forward_hook(lambda *args: seen.append(1))
+    train_step(model, ids)
+    assert seen and len(calls) == SIZES["num_hidden_layers"] - 1
+    handle.remove()
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["x_proj"], init_lora_weights=False))
+    calls.clear()
+    lora(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert not calls
+    assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)

@@ -1,0 +1,150 @@
+"""The Mamba mixer after in_proj, as one autograd function for training on the Triton kernels.
+
+    out = out_proj( scan( u = SiLU(conv(x)), Δ = dt_proj(dt), B, C, z ) ),   (dt, B, C) = x_proj(u),
+    with (x, z) = xz, the output of in_proj, (batch, seqlen, 2 * d_inner).
+
+Why one function instead of the modules one after another: it keeps less for the backward and
+launches fewer host ops. Composed from modules, autograd keeps the conv output u (for x_proj and the
+scan), Δ (for the scan) and the scan output y (for out_proj's weight gradient): 3 x (batch, seqlen,
+d_inner) per layer. Here the forward keeps only xz and the small x_proj output; the backward recomputes
+u with the conv kernel and Δ with one matmul (both cheap), and y comes out of the scan's backward
+kernel, which recomputes it for dz anyway. mamba_ssm's mamba_inner_fn recomputes u and Δ the same
+way, but keeps y. The backward also produces u, Δ and dy time-contiguous, the layout the scan's
+backward reads, instead of transposing them.
+
+The model uses this only where it computes exactly what the modules would (see
+`MambaMixer._fused_inner_ok`): plain Linear/Conv1d modules without hooks (so LoRA and other wrappers
+take the module path), no cache, no padding mask, not under torch.compile.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._launch import device_guard
+
+
+def _fp32_or_wider(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _compute_dtype(xz):
+    """The matmul dtype: autocast's when it is on for xz's device (as nn.Linear would run), else xz's."""
+    device_type = xz.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return xz.dtype
+
+
+class _MambaInner(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+        out_proj_weight, out_proj_bias, seq_idx,
+    ):
+        from .causal_conv1d.triton_conv import _conv_fwd
+        from .selective_scan.triton_scan import _scan_fwd
+
+        dtype = _compute_dtype(xz)
+        d_inner = xz.shape[-1] // 2
+        dt_rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
+        with torch.autocast(xz.device.type, enabled=False), device_guard(xz):
+            xz = xz.to(dtype)
+            x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)  # (batch, d_inner, seqlen)
+            conv_w = conv_weight.reshape(d_inner, -1)
+            u = _conv_fwd(x, conv_w, conv_bias, seq_idx, True, True)  # channels-last, for x_proj
+            x_dbl = F.linear(u.transpose(1, 2), x_proj_weight.to(dtype))  # (batch, seqlen, dt_rank + 2 d_state)
+            dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
+            delta = F.linear(dt, dt_proj_weight.to(dtype)).transpose(1, 2)  # bias: in the scan, fp32
+            A = -torch.exp(_fp32_or_wider(A_log))
+            y, _, chunk_states = _scan_fwd(
+                u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
+                _fp32_or_wider(dt_proj_bias), True, None, True, seq_idx,
+            )
+            bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
+            out = F.linear(y.transpose(1, 2), out_proj_weight.to(dtype), bias)  # (batch, seqlen, hidden)
+        ctx.out_bias_dtype = out_proj_bias.dtype if out_proj_bias is not None else None
+        ctx.save_for_backward(
+            xz, x_dbl, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+            out_proj_weight, chunk_states, seq_idx,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from .causal_conv1d.triton_conv import _conv_bwd, _conv_fwd
+        from .selective_scan.triton_scan import _scan_bwd
+
+        (
+            xz, x_dbl, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+            out_proj_weight, chunk_states, seq_idx,
+        ) = ctx.saved_tensors
+        dtype = xz.dtype
+        batch = xz.shape[0]
+        d_inner = xz.shape[-1] // 2
+        dt_rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
+        w_x, w_dt, w_out = x_proj_weight.to(dtype), dt_proj_weight.to(dtype), out_proj_weight.to(dtype)
+        dout = dout.to(dtype)
+        with device_guard(xz):
+            x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)
+            conv_w = conv_weight.reshape(d_inner, -1)
+            # Recompute u and Δ, time-contiguous (batch, d_inner, seqlen): the layout the scan backward reads.
+            u = _conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=x.new_empty(x.shape))
+            dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
+            delta = torch.matmul(w_dt, dt.transpose(1, 2))
+            dy = torch.matmul(w_out.t(), dout.transpose(1, 2))  # (batch, d_inner, seqlen)
+            A = -torch.exp(_fp32_or_wider(A_log))
+            y = torch.empty_like(u)  # the forward's output, recomputed by the scan backward
+            du, ddelta, dA, dB, dC, dD, dz, ddt_bias, _ = _scan_bwd(
+                u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
+                _fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y,
+            )
+            # out_proj, dt_proj and x_proj weight gradients: per-batch products summed in fp32.
+            dw_out = torch.bmm(dout.transpose(1, 2), y.transpose(1, 2)).sum(0, dtype=torch.float32)
+            db_out = dout.sum((0, 1), dtype=torch.float32) if ctx.out_bias_dtype is not None else None
+            dw_dt = torch.bmm(ddelta, dt).sum(0, dtype=torch.float32)
+            ddt = torch.matmul(ddelta.transpose(1, 2), w_dt)  # (batch, seqlen, dt_rank)
+            dx_dbl = torch.cat([ddt, dB.transpose(1, 2).to(dtype), dC.transpose(1, 2).to(dtype)], dim=-1)
+            dw_x = torch.bmm(dx_dbl.transpose(1, 2), u.transpose(1, 2)).sum(0, dtype=torch.float32)
+            du.baddbmm_(w_x.t().expand(batch, -1, -1), dx_dbl.transpose(1, 2))  # + x_proj's input gradient
+            dxz = torch.empty_like(xz)
+            _, dconv_w, dconv_b = _conv_bwd(
+                x, conv_w, conv_bias, seq_idx, True, du, dx=dxz[..., :d_inner].transpose(1, 2)
+            )
+            dxz[..., d_inner:].copy_(dz.transpose(1, 2))
+        return (
+            dxz,
+            dconv_w.view_as(conv_weight),
+            dconv_b if conv_bias is not None else None,
+            dw_x.to(x_proj_weight.dtype),
+            dw_dt.to(dt_proj_weight.dtype),
+            ddt_bias.to(dt_proj_bias.dtype),
+            (dA * A).to(A_log.dtype),  # A = -exp(A_log): dA_log = dA * A
+            dD.to(D.dtype),
+            dw_out.to(out_proj_weight.dtype),
+            db_out.to(ctx.out_bias_dtype) if db_out is not None else None,
+            None,  # seq_idx: integer document ids
+        )
+
+
+def mamba_inner_triton(
+    xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, out_proj_weight,
+    out_proj_bias=None, seq_idx=None,
+):
+    """The mixer from in_proj's output xz (batch, seqlen, 2 * d_inner) to out_proj's (batch, seqlen, hidden).
+
+    Parameters as the modules hold them: conv_weight (d_inner, 1, d_conv), x_proj_weight
+    (dt_rank + 2 d_state, d_inner), dt_proj_weight (d_inner, dt_rank), dt_proj_bias and D (d_inner,),
+    A_log (d_inner, d_state), out_proj_weight (hidden, d_inner). SiLU activation, softplus on Δ + bias.
+    Under autocast the matmuls run in autocast's dtype, as the modules would.
+    """
+    if xz.dim() != 3 or xz.shape[-1] != 2 * conv_weight.shape[0]:
+        raise ValueError(
+            f"xz must have shape (batch, seqlen, 2 * d_inner={2 * conv_weight.shape[0]}), got {tuple(xz.shape)}"
+        )
+    return _MambaInner.apply(
+        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, out_proj_weight,
+        out_proj_bias, seq_idx,
+    )
+
+
+__all__ = ["mamba_inner_triton"]
