@@ -232,13 +232,17 @@ def test_triton_scan_custom_op_equals_eager_function():
 
     _, args = _forward_op_args(dict(cpu=(2, 3, 21, 4), gpu=(2, 32, 300, 16)), seed=6)
     leaves = [t for t in args if isinstance(t, torch.Tensor)]
+    B, C = args[3], args[4]
     results = []
     for fn in (triton_scan.selective_scan_fwd_op, triton_scan._SelectiveScanEager.apply):
         out, final = fn(*args)[:2]
         grads = torch.autograd.grad((out * out.detach().sin()).sum() + final.sum(), leaves)
         results.append((out, final, *grads))
-    for op_value, eager_value in zip(*results, strict=True):
-        torch.testing.assert_close(op_value, eager_value, rtol=0, atol=0)
+    names = ["out", "final_state"] + ["B" if t is B else "C" if t is C else "other" for t in leaves]
+    for name, op_value, eager_value in zip(names, *results, strict=True):
+        # dB, dC sum over channels with atomics, in an order that varies between runs on a GPU.
+        tolerance = dict(rtol=1e-5, atol=1e-5) if name in ("B", "C") and ON_GPU else dict(rtol=0, atol=0)
+        torch.testing.assert_close(op_value, eager_value, **tolerance, msg=lambda m: f"{name}: {m}")
 
 
 STEP_CASES = [
