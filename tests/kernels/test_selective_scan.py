@@ -140,6 +140,18 @@ def test_triton_scan_chunk_forward_large_d_state(nan_fill_empty):
     _check_scan("triton", case, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("channels_per_thread", [1, 2, 4])
+def test_triton_scan_channels_per_thread(channels_per_thread, dtype, monkeypatch, nan_fill_empty):
+    """The forward can give each thread several channels (d_inner 70: a partly masked block)."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    monkeypatch.setattr(triton_scan_seq, "CHANNELS_PER_THREAD", channels_per_thread)
+    torch.manual_seed(10)
+    case = dict(cpu=(2, 70, 23, 4), gpu=(2, 200, 499, 16), D=True, z=True, bias=True, h0=True)
+    _check_scan("triton", case, dtype)
+
+
 @pytest.mark.parametrize("states_per_lane", [pytest.param(2, id="4-lanes"), pytest.param(4, id="2-lanes")])
 def test_triton_scan_lanes_per_channel(states_per_lane, monkeypatch, nan_fill_empty):
     """The forward can spread one channel's state over several lanes (used for large d_state)."""
