@@ -48,7 +48,7 @@ def peer_model(args, state_dict, peer):
         fused_add_norm=True,
         pad_vocab_size_multiple=1,
     )
-    model = MambaLMHeadModel(config, device="cuda", dtype=torch.float32)
+    model = MambaLMHeadModel(config, device="cuda", dtype=torch.float32)  # the caller moves it
     renamed = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in state_dict.items()}
     model.load_state_dict(renamed, strict=False)
     return model
@@ -163,6 +163,7 @@ def main():
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--skip-builtin-train", action="store_true", help="skip Transformers' training run")
     parser.add_argument("--builtin-train-steps", type=int, default=2, help="timed steps for Transformers' model")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating hf_mamba / mamba_ssm training runs")
     parser.add_argument("--no-decode", action="store_true", help="training only")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
@@ -174,7 +175,9 @@ def main():
 
     torch.manual_seed(0)
     config = MambaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers)
-    ours = MambaForCausalLM(config).cuda()
+    # Every model waits on the CPU and only the one being measured sits on the GPU, so each peak
+    # memory figure is that model's own (parameters, gradients, optimizer state, activations).
+    ours = MambaForCausalLM(config)
     state_dict = {k: v.detach().clone() for k, v in ours.state_dict().items()}
     folder = tempfile.mkdtemp()
     ours.save_pretrained(folder)
@@ -182,7 +185,6 @@ def main():
     builtin_config = transformers.MambaConfig(**{k: getattr(config, k) for k in shared_fields})
     builtin = transformers.MambaForCausalLM(builtin_config)
     builtin.load_state_dict(state_dict)
-    builtin.cuda()
     peer = load_peer()
     print(
         f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -199,30 +201,45 @@ def main():
     def logits_peer(model, ids):
         return model(ids).logits
 
+    def on_gpu_only_while(model, measure):
+        torch.cuda.empty_cache()
+        result = measure(model.cuda())
+        model.cpu()
+        torch.cuda.empty_cache()
+        return result
+
     rows = []
-    tps, peak = train_throughput("hf_mamba (Triton)", ours, args, logits_hf)
-    rows.append(("hf_mamba (Triton)", tps, peak))
+    ratios = []
+    # The step is bound by the host enqueueing kernels (kernels/NOTES.md), whose speed drifts during a
+    # run: --rounds alternates hf_mamba and mamba_ssm and reports the ratio of each adjacent pair.
+    for round_ in range(args.rounds):
+        tps, peak = on_gpu_only_while(ours, lambda m: train_throughput("hf_mamba (Triton)", m, args, logits_hf))
+        rows.append((f"hf_mamba (Triton), round {round_ + 1}", tps, peak))
+        if peer:
+            peer_tps, peer_peak = on_gpu_only_while(
+                peer_model(args, state_dict, peer).cpu(),
+                lambda m: train_throughput("mamba_ssm", m, args, logits_peer),
+            )
+            rows.append((f"mamba_ssm, round {round_ + 1}", peer_tps, peer_peak))
+            ratios.append(tps / peer_tps)
     if not args.skip_builtin_train:
         # Its pure-PyTorch fallback runs ~100 tokens/s at this shape: time few steps.
-        tps, peak = train_throughput(
-            "transformers built-in", builtin, args, logits_hf, warmup_steps=1, steps=args.builtin_train_steps
-        )
+        tps, peak = on_gpu_only_while(builtin, lambda m: train_throughput(
+            "transformers built-in", m, args, logits_hf, warmup_steps=1, steps=args.builtin_train_steps
+        ))
         rows.append(("transformers built-in", tps, peak))
-    if peer:
-        model = peer_model(args, state_dict, peer)
-        tps, peak = train_throughput("mamba_ssm", model, args, logits_peer)
-        rows.append(("mamba_ssm", tps, peak))
-        del model
-    torch.cuda.empty_cache()
     print(f"\nTraining, batch {args.batch} x {args.seqlen}, bf16 autocast, AdamW")
-    print(f"{'implementation':<26}{'tokens/s':>12}{'peak GiB':>10}")
+    print(f"{'implementation':<34}{'tokens/s':>12}{'peak GiB':>10}")
     for name, tps, peak in rows:
-        print(f"{name:<26}{tps:>12,.0f}{peak:>10.2f}")
+        print(f"{name:<34}{tps:>12,.0f}{peak:>10.2f}")
+    if ratios:
+        print("hf_mamba / mamba_ssm tokens/s per round: " + ", ".join(f"{r:.2f}" for r in ratios)
+              + f"; median {statistics.median(ratios):.2f}")
 
     if args.no_decode:
         return
     del ours
-    builtin.eval()
+    builtin.cuda().eval()
     # from_pretrained keeps A_log, D and the Δ bias in fp32 (a plain .to(bfloat16) would not).
     ours_bf16 = MambaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
     decoders = []

@@ -512,7 +512,7 @@ def test_rms_norm_function_matches_composed_ops(dtype):
     assert torch.equal(out, ref)
     grads = torch.autograd.grad(out, (x, weight), grad)
     ref_grads = torch.autograd.grad(ref, (x, weight), grad)
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     x64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(6, dtype=torch.float64, requires_grad=True)

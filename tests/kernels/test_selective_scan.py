@@ -254,7 +254,7 @@ def test_triton_scan_custom_op_equals_eager_function():
     for name, op_value, eager_value in zip(names, *results, strict=True):
         # dB, dC sum over channels with atomics, in an order that varies between runs on a GPU.
         tolerance = dict(rtol=1e-5, atol=1e-5) if name in ("B", "C") and ON_GPU else dict(rtol=0, atol=0)
-        torch.testing.assert_close(op_value, eager_value, **tolerance, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(op_value, eager_value, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
 
 STEP_CASES = [
