@@ -167,6 +167,34 @@ def scaling_table(args):
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
+def cold_start(args):
+    """Wall seconds of the first calls in this process, Triton compiling included: no autotuning, so
+    a new shape costs one compile per kernel variant, or nothing when it maps to one already built.
+    For a true cold start point TRITON_CACHE_DIR and HF_MAMBA_KERNEL_CACHE at empty folders."""
+    import time
+
+    print("\nFirst calls in a fresh process (s): forward, then backward, then both again")
+    print("| shape (b,d,L,N) | dtype | first fwd | first bwd | second fwd + bwd |")
+    print("|---|---|---|---|---|")
+    for shape, dtype in [
+        ((8, 1536, 2048, 16), "bf16"), ((3, 1000, 777, 16), "bf16"), ((2, 1536, 4097, 16), "bf16"),
+        ((8, 1536, 2048, 16), "fp32"),
+    ]:
+        inp = make_inputs(*shape, DTYPES[dtype], requires_grad=True)
+        args_ = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        times = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = selective_scan(*args_, delta_softplus=True, backend="triton")
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            out.backward(torch.ones_like(out))
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start - times[-1])
+        print(f"| {shape} | {dtype} | {times[0]:.2f} | {times[1]:.2f} | {times[2] + times[3]:.4f} |", flush=True)
+
+
 def fwd_sweep(args):
     """Time the sequential forward's configs (channels per thread x warps per SM) on every shape."""
     from hf_mamba.kernels import selective_scan_ref
@@ -296,6 +324,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-torch-path", dest="torch_path", action="store_false", help="skip the PyTorch scan")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the L scaling table")
+    parser.add_argument("--cold", action="store_true", help="time the first calls (compiles), then stop")
     parser.add_argument("--fwd-sweep", action="store_true", help="time the sequential forward's configs, then stop")
     parser.add_argument("--sweep", action="store_true", help="time a few kernel configs")
     parser.add_argument("--no-conv", dest="conv", action="store_false", help="skip the causal conv1d table")
@@ -303,6 +332,9 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
+    if args.cold:
+        cold_start(args)
+        return
     if args.fwd_sweep:
         fwd_sweep(args)
         return

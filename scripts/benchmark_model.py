@@ -75,11 +75,13 @@ def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup_steps if warmup_steps is None else warmup_steps):
+    first_step = cuda_time(step)[0]  # compiles every kernel the model needs on its first use
+    for _ in range((args.warmup_steps if warmup_steps is None else warmup_steps) - 1):
         step()
     torch.cuda.reset_peak_memory_stats()
     times = [cuda_time(step)[0] for _ in range(args.train_steps if steps is None else steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"{name}: first training step {first_step:.1f} s")
     if args.profile:
         print_step_profile(name, step, statistics.median(times))
 
