@@ -27,6 +27,15 @@ def _fp32_or_wider(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _weight_grad(left, right, needed):
+    """sum over batch of left[b] @ right[b], in fp32, or None when the weight needs no gradient."""
+    return torch.bmm(left, right).sum(0, dtype=torch.float32) if needed else None
+
+
+def _as(grad, param):
+    return grad.to(param.dtype) if grad is not None else None
+
+
 def _compute_dtype(xz):
     """The matmul dtype: autocast's when it is on for xz's device (as nn.Linear would run), else xz's."""
     device_type = xz.device.type
@@ -98,13 +107,15 @@ class _MambaInner(torch.autograd.Function):
                 u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
                 _fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y,
             )
-            # out_proj, dt_proj and x_proj weight gradients: per-batch products summed in fp32.
-            dw_out = torch.bmm(dout.transpose(1, 2), y.transpose(1, 2)).sum(0, dtype=torch.float32)
-            db_out = dout.sum((0, 1), dtype=torch.float32) if ctx.out_bias_dtype is not None else None
-            dw_dt = torch.bmm(ddelta, dt).sum(0, dtype=torch.float32)
+            # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
+            # in_proj only).
+            need = ctx.needs_input_grad
+            dw_out = _weight_grad(dout.transpose(1, 2), y.transpose(1, 2), need[8])
+            db_out = dout.sum((0, 1), dtype=torch.float32) if need[9] else None
+            dw_dt = _weight_grad(ddelta, dt, need[4])
             ddt = torch.matmul(ddelta.transpose(1, 2), w_dt)  # (batch, seqlen, dt_rank)
             dx_dbl = torch.cat([ddt, dB.transpose(1, 2).to(dtype), dC.transpose(1, 2).to(dtype)], dim=-1)
-            dw_x = torch.bmm(dx_dbl.transpose(1, 2), u.transpose(1, 2)).sum(0, dtype=torch.float32)
+            dw_x = _weight_grad(dx_dbl.transpose(1, 2), u.transpose(1, 2), need[3])
             du.baddbmm_(w_x.t().expand(batch, -1, -1), dx_dbl.transpose(1, 2))  # + x_proj's input gradient
             dxz = torch.empty_like(xz)
             _, dconv_w, dconv_b = _conv_bwd(
@@ -115,12 +126,12 @@ class _MambaInner(torch.autograd.Function):
             dxz,
             dconv_w.view_as(conv_weight),
             dconv_b if conv_bias is not None else None,
-            dw_x.to(x_proj_weight.dtype),
-            dw_dt.to(dt_proj_weight.dtype),
+            _as(dw_x, x_proj_weight),
+            _as(dw_dt, dt_proj_weight),
             ddt_bias.to(dt_proj_bias.dtype),
             (dA * A).to(A_log.dtype),  # A = -exp(A_log): dA_log = dA * A
             dD.to(D.dtype),
-            dw_out.to(out_proj_weight.dtype),
+            _as(dw_out, out_proj_weight),
             db_out.to(ctx.out_bias_dtype) if db_out is not None else None,
             None,  # seq_idx: integer document ids
         )

@@ -235,3 +235,26 @@ def test_fused_mixer_leaves_wrapped_or_hooked_modules_to_run(monkeypatch):
     lora(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     assert not calls
     assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
+
+
+def test_fused_mixer_with_lora_on_in_proj_only(monkeypatch):
+    """LoRA on in_proj alone keeps the fused path (in_proj runs before it); the frozen weights after it
+    get no gradient and the adapters the same gradients as on the module path."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_mamba.modeling_mamba import MambaMixer
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    base = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE)
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["in_proj"], init_lora_weights=False))
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 9), device=DEVICE)
+    calls = fused_calls(monkeypatch)
+    _, grads = train_step(lora, ids)
+    assert len(calls) == SIZES["num_hidden_layers"]
+    assert grads and all("lora_" in name for name in grads)
+    monkeypatch.setattr(MambaMixer, "_fused_inner_ok", lambda *args: False)
+    _, ref_grads = train_step(lora, ids)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < 1e-5, name
