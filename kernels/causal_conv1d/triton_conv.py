@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import device_guard, seq_idx_args
+from .._launch import cdiv, device_guard, seq_idx_args
 
 BLOCK_D = 16
 BLOCK_L = 128
@@ -140,7 +140,7 @@ def _conv_bwd_kernel(
 
 def _grid(x):
     batch, d_inner, seqlen = x.shape
-    return (batch, triton.cdiv(d_inner, BLOCK_D), triton.cdiv(seqlen, BLOCK_L))
+    return (batch, cdiv(d_inner, BLOCK_D), cdiv(seqlen, BLOCK_L))
 
 
 def _empty_out(x, channels_last):

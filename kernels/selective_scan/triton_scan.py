@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import device_guard, seq_idx_args
+from .._launch import cdiv, device_guard, next_power_of_2, seq_idx_args
 from .triton_scan_seq import scan_fwd_seq
 
 # Up to this d_state the sequential per-channel forward of `triton_scan_seq` may be used (state in
@@ -302,7 +302,7 @@ def _chunk_bwd_kernel(
 
 def _chunk_config(seqlen):
     """(BLOCK_D, CHUNK, num_warps): a fixed heuristic, no autotuning. CHUNK is also the checkpoint interval."""
-    chunk = min(MAX_CHUNK, max(16, triton.next_power_of_2(max(seqlen, 1))))
+    chunk = min(MAX_CHUNK, max(16, next_power_of_2(max(seqlen, 1))))
     num_warps = max(1, min(MAX_WARPS, BLOCK_D * chunk // (32 * STEPS_PER_THREAD)))
     return BLOCK_D, chunk, num_warps
 
@@ -333,7 +333,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     block_d, chunk, num_warps = _chunk_config(seqlen)
-    n_chunks = triton.cdiv(seqlen, chunk)
+    n_chunks = cdiv(seqlen, chunk)
     if save_states:
         chunk_states = u.new_empty(batch, d_inner, n_chunks, d_state, dtype=torch.float32)
     else:
@@ -349,7 +349,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    grid = (batch, triton.cdiv(d_inner, block_d))
+    grid = (batch, cdiv(d_inner, block_d))
     _chunk_fwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state,
         out_rows, final_state, chunk_states,
@@ -358,7 +358,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, USE_INITIAL_STATE=initial_state is not None,
         SAVE_CHUNK_STATES=save_states, HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
     )
     if out_rows is not out:  # the kernel writes time-contiguous rows
         out.copy_(out_rows)
@@ -372,7 +372,7 @@ def _scan_bwd(
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     block_d, chunk, num_warps = _chunk_config(seqlen)
-    n_chunks = triton.cdiv(seqlen, chunk)
+    n_chunks = cdiv(seqlen, chunk)
     u, delta, B, C, z, dout = (_time_contiguous(t) for t in (u, delta, B, C, z, dout))
     f32 = dict(dtype=torch.float32, device=u.device)
     # du, ddelta, dz in their inputs' dtypes: the kernel rounds once when it stores (no cast kernels).
@@ -387,7 +387,7 @@ def _scan_bwd(
     dh0 = torch.empty(batch, d_inner, d_state, **f32)
     if dfinal_state is not None:
         dfinal_state = dfinal_state.contiguous()
-    grid = (batch, triton.cdiv(d_inner, block_d))
+    grid = (batch, cdiv(d_inner, block_d))
     _chunk_bwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dfinal_state,
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, y_out,
@@ -396,7 +396,7 @@ def _scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, HAS_DHT=dfinal_state is not None, HAS_SEQ_IDX=seq_idx is not None,
         STORE_Y=y_out is not None,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
     )
     return (
         du,
@@ -435,7 +435,7 @@ def selective_scan_fwd_op(
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    n_chunks = triton.cdiv(seqlen, _chunk_len(seqlen))
+    n_chunks = cdiv(seqlen, _chunk_len(seqlen))
     out = torch.empty_like(u)
     final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
     shape = (batch, d_inner, n_chunks, d_state) if save_states else (0,)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import seq_idx_args
+from .._launch import cdiv, next_power_of_2, seq_idx_args
 
 # A segment must be at least this many T-step tiles long to be worth its second pass.
 MIN_TILES_PER_SEG = 16
@@ -398,14 +398,14 @@ def scan_fwd_seq(
     lanes = _lanes_per_channel(d_state)
     channels_per_thread, warps_per_sm = _config(u.element_size())
     block_d = 32 * num_warps // lanes * (channels_per_thread if lanes == 1 else 1)
-    n_tiles = triton.cdiv(seqlen, T)
+    n_tiles = cdiv(seqlen, T)
     save = chunk_states.numel() > 0
     assert not save or ckpt_len % T == 0
     ckpt_every = max(1, ckpt_len // T)
     n_ckpt = chunk_states.shape[2] if save else 1
     out = torch.empty_like(u)  # (batch, d_inner, seqlen), in u's layout (channels-last in the model)
     kernel = _fwd_kernel(d_state, T, lanes)
-    d_blocks = triton.cdiv(d_inner, block_d)
+    d_blocks = cdiv(d_inner, block_d)
     # Segments: one warp per 32 channels is latency-bound (each step waits on its B_t, C_t loads and
     # exp2), so it needs several warps per scheduler; with fewer programs than WARPS_PER_SM per
     # multiprocessor, cut the sequence (measured on H100: 1 warp per SM ran ~7x slower per step).
@@ -418,7 +418,7 @@ def scan_fwd_seq(
         and n_tiles // (n_seg * 2) >= MIN_TILES_PER_SEG
     ):
         n_seg *= 2
-    chunks_per_seg = triton.cdiv(n_tiles, n_seg)
+    chunks_per_seg = cdiv(n_tiles, n_seg)
     A_c = A.contiguous()
     if initial_state is not None:
         initial_state = initial_state.contiguous()
@@ -450,9 +450,9 @@ def scan_fwd_seq(
         USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False, **flags,
     )
     h_in = torch.empty_like(h_end)
-    block_n = triton.next_power_of_2(d_state)
+    block_n = next_power_of_2(d_state)
     chain_bd = max(1, 1024 // block_n)
-    _chain_segments_kernel[(batch, triton.cdiv(d_inner, chain_bd))](
+    _chain_segments_kernel[(batch, cdiv(d_inner, chain_bd))](
         h_end, dtsum, A_c, initial_state, h_in, d_inner, d_state, n_seg,
         USE_INITIAL_STATE=initial_state is not None, BLOCK_D=chain_bd, BLOCK_N=block_n,
     )

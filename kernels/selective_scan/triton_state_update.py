@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import cdiv, next_power_of_2
+
 
 @triton.jit
 def _selective_state_update_kernel(
@@ -61,7 +63,7 @@ def _selective_state_update_kernel(
 
 
 def _config(d_state):
-    block_n = triton.next_power_of_2(d_state)
+    block_n = next_power_of_2(d_state)
     block_d = max(1, min(64, 1024 // block_n))
     return block_d, block_n, 4
 
@@ -85,7 +87,7 @@ def selective_state_update_op(
     block_d, block_n, num_warps = _config(d_state)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     z_ = z if z is not None else x
-    grid = (batch, triton.cdiv(d_inner, block_d))
+    grid = (batch, cdiv(d_inner, block_d))
     with torch.cuda.device(x.device) if x.is_cuda else _null():
         _selective_state_update_kernel[grid](
             state, x, dt, A, B, C, D, z, dt_bias, y,
