@@ -1,4 +1,5 @@
-"""hf_mamba.kernels: the selective scan, its decode step and the causal conv, as plain functions on tensors.
+"""hf_mamba.kernels: the selective scan, its decode step, the causal conv and the fused training mixer
+(`mamba_inner_triton`), as plain functions on tensors.
 
 Nothing here imports the model, its config or transformers.
 """
