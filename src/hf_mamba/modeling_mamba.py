@@ -44,14 +44,19 @@ def _fp32_or_wider(t):
 
 
 def _unhooked(module):
-    """No forward hooks (the module's or global) and no replaced forward (as accelerate's hooks do)."""
+    """No forward or backward hooks (the module's or global) and no replaced forward (as accelerate's
+    hooks do): a module the fused mixer would not call must have nothing that expects the call."""
     from torch.nn.modules import module as module_globals
 
     return not (
         module._forward_hooks
         or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
         or module_globals._global_forward_hooks
         or module_globals._global_forward_pre_hooks
+        or module_globals._global_backward_hooks
+        or module_globals._global_backward_pre_hooks
         or "forward" in module.__dict__
     )
 

@@ -230,6 +230,12 @@ def test_fused_mixer_leaves_wrapped_or_hooked_modules_to_run(monkeypatch):
     train_step(model, ids)
     assert seen and len(calls) == SIZES["num_hidden_layers"] - 1
     handle.remove()
+    grads_seen = []
+    handle = model.backbone.layers[0].mixer.x_proj.register_full_backward_hook(lambda *args: grads_seen.append(1))
+    calls.clear()
+    train_step(model, ids)
+    assert grads_seen and len(calls) == SIZES["num_hidden_layers"] - 1
+    handle.remove()
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["x_proj"], init_lora_weights=False))
     calls.clear()
     lora(input_ids=ids, labels=ids, use_cache=False).loss.backward()
