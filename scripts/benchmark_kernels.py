@@ -196,40 +196,55 @@ def cold_start(args):
 
 
 def fwd_sweep(args):
-    """Time the sequential forward's configs (channels per thread x warps per SM) on every shape."""
-    from hf_mamba.kernels import selective_scan_ref
+    """Time the forward's configs on every shape: the sequential forward's (channels per thread, warps
+    per SM), and the chunk forward's (FWD_MAX_CHUNK, FWD_STEPS_PER_THREAD, FWD_MAX_WARPS)."""
+    from hf_mamba.kernels.selective_scan import triton_scan as ts
     from hf_mamba.kernels.selective_scan import triton_scan_seq as seq
 
     shapes = [*SHAPES, (4, 1536, 1024, 16)]
     fns = scan_fns()
-    print("\nForward sweep, ms; error = ||out - ref|| / ||ref|| at (2, 96, 3000, 16) bf16")
-    print("| config (CHANNELS_PER_THREAD, WARPS_PER_SM) | dtype | " + " | ".join(str(s) for s in shapes)
-          + " | same, channels-last | error |")
+    configs = [("seq", c) for c in [(1, 8), (2, 4), (2, 8), (2, 16), (4, 4), (4, 8), (4, 16)]]
+    configs += [("chunk", c) for c in [(128, 4, 1), (512, 8, 2), (1024, 8, 4), (2048, 16, 4)]]
+    print("\nForward sweep, ms; error = ||out - ref|| / ||ref|| at (2, 96, 3000, 16)")
+    print("| forward, config | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last | error |")
     print("|---|---|" + "---|" * (len(shapes) + 1) + "---|")
+    defaults = (ts.FWD_MAX_CHUNK, ts.FWD_STEPS_PER_THREAD, ts.FWD_MAX_WARPS)
     for name, dtype in DTYPES.items():
         if "mamba_ssm" in fns:
             cells = [f"{time_fwd(fns['mamba_ssm'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | | |", flush=True)
-        for config in [(1, 8), (2, 4), (2, 8), (2, 16), (4, 4), (4, 8), (4, 16)]:
-            seq.CHANNELS_PER_THREAD, seq.WARPS_PER_SM = config
-            small = make_inputs(2, 96, 3000, 16, dtype)
-            args_ = [small[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-            out = selective_scan(*args_, delta_softplus=True, backend="triton")
-            ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
-            error = ((out.float() - ref).norm() / ref.norm()).item()
+        for forward, config in configs:
+            ts.FORWARD = forward
+            if forward == "seq":
+                seq.CHANNELS_PER_THREAD, seq.WARPS_PER_SM = config
+            else:
+                ts.FWD_MAX_CHUNK, ts.FWD_STEPS_PER_THREAD, ts.FWD_MAX_WARPS = config
             cells = [f"{time_fwd(fns['triton'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             # The last shape again in the model's layout: u, Δ, z, B, C channels-last views.
             inp = make_inputs(*shapes[-1], dtype)
             for k in ("u", "delta", "z", "B", "C"):
                 inp[k] = inp[k].transpose(1, 2).contiguous().transpose(1, 2)
             cells.append(f"{time_fwd(fns['triton'], inp):.3f}")
-            print(f"| {config} | {name} | " + " | ".join(cells) + f" | {error:.1e} |", flush=True)
-    seq.CHANNELS_PER_THREAD, seq.WARPS_PER_SM = None, None  # back to the measured choice
+            row = f"| {forward} {config} | {name} | " + " | ".join(cells)
+            print(row + f" | {forward_error(dtype):.1e} |", flush=True)
+    # Back to the measured choice.
+    ts.FORWARD, seq.CHANNELS_PER_THREAD, seq.WARPS_PER_SM = None, None, None
+    ts.FWD_MAX_CHUNK, ts.FWD_STEPS_PER_THREAD, ts.FWD_MAX_WARPS = defaults
+
+
+def forward_error(dtype):
+    """||out - ref|| / ||ref|| of the current Triton forward at (2, 96, 3000, 16), reference in fp32."""
+    from hf_mamba.kernels import selective_scan_ref
+
+    small = make_inputs(2, 96, 3000, 16, dtype)
+    args_ = [small[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    out = selective_scan(*args_, delta_softplus=True, backend="triton")
+    ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
+    return ((out.float() - ref).norm() / ref.norm()).item()
 
 
 def sweep(args):
     """Check and time the fixed kernel configs; keep the fastest forward+backward for the tables."""
-    from hf_mamba.kernels import selective_scan_ref
     from hf_mamba.kernels.selective_scan import triton_scan as ts
 
     # (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D)
@@ -256,11 +271,7 @@ def sweep(args):
         errors = []
         for forward in ("seq", "chunk"):
             ts.FORWARD = forward
-            small = make_inputs(2, 96, 3000, 16, torch.bfloat16)
-            args_ = [small[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-            out = selective_scan(*args_, delta_softplus=True, backend="triton")
-            ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
-            errors.append(f"{((out.float() - ref).norm() / ref.norm()).item():.1e}")
+            errors.append(f"{forward_error(torch.bfloat16):.1e}")
         cells = []
         total = 0.0
         for shape in shapes:

@@ -17,8 +17,9 @@ in the backward dΔ and du) are then plain in-register accumulations across the 
 computed as exp2(Δ (A log2 e)): the special-function unit's native instruction.
 
 The forward for small d_state can instead run the sequential per-channel kernel of `triton_scan_seq`
-(see `_use_seq_forward`). Either forward stores h at every chunk start, (batch, d_inner, n_chunks,
-d_state) fp32, CHUNK times smaller than all states. The backward walks the chunks in reverse,
+(see `_use_seq_forward`). Either forward stores h at every start of a backward chunk, (batch,
+d_inner, n_chunks, d_state) fp32, CHUNK times smaller than all states (the chunk forward may walk
+longer chunks, FWD_MAX_CHUNK, and stores the checkpoints inside them). The backward walks the chunks in reverse,
 recomputes each state's h over the chunk from that checkpoint, and runs the adjoint recurrence
 g_t = dy_t C_t + a_{t+1} g_{t+1} as a reverse scan. dB and dC are sums over d_inner: each program
 adds its share with atomics, as mamba_ssm does.
@@ -49,6 +50,12 @@ MAX_CHUNK = 128
 STEPS_PER_THREAD = 4
 MAX_WARPS = 1
 BLOCK_D = 1
+# The chunk forward may walk longer chunks than the backward (a multiple of its chunk, which stays
+# the checkpoint interval): mamba_ssm's forward uses 2048-step chunks, 16 steps per thread, 4 warps.
+# Not timed yet on the GPU; the defaults keep the forward's chunk equal to the backward's.
+FWD_MAX_CHUNK = 128
+FWD_STEPS_PER_THREAD = 4
+FWD_MAX_WARPS = 1
 
 
 @triton.jit
@@ -87,14 +94,16 @@ def _column(b_tile, o_n, n):
 def _chunk_fwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_h0,
     p_out, p_hT, p_hc,
-    seqlen, d_inner, d_state, n_chunks,
+    seqlen, d_inner, d_state, n_chunks, n_ckpt,
     s_A_d, s_A_n,
     p_seq_idx, s_si_b, s_si_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, SAVE_CHUNK_STATES: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CKPT: tl.constexpr,
 ):
     # u, delta, z, out: contiguous (batch, d_inner, seqlen); B, C: contiguous (batch, d_state, seqlen).
+    # Checkpoints every CKPT steps (the backward's chunk; CKPT divides CHUNK): the state entering a
+    # chunk, and inside a longer chunk the scanned state after every CKPT-th step.
     i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen may pass 2^31
     i_d = tl.program_id(1)
     o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -116,9 +125,9 @@ def _chunk_fwd_kernel(
 
     for i_c in range(n_chunks):
         if SAVE_CHUNK_STATES:
-            # (batch, d_inner, n_chunks, d_state): the state entering chunk i_c, for the backward.
-            p_hc_c = (i_b * d_inner + o_d[:, None]) * n_chunks * d_state + i_c * d_state + o_n[None, :]
-            tl.store(p_hc + p_hc_c, b_h, mask=m_dn)
+            # (batch, d_inner, n_ckpt, d_state): the state entering chunk i_c, for the backward.
+            p_hc_c = (i_b * d_inner + o_d[:, None]) * n_ckpt * d_state + i_c * (CHUNK // CKPT) * d_state
+            tl.store(p_hc + p_hc_c + o_n[None, :], b_h, mask=m_dn)
         o_t = i_c * CHUNK + o_c
         m_t = o_t < seqlen
         m_dt = m_d[:, None] & m_t[None, :]
@@ -146,6 +155,11 @@ def _chunk_fwd_kernel(
             b_b = b_dtu * b_B[None, :]
             b_aa, b_bb = tl.associative_scan((b_a, b_b), 1, _linear_combine)
             b_hs = b_aa * _column(b_h, o_n, n)[:, None] + b_bb  # (BLOCK_D, CHUNK): h_t of state n
+            if SAVE_CHUNK_STATES and CHUNK > CKPT:
+                # h after step t enters checkpoint (t + 1) / CKPT when that is a checkpoint inside this chunk.
+                m_ck = ((o_c + 1) % CKPT == 0) & (o_c < CHUNK - 1) & (o_t + 1 < seqlen)
+                p_ck = (i_b * d_inner + o_d[:, None]) * n_ckpt * d_state + ((o_t + 1) // CKPT)[None, :] * d_state
+                tl.store(p_hc + p_ck + n, b_hs, mask=m_d[:, None] & m_ck[None, :])
             b_y += b_hs * b_C[None, :]
             b_h_end = tl.sum(tl.where((o_c == CHUNK - 1)[None, :], b_hs, 0.0), axis=1)
             b_h = tl.where((o_n == n)[None, :], b_h_end[:, None], b_h)
@@ -307,6 +321,13 @@ def _chunk_config(seqlen):
     return BLOCK_D, chunk, num_warps
 
 
+def _fwd_chunk_config(seqlen, ckpt):
+    """(BLOCK_D, CHUNK, num_warps) of the chunk forward: CHUNK a multiple of the checkpoint interval."""
+    chunk = max(ckpt, min(FWD_MAX_CHUNK, max(16, next_power_of_2(max(seqlen, 1)))))
+    num_warps = max(1, min(FWD_MAX_WARPS, BLOCK_D * chunk // (32 * FWD_STEPS_PER_THREAD)))
+    return BLOCK_D, chunk, num_warps
+
+
 def _chunk_len(seqlen):
     # The forward's checkpoints and the backward must use the same chunk length.
     return _chunk_config(seqlen)[1]
@@ -332,10 +353,10 @@ def _empty():
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    block_d, chunk, num_warps = _chunk_config(seqlen)
-    n_chunks = cdiv(seqlen, chunk)
+    chunk = _chunk_len(seqlen)  # the backward's chunk: the checkpoint interval
+    n_ckpt = cdiv(seqlen, chunk)
     if save_states:
-        chunk_states = u.new_empty(batch, d_inner, n_chunks, d_state, dtype=torch.float32)
+        chunk_states = u.new_empty(batch, d_inner, n_ckpt, d_state, dtype=torch.float32)
     else:
         chunk_states = u.new_empty(0, dtype=torch.float32)
     if _use_seq_forward(batch, d_inner, seqlen, d_state):
@@ -349,16 +370,17 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
     if initial_state is not None:
         initial_state = initial_state.contiguous()
+    block_d, fwd_chunk, num_warps = _fwd_chunk_config(seqlen, chunk)
     grid = (batch, cdiv(d_inner, block_d))
     _chunk_fwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state,
         out_rows, final_state, chunk_states,
-        seqlen, d_inner, d_state, n_chunks,
+        seqlen, d_inner, d_state, cdiv(seqlen, fwd_chunk), n_ckpt,
         *A.stride(), *seq_idx_args(seq_idx),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, USE_INITIAL_STATE=initial_state is not None,
         SAVE_CHUNK_STATES=save_states, HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), CHUNK=fwd_chunk, CKPT=chunk, num_warps=num_warps,
     )
     if out_rows is not out:  # the kernel writes time-contiguous rows
         out.copy_(out_rows)

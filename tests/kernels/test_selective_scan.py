@@ -133,6 +133,22 @@ def test_triton_scan_many_chunks(forward, block_d, dtype, monkeypatch, nan_fill_
     _check_scan("triton", case, dtype)
 
 
+@pytest.mark.parametrize("fwd_chunk,steps,warps", [(64, 4, 1), (256, 8, 2)])
+def test_triton_scan_long_forward_chunks(fwd_chunk, steps, warps, monkeypatch, nan_fill_empty):
+    """The chunk forward walking chunks several backward chunks long stores the checkpoints from
+    inside them (backward chunk 16 here; sequences ending inside a forward chunk)."""
+    from hf_mamba.kernels.selective_scan import triton_scan
+
+    monkeypatch.setattr(triton_scan, "FORWARD", "chunk")
+    monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
+    monkeypatch.setattr(triton_scan, "FWD_MAX_CHUNK", fwd_chunk)
+    monkeypatch.setattr(triton_scan, "FWD_STEPS_PER_THREAD", steps)
+    monkeypatch.setattr(triton_scan, "FWD_MAX_WARPS", warps)
+    torch.manual_seed(12)
+    case = dict(cpu=(2, 3, 77, 4), gpu=(2, 100, 1001, 16), D=True, z=True, bias=True, h0=True)
+    _check_scan("triton", case, torch.float32)
+
+
 def test_triton_scan_chunk_forward_large_d_state(nan_fill_empty):
     """Above SEQ_MAX_D_STATE only the chunk forward runs; a state size that is not a power of two."""
     torch.manual_seed(11)
