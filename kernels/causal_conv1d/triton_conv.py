@@ -43,6 +43,19 @@ def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si
 
 
 @triton.jit
+def _row_inputs(p_si_b, p_bias, o_t, m_t, o_d, m_d, s_si_l, HAS_SEQ_IDX: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The document ids at steps o_t (0 without seq_idx) and each channel's bias in fp32 (0.0 without).
+    # Values only: a jit helper returning a None pointer does not compile for CUDA (kernels/NOTES.md).
+    b_si = 0
+    if HAS_SEQ_IDX:
+        b_si = tl.load(p_si_b + o_t * s_si_l, mask=m_t, other=0)
+    b_bias = 0.0
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    return b_si, b_bias
+
+
+@triton.jit
 def _conv_fwd_kernel(
     p_x, p_w, p_bias, p_out, p_seq_idx, d_inner, seqlen, s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l,
     s_si_b, s_si_l,
@@ -58,12 +71,7 @@ def _conv_fwd_kernel(
     p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
     if HAS_SEQ_IDX:
         p_si_b += i_b * s_si_b
-    b_si_t = 0
-    if HAS_SEQ_IDX:
-        b_si_t = tl.load(p_si_b + o_t * s_si_l, mask=m_t, other=0)
-    b_bias = 0.0
-    if HAS_BIAS:
-        b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_si_t, b_bias = _row_inputs(p_si_b, p_bias, o_t, m_t, o_d, m_d, s_si_l, HAS_SEQ_IDX, HAS_BIAS)
     b_pre = _conv_at(p_row, s_x_l, p_w + o_d * K, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
                      HAS_BIAS, HAS_SEQ_IDX, K, BLOCK_D, BLOCK_L)
     b_out = b_pre
@@ -92,12 +100,7 @@ def _conv_bwd_kernel(
     p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
     if HAS_SEQ_IDX:
         p_si_b += i_b * s_si_b
-    b_si_s = 0
-    if HAS_SEQ_IDX:
-        b_si_s = tl.load(p_si_b + o_s * s_si_l, mask=m_s, other=0)
-    b_bias = 0.0
-    if HAS_BIAS:
-        b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_si_s, b_bias = _row_inputs(p_si_b, p_bias, o_s, m_s, o_d, m_d, s_si_l, HAS_SEQ_IDX, HAS_BIAS)
     b_dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     # x[s] feeds out[s + j] through tap K - 1 - j; dpre at those steps comes from dout and, with
     # SiLU, the recomputed pre-activation there.
