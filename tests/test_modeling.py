@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
+from hf_mamba.modeling_mamba import CACHE_FIELD
 
 LOGITS_RTOL = 1e-5  # fp32: relative to the largest logit
 
@@ -188,13 +189,33 @@ def test_generate_uses_our_cache_with_one_token_per_step(model, monkeypatch):
     original = MambaForCausalLM.forward
 
     def spy(self, *args, **kwargs):
-        seen.append((type(kwargs.get("cache_params")).__name__, kwargs["input_ids"].shape[1]))
+        seen.append((type(kwargs.get(CACHE_FIELD)).__name__, kwargs["input_ids"].shape[1]))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MambaForCausalLM, "forward", spy)
     ids = torch.randint(1, 97, (2, 9))
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert seen == [("NoneType", 9)] + [("MambaCache", 1)] * 3
+
+
+def test_cache_argument_under_either_name(model):
+    """`cache_params` and Transformers 5.24's `cache` are one argument; outputs name it as the release does."""
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        out = model(ids[:, :5], use_cache=True)
+        cache = out[CACHE_FIELD]
+        assert isinstance(cache, MambaCache)
+        states = cache.ssm_states + cache.conv_states
+        saved = [state.clone() for state in states]
+        by_old_name = model(ids[:, 5:], cache_params=cache, use_cache=True).logits
+        for state, old in zip(states, saved, strict=True):
+            state.copy_(old)
+        cache.seqlen_offset = 5
+        by_new_name = model(ids[:, 5:], cache=cache, use_cache=True).logits
+        assert torch.equal(by_old_name, by_new_name)
+        other = MambaCache(model.config, batch_size=2)
+        with pytest.raises(ValueError, match="cache_params or as cache"):
+            model(ids[:, 5:], cache_params=cache, cache=other)
 
 
 def test_generate_continues_from_a_user_cache(model):

@@ -22,6 +22,9 @@ class MambaCache:
 
     # generate() auto-compiles the forward for caches that say they are compileable; we decide ourselves.
     is_compileable = False
+    # Transformers >= 5.24 asks whether a cache can be cut back to fewer tokens (assisted decoding, mps):
+    # a recurrent state cannot.
+    is_croppable = False
 
     def __init__(self, config, batch_size: int, dtype=torch.float32, device=None):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -41,6 +44,11 @@ class MambaCache:
         self.seqlen_offset = 0
         # CUDA graph of the model's decode step on these tensors, captured on first use (CUDA only).
         self.decode_graph = None
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: a fixed-size recurrent state, not a growing key/value cache (Transformers >= 5.24 asks)."""
+        return [True] * len(self.ssm_states)
 
     def __len__(self):
         return len(self.ssm_states)

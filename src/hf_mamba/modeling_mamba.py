@@ -371,22 +371,46 @@ class MambaPreTrainedModel(MambaHubMixin, PreTrainedModel):
             init.copy_(weight, weight / math.sqrt(config.num_hidden_layers))
 
 
+# Transformers 5.24 renamed the cache of every model output and forward argument from `cache_params` to
+# `cache` (generate() reads and passes only `cache`; `outputs.cache_params` stays as a deprecated property).
+# Earlier 5.x releases look for `cache_params`. Our outputs name the field the way the installed release
+# expects; our forwards accept either name.
+CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "cache_params", None), property) else "cache_params"
+
+
+def _one_cache(cache_params, cache):
+    """The cache passed under either name (`cache_params` or Transformers 5.24's `cache`)."""
+    if cache is not None and cache_params is not None and cache is not cache_params:
+        raise ValueError("Pass the cache as cache_params or as cache, not two different caches")
+    return cache_params if cache_params is not None else cache
+
+
 @dataclass
 class MambaOutput(ModelOutput):
-    """Output of MambaModel: last hidden state, the cache (when use_cache) and all hidden states (on request)."""
+    """Output of MambaModel: last hidden state, the cache (when use_cache) and all hidden states (on request).
+
+    The cache field is `cache` on Transformers >= 5.24 and `cache_params` before (CACHE_FIELD);
+    `outputs.cache_params` reads it on both.
+    """
 
     last_hidden_state: torch.FloatTensor | None = None
-    cache_params: MambaCache | None = None
+    if CACHE_FIELD == "cache":
+        cache: MambaCache | None = None
+    else:
+        cache_params: MambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class MambaCausalLMOutput(ModelOutput):
-    """Output of MambaForCausalLM."""
+    """Output of MambaForCausalLM (cache field named as in MambaOutput)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    cache_params: MambaCache | None = None
+    if CACHE_FIELD == "cache":
+        cache: MambaCache | None = None
+    else:
+        cache_params: MambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -465,18 +489,21 @@ class MambaModel(MambaPreTrainedModel):
         return_dict: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: MambaCache | None = None,
         **kwargs,
     ) -> tuple | MambaOutput:
         """
         Args:
             input_ids: (batch, seqlen) token ids, or inputs_embeds (batch, seqlen, hidden_size).
-            cache_params: a MambaCache to continue from and update in place.
+            cache_params: a MambaCache to continue from and update in place (`cache` is the same argument
+                under Transformers 5.24's name).
             use_cache: create (if needed) and return a cache; defaults to config.use_cache outside training.
             attention_mask: (batch, seqlen), 1 for tokens and 0 for padding; padding leaves the state unchanged.
             position_ids: (batch, seqlen); Mamba needs no positions, but where they restart at 0 inside a row
                 (packed documents, as DataCollatorWithFlattening makes) the state and conv restart there.
         """
         _check_inputs(input_ids, inputs_embeds, attention_mask, self.config.vocab_size)
+        cache_params = _one_cache(cache_params, cache)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -518,7 +545,7 @@ class MambaModel(MambaPreTrainedModel):
 
         if not return_dict:
             return tuple(v for v in (hidden_states, cache_params, all_hidden_states) if v is not None)
-        return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params, hidden_states=all_hidden_states)
+        return MambaOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache_params})
 
 
 class _DecodeGraph:
@@ -575,8 +602,9 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         return False  # generate() must not build a DynamicCache: the forward creates a MambaCache
 
     def prepare_inputs_for_generation(
-        self, input_ids, inputs_embeds=None, cache_params=None, attention_mask=None, use_cache=None, **kwargs
+        self, input_ids, inputs_embeds=None, cache_params=None, attention_mask=None, use_cache=None, cache=None, **kwargs
     ):
+        cache_params = _one_cache(cache_params, cache)
         if cache_params is not None and cache_params.seqlen_offset > 0:
             # Feed only what the cache has not seen; at least the newest token. (After a prefill from
             # inputs_embeds, input_ids holds only generated tokens, so the count can come out < 1.)
@@ -587,7 +615,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             model_inputs = {"inputs_embeds": inputs_embeds}
         else:
             model_inputs = {"input_ids": input_ids}
-        model_inputs.update(cache_params=cache_params, use_cache=use_cache, attention_mask=attention_mask)
+        model_inputs.update({CACHE_FIELD: cache_params}, use_cache=use_cache, attention_mask=attention_mask)
         if kwargs.get("logits_to_keep") is not None:
             model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return model_inputs
@@ -628,6 +656,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         position_ids: torch.LongTensor | None = None,
+        cache: MambaCache | None = None,
         **kwargs,
     ) -> tuple | MambaCausalLMOutput:
         """
@@ -637,6 +666,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             Others: see MambaModel.forward.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache_params = _one_cache(cache_params, cache)
         if self._use_decode_graph(
             input_ids,
             cache_params,
@@ -649,7 +679,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             logits = cache_params.decode_graph(input_ids)
             cache_params.seqlen_offset += 1
             return (
-                MambaCausalLMOutput(logits=logits, cache_params=cache_params)
+                MambaCausalLMOutput(logits=logits, **{CACHE_FIELD: cache_params})
                 if return_dict
                 else (logits, cache_params)
             )
@@ -664,16 +694,17 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
         )
         hidden_states = outputs.last_hidden_state
+        cache_params = outputs.get(CACHE_FIELD)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = _fp32_or_wider(self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
-            output = tuple(v for v in (logits, outputs.cache_params, outputs.hidden_states) if v is not None)
+            output = tuple(v for v in (logits, cache_params, outputs.hidden_states) if v is not None)
             return (loss, *output) if loss is not None else output
         return MambaCausalLMOutput(
-            loss=loss, logits=logits, cache_params=outputs.cache_params, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: cache_params}
         )
 
 
