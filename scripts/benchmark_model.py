@@ -4,6 +4,7 @@
     source <shared>/peers/activate.sh && python scripts/benchmark_model.py   # with mamba_ssm side by side
     python scripts/benchmark_model.py --layers 4 --quick    # a smoke run
     python scripts/benchmark_model.py --profile             # also: CPU enqueue vs GPU kernel time per step
+    python scripts/benchmark_model.py --no-train --decode-profile   # decoding only, with time per token
 
 Implementations: hf_mamba (Triton kernels; decoding with and without CUDA graphs), Transformers'
 built-in MambaForCausalLM (whatever kernels it finds), and mamba_ssm's MambaLMHeadModel when it is
@@ -122,10 +123,35 @@ def print_step_profile(name, step, wall_seconds, steps=3):
 
 def decode_throughput(generate, args, batch):
     prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
+    getattr(generate, "reset", lambda: None)()
     generate(prompt, 8)  # warm-up: compile kernels, capture graphs for this batch size
     seconds, out = cuda_time(lambda: generate(prompt, args.new_tokens))
     assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
     return batch * args.new_tokens / seconds
+
+
+def print_decode_profile(name, generate, args, batch, new_tokens=64):
+    """Where a decoded token's time goes: wall time against GPU kernel time and kernel count per token.
+
+    The profiled call includes the prompt's prefill (one forward), spread over the new tokens.
+    """
+    prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
+    getattr(generate, "reset", lambda: None)()
+    generate(prompt, 8)  # compile kernels, capture graphs
+    seconds, _ = cuda_time(lambda: generate(prompt, new_tokens))
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        generate(prompt, new_tokens)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / new_tokens
+    count = sum(e.count for e in kernels) / new_tokens
+    print(
+        f"{name}, batch {batch}: wall {seconds * 1e3 / new_tokens:.3f} ms/token, "
+        f"GPU kernels {gpu_ms:.3f} ms/token, {count:.0f} kernels/token"
+    )
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
+        print(f"    {e.self_device_time_total / new_tokens / 1e3:7.4f} ms  x{e.count / new_tokens:5.1f}  {e.key[:80]}")
 
 
 def hf_generate(model):
@@ -148,6 +174,12 @@ def peer_generate(model, cg):
         out = model.generate(prompt, max_length=prompt.shape[1] + new_tokens, cg=cg, top_k=1)
         return out if torch.is_tensor(out) else out.sequences
 
+    def reset():
+        # mamba_ssm keeps one graph cache per model; going back to an earlier batch size after another
+        # fails its capture ("conv_state must have shape ..."), so each measurement starts afresh.
+        model._decoding_cache = None
+
+    generate.reset = reset
     return generate
 
 
@@ -167,8 +199,12 @@ def main():
     parser.add_argument("--builtin-train-steps", type=int, default=2, help="timed steps for Transformers' model")
     parser.add_argument("--rounds", type=int, default=1, help="alternating hf_mamba / mamba_ssm training runs")
     parser.add_argument("--no-decode", action="store_true", help="training only")
+    parser.add_argument("--no-train", action="store_true", help="decoding only")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
+    parser.add_argument(
+        "--decode-profile", action="store_true", help="per decoded token: wall vs GPU kernel time, kernel count"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
@@ -214,7 +250,7 @@ def main():
     ratios = []
     # The step is bound by the host enqueueing kernels (kernels/NOTES.md), whose speed drifts during a
     # run: --rounds alternates hf_mamba and mamba_ssm and reports the ratio of each adjacent pair.
-    for round_ in range(args.rounds):
+    for round_ in range(0 if args.no_train else args.rounds):
         tps, peak = on_gpu_only_while(ours, lambda m: train_throughput("hf_mamba (Triton)", m, args, logits_hf))
         rows.append((f"hf_mamba (Triton), round {round_ + 1}", tps, peak))
         if peer:
@@ -224,7 +260,7 @@ def main():
             )
             rows.append((f"mamba_ssm, round {round_ + 1}", peer_tps, peer_peak))
             ratios.append(tps / peer_tps)
-    if not args.skip_builtin_train:
+    if not args.skip_builtin_train and not args.no_train:
         # Its pure-PyTorch fallback runs ~100 tokens/s at this shape: time few steps.
         tps, peak = on_gpu_only_while(builtin, lambda m: train_throughput(
             "transformers built-in", m, args, logits_hf, warmup_steps=1, steps=args.builtin_train_steps
@@ -262,6 +298,12 @@ def main():
             ("mamba_ssm, cg=True", peer_generate(model, True)),
             ("mamba_ssm, cg=False", peer_generate(model, False)),
         ]
+    if args.decode_profile:
+        print(f"\nDecode profile, bf16, prompt {args.prompt_len}, 64 new tokens")
+        for name, generate in decoders:
+            if "graphs" in name or "cg=True" in name:
+                for batch in args.decode_batches:
+                    print_decode_profile(name, generate, args, batch)
     print(f"\nGreedy decoding, bf16, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s)")
     print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
     for name, generate in decoders:

@@ -73,11 +73,30 @@ def _causal_conv1d_packed(x, weight, bias, activation, seq_idx):
     return F.silu(out) if activation is not None else out
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend=None):
     """One decode step. x: (batch, d_inner); conv_state: (batch, d_inner, d_conv) holding the last
-    d_conv inputs, shifted left and refilled with x in place. Returns (batch, d_inner)."""
+    d_conv inputs, shifted left and refilled with x in place. Returns (batch, d_inner) in x's dtype.
+
+    backend: "triton" (one fused kernel, fp32 arithmetic), "reference" / "torch" (PyTorch ops, in the
+    state's dtype), or None: Triton on CUDA, else PyTorch.
+    """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (batch, d_inner), got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight must have shape (d_inner={x.shape[1]}, d_conv), got {tuple(weight.shape)}")
+    expected = (*x.shape, weight.shape[1])
+    if tuple(conv_state.shape) != expected:
+        raise ValueError(f"conv_state must have shape {expected}, got {tuple(conv_state.shape)}")
+    if bias is not None and tuple(bias.shape) != (x.shape[1],):
+        raise ValueError(f"bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
+    from ..selective_scan import resolve_backend
+
+    if resolve_backend(backend, x.device) == "triton":
+        from .triton_conv_update import causal_conv1d_update_triton
+
+        return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
     conv_state[:, :, -1] = x.to(conv_state.dtype)
     out = (conv_state * weight.to(conv_state.dtype)).sum(dim=-1)  # (batch, d_inner)

@@ -22,6 +22,7 @@ from .cache import MambaCache
 from .configuration_mamba import MambaConfig
 from .hub import MambaHubMixin
 from .kernels import (
+    add_rms_norm,
     causal_conv1d,
     causal_conv1d_update,
     mamba_inner_triton,
@@ -277,7 +278,9 @@ class MambaMixer(nn.Module):
         x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         conv_state = cache_params.conv_states[self.layer_idx]
-        x = causal_conv1d_update(x, conv_state, weight, self.conv1d.bias, "silu" if self.fused_silu else None)
+        x = causal_conv1d_update(
+            x, conv_state, weight, self.conv1d.bias, "silu" if self.fused_silu else None, backend=backend
+        )
         if not self.fused_silu:
             x = self.act(x)
         dt, B, C = self._ssm_params(x[:, :, None])
@@ -545,7 +548,9 @@ class MambaModel(MambaPreTrainedModel):
 
         if not return_dict:
             return tuple(v for v in (hidden_states, cache_params, all_hidden_states) if v is not None)
-        return MambaOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache_params})
+        return MambaOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache_params}
+        )
 
 
 class _DecodeGraph:
@@ -602,7 +607,14 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         return False  # generate() must not build a DynamicCache: the forward creates a MambaCache
 
     def prepare_inputs_for_generation(
-        self, input_ids, inputs_embeds=None, cache_params=None, attention_mask=None, use_cache=None, cache=None, **kwargs
+        self,
+        input_ids,
+        inputs_embeds=None,
+        cache_params=None,
+        attention_mask=None,
+        use_cache=None,
+        cache=None,
+        **kwargs,
     ):
         cache_params = _one_cache(cache_params, cache)
         if cache_params is not None and cache_params.seqlen_offset > 0:
@@ -623,10 +635,37 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     def _decode_step_logits(self, input_ids, cache_params):
         """Logits (batch, 1, vocab) of one token on top of the cache; advances the states, not the offset."""
         hidden_states = self.backbone.embeddings(input_ids)
-        for block in self.backbone.layers:
-            hidden_states = block(hidden_states, cache_params=cache_params)
-        hidden_states = self.backbone.norm_f(hidden_states.to(self.backbone.norm_f.weight.dtype))
+        backend = resolve_backend(scan_backend_for(self.config), hidden_states.device)
+        if backend == "triton" and self._plain_blocks_and_norms():
+            hidden_states = self._blocks_step_fused_norms(hidden_states, cache_params, backend)
+        else:
+            for block in self.backbone.layers:
+                hidden_states = block(hidden_states, cache_params=cache_params)
+            hidden_states = self.backbone.norm_f(hidden_states.to(self.backbone.norm_f.weight.dtype))
         return _fp32_or_wider(self.lm_head(hidden_states.to(self.lm_head.weight.dtype)))
+
+    def _plain_blocks_and_norms(self):
+        """Blocks and norms as defined here, without hooks: then the decode step may skip calling them."""
+        backbone = self.backbone
+        norms = [block.norm for block in backbone.layers] + [backbone.norm_f]
+        return all(type(block) is MambaBlock and _unhooked(block) for block in backbone.layers) and all(
+            type(norm) is MambaRMSNorm and _unhooked(norm) for norm in norms
+        )
+
+    def _blocks_step_fused_norms(self, hidden_states, cache_params, backend):
+        """What the blocks and the final norm compute for one token (MambaBlock.forward), with each
+        residual add fused with the following norm (`add_rms_norm`): one launch where the ops take
+        about six, which a CUDA-graph decode step pays for per layer. Returns norm_f's output."""
+        layers = self.backbone.layers
+        residual_in_fp32 = layers[0].residual_in_fp32
+        residual = _fp32_or_wider(hidden_states) if residual_in_fp32 else hidden_states
+        normed = layers[0].norm(hidden_states.to(layers[0].norm.weight.dtype))
+        next_norms = [block.norm for block in layers[1:]] + [self.backbone.norm_f]
+        for block, next_norm in zip(layers, next_norms, strict=True):
+            delta = block.mixer(normed, cache_params=cache_params)  # (batch, 1, hidden_size)
+            hidden, normed = add_rms_norm(residual, delta, next_norm.weight, next_norm.variance_epsilon, backend)
+            residual = _fp32_or_wider(hidden) if residual_in_fp32 else hidden
+        return normed
 
     def _use_decode_graph(self, input_ids, cache_params, use_cache, other_inputs):
         """CUDA-graph replay serves plain inference decode steps: one token id per row on a warm cache."""

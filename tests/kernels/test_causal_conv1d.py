@@ -75,19 +75,47 @@ def test_causal_conv1d_matches_loop(case, dtype, backend, monkeypatch):
         assert _rel_err(g_, g_ref) < TOL[dtype] * 2
 
 
-def test_causal_conv1d_update_continues_the_sequence():
-    """Feeding the tokens one at a time through the update equals the full convolution."""
+UPDATE_CASES = [
+    pytest.param(dict(d_inner=6, d_conv=4, bias=True, act="silu"), id="d6-k4"),
+    pytest.param(dict(d_inner=130, d_conv=4, bias=True, act="silu", strided=True), id="d130-k4-strided-x"),
+    pytest.param(dict(d_inner=5, d_conv=3, bias=False, act=None), id="d5-k3-nobias-noact"),
+    pytest.param(dict(d_inner=7, d_conv=2, bias=True, act="silu"), id="d7-k2"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", UPDATE_CASES)
+def test_causal_conv1d_update_continues_the_sequence(case, dtype, backend, nan_fill_empty):
+    """Feeding the tokens one at a time through the update equals the convolution of the whole sequence,
+    and the state ends holding the last d_conv inputs."""
     torch.manual_seed(1)
-    batch, d_inner, seqlen, d_conv = 2, 6, 9, 4
+    batch, seqlen, d_inner, d_conv = 2, 9, case["d_inner"], case["d_conv"]
     g = dict(device=DEVICE)
-    x = torch.randn(batch, d_inner, seqlen, **g)
+    x = torch.randn(batch, seqlen, 2 * d_inner, **g).to(dtype)
+    # The model passes x as the first half of in_proj's output: a strided (batch, d_inner) view.
+    x = x[..., :d_inner] if case.get("strided") else x[..., :d_inner].contiguous()
     weight = torch.randn(d_inner, d_conv, **g)
-    bias = torch.randn(d_inner, **g)
-    full = causal_conv1d(x, weight, bias, "silu")
-    conv_state = torch.zeros(batch, d_inner, d_conv, **g)
-    steps = [causal_conv1d_update(x[:, :, t], conv_state, weight, bias, "silu") for t in range(seqlen)]
-    assert _rel_err(torch.stack(steps, dim=-1), full) < 1e-6
-    assert torch.equal(conv_state, x[:, :, -d_conv:])
+    bias = torch.randn(d_inner, **g) if case["bias"] else None
+    ref = causal_conv1d_loop(x.transpose(1, 2), weight, bias, case["act"], None)  # (batch, d_inner, seqlen) fp32
+    conv_state = torch.zeros(batch, d_inner, d_conv, dtype=dtype, **g)
+    steps = [causal_conv1d_update(x[:, t], conv_state, weight, bias, case["act"], backend=backend) for t in range(seqlen)]
+    out = torch.stack(steps, dim=-1)
+    assert out.dtype == dtype
+    assert _rel_err(out, ref) < (1e-6 if dtype == torch.float32 else TOL[dtype])
+    assert torch.equal(conv_state, x.transpose(1, 2)[:, :, -d_conv:])
+
+
+def test_causal_conv1d_update_rejects_bad_shapes():
+    x, state, weight = torch.randn(2, 6), torch.zeros(2, 6, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        causal_conv1d_update(x, torch.zeros(2, 6, 3), weight)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        causal_conv1d_update(x, state, torch.randn(5, 4))
+    with pytest.raises(ValueError, match="x must have shape"):
+        causal_conv1d_update(x[:, :, None], state, weight)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        causal_conv1d_update(x, state, weight, torch.randn(4))
 
 
 def test_packed_conv_equals_separate_documents():

@@ -1,0 +1,82 @@
+"""add_rms_norm (the decode step's residual add + RMSNorm) against the model's ops, and the fused
+decode step against the blocks run one by one.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py).
+"""
+
+import pytest
+import torch
+from hf_mamba import MambaConfig, MambaForCausalLM
+from hf_mamba.kernels import add_rms_norm, add_rms_norm_ref
+from hf_mamba.modeling_mamba import CACHE_FIELD
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+CASES = [
+    # (residual dtype, delta dtype, weight dtype, hidden_size)
+    pytest.param(torch.float32, torch.float32, torch.float32, 64, id="fp32-64"),
+    pytest.param(torch.float32, torch.bfloat16, torch.bfloat16, 96, id="fp32-residual-bf16-model-96"),
+    pytest.param(torch.bfloat16, torch.bfloat16, torch.bfloat16, 100, id="bf16-residual-100"),
+    pytest.param(torch.float32, torch.float16, torch.float16, 33, id="fp32-residual-fp16-model-33"),
+]
+
+
+@pytest.mark.parametrize("res_dtype, delta_dtype, w_dtype, hidden_size", CASES)
+def test_add_rms_norm_matches_the_model_ops(res_dtype, delta_dtype, w_dtype, hidden_size, nan_fill_empty):
+    torch.manual_seed(0)
+    residual = torch.randn(3, 1, hidden_size, device=DEVICE).to(res_dtype)
+    delta = torch.randn(3, 1, hidden_size, device=DEVICE).to(delta_dtype)
+    weight = (1 + 0.1 * torch.randn(hidden_size, device=DEVICE)).to(w_dtype)
+    hidden, normed = add_rms_norm(residual, delta, weight, 1e-5, backend="triton")
+    hidden_ref, normed_ref = add_rms_norm_ref(residual, delta, weight, 1e-5)
+    assert hidden.dtype == hidden_ref.dtype and normed.dtype == normed_ref.dtype == w_dtype
+    # One fp32 add, rounded once: exact in fp32; in 2-byte dtypes within one unit in the last place (the
+    # Triton interpreter rounds fp32 -> bf16 towards zero, PyTorch to nearest).
+    hidden_tol = 0 if hidden.dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(hidden, hidden_ref, rtol=hidden_tol, atol=hidden_tol)
+    # fp32: rsqrt rounding; 2-byte dtypes: a unit in the last place of the sum and of the normalised value.
+    tol = 1e-6 if w_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(normed.float(), normed_ref.float(), rtol=tol, atol=tol)
+
+
+def test_add_rms_norm_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        add_rms_norm(torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(7), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_decode_step_equals_the_blocks(dtype, monkeypatch):
+    """The decode graph's body (conv update, state update, add + norm fused) gives the logits and the
+    states of the blocks run one by one on the PyTorch path."""
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, state_size=8, intermediate_size=72)
+    model = MambaForCausalLM(config).to(DEVICE).eval()
+    model.to(dtype)
+    for name, param in model.named_parameters():  # what from_pretrained keeps in fp32
+        if name.endswith(("A_log", "mixer.D", "dt_proj.bias")):
+            param.data = param.data.float()
+    import hf_mamba.modeling_mamba as modeling
+
+    fused_calls = []
+    monkeypatch.setattr(modeling, "add_rms_norm", lambda *a: fused_calls.append(1) or add_rms_norm(*a))
+    ids = torch.randint(0, 97, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        cache = model(ids[:, :5], use_cache=True)[CACHE_FIELD]
+        states = cache.conv_states + cache.ssm_states
+        start = [s.clone() for s in states]
+        fused = model._decode_step_logits(ids[:, 5:], cache)
+        assert len(fused_calls) == config.num_hidden_layers  # the fused path ran
+        after_fused = [s.clone() for s in states]
+        for s, s0 in zip(states, start, strict=True):
+            s.copy_(s0)
+        monkeypatch.setenv("HF_MAMBA_BACKEND", "torch")
+        plain = model._decode_step_logits(ids[:, 5:], cache)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    scale = plain.abs().max()
+    assert ((fused - plain).abs().max() / scale).item() < tol
+    for a, b in zip(after_fused, states, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
