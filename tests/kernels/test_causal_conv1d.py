@@ -99,7 +99,9 @@ def test_causal_conv1d_update_continues_the_sequence(case, dtype, backend, nan_f
     bias = torch.randn(d_inner, **g) if case["bias"] else None
     ref = causal_conv1d_loop(x.transpose(1, 2), weight, bias, case["act"], None)  # (batch, d_inner, seqlen) fp32
     conv_state = torch.zeros(batch, d_inner, d_conv, dtype=dtype, **g)
-    steps = [causal_conv1d_update(x[:, t], conv_state, weight, bias, case["act"], backend=backend) for t in range(seqlen)]
+    steps = [
+        causal_conv1d_update(x[:, t], conv_state, weight, bias, case["act"], backend=backend) for t in range(seqlen)
+    ]
     out = torch.stack(steps, dim=-1)
     assert out.dtype == dtype
     assert _rel_err(out, ref) < (1e-6 if dtype == torch.float32 else TOL[dtype])

@@ -6,8 +6,9 @@ On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/kernels/conftest.p
 
 import pytest
 import torch
-from hf_mamba import MambaConfig, MambaForCausalLM
 from hf_mamba.kernels import add_rms_norm, add_rms_norm_ref
+
+from hf_mamba import MambaConfig, MambaForCausalLM
 from hf_mamba.modeling_mamba import CACHE_FIELD
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
