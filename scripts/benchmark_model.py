@@ -152,6 +152,10 @@ def print_decode_profile(name, generate, args, batch, new_tokens=64):
     )
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
         print(f"    {e.self_device_time_total / new_tokens / 1e3:7.4f} ms  x{e.count / new_tokens:5.1f}  {e.key[:80]}")
+    host_ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    print("  host, top by self CPU time per token (profiler-inflated):")
+    for e in sorted(host_ops, key=lambda e: -e.self_cpu_time_total)[:8]:
+        print(f"    {e.self_cpu_time_total / new_tokens / 1e3:7.4f} ms  x{e.count / new_tokens:5.1f}  {e.key[:80]}")
 
 
 def hf_generate(model):
