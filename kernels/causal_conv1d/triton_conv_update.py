@@ -46,10 +46,7 @@ def _conv_update_kernel(
     tl.store(p_out + i_b * s_o_b + o_d * s_o_d, b_out.to(p_out.dtype.element_ty), mask=m_d)
 
 
-@torch.library.custom_op("hf_mamba::causal_conv1d_update", mutates_args=("conv_state",))
-def causal_conv1d_update_op(
-    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
-) -> torch.Tensor:
+def _conv_update(x, conv_state, weight, bias, silu):
     """Shifts x into `conv_state` in place; returns the conv output (batch, d_inner) in x's dtype."""
     batch, d_inner = x.shape
     d_conv = weight.shape[1]
@@ -66,6 +63,13 @@ def causal_conv1d_update_op(
     return out
 
 
+@torch.library.custom_op("hf_mamba::causal_conv1d_update", mutates_args=("conv_state",))
+def causal_conv1d_update_op(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
+) -> torch.Tensor:
+    return _conv_update(x, conv_state, weight, bias, silu)
+
+
 @causal_conv1d_update_op.register_fake
 def _(x, conv_state, weight, bias, silu):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -73,7 +77,10 @@ def _(x, conv_state, weight, bias, silu):
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias, activation):
     """Triton decode step; same semantics as `hf_mamba.kernels.causal_conv1d_update` (backend="triton")."""
-    return causal_conv1d_update_op(x, conv_state, weight, bias, activation is not None)
+    args = (x, conv_state, weight, bias, activation is not None)
+    if torch.compiler.is_compiling():
+        return causal_conv1d_update_op(*args)  # the op torch.compile / export trace through
+    return _conv_update(*args)  # eager: no custom-op dispatch on the host (kernels/NOTES.md, session 2)
 
 
 __all__ = ["causal_conv1d_update_triton"]

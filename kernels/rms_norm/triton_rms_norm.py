@@ -29,10 +29,7 @@ def _add_rms_norm_kernel(
     tl.store(p_normed + i_row * s_normed + o_c, (b_w * b_n).to(p_normed.dtype.element_ty), mask=m_c)
 
 
-@torch.library.custom_op("hf_mamba::add_rms_norm", mutates_args=())
-def add_rms_norm_op(
-    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_rms_norm(residual, delta, weight, eps):
     n_cols = residual.shape[-1]
     res2, delta2 = residual.reshape(-1, n_cols), delta.reshape(-1, n_cols)
     hidden = torch.empty(res2.shape, dtype=torch.promote_types(residual.dtype, delta.dtype), device=residual.device)
@@ -48,6 +45,13 @@ def add_rms_norm_op(
     return hidden.view(residual.shape), normed.view(residual.shape)
 
 
+@torch.library.custom_op("hf_mamba::add_rms_norm", mutates_args=())
+def add_rms_norm_op(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _add_rms_norm(residual, delta, weight, eps)
+
+
 @add_rms_norm_op.register_fake
 def _(residual, delta, weight, eps):
     dtype = torch.promote_types(residual.dtype, delta.dtype)
@@ -56,7 +60,10 @@ def _(residual, delta, weight, eps):
 
 def add_rms_norm_triton(residual, delta, weight, eps):
     """Triton path of `hf_mamba.kernels.add_rms_norm`. Rows need a unit stride along hidden_size."""
-    return add_rms_norm_op(residual.contiguous(), delta.contiguous(), weight.contiguous(), float(eps))
+    args = (residual.contiguous(), delta.contiguous(), weight.contiguous(), float(eps))
+    if torch.compiler.is_compiling():
+        return add_rms_norm_op(*args)  # the op torch.compile / export trace through
+    return _add_rms_norm(*args)  # eager: no custom-op dispatch on the host
 
 
 __all__ = ["add_rms_norm_triton"]

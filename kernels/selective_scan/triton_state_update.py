@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, next_power_of_2
+from .._launch import cdiv, device_guard, next_power_of_2
 
 
 @triton.jit
@@ -70,6 +70,26 @@ def _config(d_state):
     return block_d, block_n, 4
 
 
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """Updates `state` in place; returns y (batch, d_inner) in x's dtype."""
+    batch, d_inner = x.shape
+    d_state = A.shape[1]
+    block_d, block_n, num_warps = _config(d_state)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    z_ = z if z is not None else x
+    grid = (batch, cdiv(d_inner, block_d))
+    with device_guard(x):
+        _selective_state_update_kernel[grid](
+            state, x, dt, A, B, C, D, z, dt_bias, y,
+            d_inner, d_state,
+            *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z_.stride(),
+            *y.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return y
+
+
 @torch.library.custom_op("hf_mamba::selective_state_update", mutates_args=("state",))
 def selective_state_update_op(
     state: torch.Tensor,
@@ -83,23 +103,7 @@ def selective_state_update_op(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
 ) -> torch.Tensor:
-    """Updates `state` in place; returns y (batch, d_inner) in x's dtype."""
-    batch, d_inner = x.shape
-    d_state = A.shape[1]
-    block_d, block_n, num_warps = _config(d_state)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    z_ = z if z is not None else x
-    grid = (batch, cdiv(d_inner, block_d))
-    with torch.cuda.device(x.device) if x.is_cuda else _null():
-        _selective_state_update_kernel[grid](
-            state, x, dt, A, B, C, D, z, dt_bias, y,
-            d_inner, d_state,
-            *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z_.stride(),
-            *y.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
-        )
-    return y
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 @selective_state_update_op.register_fake
@@ -107,17 +111,12 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     """Triton decode step; same semantics as `hf_mamba.kernels.selective_state_update` (backend="triton")."""
-    return selective_state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    args = (state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    if torch.compiler.is_compiling():
+        return selective_state_update_op(*args)  # the op torch.compile / export trace through
+    return _state_update(*args)  # eager: no custom-op dispatch on the host
 
 
 __all__ = ["selective_state_update_triton"]

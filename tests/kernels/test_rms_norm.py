@@ -81,3 +81,32 @@ def test_fused_decode_step_equals_the_blocks(dtype, monkeypatch):
     for a, b in zip(after_fused, states, strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
+
+
+def test_decode_step_custom_ops():
+    """The decode step's ops torch.compile traces (eager mode launches their kernels directly): opcheck, and
+    the same outputs and state updates as the eager launch."""
+    from hf_mamba.kernels.causal_conv1d import triton_conv_update
+    from hf_mamba.kernels.rms_norm import triton_rms_norm
+    from hf_mamba.kernels.selective_scan import triton_state_update
+
+    torch.manual_seed(4)
+    g = dict(device=DEVICE)
+    batch, d_inner, d_state, hidden = 2, 40, 8, 24
+    x = torch.randn(batch, 2 * d_inner, **g)[:, :d_inner]  # strided, as in_proj's first half
+    cases = [
+        (triton_conv_update.causal_conv1d_update_op, triton_conv_update._conv_update,
+         (x, torch.randn(batch, d_inner, 4, **g), torch.randn(d_inner, 4, **g), torch.randn(d_inner, **g), True)),
+        (triton_state_update.selective_state_update_op, triton_state_update._state_update,
+         (torch.randn(batch, d_inner, d_state, **g), x, torch.rand(batch, d_inner, **g),
+          -torch.rand(d_inner, d_state, **g) - 0.1, torch.randn(batch, d_state, **g), torch.randn(batch, d_state, **g),
+          torch.randn(d_inner, **g), torch.randn(batch, d_inner, **g), torch.randn(d_inner, **g), True)),
+        (triton_rms_norm.add_rms_norm_op, triton_rms_norm._add_rms_norm,
+         (torch.randn(batch, 1, hidden, **g), torch.randn(batch, 1, hidden, **g), torch.rand(hidden, **g) + 0.5, 0.1)),
+    ]
+    for op, launch, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        op_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        eager_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        # Outputs and the inputs after the call (conv_state and state are updated in place).
+        torch.testing.assert_close((op(*op_args), op_args), (launch(*eager_args), eager_args), rtol=0, atol=0)
