@@ -312,12 +312,16 @@ class MambaBlock(nn.Module):
         self.mixer = MambaMixer(config, layer_idx=layer_idx)
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None):
-        residual = _fp32_or_wider(hidden_states) if self.residual_in_fp32 else hidden_states
+        residual = self.residual_of(hidden_states)
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
         hidden_states = self.mixer(
             hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
         )
         return residual + hidden_states
+
+    def residual_of(self, hidden_states):
+        """The residual stream this block adds its mixer output to (fp32 with residual_in_fp32)."""
+        return _fp32_or_wider(hidden_states) if self.residual_in_fp32 else hidden_states
 
 
 class MambaPreTrainedModel(MambaHubMixin, PreTrainedModel):
@@ -657,14 +661,13 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         residual add fused with the following norm (`add_rms_norm`): one launch where the ops take
         about six, which a CUDA-graph decode step pays for per layer. Returns norm_f's output."""
         layers = self.backbone.layers
-        residual_in_fp32 = layers[0].residual_in_fp32
-        residual = _fp32_or_wider(hidden_states) if residual_in_fp32 else hidden_states
         normed = layers[0].norm(hidden_states.to(layers[0].norm.weight.dtype))
         next_norms = [block.norm for block in layers[1:]] + [self.backbone.norm_f]
         for block, next_norm in zip(layers, next_norms, strict=True):
             delta = block.mixer(normed, cache_params=cache_params)  # (batch, 1, hidden_size)
-            hidden, normed = add_rms_norm(residual, delta, next_norm.weight, next_norm.variance_epsilon, backend)
-            residual = _fp32_or_wider(hidden) if residual_in_fp32 else hidden
+            residual = block.residual_of(hidden_states)
+            eps = next_norm.variance_epsilon
+            hidden_states, normed = add_rms_norm(residual, delta, next_norm.weight, eps, backend)
         return normed
 
     def _use_decode_graph(self, input_ids, cache_params, use_cache, other_inputs):
