@@ -89,6 +89,52 @@ def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None
     return args.batch * args.seqlen / statistics.median(times), peak
 
 
+def print_memory_breakdown(name, model, args, logits_of):
+    """Where a training step's peak memory sits: the resident state, what autograd saves, the loss, the
+    backward's transients. Saved bytes count each storage once and leave out the parameters."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), device="cuda")
+    model.train()
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if tensor.is_cuda and storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    for _ in range(2):  # the first step creates the optimizer state; the second is measured
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = logits_of(model, ids)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        after_forward = torch.cuda.memory_allocated()
+        peak_forward = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        del logits
+        loss.backward()
+        del loss
+        peak_backward = torch.cuda.max_memory_allocated()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    mib = 2**20
+    print(
+        f"{name} memory (MiB): resident {resident / mib:,.0f}, saved for backward {sum(saved.values()) / mib:,.0f} "
+        f"in {len(saved)} storages, after forward + loss {after_forward / mib:,.0f}, "
+        f"peak forward {peak_forward / mib:,.0f}, peak backward {peak_backward / mib:,.0f}"
+    )
+    sizes = {}
+    for nbytes in saved.values():
+        sizes[nbytes] = sizes.get(nbytes, 0) + 1
+    top = sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:10]
+    print("  saved storages by size: " + ", ".join(f"{n} x {b / mib:.2f}" for b, n in top))
+
+
 def print_step_profile(name, step, wall_seconds, steps=3):
     """Where a training step's time goes: CPU time to enqueue it, GPU kernel time, the top kernels.
 
@@ -206,6 +252,7 @@ def main():
     parser.add_argument("--no-train", action="store_true", help="decoding only")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
+    parser.add_argument("--memory", action="store_true", help="training memory breakdown, then stop")
     parser.add_argument(
         "--decode-profile", action="store_true", help="per decoded token: wall vs GPU kernel time, kernel count"
     )
@@ -249,6 +296,15 @@ def main():
         model.cpu()
         torch.cuda.empty_cache()
         return result
+
+    if args.memory:
+        on_gpu_only_while(ours, lambda m: print_memory_breakdown("hf_mamba (Triton)", m, args, logits_hf))
+        if peer:
+            on_gpu_only_while(
+                peer_model(args, state_dict, peer).cpu(),
+                lambda m: print_memory_breakdown("mamba_ssm", m, args, logits_peer),
+            )
+        return
 
     rows = []
     ratios = []

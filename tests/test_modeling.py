@@ -396,6 +396,19 @@ def test_half_precision_keeps_ssm_parameters_in_fp32(model, tmp_path, dtype):
     assert max_rel_diff(out.logits, reference) < 5e-2
 
 
+def test_logits_keep_lm_head_dtype_and_loss_upcasts(model):
+    # No fp32 copy of the logits under autocast (the largest tensor of a training step); the loss
+    # is still computed in fp32 from them.
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    assert out.loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+    assert model(ids).logits.dtype == torch.float32
+
+
 def test_gradient_checkpointing_gives_identical_loss_and_gradients(tiny_kwargs):
     model = MambaForCausalLM(MambaConfig(**tiny_kwargs)).train()
     ids = torch.randint(0, 97, (2, 10))

@@ -646,7 +646,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             for block in self.backbone.layers:
                 hidden_states = block(hidden_states, cache_params=cache_params)
             hidden_states = self.backbone.norm_f(hidden_states.to(self.backbone.norm_f.weight.dtype))
-        return _fp32_or_wider(self.lm_head(hidden_states.to(self.lm_head.weight.dtype)))
+        return self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
 
     def _plain_blocks_and_norms(self):
         """Blocks and norms as defined here, without hooks: then the decode step may skip calling them."""
@@ -738,7 +738,10 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         cache_params = outputs.get(CACHE_FIELD)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = _fp32_or_wider(self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)))
+        # Logits stay in lm_head's dtype (bf16 under autocast), as in Transformers' Llama and in mamba_ssm;
+        # the loss function upcasts. An fp32 copy of (batch, seqlen, vocab) would be the largest tensor of
+        # a training step (785 MiB at 4 x 1024 tokens and vocab 50280).
+        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
