@@ -1,6 +1,9 @@
 """Model tests: parity with Transformers' built-in Mamba, every scan path against the reference,
 cache continuation, padding, save/load, Auto classes, bad input."""
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
@@ -298,6 +301,161 @@ def test_cache_reorder_and_reset(model):
     cache.seqlen_offset = 5
     cache.reset()
     assert cache.seqlen_offset == 0 and all(not s.any() for s in cache.ssm_states)
+
+
+# ---- decode graphs kept across generate() calls (on CPU, a fake graph) --------------------------
+
+
+class FakeGraph:
+    """Stands in for _DecodeGraph on CPU: replays the decode step on the tensors it was captured on, as a
+    CUDA graph does, so a cache decoding with another cache's graph gives wrong tokens."""
+
+    def __init__(self, model, cache, input_ids):
+        self.model = model
+        self.captured_on = SimpleNamespace(
+            conv_states=list(cache.conv_states), ssm_states=list(cache.ssm_states), seqlen_offset=cache.seqlen_offset
+        )
+
+    def __call__(self, input_ids):
+        return self.model._decode_step_logits(input_ids, self.captured_on)
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """Forces the graph path on CPU with FakeGraph. `captured`: every graph made; `steps`: per forward, the
+    cache's graph and state tensors (not the cache, which must be free to go)."""
+    record = SimpleNamespace(captured=[], steps=[])
+
+    class Recording(FakeGraph):
+        def __init__(self, *args):
+            super().__init__(*args)
+            record.captured.append(self)
+
+    original = MambaForCausalLM.forward
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        cache = out[CACHE_FIELD]
+        record.steps.append((cache.decode_graph, cache.conv_states + cache.ssm_states))
+        return out
+
+    monkeypatch.setattr("hf_mamba.modeling_mamba._DecodeGraph", Recording)
+    monkeypatch.setattr(MambaForCausalLM, "_cuda_graphs_on", lambda self, device: self.config.use_cuda_graph)
+    monkeypatch.setattr(MambaForCausalLM, "forward", spy)
+    return record
+
+
+def greedy(model, ids, **kwargs):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, **kwargs)
+
+
+def eager_greedy(model, ids):
+    model.config.use_cuda_graph = False
+    try:
+        return greedy(model, ids)
+    finally:
+        model.config.use_cuda_graph = True
+
+
+def test_second_generate_replays_the_first_graph_on_the_same_states(model, graphs):
+    prompts = [torch.randint(1, 97, (2, 6)) for _ in range(2)]
+    eager = [eager_greedy(model, ids) for ids in prompts]
+    graphs.steps.clear()
+    for ids, expected in zip(prompts, eager, strict=True):
+        assert torch.equal(greedy(model, ids), expected)
+    assert len(graphs.captured) == 1
+    assert len(graphs.steps) == 2 * 4  # per generate(): the prefill and three decode steps
+    assert [graph for graph, _ in graphs.steps] == [None, *graphs.captured * 3] * 2
+    first_states = graphs.steps[0][1]
+    for _, states in graphs.steps:
+        assert all(state is first for state, first in zip(states, first_states, strict=True))
+
+
+def test_a_cache_still_held_is_never_adopted(model, graphs):
+    prompts = [torch.randint(1, 97, (2, 6)) for _ in range(2)]
+    eager = [eager_greedy(model, ids) for ids in prompts]
+    held = greedy(model, prompts[0], return_dict_in_generate=True)
+    cache = held["cache"] if "cache" in held else held["past_key_values"]
+    kept = [state.clone() for state in cache.conv_states + cache.ssm_states]
+    graphs.steps.clear()
+    assert torch.equal(greedy(model, prompts[1]), eager[1])
+    assert torch.equal(held.sequences, eager[0])
+    assert len(graphs.captured) == 2 and cache.decode_graph is graphs.captured[0]
+    held_states = cache.conv_states + cache.ssm_states
+    assert not any(state is other for _, states in graphs.steps for state in states for other in held_states)
+    for state, old in zip(held_states, kept, strict=True):
+        assert torch.equal(state, old)
+
+
+def hook_in_proj(model):
+    model.backbone.layers[0].mixer.in_proj.register_forward_hook(lambda *args: None)
+
+
+def assign_copies(model):
+    model.load_state_dict({name: t.clone() for name, t in model.state_dict().items()}, assign=True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [hook_in_proj, assign_copies, lambda model: model.to(torch.float64)],
+    ids=["forward-hook", "load_state_dict-assign", "to-float64"],
+)
+def test_a_changed_model_gets_a_new_graph(model, graphs, change):
+    ids = torch.randint(1, 97, (2, 6))
+    greedy(model, ids)
+    change(model)
+    assert torch.equal(greedy(model, ids), eager_greedy(model, ids))
+    assert len(graphs.captured) == 2
+    assert model._decode_graphs.entries[-1].graph is graphs.captured[1]
+    assert graphs.captured[1].captured_on.conv_states[0].dtype == model.backbone.embeddings.weight.dtype
+
+
+
+def test_inference_mode_states_stay_in_inference_mode(model, graphs):
+    """States made under inference_mode are inference tensors, which only inference_mode may update."""
+    ids = torch.randint(1, 97, (2, 6))
+    with torch.inference_mode():
+        greedy(model, ids)
+    assert torch.equal(greedy(model, ids), eager_greedy(model, ids))
+    assert len(graphs.captured) == 2
+
+def test_each_batch_size_has_its_entry_and_the_pool_stays_bounded(model, graphs):
+    pool = model._decode_graphs
+    sizes = list(range(1, pool.MAX_ENTRIES + 2))
+    for batch in sizes:
+        greedy(model, torch.randint(1, 97, (batch, 6)))
+    assert len(graphs.captured) == len(sizes)
+    assert [entry.key[0] for entry in pool.entries] == sizes[-pool.MAX_ENTRIES :]
+    greedy(model, torch.randint(1, 97, (sizes[-1], 6)))  # kept: replayed
+    assert len(graphs.captured) == len(sizes)
+    greedy(model, torch.randint(1, 97, (sizes[0], 6)))  # evicted: captured again
+    assert len(graphs.captured) == len(sizes) + 1
+
+
+def test_a_users_cache_gets_a_graph_of_its_own(model, graphs):
+    ids = torch.randint(1, 97, (2, 6))
+    greedy(model, ids)
+    cache = MambaCache(model.config, batch_size=2)
+    assert torch.equal(greedy(model, ids, **{CACHE_FIELD: cache}), eager_greedy(model, ids))
+    assert len(graphs.captured) == 2 and cache.decode_graph is graphs.captured[1]
+    assert [entry.graph for entry in model._decode_graphs.entries] == graphs.captured[:1]
+
+
+def test_wrapped_modules_get_no_pooled_graph(model, graphs):
+    """LoRA keeps Python state (merged, adapters disabled) that a replayed graph would bake in."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["x_proj"], init_lora_weights=False))
+    ids = torch.randint(1, 97, (2, 6))
+    for _ in range(2):
+        greedy(lora, ids)
+    assert len(graphs.captured) == 2 and model._decode_graphs.entries == []
+
+
+def test_a_copied_model_starts_with_no_graphs(model, graphs):
+    greedy(model, torch.randint(1, 97, (2, 6)))
+    assert len(copy.deepcopy(model)._decode_graphs.entries) == 0
+    assert len(model._decode_graphs.entries) == 1
 
 
 # ---- outputs and heads -----------------------------------------------------------------------

@@ -4,7 +4,9 @@ Per layer it holds
     conv_states[i]  (batch, d_inner, d_conv)   the last d_conv inputs of the causal conv, newest last
     ssm_states[i]   (batch, d_inner, d_state)  the SSM state h, always fp32
 allocated once; every update writes into these tensors in place, so their addresses never
-change (what CUDA-graph capture of the decode step needs).
+change (what CUDA-graph capture of the decode step needs). A cache that MambaForCausalLM creates
+may be given the tensors of an earlier cache of the model that is gone (so the earlier cache's
+decode graph is reused): clone a state you keep beyond its cache.
 """
 
 import torch
@@ -29,17 +31,27 @@ class MambaCache:
     def __init__(self, config, batch_size: int, dtype=torch.float32, device=None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = batch_size
-        self.dtype = dtype
         d_inner = config.intermediate_size
-        self.conv_states = [
-            torch.zeros(batch_size, d_inner, config.conv_kernel, dtype=dtype, device=device)
-            for _ in range(config.num_hidden_layers)
-        ]
-        self.ssm_states = [
-            torch.zeros(batch_size, d_inner, config.state_size, dtype=torch.float32, device=device)
-            for _ in range(config.num_hidden_layers)
-        ]
+        layers = range(config.num_hidden_layers)
+        self._set_states(
+            [torch.zeros(batch_size, d_inner, config.conv_kernel, dtype=dtype, device=device) for _ in layers],
+            [torch.zeros(batch_size, d_inner, config.state_size, dtype=torch.float32, device=device) for _ in layers],
+        )
+
+    @classmethod
+    def _reusing(cls, conv_states, ssm_states):
+        """A cache for a new sequence on existing state tensors, which it zeroes: MambaForCausalLM hands the
+        tensors a decode graph was captured on to its next sequence (`_DecodeGraphPool` in modeling_mamba.py)."""
+        cache = cls.__new__(cls)
+        cache._set_states(list(conv_states), list(ssm_states))
+        cache.reset()
+        return cache
+
+    def _set_states(self, conv_states, ssm_states):
+        self.batch_size = ssm_states[0].shape[0]
+        self.dtype = conv_states[0].dtype
+        self.conv_states = conv_states
+        self.ssm_states = ssm_states
         # Number of positions already folded into the states (same for every row; left padding counts).
         self.seqlen_offset = 0
         # CUDA graph of the model's decode step on these tensors, captured on first use (CUDA only).
@@ -70,8 +82,7 @@ class MambaCache:
 
     def reset(self) -> None:
         """Zero every state, keeping the allocations."""
-        for state in self.conv_states + self.ssm_states:
-            state.zero_()
+        torch._foreach_zero_(self.conv_states + self.ssm_states)  # a few launches on CUDA, not one per tensor
         self.seqlen_offset = 0
 
 

@@ -6,8 +6,11 @@ Parameter names and shapes are those of Transformers' built-in Mamba, so its che
 The scan itself lives in `hf_mamba.kernels`; `scan_backend_for` below is the one place that picks its backend.
 """
 
+import itertools
 import math
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -497,6 +500,7 @@ class MambaModel(MambaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: MambaCache | None = None,
+        new_cache: Callable[..., MambaCache] | None = None,
         **kwargs,
     ) -> tuple | MambaOutput:
         """
@@ -508,6 +512,8 @@ class MambaModel(MambaPreTrainedModel):
             attention_mask: (batch, seqlen), 1 for tokens and 0 for padding; padding leaves the state unchanged.
             position_ids: (batch, seqlen); Mamba needs no positions, but where they restart at 0 inside a row
                 (packed documents, as DataCollatorWithFlattening makes) the state and conv restart there.
+            new_cache: makes the cache of a new sequence from (batch, dtype, device); default a fresh MambaCache.
+                MambaForCausalLM passes one that reuses the states of its pooled decode graphs.
         """
         _check_inputs(input_ids, inputs_embeds, attention_mask, self.config.vocab_size)
         cache_params = _one_cache(cache_params, cache)
@@ -522,7 +528,8 @@ class MambaModel(MambaPreTrainedModel):
             inputs_embeds = self.embeddings(input_ids)
         batch, seqlen = inputs_embeds.shape[:2]
         if use_cache and cache_params is None:
-            cache_params = MambaCache(self.config, batch, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+            args = (batch, inputs_embeds.dtype, inputs_embeds.device)
+            cache_params = new_cache(*args) if new_cache is not None else MambaCache(self.config, *args)
         if not use_cache:
             cache_params = None
         if cache_params is not None and cache_params.batch_size != batch:
@@ -561,7 +568,8 @@ class _DecodeGraph:
     """A CUDA graph of one decode step (embedding -> blocks -> norm -> lm_head) on one MambaCache.
 
     The cache's tensors never move (every update is in place), so a graph captured on them stays
-    valid for the cache's whole life; it is stored on the cache and goes away with it.
+    valid for the cache's whole life; it is stored on the cache and, for caches the model creates,
+    kept in the model's _DecodeGraphPool for the next cache on the same tensors.
     """
 
     def __init__(self, model, cache, input_ids):
@@ -585,6 +593,77 @@ class _DecodeGraph:
         return self.static_logits.clone()
 
 
+@dataclass(eq=False)
+class _PooledStates:
+    """State tensors a decode graph is captured on, the graph, and the cache now using the tensors."""
+
+    key: tuple  # (batch, conv-state dtype, device, inference mode)
+    conv_states: tuple
+    ssm_states: tuple
+    holder: weakref.ref  # dead once that cache is gone: then the next new sequence may take the tensors
+    graph: _DecodeGraph | None = None
+    fingerprint: tuple | None = None  # MambaForCausalLM._decode_graph_fingerprint() when `graph` was captured
+
+
+class _DecodeGraphPool:
+    """MambaForCausalLM's decode graphs, kept across generate() calls with the states each reads.
+
+    Every generate() creates a new cache, and a graph per cache costs each call a warm-up step and a
+    capture (mamba_ssm keeps its graph across calls). So a cache the model creates for a new sequence
+    takes the states, zeroed, of an entry of its `key` (batch, dtype, ...) that no live cache holds, and
+    at its first decode step the entry's graph, if the model's fingerprint is still the one the graph
+    was captured with (else a new capture replaces it). A cache still alive (say, returned by
+    return_dict_in_generate) keeps its states: the next sequence gets fresh ones in a new entry.
+
+    Memory: at most MAX_ENTRIES entries, the least recently used evicted (its cache, if alive, keeps
+    its states and graph). Each holds its states (2.8B model at batch 64: 1.5 GB) and its graph's
+    activations of one step, also after generate() returns.
+    """
+
+    MAX_ENTRIES = 2
+
+    def __init__(self):
+        self.entries = []  # least recently used first
+
+    def __reduce__(self):
+        return _DecodeGraphPool, ()  # copied or pickled empty: the graphs read this model's memory
+
+    def new_cache(self, config, batch, dtype, device):
+        """A cache for a new sequence: a free entry's states (zeroed), else fresh states in a new entry."""
+        # Tensors made under inference_mode are inference tensors, which only inference_mode may update.
+        key = (batch, dtype, torch.device(device), torch.is_inference_mode_enabled())
+        free = [entry for entry in self.entries if entry.key == key and entry.holder() is None]
+        if free:
+            entry = free[-1]
+            self.entries.remove(entry)
+            cache = MambaCache._reusing(entry.conv_states, entry.ssm_states)
+        else:
+            cache = MambaCache(config, batch, dtype=dtype, device=device)
+            entry = _PooledStates(key, tuple(cache.conv_states), tuple(cache.ssm_states), None)
+        entry.holder = weakref.ref(cache)
+        self.entries = [*self.entries, entry][-self.MAX_ENTRIES :]
+        return cache
+
+    def graph_for(self, model, cache, input_ids):
+        """The decode graph of `cache`: its entry's if captured with the model as it is now, else a new one
+        (kept in the entry). A cache from outside the pool (the user's, or evicted) gets its own."""
+        entry = next((entry for entry in self.entries if entry.holder() is cache), None)
+        if entry is None:
+            return _DecodeGraph(model, cache, input_ids)
+        fingerprint = model._decode_graph_fingerprint()
+        if entry.fingerprint != fingerprint:
+            entry.graph, entry.fingerprint = _DecodeGraph(model, cache, input_ids), fingerprint
+        return entry.graph
+
+
+def _graph_fingerprint_sees(module):
+    """Whether a module's forward depends only on what _decode_graph_fingerprint covers: ours, torch.nn's
+    and Transformers' activations. Wrappers (PEFT's LoRA, quantized linears) also keep Python state that a
+    graph bakes in (merged, adapters disabled), which no fingerprint sees."""
+    origin = type(module).__module__
+    return origin == __name__ or origin.startswith(("torch.nn.", "transformers.activations"))
+
+
 class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
@@ -592,6 +671,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = MambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._decode_graphs = _DecodeGraphPool()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -670,12 +750,15 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             hidden_states, normed = add_rms_norm(residual, delta, next_norm.weight, eps, backend)
         return normed
 
+    def _cuda_graphs_on(self, device):
+        """Whether decode steps on `device` may replay CUDA graphs (the CPU tests patch it, with a fake graph)."""
+        return self.config.use_cuda_graph and device.type == "cuda"
+
     def _use_decode_graph(self, input_ids, cache_params, use_cache, other_inputs):
         """CUDA-graph replay serves plain inference decode steps: one token id per row on a warm cache."""
         return (
-            self.config.use_cuda_graph
-            and input_ids is not None
-            and input_ids.is_cuda
+            input_ids is not None
+            and self._cuda_graphs_on(input_ids.device)
             and input_ids.dim() == 2
             and input_ids.shape[1] == 1
             and cache_params is not None
@@ -685,6 +768,40 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             and not torch.compiler.is_compiling()
             and all(value is None or value is False for value in other_inputs)
         )
+
+    def _new_cache(self, batch, dtype, device):
+        """The cache MambaModel creates for a new sequence: from the decode-graph pool when its decode steps
+        will replay graphs and the pool's fingerprint sees everything they depend on."""
+        if (
+            self._cuda_graphs_on(device)
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and all(_graph_fingerprint_sees(module) for module in self.modules())
+            # Tensor subclasses (quantized, DTensor) may have no single data_ptr for the fingerprint.
+            and all(type(t) in (torch.Tensor, nn.Parameter) for t in self._weights())
+        ):
+            return self._decode_graphs.new_cache(self.config, batch, dtype, device)
+        return MambaCache(self.config, batch, dtype=dtype, device=device)
+
+    def _weights(self):
+        return itertools.chain(self.parameters(), self.buffers())
+
+    def _decode_graph_fingerprint(self):
+        """What a captured decode step reads besides its cache, unchanged since the capture for a replay to be
+        right: each weight's address and layout (`to()`, `load_state_dict(assign=True)` move them), each
+        module's type, hooks and replaced forward (a replay runs none), the fused body's and the scan
+        backend's choice, autocast."""
+        from torch.nn.modules import module as module_globals
+
+        weights = tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in self._weights())
+        modules = tuple(
+            (type(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks), m.__dict__.get("forward"))
+            for m in self.modules()
+        )
+        global_hooks = (tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        plain = self._plain_blocks_and_norms()
+        return weights, modules, global_hooks, plain, scan_backend_for(self.config), autocast
 
     def forward(
         self,
@@ -717,7 +834,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         ):
             _check_inputs(input_ids, None, None, self.config.vocab_size)
             if getattr(cache_params, "decode_graph", None) is None:
-                cache_params.decode_graph = _DecodeGraph(self, cache_params, input_ids)
+                cache_params.decode_graph = self._decode_graphs.graph_for(self, cache_params, input_ids)
             logits = cache_params.decode_graph(input_ids)
             cache_params.seqlen_offset += 1
             return (
@@ -734,6 +851,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             return_dict=True,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            new_cache=self._new_cache,
         )
         hidden_states = outputs.last_hidden_state
         cache_params = outputs.get(CACHE_FIELD)

@@ -92,6 +92,43 @@ def test_cuda_graph_is_captured_once_per_cache_and_replayed():
         assert cache.decode_graph is graph and cache.seqlen_offset == 8
 
 
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_kept_across_generate_calls_matches_eager(batch, monkeypatch):
+    """A second generate() of the same batch replays the first one's graph (no capture) and gives eager's
+    tokens; a cache the user still holds keeps its states while the next generate() gets fresh ones."""
+    from hf_mamba import modeling_mamba
+
+    captures = []
+
+    class Counting(modeling_mamba._DecodeGraph):
+        def __init__(self, *args):
+            captures.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(modeling_mamba, "_DecodeGraph", Counting)
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE).eval()
+    prompts = [torch.randint(1, SIZES["vocab_size"], (batch, 12), device=DEVICE) for _ in range(2)]
+
+    def greedy(ids, **kwargs):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, **kwargs)
+
+    model.config.use_cuda_graph = False
+    eager = [greedy(ids) for ids in prompts]
+    model.config.use_cuda_graph = True
+    for ids, expected in zip(prompts, eager, strict=True):
+        assert torch.equal(greedy(ids), expected)
+    assert len(captures) == 1
+    held = greedy(prompts[0], return_dict_in_generate=True)  # the same graph again
+    cache = held["cache"] if "cache" in held else held["past_key_values"]
+    kept = [state.clone() for state in cache.conv_states + cache.ssm_states]
+    assert torch.equal(greedy(prompts[1]), eager[1])  # fresh states, so a new capture
+    assert torch.equal(held.sequences, eager[0]) and len(captures) == 2
+    for state, old in zip(cache.conv_states + cache.ssm_states, kept, strict=True):
+        assert torch.equal(state, old)
+
 def test_triton_packed_documents_match_torch_path(monkeypatch):
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE)
