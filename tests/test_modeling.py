@@ -2,6 +2,7 @@
 cache continuation, padding, save/load, Auto classes, bad input."""
 
 import copy
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -312,18 +313,21 @@ class FakeGraph:
 
     def __init__(self, model, cache, input_ids):
         self.model = model
-        self.captured_on = SimpleNamespace(
-            conv_states=list(cache.conv_states), ssm_states=list(cache.ssm_states), seqlen_offset=cache.seqlen_offset
-        )
+        # Weak references: a CUDA graph holds none to the tensors it reads, and the pool counts references.
+        self.captured_on = [weakref.ref(state) for state in cache.conv_states + cache.ssm_states]
+        self.layers = len(cache.conv_states)
 
     def __call__(self, input_ids):
-        return self.model._decode_step_logits(input_ids, self.captured_on)
+        states = [ref() for ref in self.captured_on]
+        conv, ssm = states[: self.layers], states[self.layers :]
+        captured = SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=1)
+        return self.model._decode_step_logits(input_ids, captured)
 
 
 @pytest.fixture
 def graphs(monkeypatch):
     """Forces the graph path on CPU with FakeGraph. `captured`: every graph made; `steps`: per forward, the
-    cache's graph and state tensors (not the cache, which must be free to go)."""
+    cache's graph and the ids of its state tensors (not the cache or the tensors, which must be free to go)."""
     record = SimpleNamespace(captured=[], steps=[])
 
     class Recording(FakeGraph):
@@ -336,7 +340,7 @@ def graphs(monkeypatch):
     def spy(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         cache = out[CACHE_FIELD]
-        record.steps.append((cache.decode_graph, cache.conv_states + cache.ssm_states))
+        record.steps.append((cache.decode_graph, [id(state) for state in cache.conv_states + cache.ssm_states]))
         return out
 
     monkeypatch.setattr("hf_mamba.modeling_mamba._DecodeGraph", Recording)
@@ -368,7 +372,7 @@ def test_second_generate_replays_the_first_graph_on_the_same_states(model, graph
     assert [graph for graph, _ in graphs.steps] == [None, *graphs.captured * 3] * 2
     first_states = graphs.steps[0][1]
     for _, states in graphs.steps:
-        assert all(state is first for state, first in zip(states, first_states, strict=True))
+        assert states == first_states
 
 
 def test_a_cache_still_held_is_never_adopted(model, graphs):
@@ -382,9 +386,27 @@ def test_a_cache_still_held_is_never_adopted(model, graphs):
     assert torch.equal(held.sequences, eager[0])
     assert len(graphs.captured) == 2 and cache.decode_graph is graphs.captured[0]
     held_states = cache.conv_states + cache.ssm_states
-    assert not any(state is other for _, states in graphs.steps for state in states for other in held_states)
+    assert not {id(state) for state in held_states} & {i for _, states in graphs.steps for i in states}
     for state, old in zip(held_states, kept, strict=True):
         assert torch.equal(state, old)
+
+
+@pytest.mark.parametrize("keep", ["tensor", "view", "list"])
+def test_states_kept_beyond_their_cache_are_never_overwritten(model, graphs, keep):
+    prompts = [torch.randint(1, 97, (2, 6)) for _ in range(2)]
+    eager = eager_greedy(model, prompts[1])
+    held = greedy(model, prompts[0], return_dict_in_generate=True)
+    cache = held["cache"] if "cache" in held else held["past_key_values"]
+    kept = {"tensor": cache.ssm_states[1], "view": cache.conv_states[0][1:], "list": cache.ssm_states}[keep]
+    expected = [t.clone() for t in kept] if keep == "list" else kept.clone()
+    del cache, held
+    graphs.steps.clear()
+    assert torch.equal(greedy(model, prompts[1]), eager)
+    assert len(graphs.captured) == 2  # fresh states, so a graph of their own
+    if keep == "list":
+        assert all(torch.equal(t, e) for t, e in zip(kept, expected, strict=True))
+    else:
+        assert torch.equal(kept, expected)
 
 
 def hook_in_proj(model):
@@ -407,8 +429,7 @@ def test_a_changed_model_gets_a_new_graph(model, graphs, change):
     assert torch.equal(greedy(model, ids), eager_greedy(model, ids))
     assert len(graphs.captured) == 2
     assert model._decode_graphs.entries[-1].graph is graphs.captured[1]
-    assert graphs.captured[1].captured_on.conv_states[0].dtype == model.backbone.embeddings.weight.dtype
-
+    assert graphs.captured[1].captured_on[0]().dtype == model.backbone.embeddings.weight.dtype
 
 
 def test_inference_mode_states_stay_in_inference_mode(model, graphs):
@@ -418,6 +439,7 @@ def test_inference_mode_states_stay_in_inference_mode(model, graphs):
         greedy(model, ids)
     assert torch.equal(greedy(model, ids), eager_greedy(model, ids))
     assert len(graphs.captured) == 2
+
 
 def test_each_batch_size_has_its_entry_and_the_pool_stays_bounded(model, graphs):
     pool = model._decode_graphs

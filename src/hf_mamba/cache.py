@@ -6,7 +6,7 @@ Per layer it holds
 allocated once; every update writes into these tensors in place, so their addresses never
 change (what CUDA-graph capture of the decode step needs). A cache that MambaForCausalLM creates
 may be given the tensors of an earlier cache of the model that is gone (so the earlier cache's
-decode graph is reused): clone a state you keep beyond its cache.
+decode graph is reused), never while anything still refers to them or to a view of them.
 """
 
 import torch

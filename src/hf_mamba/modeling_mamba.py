@@ -9,6 +9,7 @@ The scan itself lives in `hf_mamba.kernels`; `scan_backend_for` below is the one
 import itertools
 import math
 import os
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -632,6 +633,9 @@ class _DecodeGraphPool:
         """A cache for a new sequence: a free entry's states (zeroed), else fresh states in a new entry."""
         # Tensors made under inference_mode are inference tensors, which only inference_mode may update.
         key = (batch, dtype, torch.device(device), torch.is_inference_mode_enabled())
+        # An entry whose states someone still holds (a tensor or a view of it kept beyond its cache)
+        # leaves the pool: its next sequence would overwrite them.
+        self.entries = [entry for entry in self.entries if entry.holder() is not None or not _held_elsewhere(entry)]
         free = [entry for entry in self.entries if entry.key == key and entry.holder() is None]
         if free:
             entry = free[-1]
@@ -654,6 +658,20 @@ class _DecodeGraphPool:
         if entry.fingerprint != fingerprint:
             entry.graph, entry.fingerprint = _DecodeGraph(model, cache, input_ids), fingerprint
         return entry.graph
+
+
+def _held_elsewhere(entry):
+    """Whether anything besides `entry` refers to one of its state tensors or their storage (a view)."""
+    probe = torch.empty(0)  # held exactly as the states are: one name, plus the tuple below
+    counts = [_references(t) for t in (probe, *entry.conv_states, *entry.ssm_states)]
+    return any(count != counts[0] for count in counts[1:])
+
+
+def _references(tensor):
+    """(Python references to the tensor object, references to its storage: one per tensor viewing it)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    storage_refs = use_count(tensor.untyped_storage()._cdata) if use_count else 0
+    return sys.getrefcount(tensor), storage_refs
 
 
 def _graph_fingerprint_sees(module):
