@@ -195,41 +195,54 @@ def cold_start(args):
         print(f"| {shape} | {dtype} | {times[0]:.2f} | {times[1]:.2f} | {times[2] + times[3]:.4f} |", flush=True)
 
 
+# Sequential-forward variants of the sweep: settings of triton_scan_seq's knobs (the rest at defaults).
+SEQ_SWEEP = {
+    "bf16": [
+        ("(2, 16), scalar loads (session 4)", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16, BC_PAIRS=False)),
+        ("(2, 16), pairs", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16)),
+        ("(2, 16), pairs, pass 2 one channel", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16,
+                                                    PASS2_CHANNELS_PER_THREAD=1)),
+        ("(2, 16), time rows, pass 2 one channel", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16,
+                                                        PASS2_CHANNELS_PER_THREAD=1, BC_LAYOUT="time rows")),
+        ("(2, 16), scalar loads, again", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16, BC_PAIRS=False)),
+        ("(2, 16), pairs, pass 2 one channel, again", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16,
+                                                           PASS2_CHANNELS_PER_THREAD=1)),
+        ("(2, 32), pairs, pass 2 one channel", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=32,
+                                                    PASS2_CHANNELS_PER_THREAD=1)),
+    ],
+    "fp32": [
+        ("(1, 8)", dict(CHANNELS_PER_THREAD=1, WARPS_PER_SM=8)),
+        ("(1, 8), time rows", dict(CHANNELS_PER_THREAD=1, WARPS_PER_SM=8, BC_LAYOUT="time rows")),
+    ],
+}
+
+
 def fwd_sweep(args):
-    """Time the forward's configs on every shape: the sequential forward's (channels per thread, warps
-    per SM), and the chunk forward's (FWD_MAX_CHUNK, FWD_STEPS_PER_THREAD, FWD_MAX_WARPS)."""
-    from hf_mamba.kernels.selective_scan import triton_scan as ts
+    """Time the sequential forward's variants (SEQ_SWEEP) on every shape, and check each one's error."""
     from hf_mamba.kernels.selective_scan import triton_scan_seq as seq
 
     shapes = [*SHAPES, (4, 1536, 1024, 16)]
     fns = scan_fns()
-    configs = [("seq", c) for c in [(1, 8), (2, 4), (2, 8), (2, 16), (4, 4), (4, 8), (4, 16)]]
-    configs += [("chunk", c) for c in [(128, 4, 1), (512, 8, 2), (1024, 8, 4), (2048, 16, 4)]]
     print("\nForward sweep, ms; error = ||out - ref|| / ||ref|| at (2, 96, 3000, 16)")
-    print("| forward, config | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last | error |")
+    print("| forward variant | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last | error |")
     print("|---|---|" + "---|" * (len(shapes) + 1) + "---|")
-    defaults = (ts.FWD_MAX_CHUNK, ts.FWD_STEPS_PER_THREAD, ts.FWD_MAX_WARPS)
     for name, dtype in DTYPES.items():
         if "mamba_ssm" in fns:
             cells = [f"{time_fwd(fns['mamba_ssm'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | | |", flush=True)
-        for forward, config in configs:
-            ts.FORWARD = forward
-            if forward == "seq":
-                seq.CHANNELS_PER_THREAD, seq.WARPS_PER_SM = config
-            else:
-                ts.FWD_MAX_CHUNK, ts.FWD_STEPS_PER_THREAD, ts.FWD_MAX_WARPS = config
+        for label, knobs in SEQ_SWEEP[name]:
+            defaults = {knob: getattr(seq, knob) for knob in knobs}
+            for knob, value in knobs.items():
+                setattr(seq, knob, value)
             cells = [f"{time_fwd(fns['triton'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             # The last shape again in the model's layout: u, Δ, z, B, C channels-last views.
             inp = make_inputs(*shapes[-1], dtype)
             for k in ("u", "delta", "z", "B", "C"):
                 inp[k] = inp[k].transpose(1, 2).contiguous().transpose(1, 2)
             cells.append(f"{time_fwd(fns['triton'], inp):.3f}")
-            row = f"| {forward} {config} | {name} | " + " | ".join(cells)
-            print(row + f" | {forward_error(dtype):.1e} |", flush=True)
-    # Back to the measured choice.
-    ts.FORWARD, seq.CHANNELS_PER_THREAD, seq.WARPS_PER_SM = None, None, None
-    ts.FWD_MAX_CHUNK, ts.FWD_STEPS_PER_THREAD, ts.FWD_MAX_WARPS = defaults
+            print(f"| {label} | {name} | " + " | ".join(cells) + f" | {forward_error(dtype):.1e} |", flush=True)
+            for knob, value in defaults.items():
+                setattr(seq, knob, value)
 
 
 def forward_error(dtype):
@@ -244,52 +257,41 @@ def forward_error(dtype):
 
 
 def sweep(args):
-    """Check and time the fixed kernel configs; keep the fastest forward+backward for the tables."""
+    """Check and time the backward's chunk configs (with the default forward, which stores the
+    checkpoints at the backward's chunk); keep the fastest forward+backward for the tables."""
     from hf_mamba.kernels.selective_scan import triton_scan as ts
 
-    # (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D)
-    configs = [
-        (512, 4, 4, 1), (256, 4, 2, 1), (128, 4, 1, 1), (256, 4, 4, 2), (128, 4, 4, 4),
-        (256, 8, 2, 2), (512, 4, 8, 2), (64, 2, 1, 1), (1024, 8, 4, 1),
-    ]
+    # (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D); one warp per channel walks MAX_CHUNK / 32
+    # steps per thread. Session 2 (H100) timed nine configs; one warp per channel won, at 128 steps.
+    configs = [(128, 4, 1, 1), (256, 8, 1, 1), (512, 16, 1, 1), (256, 4, 2, 1)]
     shapes = [SHAPES[0], (4, 1536, 1024, 16)]  # the first benchmark shape; the 130M model's training shape
     fns = scan_fns()
-    print("\nChunk config sweep, bf16 ms; error = ||out - ref|| / ||ref||, forward at (2, 96, 3000, 16)")
-    print("| config (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D) | " + " | ".join(
-        f"{s} fwd seq | fwd chunk | f+b" for s in shapes) + " | error seq / chunk |")
-    print("|---|" + "---|---|---|" * len(shapes) + "---|")
+    print("\nBackward chunk config sweep, bf16 ms; error: ||out - ref|| / ||ref||, forward, (2, 96, 3000, 16)")
+    print("| config (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D) | "
+          + " | ".join(f"{s} fwd | f+b" for s in shapes) + " | error |")
+    print("|---|" + "---|---|" * len(shapes) + "---|")
     if "mamba_ssm" in fns:
         cells = []
         for shape in shapes:
             fwd = time_fwd(fns["mamba_ssm"], make_inputs(*shape, torch.bfloat16))
             fb = time_fwd_bwd(fns["mamba_ssm"], make_inputs(*shape, torch.bfloat16, requires_grad=True))
-            cells += [f"{fwd:.3f}", "", f"{fb:.3f}"]
+            cells += [f"{fwd:.3f}", f"{fb:.3f}"]
         print("| mamba_ssm | " + " | ".join(cells) + " | |", flush=True)
     best = None
     for config in configs:
         ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS, ts.BLOCK_D = config
-        errors = []
-        for forward in ("seq", "chunk"):
-            ts.FORWARD = forward
-            errors.append(f"{forward_error(torch.bfloat16):.1e}")
         cells = []
         total = 0.0
         for shape in shapes:
-            inp = make_inputs(*shape, torch.bfloat16)
-            fwds = {}
-            for forward in ("seq", "chunk"):
-                ts.FORWARD = forward
-                fwds[forward] = time_fwd(fns["triton"], inp)
-            ts.FORWARD = min(fwds, key=fwds.get)
+            fwd = time_fwd(fns["triton"], make_inputs(*shape, torch.bfloat16))
             fb = time_fwd_bwd(fns["triton"], make_inputs(*shape, torch.bfloat16, requires_grad=True))
-            cells += [f"{fwds['seq']:.3f}", f"{fwds['chunk']:.3f}", f"{fb:.3f}"]
+            cells += [f"{fwd:.3f}", f"{fb:.3f}"]
             total += fb
-        print(f"| {config} | " + " | ".join(cells) + f" | {' / '.join(errors)} |", flush=True)
+        print(f"| {config} | " + " | ".join(cells) + f" | {forward_error(torch.bfloat16):.1e} |", flush=True)
         if best is None or total < best[0]:
             best = (total, config)
     ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS, ts.BLOCK_D = best[1]
-    ts.FORWARD = None
-    print(f"Tables below use {best[1]} (fastest forward+backward summed over the shapes; f+b with the faster forward)")
+    print(f"Tables below use {best[1]} (fastest forward+backward summed over the shapes)")
 
 
 def _time_conv(fn, x, w, b, dout):

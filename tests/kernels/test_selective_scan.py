@@ -189,6 +189,42 @@ def test_triton_scan_variants(softplus, transposed_BC, nan_fill_empty):
     _check_scan("triton", case, torch.float32, softplus, transposed_BC)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("layout", ["time-contiguous", "state-contiguous", "x_proj-slice", "odd-offset"])
+def test_triton_scan_BC_layouts(layout, dtype, nan_fill_empty):
+    """B and C in every layout the forward meets: time-contiguous (copied to unit state stride),
+    state-contiguous views, slices of an x_proj-like output (bf16: read as 32-bit pairs of states),
+    and a slice at an odd element offset, which cannot be read in pairs."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    torch.manual_seed(13)
+    batch, d_inner, seqlen, d_state = (2, 5, 19, 4) if not ON_GPU else (2, 130, 301, 16)
+    kernel, ref = _make_scan_inputs(dict(cpu=(batch, d_inner, seqlen, d_state), gpu=(batch, d_inner, seqlen, d_state)),
+                                    dtype)
+    width = 2 + 2 * d_state  # an x_proj row: dt_rank 2, then B, then C
+    for name in ("B", "C"):
+        values = ref[name].detach()
+        if layout == "time-contiguous":
+            t = values.contiguous()
+        elif layout == "state-contiguous":
+            t = values.transpose(1, 2).contiguous().transpose(1, 2)
+        else:  # B from column 2 (dt_rank 2) or 1 (an odd offset), C after it
+            rows = torch.zeros(batch, seqlen, width, device=DEVICE)
+            first = (2 if layout == "x_proj-slice" else 1) + (d_state if name == "C" else 0)
+            rows[..., first:first + d_state] = values.transpose(1, 2)
+            t = rows.to(dtype)[..., first:first + d_state].transpose(1, 2)
+        kernel[name] = t.to(dtype).detach().requires_grad_()
+    pairs = [triton_scan_seq._bf16_pairs(kernel[n]) for n in ("B", "C")]
+    assert all(pairs) == (dtype == torch.bfloat16 and layout in ("state-contiguous", "x_proj-slice"))
+    out = selective_scan(**kernel, delta_softplus=True, backend="triton")
+    out_ref = selective_scan_ref(**ref, delta_softplus=True)
+    assert _rel_err(out, out_ref) < TOL[dtype], _rel_err(out, out_ref)
+    grads = torch.autograd.grad(out.float().square().sum(), [kernel["B"], kernel["C"]])
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), [ref["B"], ref["C"]])
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert _rel_err(g, g_ref) < TOL[dtype], _rel_err(g, g_ref)
+
+
 def test_triton_scan_without_grad_and_noncontiguous_u():
     """No gradient wanted: no checkpoints are stored; u and delta as strided views."""
     torch.manual_seed(2)
