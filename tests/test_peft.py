@@ -68,7 +68,8 @@ def unfused_reference(peft_model):
     Whatever reads a projection (its module or its weight directly, as fused kernels do) sees the adapter, so
     the gradients of A and B here are the true ones.
     """
-    reference = base_model(scan_backend="reference")
+    # On the adapters' device before the parametrizations, which add the adapters to the weights at once.
+    reference = base_model(scan_backend="reference").to(next(peft_model.parameters()).device)
     deltas = {}
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
@@ -95,7 +96,6 @@ def test_adapter_gradients_match_unfused_computation(backend):
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     model = with_lora(base_model(scan_backend=backend)).to(device)
     reference, reference_params = unfused_reference(model)
-    reference.to(device)
     ids = input_ids().to(device)
     for m in (model, reference):
         m(input_ids=ids, labels=ids).loss.backward()
