@@ -198,21 +198,15 @@ def cold_start(args):
 # Sequential-forward variants of the sweep: settings of triton_scan_seq's knobs (the rest at defaults).
 SEQ_SWEEP = {
     "bf16": [
-        ("(2, 16), scalar loads (session 4)", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16, BC_PAIRS=False)),
-        ("(2, 16), pairs", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16)),
-        ("(2, 16), pairs, pass 2 one channel", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16,
-                                                    PASS2_CHANNELS_PER_THREAD=1)),
+        ("(2, 16), scalar loads, pass 2 two channels", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16, BC_PAIRS=False,
+                                                            PASS2_CHANNELS_PER_THREAD=2)),
+        ("(2, 16), pairs, pass 2 one channel (default)", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16)),
         ("(2, 16), time rows, pass 2 one channel", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16,
-                                                        PASS2_CHANNELS_PER_THREAD=1, BC_LAYOUT="time rows")),
-        ("(2, 16), scalar loads, again", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16, BC_PAIRS=False)),
-        ("(2, 16), pairs, pass 2 one channel, again", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=16,
-                                                           PASS2_CHANNELS_PER_THREAD=1)),
-        ("(2, 32), pairs, pass 2 one channel", dict(CHANNELS_PER_THREAD=2, WARPS_PER_SM=32,
-                                                    PASS2_CHANNELS_PER_THREAD=1)),
+                                                        BC_LAYOUT="time rows")),
     ],
     "fp32": [
-        ("(1, 8)", dict(CHANNELS_PER_THREAD=1, WARPS_PER_SM=8)),
-        ("(1, 8), time rows", dict(CHANNELS_PER_THREAD=1, WARPS_PER_SM=8, BC_LAYOUT="time rows")),
+        ("(1, 8), as given", dict(CHANNELS_PER_THREAD=1, WARPS_PER_SM=8, BC_LAYOUT="as given")),
+        ("(1, 8), time rows (default)", dict(CHANNELS_PER_THREAD=1, WARPS_PER_SM=8)),
     ],
 }
 
