@@ -10,7 +10,8 @@ unrolled by a small generator below (cached per (d_state, T) in ~/.cache/hf_mamb
 or $HF_MAMBA_KERNEL_CACHE, where Triton can read the source). Time is read in tiles of T steps,
 [BLOCK_D, T] (one 16-byte vector per thread), and split into per-step [BLOCK_D] vectors with
 tl.split, which is free when the tile's T steps sit in one thread. B_t and C_t are per-step
-scalars, the same for every channel, loaded uniformly.
+scalars, the same for every channel, loaded uniformly; in bf16 with unit d_state stride (the model's
+x_proj output) two states per 32-bit load (`_state_row`).
 
 Short batches do not fill the GPU with one program per 32 channels, so the sequence can also be
 cut into segments run in parallel: pass 1 scans each segment from h = 0 (keeping only its end

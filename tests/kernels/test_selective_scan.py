@@ -190,12 +190,18 @@ def test_triton_scan_variants(softplus, transposed_BC, nan_fill_empty):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
-@pytest.mark.parametrize("layout", ["time-contiguous", "state-contiguous", "x_proj-slice", "odd-offset"])
-def test_triton_scan_BC_layouts(layout, dtype, nan_fill_empty):
-    """B and C in every layout the forward meets: time-contiguous (copied to unit state stride),
-    state-contiguous views, slices of an x_proj-like output (bf16: read as 32-bit pairs of states),
-    and a slice at an odd element offset, which cannot be read in pairs."""
+@pytest.mark.parametrize(
+    "layout", ["time-contiguous", "state-contiguous", "x_proj-slice", "odd-offset", "x_proj-slice-time-rows"]
+)
+def test_triton_scan_BC_layouts(layout, dtype, monkeypatch, nan_fill_empty):
+    """B and C in every layout the forward meets: time-contiguous, state-contiguous views, slices of an
+    x_proj-like output (bf16: read as 32-bit pairs of states), a slice at an odd element offset, which
+    cannot be read in pairs, and the sweep's option of copying B, C to unit time stride first."""
     from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    if layout.endswith("-time-rows"):
+        monkeypatch.setattr(triton_scan_seq, "BC_LAYOUT", "time rows")
+        layout = layout.removesuffix("-time-rows")
 
     torch.manual_seed(13)
     batch, d_inner, seqlen, d_state = (2, 5, 19, 4) if not ON_GPU else (2, 130, 301, 16)
