@@ -488,9 +488,9 @@ def scan_fwd_seq(
         BC_PAIRS=BC_PAIRS and lanes == 1 and _bf16_pairs(B) and _bf16_pairs(C),
     )
 
-    def launch(block, n_seg, h0, h0_strides, h_out, dtsum, **pass_flags):
+    def launch(block, segments, h0, h0_strides, h_out, dtsum, **pass_flags):
         """One launch of the generated kernel over (batch, channel blocks of `block`, segments)."""
-        kernel[(batch, cdiv(d_inner, block), n_seg)](
+        kernel[(batch, cdiv(d_inner, block), segments)](
             u, delta, A_c, B, C, D, z, delta_bias, h0, out, h_out, dtsum, chunk_states,
             seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
             BLOCK_D=block, **pass_flags, **flags,
