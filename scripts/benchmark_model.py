@@ -63,15 +63,20 @@ def cuda_time(fn):
     return time.perf_counter() - start, result
 
 
+def logits_and_loss(model, ids, logits_of):
+    """The measured training step's forward: bf16 autocast logits, next-token cross-entropy in fp32."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = logits_of(model, ids)
+    return logits, F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
 def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), device="cuda")
     model.train()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = logits_of(model, ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        logits, loss = logits_and_loss(model, ids, logits_of)  # logits kept through the backward, as usual
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -110,9 +115,7 @@ def print_memory_breakdown(name, model, args, logits_of):
         torch.cuda.reset_peak_memory_stats()
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = logits_of(model, ids)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            logits, loss = logits_and_loss(model, ids, logits_of)
         after_forward = torch.cuda.memory_allocated()
         peak_forward = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()

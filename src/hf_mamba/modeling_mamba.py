@@ -671,10 +671,13 @@ def _held_elsewhere(entry):
     return any(count != counts[0] for count in counts[1:])
 
 
+# References to a storage, one per tensor viewing it (a private torch API; without it views go unseen).
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _references(tensor):
-    """(Python references to the tensor object, references to its storage: one per tensor viewing it)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    storage_refs = use_count(tensor.untyped_storage()._cdata) if use_count else 0
+    """(Python references to the tensor object, references to its storage)."""
+    storage_refs = _STORAGE_USE_COUNT(tensor.untyped_storage()._cdata) if _STORAGE_USE_COUNT else 0
     return sys.getrefcount(tensor), storage_refs
 
 
