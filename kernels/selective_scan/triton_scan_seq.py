@@ -58,15 +58,33 @@ CHANNELS_PER_THREAD = None
 PASS2_CHANNELS_PER_THREAD = None
 BC_LAYOUT = "as given"
 BC_PAIRS = True
+BC_TIME_VECTORS = True
+# Softplus and the SiLU gate through single special-function instructions (CUDA; `_softplus`).
+FAST_MATH = True
+# Whether to load the next tile's u, Δ, z while the current one is scanned (software pipelining:
+# their latency hidden behind a tile of work). None: the measured choice per element size (`_config`).
+PREFETCH = None
+# Register cap per thread of the forward kernels: ptxas hoists a tile's B, C loads as far as it is
+# free to, and the registers then limit the warps per multiprocessor. 0: no cap; None: the measured
+# choice per element size (`_config`).
+MAXNREG = None
 
 
 def _config(element_size):
-    """(channels per thread, warps per SM). H100 sweep (`benchmark_kernels.py --fwd-sweep`, NOTES.md):
-    for bf16, 2 channels per thread with 16 warps per SM was faster or equal on all four shapes timed
-    (0.596 vs 0.669 ms at (8, 1536, 2048, 16)); for fp32, one channel with 8 warps per SM was fastest
-    (two channels per thread hold twice the fp32 tiles in registers)."""
-    channels, warps = (2, 16) if element_size <= 2 else (1, 8)
-    return CHANNELS_PER_THREAD or channels, WARPS_PER_SM or warps
+    """(channels per thread, warps per SM, prefetch, register cap), the knobs' measured choices.
+
+    H200 sweeps (`benchmark_kernels.py --fwd-sweep`, session 6 in NOTES.md), time vectors and fast
+    math: bf16 at one channel per thread, 16 warps per SM, prefetching, capped at 168 registers
+    (0.382 ms at (8, 1536, 2048, 16); 0.399 with pass 1 at two channels, 0.469-0.519 without the cap,
+    0.480 at 152, 0.423 at 176); fp32 at one channel, 16 warps per SM, without prefetching or a cap
+    (0.556 ms; 0.574 with prefetching, 0.616 capped at 128)."""
+    channels, warps, prefetch, maxnreg = (1, 16, True, 168) if element_size <= 2 else (1, 16, False, 0)
+    return (
+        CHANNELS_PER_THREAD or channels,
+        WARPS_PER_SM or warps,
+        prefetch if PREFETCH is None else PREFETCH,
+        maxnreg if MAXNREG is None else MAXNREG,
+    )
 
 
 def _pass2_channels(channels_per_thread, pairs):
@@ -84,21 +102,47 @@ import triton.language as tl
 
 
 @triton.jit
-def _softplus(x):
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+def _approx(x, op: tl.constexpr):
+    # One special-function-unit instruction (ex2, lg2 or rcp), flushing denormals: no range fix-ups.
+    return tl.inline_asm_elementwise(
+        op + ".approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _softplus(x, FAST_MATH: tl.constexpr):
+    # log(1 + e^x), linear above 20 like torch. FAST_MATH (CUDA only, not the interpreter): as
+    # ln 2 lg2(1 + ex2(x log2 e)), three instructions where libdevice's log takes about 25.
+    if FAST_MATH:
+        y = _approx(1.0 + _approx(x * 1.4426950408889634, "ex2"), "lg2") * 0.6931471805599453
+    else:
+        y = tl.log(1.0 + tl.exp(x))
+    return tl.where(x <= 20.0, y, x)
+
+
+@triton.jit
+def _silu(x, FAST_MATH: tl.constexpr):
+    # x sigmoid(x); FAST_MATH: with an approximate reciprocal in place of an IEEE division.
+    if FAST_MATH:
+        return x * _approx(1.0 + _approx(x * -1.4426950408889634, "ex2"), "rcp")
+    return x * tl.sigmoid(x)
 
 '''
 
 
-def _unpack(src, names, lines, indent, tmp):
-    """Emit code splitting the [BLOCK_D, len(names)] tile `src` into one [BLOCK_D] vector per column."""
+# A masked load's fill; none where EVEN_TILES drops the masks (a fill needs a mask).
+_ZERO = "None if EVEN_TILES else 0"
+
+
+def _unpack(src, names, lines, indent, tmp, rows="BLOCK_D"):
+    """Emit code splitting the [rows, len(names)] tile `src` into one [rows] vector per column."""
     k = len(names)
     if k == 2:
         lines.append(f"{indent}{names[0]}, {names[1]} = tl.split({src})")
         return
-    lines.append(f"{indent}{tmp}e, {tmp}o = tl.split(tl.reshape({src}, [BLOCK_D, {k // 2}, 2]))")
-    _unpack(f"{tmp}e", names[0::2], lines, indent, tmp + "e")
-    _unpack(f"{tmp}o", names[1::2], lines, indent, tmp + "o")
+    lines.append(f"{indent}{tmp}e, {tmp}o = tl.split(tl.reshape({src}, [{rows}, {k // 2}, 2]))")
+    _unpack(f"{tmp}e", names[0::2], lines, indent, tmp + "e", rows)
+    _unpack(f"{tmp}o", names[1::2], lines, indent, tmp + "o", rows)
 
 
 def _pack(names, lines, indent, tmp):
@@ -113,8 +157,13 @@ def _pack(names, lines, indent, tmp):
     return tmp
 
 
-def _reset_state(lines, indent, t, T, names):
-    """Emit the document-boundary reset: h = 0 before step t where seq_idx[t] != seq_idx[t - 1]."""
+def _reset_state(lines, indent, t, T, names, init=False):
+    """Emit the document-boundary reset: h = 0 before step t where seq_idx[t] != seq_idx[t - 1].
+
+    init: names are new variables set to the 0/1 factor (1.0 without seq_idx), not states."""
+    if init:
+        for name in names:
+            lines.append(f"{indent}{name} = 1.0")
     lines.append(f"{indent}if HAS_SEQ_IDX:")
     lines.append(f"{indent}    p_si_b = p_seq_idx + i_b * s_si_b")
     lines.append(f"{indent}    si_prev = tl.load(p_si_b + tl.maximum(i_t - 1, 0) * s_si_l)")
@@ -122,7 +171,7 @@ def _reset_state(lines, indent, t, T, names):
     # Steps past the end (i_t clamped) never reset, so the final state survives them.
     lines.append(f"{indent}    keep = tl.where(same | (i_c * {T} + {t} >= seqlen), 1.0, 0.0)")
     for name in names:
-        lines.append(f"{indent}    {name} = {name} * keep")
+        lines.append(f"{indent}    {name} = {'keep' if init else f'{name} * keep'}")
 
 
 def _state_row(lines, indent, row, stride, name, N, pairs):
@@ -153,6 +202,74 @@ def _step(lines, indent, t, N, pairs):
     lines.append(f"{indent}    y_{t} = " + " + ".join(f"h_{n} * {c[n]}" for n in range(N)))
 
 
+def _time_vector(lines, indent, row, name, T):
+    """One state's T steps of B or C (unit time stride) as T [1]-tensors name_0 .. name_{T-1}.
+
+    BC_PAIRS (bf16 with 4-byte aligned rows, passed as an int32 view: word strides, so the loads can
+    be 16-byte vectors): loaded as T / 2 words of two steps each, where bf16 -> fp32 is a shift or a
+    mask of the word; otherwise as T values converted to fp32."""
+    names = [f"{name}_{t}" for t in range(T)]
+    lines.append(f"{indent}if BC_PAIRS:")
+    J = indent + "    "
+    words = [f"w_{k}" for k in range(T // 2)]
+    lines.append(f"{J}v = tl.load({row} + o_w, mask=m_w1, other={_ZERO})")
+    if len(words) == 1:
+        lines.append(f"{J}w_0 = v")
+    else:
+        _unpack("v", words, lines, J, "sw", rows="1")
+    for k, w in enumerate(words):
+        lines.append(f"{J}{names[2 * k]} = ({w} << 16).to(tl.float32, bitcast=True)")
+        lines.append(f"{J}{names[2 * k + 1]} = ({w} & -65536).to(tl.float32, bitcast=True)")
+    lines.append(f"{indent}else:")
+    lines.append(f"{J}v = tl.load({row} + o_tt[None, :], mask=m_t1, other={_ZERO})")
+    _unpack("v.to(tl.float32)", names, lines, J, "sv", rows="1")
+
+
+def _tile_by_state(lines, indent, T, N):
+    """Emit one tile's T steps state by state, for B and C with unit time stride (BC_TIME_VECTORS).
+
+    Each state's T values of B (and C) arrive in one vector load of a [1, T] tile that every thread
+    holds whole, where the step-by-step order needs T scalar loads per state. A state's recurrence
+    over the tile needs only that state, so the order changes nothing else; y_t is summed over the
+    states as they come."""
+    if_states = f"{indent}if not STATES_ONLY:"
+    lines.append(f"{indent}m_t1 = None if EVEN_TILES else (o_tt < seqlen)[None, :]")
+    for t in range(T):
+        lines.append(f"{indent}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
+        _reset_state(lines, indent, t, T, [f"keep_{t}"], init=True)
+    lines.append(f"{indent}o_w = i_c * {T // 2} + tl.arange(0, {T // 2})[None, :]")
+    lines.append(f"{indent}m_w1 = None if EVEN_TILES else o_w < seqlen // 2  # even seqlen with BC_PAIRS")
+    for n in range(N):
+        _time_vector(lines, indent, f"p_B_b + {n} * s_B_n", "bt", T)
+        lines.append(if_states)
+        _time_vector(lines, indent + "    ", f"p_C_b + {n} * s_C_n", "ct", T)
+        for t in range(T):
+            lines.append(f"{indent}if HAS_SEQ_IDX:")
+            lines.append(f"{indent}    h_{n} = h_{n} * keep_{t}")
+            lines.append(f"{indent}h_{n} = tl.exp2(dt_{t} * a_{n}) * h_{n} + dtu_{t} * bt_{t}")
+            lines.append(if_states)
+            y = f"h_{n} * ct_{t}" if n == 0 else f"y_{t} + h_{n} * ct_{t}"
+            lines.append(f"{indent}    y_{t} = {y}")
+
+
+def _load_tiles(lines, indent, tile, suffix, tag=""):
+    """Emit the loads of one tile's u, Δ (and z where outputs are written), [BLOCK_D, T] as stored,
+    into raw_u{suffix}, raw_dt{suffix}, raw_z{suffix}. EVEN_TILES: every channel and step of every
+    tile exists, so the loads need no masks (and no zero fills). tag names the offsets and mask apart
+    (a mask of None must not become a loop-carried value)."""
+    o_tt, m = f"o_tt{suffix}{tag}", f"m_dt{suffix}{tag}"
+    lines.append(f"{indent}{o_tt} = ({tile}) * T + o_t")
+    lines.append(f"{indent}{m} = None if EVEN_TILES else m_d[:, None] & ({o_tt} < seqlen)[None, :]")
+    for raw, ptr, s in (("raw_u", "p_u", "s_u"), ("raw_dt", "p_delta", "s_dt"), ("raw_z", "p_z", "s_z")):
+        offsets = f"i_b * {s}_b + o_d[:, None] * {s}_d + {o_tt}[None, :] * {s}_l"
+        load = f"{raw}{suffix} = tl.load({ptr} + {offsets}, mask={m}, other={_ZERO})"
+        if raw == "raw_z":
+            lines.append(f"{indent}if HAS_Z and not STATES_ONLY:")
+            lines.append(f"{indent}    {load}")
+        else:
+            lines.append(f"{indent}{load}")
+
+
 def _fwd_source(N, T):
     """Source of the forward kernel for d_state = N and T time steps per tile (T a power of two >= 2)."""
     ns = range(N)
@@ -168,9 +285,11 @@ def _fwd_source(N, T):
     L.append("    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,")
     L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
     L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
-    L.append("    BC_PAIRS: tl.constexpr,")
+    L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, FAST_MATH: tl.constexpr,")
+    L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr,")
     L.append("):")
     I = "    "
+    L.append(f"{I}T: tl.constexpr = {T}")
     L.append(f"{I}i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen > 2^31")
     L.append(f"{I}i_d = tl.program_id(1)")
     L.append(f"{I}i_s = tl.program_id(2)")
@@ -194,39 +313,52 @@ def _fwd_source(N, T):
     L.append(f"{I}b_dtsum = tl.zeros([BLOCK_D], dtype=tl.float32)")
     L.append(f"{I}p_B_b = p_B + i_b * s_B_b")
     L.append(f"{I}p_C_b = p_C + i_b * s_C_b")
+    L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
     L.append(f"{I}c_start = i_s * chunks_per_seg")
-    L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, tl.cdiv(seqlen, {T}))")
+    L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, n_tiles)")
+    L.append(f"{I}if PREFETCH:")
+    _load_tiles(L, I * 2, "tl.minimum(c_start, n_tiles - 1)", "_n", tag="_first")
     L.append(f"{I}for i_c in range(c_start, c_end):")
     J = I * 2
+    L.append(f"{J}if PREFETCH:  # this tile's u, Δ, z arrived during the last tile; ask for the next one's")
+    L.append(f"{J}    raw_u, raw_dt = raw_u_n, raw_dt_n")
+    L.append(f"{J}    if HAS_Z and not STATES_ONLY:")
+    L.append(f"{J}        raw_z = raw_z_n")
+    _load_tiles(L, J + I, "tl.minimum(i_c + 1, n_tiles - 1)", "_n")
+    L.append(f"{J}else:")
+    _load_tiles(L, J + I, "i_c", "")
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
     L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N}")
     for n in ns:
         L.append(f"{J}        tl.store(p_hc_d + {n}, h_{n}, mask=m_d)")
     L.append(f"{J}o_tt = i_c * {T} + o_t")
-    L.append(f"{J}m_dt = m_d[:, None] & (o_tt < seqlen)[None, :]")
-    L.append(f"{J}p_ud = p_u + i_b * s_u_b + o_d[:, None] * s_u_d + o_tt[None, :] * s_u_l")
-    L.append(f"{J}b_u = tl.load(p_ud, mask=m_dt, other=0.0).to(tl.float32)")
-    L.append(f"{J}p_dtd = p_delta + i_b * s_dt_b + o_d[:, None] * s_dt_d + o_tt[None, :] * s_dt_l")
-    L.append(f"{J}b_dt = tl.load(p_dtd, mask=m_dt, other=0.0).to(tl.float32)")
+    L.append(f"{J}m_dt = None if EVEN_TILES else m_d[:, None] & (o_tt < seqlen)[None, :]")
+    L.append(f"{J}b_u = raw_u.to(tl.float32)")
+    L.append(f"{J}b_dt = raw_dt.to(tl.float32)")
     L.append(f"{J}if HAS_DELTA_BIAS:")
     L.append(f"{J}    b_dt = b_dt + b_db[:, None]")
     L.append(f"{J}if DELTA_SOFTPLUS:")
-    L.append(f"{J}    b_dt = _softplus(b_dt)")
+    L.append(f"{J}    b_dt = _softplus(b_dt, FAST_MATH)")
     L.append(f"{J}# Steps past the end get Δ = 0: exp(0 A) = 1 and Δ u B = 0 leave h unchanged.")
-    L.append(f"{J}b_dt = tl.where(m_dt, b_dt, 0.0)")
+    L.append(f"{J}if not EVEN_TILES:")
+    L.append(f"{J}    b_dt = tl.where(m_dt, b_dt, 0.0)")
     L.append(f"{J}b_dtsum += tl.sum(b_dt, axis=1)")
     L.append(f"{J}b_dtu = b_dt * b_u")
     _unpack("b_dt", [f"dt_{t}" for t in range(T)], L, J, "sdt")
     _unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
+    L.append(f"{J}if BC_TIME_VECTORS:")
+    _tile_by_state(L, J + I, T, N)
+    L.append(f"{J}else:")
     for t in range(T):
+        K = J + I
         # Clamp the step index: B, C past the end are never used (Δ = 0 there) but must be in bounds.
-        L.append(f"{J}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
-        _reset_state(L, J, t, T, [f"h_{n}" for n in ns])
-        L.append(f"{J}if BC_PAIRS:")
-        _step(L, J + I, t, N, pairs=True)
-        L.append(f"{J}else:")
-        _step(L, J + I, t, N, pairs=False)
+        L.append(f"{K}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
+        _reset_state(L, K, t, T, [f"h_{n}" for n in ns])
+        L.append(f"{K}if BC_PAIRS:")
+        _step(L, K + I, t, N, pairs=True)
+        L.append(f"{K}else:")
+        _step(L, K + I, t, N, pairs=False)
     L.append(f"{J}if not STATES_ONLY:")
     K = J + I
     b_y = _pack([f"y_{t}" for t in range(T)], L, K, "py")
@@ -234,9 +366,7 @@ def _fwd_source(N, T):
     L.append(f"{K}if HAS_D:")
     L.append(f"{K}    b_y += b_u * b_D[:, None]")
     L.append(f"{K}if HAS_Z:")
-    L.append(f"{K}    p_zd = p_z + i_b * s_z_b + o_d[:, None] * s_z_d + o_tt[None, :] * s_z_l")
-    L.append(f"{K}    b_z = tl.load(p_zd, mask=m_dt, other=0.0).to(tl.float32)")
-    L.append(f"{K}    b_y = b_y * b_z * tl.sigmoid(b_z)")
+    L.append(f"{K}    b_y = b_y * _silu(raw_z.to(tl.float32), FAST_MATH)")
     L.append(f"{K}p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
     L.append(f"{K}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)")
     L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d * s_hT_d + i_s * s_hT_s")
@@ -279,7 +409,8 @@ def _fwd_source_lanes(N, T, G):
     L.append("    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,")
     L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
     L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
-    L.append("    BC_PAIRS: tl.constexpr,")
+    L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, FAST_MATH: tl.constexpr,")
+    L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr,")
     L.append("):")
     I = "    "
     L.append(f"{I}G: tl.constexpr = {G}")
@@ -330,7 +461,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{J}if HAS_DELTA_BIAS:")
     L.append(f"{J}    b_dt3 = b_dt3 + b_db[:, None, None]")
     L.append(f"{J}if DELTA_SOFTPLUS:")
-    L.append(f"{J}    b_dt3 = _softplus(b_dt3)")
+    L.append(f"{J}    b_dt3 = _softplus(b_dt3, FAST_MATH)")
     L.append(f"{J}b_dt3 = tl.where(m_3, b_dt3, 0.0)  # past the end: exp(0 A) = 1, Δ u B = 0, h unchanged")
     L.append(f"{J}b_dtsum += tl.sum(b_dt3, axis=2)")
     L.append(f"{J}b_dtu3 = b_dt3 * b_u3")
@@ -358,7 +489,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{K}if HAS_Z:")
     L.append(f"{K}    p_zd = p_z + i_b * s_z_b + o_d[:, None] * s_z_d + o_tt[None, :] * s_z_l")
     L.append(f"{K}    b_z = tl.load(p_zd, mask=m_dt, other=0.0).to(tl.float32)")
-    L.append(f"{K}    b_y = b_y * b_z * tl.sigmoid(b_z)")
+    L.append(f"{K}    b_y = b_y * _silu(b_z, FAST_MATH)")
     L.append(f"{K}p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
     L.append(f"{K}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)")
     L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d[:, None] * s_hT_d + i_s * s_hT_s + o_n")
@@ -424,11 +555,31 @@ def _lanes_per_channel(d_state):
     return lanes
 
 
-def _bf16_pairs(t):
-    """Whether t's steps can be read as 32-bit words of two bf16 states (`_state_row`)."""
-    (batch, d_state, seqlen), (s_b, s_n, s_l) = t.shape, t.stride()
-    even_rows = (batch == 1 or s_b % 2 == 0) and (seqlen == 1 or s_l % 2 == 0)
-    return t.dtype == torch.bfloat16 and s_n == 1 and d_state % 2 == 0 and t.data_ptr() % 4 == 0 and even_rows
+def _bf16_pairs(t, axis=1):
+    """Whether t (batch, d_state, seqlen) can be read as 32-bit words of two bf16 values along `axis`
+    (1: states, `_state_row`; 2: steps, `_time_vector`): unit stride there, an even length, and
+    every row starting on a 4-byte boundary."""
+    if t.dtype != torch.bfloat16 or t.stride(axis) != 1 or t.shape[axis] % 2 or t.data_ptr() % 4:
+        return False
+    others = [(size, stride) for i, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)) if i != axis]
+    return all(size == 1 or stride % 2 == 0 for size, stride in others)
+
+
+def _bc_reads(B, C, lanes):
+    """How the kernel reads B and C: (B, C as passed, BC_PAIRS, BC_TIME_VECTORS).
+
+    Unit time stride (the benchmark's layout): one vector of a tile's steps per state
+    (`_tile_by_state`), for bf16 as words of two steps, through an int32 view of B and C so that the
+    kernel's strides count words. Otherwise step by step, bf16 with unit state stride (the model's
+    x_proj layout) as words of two states (`_state_row`)."""
+    if lanes != 1:
+        return B, C, False, False
+    if BC_TIME_VECTORS and B.stride(2) == 1 and C.stride(2) == 1:
+        pairs = BC_PAIRS and _bf16_pairs(B, axis=2) and _bf16_pairs(C, axis=2)
+        if pairs:
+            B, C = B.view(torch.int32), C.view(torch.int32)
+        return B, C, pairs, True
+    return B, C, BC_PAIRS and _bf16_pairs(B) and _bf16_pairs(C), False
 
 
 def _num_sms(device):
@@ -449,8 +600,15 @@ def scan_fwd_seq(
     T = max(2, 16 // u.element_size())  # one 16-byte vector of time steps per thread
     num_warps = 1
     lanes = _lanes_per_channel(d_state)
-    channels_per_thread, warps_per_sm = _config(u.element_size())
-    block_d = 32 * num_warps // lanes * (channels_per_thread if lanes == 1 else 1)
+    channels_per_thread, warps_per_sm, prefetch, maxnreg = _config(u.element_size())
+    if BC_LAYOUT == "time rows":
+        B, C = (t if t.stride(2) == 1 or seqlen == 1 else t.contiguous() for t in (B, C))
+    B, C, bc_pairs, bc_time_vectors = _bc_reads(B, C, lanes)
+    # Channels per program: of a launch that only scans states (the first pass of a segmented
+    # forward), and of one that writes outputs (holding their tiles too: registers, occupancy).
+    block_states = 32 * num_warps // lanes * (channels_per_thread if lanes == 1 else 1)
+    block_out = 32 * num_warps // lanes * (_pass2_channels(channels_per_thread, bc_pairs or bc_time_vectors)
+                                            if lanes == 1 else 1)
     n_tiles = cdiv(seqlen, T)
     save = chunk_states.numel() > 0
     assert not save or ckpt_len % T == 0
@@ -461,7 +619,7 @@ def scan_fwd_seq(
     # Segments: one warp per 32 channels is latency-bound (each step waits on its B_t, C_t loads and
     # exp2), so it needs several warps per scheduler; with fewer programs than WARPS_PER_SM per
     # multiprocessor, cut the sequence (measured on H100: 1 warp per SM ran ~7x slower per step).
-    programs = batch * cdiv(d_inner, block_d)
+    programs = batch * cdiv(d_inner, block_out)
     n_seg = 1
     while (
         seq_idx is None  # segments chain by ΣΔ, which does not see document resets
@@ -474,8 +632,6 @@ def scan_fwd_seq(
     A_c = A.contiguous()
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    if BC_LAYOUT == "time rows":
-        B, C = (t if t.stride(2) == 1 or seqlen == 1 else t.contiguous() for t in (B, C))
     z_ = z if z is not None else u
     common = (
         *u.stride(), *delta.stride(), *A_c.stride(), *B.stride(), *C.stride(), *z_.stride(), *out.stride(),
@@ -485,7 +641,7 @@ def scan_fwd_seq(
         HAS_SEQ_IDX=seq_idx is not None,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, CKPT_EVERY=ckpt_every, num_warps=num_warps,
-        BC_PAIRS=BC_PAIRS and lanes == 1 and _bf16_pairs(B) and _bf16_pairs(C),
+        BC_PAIRS=bc_pairs, BC_TIME_VECTORS=bc_time_vectors, FAST_MATH=FAST_MATH and u.is_cuda, PREFETCH=prefetch,
     )
 
     def launch(block, segments, h0, h0_strides, h_out, dtsum, **pass_flags):
@@ -493,13 +649,14 @@ def scan_fwd_seq(
         kernel[(batch, cdiv(d_inner, block), segments)](
             u, delta, A_c, B, C, D, z, delta_bias, h0, out, h_out, dtsum, chunk_states,
             seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
-            BLOCK_D=block, **pass_flags, **flags,
+            BLOCK_D=block, EVEN_TILES=seqlen % T == 0 and d_inner % block == 0, **pass_flags, **flags,
+            **({"maxnreg": maxnreg} if maxnreg and u.is_cuda else {}),
         )
 
     if n_seg == 1:
         final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
         launch(
-            block_d, 1, initial_state, (d_inner * d_state, d_state, 0), final_state, None,
+            block_out, 1, initial_state, (d_inner * d_state, d_state, 0), final_state, None,
             USE_INITIAL_STATE=initial_state is not None, STATES_ONLY=False, SAVE_CHUNK_STATES=save,
         )
         return out, final_state
@@ -507,7 +664,7 @@ def scan_fwd_seq(
     h_end = u.new_empty(batch, d_inner, n_seg, d_state, dtype=torch.float32)
     dtsum = u.new_empty(batch, d_inner, n_seg, dtype=torch.float32)
     launch(
-        block_d, n_seg, None, seg_strides, h_end, dtsum,
+        block_states, n_seg, None, seg_strides, h_end, dtsum,
         USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False,
     )
     h_in = torch.empty_like(h_end)
@@ -517,11 +674,8 @@ def scan_fwd_seq(
         h_end, dtsum, A_c, initial_state, h_in, d_inner, d_state, n_seg,
         USE_INITIAL_STATE=initial_state is not None, BLOCK_D=chain_bd, BLOCK_N=block_n,
     )
-    # Pass 2 holds the outputs' tiles too; it may take fewer channels per thread (registers, occupancy).
-    pass2_channels = _pass2_channels(channels_per_thread, flags["BC_PAIRS"])
-    block_d2 = 32 * num_warps // lanes * (pass2_channels if lanes == 1 else 1)
     launch(
-        block_d2, n_seg, h_in, seg_strides, h_end, None,
+        block_out, n_seg, h_in, seg_strides, h_end, None,
         USE_INITIAL_STATE=True, STATES_ONLY=False, SAVE_CHUNK_STATES=save,
     )
     return out, h_end[:, :, -1].contiguous()
