@@ -191,20 +191,25 @@ def test_triton_scan_variants(softplus, transposed_BC, nan_fill_empty):
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize(
-    "layout", ["time-contiguous", "state-contiguous", "x_proj-slice", "odd-offset", "x_proj-slice-time-rows"]
+    "layout",
+    ["time-contiguous", "time-contiguous-even", "state-contiguous", "x_proj-slice", "odd-offset",
+     "x_proj-slice-time-rows"],
 )
 def test_triton_scan_BC_layouts(layout, dtype, monkeypatch, nan_fill_empty):
-    """B and C in every layout the forward meets: time-contiguous, state-contiguous views, slices of an
-    x_proj-like output (bf16: read as 32-bit pairs of states), a slice at an odd element offset, which
-    cannot be read in pairs, and the sweep's option of copying B, C to unit time stride first."""
+    """B and C in every layout the forward meets: time-contiguous (read as one vector per state and
+    tile; bf16 at an even length as words of two steps), state-contiguous views and slices of an
+    x_proj-like output (bf16: words of two states), a slice at an odd element offset, which cannot be
+    read in pairs, and the sweep's option of copying B, C to unit time stride first."""
     from hf_mamba.kernels.selective_scan import triton_scan_seq
 
     if layout.endswith("-time-rows"):
         monkeypatch.setattr(triton_scan_seq, "BC_LAYOUT", "time rows")
         layout = layout.removesuffix("-time-rows")
+    even = layout.endswith("-even")
+    layout = layout.removesuffix("-even")
 
     torch.manual_seed(13)
-    batch, d_inner, seqlen, d_state = (2, 5, 19, 4) if not ON_GPU else (2, 130, 301, 16)
+    batch, d_inner, seqlen, d_state = (2, 5, 19 + even, 4) if not ON_GPU else (2, 130, 301 + even, 16)
     kernel, ref = _make_scan_inputs(dict(cpu=(batch, d_inner, seqlen, d_state), gpu=(batch, d_inner, seqlen, d_state)),
                                     dtype)
     width = 2 + 2 * d_state  # an x_proj row: dt_rank 2, then B, then C
@@ -220,8 +225,10 @@ def test_triton_scan_BC_layouts(layout, dtype, monkeypatch, nan_fill_empty):
             rows[..., first:first + d_state] = values.transpose(1, 2)
             t = rows.to(dtype)[..., first:first + d_state].transpose(1, 2)
         kernel[name] = t.to(dtype).detach().requires_grad_()
-    pairs = [triton_scan_seq._bf16_pairs(kernel[n]) for n in ("B", "C")]
-    assert all(pairs) == (dtype == torch.bfloat16 and layout in ("state-contiguous", "x_proj-slice"))
+    bf16 = dtype == torch.bfloat16
+    *_, pairs, time_vectors = triton_scan_seq._bc_reads(kernel["B"], kernel["C"], lanes=1)
+    assert time_vectors == (layout == "time-contiguous")
+    assert pairs == (bf16 and (even if time_vectors else layout in ("state-contiguous", "x_proj-slice")))
     out = selective_scan(**kernel, delta_softplus=True, backend="triton")
     out_ref = selective_scan_ref(**ref, delta_softplus=True)
     assert _rel_err(out, out_ref) < TOL[dtype], _rel_err(out, out_ref)
