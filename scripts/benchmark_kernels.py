@@ -200,23 +200,21 @@ SEQ_SWEEP = {
     "bf16": [
         ("session 5: step by step, scalar B, C loads, pass 2 two channels", dict(
             BC_TIME_VECTORS=False, BC_PAIRS=False, FAST_MATH=False, PREFETCH=False, MAXNREG=0,
-            PASS2_CHANNELS_PER_THREAD=2)),
-        ("time vectors, fast math, prefetch, (2, 16), capped at 168 registers (default)", dict()),
+            CHANNELS_PER_THREAD=2, PASS2_CHANNELS_PER_THREAD=2)),
+        ("time vectors, fast math, prefetch, (1, 16), capped at 168 registers (default)", dict()),
         ("no prefetch, no cap", dict(PREFETCH=False, MAXNREG=0)),
         ("capped at 152", dict(MAXNREG=152)),
         ("capped at 176", dict(MAXNREG=176)),
-        ("capped at 192", dict(MAXNREG=192)),
-        ("(2, 32)", dict(WARPS_PER_SM=32)),
-        ("(2, 8)", dict(WARPS_PER_SM=8)),
-        ("(1, 16)", dict(CHANNELS_PER_THREAD=1)),
+        ("pass 1 two channels, (2, 16)", dict(CHANNELS_PER_THREAD=2)),
+        ("(1, 32)", dict(WARPS_PER_SM=32)),
+        ("(1, 8)", dict(WARPS_PER_SM=8)),
     ],
     "fp32": [
         ("session 5: step by step", dict(BC_TIME_VECTORS=False, FAST_MATH=False, PREFETCH=False, WARPS_PER_SM=8)),
         ("time vectors, fast math, (1, 16), no prefetch, no cap (default)", dict()),
         ("(1, 8)", dict(WARPS_PER_SM=8)),
         ("prefetch, capped at 168", dict(PREFETCH=True, MAXNREG=168)),
-        ("prefetch, capped at 168, (1, 8)", dict(PREFETCH=True, MAXNREG=168, WARPS_PER_SM=8)),
-        ("prefetch, capped at 152", dict(PREFETCH=True, MAXNREG=152)),
+        ("prefetch, no cap", dict(PREFETCH=True)),
     ],
 }
 

@@ -9,9 +9,15 @@ for a 2-D tile, so the kernel is written with d_state separate [BLOCK_D] vectors
 unrolled by a small generator below (cached per (d_state, T) in ~/.cache/hf_mamba/generated,
 or $HF_MAMBA_KERNEL_CACHE, where Triton can read the source). Time is read in tiles of T steps,
 [BLOCK_D, T] (one 16-byte vector per thread), and split into per-step [BLOCK_D] vectors with
-tl.split, which is free when the tile's T steps sit in one thread. B_t and C_t are per-step
-scalars, the same for every channel, loaded uniformly; in bf16 with unit d_state stride (the model's
-x_proj output) two states per 32-bit load (`_state_row`).
+tl.split, which is free when the tile's T steps sit in one thread. B and C are the same for every
+channel, so every thread loads the same values (one broadcast from the cache):
+- with unit time stride (`_tile_by_state`), one [1, T] vector per state and tile, bf16 as words of
+  two steps, and the tile is then scanned state by state (a state's recurrence needs only itself);
+- otherwise step by step (`_state_row`): per-step scalars, bf16 with unit d_state stride (the
+  model's x_proj output) as words of two states.
+On CUDA softplus and the SiLU gate run on single ex2 / lg2 / rcp instructions (FAST_MATH); the
+interpreter keeps the libdevice forms. The next tile's u, Δ, z can be loaded while the current one
+is scanned (PREFETCH), and tiles that are wholly inside the tensors need no masks (EVEN_TILES).
 
 Short batches do not fill the GPU with one program per 32 channels, so the sequence can also be
 cut into segments run in parallel: pass 1 scans each segment from h = 0 (keeping only its end
@@ -52,14 +58,15 @@ CHANNELS_PER_THREAD = None
 # Sweep knobs (benchmark_kernels.py --fwd-sweep). Channels per thread in the second pass of a
 # segmented forward (None: the measured choice, `_pass2_channels`). The layout B and C are read in:
 # "as given", or "time rows" (copied to unit time stride first), which was not faster in the model's
-# layout (H200, session 5: fp32 0.33 -> 0.24 ms in one run and 0.51 -> 0.54 ms in another, at a
-# shape where do_bench reads host time; bf16 read in pairs of states beat it, 0.18 against 0.27-0.52
-# ms). And whether bf16 B_t, C_t with unit d_state stride are read as 32-bit pairs (`_state_row`).
+# layout (H200, session 6, GPU time at (4, 1536, 1024, 16) channels-last bf16: 114.4 us either way).
+# Whether bf16 B, C are read as 32-bit words of two values (`_state_row`, `_time_vector`), and
+# whether B, C with unit time stride are read as vectors of a tile's steps (`_tile_by_state`).
 PASS2_CHANNELS_PER_THREAD = None
 BC_LAYOUT = "as given"
 BC_PAIRS = True
 BC_TIME_VECTORS = True
-# Softplus and the SiLU gate through single special-function instructions (CUDA; `_softplus`).
+# Softplus and the SiLU gate through single special-function instructions on CUDA (`_softplus`,
+# `_silu`): libdevice's log alone took ~25 instructions per step, 1.5 per state update.
 FAST_MATH = True
 # Whether to load the next tile's u, Δ, z while the current one is scanned (software pipelining:
 # their latency hidden behind a tile of work). None: the measured choice per element size (`_config`).
@@ -252,15 +259,16 @@ def _tile_by_state(lines, indent, T, N):
             lines.append(f"{indent}    y_{t} = {y}")
 
 
-def _load_tiles(lines, indent, tile, suffix, tag=""):
-    """Emit the loads of one tile's u, Δ (and z where outputs are written), [BLOCK_D, T] as stored,
-    into raw_u{suffix}, raw_dt{suffix}, raw_z{suffix}. EVEN_TILES: every channel and step of every
-    tile exists, so the loads need no masks (and no zero fills). tag names the offsets and mask apart
-    (a mask of None must not become a loop-carried value)."""
+def _load_tiles(lines, indent, tile, suffix, tag="", names=("u", "dt", "z")):
+    """Emit the loads of one tile's u, Δ and z (z only where outputs are written), [BLOCK_D, T] as
+    stored, into raw_u{suffix}, raw_dt{suffix}, raw_z{suffix}. EVEN_TILES: every channel and step of
+    every tile exists, so the loads need no masks (and no zero fills). tag names the offsets and mask
+    apart (a mask of None must not become a loop-carried value)."""
     o_tt, m = f"o_tt{suffix}{tag}", f"m_dt{suffix}{tag}"
     lines.append(f"{indent}{o_tt} = ({tile}) * T + o_t")
     lines.append(f"{indent}{m} = None if EVEN_TILES else m_d[:, None] & ({o_tt} < seqlen)[None, :]")
-    for raw, ptr, s in (("raw_u", "p_u", "s_u"), ("raw_dt", "p_delta", "s_dt"), ("raw_z", "p_z", "s_z")):
+    tensors = {"u": ("raw_u", "p_u", "s_u"), "dt": ("raw_dt", "p_delta", "s_dt"), "z": ("raw_z", "p_z", "s_z")}
+    for raw, ptr, s in (tensors[name] for name in names):
         offsets = f"i_b * {s}_b + o_d[:, None] * {s}_d + {o_tt}[None, :] * {s}_l"
         load = f"{raw}{suffix} = tl.load({ptr} + {offsets}, mask={m}, other={_ZERO})"
         if raw == "raw_z":
@@ -326,7 +334,7 @@ def _fwd_source(N, T):
     L.append(f"{J}        raw_z = raw_z_n")
     _load_tiles(L, J + I, "tl.minimum(i_c + 1, n_tiles - 1)", "_n")
     L.append(f"{J}else:")
-    _load_tiles(L, J + I, "i_c", "")
+    _load_tiles(L, J + I, "i_c", "", names=("u", "dt"))  # z when the outputs need it, as before PREFETCH
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
     L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N}")
@@ -366,6 +374,8 @@ def _fwd_source(N, T):
     L.append(f"{K}if HAS_D:")
     L.append(f"{K}    b_y += b_u * b_D[:, None]")
     L.append(f"{K}if HAS_Z:")
+    L.append(f"{K}    if not PREFETCH:  # loaded here: loaded with u and Δ it cost the step-by-step fp32 path 25%")
+    _load_tiles(L, K + I * 2, "i_c", "", tag="_z", names=("z",))
     L.append(f"{K}    b_y = b_y * _silu(raw_z.to(tl.float32), FAST_MATH)")
     L.append(f"{K}p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
     L.append(f"{K}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)")
