@@ -381,6 +381,35 @@ def test_triton_scan_seq_idx(forward, dtype, monkeypatch, nan_fill_empty):
     _check_scan("triton", case, dtype, seq_idx=_document_ids(batch, seqlen, 4, seed=0))
 
 
+RAGGED = dict(cpu=(2, 5, 37, 4), gpu=(2, 130, 301, 16))  # partial tiles, an odd length
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,prefetch",
+    [
+        pytest.param(RAGGED, True, id="ragged-prefetch"),
+        pytest.param(RAGGED, False, id="ragged-no-prefetch"),
+        pytest.param(dict(cpu=(2, 5, 38, 4), gpu=(2, 130, 302, 16)), None, id="even"),  # bf16: pairs of steps
+        pytest.param(dict(cpu=(1, 32, 32, 4), gpu=(2, 128, 512, 16)), None, id="whole-tiles"),  # no masks
+    ],
+)
+def test_triton_scan_time_contiguous_BC(shape, prefetch, dtype, monkeypatch, nan_fill_empty):
+    """B, C with unit time stride (read as one vector per state and tile), with every input: cut into
+    segments, and with document resets (which keep one segment); with and without prefetching (None:
+    the dtype's default)."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    monkeypatch.setattr(triton_scan_seq, "PREFETCH", prefetch)
+    monkeypatch.setattr(triton_scan_seq, "MIN_TILES_PER_SEG", 2)
+    monkeypatch.setattr(triton_scan_seq, "WARPS_PER_SM", 64)
+    torch.manual_seed(14)
+    case = dict(shape, D=True, z=True, bias=True, h0=True)
+    _check_scan("triton", case, dtype, transposed_BC=False)
+    batch, _, seqlen, _ = case["gpu" if ON_GPU else "cpu"]
+    _check_scan("triton", case, dtype, transposed_BC=False, seq_idx=_document_ids(batch, seqlen, 3, seed=1))
+
+
 def test_reference_seq_idx_equals_separate_documents():
     torch.manual_seed(11)
     d_inner, d_state, lengths = 4, 3, (5, 1, 9)
