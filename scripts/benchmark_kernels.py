@@ -335,6 +335,42 @@ def conv_table(args):
         print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
 
 
+def fwd_gpu_time(inp, calls=20):
+    """GPU time of one forward call, all its kernels summed (torch.profiler), in microseconds, and
+    the kernels' names with their shares: where do_bench reads host time (small shapes) or an
+    outlier, this reads only what ran on the GPU."""
+    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with torch.no_grad():
+        for _ in range(3):
+            selective_scan(*args, delta_softplus=True, backend="triton")
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                selective_scan(*args, delta_softplus=True, backend="triton")
+            torch.cuda.synchronize()
+    kernels = {e.key: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
+    return sum(kernels.values()), kernels
+
+
+def gpu_time_table(args):
+    """The default forward's GPU time on every shape, and in the model's channels-last layout."""
+    shapes = [*SHAPES, (4, 1536, 1024, 16)]
+    print("\nForward GPU time per call (torch.profiler, all kernels), us")
+    print("| shape | dtype | layout | GPU us | kernels |")
+    print("|---|---|---|---|---|")
+    for name, dtype in DTYPES.items():
+        for shape in shapes:
+            layouts = ["as made", "channels-last"] if shape == shapes[-1] else ["as made"]
+            for layout in layouts:
+                inp = make_inputs(*shape, dtype)
+                if layout == "channels-last":
+                    for k in ("u", "delta", "z", "B", "C"):
+                        inp[k] = inp[k].transpose(1, 2).contiguous().transpose(1, 2)
+                total, kernels = fwd_gpu_time(inp)
+                parts = ", ".join(f"{k[:40]} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
+                print(f"| {shape} | {name} | {layout} | {total:.1f} | {parts} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-torch-path", dest="torch_path", action="store_false", help="skip the PyTorch scan")
@@ -343,6 +379,7 @@ def main():
     parser.add_argument("--fwd-sweep", action="store_true", help="time the sequential forward's configs, then stop")
     parser.add_argument("--sweep", action="store_true", help="time a few kernel configs")
     parser.add_argument("--no-conv", dest="conv", action="store_false", help="skip the causal conv1d table")
+    parser.add_argument("--gpu-time", action="store_true", help="the forward's GPU time per call, then stop")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")
@@ -352,6 +389,9 @@ def main():
         return
     if args.fwd_sweep:
         fwd_sweep(args)
+        return
+    if args.gpu_time:
+        gpu_time_table(args)
         return
     if args.sweep:
         sweep(args)
