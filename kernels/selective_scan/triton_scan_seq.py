@@ -58,7 +58,8 @@ CHANNELS_PER_THREAD = None
 # Sweep knobs (benchmark_kernels.py --fwd-sweep). Channels per thread in the second pass of a
 # segmented forward (None: the measured choice, `_pass2_channels`). The layout B and C are read in:
 # "as given", or "time rows" (copied to unit time stride first), which was not faster in the model's
-# layout (H200, session 6, GPU time at (4, 1536, 1024, 16) channels-last bf16: 114.4 us either way).
+# layout (H200, session 6, scan kernels at (4, 1536, 1024, 16) channels-last bf16: 114.4 us either way,
+# before the copies).
 # Whether bf16 B, C are read as 32-bit words of two values (`_state_row`, `_time_vector`), and
 # whether B, C with unit time stride are read as vectors of a tile's steps (`_tile_by_state`).
 PASS2_CHANNELS_PER_THREAD = None
