@@ -59,6 +59,18 @@ def make_inputs(batch, d_inner, seqlen, d_state, dtype, requires_grad=False):
     return t
 
 
+def scan_args(inp):
+    """make_inputs' tensors in the scan's positional order (u, delta, A, B, C, D, z, delta_bias)."""
+    return [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+
+
+def channels_last(inp):
+    """The same inputs in the model's layout: u, Δ, z, B, C as channels-last views."""
+    for k in ("u", "delta", "z", "B", "C"):
+        inp[k] = inp[k].transpose(1, 2).contiguous().transpose(1, 2)
+    return inp
+
+
 def scan_fns():
     """name -> callable(u, delta, A, B, C, D, z, delta_bias) for every implementation present."""
     fns = {
@@ -77,13 +89,13 @@ def scan_fns():
 
 
 def time_fwd(fn, inp):
-    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args = scan_args(inp)
     with torch.no_grad():
         return bench(lambda: fn(*args))
 
 
 def time_fwd_bwd(fn, inp):
-    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args = scan_args(inp)
     dout = torch.randn_like(inp["u"])
 
     def step():
@@ -181,7 +193,7 @@ def cold_start(args):
         ((8, 1536, 2048, 16), "fp32"),
     ]:
         inp = make_inputs(*shape, DTYPES[dtype], requires_grad=True)
-        args_ = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        args_ = scan_args(inp)
         times = []
         for _ in range(2):
             torch.cuda.synchronize()
@@ -238,9 +250,7 @@ def fwd_sweep(args):
                 setattr(seq, knob, value)
             cells = [f"{time_fwd(fns['triton'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             # The last shape again in the model's layout: u, Δ, z, B, C channels-last views.
-            inp = make_inputs(*shapes[-1], dtype)
-            for k in ("u", "delta", "z", "B", "C"):
-                inp[k] = inp[k].transpose(1, 2).contiguous().transpose(1, 2)
+            inp = channels_last(make_inputs(*shapes[-1], dtype))
             cells.append(f"{time_fwd(fns['triton'], inp):.3f}")
             print(f"| {label} | {name} | " + " | ".join(cells) + f" | {forward_error(dtype):.1e} |", flush=True)
             for knob, value in defaults.items():
@@ -252,7 +262,7 @@ def forward_error(dtype):
     from hf_mamba.kernels import selective_scan_ref
 
     small = make_inputs(2, 96, 3000, 16, dtype)
-    args_ = [small[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args_ = scan_args(small)
     out = selective_scan(*args_, delta_softplus=True, backend="triton")
     ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
     return ((out.float() - ref).norm() / ref.norm()).item()
@@ -339,7 +349,7 @@ def fwd_gpu_time(inp, calls=20):
     """GPU time of one forward call, all its kernels summed (torch.profiler), in microseconds, and
     the kernels' names with their shares: where do_bench reads host time (small shapes) or an
     outlier, this reads only what ran on the GPU."""
-    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args = scan_args(inp)
     with torch.no_grad():
         for _ in range(3):
             selective_scan(*args, delta_softplus=True, backend="triton")
@@ -364,8 +374,7 @@ def gpu_time_table(args):
             for layout in layouts:
                 inp = make_inputs(*shape, dtype)
                 if layout == "channels-last":
-                    for k in ("u", "delta", "z", "B", "C"):
-                        inp[k] = inp[k].transpose(1, 2).contiguous().transpose(1, 2)
+                    inp = channels_last(inp)
                 total, kernels = fwd_gpu_time(inp)
                 parts = ", ".join(f"{k[:40]} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
                 print(f"| {shape} | {name} | {layout} | {total:.1f} | {parts} |", flush=True)

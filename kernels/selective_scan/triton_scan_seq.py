@@ -260,14 +260,17 @@ def _tile_by_state(lines, indent, T, N):
             lines.append(f"{indent}    y_{t} = {y}")
 
 
-def _load_tiles(lines, indent, tile, suffix, tag="", names=("u", "dt", "z")):
+def _load_tiles(lines, indent, suffix, names=("u", "dt", "z"), tile=None, tag=""):
     """Emit the loads of one tile's u, Δ and z (z only where outputs are written), [BLOCK_D, T] as
     stored, into raw_u{suffix}, raw_dt{suffix}, raw_z{suffix}. EVEN_TILES: every channel and step of
-    every tile exists, so the loads need no masks (and no zero fills). tag names the offsets and mask
-    apart (a mask of None must not become a loop-carried value)."""
-    o_tt, m = f"o_tt{suffix}{tag}", f"m_dt{suffix}{tag}"
-    lines.append(f"{indent}{o_tt} = ({tile}) * T + o_t")
-    lines.append(f"{indent}{m} = None if EVEN_TILES else m_d[:, None] & ({o_tt} < seqlen)[None, :]")
+    every tile exists, so the loads need no masks (and no zero fills).
+
+    tile: the tile's index, whose offsets and mask are emitted here (named apart by tag: a mask of
+    None must not become a loop-carried value); None: the current tile's o_tt and m_dt."""
+    o_tt, m = ("o_tt", "m_dt") if tile is None else (f"o_tt{suffix}{tag}", f"m_dt{suffix}{tag}")
+    if tile is not None:
+        lines.append(f"{indent}{o_tt} = ({tile}) * T + o_t")
+        lines.append(f"{indent}{m} = None if EVEN_TILES else m_d[:, None] & ({o_tt} < seqlen)[None, :]")
     tensors = {"u": ("raw_u", "p_u", "s_u"), "dt": ("raw_dt", "p_delta", "s_dt"), "z": ("raw_z", "p_z", "s_z")}
     for raw, ptr, s in (tensors[name] for name in names):
         offsets = f"i_b * {s}_b + o_d[:, None] * {s}_d + {o_tt}[None, :] * {s}_l"
@@ -326,23 +329,23 @@ def _fwd_source(N, T):
     L.append(f"{I}c_start = i_s * chunks_per_seg")
     L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, n_tiles)")
     L.append(f"{I}if PREFETCH:")
-    _load_tiles(L, I * 2, "tl.minimum(c_start, n_tiles - 1)", "_n", tag="_first")
+    _load_tiles(L, I * 2, "_n", tile="tl.minimum(c_start, n_tiles - 1)", tag="_first")
     L.append(f"{I}for i_c in range(c_start, c_end):")
     J = I * 2
+    L.append(f"{J}o_tt = i_c * {T} + o_t")
+    L.append(f"{J}m_dt = None if EVEN_TILES else m_d[:, None] & (o_tt < seqlen)[None, :]")
     L.append(f"{J}if PREFETCH:  # this tile's u, Δ, z arrived during the last tile; ask for the next one's")
     L.append(f"{J}    raw_u, raw_dt = raw_u_n, raw_dt_n")
     L.append(f"{J}    if HAS_Z and not STATES_ONLY:")
     L.append(f"{J}        raw_z = raw_z_n")
-    _load_tiles(L, J + I, "tl.minimum(i_c + 1, n_tiles - 1)", "_n")
+    _load_tiles(L, J + I, "_n", tile="tl.minimum(i_c + 1, n_tiles - 1)")
     L.append(f"{J}else:")
-    _load_tiles(L, J + I, "i_c", "", names=("u", "dt"))  # z when the outputs need it, as before PREFETCH
+    _load_tiles(L, J + I, "", names=("u", "dt"))  # z when the outputs need it, as before PREFETCH
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
     L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N}")
     for n in ns:
         L.append(f"{J}        tl.store(p_hc_d + {n}, h_{n}, mask=m_d)")
-    L.append(f"{J}o_tt = i_c * {T} + o_t")
-    L.append(f"{J}m_dt = None if EVEN_TILES else m_d[:, None] & (o_tt < seqlen)[None, :]")
     L.append(f"{J}b_u = raw_u.to(tl.float32)")
     L.append(f"{J}b_dt = raw_dt.to(tl.float32)")
     L.append(f"{J}if HAS_DELTA_BIAS:")
@@ -376,7 +379,7 @@ def _fwd_source(N, T):
     L.append(f"{K}    b_y += b_u * b_D[:, None]")
     L.append(f"{K}if HAS_Z:")
     L.append(f"{K}    if not PREFETCH:  # loaded here: loaded with u and Δ it cost the step-by-step fp32 path 25%")
-    _load_tiles(L, K + I * 2, "i_c", "", tag="_z", names=("z",))
+    _load_tiles(L, K + I * 2, "", names=("z",))
     L.append(f"{K}    b_y = b_y * _silu(raw_z.to(tl.float32), FAST_MATH)")
     L.append(f"{K}p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
     L.append(f"{K}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)")
