@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .._launch import cdiv, device_guard, next_power_of_2, seq_idx_args
+from .triton_scan_bwd import scan_bwd_seq
 from .triton_scan_seq import scan_fwd_seq
 
 # Up to this d_state the sequential per-channel forward of `triton_scan_seq` may be used (state in
@@ -41,6 +42,11 @@ from .triton_scan_seq import scan_fwd_seq
 SEQ_MAX_D_STATE = 64
 # Which forward to run for d_state <= SEQ_MAX_D_STATE: "seq", "chunk", or None (measured choice).
 FORWARD = None
+# Up to this d_state the backward runs the per-channel kernel of `triton_scan_bwd` (all states of a
+# channel in one thread's registers); above it, the chunk backward below. BACKWARD: "seq", "chunk" or
+# None (by d_state).
+SEQ_BWD_MAX_D_STATE = 16
+BACKWARD = None
 # Chunk kernels: BLOCK_D channels x up to MAX_CHUNK steps (a power of two) per program, spread
 # over up to MAX_WARPS warps with about STEPS_PER_THREAD steps per thread. One warp per channel and
 # 128-step chunks had the fastest forward+backward of 9 configs on H100 at (8, 1536, 2048, 16) and
@@ -341,6 +347,12 @@ def _use_seq_forward(batch, d_inner, seqlen, d_state):
     return True
 
 
+def _use_seq_backward(d_state):
+    if BACKWARD is not None:
+        return BACKWARD == "seq"
+    return d_state <= SEQ_BWD_MAX_D_STATE
+
+
 def _time_contiguous(t):
     # The chunk kernels read every (batch, row) along time: make the last dimension dense.
     return t if t is None or t.is_contiguous() else t.contiguous()
@@ -393,6 +405,11 @@ def _scan_bwd(
     """The scan's gradients; y_out, a contiguous tensor like u, also receives the forward's output."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
+    if _use_seq_backward(d_state):
+        return scan_bwd_seq(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, _chunk_len(seqlen), dout,
+            dfinal_state, seq_idx, y_out,
+        )
     block_d, chunk, num_warps = _chunk_config(seqlen)
     n_chunks = cdiv(seqlen, chunk)
     u, delta, B, C, z, dout = (_time_contiguous(t) for t in (u, delta, B, C, z, dout))
@@ -495,14 +512,21 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, d
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     empty = u.new_empty(0)
+    if _use_seq_backward(d_state):  # du, ddelta, dz in u's layout
+        du, ddelta = torch.empty_like(u), torch.empty_like(u, dtype=delta.dtype)
+        dz = torch.empty_like(u, dtype=z.dtype) if z is not None else empty
+    else:
+        du = torch.empty_like(u, memory_format=torch.contiguous_format)
+        ddelta = torch.empty_like(delta, memory_format=torch.contiguous_format)
+        dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else empty
     return (
-        torch.empty_like(u, memory_format=torch.contiguous_format),
-        torch.empty_like(delta, memory_format=torch.contiguous_format),
+        du,
+        ddelta,
         torch.empty_like(A, memory_format=torch.contiguous_format),
         torch.empty_like(B, memory_format=torch.contiguous_format),
         torch.empty_like(C, memory_format=torch.contiguous_format),
         torch.empty_like(D) if D is not None else empty,
-        torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else empty,
+        dz,
         torch.empty_like(delta_bias) if delta_bias is not None else empty,
         u.new_empty(batch, d_inner, d_state, dtype=torch.float32),
     )

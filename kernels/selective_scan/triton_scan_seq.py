@@ -515,24 +515,30 @@ def _fwd_source_lanes(N, T, G):
     return _HEADER + "\n".join(L) + "\n"
 
 
-@functools.cache
-def _fwd_kernel(N, T, G=1):
-    """The generated kernel for (d_state, T), written to a cache file so Triton can read its source."""
-    src = _fwd_source(N, T) if G == 1 else _fwd_source_lanes(N, T, G)
+def _generated_kernel(src, stem, name):
+    """The kernel `name` defined in the generated source `src`, written to a cache file (named from
+    `stem` and the source's hash) so that Triton can read its source."""
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
     default = os.path.join(os.path.expanduser("~"), ".cache", "hf_mamba", "generated")
     folder = os.environ.get("HF_MAMBA_KERNEL_CACHE", default)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"scan_fwd_N{N}_T{T}_G{G}_{digest}.py")
+    path = os.path.join(folder, f"{stem}_{digest}.py")
     if not os.path.exists(path):
         tmp_path = f"{path}.{os.getpid()}.tmp"
         with open(tmp_path, "w") as f:
             f.write(src)
         os.replace(tmp_path, path)  # atomic, so concurrent processes never read half a file
-    spec = importlib.util.spec_from_file_location(f"hf_mamba_generated_scan_fwd_N{N}_T{T}_G{G}_{digest}", path)
+    spec = importlib.util.spec_from_file_location(f"hf_mamba_generated_{stem}_{digest}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.scan_fwd_kernel
+    return getattr(module, name)
+
+
+@functools.cache
+def _fwd_kernel(N, T, G=1):
+    """The generated forward kernel for (d_state, T, lanes per channel)."""
+    src = _fwd_source(N, T) if G == 1 else _fwd_source_lanes(N, T, G)
+    return _generated_kernel(src, f"scan_fwd_N{N}_T{T}_G{G}", "scan_fwd_kernel")
 
 
 @triton.jit

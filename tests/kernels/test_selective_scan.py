@@ -119,6 +119,24 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("documents", [pytest.param(False, id="plain"), pytest.param(True, id="seq_idx")])
+def test_triton_scan_backward_segments(documents, dtype, monkeypatch, nan_fill_empty):
+    """The per-channel backward cut into segments: pass 1 (each segment's adjoint as a linear map of
+    its carry), the chain from the last segment, pass 2 from the true carries; document resets inside
+    and across segments. Short checkpoint chunks, a ragged end and masked channels."""
+    from hf_mamba.kernels.selective_scan import triton_scan, triton_scan_bwd
+
+    monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
+    monkeypatch.setattr(triton_scan_bwd, "MIN_TILES_PER_SEG", 2)
+    monkeypatch.setattr(triton_scan_bwd, "WARPS_PER_SM", 64)
+    torch.manual_seed(15)
+    case = dict(cpu=(1, 5, 75, 4), gpu=(1, 100, 1499, 16), D=True, z=True, bias=True, h0=True)
+    batch, _, seqlen, _ = case["gpu" if ON_GPU else "cpu"]
+    seq_idx = _document_ids(batch, seqlen, 4, seed=2) if documents else None
+    _check_scan("triton", case, dtype, transposed_BC=False, seq_idx=seq_idx)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("forward,block_d", [("seq", 1), ("chunk", 1), ("chunk", 4)])
 def test_triton_scan_many_chunks(forward, block_d, dtype, monkeypatch, nan_fill_empty):
     """Short chunks: checkpoints, the state carried between chunks, the adjoint carried back;

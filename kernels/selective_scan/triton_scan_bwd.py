@@ -1,0 +1,499 @@
+"""Fast backward selective scan: one channel per thread, generated for each d_state (as the forward).
+
+Glossary as in `triton_scan`: a_t = exp(Δ_t A), h_t = a_t h_{t-1} + Δ_t u_t B_t, y_t = C_t . h_t.
+The adjoint g_t = dL/dh_t = dy_t C_t + x_t with the carry x_t = a_{t+1} g_{t+1} runs backwards in time.
+
+Every thread owns one channel and all its d_state states, as in `triton_scan_seq`, so the sums over
+states (dΔ, du, y) need no shuffles. The work per state update is then a few FMAs and one exp2:
+- The forward stored h every CKPT steps. For each of those chunks, last to first, the kernel reruns
+  the chunk forward from its checkpoint and keeps h at the start of every T-step tile in a small
+  scratch buffer (phase F, L2-resident), then walks the tiles backwards (phase R): it recomputes the
+  tile's states and a_t in registers, one state at a time, and runs the adjoint back over the tile.
+- dB and dC are sums over channels, that is over the lanes of a warp. On CUDA each warp sums its
+  2T values per state and tile (dC_t, dB_t) with a reduce-scatter over shuffles (`_lane_sum`,
+  about one shuffle per value; a tree per value takes five), and each lane adds one sum to global
+  memory with an atomic. The interpreter sums with tl.sum.
+- Short batches cut the sequence into segments, as the forward does. The adjoint entering a segment
+  from its right is linear in the carry: x_out = Q + P x_in per state, with P = prod a_t over the
+  segment and Q the segment's own part (pass 1, ADJOINT_ONLY, a forward walk: p *= a_t,
+  Q += p dy_t C_t). A small kernel chains the segments from the last, and pass 2 runs every segment
+  from its true carry. Document resets (seq_idx) are a_t = 0 and need nothing else.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import cdiv, next_power_of_2, seq_idx_args
+from .triton_scan_seq import (
+    _HEADER,
+    _ZERO,
+    _bf16_pairs,
+    _generated_kernel,
+    _num_sms,
+    _pack,
+    _reset_state,
+    _time_vector,
+    _unpack,
+)
+
+# Below this many one-warp programs per multiprocessor the backward cuts the sequence into segments
+# of whole checkpoint chunks, each at least MIN_TILES_PER_SEG tiles long.
+WARPS_PER_SM = 16
+MIN_TILES_PER_SEG = 16
+# Sum dB and dC over a warp's lanes with shuffles (CUDA only); False: tl.sum (a shuffle tree per value).
+LANE_SUM = True
+# Register cap per thread (0: none).
+MAXNREG = 0
+
+_LANE_HELPERS = '''
+
+@triton.jit
+def _lane_id(like):
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl(x, ASM: tl.constexpr):
+    # x from another lane of the warp: ASM is one shfl.sync instruction (`_shfl_xor` writes it).
+    bits = tl.inline_asm_elementwise(ASM, "=r,r", [x.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    if FAST_MATH:
+        return _approx(1.0 + _approx(x * -1.4426950408889634, "ex2"), "rcp")
+    return tl.sigmoid(x)
+
+'''
+
+
+def _shfl_xor(x, offset):
+    """Code for x from the lane whose id differs from this one's in bit `offset` (a power of two)."""
+    return f'_shfl({x}, "shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;")'
+
+
+def _lane_sum(lines, indent, names):
+    """Emit the sum over a warp's 32 lanes of each [BLOCK_D] value in `names` (a power of two <= 32).
+
+    A reduce-scatter: in each round a lane keeps half of its values and sends the other half to the
+    lane whose id differs in one bit, adding what it receives. After log2(len) rounds each lane
+    holds one value summed over a group of lanes; butterflies finish the sum. Lane l ends with the
+    sum of value `lane_k` (the index its id bits select), in `lane_v`, the same on lanes that differ
+    in the remaining bits. Returns the expression for the lane index's value."""
+    vals, offset, index_terms = list(names), 16, []
+    r = 0
+    while len(vals) > 1:
+        half = len(vals) // 2
+        lines.append(f"{indent}up = (lane & {offset}) != 0")
+        new = []
+        for i in range(half):
+            lo, hi = vals[i], vals[half + i]
+            lines.append(f"{indent}r{r}_{i} = tl.where(up, {hi}, {lo}) + {_shfl_xor(f'tl.where(up, {lo}, {hi})', offset)}")
+            new.append(f"r{r}_{i}")
+        index_terms.append(f"((lane >> {offset.bit_length() - 1}) & 1) * {half}")
+        vals, offset, r = new, offset // 2, r + 1
+    lines.append(f"{indent}lane_v = {vals[0]}")
+    while offset >= 1:
+        lines.append(f"{indent}lane_v += {_shfl_xor('lane_v', offset)}")
+        offset //= 2
+    return " + ".join(index_terms) if index_terms else "0"
+
+
+def _load(lines, indent, raw, ptr, s, tile_o, mask):
+    offsets = f"i_b * {s}_b + o_d[:, None] * {s}_d + {tile_o}[None, :] * {s}_l"
+    lines.append(f"{indent}{raw} = tl.load({ptr} + {offsets}, mask={mask}, other={_ZERO})")
+
+
+def _tile_prologue(lines, indent, T, loads):
+    """Emit the offsets, masks and loads of tile i_c, and Δ after bias and softplus (zero past the end)."""
+    lines.append(f"{indent}o_tt = i_c * {T} + o_t")
+    lines.append(f"{indent}m_dt = None if EVEN_TILES else m_d[:, None] & (o_tt < seqlen)[None, :]")
+    lines.append(f"{indent}m_t1 = None if EVEN_TILES else (o_tt < seqlen)[None, :]")
+    lines.append(f"{indent}o_w = i_c * {T // 2} + tl.arange(0, {T // 2})[None, :]")
+    lines.append(f"{indent}m_w1 = None if EVEN_TILES else o_w < seqlen // 2  # even seqlen with BC_PAIRS")
+    tensors = {
+        "u": ("raw_u", "p_u", "s_u"), "dt": ("raw_dt", "p_delta", "s_dt"),
+        "do": ("raw_do", "p_dout", "s_do"), "z": ("raw_z", "p_z", "s_z"),
+    }
+    for name in loads:
+        raw, ptr, s = tensors[name]
+        if name == "z":
+            lines.append(f"{indent}if HAS_Z:")
+            _load(lines, indent + "    ", raw, ptr, s, "o_tt", "m_dt")
+        else:
+            _load(lines, indent, raw, ptr, s, "o_tt", "m_dt")
+    lines.append(f"{indent}b_dtr = raw_dt.to(tl.float32)")
+    lines.append(f"{indent}if HAS_DELTA_BIAS:")
+    lines.append(f"{indent}    b_dtr = b_dtr + b_db[:, None]")
+    lines.append(f"{indent}b_dt = b_dtr")
+    lines.append(f"{indent}if DELTA_SOFTPLUS:")
+    lines.append(f"{indent}    b_dt = _softplus(b_dtr, FAST_MATH)")
+    lines.append(f"{indent}if not EVEN_TILES:  # steps past the end: a = 1, Δ u B = 0, h unchanged")
+    lines.append(f"{indent}    b_dt = tl.where(m_dt, b_dt, 0.0)")
+    _unpack("b_dt", [f"dt_{t}" for t in range(T)], lines, indent, "sdt")
+
+
+def _dy(lines, indent, T):
+    """Emit dL/dy before the gate, dy = dout SiLU(z), split per step."""
+    lines.append(f"{indent}b_do = raw_do.to(tl.float32)")
+    lines.append(f"{indent}if HAS_Z:")
+    lines.append(f"{indent}    b_z = raw_z.to(tl.float32)")
+    lines.append(f"{indent}    b_sig = _sigmoid(b_z, FAST_MATH)")
+    lines.append(f"{indent}    b_dy = b_do * b_z * b_sig")
+    lines.append(f"{indent}else:")
+    lines.append(f"{indent}    b_dy = b_do")
+    _unpack("b_dy", [f"dy_{t}" for t in range(T)], lines, indent, "sdy")
+
+
+def _decays(lines, indent, T, n):
+    """Emit a_t = exp(Δ_t A_n) for the tile's steps, 0 where a document starts (seq_idx)."""
+    for t in range(T):
+        lines.append(f"{indent}e_{t} = tl.exp2(dt_{t} * a_{n}) * keep_{t}")
+
+
+def _keeps(lines, indent, T):
+    for t in range(T):
+        lines.append(f"{indent}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
+        _reset_state(lines, indent, t, T, [f"keep_{t}"], init=True)
+
+
+def _adjoint_pass(L, I, T, N):
+    """Pass 1 of a segmented backward: per state P = prod a_t and Q = sum_t (prod_{s<=t} a_s) dy_t C_t."""
+    ns = range(N)
+    for n in ns:
+        L.append(f"{I}p_{n} = tl.full([BLOCK_D], 1.0, tl.float32)")
+        L.append(f"{I}q_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+    L.append(f"{I}for i_c in range(tile_start, tile_end):")
+    J = I + "    "
+    _tile_prologue(L, J, T, ("dt", "do", "z"))
+    _dy(L, J, T)
+    _keeps(L, J, T)
+    for n in ns:
+        _time_vector(L, J, f"p_C_b + {n} * s_C_n", "ct", T)
+        _decays(L, J, T, n)
+        for t in range(T):
+            L.append(f"{J}p_{n} = p_{n} * e_{t}")
+            L.append(f"{J}q_{n} += p_{n} * (dy_{t} * ct_{t})")
+    L.append(f"{I}p_pq = p_PQ + ((i_b * d_inner + o_d) * n_seg + i_s) * {2 * N}")
+    for n in ns:
+        L.append(f"{I}tl.store(p_pq + {n}, p_{n}, mask=m_d)")
+        L.append(f"{I}tl.store(p_pq + {N + n}, q_{n}, mask=m_d)")
+
+
+def _forward_phase(L, I, T, N):
+    """Phase F: h from the chunk's checkpoint to its last tile, storing h at each tile's start."""
+    ns = range(N)
+    L.append(f"{I}p_hc_c = p_hc + ((i_b * d_inner + o_d) * n_ckpt + i_k) * {N}")
+    for n in ns:
+        L.append(f"{I}h_{n} = tl.load(p_hc_c + {n}, mask=m_d, other=0.0)")
+    L.append(f"{I}for i_c in range(k_first, k_last):")
+    J = I + "    "
+    L.append(f"{J}p_scr_t = p_scr_p + (i_c - k_first) * {N} * BLOCK_D")
+    for n in ns:
+        L.append(f"{J}tl.store(p_scr_t + {n} * BLOCK_D, h_{n})")
+    _tile_prologue(L, J, T, ("u", "dt"))
+    L.append(f"{J}b_dtu = b_dt * raw_u.to(tl.float32)")
+    _unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
+    _keeps(L, J, T)
+    for n in ns:
+        _time_vector(L, J, f"p_B_b + {n} * s_B_n", "bt", T)
+        for t in range(T):
+            L.append(f"{J}h_{n} = tl.exp2(dt_{t} * a_{n}) * keep_{t} * h_{n} + dtu_{t} * bt_{t}")
+    L.append(f"{I}p_scr_t = p_scr_p + (k_last - k_first) * {N} * BLOCK_D")
+    for n in ns:
+        L.append(f"{I}tl.store(p_scr_t + {n} * BLOCK_D, h_{n})")
+
+
+def _reverse_phase(L, I, T, N):
+    """Phase R: the chunk's tiles last to first; per state, recompute h and a, then run the adjoint back."""
+    ns = range(N)
+    L.append(f"{I}for i_r in range(0, k_last - k_first + 1):")
+    J = I + "    "
+    L.append(f"{J}i_c = k_last - i_r")
+    _tile_prologue(L, J, T, ("u", "dt", "do", "z"))
+    L.append(f"{J}b_u = raw_u.to(tl.float32)")
+    L.append(f"{J}b_dtu = b_dt * b_u")
+    _unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
+    _dy(L, J, T)
+    _keeps(L, J, T)
+    L.append(f"{J}p_scr_t = p_scr_p + (i_c - k_first) * {N} * BLOCK_D")
+    L.append(f"{J}p_dC_t = p_dBC + i_b * s_dBC_b + i_c * {T}")
+    for n in ns:
+        K = J
+        L.append(f"{K}hh_m1 = tl.load(p_scr_t + {n} * BLOCK_D)  # h before the tile")
+        _time_vector(L, K, f"p_B_b + {n} * s_B_n", "bt", T)
+        _time_vector(L, K, f"p_C_b + {n} * s_C_n", "ct", T)
+        _decays(L, K, T, n)
+        for t in range(T):
+            prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
+            L.append(f"{K}hh_{t} = e_{t} * {prev} + dtu_{t} * bt_{t}")
+        L.append(f"{K}x = x_{n}")
+        for t in reversed(range(T)):
+            prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
+            first = n == 0
+            L.append(f"{K}g = dy_{t} * ct_{t} + x")
+            L.append(f"{K}dc_{t} = dy_{t} * hh_{t}")
+            L.append(f"{K}db_{t} = g * dtu_{t}")
+            L.append(f"{K}gb_{t} = " + (f"g * bt_{t}" if first else f"gb_{t} + g * bt_{t}"))
+            L.append(f"{K}y_{t} = " + (f"hh_{t} * ct_{t}" if first else f"y_{t} + hh_{t} * ct_{t}"))
+            L.append(f"{K}x = e_{t} * g")
+            L.append(f"{K}gah = x * {prev}  # g_t d(a_t h_(t-1)) / d(Δ_t A_n)")
+            L.append(f"{K}gda_{t} = " + (f"gah * A_{n}" if first else f"gda_{t} + gah * A_{n}"))
+            L.append(f"{K}dA_{n} += gah * dt_{t}")
+        L.append(f"{K}x_{n} = x")
+        # dC_t and dB_t of state n, summed over this warp's channels, added to global memory.
+        L.append(f"{K}if LANE_SUM:")
+        idx = _lane_sum(L, K + "    ", [f"dc_{t}" for t in range(T)] + [f"db_{t}" for t in range(T)])
+        L.append(f"{K}    lane_k = {idx}")
+        L.append(f"{K}    t_k = i_c * {T} + lane_k % {T}")
+        L.append(f"{K}    p_k = p_dC_t + (lane_k // {T}) * s_dBC_bc + {n} * s_dBC_n + lane_k % {T}")
+        L.append(f"{K}    tl.atomic_add(p_k, lane_v, mask=lane_owner & (t_k < seqlen), sem='relaxed')")
+        L.append(f"{K}else:")
+        dc = _pack([f"dc_{t}" for t in range(T)], L, K + "    ", "pdc")
+        db = _pack([f"db_{t}" for t in range(T)], L, K + "    ", "pdb")
+        L.append(f"{K}    m_t = o_tt < seqlen")
+        L.append(f"{K}    p_n = p_dC_t + {n} * s_dBC_n + o_t")
+        L.append(f"{K}    tl.atomic_add(p_n, tl.sum({dc}, axis=0), mask=m_t, sem='relaxed')")
+        L.append(f"{K}    tl.atomic_add(p_n + s_dBC_bc, tl.sum({db}, axis=0), mask=m_t, sem='relaxed')")
+    b_gb = _pack([f"gb_{t}" for t in range(T)], L, J, "pgb")
+    b_y = _pack([f"y_{t}" for t in range(T)], L, J, "py")
+    b_gda = _pack([f"gda_{t}" for t in range(T)], L, J, "pgda")
+    L.append(f"{J}b_gb = {b_gb}  # sum_n g B_n")
+    L.append(f"{J}b_y = {b_y}  # y before the gate and the D skip")
+    L.append(f"{J}b_ddt = {b_gda} + b_gb * b_u")
+    L.append(f"{J}b_du = b_gb * b_dt")
+    L.append(f"{J}if HAS_D:")
+    L.append(f"{J}    b_y += b_u * b_D[:, None]")
+    L.append(f"{J}    b_du += b_dy * b_D[:, None]")
+    L.append(f"{J}    b_dD += tl.sum(b_dy * b_u, axis=1)")
+    L.append(f"{J}if DELTA_SOFTPLUS:")
+    L.append(f"{J}    b_ddt = b_ddt * _sigmoid(b_dtr, FAST_MATH)")
+    L.append(f"{J}if not EVEN_TILES:")
+    L.append(f"{J}    b_ddt = tl.where(m_dt, b_ddt, 0.0)")
+    L.append(f"{J}if HAS_DELTA_BIAS:")
+    L.append(f"{J}    b_ddb += tl.sum(b_ddt, axis=1)")
+    L.append(f"{J}p_o = i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
+    L.append(f"{J}tl.store(p_du + p_o, b_du.to(p_du.dtype.element_ty), mask=m_dt)")
+    L.append(f"{J}tl.store(p_ddelta + p_o, b_ddt.to(p_ddelta.dtype.element_ty), mask=m_dt)")
+    L.append(f"{J}if HAS_Z:")
+    L.append(f"{J}    b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))")
+    L.append(f"{J}    tl.store(p_dz + p_o, b_dz.to(p_dz.dtype.element_ty), mask=m_dt)")
+    L.append(f"{J}if STORE_Y:")
+    L.append(f"{J}    if HAS_Z:")
+    L.append(f"{J}        b_y = b_y * b_z * b_sig")
+    L.append(f"{J}    tl.store(p_y + p_o, b_y.to(p_y.dtype.element_ty), mask=m_dt)")
+
+
+def _bwd_source(N, T):
+    """Source of the backward kernel for d_state = N and T time steps per tile."""
+    ns = range(N)
+    L = []
+    L.append("@triton.jit")
+    L.append("def scan_bwd_kernel(")
+    L.append("    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_hc, p_dout, p_xin,")
+    L.append("    p_du, p_ddelta, p_dz, p_y, p_dBC, p_dA, p_dD, p_ddb, p_xout, p_PQ, p_scr,")
+    L.append("    seqlen, d_inner, n_ckpt, ckpts_per_seg,")
+    L.append("    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,")
+    L.append("    s_o_b, s_o_d, s_o_l, s_A_d, s_A_n, s_B_b, s_B_n, s_C_b, s_C_n, s_dBC_bc, s_dBC_b, s_dBC_n,")
+    L.append("    p_seq_idx, s_si_b, s_si_l,")
+    L.append("    HAS_SEQ_IDX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,")
+    L.append("    HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, HAS_XIN: tl.constexpr,")
+    L.append("    ADJOINT_ONLY: tl.constexpr, STORE_Y: tl.constexpr, CKPT: tl.constexpr, BLOCK_D: tl.constexpr,")
+    L.append("    BC_PAIRS: tl.constexpr, FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr,")
+    L.append("    LANE_SUM: tl.constexpr,")
+    L.append("):")
+    I = "    "
+    L.append(f"{I}T: tl.constexpr = {T}")
+    L.append(f"{I}i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen > 2^31")
+    L.append(f"{I}i_d = tl.program_id(1)")
+    L.append(f"{I}i_s = tl.program_id(2)")
+    L.append(f"{I}n_seg = tl.num_programs(2)")
+    L.append(f"{I}o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)")
+    L.append(f"{I}m_d = o_d < d_inner")
+    L.append(f"{I}o_t = tl.arange(0, {T})")
+    L.append(f"{I}p_A_d = p_A + o_d * s_A_d")
+    for n in ns:  # a_n: A pre-scaled by log2(e), exp(ΔA) = exp2(Δ a_n)
+        L.append(f"{I}A_{n} = tl.load(p_A_d + {n} * s_A_n, mask=m_d, other=0.0).to(tl.float32)")
+        L.append(f"{I}a_{n} = A_{n} * 1.4426950408889634")
+    L.append(f"{I}if HAS_D:")
+    L.append(f"{I}    b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)")
+    L.append(f"{I}    b_dD = tl.zeros([BLOCK_D], dtype=tl.float32)")
+    L.append(f"{I}if HAS_DELTA_BIAS:")
+    L.append(f"{I}    b_db = tl.load(p_delta_bias + o_d, mask=m_d, other=0.0).to(tl.float32)")
+    L.append(f"{I}    b_ddb = tl.zeros([BLOCK_D], dtype=tl.float32)")
+    L.append(f"{I}p_B_b = p_B + i_b * s_B_b")
+    L.append(f"{I}p_C_b = p_C + i_b * s_C_b")
+    L.append(f"{I}n_tiles = tl.cdiv(seqlen, T)")
+    L.append(f"{I}k_start = i_s * ckpts_per_seg  # this segment's checkpoint chunks")
+    L.append(f"{I}k_end = tl.minimum(k_start + ckpts_per_seg, n_ckpt)")
+    L.append(f"{I}tile_start = k_start * (CKPT // T)")
+    L.append(f"{I}tile_end = tl.minimum(k_end * (CKPT // T), n_tiles)")
+    L.append(f"{I}if ADJOINT_ONLY:")
+    _adjoint_pass(L, I + "    ", T, N)
+    L.append(f"{I}else:")
+    J = I + "    "
+    L.append(f"{J}if LANE_SUM:")
+    L.append(f"{J}    lane = _lane_id(o_d.to(tl.int32))")
+    # The lanes left holding one sum each after `_lane_sum` of 2T values (others hold copies).
+    L.append(f"{J}    lane_owner = (lane & {32 // (2 * T) - 1}) == 0")
+    # x_n: the adjoint carried in from the right, a_(t+1) g_(t+1) after this segment's last step.
+    L.append(f"{J}if HAS_XIN:")
+    L.append(f"{J}    p_x = p_xin + ((i_b * d_inner + o_d) * n_seg + i_s) * {N}")
+    for n in ns:
+        L.append(f"{J}    x_{n} = tl.load(p_x + {n}, mask=m_d, other=0.0)")
+    L.append(f"{J}else:")
+    for n in ns:
+        L.append(f"{J}    x_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+    for n in ns:
+        L.append(f"{J}dA_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+    L.append(f"{J}i_prog = (i_b * tl.num_programs(1) + i_d) * n_seg + i_s")
+    L.append(f"{J}p_scr_p = p_scr + i_prog * ((CKPT // T) * {N} * BLOCK_D) + tl.arange(0, BLOCK_D)")
+    L.append(f"{J}for i_kr in range(0, k_end - k_start):")
+    K = J + "    "
+    L.append(f"{K}i_k = k_end - 1 - i_kr")
+    L.append(f"{K}k_first = i_k * (CKPT // T)")
+    L.append(f"{K}k_last = tl.minimum(k_first + CKPT // T, n_tiles) - 1")
+    _forward_phase(L, K, T, N)
+    _reverse_phase(L, K, T, N)
+    L.append(f"{J}p_x = p_xout + ((i_b * d_inner + o_d) * n_seg + i_s) * {N}")
+    L.append(f"{J}p_dA_d = p_dA + ((i_b * n_seg + i_s) * d_inner + o_d) * {N}")
+    for n in ns:
+        L.append(f"{J}tl.store(p_x + {n}, x_{n}, mask=m_d)")
+        L.append(f"{J}tl.store(p_dA_d + {n}, dA_{n}, mask=m_d)")
+    L.append(f"{J}if HAS_D:")
+    L.append(f"{J}    tl.store(p_dD + (i_b * n_seg + i_s) * d_inner + o_d, b_dD, mask=m_d)")
+    L.append(f"{J}if HAS_DELTA_BIAS:")
+    L.append(f"{J}    tl.store(p_ddb + (i_b * n_seg + i_s) * d_inner + o_d, b_ddb, mask=m_d)")
+    return _HEADER + _LANE_HELPERS + "\n".join(L) + "\n"
+
+
+@triton.jit
+def _chain_adjoint_kernel(
+    p_PQ, p_dhT, p_xin, d_inner, d_state, n_seg,
+    HAS_DHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # x_in[s - 1] = Q_s + P_s x_in[s], from the last segment (whose carry is dL/dh_T) to the first.
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, BLOCK_N)
+    m_dn = (o_d < d_inner)[:, None] & (o_n < d_state)[None, :]
+    if HAS_DHT:
+        b_x = tl.load(p_dhT + (i_b * d_inner + o_d[:, None]) * d_state + o_n[None, :], mask=m_dn, other=0.0)
+    else:
+        b_x = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    p_seg = (i_b * d_inner + o_d[:, None]) * n_seg  # (batch, d_inner, n_seg, ...)
+    for i_r in range(n_seg):
+        i_s = n_seg - 1 - i_r
+        tl.store(p_xin + (p_seg + i_s) * d_state + o_n[None, :], b_x, mask=m_dn)
+        p_pq = p_PQ + (p_seg + i_s) * (2 * d_state) + o_n[None, :]
+        b_P = tl.load(p_pq, mask=m_dn, other=0.0)
+        b_Q = tl.load(p_pq + d_state, mask=m_dn, other=0.0)
+        b_x = b_Q + b_P * b_x
+
+
+@functools.cache
+def _bwd_kernel(N, T):
+    return _generated_kernel(_bwd_source(N, T), f"scan_bwd_N{N}_T{T}", "scan_bwd_kernel")
+
+
+def scan_bwd_seq(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, ckpt_len, dout, dfinal_state, seq_idx,
+    y_out=None,
+):
+    """The scan's gradients from the forward's checkpoints (every `ckpt_len` steps), as `_scan_bwd`
+    returns them: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, a tensor
+    like u, also receives the forward's output."""
+    batch, d_inner, seqlen = u.shape
+    d_state = A.shape[1]
+    T = max(2, 16 // u.element_size())
+    num_warps = 1
+    block_d = 32 * num_warps  # one channel per thread: the lane sums need it
+    assert ckpt_len % T == 0 and 2 * T <= 32
+    n_ckpt = chunk_states.shape[2]
+    n_tiles = cdiv(seqlen, T)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    B_dtype, C_dtype = B.dtype, C.dtype
+    B, C = B.contiguous(), C.contiguous()  # (batch, d_state, seqlen): read as vectors of a tile's steps
+    pairs = _bf16_pairs(B, axis=2) and _bf16_pairs(C, axis=2)
+    if pairs:
+        B, C = B.view(torch.int32), C.view(torch.int32)  # words of two steps: strides count words
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(u, dtype=delta.dtype)
+    dz = torch.empty_like(u, dtype=z.dtype) if z is not None else None
+    dBC = torch.zeros(2, batch, d_state, seqlen, **f32)  # dC, dB: atomics accumulate here
+    n_blocks = cdiv(d_inner, block_d)
+    programs = batch * n_blocks
+    n_seg = 1
+    while (
+        programs * n_seg < WARPS_PER_SM * _num_sms(u.device)
+        and n_tiles // (n_seg * 2) >= MIN_TILES_PER_SEG
+        and n_ckpt >= n_seg * 2
+    ):
+        n_seg *= 2
+    ckpts_per_seg = cdiv(n_ckpt, n_seg)
+    n_seg = cdiv(n_ckpt, ckpts_per_seg)
+    dA = torch.empty(batch, n_seg, d_inner, d_state, **f32)  # partial sums per batch and segment
+    dD = torch.empty(batch, n_seg, d_inner, **f32) if D is not None else None
+    ddb = torch.empty(batch, n_seg, d_inner, **f32) if delta_bias is not None else None
+    x_out = torch.empty(batch, d_inner, n_seg, d_state, **f32)
+    scratch = torch.empty(programs * n_seg * (ckpt_len // T) * d_state * block_d, **f32)
+    A_c = A.contiguous()
+    z_ = z if z is not None else u
+    if dfinal_state is not None:
+        dfinal_state = dfinal_state.contiguous()
+    kernel = _bwd_kernel(d_state, T)
+    strides = (
+        *u.stride(), *delta.stride(), *z_.stride(), *dout.stride(), *du.stride(), *A_c.stride(),
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), *dBC.stride()[:3],
+    )
+    flags = dict(
+        HAS_SEQ_IDX=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus, CKPT=ckpt_len, BLOCK_D=block_d,
+        BC_PAIRS=pairs, FAST_MATH=u.is_cuda, EVEN_TILES=seqlen % T == 0 and d_inner % block_d == 0,
+        LANE_SUM=LANE_SUM and u.is_cuda, num_warps=num_warps,
+        **({"maxnreg": MAXNREG} if MAXNREG and u.is_cuda else {}),
+    )
+
+    def launch(x_in, PQ, **pass_flags):
+        kernel[(batch, n_blocks, n_seg)](
+            u, delta, A_c, B, C, D, z, delta_bias, chunk_states, dout, x_in,
+            du, ddelta, dz, y_out, dBC, dA, dD, ddb, x_out, PQ, scratch,
+            seqlen, d_inner, n_ckpt, ckpts_per_seg, *strides, *seq_idx_args(seq_idx),
+            **pass_flags, **flags,
+        )
+
+    if n_seg == 1:
+        x_in = dfinal_state
+    else:
+        PQ = torch.empty(batch, d_inner, n_seg, 2, d_state, **f32)
+        launch(None, PQ, HAS_XIN=False, ADJOINT_ONLY=True, STORE_Y=False)
+        x_in = torch.empty(batch, d_inner, n_seg, d_state, **f32)
+        block_n = next_power_of_2(d_state)
+        chain_bd = max(1, 1024 // block_n)
+        _chain_adjoint_kernel[(batch, cdiv(d_inner, chain_bd))](
+            PQ, dfinal_state, x_in, d_inner, d_state, n_seg,
+            HAS_DHT=dfinal_state is not None, BLOCK_D=chain_bd, BLOCK_N=block_n,
+        )
+    launch(x_in, None, HAS_XIN=x_in is not None, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
+    # One buffer for the atomics; in fp32 dB is copied out, as outputs of a custom op must not alias.
+    dB = dBC[1].to(B_dtype) if B_dtype != torch.float32 else dBC[1].clone()
+    dC = dBC[0].to(C_dtype)
+    return (
+        du,
+        ddelta,
+        dA.sum((0, 1)).to(A.dtype),
+        dB,
+        dC,
+        dD.sum((0, 1)).to(D.dtype) if D is not None else u.new_empty(0),
+        dz if z is not None else u.new_empty(0),
+        ddb.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0),
+        x_out[:, :, 0].contiguous(),
+    )
+
+
+__all__ = ["scan_bwd_seq"]
