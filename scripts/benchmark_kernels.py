@@ -257,6 +257,46 @@ def fwd_sweep(args):
                 setattr(seq, knob, value)
 
 
+# Backward variants timed by --bwd-sweep: (label, {(module name, knob): value}).
+BWD_SWEEP = [
+    ("chunk backward (session 6)", {("triton_scan", "BACKWARD"): "chunk"}),
+    ("per-channel backward (default)", {}),
+    ("per-channel, dB/dC by tl.sum", {("triton_scan_bwd", "LANE_SUM"): False}),
+    ("per-channel, cap 128 registers", {("triton_scan_bwd", "MAXNREG"): 128}),
+    ("per-channel, cap 168 registers", {("triton_scan_bwd", "MAXNREG"): 168}),
+    ("per-channel, segments below 8 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 8}),
+    ("per-channel, segments below 32 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 32}),
+]
+
+
+def bwd_sweep(args):
+    """Time forward + backward for each backward variant (BWD_SWEEP) on every shape."""
+    import importlib
+
+    shapes = [*SHAPES, (4, 1536, 1024, 16)]
+    fns = scan_fns()
+    print("\nBackward sweep: forward + backward, ms")
+    print("| backward variant | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last |")
+    print("|---|---|" + "---|" * (len(shapes) + 1))
+    for name, dtype in DTYPES.items():
+        if "mamba_ssm" in fns:
+            cells = [f"{time_fwd_bwd(fns['mamba_ssm'], make_inputs(*s, dtype, True)):.3f}" for s in shapes]
+            print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | |", flush=True)
+        for label, knobs in BWD_SWEEP:
+            modules = {m: importlib.import_module(f"hf_mamba.kernels.selective_scan.{m}") for m, _ in knobs}
+            defaults = {(m, k): getattr(modules[m], k) for m, k in knobs}
+            for (m, k), value in knobs.items():
+                setattr(modules[m], k, value)
+            cells = [f"{time_fwd_bwd(fns['triton'], make_inputs(*s, dtype, True)):.3f}" for s in shapes]
+            inp = channels_last(make_inputs(*shapes[-1], dtype))
+            for v in inp.values():
+                v.requires_grad_(True)
+            cells.append(f"{time_fwd_bwd(fns['triton'], inp):.3f}")
+            print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
+            for (m, k), value in defaults.items():
+                setattr(modules[m], k, value)
+
+
 def forward_error(dtype):
     """||out - ref|| / ||ref|| of the current Triton forward at (2, 96, 3000, 16), reference in fp32."""
     from hf_mamba.kernels import selective_scan_ref
@@ -389,6 +429,7 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="time a few kernel configs")
     parser.add_argument("--no-conv", dest="conv", action="store_false", help="skip the causal conv1d table")
     parser.add_argument("--gpu-time", action="store_true", help="the forward's GPU time per call, then stop")
+    parser.add_argument("--bwd-sweep", action="store_true", help="time the backward's variants, then stop")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")
@@ -401,6 +442,9 @@ def main():
         return
     if args.gpu_time:
         gpu_time_table(args)
+        return
+    if args.bwd_sweep:
+        bwd_sweep(args)
         return
     if args.sweep:
         sweep(args)

@@ -92,7 +92,8 @@ def _lane_sum(lines, indent, names):
         new = []
         for i in range(half):
             lo, hi = vals[i], vals[half + i]
-            lines.append(f"{indent}r{r}_{i} = tl.where(up, {hi}, {lo}) + {_shfl_xor(f'tl.where(up, {lo}, {hi})', offset)}")
+            received = _shfl_xor(f"tl.where(up, {lo}, {hi})", offset)
+            lines.append(f"{indent}r{r}_{i} = tl.where(up, {hi}, {lo}) + {received}")
             new.append(f"r{r}_{i}")
         index_terms.append(f"((lane >> {offset.bit_length() - 1}) & 1) * {half}")
         vals, offset, r = new, offset // 2, r + 1
