@@ -257,15 +257,15 @@ def fwd_sweep(args):
                 setattr(seq, knob, value)
 
 
-# Backward variants timed by --bwd-sweep: (label, {(module name, knob): value}).
+# Backward variants timed by --bwd-sweep: (label, {(module name, knob): value}, dtypes).
 BWD_SWEEP = [
-    ("chunk backward (session 6)", {("triton_scan", "BACKWARD"): "chunk"}),
-    ("per-channel backward (default)", {}),
-    ("per-channel, dB/dC by tl.sum", {("triton_scan_bwd", "LANE_SUM"): False}),
-    ("per-channel, cap 128 registers", {("triton_scan_bwd", "MAXNREG"): 128}),
-    ("per-channel, cap 168 registers", {("triton_scan_bwd", "MAXNREG"): 168}),
-    ("per-channel, segments below 8 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 8}),
-    ("per-channel, segments below 32 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 32}),
+    ("chunk backward (session 6)", {("triton_scan", "BACKWARD"): "chunk"}, ("bf16", "fp32")),
+    ("per-channel backward (default)", {}, ("bf16", "fp32")),
+    ("per-channel, 2 states per loop iteration", {("triton_scan_bwd", "STATES_PER_ITER"): 2}, ("bf16", "fp32")),
+    ("per-channel, 1 state per loop iteration", {("triton_scan_bwd", "STATES_PER_ITER"): 1}, ("bf16",)),
+    ("per-channel, dB/dC by tl.sum", {("triton_scan_bwd", "LANE_SUM"): False}, ("bf16",)),
+    ("per-channel, cap 200 registers", {("triton_scan_bwd", "MAXNREG"): 200}, ("bf16",)),
+    ("per-channel, segments below 8 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 8}, ("bf16",)),
 ]
 
 
@@ -282,7 +282,9 @@ def bwd_sweep(args):
         if "mamba_ssm" in fns:
             cells = [f"{time_fwd_bwd(fns['mamba_ssm'], make_inputs(*s, dtype, True)):.3f}" for s in shapes]
             print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | |", flush=True)
-        for label, knobs in BWD_SWEEP:
+        for label, knobs, dtypes in BWD_SWEEP:
+            if name not in dtypes or (args.skip and label.startswith(args.skip)):
+                continue
             modules = {m: importlib.import_module(f"hf_mamba.kernels.selective_scan.{m}") for m, _ in knobs}
             defaults = {(m, k): getattr(modules[m], k) for m, k in knobs}
             for (m, k), value in knobs.items():
@@ -430,6 +432,7 @@ def main():
     parser.add_argument("--no-conv", dest="conv", action="store_false", help="skip the causal conv1d table")
     parser.add_argument("--gpu-time", action="store_true", help="the forward's GPU time per call, then stop")
     parser.add_argument("--bwd-sweep", action="store_true", help="time the backward's variants, then stop")
+    parser.add_argument("--skip", default="", help="--bwd-sweep: skip the variants whose label starts so")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")

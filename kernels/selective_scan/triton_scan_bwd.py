@@ -47,6 +47,8 @@ MIN_TILES_PER_SEG = 16
 LANE_SUM = True
 # Register cap per thread (0: none).
 MAXNREG = 0
+# States unrolled per iteration of the reverse phase's loop over states (a divisor of d_state, else 1).
+STATES_PER_ITER = 4
 
 _LANE_HELPERS = '''
 
@@ -162,9 +164,15 @@ def _keeps(lines, indent, T):
         _reset_state(lines, indent, t, T, [f"keep_{t}"], init=True)
 
 
+def _load_decay_rates(L, I, N):
+    for n in range(N):  # A pre-scaled by log2(e): exp(ΔA) = exp2(Δ a_n)
+        L.append(f"{I}a_{n} = tl.load(p_A_d + {n} * s_A_n, mask=m_d, other=0.0).to(tl.float32) * 1.4426950408889634")
+
+
 def _adjoint_pass(L, I, T, N):
     """Pass 1 of a segmented backward: per state P = prod a_t and Q = sum_t (prod_{s<=t} a_s) dy_t C_t."""
     ns = range(N)
+    _load_decay_rates(L, I, N)
     for n in ns:
         L.append(f"{I}p_{n} = tl.full([BLOCK_D], 1.0, tl.float32)")
         L.append(f"{I}q_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
@@ -179,15 +187,16 @@ def _adjoint_pass(L, I, T, N):
         for t in range(T):
             L.append(f"{J}p_{n} = p_{n} * e_{t}")
             L.append(f"{J}q_{n} += p_{n} * (dy_{t} * ct_{t})")
-    L.append(f"{I}p_pq = p_PQ + ((i_b * d_inner + o_d) * n_seg + i_s) * {2 * N}")
+    L.append(f"{I}p_pq = p_PQ + (i_b * n_seg + i_s) * {2 * N} * d_inner + o_d  # (batch, n_seg, 2, N, d_inner)")
     for n in ns:
-        L.append(f"{I}tl.store(p_pq + {n}, p_{n}, mask=m_d)")
-        L.append(f"{I}tl.store(p_pq + {N + n}, q_{n}, mask=m_d)")
+        L.append(f"{I}tl.store(p_pq + {n} * d_inner, p_{n}, mask=m_d)")
+        L.append(f"{I}tl.store(p_pq + {N + n} * d_inner, q_{n}, mask=m_d)")
 
 
 def _forward_phase(L, I, T, N):
     """Phase F: h from the chunk's checkpoint to its last tile, storing h at each tile's start."""
     ns = range(N)
+    _load_decay_rates(L, I, N)  # here, not live through phase R
     L.append(f"{I}p_hc_c = p_hc + ((i_b * d_inner + o_d) * n_ckpt + i_k) * {N}")
     for n in ns:
         L.append(f"{I}h_{n} = tl.load(p_hc_c + {n}, mask=m_d, other=0.0)")
@@ -209,9 +218,12 @@ def _forward_phase(L, I, T, N):
         L.append(f"{I}tl.store(p_scr_t + {n} * BLOCK_D, h_{n})")
 
 
-def _reverse_phase(L, I, T, N):
-    """Phase R: the chunk's tiles last to first; per state, recompute h and a, then run the adjoint back."""
-    ns = range(N)
+def _reverse_phase(L, I, T, N, G):
+    """Phase R: the chunk's tiles last to first; per state, recompute h and a, then run the adjoint back.
+
+    The states run in a loop, G at a time (unrolled inside): all d_state states unrolled took ptxas
+    over a minute and spilled at 255 registers. Their carries x and dA stay in small per-thread
+    buffers between tiles (coalesced: (batch, n_seg, d_state, d_inner))."""
     L.append(f"{I}for i_r in range(0, k_last - k_first + 1):")
     J = I + "    "
     L.append(f"{J}i_c = k_last - i_r")
@@ -223,29 +235,38 @@ def _reverse_phase(L, I, T, N):
     _keeps(L, J, T)
     L.append(f"{J}p_scr_t = p_scr_p + (i_c - k_first) * {N} * BLOCK_D")
     L.append(f"{J}p_dC_t = p_dBC + i_b * s_dBC_b + i_c * {T}")
-    for n in ns:
-        K = J
+    for t in range(T):  # sums over states: g B (for du, dΔ), h C (y, for dz), g a h A log2(e) (dΔ)
+        L.append(f"{J}gb_{t} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+        L.append(f"{J}y_{t} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+        L.append(f"{J}gda_{t} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+    L.append(f"{J}for i_n in range(0, {N}, {G}):")
+    K = J + "    "
+    for g in range(G):
+        n = f"(i_n + {g})"
+        L.append(f"{K}a_n = tl.load(p_A_d + {n} * s_A_n, mask=m_d, other=0.0).to(tl.float32) * 1.4426950408889634")
         L.append(f"{K}hh_m1 = tl.load(p_scr_t + {n} * BLOCK_D)  # h before the tile")
+        L.append(f"{K}x = tl.load(p_x_d + {n} * d_inner, mask=m_d, other=0.0)")
+        L.append(f"{K}dA_n = tl.load(p_dA_d + {n} * d_inner, mask=m_d, other=0.0)")
         _time_vector(L, K, f"p_B_b + {n} * s_B_n", "bt", T)
         _time_vector(L, K, f"p_C_b + {n} * s_C_n", "ct", T)
-        _decays(L, K, T, n)
+        for t in range(T):
+            L.append(f"{K}e_{t} = tl.exp2(dt_{t} * a_n) * keep_{t}")
         for t in range(T):
             prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
             L.append(f"{K}hh_{t} = e_{t} * {prev} + dtu_{t} * bt_{t}")
-        L.append(f"{K}x = x_{n}")
         for t in reversed(range(T)):
             prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
-            first = n == 0
             L.append(f"{K}g = dy_{t} * ct_{t} + x")
             L.append(f"{K}dc_{t} = dy_{t} * hh_{t}")
             L.append(f"{K}db_{t} = g * dtu_{t}")
-            L.append(f"{K}gb_{t} = " + (f"g * bt_{t}" if first else f"gb_{t} + g * bt_{t}"))
-            L.append(f"{K}y_{t} = " + (f"hh_{t} * ct_{t}" if first else f"y_{t} + hh_{t} * ct_{t}"))
+            L.append(f"{K}gb_{t} += g * bt_{t}")
+            L.append(f"{K}y_{t} += hh_{t} * ct_{t}")
             L.append(f"{K}x = e_{t} * g")
             L.append(f"{K}gah = x * {prev}  # g_t d(a_t h_(t-1)) / d(Δ_t A_n)")
-            L.append(f"{K}gda_{t} = " + (f"gah * A_{n}" if first else f"gda_{t} + gah * A_{n}"))
-            L.append(f"{K}dA_{n} += gah * dt_{t}")
-        L.append(f"{K}x_{n} = x")
+            L.append(f"{K}gda_{t} += gah * a_n")
+            L.append(f"{K}dA_n += gah * dt_{t}")
+        L.append(f"{K}tl.store(p_x_d + {n} * d_inner, x, mask=m_d)")
+        L.append(f"{K}tl.store(p_dA_d + {n} * d_inner, dA_n, mask=m_d)")
         # dC_t and dB_t of state n, summed over this warp's channels, added to global memory.
         L.append(f"{K}if LANE_SUM:")
         idx = _lane_sum(L, K + "    ", [f"dc_{t}" for t in range(T)] + [f"db_{t}" for t in range(T)])
@@ -265,7 +286,7 @@ def _reverse_phase(L, I, T, N):
     b_gda = _pack([f"gda_{t}" for t in range(T)], L, J, "pgda")
     L.append(f"{J}b_gb = {b_gb}  # sum_n g B_n")
     L.append(f"{J}b_y = {b_y}  # y before the gate and the D skip")
-    L.append(f"{J}b_ddt = {b_gda} + b_gb * b_u")
+    L.append(f"{J}b_ddt = {b_gda} * 0.6931471805599453 + b_gb * b_u  # gda counted A log2(e)")
     L.append(f"{J}b_du = b_gb * b_dt")
     L.append(f"{J}if HAS_D:")
     L.append(f"{J}    b_y += b_u * b_D[:, None]")
@@ -289,20 +310,19 @@ def _reverse_phase(L, I, T, N):
     L.append(f"{J}    tl.store(p_y + p_o, b_y.to(p_y.dtype.element_ty), mask=m_dt)")
 
 
-def _bwd_source(N, T):
-    """Source of the backward kernel for d_state = N and T time steps per tile."""
-    ns = range(N)
+def _bwd_source(N, T, G):
+    """Source of the backward kernel for d_state = N, T time steps per tile, G states unrolled."""
     L = []
     L.append("@triton.jit")
     L.append("def scan_bwd_kernel(")
-    L.append("    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_hc, p_dout, p_xin,")
-    L.append("    p_du, p_ddelta, p_dz, p_y, p_dBC, p_dA, p_dD, p_ddb, p_xout, p_PQ, p_scr,")
+    L.append("    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_hc, p_dout,")
+    L.append("    p_du, p_ddelta, p_dz, p_y, p_dBC, p_dA, p_dD, p_ddb, p_x, p_PQ, p_scr,")
     L.append("    seqlen, d_inner, n_ckpt, ckpts_per_seg,")
     L.append("    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,")
     L.append("    s_o_b, s_o_d, s_o_l, s_A_d, s_A_n, s_B_b, s_B_n, s_C_b, s_C_n, s_dBC_bc, s_dBC_b, s_dBC_n,")
     L.append("    p_seq_idx, s_si_b, s_si_l,")
     L.append("    HAS_SEQ_IDX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,")
-    L.append("    HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, HAS_XIN: tl.constexpr,")
+    L.append("    HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,")
     L.append("    ADJOINT_ONLY: tl.constexpr, STORE_Y: tl.constexpr, CKPT: tl.constexpr, BLOCK_D: tl.constexpr,")
     L.append("    BC_PAIRS: tl.constexpr, FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr,")
     L.append("    LANE_SUM: tl.constexpr,")
@@ -317,9 +337,6 @@ def _bwd_source(N, T):
     L.append(f"{I}m_d = o_d < d_inner")
     L.append(f"{I}o_t = tl.arange(0, {T})")
     L.append(f"{I}p_A_d = p_A + o_d * s_A_d")
-    for n in ns:  # a_n: A pre-scaled by log2(e), exp(ΔA) = exp2(Δ a_n)
-        L.append(f"{I}A_{n} = tl.load(p_A_d + {n} * s_A_n, mask=m_d, other=0.0).to(tl.float32)")
-        L.append(f"{I}a_{n} = A_{n} * 1.4426950408889634")
     L.append(f"{I}if HAS_D:")
     L.append(f"{I}    b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)")
     L.append(f"{I}    b_dD = tl.zeros([BLOCK_D], dtype=tl.float32)")
@@ -341,16 +358,10 @@ def _bwd_source(N, T):
     L.append(f"{J}    lane = _lane_id(o_d.to(tl.int32))")
     # The lanes left holding one sum each after `_lane_sum` of 2T values (others hold copies).
     L.append(f"{J}    lane_owner = (lane & {32 // (2 * T) - 1}) == 0")
-    # x_n: the adjoint carried in from the right, a_(t+1) g_(t+1) after this segment's last step.
-    L.append(f"{J}if HAS_XIN:")
-    L.append(f"{J}    p_x = p_xin + ((i_b * d_inner + o_d) * n_seg + i_s) * {N}")
-    for n in ns:
-        L.append(f"{J}    x_{n} = tl.load(p_x + {n}, mask=m_d, other=0.0)")
-    L.append(f"{J}else:")
-    for n in ns:
-        L.append(f"{J}    x_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
-    for n in ns:
-        L.append(f"{J}dA_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+    # p_x_d: x, the adjoint carried in from the right (a_(t+1) g_(t+1) after the segment's last step),
+    # and the segment's dA sums, (batch, n_seg, d_state, d_inner): the host fills x, zeros dA.
+    L.append(f"{J}p_x_d = p_x + (i_b * n_seg + i_s) * {N} * d_inner + o_d")
+    L.append(f"{J}p_dA_d = p_dA + (i_b * n_seg + i_s) * {N} * d_inner + o_d")
     L.append(f"{J}i_prog = (i_b * tl.num_programs(1) + i_d) * n_seg + i_s")
     L.append(f"{J}p_scr_p = p_scr + i_prog * ((CKPT // T) * {N} * BLOCK_D) + tl.arange(0, BLOCK_D)")
     L.append(f"{J}for i_kr in range(0, k_end - k_start):")
@@ -359,12 +370,7 @@ def _bwd_source(N, T):
     L.append(f"{K}k_first = i_k * (CKPT // T)")
     L.append(f"{K}k_last = tl.minimum(k_first + CKPT // T, n_tiles) - 1")
     _forward_phase(L, K, T, N)
-    _reverse_phase(L, K, T, N)
-    L.append(f"{J}p_x = p_xout + ((i_b * d_inner + o_d) * n_seg + i_s) * {N}")
-    L.append(f"{J}p_dA_d = p_dA + ((i_b * n_seg + i_s) * d_inner + o_d) * {N}")
-    for n in ns:
-        L.append(f"{J}tl.store(p_x + {n}, x_{n}, mask=m_d)")
-        L.append(f"{J}tl.store(p_dA_d + {n}, dA_{n}, mask=m_d)")
+    _reverse_phase(L, K, T, N, G)
     L.append(f"{J}if HAS_D:")
     L.append(f"{J}    tl.store(p_dD + (i_b * n_seg + i_s) * d_inner + o_d, b_dD, mask=m_d)")
     L.append(f"{J}if HAS_DELTA_BIAS:")
@@ -373,33 +379,28 @@ def _bwd_source(N, T):
 
 
 @triton.jit
-def _chain_adjoint_kernel(
-    p_PQ, p_dhT, p_xin, d_inner, d_state, n_seg,
-    HAS_DHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # x_in[s - 1] = Q_s + P_s x_in[s], from the last segment (whose carry is dL/dh_T) to the first.
+def _chain_adjoint_kernel(p_PQ, p_x, d_inner, d_state, n_seg, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # x[s - 1] = Q_s + P_s x[s], from the last segment (x holds dL/dh_T there) to the first.
+    # x (batch, n_seg, d_state, d_inner), P and Q (batch, n_seg, 2, d_state, d_inner).
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_n = tl.arange(0, BLOCK_N)
-    m_dn = (o_d < d_inner)[:, None] & (o_n < d_state)[None, :]
-    if HAS_DHT:
-        b_x = tl.load(p_dhT + (i_b * d_inner + o_d[:, None]) * d_state + o_n[None, :], mask=m_dn, other=0.0)
-    else:
-        b_x = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    p_seg = (i_b * d_inner + o_d[:, None]) * n_seg  # (batch, d_inner, n_seg, ...)
-    for i_r in range(n_seg):
+    m_nd = (o_n < d_state)[:, None] & (o_d < d_inner)[None, :]
+    o_nd = o_n[:, None] * d_inner + o_d[None, :]
+    b_x = tl.load(p_x + (i_b * n_seg + n_seg - 1) * d_state * d_inner + o_nd, mask=m_nd, other=0.0)
+    for i_r in range(n_seg - 1):
         i_s = n_seg - 1 - i_r
-        tl.store(p_xin + (p_seg + i_s) * d_state + o_n[None, :], b_x, mask=m_dn)
-        p_pq = p_PQ + (p_seg + i_s) * (2 * d_state) + o_n[None, :]
-        b_P = tl.load(p_pq, mask=m_dn, other=0.0)
-        b_Q = tl.load(p_pq + d_state, mask=m_dn, other=0.0)
+        p_pq = p_PQ + (i_b * n_seg + i_s) * 2 * d_state * d_inner + o_nd
+        b_P = tl.load(p_pq, mask=m_nd, other=0.0)
+        b_Q = tl.load(p_pq + d_state * d_inner, mask=m_nd, other=0.0)
         b_x = b_Q + b_P * b_x
+        tl.store(p_x + (i_b * n_seg + i_s - 1) * d_state * d_inner + o_nd, b_x, mask=m_nd)
 
 
 @functools.cache
-def _bwd_kernel(N, T):
-    return _generated_kernel(_bwd_source(N, T), f"scan_bwd_N{N}_T{T}", "scan_bwd_kernel")
+def _bwd_kernel(N, T, G):
+    return _generated_kernel(_bwd_source(N, T, G), f"scan_bwd_N{N}_T{T}_G{G}", "scan_bwd_kernel")
 
 
 def scan_bwd_seq(
@@ -438,16 +439,17 @@ def scan_bwd_seq(
         n_seg *= 2
     ckpts_per_seg = cdiv(n_ckpt, n_seg)
     n_seg = cdiv(n_ckpt, ckpts_per_seg)
-    dA = torch.empty(batch, n_seg, d_inner, d_state, **f32)  # partial sums per batch and segment
+    # Per batch and segment: dA partial sums, and the adjoint carry x (in: from the right; out: to the left).
+    dA = torch.zeros(batch, n_seg, d_state, d_inner, **f32)
+    x = torch.zeros(batch, n_seg, d_state, d_inner, **f32)
+    if dfinal_state is not None:
+        x[:, -1] = dfinal_state.transpose(1, 2)
     dD = torch.empty(batch, n_seg, d_inner, **f32) if D is not None else None
     ddb = torch.empty(batch, n_seg, d_inner, **f32) if delta_bias is not None else None
-    x_out = torch.empty(batch, d_inner, n_seg, d_state, **f32)
-    scratch = torch.empty(programs * n_seg * (ckpt_len // T) * d_state * block_d, **f32)
+    scratch = torch.empty(programs * n_seg * (ckpt_len // T) * d_state * block_d, **f32)  # tile-start states
     A_c = A.contiguous()
     z_ = z if z is not None else u
-    if dfinal_state is not None:
-        dfinal_state = dfinal_state.contiguous()
-    kernel = _bwd_kernel(d_state, T)
+    kernel = _bwd_kernel(d_state, T, STATES_PER_ITER if d_state % STATES_PER_ITER == 0 else 1)
     strides = (
         *u.stride(), *delta.stride(), *z_.stride(), *dout.stride(), *du.stride(), *A_c.stride(),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), *dBC.stride()[:3],
@@ -460,40 +462,36 @@ def scan_bwd_seq(
         **({"maxnreg": MAXNREG} if MAXNREG and u.is_cuda else {}),
     )
 
-    def launch(x_in, PQ, **pass_flags):
+    def launch(PQ, **pass_flags):
         kernel[(batch, n_blocks, n_seg)](
-            u, delta, A_c, B, C, D, z, delta_bias, chunk_states, dout, x_in,
-            du, ddelta, dz, y_out, dBC, dA, dD, ddb, x_out, PQ, scratch,
+            u, delta, A_c, B, C, D, z, delta_bias, chunk_states, dout,
+            du, ddelta, dz, y_out, dBC, dA, dD, ddb, x, PQ, scratch,
             seqlen, d_inner, n_ckpt, ckpts_per_seg, *strides, *seq_idx_args(seq_idx),
             **pass_flags, **flags,
         )
 
-    if n_seg == 1:
-        x_in = dfinal_state
-    else:
-        PQ = torch.empty(batch, d_inner, n_seg, 2, d_state, **f32)
-        launch(None, PQ, HAS_XIN=False, ADJOINT_ONLY=True, STORE_Y=False)
-        x_in = torch.empty(batch, d_inner, n_seg, d_state, **f32)
+    if n_seg > 1:  # pass 1, then the carries from the last segment to the first
+        PQ = torch.empty(batch, n_seg, 2, d_state, d_inner, **f32)
+        launch(PQ, ADJOINT_ONLY=True, STORE_Y=False)
         block_n = next_power_of_2(d_state)
         chain_bd = max(1, 1024 // block_n)
         _chain_adjoint_kernel[(batch, cdiv(d_inner, chain_bd))](
-            PQ, dfinal_state, x_in, d_inner, d_state, n_seg,
-            HAS_DHT=dfinal_state is not None, BLOCK_D=chain_bd, BLOCK_N=block_n,
+            PQ, x, d_inner, d_state, n_seg, BLOCK_D=chain_bd, BLOCK_N=block_n,
         )
-    launch(x_in, None, HAS_XIN=x_in is not None, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
+    launch(None, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
     # One buffer for the atomics; in fp32 dB is copied out, as outputs of a custom op must not alias.
     dB = dBC[1].to(B_dtype) if B_dtype != torch.float32 else dBC[1].clone()
     dC = dBC[0].to(C_dtype)
     return (
         du,
         ddelta,
-        dA.sum((0, 1)).to(A.dtype),
+        dA.sum((0, 1)).t().to(A.dtype).contiguous(),  # (d_inner, d_state)
         dB,
         dC,
         dD.sum((0, 1)).to(D.dtype) if D is not None else u.new_empty(0),
         dz if z is not None else u.new_empty(0),
         ddb.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0),
-        x_out[:, :, 0].contiguous(),
+        x[:, 0].transpose(1, 2).contiguous(),  # dL/dh0: the carry out of the first segment
     )
 
 
