@@ -283,7 +283,7 @@ def bwd_sweep(args):
             cells = [f"{time_fwd_bwd(fns['mamba_ssm'], make_inputs(*s, dtype, True)):.3f}" for s in shapes]
             print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | |", flush=True)
         for label, knobs, dtypes in BWD_SWEEP:
-            if name not in dtypes or (args.skip and label.startswith(args.skip)):
+            if name not in dtypes or (args.skip and label.startswith(args.skip)) or not label.startswith(args.only):
                 continue
             modules = {m: importlib.import_module(f"hf_mamba.kernels.selective_scan.{m}") for m, _ in knobs}
             defaults = {(m, k): getattr(modules[m], k) for m, k in knobs}
@@ -433,6 +433,7 @@ def main():
     parser.add_argument("--gpu-time", action="store_true", help="the forward's GPU time per call, then stop")
     parser.add_argument("--bwd-sweep", action="store_true", help="time the backward's variants, then stop")
     parser.add_argument("--skip", default="", help="--bwd-sweep: skip the variants whose label starts so")
+    parser.add_argument("--only", default="", help="--bwd-sweep: only the variants whose label starts so")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")
