@@ -17,7 +17,9 @@ in the backward dΔ and du) are then plain in-register accumulations across the 
 computed as exp2(Δ (A log2 e)): the special-function unit's native instruction.
 
 The forward for small d_state can instead run the sequential per-channel kernel of `triton_scan_seq`
-(see `_use_seq_forward`). Either forward stores h at every start of a backward chunk, (batch,
+(see `_use_seq_forward`), and the backward up to d_state 16 runs the per-channel kernel of
+`triton_scan_bwd` (`_use_seq_backward`), from the same checkpoints; the chunk backward below serves
+larger d_state. Either forward stores h at every start of a backward chunk, (batch,
 d_inner, n_chunks, d_state) fp32, CHUNK times smaller than all states (the chunk forward may walk
 longer chunks, FWD_MAX_CHUNK, and stores the checkpoints inside them). The backward walks the chunks in reverse,
 recomputes each state's h over the chunk from that checkpoint, and runs the adjoint recurrence

@@ -7,8 +7,9 @@ Every thread owns one channel and all its d_state states, as in `triton_scan_seq
 states (dΔ, du, y) need no shuffles. The work per state update is then a few FMAs and one exp2:
 - The forward stored h every CKPT steps. For each of those chunks, last to first, the kernel reruns
   the chunk forward from its checkpoint and keeps h at the start of every T-step tile in a small
-  scratch buffer (phase F, L2-resident), then walks the tiles backwards (phase R): it recomputes the
-  tile's states and a_t in registers, one state at a time, and runs the adjoint back over the tile.
+  scratch buffer (phase F; one chunk per program, so mostly in L2), then walks the tiles backwards
+  (phase R): it recomputes the tile's states and a_t in registers, a few states at a time, and runs
+  the adjoint back over the tile.
 - dB and dC are sums over channels, that is over the lanes of a warp. On CUDA each warp sums its
   2T values per state and tile (dC_t, dB_t) with a reduce-scatter over shuffles (`_lane_sum`,
   about one shuffle per value; a tree per value takes five), and each lane adds one sum to global
@@ -18,6 +19,11 @@ states (dΔ, du, y) need no shuffles. The work per state update is then a few FM
   segment and Q the segment's own part (pass 1, ADJOINT_ONLY, a forward walk: p *= a_t,
   Q += p dy_t C_t). A small kernel chains the segments from the last, and pass 2 runs every segment
   from its true carry. Document resets (seq_idx) are a_t = 0 and need nothing else.
+
+H200, session 7 (kernels/NOTES.md): forward + backward at (8, 1536, 2048, 16) bf16 2.01 ms against
+2.57 with the chunk backward of `triton_scan` and 2.19 for mamba_ssm. Compiling takes longer than
+the chunk kernel's: on the 2-core CI machine, for sm_90, 19 s for pass 2 and 4 s for pass 1, 90% of
+it in Triton's coalescing pass (whose cost grows with memory ops times kernel size).
 """
 
 import functools
