@@ -40,6 +40,7 @@ from .triton_scan_seq import (
     _generated_kernel,
     _num_sms,
     _pack,
+    _program_ids,
     _reset_state,
     _time_vector,
     _unpack,
@@ -334,14 +335,8 @@ def _bwd_source(N, T, G):
     L.append("    LANE_SUM: tl.constexpr,")
     L.append("):")
     I = "    "
-    L.append(f"{I}T: tl.constexpr = {T}")
-    L.append(f"{I}i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen > 2^31")
-    L.append(f"{I}i_d = tl.program_id(1)")
-    L.append(f"{I}i_s = tl.program_id(2)")
+    _program_ids(L, I, T)
     L.append(f"{I}n_seg = tl.num_programs(2)")
-    L.append(f"{I}o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)")
-    L.append(f"{I}m_d = o_d < d_inner")
-    L.append(f"{I}o_t = tl.arange(0, {T})")
     L.append(f"{I}p_A_d = p_A + o_d * s_A_d")
     L.append(f"{I}if HAS_D:")
     L.append(f"{I}    b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)")

@@ -282,6 +282,18 @@ def _load_tiles(lines, indent, suffix, names=("u", "dt", "z"), tile=None, tag=""
             lines.append(f"{indent}{load}")
 
 
+def _program_ids(lines, indent, T):
+    """Emit the ids of a (batch, channel block, segment) program, its channels o_d and mask m_d, and
+    o_t, the steps of a T-step tile."""
+    lines.append(f"{indent}T: tl.constexpr = {T}")
+    lines.append(f"{indent}i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen > 2^31")
+    lines.append(f"{indent}i_d = tl.program_id(1)")
+    lines.append(f"{indent}i_s = tl.program_id(2)")
+    lines.append(f"{indent}o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)")
+    lines.append(f"{indent}m_d = o_d < d_inner")
+    lines.append(f"{indent}o_t = tl.arange(0, {T})")
+
+
 def _fwd_source(N, T):
     """Source of the forward kernel for d_state = N and T time steps per tile (T a power of two >= 2)."""
     ns = range(N)
@@ -301,13 +313,7 @@ def _fwd_source(N, T):
     L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr,")
     L.append("):")
     I = "    "
-    L.append(f"{I}T: tl.constexpr = {T}")
-    L.append(f"{I}i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen > 2^31")
-    L.append(f"{I}i_d = tl.program_id(1)")
-    L.append(f"{I}i_s = tl.program_id(2)")
-    L.append(f"{I}o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)")
-    L.append(f"{I}m_d = o_d < d_inner")
-    L.append(f"{I}o_t = tl.arange(0, {T})")
+    _program_ids(L, I, T)
     L.append(f"{I}p_A_d = p_A + o_d * s_A_d")
     for n in ns:  # A pre-scaled by log2(e): exp(ΔA) = exp2(Δ A log2 e)
         L.append(f"{I}a_{n} = tl.load(p_A_d + {n} * s_A_n, mask=m_d, other=0.0).to(tl.float32) * 1.4426950408889634")
