@@ -140,10 +140,12 @@ def test_triton_scan_backward_segments(documents, dtype, monkeypatch, nan_fill_e
 @pytest.mark.parametrize("forward,block_d", [("seq", 1), ("chunk", 1), ("chunk", 4)])
 def test_triton_scan_many_chunks(forward, block_d, dtype, monkeypatch, nan_fill_empty):
     """Short chunks: checkpoints, the state carried between chunks, the adjoint carried back;
-    several channels per program (d_inner 5 is not a multiple of 4: masked rows)."""
+    several channels per program (d_inner 5 is not a multiple of 4: masked rows). "chunk" runs the
+    chunk kernels both ways, "seq" the per-channel ones."""
     from hf_mamba.kernels.selective_scan import triton_scan
 
     monkeypatch.setattr(triton_scan, "FORWARD", forward)
+    monkeypatch.setattr(triton_scan, "BACKWARD", forward)
     monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
     monkeypatch.setattr(triton_scan, "BLOCK_D", block_d)
     torch.manual_seed(9)
@@ -388,10 +390,12 @@ def _document_ids(batch, seqlen, n_docs, seed):
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("forward", ["seq", "chunk"])
 def test_triton_scan_seq_idx(forward, dtype, monkeypatch, nan_fill_empty):
-    """seq_idx resets the state at document boundaries, forward and backward (across chunks too)."""
+    """seq_idx resets the state at document boundaries, forward and backward (across chunks too), in
+    the chunk kernels both ways and in the per-channel ones."""
     from hf_mamba.kernels.selective_scan import triton_scan
 
     monkeypatch.setattr(triton_scan, "FORWARD", forward)
+    monkeypatch.setattr(triton_scan, "BACKWARD", forward)
     monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
     torch.manual_seed(10)
     case = dict(cpu=(3, 5, 45, 6), gpu=(3, 100, 750, 16), D=True, z=True, bias=True, h0=True)
