@@ -90,9 +90,10 @@ def _lane_sum(lines, indent, names):
 
     A reduce-scatter: in each round a lane keeps half of its values and sends the other half to the
     lane whose id differs in one bit, adding what it receives. After log2(len) rounds each lane
-    holds one value summed over a group of lanes; butterflies finish the sum. Lane l ends with the
-    sum of value `lane_k` (the index its id bits select), in `lane_v`, the same on lanes that differ
-    in the remaining bits. Returns the expression for the lane index's value."""
+    holds one value summed over a group of lanes; butterflies finish the sum. Each lane ends with
+    the full sum of one value in `lane_v` (lanes that differ only in the butterflies' bits hold the
+    same one). Returns the expression of that value's index from the lane id (its halving bits).
+    Channels past d_inner must hold zeros: their lanes take part in every round."""
     vals, offset, index_terms = list(names), 16, []
     r = 0
     while len(vals) > 1:
