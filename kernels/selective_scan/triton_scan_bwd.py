@@ -37,11 +37,12 @@ from .triton_scan_seq import (
     _HEADER,
     _ZERO,
     _bf16_pairs,
+    _decay_rate,
     _generated_kernel,
-    _num_sms,
     _pack,
     _program_ids,
     _reset_state,
+    _segment_count,
     _time_vector,
     _unpack,
 )
@@ -69,13 +70,6 @@ def _shfl(x, ASM: tl.constexpr):
     # x from another lane of the warp: ASM is one shfl.sync instruction (`_shfl_xor` writes it).
     bits = tl.inline_asm_elementwise(ASM, "=r,r", [x.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
     return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _sigmoid(x, FAST_MATH: tl.constexpr):
-    if FAST_MATH:
-        return _approx(1.0 + _approx(x * -1.4426950408889634, "ex2"), "rcp")
-    return tl.sigmoid(x)
 
 '''
 
@@ -160,21 +154,23 @@ def _dy(lines, indent, T):
     _unpack("b_dy", [f"dy_{t}" for t in range(T)], lines, indent, "sdy")
 
 
-def _decays(lines, indent, T, n):
-    """Emit a_t = exp(Δ_t A_n) for the tile's steps, 0 where a document starts (seq_idx)."""
+def _decays(lines, indent, T, rate):
+    """Emit e_t = exp(Δ_t A_n) for the tile's steps from `rate` (A_n log2(e)), 0 where a document
+    starts (seq_idx)."""
     for t in range(T):
-        lines.append(f"{indent}e_{t} = tl.exp2(dt_{t} * a_{n}) * keep_{t}")
+        lines.append(f"{indent}e_{t} = tl.exp2(dt_{t} * {rate}) * keep_{t}")
 
 
 def _keeps(lines, indent, T):
+    """Emit keep_t: 0.0 before a step that starts a new document, else 1.0 (a constant without seq_idx)."""
     for t in range(T):
         lines.append(f"{indent}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
         _reset_state(lines, indent, t, T, [f"keep_{t}"], init=True)
 
 
 def _load_decay_rates(L, I, N):
-    for n in range(N):  # A pre-scaled by log2(e): exp(ΔA) = exp2(Δ a_n)
-        L.append(f"{I}a_{n} = tl.load(p_A_d + {n} * s_A_n, mask=m_d, other=0.0).to(tl.float32) * 1.4426950408889634")
+    for n in range(N):
+        L.append(f"{I}a_{n} = {_decay_rate(n)}")
 
 
 def _adjoint_pass(L, I, T, N):
@@ -191,7 +187,7 @@ def _adjoint_pass(L, I, T, N):
     _keeps(L, J, T)
     for n in ns:
         _time_vector(L, J, f"p_C_b + {n} * s_C_n", "ct", T)
-        _decays(L, J, T, n)
+        _decays(L, J, T, f"a_{n}")
         for t in range(T):
             L.append(f"{J}p_{n} = p_{n} * e_{t}")
             L.append(f"{J}q_{n} += p_{n} * (dy_{t} * ct_{t})")
@@ -229,9 +225,10 @@ def _forward_phase(L, I, T, N):
 def _reverse_phase(L, I, T, N, G):
     """Phase R: the chunk's tiles last to first; per state, recompute h and a, then run the adjoint back.
 
-    The states run in a loop, G at a time (unrolled inside): all d_state states unrolled took ptxas
-    over a minute and spilled at 255 registers. Their carries x and dA stay in small per-thread
-    buffers between tiles (coalesced: (batch, n_seg, d_state, d_inner))."""
+    The states run in a loop, G at a time (unrolled inside): all d_state states unrolled took over a
+    minute to compile (mostly in Triton's coalescing pass) and spilled at 255 registers. Their
+    carries x and dA stay in small per-thread buffers between tiles (coalesced: (batch, n_seg,
+    d_state, d_inner))."""
     L.append(f"{I}for i_r in range(0, k_last - k_first + 1):")
     J = I + "    "
     L.append(f"{J}i_c = k_last - i_r")
@@ -251,14 +248,13 @@ def _reverse_phase(L, I, T, N, G):
     K = J + "    "
     for g in range(G):
         n = f"(i_n + {g})"
-        L.append(f"{K}a_n = tl.load(p_A_d + {n} * s_A_n, mask=m_d, other=0.0).to(tl.float32) * 1.4426950408889634")
+        L.append(f"{K}a_n = {_decay_rate(n)}")
         L.append(f"{K}hh_m1 = tl.load(p_scr_t + {n} * BLOCK_D)  # h before the tile")
         L.append(f"{K}x = tl.load(p_x_d + {n} * d_inner, mask=m_d, other=0.0)")
         L.append(f"{K}dA_n = tl.load(p_dA_d + {n} * d_inner, mask=m_d, other=0.0)")
         _time_vector(L, K, f"p_B_b + {n} * s_B_n", "bt", T)
         _time_vector(L, K, f"p_C_b + {n} * s_C_n", "ct", T)
-        for t in range(T):
-            L.append(f"{K}e_{t} = tl.exp2(dt_{t} * a_n) * keep_{t}")
+        _decays(L, K, T, "a_n")
         for t in range(T):
             prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
             L.append(f"{K}hh_{t} = e_{t} * {prev} + dtu_{t} * bt_{t}")
@@ -410,8 +406,9 @@ def scan_bwd_seq(
     y_out=None,
 ):
     """The scan's gradients from the forward's checkpoints (every `ckpt_len` steps), as `_scan_bwd`
-    returns them: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, a tensor
-    like u, also receives the forward's output."""
+    returns them: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, laid out as
+    torch.empty_like(u) (the gradients' layout, whose strides the kernel writes it with), also
+    receives the forward's output."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     T = max(2, 16 // u.element_size())
@@ -429,16 +426,11 @@ def scan_bwd_seq(
     du = torch.empty_like(u)
     ddelta = torch.empty_like(u, dtype=delta.dtype)
     dz = torch.empty_like(u, dtype=z.dtype) if z is not None else None
+    assert y_out is None or y_out.stride() == du.stride(), "y_out must be laid out like torch.empty_like(u)"
     dBC = torch.zeros(2, batch, d_state, seqlen, **f32)  # dC, dB: atomics accumulate here
     n_blocks = cdiv(d_inner, block_d)
     programs = batch * n_blocks
-    n_seg = 1
-    while (
-        programs * n_seg < WARPS_PER_SM * _num_sms(u.device)
-        and n_tiles // (n_seg * 2) >= MIN_TILES_PER_SEG
-        and n_ckpt >= n_seg * 2
-    ):
-        n_seg *= 2
+    n_seg = _segment_count(programs, WARPS_PER_SM, u.device, n_tiles, MIN_TILES_PER_SEG, n_ckpt)  # whole chunks
     ckpts_per_seg = cdiv(n_ckpt, n_seg)
     n_seg = cdiv(n_ckpt, ckpts_per_seg)
     # Per batch and segment: dA partial sums, and the adjoint carry x (in: from the right; out: to the left).

@@ -129,11 +129,16 @@ def _softplus(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def _silu(x, FAST_MATH: tl.constexpr):
-    # x sigmoid(x); FAST_MATH: with an approximate reciprocal in place of an IEEE division.
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    # FAST_MATH: with an approximate reciprocal in place of an IEEE division.
     if FAST_MATH:
-        return x * _approx(1.0 + _approx(x * -1.4426950408889634, "ex2"), "rcp")
-    return x * tl.sigmoid(x)
+        return _approx(1.0 + _approx(x * -1.4426950408889634, "ex2"), "rcp")
+    return tl.sigmoid(x)
+
+
+@triton.jit
+def _silu(x, FAST_MATH: tl.constexpr):
+    return x * _sigmoid(x, FAST_MATH)
 
 '''
 
@@ -282,6 +287,11 @@ def _load_tiles(lines, indent, suffix, names=("u", "dt", "z"), tile=None, tag=""
             lines.append(f"{indent}{load}")
 
 
+def _decay_rate(n, mask="m_d"):
+    """Code for state n's A of this thread's channel(s), pre-scaled by log2(e): exp(ΔA) = exp2(Δ a_n)."""
+    return f"tl.load(p_A_d + {n} * s_A_n, mask={mask}, other=0.0).to(tl.float32) * 1.4426950408889634"
+
+
 def _program_ids(lines, indent, T):
     """Emit the ids of a (batch, channel block, segment) program, its channels o_d and mask m_d, and
     o_t, the steps of a T-step tile."""
@@ -316,7 +326,7 @@ def _fwd_source(N, T):
     _program_ids(L, I, T)
     L.append(f"{I}p_A_d = p_A + o_d * s_A_d")
     for n in ns:  # A pre-scaled by log2(e): exp(ΔA) = exp2(Δ A log2 e)
-        L.append(f"{I}a_{n} = tl.load(p_A_d + {n} * s_A_n, mask=m_d, other=0.0).to(tl.float32) * 1.4426950408889634")
+        L.append(f"{I}a_{n} = {_decay_rate(n)}")
     L.append(f"{I}if USE_INITIAL_STATE:")
     L.append(f"{I}    p_h0_d = p_h0 + i_b * s_h0_b + o_d * s_h0_d + i_s * s_h0_s")
     for n in ns:
@@ -614,6 +624,20 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _segment_count(programs, warps_per_sm, device, n_tiles, min_tiles, max_segments):
+    """Segments (a power of two, at most max_segments) to cut the sequence into: doubled while the
+    launch has fewer one-warp programs than warps_per_sm per multiprocessor and each segment keeps
+    at least min_tiles tiles."""
+    n_seg = 1
+    while (
+        programs * n_seg < warps_per_sm * _num_sms(device)
+        and n_tiles // (n_seg * 2) >= min_tiles
+        and n_seg * 2 <= max_segments
+    ):
+        n_seg *= 2
+    return n_seg
+
+
 def scan_fwd_seq(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx=None
 ):
@@ -646,14 +670,8 @@ def scan_fwd_seq(
     # exp2), so it needs several warps per scheduler; with fewer programs than WARPS_PER_SM per
     # multiprocessor, cut the sequence (measured on H100: 1 warp per SM ran ~7x slower per step).
     programs = batch * cdiv(d_inner, block_out)
-    n_seg = 1
-    while (
-        seq_idx is None  # segments chain by ΣΔ, which does not see document resets
-        and
-        programs * n_seg < warps_per_sm * _num_sms(u.device)
-        and n_tiles // (n_seg * 2) >= MIN_TILES_PER_SEG
-    ):
-        n_seg *= 2
+    max_segments = 1 if seq_idx is not None else n_tiles  # segments chain by ΣΔ, blind to document resets
+    n_seg = _segment_count(programs, warps_per_sm, u.device, n_tiles, MIN_TILES_PER_SEG, max_segments)
     chunks_per_seg = cdiv(n_tiles, n_seg)
     A_c = A.contiguous()
     if initial_state is not None:
