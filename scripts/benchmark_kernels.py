@@ -259,44 +259,59 @@ def fwd_sweep(args):
 
 # Backward variants timed by --bwd-sweep: (label, {(module name, knob): value}, dtypes).
 BWD_SWEEP = [
-    ("chunk backward (session 6)", {("triton_scan", "BACKWARD"): "chunk"}, ("bf16", "fp32")),
     ("per-channel backward (default)", {}, ("bf16", "fp32")),
-    ("per-channel, 2 states per loop iteration", {("triton_scan_bwd", "STATES_PER_ITER"): 2}, ("bf16", "fp32")),
-    ("per-channel, 1 state per loop iteration", {("triton_scan_bwd", "STATES_PER_ITER"): 1}, ("bf16",)),
-    ("per-channel, dB/dC by tl.sum", {("triton_scan_bwd", "LANE_SUM"): False}, ("bf16",)),
-    ("per-channel, cap 200 registers", {("triton_scan_bwd", "MAXNREG"): 200}, ("bf16",)),
-    ("per-channel, segments below 8 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 8}, ("bf16",)),
+    ("cap 168 registers", {("triton_scan_bwd", "MAXNREG"): 168}, ("bf16", "fp32")),
+    ("cap 200 registers", {("triton_scan_bwd", "MAXNREG"): 200}, ("bf16",)),
+    ("cap 128 registers", {("triton_scan_bwd", "MAXNREG"): 128}, ("bf16",)),
+    ("2 states per loop iteration", {("triton_scan_bwd", "STATES_PER_ITER"): 2}, ("bf16", "fp32")),
+    ("2 states per iteration, cap 168",
+     {("triton_scan_bwd", "STATES_PER_ITER"): 2, ("triton_scan_bwd", "MAXNREG"): 168}, ("bf16",)),
+    ("segments below 32 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 32}, ("bf16",)),
+    ("chunk backward (session 6)", {("triton_scan", "BACKWARD"): "chunk"}, ("bf16", "fp32")),
 ]
 
 
-def bwd_sweep(args):
-    """Time forward + backward for each backward variant (BWD_SWEEP) on every shape."""
+def _set_knobs(knobs):
+    """Set {(module name, knob): value} in the kernel modules; returns the previous values."""
     import importlib
 
+    modules = {m: importlib.import_module(f"hf_mamba.kernels.selective_scan.{m}") for m, _ in knobs}
+    previous = {(m, k): getattr(modules[m], k) for m, k in knobs}
+    for (m, k), value in knobs.items():
+        setattr(modules[m], k, value)
+    return previous
+
+
+def bwd_sweep(args):
+    """Time forward + backward for each backward variant (BWD_SWEEP) on every shape.
+
+    With --warmup, run each variant once per shape instead (compiles only): started as one process
+    per variant (--variant I), the compiles fill a shared Triton cache in parallel."""
     shapes = [*SHAPES, (4, 1536, 1024, 16)]
     fns = scan_fns()
+    # The warmup's dout must be laid out as time_fwd_bwd's (a dense tensor like u): the kernels
+    # are specialised on strides, and sum().backward() would pass an expanded one of stride 0.
+    run = (lambda fn, inp: fn(*scan_args(inp)).backward(torch.randn_like(inp["u"]))) if args.warmup else time_fwd_bwd
     print("\nBackward sweep: forward + backward, ms")
     print("| backward variant | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last |")
     print("|---|---|" + "---|" * (len(shapes) + 1))
     for name, dtype in DTYPES.items():
-        if "mamba_ssm" in fns:
+        if "mamba_ssm" in fns and not args.warmup and args.variant is None:
             cells = [f"{time_fwd_bwd(fns['mamba_ssm'], make_inputs(*s, dtype, True)):.3f}" for s in shapes]
-            print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | |", flush=True)
-        for label, knobs, dtypes in BWD_SWEEP:
-            if name not in dtypes or (args.skip and label.startswith(args.skip)) or not label.startswith(args.only):
+            print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " |  |", flush=True)
+        for index, (label, knobs, dtypes) in enumerate(BWD_SWEEP):
+            chosen = label.startswith(args.only) and not (args.skip and label.startswith(args.skip))
+            if name not in dtypes or not chosen or args.variant not in (None, index):
                 continue
-            modules = {m: importlib.import_module(f"hf_mamba.kernels.selective_scan.{m}") for m, _ in knobs}
-            defaults = {(m, k): getattr(modules[m], k) for m, k in knobs}
-            for (m, k), value in knobs.items():
-                setattr(modules[m], k, value)
-            cells = [f"{time_fwd_bwd(fns['triton'], make_inputs(*s, dtype, True)):.3f}" for s in shapes]
+            previous = _set_knobs(knobs)
+            cells = [run(fns["triton"], make_inputs(*s, dtype, True)) for s in shapes]
             inp = channels_last(make_inputs(*shapes[-1], dtype))
             for v in inp.values():
                 v.requires_grad_(True)
-            cells.append(f"{time_fwd_bwd(fns['triton'], inp):.3f}")
+            cells.append(run(fns["triton"], inp))
+            cells = ["compiled"] * len(cells) if args.warmup else [f"{c:.3f}" for c in cells]
             print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
-            for (m, k), value in defaults.items():
-                setattr(modules[m], k, value)
+            _set_knobs(previous)
 
 
 def forward_error(dtype):
@@ -422,6 +437,63 @@ def gpu_time_table(args):
                 print(f"| {shape} | {name} | {layout} | {total:.1f} | {parts} |", flush=True)
 
 
+def host_time_table(args, steps=20):
+    """Forward + backward at the 130M model's scan shape, channels-last bf16: host time per call
+    (enqueueing behind a busy GPU, so no waiting is counted), GPU time (torch.profiler, all kernels),
+    and the host's top functions (cProfile). Where host time exceeds GPU time, training is host-bound."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    shape = (4, 1536, 1024, 16)
+    print(f"\nForward + backward at {shape}, channels-last bf16: host vs GPU time per call, us")
+    print("| implementation | host us | GPU us | kernels per call |")
+    print("|---|---|---|---|")
+    profiles = {}
+    for name, fn in scan_fns().items():
+        if name == "torch":
+            continue
+        inp = channels_last(make_inputs(*shape, torch.bfloat16))
+        for v in inp.values():
+            v.requires_grad_(True)
+        args_ = scan_args(inp)
+        dout = torch.randn_like(inp["u"])
+
+        def step(fn=fn, args_=args_, dout=dout):
+            fn(*args_).backward(dout)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # a few hundred ms of GPU work ahead of the timed calls
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        host_us = (time.perf_counter() - start) / steps * 1e6
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        gpu_us = sum(e.self_device_time_total for e in events) / steps
+        launches = sum(e.count for e in events) / steps
+        print(f"| {name} | {host_us:.0f} | {gpu_us:.0f} | {launches:.0f} |", flush=True)
+        profiler = cProfile.Profile()
+        torch.cuda._sleep(2_000_000_000)
+        profiler.enable()
+        for _ in range(steps):
+            step()
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        profiles[name] = text.getvalue()
+    for name, text in profiles.items():
+        print(f"\ncProfile, {name}, {steps} calls, by own time:\n{text}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-torch-path", dest="torch_path", action="store_false", help="skip the PyTorch scan")
@@ -431,9 +503,12 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="time a few kernel configs")
     parser.add_argument("--no-conv", dest="conv", action="store_false", help="skip the causal conv1d table")
     parser.add_argument("--gpu-time", action="store_true", help="the forward's GPU time per call, then stop")
+    parser.add_argument("--host-time", action="store_true", help="host vs GPU time at the model's shape, then stop")
     parser.add_argument("--bwd-sweep", action="store_true", help="time the backward's variants, then stop")
     parser.add_argument("--skip", default="", help="--bwd-sweep: skip the variants whose label starts so")
     parser.add_argument("--only", default="", help="--bwd-sweep: only the variants whose label starts so")
+    parser.add_argument("--variant", type=int, default=None, help="--bwd-sweep: only BWD_SWEEP[VARIANT]")
+    parser.add_argument("--warmup", action="store_true", help="--bwd-sweep: run once (compile only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")
@@ -449,6 +524,9 @@ def main():
         return
     if args.bwd_sweep:
         bwd_sweep(args)
+        return
+    if args.host_time:
+        host_time_table(args)
         return
     if args.sweep:
         sweep(args)
