@@ -6,8 +6,11 @@ import torch
 
 
 def device_guard(t):
-    """Launch on t's GPU (Triton launches on the current device); nothing for CPU tensors (interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU (Triton launches on the current device); nothing for CPU tensors (interpreter)
+    or when t's GPU is already current (entering torch.cuda.device costs host time every layer)."""
+    if not t.is_cuda or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def seq_idx_args(seq_idx):

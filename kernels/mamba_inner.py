@@ -67,7 +67,7 @@ class _MambaInner(torch.autograd.Function):
             A = -torch.exp(_fp32_or_wider(A_log))
             y, _, chunk_states = _scan_fwd(
                 u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
-                _fp32_or_wider(dt_proj_bias), True, None, True, seq_idx,
+                _fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False,
             )
             bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
             out = F.linear(y.transpose(1, 2), out_proj_weight.to(dtype), bias)  # (batch, seqlen, hidden)
@@ -105,7 +105,7 @@ class _MambaInner(torch.autograd.Function):
             y = torch.empty_like(u)  # the forward's output, recomputed by the scan backward
             du, ddelta, dA, dB, dC, dD, dz, ddt_bias, _ = _scan_bwd(
                 u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
-                _fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y,
+                _fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y, need_dinitial=False,
             )
             # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
             # in_proj only).

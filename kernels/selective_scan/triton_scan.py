@@ -17,9 +17,9 @@ in the backward dΔ and du) are then plain in-register accumulations across the 
 computed as exp2(Δ (A log2 e)): the special-function unit's native instruction.
 
 The forward for small d_state can instead run the sequential per-channel kernel of `triton_scan_seq`
-(see `_use_seq_forward`), and the backward up to d_state 16 runs the per-channel kernel of
-`triton_scan_bwd` (`_use_seq_backward`), from the same checkpoints; the chunk backward below serves
-larger d_state. Either forward stores h at every start of a backward chunk, (batch,
+(see `_use_seq_forward`), and the backward of 16-bit inputs up to d_state 16 runs the per-channel
+kernel of `triton_scan_bwd` (`_use_seq_backward`), from the same checkpoints; the chunk backward
+below serves fp32 and larger d_state. Either forward stores h at every start of a backward chunk, (batch,
 d_inner, n_chunks, d_state) fp32, CHUNK times smaller than all states (the chunk forward may walk
 longer chunks, FWD_MAX_CHUNK, and stores the checkpoints inside them). The backward walks the chunks in reverse,
 recomputes each state's h over the chunk from that checkpoint, and runs the adjoint recurrence
@@ -44,9 +44,11 @@ from .triton_scan_seq import scan_fwd_seq
 SEQ_MAX_D_STATE = 64
 # Which forward to run for d_state <= SEQ_MAX_D_STATE: "seq", "chunk", or None (measured choice).
 FORWARD = None
-# Up to this d_state the backward runs the per-channel kernel of `triton_scan_bwd` (all states of a
-# channel in one thread's registers); above it, the chunk backward below. BACKWARD: "seq", "chunk" or
-# None (by d_state).
+# Up to this d_state, for 16-bit inputs, the backward runs the per-channel kernel of `triton_scan_bwd`
+# (all states of a channel in one thread's registers); otherwise the chunk backward below. In fp32 the
+# chunk backward was faster on H200 (forward + backward 2.77 / 7.23 / 4.07 ms against 3.35 / 8.66 /
+# 4.42 on the three benchmark shapes, kernels/NOTES.md session 8). BACKWARD: "seq", "chunk" or None
+# (by d_state and dtype).
 SEQ_BWD_MAX_D_STATE = 16
 BACKWARD = None
 # Chunk kernels: BLOCK_D channels x up to MAX_CHUNK steps (a power of two) per program, spread
@@ -349,10 +351,10 @@ def _use_seq_forward(batch, d_inner, seqlen, d_state):
     return True
 
 
-def _use_seq_backward(d_state):
+def _use_seq_backward(d_state, dtype):
     if BACKWARD is not None:
         return BACKWARD == "seq"
-    return d_state <= SEQ_BWD_MAX_D_STATE
+    return d_state <= SEQ_BWD_MAX_D_STATE and dtype.itemsize == 2
 
 
 def _time_contiguous(t):
@@ -364,7 +366,10 @@ def _empty():
     return torch.empty(0)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx):
+def _scan_fwd(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, need_final_state=True
+):
+    """(out, final_state, chunk_states); final_state may be None without need_final_state."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     chunk = _chunk_len(seqlen)  # the backward's chunk: the checkpoint interval
@@ -375,7 +380,8 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         chunk_states = u.new_empty(0, dtype=torch.float32)
     if _use_seq_forward(batch, d_inner, seqlen, d_state):
         out, final_state = scan_fwd_seq(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, chunk, seq_idx
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, chunk, seq_idx,
+            need_final_state,
         )
         return out, final_state, chunk_states
     out = torch.empty_like(u)  # (batch, d_inner, seqlen) in u's layout, whichever forward runs (as the fake op says)
@@ -402,15 +408,18 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
 
 
 def _scan_bwd(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx, y_out=None
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx, y_out=None,
+    need_dinitial=True,
 ):
-    """The scan's gradients; y_out, a contiguous tensor like u, also receives the forward's output."""
+    """The scan's gradients; y_out, a contiguous tensor like u (with u contiguous too: the per-channel
+    backward writes it with the gradients' strides), also receives the forward's output. Without
+    need_dinitial the initial state's gradient may come back empty."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    if _use_seq_backward(d_state):
+    if _use_seq_backward(d_state, u.dtype):
         return scan_bwd_seq(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, _chunk_len(seqlen), dout,
-            dfinal_state, seq_idx, y_out,
+            dfinal_state, seq_idx, y_out, need_dinitial,
         )
     block_d, chunk, num_warps = _chunk_config(seqlen)
     n_chunks = cdiv(seqlen, chunk)
@@ -514,7 +523,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, d
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     empty = u.new_empty(0)
-    if _use_seq_backward(d_state):  # du, ddelta, dz in u's layout
+    if _use_seq_backward(d_state, u.dtype):  # du, ddelta, dz in u's layout
         du, ddelta = torch.empty_like(u), torch.empty_like(u, dtype=delta.dtype)
         dz = torch.empty_like(u, dtype=z.dtype) if z is not None else empty
     else:

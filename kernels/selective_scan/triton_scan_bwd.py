@@ -22,8 +22,9 @@ states (dΔ, du, y) need no shuffles. The work per state update is then a few FM
 
 H200, session 7 (kernels/NOTES.md): forward + backward at (8, 1536, 2048, 16) bf16 2.01 ms against
 2.57 with the chunk backward of `triton_scan` and 2.19 for mamba_ssm. Compiling takes longer than
-the chunk kernel's: on the 2-core CI machine, for sm_90, 19 s for pass 2 and 4 s for pass 1, 90% of
-it in Triton's coalescing pass (whose cost grows with memory ops times kernel size).
+the chunk kernel's: on the 2-core CI machine, for sm_90, 11 s for pass 2 (2 states per iteration;
+19 s with 4) and 4 s for pass 1, 90% of it in Triton's coalescing pass (whose cost grows with memory
+ops times kernel size). In fp32 the chunk backward is faster and runs instead (`triton_scan`).
 """
 
 import functools
@@ -56,7 +57,9 @@ LANE_SUM = True
 # Register cap per thread (0: none).
 MAXNREG = 0
 # States unrolled per iteration of the reverse phase's loop over states (a divisor of d_state, else 1).
-STATES_PER_ITER = 4
+# 2 and 4 ran at the same speed on H200 in bf16 (2 was 6% faster in fp32); 2 compiles in 11 s against
+# 19 s (kernels/NOTES.md, session 8).
+STATES_PER_ITER = 2
 
 _LANE_HELPERS = '''
 
@@ -403,12 +406,15 @@ def _bwd_kernel(N, T, G):
 
 def scan_bwd_seq(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, ckpt_len, dout, dfinal_state, seq_idx,
-    y_out=None,
+    y_out=None, need_dinitial=True,
 ):
     """The scan's gradients from the forward's checkpoints (every `ckpt_len` steps), as `_scan_bwd`
     returns them: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, laid out as
     torch.empty_like(u) (the gradients' layout, whose strides the kernel writes it with), also
-    receives the forward's output."""
+    receives the forward's output. dinitial_state is empty unless need_dinitial.
+
+    The host side runs once per layer and step, and training a small model is host-bound: every
+    torch op here costs several microseconds, so buffers share allocations where they can."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     T = max(2, 16 // u.element_size())
@@ -419,7 +425,11 @@ def scan_bwd_seq(
     n_tiles = cdiv(seqlen, T)
     f32 = dict(dtype=torch.float32, device=u.device)
     B_dtype, C_dtype = B.dtype, C.dtype
-    B, C = B.contiguous(), C.contiguous()  # (batch, d_state, seqlen): read as vectors of a tile's steps
+    # (batch, d_state, seqlen) with unit time stride: read as vectors of a tile's steps. One copy for
+    # both when neither is (the model's x_proj output).
+    if B.stride(2) != 1 and C.stride(2) != 1 and B.dtype == C.dtype:
+        B, C = torch.stack((B, C)).unbind(0)
+    B, C = B.contiguous(), C.contiguous()
     pairs = _bf16_pairs(B, axis=2) and _bf16_pairs(C, axis=2)
     if pairs:
         B, C = B.view(torch.int32), C.view(torch.int32)  # words of two steps: strides count words
@@ -427,15 +437,18 @@ def scan_bwd_seq(
     ddelta = torch.empty_like(u, dtype=delta.dtype)
     dz = torch.empty_like(u, dtype=z.dtype) if z is not None else None
     assert y_out is None or y_out.stride() == du.stride(), "y_out must be laid out like torch.empty_like(u)"
-    dBC = torch.zeros(2, batch, d_state, seqlen, **f32)  # dC, dB: atomics accumulate here
     n_blocks = cdiv(d_inner, block_d)
     programs = batch * n_blocks
     n_seg = _segment_count(programs, WARPS_PER_SM, u.device, n_tiles, MIN_TILES_PER_SEG, n_ckpt)  # whole chunks
     ckpts_per_seg = cdiv(n_ckpt, n_seg)
     n_seg = cdiv(n_ckpt, ckpts_per_seg)
-    # Per batch and segment: dA partial sums, and the adjoint carry x (in: from the right; out: to the left).
-    dA = torch.zeros(batch, n_seg, d_state, d_inner, **f32)
-    x = torch.zeros(batch, n_seg, d_state, d_inner, **f32)
+    # One zero fill for three buffers: dC, dB (atomics accumulate there); per batch and segment the
+    # dA partial sums and the adjoint carry x (in: from the right; out: to the left).
+    n_bc, n_carry = 2 * batch * d_state * seqlen, batch * n_seg * d_state * d_inner
+    zeros = torch.zeros(n_bc + 2 * n_carry, **f32)
+    dBC = zeros[:n_bc].view(2, batch, d_state, seqlen)
+    dA = zeros[n_bc : n_bc + n_carry].view(batch, n_seg, d_state, d_inner)
+    x = zeros[n_bc + n_carry :].view(batch, n_seg, d_state, d_inner)
     if dfinal_state is not None:
         x[:, -1] = dfinal_state.transpose(1, 2)
     dD = torch.empty(batch, n_seg, d_inner, **f32) if D is not None else None
@@ -473,19 +486,20 @@ def scan_bwd_seq(
             PQ, x, d_inner, d_state, n_seg, BLOCK_D=chain_bd, BLOCK_N=block_n,
         )
     launch(None, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
-    # One buffer for the atomics; in fp32 dB is copied out, as outputs of a custom op must not alias.
+    # dB, dC share one allocation; in fp32 dB is copied out, as outputs of a custom op must not alias.
     dB = dBC[1].to(B_dtype) if B_dtype != torch.float32 else dBC[1].clone()
     dC = dBC[0].to(C_dtype)
+    empty = u.new_empty(0)
     return (
         du,
         ddelta,
-        dA.sum((0, 1)).t().to(A.dtype).contiguous(),  # (d_inner, d_state)
+        dA.permute(3, 2, 0, 1).sum((2, 3)).to(A.dtype),  # (d_inner, d_state), contiguous: one kernel
         dB,
         dC,
-        dD.sum((0, 1)).to(D.dtype) if D is not None else u.new_empty(0),
-        dz if z is not None else u.new_empty(0),
-        ddb.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0),
-        x[:, 0].transpose(1, 2).contiguous(),  # dL/dh0: the carry out of the first segment
+        dD.sum((0, 1)).to(D.dtype) if D is not None else empty,
+        dz if z is not None else empty,
+        ddb.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else empty,
+        x[:, 0].transpose(1, 2).contiguous() if need_dinitial else empty,  # dL/dh0: the first segment's carry out
     )
 
 

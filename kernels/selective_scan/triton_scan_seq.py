@@ -621,7 +621,12 @@ def _bc_reads(B, C, lanes):
 def _num_sms(device):
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index)
+
+
+@functools.cache
+def _cuda_sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _segment_count(programs, warps_per_sm, device, n_tiles, min_tiles, max_segments):
@@ -639,11 +644,12 @@ def _segment_count(programs, warps_per_sm, device, n_tiles, min_tiles, max_segme
 
 
 def scan_fwd_seq(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx=None
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx=None,
+    need_final_state=True,
 ):
     """Forward scan; fills `chunk_states` (batch, d_inner, n_ckpt, d_state) every `ckpt_len` steps if non-empty.
 
-    Returns (out, final_state).
+    Returns (out, final_state); final_state may be None without need_final_state (it saves a copy).
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
@@ -722,7 +728,7 @@ def scan_fwd_seq(
         block_out, n_seg, h_in, seg_strides, h_end, None,
         USE_INITIAL_STATE=True, STATES_ONLY=False, SAVE_CHUNK_STATES=save,
     )
-    return out, h_end[:, :, -1].contiguous()
+    return out, h_end[:, :, -1].contiguous() if need_final_state else None
 
 
 __all__ = ["scan_fwd_seq"]

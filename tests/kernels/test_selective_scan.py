@@ -126,6 +126,7 @@ def test_triton_scan_backward_segments(documents, dtype, monkeypatch, nan_fill_e
     and across segments. Short checkpoint chunks, a ragged end and masked channels."""
     from hf_mamba.kernels.selective_scan import triton_scan, triton_scan_bwd
 
+    monkeypatch.setattr(triton_scan, "BACKWARD", "seq")  # fp32 runs the chunk backward by default
     monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
     monkeypatch.setattr(triton_scan_bwd, "MIN_TILES_PER_SEG", 2)
     monkeypatch.setattr(triton_scan_bwd, "WARPS_PER_SM", 64)
