@@ -6,7 +6,8 @@
 Why one function instead of the modules one after another: it keeps less for the backward and
 launches fewer host ops. Composed from modules, autograd keeps the conv output u (for x_proj and the
 scan), Δ (for the scan) and the scan output y (for out_proj's weight gradient): 3 x (batch, seqlen,
-d_inner) per layer. Here the forward keeps only xz and the small x_proj output; the backward recomputes
+d_inner) per layer. Here the forward keeps only xz, the small x_proj output and the weights in the
+matmul dtype (under autocast, bf16 copies of three small weights); the backward recomputes
 u with the conv kernel and Δ with one matmul (both cheap), and y comes out of the scan's backward
 kernel, which recomputes it for dz anyway. mamba_ssm's mamba_inner_fn recomputes u and Δ the same
 way, but keeps y. The backward also produces u, Δ and dy time-contiguous, the layout the scan's
@@ -32,8 +33,8 @@ def _weight_grad(left, right, needed):
     return torch.bmm(left, right).sum(0, dtype=torch.float32) if needed else None
 
 
-def _as(grad, param):
-    return grad.to(param.dtype) if grad is not None else None
+def _as(grad, dtype):
+    return grad.to(dtype) if grad is not None else None
 
 
 def _compute_dtype(xz):
@@ -61,20 +62,23 @@ class _MambaInner(torch.autograd.Function):
             x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)  # (batch, d_inner, seqlen)
             conv_w = conv_weight.reshape(d_inner, -1)
             u = _conv_fwd(x, conv_w, conv_bias, seq_idx, True, True)  # channels-last, for x_proj
-            x_dbl = F.linear(u.transpose(1, 2), x_proj_weight.to(dtype))  # (batch, seqlen, dt_rank + 2 d_state)
+            # The weights in the matmul dtype, kept for the backward (casting again there would cost
+            # three more kernels per layer; under autocast these copies are what autocast would make).
+            w_x, w_dt, w_out = (w.to(dtype) for w in (x_proj_weight, dt_proj_weight, out_proj_weight))
+            x_dbl = F.linear(u.transpose(1, 2), w_x)  # (batch, seqlen, dt_rank + 2 d_state)
             dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
-            delta = F.linear(dt, dt_proj_weight.to(dtype)).transpose(1, 2)  # bias: in the scan, fp32
+            delta = F.linear(dt, w_dt).transpose(1, 2)  # bias: in the scan, fp32
             A = -torch.exp(_fp32_or_wider(A_log))
             y, _, chunk_states = _scan_fwd(
                 u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
                 _fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False,
             )
             bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
-            out = F.linear(y.transpose(1, 2), out_proj_weight.to(dtype), bias)  # (batch, seqlen, hidden)
+            out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
         ctx.out_bias_dtype = out_proj_bias.dtype if out_proj_bias is not None else None
+        ctx.weight_dtypes = (x_proj_weight.dtype, dt_proj_weight.dtype, out_proj_weight.dtype, A_log.dtype)
         ctx.save_for_backward(
-            xz, x_dbl, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-            out_proj_weight, chunk_states, seq_idx,
+            xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A, D, w_out, chunk_states, seq_idx,
         )
         return out
 
@@ -83,15 +87,14 @@ class _MambaInner(torch.autograd.Function):
         from .causal_conv1d.triton_conv import _conv_bwd, _conv_fwd
         from .selective_scan.triton_scan import _scan_bwd
 
-        (
-            xz, x_dbl, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-            out_proj_weight, chunk_states, seq_idx,
-        ) = ctx.saved_tensors
+        xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A, D, w_out, chunk_states, seq_idx = (
+            ctx.saved_tensors
+        )
+        x_proj_dtype, dt_proj_dtype, out_proj_dtype, A_log_dtype = ctx.weight_dtypes
         dtype = xz.dtype
         batch = xz.shape[0]
         d_inner = xz.shape[-1] // 2
-        dt_rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
-        w_x, w_dt, w_out = x_proj_weight.to(dtype), dt_proj_weight.to(dtype), out_proj_weight.to(dtype)
+        dt_rank, d_state = w_dt.shape[1], A.shape[1]
         dout = dout.to(dtype)
         with device_guard(xz):
             x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)
@@ -101,7 +104,6 @@ class _MambaInner(torch.autograd.Function):
             dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             delta = torch.matmul(w_dt, dt.transpose(1, 2))
             dy = torch.matmul(w_out.t(), dout.transpose(1, 2))  # (batch, d_inner, seqlen)
-            A = -torch.exp(_fp32_or_wider(A_log))
             y = torch.empty_like(u)  # the forward's output, recomputed by the scan backward
             du, ddelta, dA, dB, dC, dD, dz, ddt_bias, _ = _scan_bwd(
                 u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
@@ -126,12 +128,12 @@ class _MambaInner(torch.autograd.Function):
             dxz,
             dconv_w.view_as(conv_weight),
             dconv_b if conv_bias is not None else None,
-            _as(dw_x, x_proj_weight),
-            _as(dw_dt, dt_proj_weight),
+            _as(dw_x, x_proj_dtype),
+            _as(dw_dt, dt_proj_dtype),
             ddt_bias.to(dt_proj_bias.dtype),
-            (dA * A).to(A_log.dtype),  # A = -exp(A_log): dA_log = dA * A
+            (dA * A).to(A_log_dtype),  # A = -exp(A_log): dA_log = dA * A
             dD.to(D.dtype),
-            _as(dw_out, out_proj_weight),
+            _as(dw_out, out_proj_dtype),
             db_out.to(ctx.out_bias_dtype) if db_out is not None else None,
             None,  # seq_idx: integer document ids
         )
