@@ -1,10 +1,16 @@
-"""add_rms_norm in Triton: one program per row, the row in registers (hidden_size up to 64K)."""
+"""RMSNorm in Triton, the row in registers (hidden_size up to 64K).
+
+- add_rms_norm: the decode step's residual add + norm, one program per row, no autograd.
+- rms_norm_train: the training norm (forward and backward, one launch each plus the weight gradient's
+  sum): on the PyTorch ops the backward takes about ten kernels per norm, and a 24-layer model's
+  training step is host-bound on launches.
+"""
 
 import torch
 import triton
 import triton.language as tl
 
-from .._launch import device_guard, next_power_of_2
+from .._launch import cdiv, device_guard, next_power_of_2
 
 
 @triton.jit
@@ -66,4 +72,110 @@ def add_rms_norm_triton(residual, delta, weight, eps):
     return _add_rms_norm(*args)  # eager: no custom-op dispatch on the host
 
 
-__all__ = ["add_rms_norm_triton"]
+@triton.jit
+def _rms_norm_fwd_kernel(
+    p_x, p_w, p_out, p_rstd, n_rows, n_cols, rows_per_program, eps, s_x, s_out,
+    ROUND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out = w * (x * rstd).to(ROUND): normalised in fp32, rounded to the input's dtype, then scaled.
+    o_c = tl.arange(0, BLOCK)
+    m_c = o_c < n_cols
+    b_w = tl.load(p_w + o_c, mask=m_c, other=0.0).to(tl.float32)
+    for r in range(rows_per_program):
+        i_row = tl.program_id(0).to(tl.int64) * rows_per_program + r
+        if i_row < n_rows:
+            b_x = tl.load(p_x + i_row * s_x + o_c, mask=m_c, other=0.0).to(tl.float32)
+            b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / n_cols + eps)
+            b_n = (b_x * b_rstd).to(ROUND).to(tl.float32)
+            tl.store(p_out + i_row * s_out + o_c, (b_w * b_n).to(p_out.dtype.element_ty), mask=m_c)
+            tl.store(p_rstd + i_row, b_rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    p_x, p_w, p_rstd, p_grad, p_dx, p_dw, n_rows, n_cols, rows_per_program, s_x, s_grad, s_dx,
+    ROUND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # With n = x rstd and dn = (grad w).to(ROUND): dx = rstd (dn - n mean(dn n)), dw = sum_rows grad n.to(ROUND)
+    # (this program's rows; the host adds the programs' partial sums).
+    i_prog = tl.program_id(0).to(tl.int64)
+    o_c = tl.arange(0, BLOCK)
+    m_c = o_c < n_cols
+    b_w = tl.load(p_w + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(rows_per_program):
+        i_row = i_prog * rows_per_program + r
+        if i_row < n_rows:
+            b_x = tl.load(p_x + i_row * s_x + o_c, mask=m_c, other=0.0).to(tl.float32)
+            b_g = tl.load(p_grad + i_row * s_grad + o_c, mask=m_c, other=0.0).to(tl.float32)
+            b_rstd = tl.load(p_rstd + i_row)
+            b_n = b_x * b_rstd
+            b_dw += b_g * b_n.to(ROUND).to(tl.float32)
+            b_dn = (b_g * b_w).to(ROUND).to(tl.float32)
+            b_dx = b_rstd * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=0) / n_cols))
+            tl.store(p_dx + i_row * s_dx + o_c, b_dx.to(p_dx.dtype.element_ty), mask=m_c)
+    tl.store(p_dw + i_prog * n_cols + o_c, b_dw, mask=m_c)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _row_launch(x):
+    """(programs, rows per program, num_warps) for rows of x (..., n_cols): a few programs per
+    multiprocessor, so that the weight gradient's partial sums stay small."""
+    n_rows, n_cols = x.numel() // x.shape[-1], x.shape[-1]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    rows_per_program = cdiv(n_rows, min(max(n_rows, 1), 4 * sms))
+    return cdiv(n_rows, rows_per_program), rows_per_program, 4 if n_cols <= 4096 else 8
+
+
+class _RMSNormTriton(torch.autograd.Function):
+    """weight * rms_norm(x).to(dtype), as the model's MambaRMSNorm computes it; keeps x and 1/rms per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, dtype):
+        n_cols = x.shape[-1]
+        x2 = x.reshape(-1, n_cols)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
+        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        programs, rows_per_program, num_warps = _row_launch(x2)
+        if x2.shape[0]:
+            with device_guard(x):
+                _rms_norm_fwd_kernel[(programs,)](
+                    x2, weight, out, rstd, x2.shape[0], n_cols, rows_per_program, eps, x2.stride(0), out.stride(0),
+                    ROUND=_TL_DTYPES[dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
+                )
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.dtype, ctx.shape = dtype, x.shape
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        grad2 = grad.reshape(-1, n_cols)
+        if grad2.stride(-1) != 1:
+            grad2 = grad2.contiguous()
+        dx = torch.empty_like(x2)
+        programs, rows_per_program, num_warps = _row_launch(x2)
+        dw_parts = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
+        if n_rows:
+            with device_guard(x2):
+                _rms_norm_bwd_kernel[(programs,)](
+                    x2, weight, rstd, grad2, dx, dw_parts, n_rows, n_cols, rows_per_program,
+                    x2.stride(0), grad2.stride(0), dx.stride(0),
+                    ROUND=_TL_DTYPES[ctx.dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
+                )
+        dweight = dw_parts.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx.view(ctx.shape), dweight, None, None
+
+
+def rms_norm_train_triton(x, weight, eps, dtype):
+    """weight * rms_norm(x, eps).to(dtype) with autograd, x fp32 (or any float but fp64) and rows of unit
+    stride; the output's dtype is promote(weight.dtype, dtype), as the model's ops give."""
+    return _RMSNormTriton.apply(x, weight.contiguous(), float(eps), dtype)
+
+
+__all__ = ["add_rms_norm_triton", "rms_norm_train_triton"]

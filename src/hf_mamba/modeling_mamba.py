@@ -104,20 +104,34 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class MambaRMSNorm(nn.Module):
-    def __init__(self, hidden_size, eps=1e-6):
+    def __init__(self, hidden_size, eps=1e-6, config=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.config = config  # for the backend (scan_backend_for); None: Triton on CUDA when training
 
     def forward(self, hidden_states):
         # Normalise in fp32 (one fused op on CUDA), cast back, then scale: Transformers' Mamba order.
         input_dtype = hidden_states.dtype
         hidden_fp32 = _fp32_or_wider(hidden_states)
         needs_grad = hidden_states.requires_grad or self.weight.requires_grad
-        if needs_grad and torch.is_grad_enabled() and _HAS_FUSED_RMS_NORM and not torch.compiler.is_compiling():
-            return _RMSNormFunction.apply(hidden_fp32, self.weight, self.variance_epsilon, input_dtype)
+        if needs_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if self._triton_training_norm(hidden_fp32, input_dtype):
+                from .kernels.rms_norm.triton_rms_norm import rms_norm_train_triton
+
+                return rms_norm_train_triton(hidden_fp32, self.weight, self.variance_epsilon, input_dtype)
+            if _HAS_FUSED_RMS_NORM:
+                return _RMSNormFunction.apply(hidden_fp32, self.weight, self.variance_epsilon, input_dtype)
         normalized = F.rms_norm(hidden_fp32, self.weight.shape, eps=self.variance_epsilon)
         return self.weight * normalized.to(input_dtype)
+
+    def _triton_training_norm(self, hidden_fp32, input_dtype):
+        """Whether training runs the Triton norm (two launches where the ops take about a dozen): the
+        model's backend is Triton for these tensors, fp32 normalisation of a 16- or 32-bit input."""
+        if hidden_fp32.dtype != torch.float32 or input_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        backend = scan_backend_for(self.config) if self.config is not None else None
+        return resolve_backend(backend, hidden_fp32.device) == "triton"
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
@@ -312,7 +326,7 @@ class MambaBlock(nn.Module):
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, config=config)
         self.mixer = MambaMixer(config, layer_idx=layer_idx)
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None):
@@ -476,7 +490,7 @@ class MambaModel(MambaPreTrainedModel):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([MambaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
-        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, config=config)
         self.gradient_checkpointing = False
         self._register_load_state_dict_pre_hook(self._rename_state_spaces_embedding)
         self.post_init()

@@ -40,6 +40,43 @@ def test_add_rms_norm_matches_the_model_ops(res_dtype, delta_dtype, w_dtype, hid
     torch.testing.assert_close(normed.float(), normed_ref.float(), rtol=tol, atol=tol)
 
 
+TRAIN_CASES = [
+    # (input dtype, weight dtype, hidden_size, rows): rows past 4 programs per multiprocessor make each
+    # program loop over several rows, the last one partly
+    pytest.param(torch.float32, torch.float32, 64, 7, id="fp32-64"),
+    pytest.param(torch.bfloat16, torch.float32, 96, 1100, id="bf16-input-fp32-weight-96-many-rows"),
+    pytest.param(torch.bfloat16, torch.bfloat16, 100, 9, id="bf16-100"),
+    pytest.param(torch.float16, torch.float32, 33, 5, id="fp16-input-33"),
+]
+
+
+@pytest.mark.parametrize("in_dtype, w_dtype, hidden_size, rows", TRAIN_CASES)
+def test_training_rms_norm_matches_the_model_ops(in_dtype, w_dtype, hidden_size, rows, nan_fill_empty):
+    """The training norm's forward, dx and dweight against the model's PyTorch ops (_RMSNormFunction,
+    itself checked against autograd in test_modeling), as MambaRMSNorm calls it: x upcast to fp32."""
+    from hf_mamba.kernels.rms_norm.triton_rms_norm import rms_norm_train_triton
+    from hf_mamba.modeling_mamba import _RMSNormFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, hidden_size, device=DEVICE).to(in_dtype).float()
+    weight = (1 + 0.1 * torch.randn(hidden_size, device=DEVICE)).to(w_dtype)
+    grad = torch.randn(rows, hidden_size, device=DEVICE).to(torch.promote_types(w_dtype, in_dtype))
+    results = []
+    for fn in (rms_norm_train_triton, _RMSNormFunction.apply):
+        x_, w_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fn(x_, w_, 1e-5, in_dtype)
+        out.backward(grad)
+        results.append((out, x_.grad, w_.grad))
+    (out, dx, dw), (out_ref, dx_ref, dw_ref) = results
+    assert out.dtype == out_ref.dtype and dx.dtype == torch.float32 and dw.dtype == w_dtype
+    # fp32: rsqrt and summation order. 16-bit roundings: a unit in the last place (the interpreter
+    # rounds towards zero, PyTorch to nearest), and dweight's products rounded before the sum there.
+    tol = 2e-5 if in_dtype == w_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(dx, dx_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dw.float(), dw_ref.float(), rtol=tol, atol=tol * rows ** 0.5)
+
+
 def test_add_rms_norm_rejects_bad_shapes():
     with pytest.raises(ValueError, match="same shape"):
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), 1e-5)
