@@ -1,6 +1,7 @@
 """Host-side helpers shared by the Triton launchers of every kernel folder."""
 
 import contextlib
+import functools
 
 import torch
 
@@ -11,6 +12,17 @@ def device_guard(t):
     if not t.is_cuda or t.device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
+
+
+def sm_count(device):
+    """Multiprocessors of a CUDA device (4 for CPU tensors under the interpreter), cached: launch
+    sizes read it every call."""
+    return _cuda_sm_count(device.index) if device.type == "cuda" else 4
+
+
+@functools.cache
+def _cuda_sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def seq_idx_args(seq_idx):

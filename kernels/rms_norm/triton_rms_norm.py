@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, device_guard, next_power_of_2
+from .._launch import cdiv, device_guard, next_power_of_2, sm_count
 
 
 @triton.jit
@@ -121,11 +121,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 def _row_launch(x):
-    """(programs, rows per program, num_warps) for rows of x (..., n_cols): a few programs per
+    """(programs, rows per program, num_warps) for the rows of x (n_rows, n_cols): a few programs per
     multiprocessor, so that the weight gradient's partial sums stay small."""
-    n_rows, n_cols = x.numel() // x.shape[-1], x.shape[-1]
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    rows_per_program = cdiv(n_rows, min(max(n_rows, 1), 4 * sms))
+    n_rows, n_cols = x.shape
+    rows_per_program = max(1, cdiv(n_rows, 4 * sm_count(x.device)))
     return cdiv(n_rows, rows_per_program), rows_per_program, 4 if n_cols <= 4096 else 8
 
 

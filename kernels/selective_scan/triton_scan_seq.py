@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, next_power_of_2, seq_idx_args
+from .._launch import cdiv, next_power_of_2, seq_idx_args, sm_count
 
 # A segment must be at least this many T-step tiles long to be worth its second pass.
 MIN_TILES_PER_SEG = 16
@@ -618,24 +618,13 @@ def _bc_reads(B, C, lanes):
     return B, C, BC_PAIRS and _bf16_pairs(B) and _bf16_pairs(C), False
 
 
-def _num_sms(device):
-    if device.type != "cuda":
-        return 4
-    return _cuda_sm_count(device.index)
-
-
-@functools.cache
-def _cuda_sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _segment_count(programs, warps_per_sm, device, n_tiles, min_tiles, max_segments):
     """Segments (a power of two, at most max_segments) to cut the sequence into: doubled while the
     launch has fewer one-warp programs than warps_per_sm per multiprocessor and each segment keeps
     at least min_tiles tiles."""
     n_seg = 1
     while (
-        programs * n_seg < warps_per_sm * _num_sms(device)
+        programs * n_seg < warps_per_sm * sm_count(device)
         and n_tiles // (n_seg * 2) >= min_tiles
         and n_seg * 2 <= max_segments
     ):

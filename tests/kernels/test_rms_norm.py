@@ -47,6 +47,7 @@ TRAIN_CASES = [
     pytest.param(torch.bfloat16, torch.float32, 96, 1100, id="bf16-input-fp32-weight-96-many-rows"),
     pytest.param(torch.bfloat16, torch.bfloat16, 100, 9, id="bf16-100"),
     pytest.param(torch.float16, torch.float32, 33, 5, id="fp16-input-33"),
+    pytest.param(torch.float32, torch.float32, 16, 0, id="no-rows"),
 ]
 
 
@@ -55,6 +56,7 @@ def test_training_rms_norm_matches_the_model_ops(in_dtype, w_dtype, hidden_size,
     """The training norm's forward, dx and dweight against the model's PyTorch ops (_RMSNormFunction,
     itself checked against autograd in test_modeling), as MambaRMSNorm calls it: x upcast to fp32."""
     from hf_mamba.kernels.rms_norm.triton_rms_norm import rms_norm_train_triton
+
     from hf_mamba.modeling_mamba import _RMSNormFunction
 
     torch.manual_seed(0)
