@@ -437,20 +437,9 @@ def gpu_time_table(args):
                 print(f"| {shape} | {name} | {layout} | {total:.1f} | {parts} |", flush=True)
 
 
-def host_time_table(args, steps=20):
-    """Forward + backward at the 130M model's scan shape, channels-last bf16: host time per call
-    (enqueueing behind a busy GPU, so no waiting is counted), GPU time (torch.profiler, all kernels),
-    and the host's top functions (cProfile). Where host time exceeds GPU time, training is host-bound."""
-    import cProfile
-    import io
-    import pstats
-    import time
-
-    shape = (4, 1536, 1024, 16)
-    print(f"\nForward + backward at {shape}, channels-last bf16: host vs GPU time per call, us")
-    print("| implementation | host us | GPU us | kernels per call |")
-    print("|---|---|---|---|")
-    profiles = {}
+def _scan_steps(shape=(4, 1536, 1024, 16)):
+    """name -> one forward + backward of the scan at the 130M model's shape, channels-last bf16."""
+    steps = {}
     for name, fn in scan_fns().items():
         if name == "torch":
             continue
@@ -459,39 +448,101 @@ def host_time_table(args, steps=20):
             v.requires_grad_(True)
         args_ = scan_args(inp)
         dout = torch.randn_like(inp["u"])
+        steps[name] = lambda fn=fn, args_=args_, dout=dout: fn(*args_).backward(dout)
+    return steps
 
-        def step(fn=fn, args_=args_, dout=dout):
-            fn(*args_).backward(dout)
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # a few hundred ms of GPU work ahead of the timed calls
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        host_us = (time.perf_counter() - start) / steps * 1e6
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
+def _mixer_steps(batch=4, seqlen=1024, hidden=768, d_state=16, d_conv=4, device="cuda"):
+    """name -> one forward + backward of the 130M model's mixer after in_proj under bf16 autocast:
+    hf_mamba's mamba_inner_triton, and mamba_ssm's mamba_inner_fn when it is installed."""
+    from hf_mamba.kernels import mamba_inner_triton
+
+    d_inner, dt_rank = 2 * hidden, math.ceil(hidden / 16)
+    g = dict(device=device)
+    w = {
+        "conv_w": torch.randn(d_inner, 1, d_conv, **g) * 0.3, "conv_b": torch.randn(d_inner, **g) * 0.1,
+        "x_proj": torch.randn(dt_rank + 2 * d_state, d_inner, **g) / d_inner**0.5,
+        "dt_w": torch.randn(d_inner, dt_rank, **g) / dt_rank**0.5, "dt_b": torch.randn(d_inner, **g) * 0.1 - 3,
+        "A_log": torch.log(torch.arange(1, d_state + 1, **g).float()).repeat(d_inner, 1),
+        "D": torch.ones(d_inner, **g), "out_w": torch.randn(hidden, d_inner, **g) / d_inner**0.5,
+    }
+    for v in w.values():
+        v.requires_grad_(True)
+    xz = torch.randn(batch, seqlen, 2 * d_inner, dtype=torch.bfloat16, **g).requires_grad_(True)
+    dout = torch.randn(batch, seqlen, hidden, dtype=torch.bfloat16, **g)
+
+    def ours():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = mamba_inner_triton(
+                xz, w["conv_w"], w["conv_b"], w["x_proj"], w["dt_w"], w["dt_b"], w["A_log"], w["D"], w["out_w"]
+            )
+        out.backward(dout)
+
+    steps = {"hf_mamba mamba_inner_triton": ours}
+    try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+    except ImportError:
+        return steps
+    xz_peer = xz.detach().transpose(1, 2).contiguous().requires_grad_(True)  # (batch, 2 d_inner, seqlen)
+
+    def peer():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = mamba_inner_fn(
+                xz_peer, w["conv_w"], w["conv_b"], w["x_proj"], w["dt_w"], w["out_w"], None,
+                -torch.exp(w["A_log"].float()), None, None, w["D"].float(), delta_bias=w["dt_b"].float(),
+                delta_softplus=True,
+            )
+        out.backward(dout)
+
+    steps["mamba_ssm mamba_inner_fn"] = peer
+    return steps
+
+
+def host_time_table(args, calls=20):
+    """Forward + backward of the 130M model's scan (channels-last bf16) and of its whole mixer after
+    in_proj (bf16 autocast): host time per call (enqueueing behind a busy GPU, so no waiting counts),
+    GPU time (torch.profiler, all kernels), and the host's top functions (cProfile). Where host time
+    exceeds GPU time, training is host-bound."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    print("\nForward + backward, 130M model shapes (batch 4 x 1024): host vs GPU time per call, us")
+    print("| what | implementation | host us | GPU us | kernels per call |")
+    print("|---|---|---|---|---|")
+    profiles = {}
+    for what, steps in (("scan (4, 1536, 1024, 16)", _scan_steps()), ("mixer after in_proj", _mixer_steps())):
+        for name, step in steps.items():
+            for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-        gpu_us = sum(e.self_device_time_total for e in events) / steps
-        launches = sum(e.count for e in events) / steps
-        print(f"| {name} | {host_us:.0f} | {gpu_us:.0f} | {launches:.0f} |", flush=True)
-        profiler = cProfile.Profile()
-        torch.cuda._sleep(2_000_000_000)
-        profiler.enable()
-        for _ in range(steps):
-            step()
-        profiler.disable()
-        torch.cuda.synchronize()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-        profiles[name] = text.getvalue()
+            torch.cuda._sleep(2_000_000_000)  # a few hundred ms of GPU work ahead of the timed calls
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            host_us = (time.perf_counter() - start) / calls * 1e6
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    step()
+                torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+            gpu_us = sum(e.self_device_time_total for e in events) / calls
+            launches = sum(e.count for e in events) / calls
+            print(f"| {what} | {name} | {host_us:.0f} | {gpu_us:.0f} | {launches:.0f} |", flush=True)
+            profiler = cProfile.Profile()
+            torch.cuda._sleep(2_000_000_000)
+            profiler.enable()
+            for _ in range(calls):
+                step()
+            profiler.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            profiles[f"{what}, {name}"] = text.getvalue()
     for name, text in profiles.items():
-        print(f"\ncProfile, {name}, {steps} calls, by own time:\n{text}")
+        print(f"\ncProfile, {name}, {calls} calls, by own time:\n{text}")
 
 
 def main():
