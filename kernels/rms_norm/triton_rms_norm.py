@@ -134,7 +134,7 @@ class _RMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, dtype):
         n_cols = x.shape[-1]
-        x2 = x.reshape(-1, n_cols)
+        x2 = x.reshape(-1, n_cols)  # (rows, n_cols)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
@@ -159,7 +159,7 @@ class _RMSNormTriton(torch.autograd.Function):
             grad2 = grad2.contiguous()
         dx = torch.empty_like(x2)
         programs, rows_per_program, num_warps = _row_launch(x2)
-        dw_parts = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
+        dw_parts = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)  # per program
         if n_rows:
             with device_guard(x2):
                 _rms_norm_bwd_kernel[(programs,)](
@@ -167,8 +167,8 @@ class _RMSNormTriton(torch.autograd.Function):
                     x2.stride(0), grad2.stride(0), dx.stride(0),
                     ROUND=_TL_DTYPES[ctx.dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
                 )
-        dweight = dw_parts.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(ctx.shape), dweight, None, None
+        dweight = dw_parts.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (n_cols,)
+        return dx.view(ctx.shape), dweight, None, None  # eps and dtype: not tensors
 
 
 def rms_norm_train_triton(x, weight, eps, dtype):
