@@ -233,8 +233,6 @@ SEQ_SWEEP = {
 
 def fwd_sweep(args):
     """Time the sequential forward's variants (SEQ_SWEEP) on every shape, and check each one's error."""
-    from hf_mamba.kernels.selective_scan import triton_scan_seq as seq
-
     shapes = [*SHAPES, (4, 1536, 1024, 16)]
     fns = scan_fns()
     print("\nForward sweep, ms; error = ||out - ref|| / ||ref|| at (2, 96, 3000, 16)")
@@ -245,16 +243,13 @@ def fwd_sweep(args):
             cells = [f"{time_fwd(fns['mamba_ssm'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | | |", flush=True)
         for label, knobs in SEQ_SWEEP[name]:
-            defaults = {knob: getattr(seq, knob) for knob in knobs}
-            for knob, value in knobs.items():
-                setattr(seq, knob, value)
+            previous = _set_knobs({("triton_scan_seq", knob): value for knob, value in knobs.items()})
             cells = [f"{time_fwd(fns['triton'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             # The last shape again in the model's layout: u, Δ, z, B, C channels-last views.
             inp = channels_last(make_inputs(*shapes[-1], dtype))
             cells.append(f"{time_fwd(fns['triton'], inp):.3f}")
             print(f"| {label} | {name} | " + " | ".join(cells) + f" | {forward_error(dtype):.1e} |", flush=True)
-            for knob, value in defaults.items():
-                setattr(seq, knob, value)
+            _set_knobs(previous)
 
 
 # Backward variants timed by --bwd-sweep: (label, {(module name, knob): value}, dtypes).

@@ -13,6 +13,11 @@ import triton.language as tl
 from .._launch import cdiv, device_guard, next_power_of_2, sm_count
 
 
+def _num_warps(n_cols):
+    """Warps for one program holding a row of n_cols (BLOCK = next power of two) in registers."""
+    return 4 if n_cols <= 4096 else 8
+
+
 @triton.jit
 def _add_rms_norm_kernel(
     p_res, p_delta, p_w, p_hidden, p_normed,
@@ -46,7 +51,7 @@ def _add_rms_norm(residual, delta, weight, eps):
                 res2, delta2, weight, hidden, normed,
                 n_cols, eps,
                 res2.stride(0), delta2.stride(0), hidden.stride(0), normed.stride(0),
-                BLOCK=next_power_of_2(n_cols), num_warps=4 if n_cols <= 4096 else 8,
+                BLOCK=next_power_of_2(n_cols), num_warps=_num_warps(n_cols),
             )
     return hidden.view(residual.shape), normed.view(residual.shape)
 
@@ -125,7 +130,13 @@ def _row_launch(x):
     multiprocessor, so that the weight gradient's partial sums stay small."""
     n_rows, n_cols = x.shape
     rows_per_program = max(1, cdiv(n_rows, 4 * sm_count(x.device)))
-    return cdiv(n_rows, rows_per_program), rows_per_program, 4 if n_cols <= 4096 else 8
+    return cdiv(n_rows, rows_per_program), rows_per_program, _num_warps(n_cols)
+
+
+def _rows(t, n_cols):
+    """t as (rows, n_cols) with unit stride along n_cols (the kernels' row layout)."""
+    rows = t.reshape(-1, n_cols)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 class _RMSNormTriton(torch.autograd.Function):
@@ -134,9 +145,7 @@ class _RMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, dtype):
         n_cols = x.shape[-1]
-        x2 = x.reshape(-1, n_cols)  # (rows, n_cols)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = _rows(x, n_cols)  # (rows, n_cols)
         out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         programs, rows_per_program, num_warps = _row_launch(x2)
@@ -154,9 +163,7 @@ class _RMSNormTriton(torch.autograd.Function):
     def backward(ctx, grad):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
-        grad2 = grad.reshape(-1, n_cols)
-        if grad2.stride(-1) != 1:
-            grad2 = grad2.contiguous()
+        grad2 = _rows(grad, n_cols)
         dx = torch.empty_like(x2)
         programs, rows_per_program, num_warps = _row_launch(x2)
         dw_parts = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)  # per program
