@@ -20,10 +20,11 @@ interpreter keeps the libdevice forms. The next tile's u, Δ, z can be loaded wh
 is scanned (PREFETCH), and tiles that are wholly inside the tensors need no masks (EVEN_TILES).
 
 Short batches do not fill the GPU with one program per 32 channels, so the sequence can also be
-cut into segments run in parallel: pass 1 scans each segment from h = 0 (keeping only its end
-state and sum of Δ), a small kernel chains the segments (h_in[s+1] = exp(A ΣΔ_s) h_in[s] + h_end[s]),
-and pass 2 reruns every segment from its true incoming state. That doubles the exps, so it is used
-only when the GPU would otherwise be mostly idle (fewer than WARPS_PER_SM warps per SM).
+cut into segments run in parallel: pass 1 scans each segment but the last from h = 0 (keeping only
+its end state and sum of Δ), a small kernel chains the segments (h_in[s+1] = exp(A ΣΔ_s) h_in[s] +
+h_end[s]), and pass 2 reruns every segment from its true incoming state. That nearly doubles the
+exps, so it is used only when the GPU would otherwise be mostly idle (fewer than WARPS_PER_SM warps
+per SM).
 
 A larger d_state can be spread over several lanes per channel (`_fwd_source_lanes`): each lane keeps
 d_state // lanes states and y_t is summed over the lanes with shuffles. For d_state 16 this measured
@@ -562,7 +563,8 @@ def _chain_segments_kernel(
     p_hend, p_dtsum, p_A, p_h0, p_hin, d_inner, d_state, n_seg,
     USE_INITIAL_STATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # h_in[s + 1] = exp(A ΣΔ_s) h_in[s] + h_end[s]: the state entering every segment.
+    # h_in[s + 1] = exp(A ΣΔ_s) h_in[s] + h_end[s]: the state entering every segment; h_end and ΣΔ
+    # (batch, d_inner, n_seg - 1) of segments 0 .. n_seg - 2.
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -575,11 +577,12 @@ def _chain_segments_kernel(
     else:
         b_h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     p_seg = (i_b * d_inner + o_d[:, None]) * (n_seg * d_state) + o_n[None, :]  # (batch, d_inner, n_seg, d_state)
-    for i_s in range(n_seg):
-        tl.store(p_hin + p_seg + i_s * d_state, b_h, mask=m_dn)
-        b_dts = tl.load(p_dtsum + (i_b * d_inner + o_d) * n_seg + i_s, mask=m_d, other=0.0)
+    tl.store(p_hin + p_seg, b_h, mask=m_dn)
+    for i_s in range(n_seg - 1):  # pass 1 ran every segment but the last, whose end state is pass 2's
+        b_dts = tl.load(p_dtsum + (i_b * d_inner + o_d) * (n_seg - 1) + i_s, mask=m_d, other=0.0)
         b_hend = tl.load(p_hend + p_seg + i_s * d_state, mask=m_dn, other=0.0)
         b_h = tl.exp(b_dts[:, None] * b_A) * b_h + b_hend
+        tl.store(p_hin + p_seg + (i_s + 1) * d_state, b_h, mask=m_dn)
 
 
 def _lanes_per_channel(d_state):
@@ -701,9 +704,10 @@ def scan_fwd_seq(
         return out, final_state
     seg_strides = (d_inner * n_seg * d_state, n_seg * d_state, d_state)
     h_end = u.new_empty(batch, d_inner, n_seg, d_state, dtype=torch.float32)
-    dtsum = u.new_empty(batch, d_inner, n_seg, dtype=torch.float32)
+    dtsum = u.new_empty(batch, d_inner, n_seg - 1, dtype=torch.float32)
+    # Pass 1 skips the last segment: no later segment needs its end state, and pass 2 computes it.
     launch(
-        block_states, n_seg, None, seg_strides, h_end, dtsum,
+        block_states, n_seg - 1, None, seg_strides, h_end, dtsum,
         USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False,
     )
     h_in = torch.empty_like(h_end)
