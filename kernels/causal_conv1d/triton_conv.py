@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, device_guard, seq_idx_args
+from .._launch import cdiv, device_guard, launch, seq_idx_args
 
 BLOCK_D = 16
 BLOCK_L = 128
@@ -164,7 +164,8 @@ def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None):
         out = _empty_out(x, channels_last)
     si, s_si_b, s_si_l = seq_idx_args(seq_idx)
     with device_guard(x):
-        _conv_fwd_kernel[_grid(x)](
+        launch(
+            _conv_fwd_kernel, _grid(x),
             x, weight, bias, out, si, x.shape[1], x.shape[2], *x.stride(), *out.stride(), s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
             BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
@@ -182,7 +183,8 @@ def _conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
     dbias_parts = x.new_empty(batch * grid[2], d_inner, dtype=torch.float32) if bias is not None else None
     si, s_si_b, s_si_l = seq_idx_args(seq_idx)
     with device_guard(x):
-        _conv_bwd_kernel[grid](
+        launch(
+            _conv_bwd_kernel, grid,
             x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, *x.stride(), *dout.stride(),
             *dx.stride(), s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],

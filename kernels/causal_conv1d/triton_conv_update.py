@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, device_guard, next_power_of_2
+from .._launch import cdiv, device_guard, launch, next_power_of_2
 
 
 @triton.jit
@@ -54,7 +54,8 @@ def _conv_update(x, conv_state, weight, bias, silu):
     block_d = 128
     grid = (batch, cdiv(d_inner, block_d))
     with device_guard(x):
-        _conv_update_kernel[grid](
+        launch(
+            _conv_update_kernel, grid,
             x, conv_state, weight, bias, out,
             d_inner, d_conv,
             *x.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, device_guard, next_power_of_2, sm_count
+from .._launch import cdiv, device_guard, launch, next_power_of_2, sm_count
 
 
 def _num_warps(n_cols):
@@ -47,7 +47,8 @@ def _add_rms_norm(residual, delta, weight, eps):
     normed = torch.empty(res2.shape, dtype=weight.dtype, device=residual.device)
     if res2.shape[0]:
         with device_guard(residual):
-            _add_rms_norm_kernel[(res2.shape[0],)](
+            launch(
+                _add_rms_norm_kernel, (res2.shape[0],),
                 res2, delta2, weight, hidden, normed,
                 n_cols, eps,
                 res2.stride(0), delta2.stride(0), hidden.stride(0), normed.stride(0),
@@ -151,7 +152,8 @@ class _RMSNormTriton(torch.autograd.Function):
         programs, rows_per_program, num_warps = _row_launch(x2)
         if x2.shape[0]:
             with device_guard(x):
-                _rms_norm_fwd_kernel[(programs,)](
+                launch(
+                    _rms_norm_fwd_kernel, (programs,),
                     x2, weight, out, rstd, x2.shape[0], n_cols, rows_per_program, eps, x2.stride(0), out.stride(0),
                     ROUND=_TL_DTYPES[dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
                 )
@@ -169,7 +171,8 @@ class _RMSNormTriton(torch.autograd.Function):
         dw_parts = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)  # per program
         if n_rows:
             with device_guard(x2):
-                _rms_norm_bwd_kernel[(programs,)](
+                launch(
+                    _rms_norm_bwd_kernel, (programs,),
                     x2, weight, rstd, grad2, dx, dw_parts, n_rows, n_cols, rows_per_program,
                     x2.stride(0), grad2.stride(0), dx.stride(0),
                     ROUND=_TL_DTYPES[ctx.dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, device_guard, next_power_of_2, seq_idx_args
+from .._launch import cdiv, device_guard, launch, next_power_of_2, seq_idx_args
 from .triton_scan_bwd import scan_bwd_seq
 from .triton_scan_seq import scan_fwd_seq
 
@@ -392,7 +392,8 @@ def _scan_fwd(
         initial_state = initial_state.contiguous()
     block_d, fwd_chunk, num_warps = _fwd_chunk_config(seqlen, chunk)
     grid = (batch, cdiv(d_inner, block_d))
-    _chunk_fwd_kernel[grid](
+    launch(
+        _chunk_fwd_kernel, grid,
         u, delta, A, B, C, D, z, delta_bias, initial_state,
         out_rows, final_state, chunk_states,
         seqlen, d_inner, d_state, cdiv(seqlen, fwd_chunk), n_ckpt,
@@ -438,7 +439,8 @@ def _scan_bwd(
     if dfinal_state is not None:
         dfinal_state = dfinal_state.contiguous()
     grid = (batch, cdiv(d_inner, block_d))
-    _chunk_bwd_kernel[grid](
+    launch(
+        _chunk_bwd_kernel, grid,
         u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dfinal_state,
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, y_out,
         seqlen, d_inner, d_state, n_chunks,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, next_power_of_2, seq_idx_args
+from .._launch import cdiv, launch, next_power_of_2, seq_idx_args
 from .triton_scan_seq import (
     _HEADER,
     _ZERO,
@@ -469,8 +469,9 @@ def scan_bwd_seq(
         **({"maxnreg": MAXNREG} if MAXNREG and u.is_cuda else {}),
     )
 
-    def launch(PQ, **pass_flags):
-        kernel[(batch, n_blocks, n_seg)](
+    def run_pass(PQ, **pass_flags):
+        launch(
+            kernel, (batch, n_blocks, n_seg),
             u, delta, A_c, B, C, D, z, delta_bias, chunk_states, dout,
             du, ddelta, dz, y_out, dBC, dA, dD, ddb, x, PQ, scratch,
             seqlen, d_inner, n_ckpt, ckpts_per_seg, *strides, *seq_idx_args(seq_idx),
@@ -479,13 +480,14 @@ def scan_bwd_seq(
 
     if n_seg > 1:  # pass 1, then the carries from the last segment to the first
         PQ = torch.empty(batch, n_seg, 2, d_state, d_inner, **f32)
-        launch(PQ, ADJOINT_ONLY=True, STORE_Y=False)
+        run_pass(PQ, ADJOINT_ONLY=True, STORE_Y=False)
         block_n = next_power_of_2(d_state)
         chain_bd = max(1, 1024 // block_n)
-        _chain_adjoint_kernel[(batch, cdiv(d_inner, chain_bd))](
+        launch(
+            _chain_adjoint_kernel, (batch, cdiv(d_inner, chain_bd)),
             PQ, x, d_inner, d_state, n_seg, BLOCK_D=chain_bd, BLOCK_N=block_n,
         )
-    launch(None, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
+    run_pass(None, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
     # dB, dC share one allocation; in fp32 dB is copied out, as outputs of a custom op must not alias.
     dB = dBC[1].to(B_dtype) if B_dtype != torch.float32 else dBC[1].clone()
     dC = dBC[0].to(C_dtype)

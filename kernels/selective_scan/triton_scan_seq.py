@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, next_power_of_2, seq_idx_args, sm_count
+from .._launch import cdiv, launch, next_power_of_2, seq_idx_args, sm_count
 
 # A segment must be at least this many T-step tiles long to be worth its second pass.
 MIN_TILES_PER_SEG = 16
@@ -686,9 +686,10 @@ def scan_fwd_seq(
         BC_PAIRS=bc_pairs, BC_TIME_VECTORS=bc_time_vectors, FAST_MATH=FAST_MATH and u.is_cuda, PREFETCH=prefetch,
     )
 
-    def launch(block, segments, h0, h0_strides, h_out, dtsum, **pass_flags):
+    def run_pass(block, segments, h0, h0_strides, h_out, dtsum, **pass_flags):
         """One launch of the generated kernel over (batch, channel blocks of `block`, segments)."""
-        kernel[(batch, cdiv(d_inner, block), segments)](
+        launch(
+            kernel, (batch, cdiv(d_inner, block), segments),
             u, delta, A_c, B, C, D, z, delta_bias, h0, out, h_out, dtsum, chunk_states,
             seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
             BLOCK_D=block, EVEN_TILES=seqlen % T == 0 and d_inner % block == 0, **pass_flags, **flags,
@@ -697,7 +698,7 @@ def scan_fwd_seq(
 
     if n_seg == 1:
         final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
-        launch(
+        run_pass(
             block_out, 1, initial_state, (d_inner * d_state, d_state, 0), final_state, None,
             USE_INITIAL_STATE=initial_state is not None, STATES_ONLY=False, SAVE_CHUNK_STATES=save,
         )
@@ -706,18 +707,19 @@ def scan_fwd_seq(
     h_end = u.new_empty(batch, d_inner, n_seg, d_state, dtype=torch.float32)
     dtsum = u.new_empty(batch, d_inner, n_seg - 1, dtype=torch.float32)
     # Pass 1 skips the last segment: no later segment needs its end state, and pass 2 computes it.
-    launch(
+    run_pass(
         block_states, n_seg - 1, None, seg_strides, h_end, dtsum,
         USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False,
     )
     h_in = torch.empty_like(h_end)
     block_n = next_power_of_2(d_state)
     chain_bd = max(1, 1024 // block_n)
-    _chain_segments_kernel[(batch, cdiv(d_inner, chain_bd))](
+    launch(
+        _chain_segments_kernel, (batch, cdiv(d_inner, chain_bd)),
         h_end, dtsum, A_c, initial_state, h_in, d_inner, d_state, n_seg,
         USE_INITIAL_STATE=initial_state is not None, BLOCK_D=chain_bd, BLOCK_N=block_n,
     )
-    launch(
+    run_pass(
         block_out, n_seg, h_in, seg_strides, h_end, None,
         USE_INITIAL_STATE=True, STATES_ONLY=False, SAVE_CHUNK_STATES=save,
     )

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, device_guard, next_power_of_2
+from .._launch import cdiv, device_guard, launch, next_power_of_2
 
 
 @triton.jit
@@ -79,7 +79,8 @@ def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     z_ = z if z is not None else x
     grid = (batch, cdiv(d_inner, block_d))
     with device_guard(x):
-        _selective_state_update_kernel[grid](
+        launch(
+            _selective_state_update_kernel, grid,
             state, x, dt, A, B, C, D, z, dt_bias, y,
             d_inner, d_state,
             *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z_.stride(),
