@@ -28,9 +28,28 @@ def _fp32_or_wider(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _weight_grad(left, right, needed):
-    """sum over batch of left[b] @ right[b], in fp32, or None when the weight needs no gradient."""
-    return torch.bmm(left, right).sum(0, dtype=torch.float32) if needed else None
+def _mm_fp32(a, b):
+    """a @ b as fp32 (the weight gradients): on CUDA one cuBLAS call with an fp32 result for 16-bit
+    inputs (torch >= 2.8), elsewhere the product of fp32 copies."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # the mm overload with an output dtype (CUDA only)
+
+
+def _rows(t):
+    """(batch, d_inner, seqlen) as the (d_inner, batch * seqlen) matrix: a view where t is laid out
+    (d_inner, batch, seqlen), as the backward allocates it, else a copy."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _by_channel(m, batch):
+    """A (d_inner, batch * seqlen) matrix as the (batch, d_inner, seqlen) view `_rows` inverts."""
+    return m.view(m.shape[0], batch, -1).transpose(0, 1)
 
 
 def _as(grad, dtype):
@@ -92,36 +111,45 @@ class _MambaInner(torch.autograd.Function):
         )
         x_proj_dtype, dt_proj_dtype, out_proj_dtype, A_log_dtype = ctx.weight_dtypes
         dtype = xz.dtype
-        batch = xz.shape[0]
+        batch, seqlen = xz.shape[:2]
+        rows = batch * seqlen
         d_inner = xz.shape[-1] // 2
         dt_rank, d_state = w_dt.shape[1], A.shape[1]
-        dout = dout.to(dtype)
+        dout = dout.to(dtype).reshape(rows, -1)  # (rows, hidden)
         with device_guard(xz):
             x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)
             conv_w = conv_weight.reshape(d_inner, -1)
-            # Recompute u and Δ, time-contiguous (batch, d_inner, seqlen): the layout the scan backward reads.
-            u = _conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=x.new_empty(x.shape))
-            dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
-            delta = torch.matmul(w_dt, dt.transpose(1, 2))
-            dy = torch.matmul(w_out.t(), dout.transpose(1, 2))  # (batch, d_inner, seqlen)
+            # u, Δ, dy and the scan's gradients live as (d_inner, batch, seqlen): time-contiguous (the
+            # layout the scan backward reads) and (d_inner, rows) matrices, so that every weight
+            # gradient below is one matmul over all rows (`_rows`) instead of a batched one and a sum.
+            u = _by_channel(xz.new_empty(d_inner, rows), batch)
+            _conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=u)
+            dt = x_dbl.view(rows, -1)[:, :dt_rank]
+            delta = _by_channel(torch.mm(w_dt, dt.t()), batch)
+            dy = _by_channel(torch.mm(w_out.t(), dout.t()), batch)
             y = torch.empty_like(u)  # the forward's output, recomputed by the scan backward
-            du, ddelta, dA, dB, dC, dD, dz, ddt_bias, _ = _scan_bwd(
+            # x_proj's output gradient [dΔ_low-rank | dB | dC]; the scan backward writes dB, dC into it.
+            dx_dbl = x_dbl.new_empty(rows, dt_rank + 2 * d_state)
+            _, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
+            du, ddelta, dA, _, _, dD, dz, ddt_bias, _ = _scan_bwd(
                 u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
                 _fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y, need_dinitial=False,
+                dBC_out=dx_dbl[:, dt_rank:].view(batch, seqlen, 2, d_state),
             )
+            ddelta = _rows(ddelta)
+            torch.mm(ddelta.t(), w_dt, out=dx_dbl[:, :dt_rank])
             # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
             # in_proj only).
             need = ctx.needs_input_grad
-            dw_out = _weight_grad(dout.transpose(1, 2), y.transpose(1, 2), need[8])
-            db_out = dout.sum((0, 1), dtype=torch.float32) if need[9] else None
-            dw_dt = _weight_grad(ddelta, dt, need[4])
-            ddt = torch.matmul(ddelta.transpose(1, 2), w_dt)  # (batch, seqlen, dt_rank)
-            dx_dbl = torch.cat([ddt, dB.transpose(1, 2).to(dtype), dC.transpose(1, 2).to(dtype)], dim=-1)
-            dw_x = _weight_grad(dx_dbl.transpose(1, 2), u.transpose(1, 2), need[3])
-            du.baddbmm_(w_x.t().expand(batch, -1, -1), dx_dbl.transpose(1, 2))  # + x_proj's input gradient
+            dw_out = _mm_fp32(dout.t(), _rows(y).t()) if need[8] else None
+            db_out = dout.sum(0, dtype=torch.float32) if need[9] else None
+            dw_dt = _mm_fp32(ddelta, dt) if need[4] else None
+            dw_x = _mm_fp32(dx_dbl.t(), _rows(u).t()) if need[3] else None
+            du = _rows(du)
+            du.addmm_(w_x.t(), dx_dbl.t())  # + x_proj's input gradient
             dxz = torch.empty_like(xz)
             _, dconv_w, dconv_b = _conv_bwd(
-                x, conv_w, conv_bias, seq_idx, True, du, dx=dxz[..., :d_inner].transpose(1, 2)
+                x, conv_w, conv_bias, seq_idx, True, _by_channel(du, batch), dx=dxz[..., :d_inner].transpose(1, 2)
             )
             dxz[..., d_inner:].copy_(dz.transpose(1, 2))
         return (

@@ -410,17 +410,17 @@ def _scan_fwd(
 
 def _scan_bwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx, y_out=None,
-    need_dinitial=True,
+    need_dinitial=True, dBC_out=None,
 ):
-    """The scan's gradients; y_out, a contiguous tensor like u (with u contiguous too: the per-channel
-    backward writes it with the gradients' strides), also receives the forward's output. Without
-    need_dinitial the initial state's gradient may come back empty."""
+    """The scan's gradients; y_out, laid out as torch.empty_like(u), also receives the forward's output.
+    Without need_dinitial the initial state's gradient may come back empty. With dBC_out (batch,
+    seqlen, 2, d_state) dB and dC are written there instead and come back empty."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     if _use_seq_backward(d_state, u.dtype):
         return scan_bwd_seq(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, _chunk_len(seqlen), dout,
-            dfinal_state, seq_idx, y_out, need_dinitial,
+            dfinal_state, seq_idx, y_out, need_dinitial, dBC_out,
         )
     block_d, chunk, num_warps = _chunk_config(seqlen)
     n_chunks = cdiv(seqlen, chunk)
@@ -438,11 +438,12 @@ def _scan_bwd(
     dh0 = torch.empty(batch, d_inner, d_state, **f32)
     if dfinal_state is not None:
         dfinal_state = dfinal_state.contiguous()
+    y_rows = y_out if y_out is None or y_out.is_contiguous() else torch.empty_like(du)  # the kernel writes rows
     grid = (batch, cdiv(d_inner, block_d))
     launch(
         _chunk_bwd_kernel, grid,
         u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dfinal_state,
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, y_out,
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, y_rows,
         seqlen, d_inner, d_state, n_chunks,
         *A.stride(), *seq_idx_args(seq_idx),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
@@ -450,6 +451,12 @@ def _scan_bwd(
         STORE_Y=y_out is not None,
         BLOCK_D=block_d, BLOCK_N=next_power_of_2(d_state), CHUNK=chunk, num_warps=num_warps,
     )
+    if y_rows is not y_out:
+        y_out.copy_(y_rows)
+    if dBC_out is not None:
+        dBC_out[:, :, 0].copy_(dB.transpose(1, 2))
+        dBC_out[:, :, 1].copy_(dC.transpose(1, 2))
+        dB = dC = _empty().to(u.device)
     return (
         du,
         ddelta,

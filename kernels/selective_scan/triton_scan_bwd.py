@@ -242,7 +242,7 @@ def _reverse_phase(L, I, T, N, G):
     _dy(L, J, T)
     _keeps(L, J, T)
     L.append(f"{J}p_scr_t = p_scr_p + (i_c - k_first) * {N} * BLOCK_D")
-    L.append(f"{J}p_dC_t = p_dBC + i_b * s_dBC_b + i_c * {T}")
+    L.append(f"{J}p_dBC_t = p_dBC + i_b * s_dBC_b + i_c * {T}")
     for t in range(T):  # sums over states: g B (for du, dΔ), h C (y, for dz), g a h A log2(e) (dΔ)
         L.append(f"{J}gb_{t} = tl.zeros([BLOCK_D], dtype=tl.float32)")
         L.append(f"{J}y_{t} = tl.zeros([BLOCK_D], dtype=tl.float32)")
@@ -276,18 +276,18 @@ def _reverse_phase(L, I, T, N, G):
         L.append(f"{K}tl.store(p_dA_d + {n} * d_inner, dA_n, mask=m_d)")
         # dC_t and dB_t of state n, summed over this warp's channels, added to global memory.
         L.append(f"{K}if LANE_SUM:")
-        idx = _lane_sum(L, K + "    ", [f"dc_{t}" for t in range(T)] + [f"db_{t}" for t in range(T)])
+        idx = _lane_sum(L, K + "    ", [f"db_{t}" for t in range(T)] + [f"dc_{t}" for t in range(T)])
         L.append(f"{K}    lane_k = {idx}")
         L.append(f"{K}    t_k = i_c * {T} + lane_k % {T}")
-        L.append(f"{K}    p_k = p_dC_t + (lane_k // {T}) * s_dBC_bc + {n} * s_dBC_n + lane_k % {T}")
+        L.append(f"{K}    p_k = p_dBC_t + (lane_k // {T}) * s_dBC_bc + {n} * s_dBC_n + lane_k % {T}")
         L.append(f"{K}    tl.atomic_add(p_k, lane_v, mask=lane_owner & (t_k < seqlen), sem='relaxed')")
         L.append(f"{K}else:")
         dc = _pack([f"dc_{t}" for t in range(T)], L, K + "    ", "pdc")
         db = _pack([f"db_{t}" for t in range(T)], L, K + "    ", "pdb")
         L.append(f"{K}    m_t = o_tt < seqlen")
-        L.append(f"{K}    p_n = p_dC_t + {n} * s_dBC_n + o_t")
-        L.append(f"{K}    tl.atomic_add(p_n, tl.sum({dc}, axis=0), mask=m_t, sem='relaxed')")
-        L.append(f"{K}    tl.atomic_add(p_n + s_dBC_bc, tl.sum({db}, axis=0), mask=m_t, sem='relaxed')")
+        L.append(f"{K}    p_n = p_dBC_t + {n} * s_dBC_n + o_t")
+        L.append(f"{K}    tl.atomic_add(p_n, tl.sum({db}, axis=0), mask=m_t, sem='relaxed')")
+        L.append(f"{K}    tl.atomic_add(p_n + s_dBC_bc, tl.sum({dc}, axis=0), mask=m_t, sem='relaxed')")
     b_gb = _pack([f"gb_{t}" for t in range(T)], L, J, "pgb")
     b_y = _pack([f"y_{t}" for t in range(T)], L, J, "py")
     b_gda = _pack([f"gda_{t}" for t in range(T)], L, J, "pgda")
@@ -406,12 +406,14 @@ def _bwd_kernel(N, T, G):
 
 def scan_bwd_seq(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, ckpt_len, dout, dfinal_state, seq_idx,
-    y_out=None, need_dinitial=True,
+    y_out=None, need_dinitial=True, dBC_out=None,
 ):
     """The scan's gradients from the forward's checkpoints (every `ckpt_len` steps), as `_scan_bwd`
     returns them: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, laid out as
     torch.empty_like(u) (the gradients' layout, whose strides the kernel writes it with), also
-    receives the forward's output. dinitial_state is empty unless need_dinitial.
+    receives the forward's output. dinitial_state is empty unless need_dinitial. With dBC_out (a
+    (batch, seqlen, 2, d_state) tensor, any dtype and strides) dB and dC go there instead, and come
+    back empty.
 
     The host side runs once per layer and step, and training a small model is host-bound: every
     torch op here costs several microseconds, so buffers share allocations where they can."""
@@ -488,10 +490,13 @@ def scan_bwd_seq(
             PQ, x, d_inner, d_state, n_seg, BLOCK_D=chain_bd, BLOCK_N=block_n,
         )
     run_pass(None, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
-    # dB, dC share one allocation; in fp32 dB is copied out, as outputs of a custom op must not alias.
-    dB = dBC[1].to(B_dtype) if B_dtype != torch.float32 else dBC[1].clone()
-    dC = dBC[0].to(C_dtype)
     empty = u.new_empty(0)
+    if dBC_out is not None:  # dB, dC as (batch, seqlen, 2, d_state): one copy
+        dBC_out.copy_(dBC.permute(1, 3, 0, 2))
+        dB = dC = empty
+    else:  # dB, dC share one allocation; in fp32 dC is copied out, as outputs of a custom op must not alias
+        dB = dBC[0].to(B_dtype)
+        dC = dBC[1].to(C_dtype) if C_dtype != torch.float32 else dBC[1].clone()
     return (
         du,
         ddelta,
