@@ -220,6 +220,9 @@ SEQ_SWEEP = {
         ("pass 1 two channels, (2, 16)", dict(CHANNELS_PER_THREAD=2)),
         ("(1, 32)", dict(WARPS_PER_SM=32)),
         ("(1, 8)", dict(WARPS_PER_SM=8)),
+        ("pass 1 capped at 128", dict(PASS1_MAXNREG=128)),
+        ("pass 1 capped at 144", dict(PASS1_MAXNREG=144)),
+        ("pass 1 capped at 128, no prefetch", dict(PASS1_MAXNREG=128, PREFETCH=False)),
     ],
     "fp32": [
         ("session 5: step by step", dict(BC_TIME_VECTORS=False, FAST_MATH=False, PREFETCH=False, WARPS_PER_SM=8)),

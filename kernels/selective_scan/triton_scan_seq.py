@@ -77,6 +77,9 @@ PREFETCH = None
 # free to, and the registers then limit the warps per multiprocessor. 0: no cap; None: the measured
 # choice per element size (`_config`).
 MAXNREG = None
+# Register cap of a segmented forward's first pass (states only: no C, z or outputs to hold), which
+# could run more warps per multiprocessor than the second. None: MAXNREG's choice (sweep knob).
+PASS1_MAXNREG = None
 
 
 def _config(element_size):
@@ -686,7 +689,7 @@ def scan_fwd_seq(
         BC_PAIRS=bc_pairs, BC_TIME_VECTORS=bc_time_vectors, FAST_MATH=FAST_MATH and u.is_cuda, PREFETCH=prefetch,
     )
 
-    def run_pass(block, segments, h0, h0_strides, h_out, dtsum, **pass_flags):
+    def run_pass(block, segments, h0, h0_strides, h_out, dtsum, maxnreg=maxnreg, **pass_flags):
         """One launch of the generated kernel over (batch, channel blocks of `block`, segments)."""
         launch(
             kernel, (batch, cdiv(d_inner, block), segments),
@@ -709,6 +712,7 @@ def scan_fwd_seq(
     # Pass 1 skips the last segment: no later segment needs its end state, and pass 2 computes it.
     run_pass(
         block_states, n_seg - 1, None, seg_strides, h_end, dtsum,
+        maxnreg=maxnreg if PASS1_MAXNREG is None else PASS1_MAXNREG,
         USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False,
     )
     h_in = torch.empty_like(h_end)
