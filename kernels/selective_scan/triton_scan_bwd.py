@@ -274,7 +274,7 @@ def _reverse_phase(L, I, T, N, G):
             L.append(f"{K}dA_n += gah * dt_{t}")
         L.append(f"{K}tl.store(p_x_d + {n} * d_inner, x, mask=m_d)")
         L.append(f"{K}tl.store(p_dA_d + {n} * d_inner, dA_n, mask=m_d)")
-        # dC_t and dB_t of state n, summed over this warp's channels, added to global memory.
+        # dB_t and dC_t of state n, summed over this warp's channels, added to global memory.
         L.append(f"{K}if LANE_SUM:")
         idx = _lane_sum(L, K + "    ", [f"db_{t}" for t in range(T)] + [f"dc_{t}" for t in range(T)])
         L.append(f"{K}    lane_k = {idx}")
@@ -444,7 +444,7 @@ def scan_bwd_seq(
     n_seg = _segment_count(programs, WARPS_PER_SM, u.device, n_tiles, MIN_TILES_PER_SEG, n_ckpt)  # whole chunks
     ckpts_per_seg = cdiv(n_ckpt, n_seg)
     n_seg = cdiv(n_ckpt, ckpts_per_seg)
-    # One zero fill for three buffers: dC, dB (atomics accumulate there); per batch and segment the
+    # One zero fill for three buffers: dB, dC (atomics accumulate there); per batch and segment the
     # dA partial sums and the adjoint carry x (in: from the right; out: to the left).
     n_bc, n_carry = 2 * batch * d_state * seqlen, batch * n_seg * d_state * d_inner
     zeros = torch.zeros(n_bc + 2 * n_carry, **f32)
