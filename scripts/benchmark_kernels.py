@@ -555,6 +555,53 @@ def host_time_table(args, calls=20):
         print(f"\ncProfile, {name}, {calls} calls, by own time:\n{text}")
 
 
+def launch_cost_table(args, repeats=200):
+    """Host time per launch of each Triton kernel in the 130M mixer's forward + backward: through
+    Triton's JITFunction.run (`kernel[grid](...)`) and through hf_mamba's `_launch.launch`, which
+    calls the compiled kernel's launcher once the argument signature has launched. Each launch is
+    replayed `repeats` times behind a busy GPU, so no waiting counts."""
+    import functools
+    import time
+
+    from hf_mamba.kernels import _launch
+    from triton.runtime.jit import JITFunction
+
+    step = _mixer_steps()["hf_mamba mamba_inner_triton"]
+    step()  # compiles
+    # One forward + backward with the fast path off records every launch as Triton receives it.
+    recorded, run = {}, JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        recorded.setdefault(self.__name__, (self, grid, args, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    _launch.FAST_LAUNCH, JITFunction.run = False, record
+    try:
+        step()
+    finally:
+        _launch.FAST_LAUNCH, JITFunction.run = True, run
+    torch.cuda.synchronize()
+
+    def host_us(launch_once):
+        launch_once()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(1_000_000_000)  # a busy GPU ahead: enqueueing never waits
+        start = time.perf_counter()
+        for _ in range(repeats):
+            launch_once()
+        elapsed = (time.perf_counter() - start) / repeats * 1e6
+        torch.cuda.synchronize()
+        return elapsed
+
+    print(f"\nHost time per launch, the 130M mixer's kernels (batch 4 x 1024, bf16), us, {repeats} launches each")
+    print("| kernel | arguments | kernel[grid](...) | _launch.launch |")
+    print("|---|---|---|---|")
+    for name, (kernel, grid, kargs, kwargs) in recorded.items():
+        plain = host_us(functools.partial(kernel[grid], *kargs, **kwargs))
+        fast = host_us(functools.partial(_launch.launch, kernel, grid, *kargs, **kwargs))
+        print(f"| {name} | {len(kargs)} | {plain:.1f} | {fast:.1f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-torch-path", dest="torch_path", action="store_false", help="skip the PyTorch scan")
@@ -565,6 +612,7 @@ def main():
     parser.add_argument("--no-conv", dest="conv", action="store_false", help="skip the causal conv1d table")
     parser.add_argument("--gpu-time", action="store_true", help="the forward's GPU time per call, then stop")
     parser.add_argument("--host-time", action="store_true", help="host vs GPU time at the model's shape, then stop")
+    parser.add_argument("--launch-cost", action="store_true", help="host us per launch, both paths, then stop")
     parser.add_argument("--bwd-sweep", action="store_true", help="time the backward's variants, then stop")
     parser.add_argument("--skip", default="", help="sweeps: skip the rows whose label starts so (comma-separated)")
     parser.add_argument("--only", default="", help="sweeps: only the rows whose label starts so (comma-separated)")
@@ -586,6 +634,8 @@ def main():
     if args.bwd_sweep:
         bwd_sweep(args)
         return
+    if args.launch_cost:
+        return launch_cost_table(args)
     if args.host_time:
         host_time_table(args)
         return
