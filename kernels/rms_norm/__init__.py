@@ -1,4 +1,4 @@
-"""Residual add fused with the next RMSNorm, for the decode step.
+"""Residual add fused with the next RMSNorm.
 
 A Mamba block returns residual + mixer(...); the next block (or the final norm) normalises that sum.
 `add_rms_norm` computes both in one pass:
@@ -6,41 +6,50 @@ A Mamba block returns residual + mixer(...); the next block (or the final norm) 
     hidden = residual + delta                                   (in promote(residual, delta) dtype)
     normed = weight * rms_norm(hidden.to(weight.dtype), eps)    (normalised in fp32, cast, then scaled)
 
-with the roundings of the model's MambaRMSNorm (Transformers' Mamba order), so the fused decode step
-computes what the blocks compute one op at a time.
+with the roundings of the model's MambaRMSNorm (Transformers' Mamba order), so that the fused blocks
+compute what the blocks compute one op at a time.
 """
 
 import torch
 import torch.nn.functional as F
 
 
-def add_rms_norm_ref(residual, delta, weight, eps):
+def add_rms_norm_ref(residual, delta, weight, eps, out_dtype=None):
     """PyTorch ops in the model's order; returns (hidden, normed)."""
     hidden = residual + delta
     x = hidden.to(weight.dtype)
     x_fp32 = x.to(torch.promote_types(x.dtype, torch.float32))
     normed = weight * F.rms_norm(x_fp32, weight.shape, eps=eps).to(weight.dtype)
-    return hidden, normed
+    return hidden, normed.to(out_dtype or normed.dtype)
 
 
-def add_rms_norm(residual, delta, weight, eps, backend=None):
+def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     """residual, delta: (..., hidden_size); weight: (hidden_size,). Returns (hidden, normed).
 
-    backend: "triton" (one kernel per row block), "reference" / "torch" (PyTorch ops), or None:
-    Triton on CUDA, else PyTorch. No autograd: for inference (the decode step).
+    out_dtype: normed's dtype, by default weight's; autocast's dtype lets the next matmul skip its cast
+    (the value is the one that cast would give). backend: "triton" (one kernel forward, one backward
+    plus the weight gradient's sum), "reference" / "torch" (PyTorch ops), or None: Triton on CUDA,
+    else PyTorch. Gradients flow to residual, delta and weight on every backend.
     """
     if residual.shape != delta.shape:
         raise ValueError(f"residual and delta must have the same shape, got {tuple(residual.shape)} and "
                          f"{tuple(delta.shape)}")
     if weight.dim() != 1 or weight.shape[0] != residual.shape[-1]:
         raise ValueError(f"weight must have shape ({residual.shape[-1]},), got {tuple(weight.shape)}")
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
     from ..selective_scan import resolve_backend
 
-    if resolve_backend(backend, residual.device) == "triton" and residual.dtype != torch.float64:
-        from .triton_rms_norm import add_rms_norm_triton
+    tensors = (residual, delta, weight)
+    if resolve_backend(backend, residual.device) == "triton" and torch.float64 not in {t.dtype for t in tensors}:
+        from .triton_rms_norm import add_rms_norm_train_triton, add_rms_norm_triton
 
-        return add_rms_norm_triton(residual, delta, weight, eps)
-    return add_rms_norm_ref(residual, delta, weight, eps)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if not needs_grad:
+            return add_rms_norm_triton(residual, delta, weight, eps, out_dtype)
+        if not torch.compiler.is_compiling():  # compiled training traces the ops below
+            return add_rms_norm_train_triton(residual, delta, weight, eps, out_dtype)
+    return add_rms_norm_ref(residual, delta, weight, eps, out_dtype)
 
 
 __all__ = ["add_rms_norm", "add_rms_norm_ref"]

@@ -1,9 +1,19 @@
-"""RMSNorm in Triton, the row in registers (hidden_size up to 64K).
+"""RMSNorm in Triton, the row in registers (hidden_size up to 64K), optionally fused with the residual
+add before it.
 
-- add_rms_norm: the decode step's residual add + norm, one program per row, no autograd.
-- rms_norm_train: the training norm (forward and backward, one launch each plus the weight gradient's
-  sum): on the PyTorch ops the backward takes about ten kernels per norm, and a 24-layer model's
-  training step is host-bound on launches.
+A Mamba block returns residual + mixer(...), and the next block (or the final norm) normalises that
+sum. On the PyTorch ops the add, the norm, autocast's cast of its output and, in the backward, the
+gradient's cast and the sum of the residual's and the norm's gradients are some five kernels per
+layer beyond the norm's own; a 24-layer model's training step is host-bound on launches. Here:
+
+- add_rms_norm_train: (hidden, normed) = (residual + delta, norm(residual + delta)) with autograd,
+  one launch forward and one (plus the weight gradient's sum) backward.
+- rms_norm_train: the norm alone (the first block's), the same kernels without the add.
+- add_rms_norm_triton: the same forward without autograd, for inference and the decode step.
+
+The roundings are the model's (MambaRMSNorm, Transformers' Mamba order): the sum in promote(residual,
+delta), cast to the norm's dtype ROUND, normalised in fp32, rounded to ROUND, scaled by the weight in
+fp32 and rounded to the output dtype (autocast's, where the next op would cast to it anyway).
 """
 
 import torch
@@ -13,77 +23,13 @@ import triton.language as tl
 from .._launch import cdiv, device_guard, launch, next_power_of_2, sm_count
 
 
-def _num_warps(n_cols):
-    """Warps for one program holding a row of n_cols (BLOCK = next power of two) in registers."""
-    return 4 if n_cols <= 4096 else 8
-
-
-@triton.jit
-def _add_rms_norm_kernel(
-    p_res, p_delta, p_w, p_hidden, p_normed,
-    n_cols, eps,
-    s_res, s_delta, s_hidden, s_normed,
-    BLOCK: tl.constexpr,
-):
-    i_row = tl.program_id(0).to(tl.int64)
-    o_c = tl.arange(0, BLOCK)
-    m_c = o_c < n_cols
-    b_res = tl.load(p_res + i_row * s_res + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_delta = tl.load(p_delta + i_row * s_delta + o_c, mask=m_c, other=0.0).to(tl.float32)
-    # The sum is rounded to the hidden dtype, then to the norm's dtype, as the blocks' ops round it.
-    b_hidden = (b_res + b_delta).to(p_hidden.dtype.element_ty)
-    tl.store(p_hidden + i_row * s_hidden + o_c, b_hidden, mask=m_c)
-    b_x = b_hidden.to(p_normed.dtype.element_ty).to(tl.float32)
-    b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / n_cols + eps)
-    b_n = (b_x * b_rstd).to(p_normed.dtype.element_ty).to(tl.float32)
-    b_w = tl.load(p_w + o_c, mask=m_c, other=0.0).to(tl.float32)
-    tl.store(p_normed + i_row * s_normed + o_c, (b_w * b_n).to(p_normed.dtype.element_ty), mask=m_c)
-
-
-def _add_rms_norm(residual, delta, weight, eps):
-    n_cols = residual.shape[-1]
-    res2, delta2 = residual.reshape(-1, n_cols), delta.reshape(-1, n_cols)
-    hidden = torch.empty(res2.shape, dtype=torch.promote_types(residual.dtype, delta.dtype), device=residual.device)
-    normed = torch.empty(res2.shape, dtype=weight.dtype, device=residual.device)
-    if res2.shape[0]:
-        with device_guard(residual):
-            launch(
-                _add_rms_norm_kernel, (res2.shape[0],),
-                res2, delta2, weight, hidden, normed,
-                n_cols, eps,
-                res2.stride(0), delta2.stride(0), hidden.stride(0), normed.stride(0),
-                BLOCK=next_power_of_2(n_cols), num_warps=_num_warps(n_cols),
-            )
-    return hidden.view(residual.shape), normed.view(residual.shape)
-
-
-@torch.library.custom_op("hf_mamba::add_rms_norm", mutates_args=())
-def add_rms_norm_op(
-    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _add_rms_norm(residual, delta, weight, eps)
-
-
-@add_rms_norm_op.register_fake
-def _(residual, delta, weight, eps):
-    dtype = torch.promote_types(residual.dtype, delta.dtype)
-    return residual.new_empty(residual.shape, dtype=dtype), residual.new_empty(residual.shape, dtype=weight.dtype)
-
-
-def add_rms_norm_triton(residual, delta, weight, eps):
-    """Triton path of `hf_mamba.kernels.add_rms_norm`. Rows need a unit stride along hidden_size."""
-    args = (residual.contiguous(), delta.contiguous(), weight.contiguous(), float(eps))
-    if torch.compiler.is_compiling():
-        return add_rms_norm_op(*args)  # the op torch.compile / export trace through
-    return _add_rms_norm(*args)  # eager: no custom-op dispatch on the host
-
-
 @triton.jit
 def _rms_norm_fwd_kernel(
-    p_x, p_w, p_out, p_rstd, n_rows, n_cols, rows_per_program, eps, s_x, s_out,
-    ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    p_x, p_delta, p_w, p_hidden, p_out, p_rstd, n_rows, n_cols, rows_per_program, eps,
+    s_x, s_delta, s_hidden, s_out,
+    ADD: tl.constexpr, STORE_RSTD: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # out = w * (x * rstd).to(ROUND): normalised in fp32, rounded to the input's dtype, then scaled.
+    # ADD: hidden = x + delta (stored), normalised as hidden.to(ROUND). Else x itself is normalised.
     o_c = tl.arange(0, BLOCK)
     m_c = o_c < n_cols
     b_w = tl.load(p_w + o_c, mask=m_c, other=0.0).to(tl.float32)
@@ -91,19 +37,30 @@ def _rms_norm_fwd_kernel(
         i_row = tl.program_id(0).to(tl.int64) * rows_per_program + r
         if i_row < n_rows:
             b_x = tl.load(p_x + i_row * s_x + o_c, mask=m_c, other=0.0).to(tl.float32)
+            if ADD:
+                b_delta = tl.load(p_delta + i_row * s_delta + o_c, mask=m_c, other=0.0).to(tl.float32)
+                b_hidden = (b_x + b_delta).to(p_hidden.dtype.element_ty)
+                tl.store(p_hidden + i_row * s_hidden + o_c, b_hidden, mask=m_c)
+                b_x = b_hidden.to(ROUND).to(tl.float32)
             b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / n_cols + eps)
             b_n = (b_x * b_rstd).to(ROUND).to(tl.float32)
             tl.store(p_out + i_row * s_out + o_c, (b_w * b_n).to(p_out.dtype.element_ty), mask=m_c)
-            tl.store(p_rstd + i_row, b_rstd)
+            if STORE_RSTD:
+                tl.store(p_rstd + i_row, b_rstd)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    p_x, p_w, p_rstd, p_grad, p_dx, p_dw, n_rows, n_cols, rows_per_program, s_x, s_grad, s_dx,
-    ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    p_x, p_w, p_rstd, p_grad, p_dhidden, p_dx, p_ddelta, p_dw, n_rows, n_cols, rows_per_program,
+    s_x, s_grad, s_dhidden, s_dx, s_ddelta,
+    ADD: tl.constexpr, HAS_DHIDDEN: tl.constexpr, STORE_DDELTA: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # With n = x rstd and dn = (grad w).to(ROUND): dx = rstd (dn - n mean(dn n)), dw = sum_rows grad n.to(ROUND)
     # (this program's rows; the host adds the programs' partial sums).
+    # ADD: x is the hidden sum, normalised as x.to(ROUND); its gradient is the norm's, rounded to ROUND
+    # as the cast's backward rounds it, plus dhidden (the gradient of the sum's other uses), and is
+    # stored for the residual (p_dx) and, in delta's dtype where that differs, for delta.
     i_prog = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, BLOCK)
     m_c = o_c < n_cols
@@ -113,12 +70,22 @@ def _rms_norm_bwd_kernel(
         i_row = i_prog * rows_per_program + r
         if i_row < n_rows:
             b_x = tl.load(p_x + i_row * s_x + o_c, mask=m_c, other=0.0).to(tl.float32)
+            if ADD:
+                b_x = b_x.to(ROUND).to(tl.float32)
             b_g = tl.load(p_grad + i_row * s_grad + o_c, mask=m_c, other=0.0).to(tl.float32)
             b_rstd = tl.load(p_rstd + i_row)
             b_n = b_x * b_rstd
             b_dw += b_g * b_n.to(ROUND).to(tl.float32)
             b_dn = (b_g * b_w).to(ROUND).to(tl.float32)
             b_dx = b_rstd * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=0) / n_cols))
+            if ADD:
+                b_dx = b_dx.to(ROUND).to(tl.float32)
+                if HAS_DHIDDEN:
+                    b_dhidden = tl.load(p_dhidden + i_row * s_dhidden + o_c, mask=m_c, other=0.0).to(tl.float32)
+                    b_dx = b_dhidden + b_dx
+                b_dx = b_dx.to(p_dx.dtype.element_ty)
+                if STORE_DDELTA:
+                    tl.store(p_ddelta + i_row * s_ddelta + o_c, b_dx.to(p_ddelta.dtype.element_ty), mask=m_c)
             tl.store(p_dx + i_row * s_dx + o_c, b_dx.to(p_dx.dtype.element_ty), mask=m_c)
     tl.store(p_dw + i_prog * n_cols + o_c, b_dw, mask=m_c)
 
@@ -126,12 +93,11 @@ def _rms_norm_bwd_kernel(
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _row_launch(x):
-    """(programs, rows per program, num_warps) for the rows of x (n_rows, n_cols): a few programs per
+def _row_launch(n_rows, n_cols, device):
+    """(programs, rows per program, num_warps) for n_rows rows of n_cols: a few programs per
     multiprocessor, so that the weight gradient's partial sums stay small."""
-    n_rows, n_cols = x.shape
-    rows_per_program = max(1, cdiv(n_rows, 4 * sm_count(x.device)))
-    return cdiv(n_rows, rows_per_program), rows_per_program, _num_warps(n_cols)
+    rows_per_program = max(1, cdiv(n_rows, 4 * sm_count(device)))
+    return cdiv(n_rows, rows_per_program), rows_per_program, 4 if n_cols <= 4096 else 8
 
 
 def _rows(t, n_cols):
@@ -140,23 +106,57 @@ def _rows(t, n_cols):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _norm_fwd(x2, delta2, weight, eps, round_dtype, out_dtype, store_rstd):
+    """The forward kernel on rows x2 (+ delta2): (hidden or None, out, rstd or None)."""
+    n_rows, n_cols = x2.shape
+    hidden = None
+    if delta2 is not None:
+        hidden = torch.empty(x2.shape, dtype=torch.promote_types(x2.dtype, delta2.dtype), device=x2.device)
+    out = torch.empty(x2.shape, dtype=out_dtype, device=x2.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device) if store_rstd else None
+    programs, rows_per_program, num_warps = _row_launch(n_rows, n_cols, x2.device)
+    if n_rows:
+        with device_guard(x2):
+            launch(
+                _rms_norm_fwd_kernel, (programs,),
+                x2, delta2, weight, hidden, out, rstd, n_rows, n_cols, rows_per_program, eps,
+                x2.stride(0), delta2.stride(0) if delta2 is not None else 0,
+                hidden.stride(0) if hidden is not None else 0, out.stride(0),
+                ADD=delta2 is not None, STORE_RSTD=store_rstd, ROUND=_TL_DTYPES[round_dtype],
+                BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
+            )
+    return hidden, out, rstd
+
+
+def _norm_bwd(x2, weight, rstd, grad, dhidden, round_dtype, add, delta_dtype=None):
+    """The backward kernel: (dx, ddelta or None, dweight's fp32 partial sums (programs, n_cols))."""
+    n_rows, n_cols = x2.shape
+    grad2 = _rows(grad, n_cols)
+    dhidden2 = _rows(dhidden, n_cols) if dhidden is not None else None
+    dx = torch.empty_like(x2)
+    ddelta = torch.empty(x2.shape, dtype=delta_dtype, device=x2.device) if add and delta_dtype != x2.dtype else None
+    programs, rows_per_program, num_warps = _row_launch(n_rows, n_cols, x2.device)
+    dw_parts = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)  # per program
+    if n_rows:
+        with device_guard(x2):
+            launch(
+                _rms_norm_bwd_kernel, (programs,),
+                x2, weight, rstd, grad2, dhidden2, dx, ddelta, dw_parts, n_rows, n_cols, rows_per_program,
+                x2.stride(0), grad2.stride(0), dhidden2.stride(0) if dhidden2 is not None else 0, dx.stride(0),
+                ddelta.stride(0) if ddelta is not None else 0,
+                ADD=add, HAS_DHIDDEN=dhidden2 is not None, STORE_DDELTA=ddelta is not None,
+                ROUND=_TL_DTYPES[round_dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
+            )
+    return dx, ddelta if add else None, dw_parts
+
+
 class _RMSNormTriton(torch.autograd.Function):
     """weight * rms_norm(x).to(dtype), as the model's MambaRMSNorm computes it; keeps x and 1/rms per row."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, dtype):
-        n_cols = x.shape[-1]
-        x2 = _rows(x, n_cols)  # (rows, n_cols)
-        out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
-        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        programs, rows_per_program, num_warps = _row_launch(x2)
-        if x2.shape[0]:
-            with device_guard(x):
-                launch(
-                    _rms_norm_fwd_kernel, (programs,),
-                    x2, weight, out, rstd, x2.shape[0], n_cols, rows_per_program, eps, x2.stride(0), out.stride(0),
-                    ROUND=_TL_DTYPES[dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
-                )
+    def forward(ctx, x, weight, eps, dtype, out_dtype):
+        x2 = _rows(x, x.shape[-1])  # (rows, n_cols)
+        _, out, rstd = _norm_fwd(x2, None, weight, eps, dtype, out_dtype, store_rstd=True)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.dtype, ctx.shape = dtype, x.shape
         return out.view(x.shape)
@@ -164,27 +164,78 @@ class _RMSNormTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, weight, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
-        grad2 = _rows(grad, n_cols)
-        dx = torch.empty_like(x2)
-        programs, rows_per_program, num_warps = _row_launch(x2)
-        dw_parts = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)  # per program
-        if n_rows:
-            with device_guard(x2):
-                launch(
-                    _rms_norm_bwd_kernel, (programs,),
-                    x2, weight, rstd, grad2, dx, dw_parts, n_rows, n_cols, rows_per_program,
-                    x2.stride(0), grad2.stride(0), dx.stride(0),
-                    ROUND=_TL_DTYPES[ctx.dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
-                )
+        dx, _, dw_parts = _norm_bwd(x2, weight, rstd, grad, None, ctx.dtype, add=False)
         dweight = dw_parts.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (n_cols,)
-        return dx.view(ctx.shape), dweight, None, None  # eps and dtype: not tensors
+        return dx.view(ctx.shape), dweight, None, None, None  # eps and the dtypes: not tensors
 
 
-def rms_norm_train_triton(x, weight, eps, dtype):
-    """weight * rms_norm(x, eps).to(dtype) with autograd, x fp32 (or any float but fp64) and rows of unit
-    stride; the output's dtype is promote(weight.dtype, dtype), as the model's ops give."""
-    return _RMSNormTriton.apply(x, weight.contiguous(), float(eps), dtype)
+class _AddRMSNormTriton(torch.autograd.Function):
+    """(residual + delta, weight * rms_norm((residual + delta).to(weight.dtype))); keeps the sum (the
+    residual stream keeps it anyway) and 1/rms per row."""
+
+    @staticmethod
+    def forward(ctx, residual, delta, weight, eps, out_dtype):
+        n_cols = residual.shape[-1]
+        res2, delta2 = _rows(residual, n_cols), _rows(delta, n_cols)  # (rows, n_cols)
+        hidden, normed, rstd = _norm_fwd(res2, delta2, weight, eps, weight.dtype, out_dtype, store_rstd=True)
+        ctx.save_for_backward(hidden, weight, rstd)
+        ctx.set_materialize_grads(False)  # the sum's gradient is None where only the norm reads it
+        ctx.dtypes, ctx.shape = (residual.dtype, delta.dtype), residual.shape
+        return hidden.view(residual.shape), normed.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, dhidden, dnormed):
+        hidden, weight, rstd = ctx.saved_tensors
+        res_dtype, delta_dtype = ctx.dtypes
+        if dnormed is None:
+            dnormed = torch.zeros_like(hidden, dtype=weight.dtype)
+        dsum, ddelta, dw_parts = _norm_bwd(hidden, weight, rstd, dnormed, dhidden, weight.dtype, True, delta_dtype)
+        dweight = dw_parts.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None  # (n_cols,)
+        dres = dsum.view(ctx.shape).to(res_dtype)  # a no-op unless residual was narrower than the sum
+        # The sum's gradient reaches both inputs; where their dtypes agree it is one tensor.
+        ddelta = ddelta.view(ctx.shape) if ddelta is not None else dsum.view(ctx.shape)
+        return dres, ddelta, dweight, None, None  # eps, out_dtype: not tensors
 
 
-__all__ = ["add_rms_norm_triton", "rms_norm_train_triton"]
+def rms_norm_train_triton(x, weight, eps, dtype, out_dtype=None):
+    """weight * rms_norm(x, eps).to(dtype) with autograd, x fp32 (or any float but fp64) holding values
+    of dtype; the output's dtype is out_dtype, by default promote(weight.dtype, dtype) as the model's
+    ops give."""
+    out_dtype = out_dtype or torch.promote_types(weight.dtype, dtype)
+    return _RMSNormTriton.apply(x, weight.contiguous(), float(eps), dtype, out_dtype)
+
+
+def add_rms_norm_train_triton(residual, delta, weight, eps, out_dtype=None):
+    """Triton path of `hf_mamba.kernels.add_rms_norm` with autograd."""
+    return _AddRMSNormTriton.apply(residual, delta, weight.contiguous(), float(eps), out_dtype or weight.dtype)
+
+
+def _add_rms_norm(residual, delta, weight, eps, out_dtype=None):
+    n_cols = residual.shape[-1]
+    res2, delta2 = _rows(residual, n_cols), _rows(delta, n_cols)
+    hidden, normed, _ = _norm_fwd(res2, delta2, weight, eps, weight.dtype, out_dtype or weight.dtype, False)
+    return hidden.view(residual.shape), normed.view(residual.shape)
+
+
+@torch.library.custom_op("hf_mamba::add_rms_norm", mutates_args=())
+def add_rms_norm_op(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _add_rms_norm(residual, delta, weight, eps, out_dtype)
+
+
+@add_rms_norm_op.register_fake
+def _(residual, delta, weight, eps, out_dtype):
+    dtype = torch.promote_types(residual.dtype, delta.dtype)
+    return residual.new_empty(residual.shape, dtype=dtype), residual.new_empty(residual.shape, dtype=out_dtype)
+
+
+def add_rms_norm_triton(residual, delta, weight, eps, out_dtype=None):
+    """Triton path of `hf_mamba.kernels.add_rms_norm` without autograd."""
+    args = (residual, delta, weight.contiguous(), float(eps), out_dtype or weight.dtype)
+    if torch.compiler.is_compiling():
+        return add_rms_norm_op(*args)  # the op torch.compile / export trace through
+    return _add_rms_norm(*args)  # eager: no custom-op dispatch on the host
+
+
+__all__ = ["add_rms_norm_train_triton", "add_rms_norm_triton", "rms_norm_train_triton"]

@@ -320,6 +320,19 @@ class MambaMixer(nn.Module):
         return self.out_proj(y)[:, None, :]  # (batch, 1, hidden_size)
 
 
+def _in_proj_input_dtype(mixer, norm_weight):
+    """The dtype a norm may round its output to for the mixer after it: autocast's where in_proj, a
+    plain Linear that only it reads its input through, would cast to that dtype anyway; else None
+    (the weight's dtype, as the norm computes it)."""
+    device_type = norm_weight.device.type
+    if mixer is None or not torch.is_autocast_enabled(device_type) or norm_weight.dtype == torch.float64:
+        return None
+    plain = type(mixer) is MambaMixer and type(mixer.in_proj) is nn.Linear
+    if plain and _unhooked(mixer) and _unhooked(mixer.in_proj):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 class MambaBlock(nn.Module):
     """Pre-norm residual block: h + mixer(norm(h)), with the residual stream optionally in fp32."""
 
@@ -508,6 +521,33 @@ class MambaModel(MambaPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
+    def _plain_blocks_and_norms(self):
+        """Blocks and norms as defined here, without hooks: then the blocks may run as
+        `_blocks_fused_norms` runs them, without calling the blocks and norms themselves."""
+        norms = [block.norm for block in self.layers] + [self.norm_f]
+        return all(type(block) is MambaBlock and _unhooked(block) for block in self.layers) and all(
+            type(norm) is MambaRMSNorm and _unhooked(norm) for norm in norms
+        )
+
+    def _blocks_fused_norms(self, hidden_states, cache_params, attention_mask, seq_idx, backend, all_hidden=None):
+        """What the blocks and the final norm compute (MambaBlock.forward), with each residual add fused
+        with the norm after it (`add_rms_norm`: one launch forward and one backward where the ops take
+        about five more per layer, which a host-bound training step and a CUDA-graph decode step pay
+        for). Appends each block's output to all_hidden if given; returns norm_f's output."""
+        layers = self.layers
+        normed = layers[0].norm(hidden_states.to(layers[0].norm.weight.dtype))
+        for block, next_block in zip(layers, [*layers[1:], None], strict=True):
+            delta = block.mixer(normed, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx)
+            next_norm = next_block.norm if next_block is not None else self.norm_f
+            next_mixer = next_block.mixer if next_block is not None else None
+            hidden_states, normed = add_rms_norm(
+                block.residual_of(hidden_states), delta, next_norm.weight, next_norm.variance_epsilon, backend,
+                out_dtype=_in_proj_input_dtype(next_mixer, next_norm.weight),
+            )
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        return normed
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -557,22 +597,29 @@ class MambaModel(MambaPreTrainedModel):
             attention_mask = None  # no padding: take the fused path
         seq_idx = _document_ids(position_ids, (batch, seqlen))
 
-        hidden_states = inputs_embeds
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for block in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(
-                    block.__call__, hidden_states, cache_params, attention_mask, seq_idx
-                )
-            else:
-                hidden_states = block(
-                    hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
-                )
-            if output_hidden_states:
-                all_hidden_states = all_hidden_states + (hidden_states,)
-        hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
+        all_hidden_states = [inputs_embeds] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training
+        backend = resolve_backend(scan_backend_for(self.config), inputs_embeds.device)
+        if backend == "triton" and len(self.layers) and not checkpointing and self._plain_blocks_and_norms():
+            hidden_states = self._blocks_fused_norms(
+                inputs_embeds, cache_params, attention_mask, seq_idx, backend, all_hidden_states
+            )
+        else:
+            hidden_states = inputs_embeds
+            for block in self.layers:
+                if checkpointing:
+                    hidden_states = self._gradient_checkpointing_func(
+                        block.__call__, hidden_states, cache_params, attention_mask, seq_idx
+                    )
+                else:
+                    hidden_states = block(
+                        hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
+                    )
+                if output_hidden_states:
+                    all_hidden_states.append(hidden_states)
+            hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
         if output_hidden_states:
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+            all_hidden_states = tuple(all_hidden_states[:-1]) + (hidden_states,)
         if cache_params is not None:
             cache_params.seqlen_offset += seqlen
 
@@ -759,35 +806,13 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         """Logits (batch, 1, vocab) of one token on top of the cache; advances the states, not the offset."""
         hidden_states = self.backbone.embeddings(input_ids)
         backend = resolve_backend(scan_backend_for(self.config), hidden_states.device)
-        if backend == "triton" and self._plain_blocks_and_norms():
-            hidden_states = self._blocks_step_fused_norms(hidden_states, cache_params, backend)
+        if backend == "triton" and len(self.backbone.layers) and self.backbone._plain_blocks_and_norms():
+            hidden_states = self.backbone._blocks_fused_norms(hidden_states, cache_params, None, None, backend)
         else:
             for block in self.backbone.layers:
                 hidden_states = block(hidden_states, cache_params=cache_params)
             hidden_states = self.backbone.norm_f(hidden_states.to(self.backbone.norm_f.weight.dtype))
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
-
-    def _plain_blocks_and_norms(self):
-        """Blocks and norms as defined here, without hooks: then the decode step may skip calling them."""
-        backbone = self.backbone
-        norms = [block.norm for block in backbone.layers] + [backbone.norm_f]
-        return all(type(block) is MambaBlock and _unhooked(block) for block in backbone.layers) and all(
-            type(norm) is MambaRMSNorm and _unhooked(norm) for norm in norms
-        )
-
-    def _blocks_step_fused_norms(self, hidden_states, cache_params, backend):
-        """What the blocks and the final norm compute for one token (MambaBlock.forward), with each
-        residual add fused with the following norm (`add_rms_norm`): one launch where the ops take
-        about six, which a CUDA-graph decode step pays for per layer. Returns norm_f's output."""
-        layers = self.backbone.layers
-        normed = layers[0].norm(hidden_states.to(layers[0].norm.weight.dtype))
-        next_norms = [block.norm for block in layers[1:]] + [self.backbone.norm_f]
-        for block, next_norm in zip(layers, next_norms, strict=True):
-            delta = block.mixer(normed, cache_params=cache_params)  # (batch, 1, hidden_size)
-            residual = block.residual_of(hidden_states)
-            eps = next_norm.variance_epsilon
-            hidden_states, normed = add_rms_norm(residual, delta, next_norm.weight, eps, backend)
-        return normed
 
     def _cuda_graphs_on(self, device):
         """Whether decode steps on `device` may replay CUDA graphs (the CPU tests patch it, with a fake graph)."""

@@ -301,3 +301,45 @@ def test_fused_mixer_with_lora_on_in_proj_only(monkeypatch):
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < 1e-5, name
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_add_norm_matches_the_blocks(bf16, monkeypatch):
+    """On the Triton backend the model runs each residual add fused with the next block's norm (and under
+    autocast rounds the norm's output to bf16, as in_proj would): the same logits, hidden states and
+    gradients as the blocks called one by one."""
+    from hf_mamba import modeling_mamba
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    config = MambaConfig(**{**SIZES, "num_hidden_layers": 2})
+    model = MambaForCausalLM(config).to(DEVICE)
+    ids = torch.randint(0, config.vocab_size, (2, 11), device=DEVICE)
+    calls = []
+    real = modeling_mamba.add_rms_norm
+    monkeypatch.setattr(modeling_mamba, "add_rms_norm", lambda *a, **k: calls.append(k["out_dtype"]) or real(*a, **k))
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
+            model.zero_grad()
+            out = model(ids, labels=ids, use_cache=False, output_hidden_states=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), [h.detach() for h in out.hidden_states], grads
+
+    logits, hidden, grads = step()
+    # One fused call per block; the last one's norm is norm_f, whose output lm_head reads (not in_proj).
+    assert calls == [torch.bfloat16 if bf16 else None, None]
+    monkeypatch.setattr(modeling_mamba.MambaModel, "_plain_blocks_and_norms", lambda self: False)
+    ref_logits, ref_hidden, ref_grads = step()
+    assert len(calls) == 2
+    # fp32: the same arithmetic up to the rsqrt. bf16: roundings of the interpreter (towards zero) and
+    # PyTorch's (to nearest) differ by a unit in the last place; on the GPU they agree.
+    tol = 2e-2 if bf16 and not CUDA else 1e-5
+    for value, ref in zip([logits, *hidden], [ref_logits, *ref_hidden], strict=True):
+        assert value.dtype == ref.dtype
+        assert ((value - ref).abs().max() / ref.abs().max()).item() < tol
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == ref_grads[name].dtype
+        assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < tol * 5, name

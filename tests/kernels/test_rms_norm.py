@@ -1,5 +1,5 @@
-"""add_rms_norm (the decode step's residual add + RMSNorm) against the model's ops, and the fused
-decode step against the blocks run one by one.
+"""add_rms_norm (the residual add + RMSNorm between blocks) and the training norm against the model's
+ops, forward and backward, and the fused decode step against the blocks run one by one.
 
 On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py).
 """
@@ -81,11 +81,61 @@ def test_training_rms_norm_matches_the_model_ops(in_dtype, w_dtype, hidden_size,
     torch.testing.assert_close(dw.float(), dw_ref.float(), rtol=tol, atol=tol * rows ** 0.5)
 
 
+ADD_TRAIN_CASES = [
+    # (residual, delta, weight dtype, out_dtype, hidden_size, rows, whether the sum has a gradient of its
+    # own): the sum's gradient is the next block's residual gradient, None after the last block
+    pytest.param(torch.float32, torch.float32, torch.float32, None, 64, 7, True, id="fp32"),
+    pytest.param(torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, 96, dict(cpu=41, gpu=1100), True,
+                 id="fp32-model-bf16-autocast-many-rows"),
+    pytest.param(torch.float32, torch.bfloat16, torch.bfloat16, None, 100, 9, False, id="bf16-model-fp32-residual"),
+    pytest.param(torch.bfloat16, torch.bfloat16, torch.bfloat16, None, 33, 5, True, id="bf16"),
+    pytest.param(torch.float32, torch.float16, torch.float32, torch.float16, 40, 6, False, id="fp16-autocast"),
+    pytest.param(torch.float32, torch.float32, torch.float32, None, 16, 0, True, id="no-rows"),
+]
+
+
+@pytest.mark.parametrize("res_dtype, delta_dtype, w_dtype, out_dtype, hidden_size, rows, sum_grad", ADD_TRAIN_CASES)
+def test_training_add_rms_norm_matches_the_model_ops(
+    res_dtype, delta_dtype, w_dtype, out_dtype, hidden_size, rows, sum_grad, nan_fill_empty
+):
+    """add_rms_norm with autograd on Triton: both outputs and the gradients of residual, delta and weight
+    against autograd through the model's ops (add_rms_norm_ref)."""
+    if isinstance(rows, dict):  # the interpreter has 4 "multiprocessors", an H200 132
+        rows = rows["gpu" if DEVICE.type == "cuda" else "cpu"]
+    torch.manual_seed(0)
+    inputs = (
+        torch.randn(rows, hidden_size, device=DEVICE).to(res_dtype),
+        torch.randn(rows, hidden_size, device=DEVICE).to(delta_dtype),
+        (1 + 0.1 * torch.randn(hidden_size, device=DEVICE)).to(w_dtype),
+    )
+    grad_normed = torch.randn(rows, hidden_size, device=DEVICE)
+    grad_hidden = torch.randn(rows, hidden_size, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        hidden, normed = add_rms_norm(*leaves, 1e-5, backend=backend, out_dtype=out_dtype)
+        loss = (normed.float() * grad_normed).sum()
+        if sum_grad:
+            loss = loss + (hidden.float() * grad_hidden).sum()
+        loss.backward()
+        results.append([hidden, normed] + [leaf.grad for leaf in leaves])
+    names = ("hidden", "normed", "dresidual", "ddelta", "dweight")
+    # fp32: rsqrt and summation order. 16-bit roundings: a unit in the last place (the interpreter
+    # rounds towards zero, PyTorch to nearest), and dweight's products rounded before the sum there.
+    tol = 2e-5 if {res_dtype, delta_dtype, w_dtype, out_dtype} <= {torch.float32, None} else 3e-2
+    for name, value, ref in zip(names, *results, strict=True):
+        assert value.dtype == ref.dtype, name
+        atol = tol * rows**0.5 if name == "dweight" else tol
+        torch.testing.assert_close(value.float(), ref.float(), rtol=tol, atol=atol, msg=name)
+
+
 def test_add_rms_norm_rejects_bad_shapes():
     with pytest.raises(ValueError, match="same shape"):
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), 1e-5)
     with pytest.raises(ValueError, match="weight must have shape"):
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="out_dtype must be a floating-point dtype"):
+        add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), 1e-5, out_dtype=torch.int32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -103,12 +153,14 @@ def test_fused_decode_step_equals_the_blocks(dtype, monkeypatch):
     import hf_mamba.modeling_mamba as modeling
 
     fused_calls = []
-    monkeypatch.setattr(modeling, "add_rms_norm", lambda *a: fused_calls.append(1) or add_rms_norm(*a))
+    monkeypatch.setattr(modeling, "add_rms_norm", lambda *a, **k: fused_calls.append(1) or add_rms_norm(*a, **k))
     ids = torch.randint(0, 97, (2, 6), device=DEVICE)
     with torch.no_grad():
         cache = model(ids[:, :5], use_cache=True)[CACHE_FIELD]
         states = cache.conv_states + cache.ssm_states
         start = [s.clone() for s in states]
+        assert len(fused_calls) == config.num_hidden_layers  # the prefill runs fused too
+        fused_calls.clear()
         fused = model._decode_step_logits(ids[:, 5:], cache)
         assert len(fused_calls) == config.num_hidden_layers  # the fused path ran
         after_fused = [s.clone() for s in states]
@@ -143,11 +195,14 @@ def test_decode_step_custom_ops():
           -torch.rand(d_inner, d_state, **g) - 0.1, torch.randn(batch, d_state, **g), torch.randn(batch, d_state, **g),
           torch.randn(d_inner, **g), torch.randn(batch, d_inner, **g), torch.randn(d_inner, **g), True)),
         (triton_rms_norm.add_rms_norm_op, triton_rms_norm._add_rms_norm,
-         (torch.randn(batch, 1, hidden, **g), torch.randn(batch, 1, hidden, **g), torch.rand(hidden, **g) + 0.5, 0.1)),
+         (torch.randn(batch, 1, hidden, **g), torch.randn(batch, 1, hidden, **g), torch.rand(hidden, **g) + 0.5, 0.1,
+          torch.bfloat16)),
     ]
     for op, launch, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         op_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         eager_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         # Outputs and the inputs after the call (conv_state and state are updated in place).
-        torch.testing.assert_close((op(*op_args), op_args), (launch(*eager_args), eager_args), rtol=0, atol=0)
+        tensors = [a for a in op_args if isinstance(a, torch.Tensor)]
+        eager_tensors = [a for a in eager_args if isinstance(a, torch.Tensor)]
+        torch.testing.assert_close((op(*op_args), tensors), (launch(*eager_args), eager_tensors), rtol=0, atol=0)
