@@ -131,10 +131,12 @@ class _MambaInner(torch.autograd.Function):
             # x_proj's output gradient [dΔ_low-rank | dB | dC]; the scan backward writes dB, dC into it.
             dx_dbl = x_dbl.new_empty(rows, dt_rank + 2 * d_state)
             _, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
-            du, ddelta, dA, _, _, dD, dz, ddt_bias, _ = _scan_bwd(
+            dxz = torch.empty_like(xz)
+            du, ddelta, dA, _, _, dD, _, ddt_bias, _ = _scan_bwd(
                 u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
                 _fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y, need_dinitial=False,
                 dBC_out=dx_dbl[:, dt_rank:].view(batch, seqlen, 2, d_state),
+                dz_out=dxz[..., d_inner:].transpose(1, 2),  # dz straight into in_proj's output gradient
             )
             ddelta = _rows(ddelta)
             torch.mm(ddelta.t(), w_dt, out=dx_dbl[:, :dt_rank])
@@ -147,11 +149,9 @@ class _MambaInner(torch.autograd.Function):
             dw_x = _mm_fp32(dx_dbl.t(), _rows(u).t()) if need[3] else None
             du = _rows(du)
             du.addmm_(w_x.t(), dx_dbl.t())  # + x_proj's input gradient
-            dxz = torch.empty_like(xz)
             _, dconv_w, dconv_b = _conv_bwd(
                 x, conv_w, conv_bias, seq_idx, True, _by_channel(du, batch), dx=dxz[..., :d_inner].transpose(1, 2)
             )
-            dxz[..., d_inner:].copy_(dz.transpose(1, 2))
         return (
             dxz,
             dconv_w.view_as(conv_weight),

@@ -410,17 +410,18 @@ def _scan_fwd(
 
 def _scan_bwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx, y_out=None,
-    need_dinitial=True, dBC_out=None,
+    need_dinitial=True, dBC_out=None, dz_out=None,
 ):
     """The scan's gradients; y_out, laid out as torch.empty_like(u), also receives the forward's output.
     Without need_dinitial the initial state's gradient may come back empty. With dBC_out (batch,
-    seqlen, 2, d_state) dB and dC are written there instead and come back empty."""
+    seqlen, 2, d_state) dB and dC are written there instead and come back empty, and likewise dz
+    with dz_out (batch, d_inner, seqlen). Outputs may share storage (see `_distinct`)."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     if _use_seq_backward(d_state, u.dtype):
         return scan_bwd_seq(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, _chunk_len(seqlen), dout,
-            dfinal_state, seq_idx, y_out, need_dinitial, dBC_out,
+            dfinal_state, seq_idx, y_out, need_dinitial, dBC_out, dz_out,
         )
     block_d, chunk, num_warps = _chunk_config(seqlen)
     n_chunks = cdiv(seqlen, chunk)
@@ -457,6 +458,9 @@ def _scan_bwd(
         dBC_out[:, :, 0].copy_(dB.transpose(1, 2))
         dBC_out[:, :, 1].copy_(dC.transpose(1, 2))
         dB = dC = _empty().to(u.device)
+    if dz_out is not None:
+        dz_out.copy_(dz)
+        dz = None
     return (
         du,
         ddelta,
@@ -464,7 +468,7 @@ def _scan_bwd(
         dB.to(B.dtype),
         dC.to(C.dtype),
         dD.sum(0).to(D.dtype) if D is not None else _empty().to(u.device),
-        dz if z is not None else _empty().to(u.device),
+        dz if dz is not None else _empty().to(u.device),
         ddelta_bias.sum(0).to(delta_bias.dtype) if delta_bias is not None else _empty().to(u.device),
         dh0,
     )
@@ -522,9 +526,21 @@ def selective_scan_bwd_op(
 ]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); absent inputs get empty tensors."""
     with device_guard(u):
-        return _scan_bwd(
+        return _distinct(_scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx
-        )
+        ))
+
+
+def _distinct(tensors):
+    """The tensors, each sharing storage with an earlier one copied out: a custom op's outputs must not
+    alias (the backward returns views of one buffer for the small gradients)."""
+    seen = set()
+    out = []
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        out.append(t.clone() if ptr in seen else t)
+        seen.add(ptr)
+    return tuple(out)
 
 
 @selective_scan_bwd_op.register_fake

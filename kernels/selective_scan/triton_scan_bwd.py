@@ -310,7 +310,8 @@ def _reverse_phase(L, I, T, N, G):
     L.append(f"{J}tl.store(p_ddelta + p_o, b_ddt.to(p_ddelta.dtype.element_ty), mask=m_dt)")
     L.append(f"{J}if HAS_Z:")
     L.append(f"{J}    b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))")
-    L.append(f"{J}    tl.store(p_dz + p_o, b_dz.to(p_dz.dtype.element_ty), mask=m_dt)")
+    L.append(f"{J}    p_dz_o = i_b * s_dz_b + o_d[:, None] * s_dz_d + o_tt[None, :] * s_dz_l  # any layout")
+    L.append(f"{J}    tl.store(p_dz + p_dz_o, b_dz.to(p_dz.dtype.element_ty), mask=m_dt)")
     L.append(f"{J}if STORE_Y:")
     L.append(f"{J}    if HAS_Z:")
     L.append(f"{J}        b_y = b_y * b_z * b_sig")
@@ -323,10 +324,11 @@ def _bwd_source(N, T, G):
     L.append("@triton.jit")
     L.append("def scan_bwd_kernel(")
     L.append("    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_hc, p_dout,")
-    L.append("    p_du, p_ddelta, p_dz, p_y, p_dBC, p_dA, p_dD, p_ddb, p_x, p_PQ, p_scr,")
+    L.append("    p_du, p_ddelta, p_dz, p_y, p_dBC, p_dA, p_dsum, p_x, p_PQ, p_scr,")
     L.append("    seqlen, d_inner, n_ckpt, ckpts_per_seg,")
     L.append("    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,")
-    L.append("    s_o_b, s_o_d, s_o_l, s_A_d, s_A_n, s_B_b, s_B_n, s_C_b, s_C_n, s_dBC_bc, s_dBC_b, s_dBC_n,")
+    L.append("    s_o_b, s_o_d, s_o_l, s_dz_b, s_dz_d, s_dz_l, s_A_d, s_A_n, s_B_b, s_B_n, s_C_b, s_C_n,")
+    L.append("    s_dBC_bc, s_dBC_b, s_dBC_n,")
     L.append("    p_seq_idx, s_si_b, s_si_l,")
     L.append("    HAS_SEQ_IDX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,")
     L.append("    HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,")
@@ -372,10 +374,15 @@ def _bwd_source(N, T, G):
     L.append(f"{K}k_last = tl.minimum(k_first + CKPT // T, n_tiles) - 1")
     _forward_phase(L, K, T, N)
     _reverse_phase(L, K, T, N, G)
+    # This program's sums added into p_dsum (zeroed by the host): dA (d_inner, d_state), then dD
+    # and dΔ bias (d_inner,) each. Atomics, as for dB and dC: no partial buffers, no sum kernels.
+    L.append(f"{J}for n in range(0, {N}):")
+    L.append(f"{J}    dA_n = tl.load(p_dA_d + n * d_inner, mask=m_d, other=0.0)")
+    L.append(f"{J}    tl.atomic_add(p_dsum + o_d * {N} + n, dA_n, mask=m_d, sem='relaxed')")
     L.append(f"{J}if HAS_D:")
-    L.append(f"{J}    tl.store(p_dD + (i_b * n_seg + i_s) * d_inner + o_d, b_dD, mask=m_d)")
+    L.append(f"{J}    tl.atomic_add(p_dsum + {N} * d_inner + o_d, b_dD, mask=m_d, sem='relaxed')")
     L.append(f"{J}if HAS_DELTA_BIAS:")
-    L.append(f"{J}    tl.store(p_ddb + (i_b * n_seg + i_s) * d_inner + o_d, b_ddb, mask=m_d)")
+    L.append(f"{J}    tl.atomic_add(p_dsum + {N + 1} * d_inner + o_d, b_ddb, mask=m_d, sem='relaxed')")
     return _HEADER + _LANE_HELPERS + "\n".join(L) + "\n"
 
 
@@ -406,14 +413,15 @@ def _bwd_kernel(N, T, G):
 
 def scan_bwd_seq(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, ckpt_len, dout, dfinal_state, seq_idx,
-    y_out=None, need_dinitial=True, dBC_out=None,
+    y_out=None, need_dinitial=True, dBC_out=None, dz_out=None,
 ):
     """The scan's gradients from the forward's checkpoints (every `ckpt_len` steps), as `_scan_bwd`
     returns them: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, laid out as
     torch.empty_like(u) (the gradients' layout, whose strides the kernel writes it with), also
     receives the forward's output. dinitial_state is empty unless need_dinitial. With dBC_out (a
     (batch, seqlen, 2, d_state) tensor, any dtype and strides) dB and dC go there instead, and come
-    back empty.
+    back empty; likewise dz with dz_out ((batch, d_inner, seqlen), any strides). dA, dD and
+    dΔ bias share one allocation (a custom op's caller must copy them apart).
 
     The host side runs once per layer and step, and training a small model is host-bound: every
     torch op here costs several microseconds, so buffers share allocations where they can."""
@@ -437,30 +445,31 @@ def scan_bwd_seq(
         B, C = B.view(torch.int32), C.view(torch.int32)  # words of two steps: strides count words
     du = torch.empty_like(u)
     ddelta = torch.empty_like(u, dtype=delta.dtype)
-    dz = torch.empty_like(u, dtype=z.dtype) if z is not None else None
+    dz = dz_out if dz_out is not None or z is None else torch.empty_like(u, dtype=z.dtype)
     assert y_out is None or y_out.stride() == du.stride(), "y_out must be laid out like torch.empty_like(u)"
     n_blocks = cdiv(d_inner, block_d)
     programs = batch * n_blocks
     n_seg = _segment_count(programs, WARPS_PER_SM, u.device, n_tiles, MIN_TILES_PER_SEG, n_ckpt)  # whole chunks
     ckpts_per_seg = cdiv(n_ckpt, n_seg)
     n_seg = cdiv(n_ckpt, ckpts_per_seg)
-    # One zero fill for three buffers: dB, dC (atomics accumulate there); per batch and segment the
-    # dA partial sums and the adjoint carry x (in: from the right; out: to the left).
-    n_bc, n_carry = 2 * batch * d_state * seqlen, batch * n_seg * d_state * d_inner
-    zeros = torch.zeros(n_bc + 2 * n_carry, **f32)
+    # One zero fill for four buffers: dB, dC and the sums dA, dD, dΔ bias (atomics accumulate
+    # there); per batch and segment the running dA sums and the adjoint carry x (in: from the right;
+    # out: to the left).
+    n_bc, n_carry, n_sum = 2 * batch * d_state * seqlen, batch * n_seg * d_state * d_inner, (d_state + 2) * d_inner
+    zeros = torch.zeros(n_bc + n_sum + 2 * n_carry, **f32)
     dBC = zeros[:n_bc].view(2, batch, d_state, seqlen)
-    dA = zeros[n_bc : n_bc + n_carry].view(batch, n_seg, d_state, d_inner)
-    x = zeros[n_bc + n_carry :].view(batch, n_seg, d_state, d_inner)
+    dsum = zeros[n_bc : n_bc + n_sum]  # [dA (d_inner, d_state) | dD | dΔ bias]
+    dA = zeros[n_bc + n_sum : n_bc + n_sum + n_carry].view(batch, n_seg, d_state, d_inner)
+    x = zeros[n_bc + n_sum + n_carry :].view(batch, n_seg, d_state, d_inner)
     if dfinal_state is not None:
         x[:, -1] = dfinal_state.transpose(1, 2)
-    dD = torch.empty(batch, n_seg, d_inner, **f32) if D is not None else None
-    ddb = torch.empty(batch, n_seg, d_inner, **f32) if delta_bias is not None else None
     scratch = torch.empty(programs * n_seg * (ckpt_len // T) * d_state * block_d, **f32)  # tile-start states
     A_c = A.contiguous()
     z_ = z if z is not None else u
     kernel = _bwd_kernel(d_state, T, STATES_PER_ITER if d_state % STATES_PER_ITER == 0 else 1)
     strides = (
-        *u.stride(), *delta.stride(), *z_.stride(), *dout.stride(), *du.stride(), *A_c.stride(),
+        *u.stride(), *delta.stride(), *z_.stride(), *dout.stride(), *du.stride(),
+        *(dz.stride() if dz is not None else (0, 0, 0)), *A_c.stride(),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), *dBC.stride()[:3],
     )
     flags = dict(
@@ -475,7 +484,7 @@ def scan_bwd_seq(
         launch(
             kernel, (batch, n_blocks, n_seg),
             u, delta, A_c, B, C, D, z, delta_bias, chunk_states, dout,
-            du, ddelta, dz, y_out, dBC, dA, dD, ddb, x, PQ, scratch,
+            du, ddelta, dz, y_out, dBC, dA, dsum, x, PQ, scratch,
             seqlen, d_inner, n_ckpt, ckpts_per_seg, *strides, *seq_idx_args(seq_idx),
             **pass_flags, **flags,
         )
@@ -500,12 +509,12 @@ def scan_bwd_seq(
     return (
         du,
         ddelta,
-        dA.permute(3, 2, 0, 1).sum((2, 3)).to(A.dtype),  # (d_inner, d_state), contiguous: one kernel
+        dsum[: d_state * d_inner].view(d_inner, d_state).to(A.dtype),
         dB,
         dC,
-        dD.sum((0, 1)).to(D.dtype) if D is not None else empty,
-        dz if z is not None else empty,
-        ddb.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else empty,
+        dsum[d_state * d_inner : (d_state + 1) * d_inner].to(D.dtype) if D is not None else empty,
+        dz if z is not None and dz_out is None else empty,
+        dsum[(d_state + 1) * d_inner :].to(delta_bias.dtype) if delta_bias is not None else empty,
         x[:, 0].transpose(1, 2).contiguous() if need_dinitial else empty,  # dL/dh0: the first segment's carry out
     )
 

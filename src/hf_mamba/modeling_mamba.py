@@ -864,7 +864,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         )
         global_hooks = (tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        plain = self._plain_blocks_and_norms()
+        plain = self.backbone._plain_blocks_and_norms()
         return weights, modules, global_hooks, plain, scan_backend_for(self.config), autocast
 
     def forward(
