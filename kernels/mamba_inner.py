@@ -41,6 +41,17 @@ def _mm_fp32(a, b):
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # the mm overload with an output dtype (CUDA only)
 
 
+def _cast_all(weights, dtype):
+    """The weights in dtype. Where any needs a cast, all are copied into one allocation by one
+    multi-tensor copy (one kernel on CUDA where separate casts take one each)."""
+    if all(w.dtype == dtype for w in weights):
+        return weights
+    flat = torch.empty(sum(w.numel() for w in weights), dtype=dtype, device=weights[0].device)
+    views = [chunk.view(w.shape) for chunk, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
+    torch._foreach_copy_(views, list(weights))
+    return views
+
+
 def _rows(t):
     """(batch, d_inner, seqlen) as the (d_inner, batch * seqlen) matrix: a view where t is laid out
     (d_inner, batch, seqlen), as the backward allocates it, else a copy."""
@@ -83,21 +94,21 @@ class _MambaInner(torch.autograd.Function):
             u = _conv_fwd(x, conv_w, conv_bias, seq_idx, True, True)  # channels-last, for x_proj
             # The weights in the matmul dtype, kept for the backward (casting again there would cost
             # three more kernels per layer; under autocast these copies are what autocast would make).
-            w_x, w_dt, w_out = (w.to(dtype) for w in (x_proj_weight, dt_proj_weight, out_proj_weight))
+            w_x, w_dt, w_out = _cast_all((x_proj_weight, dt_proj_weight, out_proj_weight), dtype)
             x_dbl = F.linear(u.transpose(1, 2), w_x)  # (batch, seqlen, dt_rank + 2 d_state)
             dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             delta = F.linear(dt, w_dt).transpose(1, 2)  # bias: in the scan, fp32
-            A = -torch.exp(_fp32_or_wider(A_log))
+            A_log = _fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
             y, _, chunk_states = _scan_fwd(
-                u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
-                _fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False,
+                u, delta, A_log, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
+                _fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False, A_is_log=True,
             )
             bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
             out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
         ctx.out_bias_dtype = out_proj_bias.dtype if out_proj_bias is not None else None
         ctx.weight_dtypes = (x_proj_weight.dtype, dt_proj_weight.dtype, out_proj_weight.dtype, A_log.dtype)
         ctx.save_for_backward(
-            xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A, D, w_out, chunk_states, seq_idx,
+            xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx,
         )
         return out
 
@@ -106,7 +117,7 @@ class _MambaInner(torch.autograd.Function):
         from .causal_conv1d.triton_conv import _conv_bwd, _conv_fwd
         from .selective_scan.triton_scan import _scan_bwd
 
-        xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A, D, w_out, chunk_states, seq_idx = (
+        xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx = (
             ctx.saved_tensors
         )
         x_proj_dtype, dt_proj_dtype, out_proj_dtype, A_log_dtype = ctx.weight_dtypes
@@ -114,7 +125,7 @@ class _MambaInner(torch.autograd.Function):
         batch, seqlen = xz.shape[:2]
         rows = batch * seqlen
         d_inner = xz.shape[-1] // 2
-        dt_rank, d_state = w_dt.shape[1], A.shape[1]
+        dt_rank, d_state = w_dt.shape[1], A_log.shape[1]
         dout = dout.to(dtype).reshape(rows, -1)  # (rows, hidden)
         with device_guard(xz):
             x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)
@@ -132,11 +143,12 @@ class _MambaInner(torch.autograd.Function):
             dx_dbl = x_dbl.new_empty(rows, dt_rank + 2 * d_state)
             _, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             dxz = torch.empty_like(xz)
-            du, ddelta, dA, _, _, dD, _, ddt_bias, _ = _scan_bwd(
-                u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
+            du, ddelta, dA_log, _, _, dD, _, ddt_bias, _ = _scan_bwd(
+                u, delta, A_log, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
                 _fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y, need_dinitial=False,
                 dBC_out=dx_dbl[:, dt_rank:].view(batch, seqlen, 2, d_state),
                 dz_out=dxz[..., d_inner:].transpose(1, 2),  # dz straight into in_proj's output gradient
+                A_is_log=True,
             )
             ddelta = _rows(ddelta)
             torch.mm(ddelta.t(), w_dt, out=dx_dbl[:, :dt_rank])
@@ -159,7 +171,7 @@ class _MambaInner(torch.autograd.Function):
             _as(dw_x, x_proj_dtype),
             _as(dw_dt, dt_proj_dtype),
             ddt_bias.to(dt_proj_bias.dtype),
-            (dA * A).to(A_log_dtype),  # A = -exp(A_log): dA_log = dA * A
+            dA_log.to(A_log_dtype),
             dD.to(D.dtype),
             _as(dw_out, out_proj_dtype),
             db_out.to(ctx.out_bias_dtype) if db_out is not None else None,

@@ -367,9 +367,11 @@ def _empty():
 
 
 def _scan_fwd(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, need_final_state=True
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, need_final_state=True,
+    A_is_log=False,
 ):
-    """(out, final_state, chunk_states); final_state may be None without need_final_state."""
+    """(out, final_state, chunk_states); final_state may be None without need_final_state. With
+    A_is_log, A holds A_log (A = -exp(A_log)): the sequential kernels compute A themselves."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     chunk = _chunk_len(seqlen)  # the backward's chunk: the checkpoint interval
@@ -381,9 +383,11 @@ def _scan_fwd(
     if _use_seq_forward(batch, d_inner, seqlen, d_state):
         out, final_state = scan_fwd_seq(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, chunk, seq_idx,
-            need_final_state,
+            need_final_state, A_is_log,
         )
         return out, final_state, chunk_states
+    if A_is_log:
+        A = -torch.exp(A)
     out = torch.empty_like(u)  # (batch, d_inner, seqlen) in u's layout, whichever forward runs (as the fake op says)
     out_rows = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     u, delta, B, C, z = (_time_contiguous(t) for t in (u, delta, B, C, z))
@@ -410,19 +414,23 @@ def _scan_fwd(
 
 def _scan_bwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, dfinal_state, seq_idx, y_out=None,
-    need_dinitial=True, dBC_out=None, dz_out=None,
+    need_dinitial=True, dBC_out=None, dz_out=None, A_is_log=False,
 ):
     """The scan's gradients; y_out, laid out as torch.empty_like(u), also receives the forward's output.
     Without need_dinitial the initial state's gradient may come back empty. With dBC_out (batch,
     seqlen, 2, d_state) dB and dC are written there instead and come back empty, and likewise dz
-    with dz_out (batch, d_inner, seqlen). Outputs may share storage (see `_distinct`)."""
+    with dz_out (batch, d_inner, seqlen). Outputs may share storage (see `_distinct`). With A_is_log,
+    A holds A_log (A = -exp(A_log)) and the gradient returned is A_log's."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     if _use_seq_backward(d_state, u.dtype):
         return scan_bwd_seq(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, _chunk_len(seqlen), dout,
-            dfinal_state, seq_idx, y_out, need_dinitial, dBC_out, dz_out,
+            dfinal_state, seq_idx, y_out, need_dinitial, dBC_out, dz_out, A_is_log,
         )
+    A_log = A if A_is_log else None
+    if A_is_log:
+        A = -torch.exp(A_log)
     block_d, chunk, num_warps = _chunk_config(seqlen)
     n_chunks = cdiv(seqlen, chunk)
     u, delta, B, C, z, dout = (_time_contiguous(t) for t in (u, delta, B, C, z, dout))
@@ -464,7 +472,7 @@ def _scan_bwd(
     return (
         du,
         ddelta,
-        dA.sum(0).to(A.dtype),
+        (dA.sum(0) * A if A_is_log else dA.sum(0)).to(A.dtype),
         dB.to(B.dtype),
         dC.to(C.dtype),
         dD.sum(0).to(D.dtype) if D is not None else _empty().to(u.device),

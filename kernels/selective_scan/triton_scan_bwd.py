@@ -334,7 +334,7 @@ def _bwd_source(N, T, G):
     L.append("    HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,")
     L.append("    ADJOINT_ONLY: tl.constexpr, STORE_Y: tl.constexpr, CKPT: tl.constexpr, BLOCK_D: tl.constexpr,")
     L.append("    BC_PAIRS: tl.constexpr, FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr,")
-    L.append("    LANE_SUM: tl.constexpr,")
+    L.append("    LANE_SUM: tl.constexpr, A_LOG: tl.constexpr,")
     L.append("):")
     I = "    "
     _program_ids(L, I, T)
@@ -378,6 +378,8 @@ def _bwd_source(N, T, G):
     # and dΔ bias (d_inner,) each. Atomics, as for dB and dC: no partial buffers, no sum kernels.
     L.append(f"{J}for n in range(0, {N}):")
     L.append(f"{J}    dA_n = tl.load(p_dA_d + n * d_inner, mask=m_d, other=0.0)")
+    L.append(f"{J}    if A_LOG:  # the gradient of A_log: dA A, with A = -exp(A_log)")
+    L.append(f"{J}        dA_n = dA_n * -tl.exp(tl.load(p_A_d + n * s_A_n, mask=m_d, other=0.0).to(tl.float32))")
     L.append(f"{J}    tl.atomic_add(p_dsum + o_d * {N} + n, dA_n, mask=m_d, sem='relaxed')")
     L.append(f"{J}if HAS_D:")
     L.append(f"{J}    tl.atomic_add(p_dsum + {N} * d_inner + o_d, b_dD, mask=m_d, sem='relaxed')")
@@ -413,7 +415,7 @@ def _bwd_kernel(N, T, G):
 
 def scan_bwd_seq(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, ckpt_len, dout, dfinal_state, seq_idx,
-    y_out=None, need_dinitial=True, dBC_out=None, dz_out=None,
+    y_out=None, need_dinitial=True, dBC_out=None, dz_out=None, A_is_log=False,
 ):
     """The scan's gradients from the forward's checkpoints (every `ckpt_len` steps), as `_scan_bwd`
     returns them: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, laid out as
@@ -421,7 +423,8 @@ def scan_bwd_seq(
     receives the forward's output. dinitial_state is empty unless need_dinitial. With dBC_out (a
     (batch, seqlen, 2, d_state) tensor, any dtype and strides) dB and dC go there instead, and come
     back empty; likewise dz with dz_out ((batch, d_inner, seqlen), any strides). dA, dD and
-    dΔ bias share one allocation (a custom op's caller must copy them apart).
+    dΔ bias share one allocation (a custom op's caller must copy them apart). With A_is_log, A holds
+    A_log (A = -exp(A_log)) and the gradient returned is A_log's.
 
     The host side runs once per layer and step, and training a small model is host-bound: every
     torch op here costs several microseconds, so buffers share allocations where they can."""
@@ -476,7 +479,7 @@ def scan_bwd_seq(
         HAS_SEQ_IDX=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus, CKPT=ckpt_len, BLOCK_D=block_d,
         BC_PAIRS=pairs, FAST_MATH=u.is_cuda, EVEN_TILES=seqlen % T == 0 and d_inner % block_d == 0,
-        LANE_SUM=LANE_SUM and u.is_cuda, num_warps=num_warps,
+        LANE_SUM=LANE_SUM and u.is_cuda, A_LOG=A_is_log, num_warps=num_warps,
         **({"maxnreg": MAXNREG} if MAXNREG and u.is_cuda else {}),
     )
 

@@ -133,6 +133,15 @@ def _softplus(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _log2_rate(a, A_LOG: tl.constexpr):
+    # A scaled by log2(e), so that exp(ΔA) = exp2(Δ a). A_LOG: the pointer holds A_log, A = -exp(A_log)
+    # (the model's parameter, as the mixer hands it over: no host-side exp and negation kernels).
+    if A_LOG:
+        a = -tl.exp(a)
+    return a * 1.4426950408889634
+
+
+@triton.jit
 def _sigmoid(x, FAST_MATH: tl.constexpr):
     # FAST_MATH: with an approximate reciprocal in place of an IEEE division.
     if FAST_MATH:
@@ -293,7 +302,7 @@ def _load_tiles(lines, indent, suffix, names=("u", "dt", "z"), tile=None, tag=""
 
 def _decay_rate(n, mask="m_d"):
     """Code for state n's A of this thread's channel(s), pre-scaled by log2(e): exp(ΔA) = exp2(Δ a_n)."""
-    return f"tl.load(p_A_d + {n} * s_A_n, mask={mask}, other=0.0).to(tl.float32) * 1.4426950408889634"
+    return f"_log2_rate(tl.load(p_A_d + {n} * s_A_n, mask={mask}, other=0.0).to(tl.float32), A_LOG)"
 
 
 def _program_ids(lines, indent, T):
@@ -324,7 +333,7 @@ def _fwd_source(N, T):
     L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
     L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
     L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, FAST_MATH: tl.constexpr,")
-    L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr,")
+    L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,")
     L.append("):")
     I = "    "
     _program_ids(L, I, T)
@@ -444,7 +453,7 @@ def _fwd_source_lanes(N, T, G):
     L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
     L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
     L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, FAST_MATH: tl.constexpr,")
-    L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr,")
+    L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,")
     L.append("):")
     I = "    "
     L.append(f"{I}G: tl.constexpr = {G}")
@@ -459,7 +468,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{I}o_n = o_g[None, :] * {npt} + o_d[:, None] * 0  # (BLOCK_D, G): first state of each lane")
     for k in ks:
         p_a = f"p_A + o_d[:, None] * s_A_d + (o_n + {k}) * s_A_n"
-        L.append(f"{I}a_{k} = tl.load({p_a}, mask=m_dg, other=0.0).to(tl.float32) * 1.4426950408889634")
+        L.append(f"{I}a_{k} = _log2_rate(tl.load({p_a}, mask=m_dg, other=0.0).to(tl.float32), A_LOG)")
     L.append(f"{I}if USE_INITIAL_STATE:")
     L.append(f"{I}    p_h0_d = p_h0 + i_b * s_h0_b + o_d[:, None] * s_h0_d + i_s * s_h0_s + o_n")
     for k in ks:
@@ -564,7 +573,7 @@ def _fwd_kernel(N, T, G=1):
 @triton.jit
 def _chain_segments_kernel(
     p_hend, p_dtsum, p_A, p_h0, p_hin, d_inner, d_state, n_seg,
-    USE_INITIAL_STATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, A_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # h_in[s + 1] = exp(A ΣΔ_s) h_in[s] + h_end[s]: the state entering every segment; h_end and ΣΔ
     # (batch, d_inner, n_seg - 1) of segments 0 .. n_seg - 2.
@@ -575,6 +584,8 @@ def _chain_segments_kernel(
     m_d = o_d < d_inner
     m_dn = m_d[:, None] & (o_n < d_state)[None, :]
     b_A = tl.load(p_A + o_d[:, None] * d_state + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    if A_LOG:
+        b_A = -tl.exp(b_A)
     if USE_INITIAL_STATE:
         b_h = tl.load(p_h0 + (i_b * d_inner + o_d[:, None]) * d_state + o_n[None, :], mask=m_dn, other=0.0)
     else:
@@ -640,11 +651,12 @@ def _segment_count(programs, warps_per_sm, device, n_tiles, min_tiles, max_segme
 
 def scan_fwd_seq(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx=None,
-    need_final_state=True,
+    need_final_state=True, A_is_log=False,
 ):
     """Forward scan; fills `chunk_states` (batch, d_inner, n_ckpt, d_state) every `ckpt_len` steps if non-empty.
 
     Returns (out, final_state); final_state may be None without need_final_state (it saves a copy).
+    With A_is_log, A holds A_log (A = -exp(A_log), computed in the kernels).
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
@@ -687,6 +699,7 @@ def scan_fwd_seq(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, CKPT_EVERY=ckpt_every, num_warps=num_warps,
         BC_PAIRS=bc_pairs, BC_TIME_VECTORS=bc_time_vectors, FAST_MATH=FAST_MATH and u.is_cuda, PREFETCH=prefetch,
+        A_LOG=A_is_log,
     )
 
     def run_pass(block, segments, h0, h0_strides, h_out, dtsum, maxnreg=maxnreg, **pass_flags):
@@ -721,7 +734,7 @@ def scan_fwd_seq(
     launch(
         _chain_segments_kernel, (batch, cdiv(d_inner, chain_bd)),
         h_end, dtsum, A_c, initial_state, h_in, d_inner, d_state, n_seg,
-        USE_INITIAL_STATE=initial_state is not None, BLOCK_D=chain_bd, BLOCK_N=block_n,
+        USE_INITIAL_STATE=initial_state is not None, A_LOG=A_is_log, BLOCK_D=chain_bd, BLOCK_N=block_n,
     )
     run_pass(
         block_out, n_seg, h_in, seg_strides, h_end, None,
