@@ -1,7 +1,8 @@
-"""The Mamba mixer after in_proj, as one autograd function for training on the Triton kernels.
+"""The Mamba mixer (from in_proj's output, or with in_proj) as one autograd function for training on
+the Triton kernels.
 
     out = out_proj( scan( u = SiLU(conv(x)), Δ = dt_proj(dt), B, C, z ) ),   (dt, B, C) = x_proj(u),
-    with (x, z) = xz, the output of in_proj, (batch, seqlen, 2 * d_inner).
+    with (x, z) = xz = in_proj(hidden), (batch, seqlen, 2 * d_inner).
 
 Why one function instead of the modules one after another: it keeps less for the backward and
 launches fewer host ops. Composed from modules, autograd keeps the conv output u (for x_proj and the
@@ -12,6 +13,11 @@ u with the conv kernel and Δ with one matmul (both cheap), and y comes out of t
 kernel, which recomputes it for dz anyway. mamba_ssm's mamba_inner_fn recomputes u and Δ the same
 way, but keeps y. The backward also produces u, Δ and dy time-contiguous, the layout the scan's
 backward reads, instead of transposing them.
+
+With in_proj inside too (the model passes its weight where in_proj is a plain Linear), its autocast
+cast joins the other weights' one copy, its weight gradient comes out of one matmul in fp32, and the
+five autograd nodes of an autocast Linear (cast, matmul, transpose and two views) are not made: the
+training step is host-bound, and each node and launch costs host time.
 
 The model uses this only where it computes exactly what the modules would (see
 `MambaMixer._fused_inner_ok`): plain Linear/Conv1d modules without hooks (so LoRA and other wrappers
@@ -52,6 +58,17 @@ def _cast_all(weights, dtype):
     return views
 
 
+def _in_proj_grads(ctx, dxz, hidden, w_in):
+    """in_proj's input, weight and bias gradients from dxz and its input hidden, both (rows, features) in
+    the matmul dtype: the weight's in fp32 (one matmul), skipped where frozen."""
+    need = ctx.needs_input_grad
+    in_dtype, w_dtype = ctx.in_dtypes
+    dhidden = torch.mm(dxz, w_in).to(in_dtype) if need[0] else None  # (rows, hidden)
+    dw_in = _mm_fp32(dxz.t(), hidden).to(w_dtype) if need[1] else None
+    db_in = dxz.sum(0, dtype=torch.float32).to(ctx.bias_dtypes[0]) if need[2] else None
+    return dhidden, dw_in, db_in
+
+
 def _rows(t):
     """(batch, d_inner, seqlen) as the (d_inner, batch * seqlen) matrix: a view where t is laid out
     (d_inner, batch, seqlen), as the backward allocates it, else a copy."""
@@ -78,23 +95,34 @@ def _compute_dtype(xz):
 class _MambaInner(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-        out_proj_weight, out_proj_bias, seq_idx,
+        ctx, x_in, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+        dt_proj_bias, A_log, D, out_proj_weight, out_proj_bias, seq_idx,
     ):
+        # x_in: in_proj's input (batch, seqlen, hidden) where in_proj_weight is given, else its output xz.
         from .causal_conv1d.triton_conv import _conv_fwd
         from .selective_scan.triton_scan import _scan_fwd
 
-        dtype = _compute_dtype(xz)
-        d_inner = xz.shape[-1] // 2
+        dtype = _compute_dtype(x_in)
+        ctx.in_dtypes = (x_in.dtype, in_proj_weight.dtype if in_proj_weight is not None else None)
+        d_inner = conv_weight.shape[0]
         dt_rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
-        with torch.autocast(xz.device.type, enabled=False), device_guard(xz):
-            xz = xz.to(dtype)
+        with torch.autocast(x_in.device.type, enabled=False), device_guard(x_in):
+            # The weights in the matmul dtype, kept for the backward (casting again there would cost
+            # more kernels per layer; under autocast these copies are what autocast would make).
+            weights = (x_proj_weight, dt_proj_weight, out_proj_weight)
+            if in_proj_weight is not None:
+                weights = (in_proj_weight, *weights)
+            weights = _cast_all(weights, dtype)
+            w_in, (w_x, w_dt, w_out) = (weights[0], weights[1:]) if in_proj_weight is not None else (None, weights)
+            x_in = x_in.to(dtype)
+            if w_in is not None:
+                b_in = in_proj_bias.to(dtype) if in_proj_bias is not None else None
+                xz = F.linear(x_in, w_in, b_in)  # (batch, seqlen, 2 * d_inner)
+            else:
+                xz = x_in
             x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)  # (batch, d_inner, seqlen)
             conv_w = conv_weight.reshape(d_inner, -1)
             u = _conv_fwd(x, conv_w, conv_bias, seq_idx, True, True)  # channels-last, for x_proj
-            # The weights in the matmul dtype, kept for the backward (casting again there would cost
-            # three more kernels per layer; under autocast these copies are what autocast would make).
-            w_x, w_dt, w_out = _cast_all((x_proj_weight, dt_proj_weight, out_proj_weight), dtype)
             x_dbl = F.linear(u.transpose(1, 2), w_x)  # (batch, seqlen, dt_rank + 2 d_state)
             dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             delta = F.linear(dt, w_dt).transpose(1, 2)  # bias: in the scan, fp32
@@ -105,10 +133,13 @@ class _MambaInner(torch.autograd.Function):
             )
             bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
             out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
-        ctx.out_bias_dtype = out_proj_bias.dtype if out_proj_bias is not None else None
+        ctx.bias_dtypes = tuple(b.dtype if b is not None else None for b in (in_proj_bias, out_proj_bias))
         ctx.weight_dtypes = (x_proj_weight.dtype, dt_proj_weight.dtype, out_proj_weight.dtype, A_log.dtype)
+        ctx.has_in_proj = w_in is not None
+        hidden = x_in if w_in is not None else None  # for in_proj's weight gradient
         ctx.save_for_backward(
             xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx,
+            hidden, w_in,
         )
         return out
 
@@ -117,9 +148,8 @@ class _MambaInner(torch.autograd.Function):
         from .causal_conv1d.triton_conv import _conv_bwd, _conv_fwd
         from .selective_scan.triton_scan import _scan_bwd
 
-        xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx = (
-            ctx.saved_tensors
-        )
+        (xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx,
+         hidden, w_in) = ctx.saved_tensors
         x_proj_dtype, dt_proj_dtype, out_proj_dtype, A_log_dtype = ctx.weight_dtypes
         dtype = xz.dtype
         batch, seqlen = xz.shape[:2]
@@ -155,17 +185,21 @@ class _MambaInner(torch.autograd.Function):
             # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
             # in_proj only).
             need = ctx.needs_input_grad
-            dw_out = _mm_fp32(dout.t(), _rows(y).t()) if need[8] else None
-            db_out = dout.sum(0, dtype=torch.float32) if need[9] else None
-            dw_dt = _mm_fp32(ddelta, dt) if need[4] else None
-            dw_x = _mm_fp32(dx_dbl.t(), _rows(u).t()) if need[3] else None
+            dw_out = _mm_fp32(dout.t(), _rows(y).t()) if need[10] else None
+            db_out = dout.sum(0, dtype=torch.float32) if need[11] else None
+            dw_dt = _mm_fp32(ddelta, dt) if need[6] else None
+            dw_x = _mm_fp32(dx_dbl.t(), _rows(u).t()) if need[5] else None
             du = _rows(du)
             du.addmm_(w_x.t(), dx_dbl.t())  # + x_proj's input gradient
             _, dconv_w, dconv_b = _conv_bwd(
                 x, conv_w, conv_bias, seq_idx, True, _by_channel(du, batch), dx=dxz[..., :d_inner].transpose(1, 2)
             )
+        in_grads = (dxz, None, None)  # for (x_in, in_proj_weight, in_proj_bias)
+        if ctx.has_in_proj:
+            dhidden, dw_in, db_in = _in_proj_grads(ctx, dxz.view(rows, -1), hidden.reshape(rows, -1), w_in)
+            in_grads = (dhidden.view(hidden.shape) if dhidden is not None else None, dw_in, db_in)
         return (
-            dxz,
+            *in_grads,
             dconv_w.view_as(conv_weight),
             dconv_b if conv_bias is not None else None,
             _as(dw_x, x_proj_dtype),
@@ -174,29 +208,37 @@ class _MambaInner(torch.autograd.Function):
             dA_log.to(A_log_dtype),
             dD.to(D.dtype),
             _as(dw_out, out_proj_dtype),
-            db_out.to(ctx.out_bias_dtype) if db_out is not None else None,
+            db_out.to(ctx.bias_dtypes[1]) if db_out is not None else None,
             None,  # seq_idx: integer document ids
         )
 
 
 def mamba_inner_triton(
     xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, out_proj_weight,
-    out_proj_bias=None, seq_idx=None,
+    out_proj_bias=None, seq_idx=None, in_proj_weight=None, in_proj_bias=None,
 ):
-    """The mixer from in_proj's output xz (batch, seqlen, 2 * d_inner) to out_proj's (batch, seqlen, hidden).
+    """The mixer from in_proj's output xz (batch, seqlen, 2 * d_inner) to out_proj's (batch, seqlen, hidden);
+    with in_proj_weight (2 d_inner, hidden) (and optionally in_proj_bias), xz is in_proj's input
+    (batch, seqlen, hidden) instead, and in_proj runs inside.
 
     Parameters as the modules hold them: conv_weight (d_inner, 1, d_conv), x_proj_weight
     (dt_rank + 2 d_state, d_inner), dt_proj_weight (d_inner, dt_rank), dt_proj_bias and D (d_inner,),
     A_log (d_inner, d_state), out_proj_weight (hidden, d_inner). SiLU activation, softplus on Δ + bias.
     Under autocast the matmuls run in autocast's dtype, as the modules would.
     """
-    if xz.dim() != 3 or xz.shape[-1] != 2 * conv_weight.shape[0]:
-        raise ValueError(
-            f"xz must have shape (batch, seqlen, 2 * d_inner={2 * conv_weight.shape[0]}), got {tuple(xz.shape)}"
-        )
+    d_inner = conv_weight.shape[0]
+    if in_proj_weight is not None:
+        if in_proj_weight.dim() != 2 or in_proj_weight.shape[0] != 2 * d_inner:
+            raise ValueError(f"in_proj_weight must have shape (2 * d_inner={2 * d_inner}, hidden), got "
+                             f"{tuple(in_proj_weight.shape)}")
+        if xz.dim() != 3 or xz.shape[-1] != in_proj_weight.shape[1]:
+            raise ValueError(f"with in_proj_weight, xz is in_proj's input and must have shape (batch, seqlen, "
+                             f"{in_proj_weight.shape[1]}), got {tuple(xz.shape)}")
+    elif xz.dim() != 3 or xz.shape[-1] != 2 * d_inner:
+        raise ValueError(f"xz must have shape (batch, seqlen, 2 * d_inner={2 * d_inner}), got {tuple(xz.shape)}")
     return _MambaInner.apply(
-        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, out_proj_weight,
-        out_proj_bias, seq_idx,
+        xz, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+        A_log, D, out_proj_weight, out_proj_bias, seq_idx,
     )
 
 

@@ -225,12 +225,17 @@ class MambaMixer(nn.Module):
         if continuing and seqlen == 1:
             return self._step(hidden_states, cache_params, self._A(), backend)
 
-        xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
-        if self._fused_inner_ok(xz, cache_params, attention_mask, backend):
-            return mamba_inner_triton(
-                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+        if self._fused_inner_ok(hidden_states, cache_params, attention_mask, backend):
+            weights = (
+                self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias, seq_idx,
             )
+            if type(self.in_proj) is nn.Linear and _unhooked(self.in_proj):  # in_proj inside too
+                return mamba_inner_triton(
+                    hidden_states, *weights, in_proj_weight=self.in_proj.weight, in_proj_bias=self.in_proj.bias
+                )
+            return mamba_inner_triton(self.in_proj(hidden_states), *weights)  # e.g. LoRA on in_proj
+        xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
         A = self._A()
         # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))  # (batch, d_inner, seqlen) each
@@ -276,14 +281,14 @@ class MambaMixer(nn.Module):
     def _A(self):
         return -torch.exp(_fp32_or_wider(self.A_log))  # (d_inner, d_state), negative
 
-    def _fused_inner_ok(self, xz, cache_params, attention_mask, backend):
-        """Whether training can run the mixer after in_proj as one function (`mamba_inner_triton`: less
-        memory, fewer ops), computing exactly what the modules below would."""
+    def _fused_inner_ok(self, hidden_states, cache_params, attention_mask, backend):
+        """Whether training can run the mixer after in_proj (and in_proj too, where it is a plain Linear)
+        as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would."""
         if cache_params is not None or attention_mask is not None or not self.fused_silu:
             return False
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False  # nothing to save without grad; torch.compile traces the custom ops instead
-        if resolve_backend(backend, xz.device) != "triton":
+        if resolve_backend(backend, hidden_states.device) != "triton":
             return False
         modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection),
                    (self.out_proj, nn.Linear))

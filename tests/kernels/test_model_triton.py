@@ -193,14 +193,15 @@ def test_model_exports_through_the_kernels(strict, monkeypatch):
 
 
 def fused_calls(monkeypatch):
-    """Count the model's calls of the fused mixer (`mamba_inner_triton`), letting them run."""
+    """Record the model's calls of the fused mixer (`mamba_inner_triton`), letting them run: per call,
+    whether in_proj ran inside it."""
     from hf_mamba import modeling_mamba
 
     calls = []
     real = modeling_mamba.mamba_inner_triton
 
     def spy(*args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs.get("in_proj_weight") is not None)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(modeling_mamba, "mamba_inner_triton", spy)
@@ -238,7 +239,7 @@ def test_fused_mixer_matches_the_modules(use_bias, packed, bf16, monkeypatch):
 
     calls = fused_calls(monkeypatch)
     logits, grads = step()
-    assert len(calls) == SIZES["num_hidden_layers"]
+    assert calls == [True] * SIZES["num_hidden_layers"]  # in_proj inside
     monkeypatch.setattr(MambaMixer, "_fused_inner_ok", lambda *args: False)
     ref_logits, ref_grads = step()
     assert len(calls) == SIZES["num_hidden_layers"]
@@ -294,7 +295,7 @@ def test_fused_mixer_with_lora_on_in_proj_only(monkeypatch):
     ids = torch.randint(0, SIZES["vocab_size"], (2, 9), device=DEVICE)
     calls = fused_calls(monkeypatch)
     _, grads = train_step(lora, ids)
-    assert len(calls) == SIZES["num_hidden_layers"]
+    assert calls == [False] * SIZES["num_hidden_layers"]  # the wrapped in_proj runs as a module
     assert grads and all("lora_" in name for name in grads)
     monkeypatch.setattr(MambaMixer, "_fused_inner_ok", lambda *args: False)
     _, ref_grads = train_step(lora, ids)
@@ -343,3 +344,51 @@ def test_fused_add_norm_matches_the_blocks(bf16, monkeypatch):
     for name, grad in grads.items():
         assert grad.dtype == ref_grads[name].dtype
         assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < tol * 5, name
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_fused_mixer_with_in_proj_inside_matches_in_proj_outside(bias):
+    """mamba_inner_triton with in_proj_weight runs in_proj itself: the same output and gradients (input,
+    in_proj's weight and bias, every mixer weight) as in_proj applied first, in fp32."""
+    import torch.nn.functional as F
+    from hf_mamba.kernels import mamba_inner_triton
+
+    torch.manual_seed(0)
+    config = MambaConfig(use_bias=bias, **SIZES)
+    mixer = MambaForCausalLM(config).backbone.layers[0].mixer.to(DEVICE)
+    hidden = torch.randn(2, 13, config.hidden_size, device=DEVICE)
+    weights = (
+        mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
+        mixer.A_log, mixer.D, mixer.out_proj.weight, mixer.out_proj.bias,
+    )
+    params = [p for p in mixer.parameters()]
+    grad_out = torch.randn(2, 13, config.hidden_size, device=DEVICE)
+    results = []
+    for inside in (True, False):
+        x = hidden.clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        if inside:
+            out = mamba_inner_triton(x, *weights, in_proj_weight=mixer.in_proj.weight, in_proj_bias=mixer.in_proj.bias)
+        else:
+            out = mamba_inner_triton(F.linear(x, mixer.in_proj.weight, mixer.in_proj.bias), *weights)
+        out.backward(grad_out)
+        results.append([out.detach(), x.grad] + [p.grad.clone() for p in params])
+    assert all(p.grad is not None for p in params)
+    for value, ref in zip(*results, strict=True):
+        torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_mixer_rejects_bad_in_proj_shapes():
+    from hf_mamba.kernels import mamba_inner_triton
+
+    mixer = MambaForCausalLM(MambaConfig(**SIZES)).backbone.layers[0].mixer
+    weights = (mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
+               mixer.A_log, mixer.D, mixer.out_proj.weight)
+    hidden = torch.randn(1, 3, SIZES["hidden_size"])
+    with pytest.raises(ValueError, match="in_proj_weight must have shape"):
+        mamba_inner_triton(hidden, *weights, in_proj_weight=mixer.in_proj.weight[1:])
+    with pytest.raises(ValueError, match="xz is in_proj's input"):
+        mamba_inner_triton(hidden[..., 1:], *weights, in_proj_weight=mixer.in_proj.weight)
+    with pytest.raises(ValueError, match="xz must have shape"):
+        mamba_inner_triton(hidden, *weights)
