@@ -1,5 +1,6 @@
 """hf_mamba.kernels: the selective scan, its decode step, the causal conv, the fused training mixer
-(`mamba_inner_triton`) and the decode step's residual add + RMSNorm, as plain functions on tensors.
+(`mamba_inner_triton`) and the residual add + RMSNorm between blocks (`add_rms_norm`), as plain
+functions on tensors.
 
 Nothing here imports the model, its config or transformers.
 """
