@@ -126,9 +126,9 @@ class _MambaInner(torch.autograd.Function):
             x_dbl = F.linear(u.transpose(1, 2), w_x)  # (batch, seqlen, dt_rank + 2 d_state)
             dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             delta = F.linear(dt, w_dt).transpose(1, 2)  # bias: in the scan, fp32
-            A_log = _fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
+            A_log_f = _fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
             y, _, chunk_states = _scan_fwd(
-                u, delta, A_log, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
+                u, delta, A_log_f, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
                 _fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False, A_is_log=True,
             )
             bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
@@ -138,7 +138,7 @@ class _MambaInner(torch.autograd.Function):
         ctx.has_in_proj = w_in is not None
         hidden = x_in if w_in is not None else None  # for in_proj's weight gradient
         ctx.save_for_backward(
-            xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx,
+            xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log_f, D, w_out, chunk_states, seq_idx,
             hidden, w_in,
         )
         return out
