@@ -540,13 +540,14 @@ def selective_scan_bwd_op(
 
 
 def _distinct(tensors):
-    """The tensors, each sharing storage with an earlier one copied out: a custom op's outputs must not
-    alias (the backward returns views of one buffer for the small gradients)."""
+    """The tensors as a custom op must return them: none aliasing another and none at an offset into
+    its storage (the fake kernel's fresh tensors). The backward returns views into one buffer for the
+    small gradients; those are copied out."""
     seen = set()
     out = []
     for t in tensors:
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        out.append(t.clone() if ptr in seen else t)
+        out.append(t.clone() if ptr in seen or t.storage_offset() else t)
         seen.add(ptr)
     return tuple(out)
 

@@ -327,6 +327,22 @@ def test_triton_scan_opcheck(monkeypatch):
         assert triton_scan.selective_scan_fwd_op(u_cl, *args[1:])[0].transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("backward", ["seq", "chunk"])
+def test_triton_scan_backward_op_outputs_do_not_alias(backward, monkeypatch):
+    """The backward op's outputs are distinct tensors (custom ops may not return aliases): the
+    sequential backward sums dA, dD and dΔ bias into one buffer, and the op copies them apart."""
+    from hf_mamba.kernels.selective_scan import triton_scan
+
+    monkeypatch.setattr(triton_scan, "BACKWARD", backward)
+    k, args = _forward_op_args(dict(cpu=(1, 3, 5, 4), gpu=(2, 32, 70, 16)), seed=7)
+    out, final, chunk_states = triton_scan.selective_scan_fwd_op(*args)
+    u, delta, A, B, C, D, z, delta_bias = (t.detach() for t in args[:8])
+    bwd_args = (u, delta, A, B, C, D, z, delta_bias, True, chunk_states, torch.randn_like(out), None, None)
+    torch.library.opcheck(triton_scan.selective_scan_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    grads = [t for t in triton_scan.selective_scan_bwd_op(*bwd_args) if t.numel()]
+    assert len({t.untyped_storage().data_ptr() for t in grads}) == len(grads)
+
+
 def test_triton_scan_custom_op_equals_eager_function():
     """Eager mode runs an autograd.Function; torch.compile traces the custom ops: same outputs and gradients."""
     from hf_mamba.kernels.selective_scan import triton_scan
