@@ -135,7 +135,6 @@ class _MambaInner(torch.autograd.Function):
             out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
         ctx.bias_dtypes = tuple(b.dtype if b is not None else None for b in (in_proj_bias, out_proj_bias))
         ctx.weight_dtypes = (x_proj_weight.dtype, dt_proj_weight.dtype, out_proj_weight.dtype, A_log.dtype)
-        ctx.has_in_proj = w_in is not None
         hidden = x_in if w_in is not None else None  # for in_proj's weight gradient
         ctx.save_for_backward(
             xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log_f, D, w_out, chunk_states, seq_idx,
@@ -195,7 +194,7 @@ class _MambaInner(torch.autograd.Function):
                 x, conv_w, conv_bias, seq_idx, True, _by_channel(du, batch), dx=dxz[..., :d_inner].transpose(1, 2)
             )
         in_grads = (dxz, None, None)  # for (x_in, in_proj_weight, in_proj_bias)
-        if ctx.has_in_proj:
+        if w_in is not None:
             dhidden, dw_in, db_in = _in_proj_grads(ctx, dxz.view(rows, -1), hidden.reshape(rows, -1), w_in)
             in_grads = (dhidden.view(hidden.shape) if dhidden is not None else None, dw_in, db_in)
         return (

@@ -147,7 +147,7 @@ def _norm_bwd(x2, weight, rstd, grad, dhidden, round_dtype, add, delta_dtype=Non
                 ADD=add, HAS_DHIDDEN=dhidden2 is not None, STORE_DDELTA=ddelta is not None,
                 ROUND=_TL_DTYPES[round_dtype], BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
             )
-    return dx, ddelta if add else None, dw_parts
+    return dx, ddelta, dw_parts
 
 
 class _RMSNormTriton(torch.autograd.Function):
@@ -197,11 +197,10 @@ class _AddRMSNormTriton(torch.autograd.Function):
         return dres, ddelta, dweight, None, None  # eps, out_dtype: not tensors
 
 
-def rms_norm_train_triton(x, weight, eps, dtype, out_dtype=None):
+def rms_norm_train_triton(x, weight, eps, dtype):
     """weight * rms_norm(x, eps).to(dtype) with autograd, x fp32 (or any float but fp64) holding values
-    of dtype; the output's dtype is out_dtype, by default promote(weight.dtype, dtype) as the model's
-    ops give."""
-    out_dtype = out_dtype or torch.promote_types(weight.dtype, dtype)
+    of dtype; the output's dtype is promote(weight.dtype, dtype), as the model's ops give."""
+    out_dtype = torch.promote_types(weight.dtype, dtype)
     return _RMSNormTriton.apply(x, weight.contiguous(), float(eps), dtype, out_dtype)
 
 

@@ -428,9 +428,8 @@ def _scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, _chunk_len(seqlen), dout,
             dfinal_state, seq_idx, y_out, need_dinitial, dBC_out, dz_out, A_is_log,
         )
-    A_log = A if A_is_log else None
     if A_is_log:
-        A = -torch.exp(A_log)
+        A = -torch.exp(A)
     block_d, chunk, num_warps = _chunk_config(seqlen)
     n_chunks = cdiv(seqlen, chunk)
     u, delta, B, C, z, dout = (_time_contiguous(t) for t in (u, delta, B, C, z, dout))

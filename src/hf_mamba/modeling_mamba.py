@@ -230,7 +230,7 @@ class MambaMixer(nn.Module):
                 self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias, seq_idx,
             )
-            if type(self.in_proj) is nn.Linear and _unhooked(self.in_proj):  # in_proj inside too
+            if self._plain_in_proj():  # in_proj inside too
                 return mamba_inner_triton(
                     hidden_states, *weights, in_proj_weight=self.in_proj.weight, in_proj_bias=self.in_proj.bias
                 )
@@ -295,6 +295,11 @@ class MambaMixer(nn.Module):
         # LoRA and other wrappers replace or hook these modules: then the modules must run.
         return all(type(m) is cls and _unhooked(m) for m, cls in modules)
 
+    def _plain_in_proj(self):
+        """in_proj is a plain, unhooked Linear: the fused mixer may run it itself, and autocast's cast of
+        its input is all that reads the mixer's input."""
+        return type(self.in_proj) is nn.Linear and _unhooked(self.in_proj)
+
     def _step(self, hidden_states, cache_params, A, backend):
         """One decode step from the cache: O(1) in the number of tokens already seen."""
         xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
@@ -332,8 +337,7 @@ def _in_proj_input_dtype(mixer, norm_weight):
     device_type = norm_weight.device.type
     if mixer is None or not torch.is_autocast_enabled(device_type) or norm_weight.dtype == torch.float64:
         return None
-    plain = type(mixer) is MambaMixer and type(mixer.in_proj) is nn.Linear
-    if plain and _unhooked(mixer) and _unhooked(mixer.in_proj):
+    if type(mixer) is MambaMixer and _unhooked(mixer) and mixer._plain_in_proj():
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -526,6 +530,11 @@ class MambaModel(MambaPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
+    def _fused_norms_ok(self, backend):
+        """Whether the blocks may run as `_blocks_fused_norms` runs them (Triton backend, at least one
+        block, blocks and norms plain)."""
+        return backend == "triton" and len(self.layers) > 0 and self._plain_blocks_and_norms()
+
     def _plain_blocks_and_norms(self):
         """Blocks and norms as defined here, without hooks: then the blocks may run as
         `_blocks_fused_norms` runs them, without calling the blocks and norms themselves."""
@@ -605,7 +614,7 @@ class MambaModel(MambaPreTrainedModel):
         all_hidden_states = [inputs_embeds] if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training
         backend = resolve_backend(scan_backend_for(self.config), inputs_embeds.device)
-        if backend == "triton" and len(self.layers) and not checkpointing and self._plain_blocks_and_norms():
+        if not checkpointing and self._fused_norms_ok(backend):
             hidden_states = self._blocks_fused_norms(
                 inputs_embeds, cache_params, attention_mask, seq_idx, backend, all_hidden_states
             )
@@ -811,7 +820,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         """Logits (batch, 1, vocab) of one token on top of the cache; advances the states, not the offset."""
         hidden_states = self.backbone.embeddings(input_ids)
         backend = resolve_backend(scan_backend_for(self.config), hidden_states.device)
-        if backend == "triton" and len(self.backbone.layers) and self.backbone._plain_blocks_and_norms():
+        if self.backbone._fused_norms_ok(backend):
             hidden_states = self.backbone._blocks_fused_norms(hidden_states, cache_params, None, None, backend)
         else:
             for block in self.backbone.layers:
