@@ -213,7 +213,7 @@ SEQ_SWEEP = {
         ("session 5: step by step, scalar B, C loads, pass 2 two channels", dict(
             BC_TIME_VECTORS=False, BC_PAIRS=False, FAST_MATH=False, PREFETCH=False, MAXNREG=0,
             CHANNELS_PER_THREAD=2, PASS2_CHANNELS_PER_THREAD=2)),
-        ("time vectors, fast math, prefetch, (1, 16), capped at 168 registers (default)", dict()),
+        ("time vectors, tile copy, fast math, prefetch, (1, 16), capped at 168 registers (default)", dict()),
         ("no prefetch, no cap", dict(PREFETCH=False, MAXNREG=0)),
         ("capped at 152", dict(MAXNREG=152)),
         ("capped at 176", dict(MAXNREG=176)),
@@ -223,36 +223,58 @@ SEQ_SWEEP = {
         ("pass 1 capped at 128", dict(PASS1_MAXNREG=128)),
         ("pass 1 capped at 144", dict(PASS1_MAXNREG=144)),
         ("pass 1 capped at 128, no prefetch", dict(PASS1_MAXNREG=128, PREFETCH=False)),
+        ("exp2 on FMA: pass 1 states 0, 4, 8, 12", dict(EXP2_FMA_PASS1=0x1111)),
+        ("exp2 on FMA: pass 1 0, 4, 8, 12; pass 2 0, 8", dict(EXP2_FMA_PASS1=0x1111, EXP2_FMA=0x0101)),
+        ("exp2 on FMA: pass 1 0, 4, 8, 12; pass 2 0, 4, 8, 12", dict(EXP2_FMA_PASS1=0x1111, EXP2_FMA=0x1111)),
+        ("exp2 on FMA: pass 1 half the states; pass 2 0, 4, 8, 12", dict(EXP2_FMA_PASS1=0x3333, EXP2_FMA=0x1111)),
+        ("16-step tiles", dict(TILE_STEPS=16)),
+        ("B, C read as given (no tile copy)", dict(BC_TILE_COPY=False)),
+        ("capped at 184", dict(MAXNREG=184)),
+        ("no prefetch", dict(PREFETCH=False)),
     ],
     "fp32": [
         ("session 5: step by step", dict(BC_TIME_VECTORS=False, FAST_MATH=False, PREFETCH=False, WARPS_PER_SM=8)),
-        ("time vectors, fast math, (1, 16), no prefetch, no cap (default)", dict()),
+        ("time vectors, tile copy, fast math, prefetch, (1, 16), capped at 168 registers (default)", dict()),
         ("(1, 8)", dict(WARPS_PER_SM=8)),
-        ("prefetch, capped at 168", dict(PREFETCH=True, MAXNREG=168)),
-        ("prefetch, no cap", dict(PREFETCH=True)),
+        ("no prefetch, no cap", dict(PREFETCH=False, MAXNREG=0)),
+        ("B, C read as given (no tile copy), no prefetch, no cap",
+         dict(BC_TILE_COPY=False, PREFETCH=False, MAXNREG=0)),
+        ("exp2 on FMA: pass 1 states 0, 4, 8, 12", dict(EXP2_FMA_PASS1=0x1111)),
+        ("8-step tiles", dict(TILE_STEPS=8)),
     ],
 }
 
 
 def fwd_sweep(args):
-    """Time the sequential forward's variants (SEQ_SWEEP) on every shape, and check each one's error."""
+    """Time the sequential forward's variants (SEQ_SWEEP) on every shape, and check each one's error.
+
+    With --warmup, run each variant once per shape instead (compiles only), one process per variant
+    (--variant I, counting the rows of both dtypes), as --bwd-sweep does."""
     shapes = [*SHAPES, (4, 1536, 1024, 16)]
     fns = scan_fns()
+    if args.warmup:
+        def run(fn, inp):
+            with torch.no_grad():
+                fn(*scan_args(inp))
+            return 0.0
+    else:
+        run = time_fwd
     print("\nForward sweep, ms; error = ||out - ref|| / ||ref|| at (2, 96, 3000, 16)")
     print("| forward variant | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last | error |")
     print("|---|---|" + "---|" * (len(shapes) + 1) + "---|")
+    rows = [(name, dtype, label, knobs) for name, dtype in DTYPES.items() for label, knobs in SEQ_SWEEP[name]]
     for name, dtype in DTYPES.items():
-        if "mamba_ssm" in fns:
+        if "mamba_ssm" in fns and not args.warmup and args.variant is None:
             cells = [f"{time_fwd(fns['mamba_ssm'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | | |", flush=True)
-        for label, knobs in SEQ_SWEEP[name]:
-            if not _chosen(label, args):
+        for index, (row_name, _, label, knobs) in enumerate(rows):
+            if row_name != name or not _chosen(label, args) or args.variant not in (None, index):
                 continue
             previous = _set_knobs({("triton_scan_seq", knob): value for knob, value in knobs.items()})
-            cells = [f"{time_fwd(fns['triton'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
+            cells = [f"{run(fns['triton'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             # The last shape again in the model's layout: u, Δ, z, B, C channels-last views.
             inp = channels_last(make_inputs(*shapes[-1], dtype))
-            cells.append(f"{time_fwd(fns['triton'], inp):.3f}")
+            cells.append(f"{run(fns['triton'], inp):.3f}")
             print(f"| {label} | {name} | " + " | ".join(cells) + f" | {forward_error(dtype):.1e} |", flush=True)
             _set_knobs(previous)
 
@@ -262,12 +284,12 @@ BWD_SWEEP = [
     ("per-channel backward (default)", {}, ("bf16", "fp32")),
     ("cap 168 registers", {("triton_scan_bwd", "MAXNREG"): 168}, ("bf16", "fp32")),
     ("cap 200 registers", {("triton_scan_bwd", "MAXNREG"): 200}, ("bf16",)),
-    ("cap 128 registers", {("triton_scan_bwd", "MAXNREG"): 128}, ("bf16",)),
     ("2 states per loop iteration", {("triton_scan_bwd", "STATES_PER_ITER"): 2}, ("bf16", "fp32")),
-    ("2 states per iteration, cap 168",
-     {("triton_scan_bwd", "STATES_PER_ITER"): 2, ("triton_scan_bwd", "MAXNREG"): 168}, ("bf16",)),
     ("segments below 32 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 32}, ("bf16",)),
     ("chunk backward (session 6)", {("triton_scan", "BACKWARD"): "chunk"}, ("bf16", "fp32")),
+    ("per-channel, 16-byte tiles, 2 states per iteration (session 10)",
+     {("triton_scan_bwd", "TILE_STEPS"): 8, ("triton_scan_bwd", "STATES_PER_ITER"): 2}, ("bf16",)),
+    ("per-channel, 8-step tiles", {("triton_scan_bwd", "TILE_STEPS"): 8}, ("fp32",)),
 ]
 
 
@@ -616,8 +638,8 @@ def main():
     parser.add_argument("--bwd-sweep", action="store_true", help="time the backward's variants, then stop")
     parser.add_argument("--skip", default="", help="sweeps: skip the rows whose label starts so (comma-separated)")
     parser.add_argument("--only", default="", help="sweeps: only the rows whose label starts so (comma-separated)")
-    parser.add_argument("--variant", type=int, default=None, help="--bwd-sweep: only BWD_SWEEP[VARIANT]")
-    parser.add_argument("--warmup", action="store_true", help="--bwd-sweep: run once (compile only)")
+    parser.add_argument("--variant", type=int, default=None, help="sweeps: only row VARIANT (0-based)")
+    parser.add_argument("--warmup", action="store_true", help="sweeps: run each row once (compile only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")

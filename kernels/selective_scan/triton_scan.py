@@ -17,9 +17,9 @@ in the backward dΔ and du) are then plain in-register accumulations across the 
 computed as exp2(Δ (A log2 e)): the special-function unit's native instruction.
 
 The forward for small d_state can instead run the sequential per-channel kernel of `triton_scan_seq`
-(see `_use_seq_forward`), and the backward of 16-bit inputs up to d_state 16 runs the per-channel
-kernel of `triton_scan_bwd` (`_use_seq_backward`), from the same checkpoints; the chunk backward
-below serves fp32 and larger d_state. Either forward stores h at every start of a backward chunk, (batch,
+(see `_use_seq_forward`), and the backward up to d_state 16 runs the per-channel kernel of
+`triton_scan_bwd` (`_use_seq_backward`), from the same checkpoints; the chunk backward below serves
+larger d_state. Either forward stores h at every start of a backward chunk, (batch,
 d_inner, n_chunks, d_state) fp32, CHUNK times smaller than all states (the chunk forward may walk
 longer chunks, FWD_MAX_CHUNK, and stores the checkpoints inside them). The backward walks the chunks in reverse,
 recomputes each state's h over the chunk from that checkpoint, and runs the adjoint recurrence
@@ -44,11 +44,11 @@ from .triton_scan_seq import scan_fwd_seq
 SEQ_MAX_D_STATE = 64
 # Which forward to run for d_state <= SEQ_MAX_D_STATE: "seq", "chunk", or None (measured choice).
 FORWARD = None
-# Up to this d_state, for 16-bit inputs, the backward runs the per-channel kernel of `triton_scan_bwd`
-# (all states of a channel in one thread's registers); otherwise the chunk backward below. In fp32 the
-# chunk backward was faster on H200 (forward + backward 2.77 / 7.23 / 4.07 ms against 3.35 / 8.66 /
-# 4.42 on the three benchmark shapes, kernels/NOTES.md session 8). BACKWARD: "seq", "chunk" or None
-# (by d_state and dtype).
+# Up to this d_state the backward runs the per-channel kernel of `triton_scan_bwd` (all states of a
+# channel in one thread's registers); above it the chunk backward below. With 8-step tiles the
+# per-channel backward beat the chunk backward in fp32 too (H200, forward + backward 2.35 / 6.09 /
+# 3.25 ms against 2.77 / 7.08 / 4.25 on the three benchmark shapes, kernels/NOTES.md session 11).
+# BACKWARD: "seq", "chunk" or None (by d_state).
 SEQ_BWD_MAX_D_STATE = 16
 BACKWARD = None
 # Chunk kernels: BLOCK_D channels x up to MAX_CHUNK steps (a power of two) per program, spread
@@ -354,7 +354,7 @@ def _use_seq_forward(batch, d_inner, seqlen, d_state):
 def _use_seq_backward(d_state, dtype):
     if BACKWARD is not None:
         return BACKWARD == "seq"
-    return d_state <= SEQ_BWD_MAX_D_STATE and dtype.itemsize == 2
+    return d_state <= SEQ_BWD_MAX_D_STATE
 
 
 def _time_contiguous(t):

@@ -17,8 +17,9 @@ states (dΔ, du, y) need no shuffles. The work per state update is then a few FM
 - Short batches cut the sequence into segments, as the forward does. The adjoint entering a segment
   from its right is linear in the carry: x_out = Q + P x_in per state, with P = prod a_t over the
   segment and Q the segment's own part (pass 1, ADJOINT_ONLY, a forward walk: p *= a_t,
-  Q += p dy_t C_t). A small kernel chains the segments from the last, and pass 2 runs every segment
-  from its true carry. Document resets (seq_idx) are a_t = 0 and need nothing else.
+  Q += p dy_t C_t; the first segment needs none). A small kernel chains the segments from the last,
+  and pass 2 runs every segment from its true carry. Document resets (seq_idx) are a_t = 0 and need
+  nothing else.
 
 H200, session 7 (kernels/NOTES.md): forward + backward at (8, 1536, 2048, 16) bf16 2.01 ms against
 2.57 with the chunk backward of `triton_scan` and 2.19 for mamba_ssm. Compiling takes longer than
@@ -54,12 +55,17 @@ WARPS_PER_SM = 16
 MIN_TILES_PER_SEG = 16
 # Sum dB and dC over a warp's lanes with shuffles (CUDA only); False: tl.sum (a shuffle tree per value).
 LANE_SUM = True
+# Steps per tile (at most 16: the lane sums spread a tile's 2 T values of dB, dC over 32 lanes).
+# H200, session 11 (kernels/NOTES.md), forward + backward at the three benchmark shapes: 1.69 / 4.36 /
+# 2.37 ms in bf16 against 1.88 / 4.76 / 2.60 with 8 steps (one 16-byte vector, 2 states per
+# iteration); 2.31 / 5.92 / 3.16 in fp32 against 2.36 / 6.16 / 3.26 with 8 and 2.78 / 7.16 / 4.26
+# with 4 (session 10).
+TILE_STEPS = 16
 # Register cap per thread (0: none).
 MAXNREG = 0
 # States unrolled per iteration of the reverse phase's loop over states (a divisor of d_state, else 1).
-# 2 and 4 ran at the same speed on H200 in bf16 (2 was 6% faster in fp32); 2 compiles in 11 s against
-# 19 s (kernels/NOTES.md, session 8).
-STATES_PER_ITER = 2
+# With 32-byte tiles one state per iteration was the fastest on H200 (kernels/NOTES.md, session 11).
+STATES_PER_ITER = 1
 
 _LANE_HELPERS = '''
 
@@ -339,6 +345,9 @@ def _bwd_source(N, T, G):
     I = "    "
     _program_ids(L, I, T)
     L.append(f"{I}n_seg = tl.num_programs(2)")
+    L.append(f"{I}if ADJOINT_ONLY:  # launched for segments 1 ..: no segment left of segment 0 needs its P, Q")
+    L.append(f"{I}    n_seg += 1")
+    L.append(f"{I}    i_s += 1")
     L.append(f"{I}p_A_d = p_A + o_d * s_A_d")
     L.append(f"{I}if HAS_D:")
     L.append(f"{I}    b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)")
@@ -430,7 +439,7 @@ def scan_bwd_seq(
     torch op here costs several microseconds, so buffers share allocations where they can."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    T = max(2, 16 // u.element_size())
+    T = TILE_STEPS
     num_warps = 1
     block_d = 32 * num_warps  # one channel per thread: the lane sums need it
     assert ckpt_len % T == 0 and 2 * T <= 32
@@ -483,9 +492,9 @@ def scan_bwd_seq(
         **({"maxnreg": MAXNREG} if MAXNREG and u.is_cuda else {}),
     )
 
-    def run_pass(PQ, **pass_flags):
+    def run_pass(PQ, segments, **pass_flags):
         launch(
-            kernel, (batch, n_blocks, n_seg),
+            kernel, (batch, n_blocks, segments),
             u, delta, A_c, B, C, D, z, delta_bias, chunk_states, dout,
             du, ddelta, dz, y_out, dBC, dA, dsum, x, PQ, scratch,
             seqlen, d_inner, n_ckpt, ckpts_per_seg, *strides, *seq_idx_args(seq_idx),
@@ -494,14 +503,14 @@ def scan_bwd_seq(
 
     if n_seg > 1:  # pass 1, then the carries from the last segment to the first
         PQ = torch.empty(batch, n_seg, 2, d_state, d_inner, **f32)
-        run_pass(PQ, ADJOINT_ONLY=True, STORE_Y=False)
+        run_pass(PQ, n_seg - 1, ADJOINT_ONLY=True, STORE_Y=False)
         block_n = next_power_of_2(d_state)
         chain_bd = max(1, 1024 // block_n)
         launch(
             _chain_adjoint_kernel, (batch, cdiv(d_inner, chain_bd)),
             PQ, x, d_inner, d_state, n_seg, BLOCK_D=chain_bd, BLOCK_N=block_n,
         )
-    run_pass(None, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
+    run_pass(None, n_seg, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
     empty = u.new_empty(0)
     if dBC_out is not None:  # dB, dC as (batch, seqlen, 2, d_state): one copy
         dBC_out.copy_(dBC.permute(1, 3, 0, 2))

@@ -64,6 +64,9 @@ CHANNELS_PER_THREAD = None
 # Whether bf16 B, C are read as 32-bit words of two values (`_state_row`, `_time_vector`), and
 # whether B, C with unit time stride are read as vectors of a tile's steps (`_tile_by_state`).
 PASS2_CHANNELS_PER_THREAD = None
+# Whether B, C with unit time stride are copied tile by tile first (`_tiled`): the kernel then needs
+# no pointer per state, which at 168 registers were spilled and reloaded for every tile.
+BC_TILE_COPY = True
 BC_LAYOUT = "as given"
 BC_PAIRS = True
 BC_TIME_VECTORS = True
@@ -77,6 +80,13 @@ PREFETCH = None
 # free to, and the registers then limit the warps per multiprocessor. 0: no cap; None: the measured
 # choice per element size (`_config`).
 MAXNREG = None
+# Steps per tile (None: one 16-byte vector of u per thread, 8 in bf16, 4 in fp32). Sweep knob.
+TILE_STEPS = None
+# Bitmasks of the states whose decay exp2 runs on the FMA pipe (`_exp2_fma`, 11 instructions) rather
+# than the special-function unit (one instruction, but 16 per cycle and SM): in a segmented forward's
+# first pass, and in the pass that writes outputs. Sweep knobs; 0: all on the special-function unit.
+EXP2_FMA_PASS1 = 0
+EXP2_FMA = 0
 # Register cap of a segmented forward's first pass (states only: no C, z or outputs to hold), which
 # could run more warps per multiprocessor than the second. None: MAXNREG's choice (sweep knob).
 PASS1_MAXNREG = None
@@ -88,9 +98,9 @@ def _config(element_size):
     H200 sweeps (`benchmark_kernels.py --fwd-sweep`, session 6 in NOTES.md), time vectors and fast
     math: bf16 at one channel per thread, 16 warps per SM, prefetching, capped at 168 registers
     (0.382 ms at (8, 1536, 2048, 16); 0.399 with pass 1 at two channels, 0.469-0.519 without the cap,
-    0.480 at 152, 0.423 at 176); fp32 at one channel, 16 warps per SM, without prefetching or a cap
-    (0.556 ms; 0.574 with prefetching, 0.616 capped at 128)."""
-    channels, warps, prefetch, maxnreg = (1, 16, True, 168) if element_size <= 2 else (1, 16, False, 0)
+    0.480 at 152, 0.423 at 176). fp32 the same since B, C are copied tile by tile (session 11: 0.526
+    ms, against 0.596 without prefetching or a cap; before the copy, that was the faster, 0.541)."""
+    channels, warps, prefetch, maxnreg = 1, 16, True, 168
     return (
         CHANNELS_PER_THREAD or channels,
         WARPS_PER_SM or warps,
@@ -139,6 +149,32 @@ def _log2_rate(a, A_LOG: tl.constexpr):
     if A_LOG:
         a = -tl.exp(a)
     return a * 1.4426950408889634
+
+
+@triton.jit
+def _exp2_fma(x):
+    # 2^x on the FMA pipe, not the special-function unit (whose ex2 rate, 16 per cycle and SM, bounds
+    # the scan): x = j + f with j = round(x) by the 1.5 * 2^23 trick, 2^f by a degree-5 polynomial on
+    # [-1/2, 1/2] (relative error 9e-8, 1.9e-7 in fp32 arithmetic; exactly 1 at 0, so Δ = 0 keeps h),
+    # and j added to its exponent bits. Clamped to +-126.
+    x = tl.minimum(tl.maximum(x, -126.0), 126.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = 0.0013264726693621052 * f + 0.009671512736402432
+    p = p * f + 0.05550733744859314
+    p = p * f + 0.24022242083267376
+    p = p * f + 0.6931469775981836
+    p = p * f + 1.0
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_state(x, n: tl.constexpr, FMA_STATES: tl.constexpr):
+    # exp2 of state n's decay: on the FMA pipe where bit n of FMA_STATES is set (the EXP2_FMA knobs).
+    if (FMA_STATES >> n) & 1:
+        return _exp2_fma(x)
+    return tl.exp2(x)
 
 
 @triton.jit
@@ -222,23 +258,26 @@ def _step(lines, indent, t, N, pairs):
     """Emit step t of a tile: the state update h_n = exp(Δ A_n) h_n + Δ u B_n, and y_t = C_t . h."""
     b = _state_row(lines, indent, "p_B_b + i_t * s_B_l", "s_B_n", "bt", N, pairs)
     for n in range(N):
-        lines.append(f"{indent}h_{n} = tl.exp2(dt_{t} * a_{n}) * h_{n} + dtu_{t} * {b[n]}")
+        lines.append(f"{indent}h_{n} = _exp2_state(dt_{t} * a_{n}, {n}, EXP2_FMA) * h_{n} + dtu_{t} * {b[n]}")
     lines.append(f"{indent}if not STATES_ONLY:")
     c = _state_row(lines, indent + "    ", "p_C_b + i_t * s_C_l", "s_C_n", "ct", N, pairs)
     lines.append(f"{indent}    y_{t} = " + " + ".join(f"h_{n} * {c[n]}" for n in range(N)))
 
 
-def _time_vector(lines, indent, row, name, T):
+def _time_vector(
+    lines, indent, row, name, T, words_at="o_w, mask=m_w1", steps_at="o_tt[None, :], mask=m_t1", other=_ZERO
+):
     """One state's T steps of B or C (unit time stride) as T [1]-tensors name_0 .. name_{T-1}.
 
     BC_PAIRS (bf16 with 4-byte aligned rows, passed as an int32 view: word strides, so the loads can
     be 16-byte vectors): loaded as T / 2 words of two steps each, where bf16 -> fp32 is a shift or a
-    mask of the word; otherwise as T values converted to fp32."""
+    mask of the word; otherwise as T values converted to fp32. words_at / steps_at: the offsets from
+    `row` and the mask of those loads; other: their fill."""
     names = [f"{name}_{t}" for t in range(T)]
     lines.append(f"{indent}if BC_PAIRS:")
     J = indent + "    "
     words = [f"w_{k}" for k in range(T // 2)]
-    lines.append(f"{J}v = tl.load({row} + o_w, mask=m_w1, other={_ZERO})")
+    lines.append(f"{J}v = tl.load({row} + {words_at}, other={other})")
     if len(words) == 1:
         lines.append(f"{J}w_0 = v")
     else:
@@ -247,7 +286,7 @@ def _time_vector(lines, indent, row, name, T):
         lines.append(f"{J}{names[2 * k]} = ({w} << 16).to(tl.float32, bitcast=True)")
         lines.append(f"{J}{names[2 * k + 1]} = ({w} & -65536).to(tl.float32, bitcast=True)")
     lines.append(f"{indent}else:")
-    lines.append(f"{J}v = tl.load({row} + o_tt[None, :], mask=m_t1, other={_ZERO})")
+    lines.append(f"{J}v = tl.load({row} + {steps_at}, other={other})")
     _unpack("v.to(tl.float32)", names, lines, J, "sv", rows="1")
 
 
@@ -263,16 +302,27 @@ def _tile_by_state(lines, indent, T, N):
     for t in range(T):
         lines.append(f"{indent}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
         _reset_state(lines, indent, t, T, [f"keep_{t}"], init=True)
-    lines.append(f"{indent}o_w = i_c * {T // 2} + tl.arange(0, {T // 2})[None, :]")
-    lines.append(f"{indent}m_w1 = None if EVEN_TILES else o_w < seqlen // 2  # even seqlen with BC_PAIRS")
+    lines.append(f"{indent}if BC_TILED:  # (batch, tile, B | C, state, step): every row at a fixed offset")
+    J = indent + "    "
+    lines.append(f"{J}s_row = {T // 2} if BC_PAIRS else {T}")
+    lines.append(f"{J}p_bt = p_B_b + i_c * {2 * N} * s_row")
+    lines.append(f"{J}p_ct, s_bn, s_cn = p_bt + {N} * s_row, s_row, s_row")
+    lines.append(f"{J}o_w, m_w1 = tl.arange(0, {T // 2})[None, :], None")
+    lines.append(f"{J}o_ts, m_t1 = o_t[None, :], None")
+    lines.append(f"{indent}else:")
+    lines.append(f"{J}p_bt, p_ct, s_bn, s_cn = p_B_b, p_C_b, s_B_n, s_C_n")
+    lines.append(f"{J}o_w = i_c * {T // 2} + tl.arange(0, {T // 2})[None, :]")
+    lines.append(f"{J}m_w1 = None if EVEN_TILES else o_w < seqlen // 2  # even seqlen with BC_PAIRS")
+    lines.append(f"{J}o_ts = o_tt[None, :]")
+    at = dict(steps_at="o_ts, mask=m_t1", other="None if EVEN_TILES or BC_TILED else 0")
     for n in range(N):
-        _time_vector(lines, indent, f"p_B_b + {n} * s_B_n", "bt", T)
+        _time_vector(lines, indent, f"p_bt + {n} * s_bn", "bt", T, **at)
         lines.append(if_states)
-        _time_vector(lines, indent + "    ", f"p_C_b + {n} * s_C_n", "ct", T)
+        _time_vector(lines, indent + "    ", f"p_ct + {n} * s_cn", "ct", T, **at)
         for t in range(T):
             lines.append(f"{indent}if HAS_SEQ_IDX:")
             lines.append(f"{indent}    h_{n} = h_{n} * keep_{t}")
-            lines.append(f"{indent}h_{n} = tl.exp2(dt_{t} * a_{n}) * h_{n} + dtu_{t} * bt_{t}")
+            lines.append(f"{indent}h_{n} = _exp2_state(dt_{t} * a_{n}, {n}, EXP2_FMA) * h_{n} + dtu_{t} * bt_{t}")
             lines.append(if_states)
             y = f"h_{n} * ct_{t}" if n == 0 else f"y_{t} + h_{n} * ct_{t}"
             lines.append(f"{indent}    y_{t} = {y}")
@@ -332,8 +382,9 @@ def _fwd_source(N, T):
     L.append("    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,")
     L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
     L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
-    L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, FAST_MATH: tl.constexpr,")
-    L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,")
+    L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, BC_TILED: tl.constexpr,")
+    L.append("    FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,")
+    L.append("    EXP2_FMA: tl.constexpr,")
     L.append("):")
     I = "    "
     _program_ids(L, I, T)
@@ -452,8 +503,9 @@ def _fwd_source_lanes(N, T, G):
     L.append("    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,")
     L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
     L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
-    L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, FAST_MATH: tl.constexpr,")
-    L.append("    EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,")
+    L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, BC_TILED: tl.constexpr,")
+    L.append("    FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,")
+    L.append("    EXP2_FMA: tl.constexpr,")
     L.append("):")
     I = "    "
     L.append(f"{I}G: tl.constexpr = {G}")
@@ -618,21 +670,45 @@ def _bf16_pairs(t, axis=1):
     return all(size == 1 or stride % 2 == 0 for size, stride in others)
 
 
-def _bc_reads(B, C, lanes):
-    """How the kernel reads B and C: (B, C as passed, BC_PAIRS, BC_TIME_VECTORS).
+def _tiled(B, C, T):
+    """B and C (batch, d_state, seqlen), unit time stride, copied into one (batch, n_tiles, 2, d_state,
+    T) tensor: a tile's rows of B, then of C, zeros past the end."""
+    batch, d_state, seqlen = B.shape
+    n_full, rest = divmod(seqlen, T)
+    BC = B.new_empty(batch, n_full + (rest > 0), 2, d_state, T)
+    for i, t in enumerate((B, C)):
+        if n_full:
+            BC[:, :n_full, i].copy_(t[:, :, : n_full * T].unflatten(2, (n_full, T)).transpose(1, 2))
+        if rest:
+            BC[:, -1, i, :, :rest].copy_(t[:, :, n_full * T :])
+            BC[:, -1, i, :, rest:].zero_()
+    return BC
+
+
+def _bc_reads(B, C, lanes, T):
+    """How the kernel reads B and C: (B, C as passed, their (batch, state, step) strides, BC_PAIRS,
+    BC_TIME_VECTORS, BC_TILED).
 
     Unit time stride (the benchmark's layout): one vector of a tile's steps per state
     (`_tile_by_state`), for bf16 as words of two steps, through an int32 view of B and C so that the
-    kernel's strides count words. Otherwise step by step, bf16 with unit state stride (the model's
-    x_proj layout) as words of two states (`_state_row`)."""
+    kernel's strides count words. With BC_TILE_COPY they are first copied tile by tile (`_tiled`), so
+    that the kernel finds every state's row at a fixed offset from one pointer per tile. Otherwise
+    step by step, bf16 with unit state stride (the model's x_proj layout) as words of two states
+    (`_state_row`)."""
     if lanes != 1:
-        return B, C, False, False
+        return B, C, B.stride(), C.stride(), False, False, False
     if BC_TIME_VECTORS and B.stride(2) == 1 and C.stride(2) == 1:
+        if BC_TILE_COPY and B.dtype == C.dtype:
+            BC = _tiled(B, C, T)
+            if BC_PAIRS and BC.dtype == torch.bfloat16:
+                BC = BC.view(torch.int32)
+            strides = (BC.stride(0), 0, 0)
+            return BC, BC, strides, strides, BC.dtype == torch.int32, True, True
         pairs = BC_PAIRS and _bf16_pairs(B, axis=2) and _bf16_pairs(C, axis=2)
         if pairs:
             B, C = B.view(torch.int32), C.view(torch.int32)
-        return B, C, pairs, True
-    return B, C, BC_PAIRS and _bf16_pairs(B) and _bf16_pairs(C), False
+        return B, C, B.stride(), C.stride(), pairs, True, False
+    return B, C, B.stride(), C.stride(), BC_PAIRS and _bf16_pairs(B) and _bf16_pairs(C), False, False
 
 
 def _segment_count(programs, warps_per_sm, device, n_tiles, min_tiles, max_segments):
@@ -660,13 +736,13 @@ def scan_fwd_seq(
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    T = max(2, 16 // u.element_size())  # one 16-byte vector of time steps per thread
+    T = TILE_STEPS or max(2, 16 // u.element_size())  # by default one 16-byte vector of steps per thread
     num_warps = 1
     lanes = _lanes_per_channel(d_state)
     channels_per_thread, warps_per_sm, prefetch, maxnreg = _config(u.element_size())
     if BC_LAYOUT == "time rows":
         B, C = (t if t.stride(2) == 1 or seqlen == 1 else t.contiguous() for t in (B, C))
-    B, C, bc_pairs, bc_time_vectors = _bc_reads(B, C, lanes)
+    B, C, B_strides, C_strides, bc_pairs, bc_time_vectors, bc_tiled = _bc_reads(B, C, lanes, T)
     # Channels per program: of a launch that only scans states (the first pass of a segmented
     # forward), and of one that writes outputs (holding their tiles too: registers, occupancy).
     block_states = 32 * num_warps // lanes * (channels_per_thread if lanes == 1 else 1)
@@ -691,24 +767,25 @@ def scan_fwd_seq(
         initial_state = initial_state.contiguous()
     z_ = z if z is not None else u
     common = (
-        *u.stride(), *delta.stride(), *A_c.stride(), *B.stride(), *C.stride(), *z_.stride(), *out.stride(),
+        *u.stride(), *delta.stride(), *A_c.stride(), *B_strides, *C_strides, *z_.stride(), *out.stride(),
     )
     si = seq_idx_args(seq_idx)
     flags = dict(
         HAS_SEQ_IDX=seq_idx is not None,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, CKPT_EVERY=ckpt_every, num_warps=num_warps,
-        BC_PAIRS=bc_pairs, BC_TIME_VECTORS=bc_time_vectors, FAST_MATH=FAST_MATH and u.is_cuda, PREFETCH=prefetch,
-        A_LOG=A_is_log,
+        BC_PAIRS=bc_pairs, BC_TIME_VECTORS=bc_time_vectors, BC_TILED=bc_tiled, FAST_MATH=FAST_MATH and u.is_cuda,
+        PREFETCH=prefetch, A_LOG=A_is_log,
     )
 
-    def run_pass(block, segments, h0, h0_strides, h_out, dtsum, maxnreg=maxnreg, **pass_flags):
+    def run_pass(block, segments, h0, h0_strides, h_out, dtsum, maxnreg=maxnreg, exp2_fma=EXP2_FMA, **pass_flags):
         """One launch of the generated kernel over (batch, channel blocks of `block`, segments)."""
         launch(
             kernel, (batch, cdiv(d_inner, block), segments),
             u, delta, A_c, B, C, D, z, delta_bias, h0, out, h_out, dtsum, chunk_states,
             seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
-            BLOCK_D=block, EVEN_TILES=seqlen % T == 0 and d_inner % block == 0, **pass_flags, **flags,
+            BLOCK_D=block, EVEN_TILES=seqlen % T == 0 and d_inner % block == 0, EXP2_FMA=exp2_fma,
+            **pass_flags, **flags,
             **({"maxnreg": maxnreg} if maxnreg and u.is_cuda else {}),
         )
 
@@ -725,7 +802,7 @@ def scan_fwd_seq(
     # Pass 1 skips the last segment: no later segment needs its end state, and pass 2 computes it.
     run_pass(
         block_states, n_seg - 1, None, seg_strides, h_end, dtsum,
-        maxnreg=maxnreg if PASS1_MAXNREG is None else PASS1_MAXNREG,
+        maxnreg=maxnreg if PASS1_MAXNREG is None else PASS1_MAXNREG, exp2_fma=EXP2_FMA_PASS1,
         USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False,
     )
     h_in = torch.empty_like(h_end)

@@ -118,6 +118,49 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
     _check_scan("triton", case, dtype)
 
 
+def test_exp2_fma_accuracy():
+    """`_exp2_fma` (2^x by a polynomial on the FMA pipe) against torch.exp2 in float64: relative error
+    below 3e-7 (ex2.approx: 2^-22) where 2^x is a normal float, and 2^-126 (as good as zero) below."""
+    import triton
+    from hf_mamba.kernels.selective_scan.triton_scan_seq import _HEADER, _generated_kernel
+
+    src = _HEADER + """
+@triton.jit
+def kernel(p_x, p_y, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(p_y + o, _exp2_fma(tl.load(p_x + o, mask=o < n)), mask=o < n)
+"""
+    kernel = _generated_kernel(src, "test_exp2_fma", "kernel")
+    x = torch.cat([torch.linspace(-125.9, 125.9, 20001), torch.arange(-40, 41) + 0.5, torch.tensor([-1e4, -300.0])])
+    x = torch.cat([x, torch.zeros(1)]).to(DEVICE)  # 2^0 exactly 1: Δ = 0 (steps past the end) keeps h
+    y = torch.empty_like(x)
+    kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    exact = torch.exp2(x.double())
+    normal = x > -126
+    assert ((y[normal].double() - exact[normal]).abs() / exact[normal]).max() < 3e-7
+    assert (y[~normal] == 2.0**-126).all() and y[-1] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_triton_scan_exp2_on_fma(dtype, monkeypatch, nan_fill_empty):
+    """Decays on the FMA pipe for some states of both passes of a segmented forward: the outputs and
+    final state against the reference, and against the all-special-function forward (fp32: 1e-6)."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    monkeypatch.setattr(triton_scan_seq, "MIN_TILES_PER_SEG", 2)
+    monkeypatch.setattr(triton_scan_seq, "WARPS_PER_SM", 64)
+    torch.manual_seed(8)
+    case = dict(cpu=(1, 3, 77, 4), gpu=(1, 64, 1501, 16), D=True, z=True, bias=True, h0=True)
+    kernel, _ = _make_scan_inputs(case, dtype)
+    plain = selective_scan(**kernel, delta_softplus=True, return_final_state=True, backend="triton")
+    monkeypatch.setattr(triton_scan_seq, "EXP2_FMA_PASS1", 0b0111)
+    monkeypatch.setattr(triton_scan_seq, "EXP2_FMA", 0b1010)
+    _check_scan("triton", case, dtype)
+    fma = selective_scan(**kernel, delta_softplus=True, return_final_state=True, backend="triton")
+    assert _rel_err(fma[1], plain[1]) < 1e-6
+    assert _rel_err(fma[0], plain[0]) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("documents", [pytest.param(False, id="plain"), pytest.param(True, id="seq_idx")])
 def test_triton_scan_backward_segments(documents, dtype, monkeypatch, nan_fill_empty):
@@ -216,12 +259,13 @@ def test_triton_scan_variants(softplus, transposed_BC, nan_fill_empty):
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize(
     "layout",
-    ["time-contiguous", "time-contiguous-even", "state-contiguous", "x_proj-slice", "odd-offset",
-     "x_proj-slice-time-rows"],
+    ["time-contiguous", "time-contiguous-untiled", "time-contiguous-untiled-even", "state-contiguous",
+     "x_proj-slice", "odd-offset", "x_proj-slice-time-rows"],
 )
 def test_triton_scan_BC_layouts(layout, dtype, monkeypatch, nan_fill_empty):
-    """B and C in every layout the forward meets: time-contiguous (read as one vector per state and
-    tile; bf16 at an even length as words of two steps), state-contiguous views and slices of an
+    """B and C in every layout the forward meets: time-contiguous (copied tile by tile, or read as
+    passed; one vector per state and tile, bf16 as words of two steps where the copy or an even
+    length aligns them), state-contiguous views and slices of an
     x_proj-like output (bf16: words of two states), a slice at an odd element offset, which cannot be
     read in pairs, and the sweep's option of copying B, C to unit time stride first."""
     from hf_mamba.kernels.selective_scan import triton_scan_seq
@@ -231,6 +275,9 @@ def test_triton_scan_BC_layouts(layout, dtype, monkeypatch, nan_fill_empty):
         layout = layout.removesuffix("-time-rows")
     even = layout.endswith("-even")
     layout = layout.removesuffix("-even")
+    untiled = layout.endswith("-untiled")
+    layout = layout.removesuffix("-untiled")
+    monkeypatch.setattr(triton_scan_seq, "BC_TILE_COPY", not untiled)
 
     torch.manual_seed(13)
     batch, d_inner, seqlen, d_state = (2, 5, 19 + even, 4) if not ON_GPU else (2, 130, 301 + even, 16)
@@ -250,9 +297,12 @@ def test_triton_scan_BC_layouts(layout, dtype, monkeypatch, nan_fill_empty):
             t = rows.to(dtype)[..., first:first + d_state].transpose(1, 2)
         kernel[name] = t.to(dtype).detach().requires_grad_()
     bf16 = dtype == torch.bfloat16
-    *_, pairs, time_vectors = triton_scan_seq._bc_reads(kernel["B"], kernel["C"], lanes=1)
+    *_, pairs, time_vectors, tiled = triton_scan_seq._bc_reads(kernel["B"], kernel["C"], lanes=1, T=8)
     assert time_vectors == (layout == "time-contiguous")
-    assert pairs == (bf16 and (even if time_vectors else layout in ("state-contiguous", "x_proj-slice")))
+    assert tiled == (time_vectors and not untiled)
+    # The tile copy is aligned and padded to whole tiles: words of two steps at any length.
+    pairs_expected = (even or tiled) if time_vectors else layout in ("state-contiguous", "x_proj-slice")
+    assert pairs == (bf16 and pairs_expected)
     out = selective_scan(**kernel, delta_softplus=True, backend="triton")
     out_ref = selective_scan_ref(**ref, delta_softplus=True)
     assert _rel_err(out, out_ref) < TOL[dtype], _rel_err(out, out_ref)
