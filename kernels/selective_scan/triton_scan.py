@@ -45,9 +45,9 @@ SEQ_MAX_D_STATE = 64
 # Which forward to run for d_state <= SEQ_MAX_D_STATE: "seq", "chunk", or None (measured choice).
 FORWARD = None
 # Up to this d_state the backward runs the per-channel kernel of `triton_scan_bwd` (all states of a
-# channel in one thread's registers); above it the chunk backward below. With 8-step tiles the
-# per-channel backward beat the chunk backward in fp32 too (H200, forward + backward 2.35 / 6.09 /
-# 3.25 ms against 2.77 / 7.08 / 4.25 on the three benchmark shapes, kernels/NOTES.md session 11).
+# channel in one thread's registers); above it the chunk backward below. With 16-step tiles the
+# per-channel backward beat the chunk backward in fp32 too (H200, forward + backward 2.21 / 5.71 /
+# 3.07 ms against 2.78 / 7.25 / 4.21 on the three benchmark shapes, kernels/NOTES.md session 11).
 # BACKWARD: "seq", "chunk" or None (by d_state).
 SEQ_BWD_MAX_D_STATE = 16
 BACKWARD = None
@@ -351,7 +351,7 @@ def _use_seq_forward(batch, d_inner, seqlen, d_state):
     return True
 
 
-def _use_seq_backward(d_state, dtype):
+def _use_seq_backward(d_state):
     if BACKWARD is not None:
         return BACKWARD == "seq"
     return d_state <= SEQ_BWD_MAX_D_STATE
@@ -423,7 +423,7 @@ def _scan_bwd(
     A holds A_log (A = -exp(A_log)) and the gradient returned is A_log's."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    if _use_seq_backward(d_state, u.dtype):
+    if _use_seq_backward(d_state):
         return scan_bwd_seq(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, _chunk_len(seqlen), dout,
             dfinal_state, seq_idx, y_out, need_dinitial, dBC_out, dz_out, A_is_log,
@@ -556,7 +556,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, dout, d
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     empty = u.new_empty(0)
-    if _use_seq_backward(d_state, u.dtype):  # du, ddelta, dz in u's layout
+    if _use_seq_backward(d_state):  # du, ddelta, dz in u's layout
         du, ddelta = torch.empty_like(u), torch.empty_like(u, dtype=delta.dtype)
         dz = torch.empty_like(u, dtype=z.dtype) if z is not None else empty
     else:

@@ -12,12 +12,17 @@ or $HF_MAMBA_KERNEL_CACHE, where Triton can read the source). Time is read in ti
 tl.split, which is free when the tile's T steps sit in one thread. B and C are the same for every
 channel, so every thread loads the same values (one broadcast from the cache):
 - with unit time stride (`_tile_by_state`), one [1, T] vector per state and tile, bf16 as words of
-  two steps, and the tile is then scanned state by state (a state's recurrence needs only itself);
+  two steps, and the tile is then scanned state by state (a state's recurrence needs only itself).
+  B and C are first copied tile by tile (`_tiled`), so that every state's row sits at a fixed
+  offset from one pointer per tile: with a pointer per state, 32 of them, ptxas spilled them at the
+  168-register cap and reloaded one for every state and tile;
 - otherwise step by step (`_state_row`): per-step scalars, bf16 with unit d_state stride (the
   model's x_proj output) as words of two states.
 On CUDA softplus and the SiLU gate run on single ex2 / lg2 / rcp instructions (FAST_MATH); the
 interpreter keeps the libdevice forms. The next tile's u, Δ, z can be loaded while the current one
 is scanned (PREFETCH), and tiles that are wholly inside the tensors need no masks (EVEN_TILES).
+The decays' exp2 can also run on the FMA pipe for chosen states (EXP2_FMA knobs, `_exp2_fma`); on
+H200 that was slower in every mix tried (kernels/NOTES.md, session 11), so it is off.
 
 Short batches do not fill the GPU with one program per 32 channels, so the sequence can also be
 cut into segments run in parallel: pass 1 scans each segment but the last from h = 0 (keeping only
@@ -170,14 +175,6 @@ def _exp2_fma(x):
 
 
 @triton.jit
-def _exp2_state(x, n: tl.constexpr, FMA_STATES: tl.constexpr):
-    # exp2 of state n's decay: on the FMA pipe where bit n of FMA_STATES is set (the EXP2_FMA knobs).
-    if (FMA_STATES >> n) & 1:
-        return _exp2_fma(x)
-    return tl.exp2(x)
-
-
-@triton.jit
 def _sigmoid(x, FAST_MATH: tl.constexpr):
     # FAST_MATH: with an approximate reciprocal in place of an IEEE division.
     if FAST_MATH:
@@ -254,11 +251,17 @@ def _state_row(lines, indent, row, stride, name, N, pairs):
     return [f"{name}_{n}" for n in range(N)]
 
 
+def _decay(x, n):
+    """Code for exp2(x), state n's decay: on the FMA pipe where bit n of EXP2_FMA is set. Written
+    inline: under the interpreter every call of a jit function costs milliseconds."""
+    return f"(_exp2_fma({x}) if (EXP2_FMA >> {n}) & 1 else tl.exp2({x}))"
+
+
 def _step(lines, indent, t, N, pairs):
     """Emit step t of a tile: the state update h_n = exp(Δ A_n) h_n + Δ u B_n, and y_t = C_t . h."""
     b = _state_row(lines, indent, "p_B_b + i_t * s_B_l", "s_B_n", "bt", N, pairs)
     for n in range(N):
-        lines.append(f"{indent}h_{n} = _exp2_state(dt_{t} * a_{n}, {n}, EXP2_FMA) * h_{n} + dtu_{t} * {b[n]}")
+        lines.append(f"{indent}h_{n} = {_decay(f'dt_{t} * a_{n}', n)} * h_{n} + dtu_{t} * {b[n]}")
     lines.append(f"{indent}if not STATES_ONLY:")
     c = _state_row(lines, indent + "    ", "p_C_b + i_t * s_C_l", "s_C_n", "ct", N, pairs)
     lines.append(f"{indent}    y_{t} = " + " + ".join(f"h_{n} * {c[n]}" for n in range(N)))
@@ -322,7 +325,7 @@ def _tile_by_state(lines, indent, T, N):
         for t in range(T):
             lines.append(f"{indent}if HAS_SEQ_IDX:")
             lines.append(f"{indent}    h_{n} = h_{n} * keep_{t}")
-            lines.append(f"{indent}h_{n} = _exp2_state(dt_{t} * a_{n}, {n}, EXP2_FMA) * h_{n} + dtu_{t} * bt_{t}")
+            lines.append(f"{indent}h_{n} = {_decay(f'dt_{t} * a_{n}', n)} * h_{n} + dtu_{t} * bt_{t}")
             lines.append(if_states)
             y = f"h_{n} * ct_{t}" if n == 0 else f"y_{t} + h_{n} * ct_{t}"
             lines.append(f"{indent}    y_{t} = {y}")

@@ -161,16 +161,21 @@ def test_triton_scan_exp2_on_fma(dtype, monkeypatch, nan_fill_empty):
     assert _rel_err(fma[0], plain[0]) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "dtype,tile",
+    [pytest.param(torch.float32, 8, id="fp32"), pytest.param(torch.bfloat16, 8, id="bf16"),
+     pytest.param(torch.bfloat16, 16, id="bf16-16-step-tiles")],
+)
 @pytest.mark.parametrize("documents", [pytest.param(False, id="plain"), pytest.param(True, id="seq_idx")])
-def test_triton_scan_backward_segments(documents, dtype, monkeypatch, nan_fill_empty):
+def test_triton_scan_backward_segments(documents, dtype, tile, monkeypatch, nan_fill_empty):
     """The per-channel backward cut into segments: pass 1 (each segment's adjoint as a linear map of
     its carry), the chain from the last segment, pass 2 from the true carries; document resets inside
-    and across segments. Short checkpoint chunks, a ragged end and masked channels."""
+    and across segments. Short checkpoint chunks (two or four tiles), a ragged end and masked
+    channels; the interpreter's tiles (8 steps) and the GPU's (16)."""
     from hf_mamba.kernels.selective_scan import triton_scan, triton_scan_bwd
 
-    monkeypatch.setattr(triton_scan, "BACKWARD", "seq")  # fp32 runs the chunk backward by default
-    monkeypatch.setattr(triton_scan, "MAX_CHUNK", 16)
+    monkeypatch.setattr(triton_scan_bwd, "INTERPRET_TILE_STEPS", tile)
+    monkeypatch.setattr(triton_scan, "MAX_CHUNK", 32)
     monkeypatch.setattr(triton_scan_bwd, "MIN_TILES_PER_SEG", 2)
     monkeypatch.setattr(triton_scan_bwd, "WARPS_PER_SM", 64)
     torch.manual_seed(15)
@@ -224,12 +229,9 @@ def test_triton_scan_chunk_forward_large_d_state(nan_fill_empty):
 @pytest.mark.parametrize("channels_per_thread", [1, 2, 4])
 def test_triton_scan_channels_per_thread(channels_per_thread, dtype, monkeypatch, nan_fill_empty):
     """The forward can give each thread several channels (d_inner 70: a partly masked block)."""
-    from hf_mamba.kernels.selective_scan import triton_scan, triton_scan_seq
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
 
     monkeypatch.setattr(triton_scan_seq, "CHANNELS_PER_THREAD", channels_per_thread)
-    # The forward's knob is under test: the per-channel backward for both dtypes keeps the fp32 cases
-    # off the chunk backward, which takes 20 s each under the interpreter (tested elsewhere).
-    monkeypatch.setattr(triton_scan, "BACKWARD", "seq")
     torch.manual_seed(10)
     case = dict(cpu=(2, 70, 23, 4), gpu=(2, 200, 499, 16), D=True, z=True, bias=True, h0=True)
     _check_scan("triton", case, dtype)
