@@ -107,7 +107,9 @@ def selective_scan(
     name = resolve_backend(backend, u.device)
     if name == "reference":
         return selective_scan_ref(*args, seq_idx=seq_idx)
-    if name == "torch":
+    # An empty sequence has nothing to scan: the PyTorch path returns it, and its gradients, without
+    # launching kernels (the Triton forward would read the tile before the first one).
+    if name == "torch" or u.shape[2] == 0:
         return selective_scan_torch(*args, seq_idx=seq_idx)
     from .triton_scan import selective_scan_triton
 

@@ -118,6 +118,20 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
     _check_scan("triton", case, dtype)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_triton_scan_empty_sequence(dtype):
+    """seqlen 0: an empty output, the initial state as the final one, and its gradient passed back."""
+    A = -torch.rand(4, 4, device=DEVICE)
+    u, B, C = (torch.randn(2, n, 0, device=DEVICE, dtype=dtype) for n in (4, 4, 4))
+    h0 = torch.randn(2, 4, 4, device=DEVICE, requires_grad=True)
+    out, final = selective_scan(u, u, A, B, C, initial_state=h0, return_final_state=True, backend="triton")
+    assert out.shape == (2, 4, 0) and out.dtype == dtype
+    assert torch.equal(final, h0)
+    dfinal = torch.randn_like(final)
+    (grad,) = torch.autograd.grad(final, h0, dfinal)
+    assert torch.equal(grad, dfinal)
+
+
 def test_exp2_fma_accuracy():
     """`_exp2_fma` (2^x by a polynomial on the FMA pipe) against torch.exp2 in float64: relative error
     below 3e-7 (ex2.approx: 2^-22) where 2^x is a normal float, and 2^-126 (as good as zero) below."""
