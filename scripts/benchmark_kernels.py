@@ -252,31 +252,30 @@ def fwd_sweep(args):
     (--variant I, counting the rows of both dtypes), as --bwd-sweep does."""
     shapes = [*SHAPES, (4, 1536, 1024, 16)]
     fns = scan_fns()
-    if args.warmup:
-        def run(fn, inp):
-            with torch.no_grad():
-                fn(*scan_args(inp))
-            return 0.0
-    else:
-        run = time_fwd
+    def compile_only(fn, inp):
+        with torch.no_grad():
+            fn(*scan_args(inp))
+
+    run = compile_only if args.warmup else time_fwd
     print("\nForward sweep, ms; error = ||out - ref|| / ||ref|| at (2, 96, 3000, 16)")
     print("| forward variant | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last | error |")
     print("|---|---|" + "---|" * (len(shapes) + 1) + "---|")
-    rows = [(name, dtype, label, knobs) for name, dtype in DTYPES.items() for label, knobs in SEQ_SWEEP[name]]
+    first_index = 0  # of this dtype's rows, counting the rows of both dtypes (--variant)
     for name, dtype in DTYPES.items():
         if "mamba_ssm" in fns and not args.warmup and args.variant is None:
             cells = [f"{time_fwd(fns['mamba_ssm'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
             print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | | |", flush=True)
-        for index, (row_name, _, label, knobs) in enumerate(rows):
-            if row_name != name or not _chosen(label, args) or args.variant not in (None, index):
+        for index, (label, knobs) in enumerate(SEQ_SWEEP[name], start=first_index):
+            if not _chosen(label, args) or args.variant not in (None, index):
                 continue
             previous = _set_knobs({("triton_scan_seq", knob): value for knob, value in knobs.items()})
-            cells = [f"{run(fns['triton'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
+            cells = [run(fns["triton"], make_inputs(*shape, dtype)) for shape in shapes]
             # The last shape again in the model's layout: u, Δ, z, B, C channels-last views.
-            inp = channels_last(make_inputs(*shapes[-1], dtype))
-            cells.append(f"{run(fns['triton'], inp):.3f}")
+            cells.append(run(fns["triton"], channels_last(make_inputs(*shapes[-1], dtype))))
+            cells = ["compiled"] * len(cells) if args.warmup else [f"{c:.3f}" for c in cells]
             print(f"| {label} | {name} | " + " | ".join(cells) + f" | {forward_error(dtype):.1e} |", flush=True)
             _set_knobs(previous)
+        first_index += len(SEQ_SWEEP[name])
 
 
 # Backward variants timed by --bwd-sweep: (label, {(module name, knob): value}, dtypes).

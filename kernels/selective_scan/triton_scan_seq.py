@@ -53,13 +53,13 @@ from .._launch import cdiv, launch, next_power_of_2, seq_idx_args, sm_count
 # A segment must be at least this many T-step tiles long to be worth its second pass.
 MIN_TILES_PER_SEG = 16
 # Below this many one-warp programs per multiprocessor, the forward cuts the sequence into segments.
-# None: the measured choice per element size (`_config`).
+# None: the measured choice (`_config`).
 WARPS_PER_SM = None
 # States held by one thread; a larger d_state is spread over 2, 4, ... lanes per channel. With
 # d_state 16, one lane per channel (16 states) beat 2 and 4 lanes on H100 (NOTES.md).
 STATES_PER_LANE = 16
 # Channels per thread (one lane per channel): the per-step loads of B_t and C_t, the index and pointer
-# work are then shared by that many channels. None: the measured choice per element size (`_config`).
+# work are then shared by that many channels. None: the measured choice (`_config`).
 CHANNELS_PER_THREAD = None
 # Sweep knobs (benchmark_kernels.py --fwd-sweep). Channels per thread in the second pass of a
 # segmented forward (None: the measured choice, `_pass2_channels`). The layout B and C are read in:
@@ -69,21 +69,21 @@ CHANNELS_PER_THREAD = None
 # Whether bf16 B, C are read as 32-bit words of two values (`_state_row`, `_time_vector`), and
 # whether B, C with unit time stride are read as vectors of a tile's steps (`_tile_by_state`).
 PASS2_CHANNELS_PER_THREAD = None
-# Whether B, C with unit time stride are copied tile by tile first (`_tiled`): the kernel then needs
-# no pointer per state, which at 168 registers were spilled and reloaded for every tile.
-BC_TILE_COPY = True
 BC_LAYOUT = "as given"
 BC_PAIRS = True
 BC_TIME_VECTORS = True
+# Whether B, C with unit time stride are copied tile by tile first (`_tiled`): the kernel then needs
+# no pointer per state, which at 168 registers were spilled and reloaded for every tile.
+BC_TILE_COPY = True
 # Softplus and the SiLU gate through single special-function instructions on CUDA (`_softplus`,
 # `_silu`): libdevice's log alone took ~25 instructions per step, 1.5 per state update.
 FAST_MATH = True
 # Whether to load the next tile's u, Δ, z while the current one is scanned (software pipelining:
-# their latency hidden behind a tile of work). None: the measured choice per element size (`_config`).
+# their latency hidden behind a tile of work). None: the measured choice (`_config`).
 PREFETCH = None
 # Register cap per thread of the forward kernels: ptxas hoists a tile's B, C loads as far as it is
 # free to, and the registers then limit the warps per multiprocessor. 0: no cap; None: the measured
-# choice per element size (`_config`).
+# choice (`_config`).
 MAXNREG = None
 # Steps per tile (None: one 16-byte vector of u per thread, 8 in bf16, 4 in fp32). Sweep knob.
 TILE_STEPS = None
@@ -97,7 +97,7 @@ EXP2_FMA = 0
 PASS1_MAXNREG = None
 
 
-def _config(element_size):
+def _config():
     """(channels per thread, warps per SM, prefetch, register cap), the knobs' measured choices.
 
     H200 sweeps (`benchmark_kernels.py --fwd-sweep`, session 6 in NOTES.md), time vectors and fast
@@ -267,20 +267,18 @@ def _step(lines, indent, t, N, pairs):
     lines.append(f"{indent}    y_{t} = " + " + ".join(f"h_{n} * {c[n]}" for n in range(N)))
 
 
-def _time_vector(
-    lines, indent, row, name, T, words_at="o_w, mask=m_w1", steps_at="o_tt[None, :], mask=m_t1", other=_ZERO
-):
+def _time_vector(lines, indent, row, name, T, steps_at="o_tt[None, :], mask=m_t1", other=_ZERO):
     """One state's T steps of B or C (unit time stride) as T [1]-tensors name_0 .. name_{T-1}.
 
     BC_PAIRS (bf16 with 4-byte aligned rows, passed as an int32 view: word strides, so the loads can
     be 16-byte vectors): loaded as T / 2 words of two steps each, where bf16 -> fp32 is a shift or a
-    mask of the word; otherwise as T values converted to fp32. words_at / steps_at: the offsets from
-    `row` and the mask of those loads; other: their fill."""
+    mask of the word (at o_w, mask m_w1); otherwise as T values converted to fp32 (steps_at: their
+    offsets from `row` and mask). other: the loads' fill."""
     names = [f"{name}_{t}" for t in range(T)]
     lines.append(f"{indent}if BC_PAIRS:")
     J = indent + "    "
     words = [f"w_{k}" for k in range(T // 2)]
-    lines.append(f"{J}v = tl.load({row} + {words_at}, other={other})")
+    lines.append(f"{J}v = tl.load({row} + o_w, mask=m_w1, other={other})")
     if len(words) == 1:
         lines.append(f"{J}w_0 = v")
     else:
@@ -301,7 +299,6 @@ def _tile_by_state(lines, indent, T, N):
     over the tile needs only that state, so the order changes nothing else; y_t is summed over the
     states as they come."""
     if_states = f"{indent}if not STATES_ONLY:"
-    lines.append(f"{indent}m_t1 = None if EVEN_TILES else (o_tt < seqlen)[None, :]")
     for t in range(T):
         lines.append(f"{indent}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
         _reset_state(lines, indent, t, T, [f"keep_{t}"], init=True)
@@ -316,7 +313,7 @@ def _tile_by_state(lines, indent, T, N):
     lines.append(f"{J}p_bt, p_ct, s_bn, s_cn = p_B_b, p_C_b, s_B_n, s_C_n")
     lines.append(f"{J}o_w = i_c * {T // 2} + tl.arange(0, {T // 2})[None, :]")
     lines.append(f"{J}m_w1 = None if EVEN_TILES else o_w < seqlen // 2  # even seqlen with BC_PAIRS")
-    lines.append(f"{J}o_ts = o_tt[None, :]")
+    lines.append(f"{J}o_ts, m_t1 = o_tt[None, :], None if EVEN_TILES else (o_tt < seqlen)[None, :]")
     at = dict(steps_at="o_ts, mask=m_t1", other="None if EVEN_TILES or BC_TILED else 0")
     for n in range(N):
         _time_vector(lines, indent, f"p_bt + {n} * s_bn", "bt", T, **at)
@@ -742,7 +739,7 @@ def scan_fwd_seq(
     T = TILE_STEPS or max(2, 16 // u.element_size())  # by default one 16-byte vector of steps per thread
     num_warps = 1
     lanes = _lanes_per_channel(d_state)
-    channels_per_thread, warps_per_sm, prefetch, maxnreg = _config(u.element_size())
+    channels_per_thread, warps_per_sm, prefetch, maxnreg = _config()
     if BC_LAYOUT == "time rows":
         B, C = (t if t.stride(2) == 1 or seqlen == 1 else t.contiguous() for t in (B, C))
     B, C, B_strides, C_strides, bc_pairs, bc_time_vectors, bc_tiled = _bc_reads(B, C, lanes, T)

@@ -122,7 +122,7 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
 def test_triton_scan_empty_sequence(dtype):
     """seqlen 0: an empty output, the initial state as the final one, and its gradient passed back."""
     A = -torch.rand(4, 4, device=DEVICE)
-    u, B, C = (torch.randn(2, n, 0, device=DEVICE, dtype=dtype) for n in (4, 4, 4))
+    u, B, C = (torch.randn(2, 4, 0, device=DEVICE, dtype=dtype) for _ in range(3))
     h0 = torch.randn(2, 4, 4, device=DEVICE, requires_grad=True)
     out, final = selective_scan(u, u, A, B, C, initial_state=h0, return_final_state=True, backend="triton")
     assert out.shape == (2, 4, 0) and out.dtype == dtype
