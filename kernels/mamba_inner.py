@@ -235,6 +235,8 @@ def mamba_inner_triton(
                              f"{in_proj_weight.shape[1]}), got {tuple(xz.shape)}")
     elif xz.dim() != 3 or xz.shape[-1] != 2 * d_inner:
         raise ValueError(f"xz must have shape (batch, seqlen, 2 * d_inner={2 * d_inner}), got {tuple(xz.shape)}")
+    if xz.shape[1] == 0:  # as the model: the kernels need a step to read
+        raise ValueError(f"xz has no time steps (shape {tuple(xz.shape)}); pass at least one")
     return _MambaInner.apply(
         xz, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
         A_log, D, out_proj_weight, out_proj_bias, seq_idx,

@@ -379,7 +379,7 @@ def test_fused_mixer_with_in_proj_inside_matches_in_proj_outside():
         torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_mixer_rejects_bad_in_proj_shapes():
+def test_fused_mixer_rejects_bad_shapes():
     from hf_mamba.kernels import mamba_inner_triton
 
     mixer = MambaForCausalLM(MambaConfig(**SIZES)).backbone.layers[0].mixer
@@ -392,3 +392,5 @@ def test_fused_mixer_rejects_bad_in_proj_shapes():
         mamba_inner_triton(hidden[..., 1:], *weights, in_proj_weight=mixer.in_proj.weight)
     with pytest.raises(ValueError, match="xz must have shape"):
         mamba_inner_triton(hidden, *weights)
+    with pytest.raises(ValueError, match="xz has no time steps"):  # the kernels would read out of bounds
+        mamba_inner_triton(hidden[:, :0], *weights, in_proj_weight=mixer.in_proj.weight)
