@@ -35,10 +35,12 @@ import triton
 import triton.language as tl
 
 from .._launch import cdiv, launch, next_power_of_2, seq_idx_args
+from . import triton_scan_seq
 from .triton_scan_seq import (
     _HEADER,
     _ZERO,
     _bf16_pairs,
+    _chain_combine,
     _decay_rate,
     _generated_kernel,
     _pack,
@@ -402,23 +404,30 @@ def _bwd_source(N, T, G):
 
 
 @triton.jit
-def _chain_adjoint_kernel(p_PQ, p_x, d_inner, d_state, n_seg, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _chain_adjoint_kernel(
+    p_PQ, p_x, d_inner, d_state, n_seg, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+):
     # x[s - 1] = Q_s + P_s x[s], from the last segment (x holds dL/dh_T there) to the first.
-    # x (batch, n_seg, d_state, d_inner), P and Q (batch, n_seg, 2, d_state, d_inner).
-    i_b = tl.program_id(0)
-    i_d = tl.program_id(1)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, BLOCK_N)
-    m_nd = (o_n < d_state)[:, None] & (o_d < d_inner)[None, :]
-    o_nd = o_n[:, None] * d_inner + o_d[None, :]
-    b_x = tl.load(p_x + (i_b * n_seg + n_seg - 1) * d_state * d_inner + o_nd, mask=m_nd, other=0.0)
-    for i_r in range(n_seg - 1):
-        i_s = n_seg - 1 - i_r
-        p_pq = p_PQ + (i_b * n_seg + i_s) * 2 * d_state * d_inner + o_nd
-        b_P = tl.load(p_pq, mask=m_nd, other=0.0)
-        b_Q = tl.load(p_pq + d_state * d_inner, mask=m_nd, other=0.0)
-        b_x = b_Q + b_P * b_x
-        tl.store(p_x + (i_b * n_seg + i_s - 1) * d_state * d_inner + o_nd, b_x, mask=m_nd)
+    # x (batch, n_seg, d_state, d_inner), P and Q (batch, n_seg, 2, d_state, d_inner). As the
+    # forward's chain kernel: BLOCK_E elements (state, channel) per program, BLOCK_S segments per
+    # loop step (row j: segment s_top - j), loaded together and chained by a scan.
+    i_b = tl.program_id(0).to(tl.int64)
+    o_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # state * d_inner + channel
+    m_e = o_e < d_state * d_inner
+    size = d_state * d_inner
+    b_x = tl.load(p_x + (i_b * n_seg + n_seg - 1) * size + o_e, mask=m_e, other=0.0)
+    o_j = tl.arange(0, BLOCK_S)
+    for s_top in range(n_seg - 1, 0, -BLOCK_S):
+        o_ss = s_top - o_j
+        m_se = (o_ss >= 1)[:, None] & m_e[None, :]
+        p_pq = p_PQ + ((i_b * n_seg + o_ss) * 2 * size)[:, None] + o_e[None, :]
+        # Below the first segment: P = 1 and Q = 0, so the last row is the newest carry.
+        b_P = tl.load(p_pq, mask=m_se, other=1.0)
+        b_Q = tl.load(p_pq + size, mask=m_se, other=0.0)
+        b_PP, b_QQ = tl.associative_scan((b_P, b_Q), 0, _chain_combine)
+        b_xs = b_PP * b_x[None, :] + b_QQ  # x[s - 1]
+        tl.store(p_x + ((i_b * n_seg + o_ss - 1) * size)[:, None] + o_e[None, :], b_xs, mask=m_se)
+        b_x = tl.sum(tl.where((o_j == BLOCK_S - 1)[:, None], b_xs, 0.0), axis=0)
 
 
 @functools.cache
@@ -508,11 +517,10 @@ def scan_bwd_seq(
     if n_seg > 1:  # pass 1, then the carries from the last segment to the first
         PQ = torch.empty(batch, n_seg, 2, d_state, d_inner, **f32)
         run_pass(PQ, n_seg - 1, ADJOINT_ONLY=True, STORE_Y=False)
-        block_n = next_power_of_2(d_state)
-        chain_bd = max(1, 1024 // block_n)
         launch(
-            _chain_adjoint_kernel, (batch, cdiv(d_inner, chain_bd)),
-            PQ, x, d_inner, d_state, n_seg, BLOCK_D=chain_bd, BLOCK_N=block_n,
+            _chain_adjoint_kernel, (batch, cdiv(d_state * d_inner, triton_scan_seq.CHAIN_BLOCK_E)),
+            PQ, x, d_inner, d_state, n_seg, BLOCK_E=triton_scan_seq.CHAIN_BLOCK_E,
+            BLOCK_S=min(triton_scan_seq.CHAIN_BLOCK_S, next_power_of_2(n_seg - 1)), num_warps=1,
         )
     run_pass(None, n_seg, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
     empty = u.new_empty(0)

@@ -52,6 +52,11 @@ from .._launch import cdiv, launch, next_power_of_2, seq_idx_args, sm_count
 
 # A segment must be at least this many T-step tiles long to be worth its second pass.
 MIN_TILES_PER_SEG = 16
+# The chain kernels' elements (channel, state) per one-warp program and segments per loop step. H200
+# (session 12, NOTES.md): 9.6 / 11.0 / 14.0 us at 8, 8 and 64 segments of the benchmark shapes, against
+# 14.8 / 15.6 / 72.3 for one segment per step; with 4 warps the scan crossed warps (14.7 / 17.8 / 18.0).
+CHAIN_BLOCK_E = 128
+CHAIN_BLOCK_S = 16
 # Below this many one-warp programs per multiprocessor, the forward cuts the sequence into segments.
 # None: the measured choice (`_config`).
 WARPS_PER_SM = None
@@ -623,32 +628,44 @@ def _fwd_kernel(N, T, G=1):
 
 
 @triton.jit
+def _chain_combine(a1, b1, a2, b2):
+    # The maps h -> a1 h + b1, then h -> a2 h + b2, as one: h -> a1 a2 h + (a2 b1 + b2).
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
 def _chain_segments_kernel(
     p_hend, p_dtsum, p_A, p_h0, p_hin, d_inner, d_state, n_seg,
-    USE_INITIAL_STATE: tl.constexpr, A_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, A_LOG: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # h_in[s + 1] = exp(A ΣΔ_s) h_in[s] + h_end[s]: the state entering every segment; h_end and ΣΔ
-    # (batch, d_inner, n_seg - 1) of segments 0 .. n_seg - 2.
-    i_b = tl.program_id(0)
-    i_d = tl.program_id(1)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, BLOCK_N)
-    m_d = o_d < d_inner
-    m_dn = m_d[:, None] & (o_n < d_state)[None, :]
-    b_A = tl.load(p_A + o_d[:, None] * d_state + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    # (batch, d_inner, n_seg - 1) of segments 0 .. n_seg - 2. Each program takes BLOCK_E elements
+    # (channel, state) and BLOCK_S segments at a time, loaded together and chained by a scan: one
+    # segment per loop step waited on its loads' latency (57 us of the forward at 64 segments).
+    i_b = tl.program_id(0).to(tl.int64)
+    o_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # channel * d_state + state
+    m_e = o_e < d_inner * d_state
+    o_d = o_e // d_state
+    b_A = tl.load(p_A + o_e, mask=m_e, other=0.0).to(tl.float32)
     if A_LOG:
         b_A = -tl.exp(b_A)
     if USE_INITIAL_STATE:
-        b_h = tl.load(p_h0 + (i_b * d_inner + o_d[:, None]) * d_state + o_n[None, :], mask=m_dn, other=0.0)
+        b_h = tl.load(p_h0 + i_b * d_inner * d_state + o_e, mask=m_e, other=0.0)
     else:
-        b_h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    p_seg = (i_b * d_inner + o_d[:, None]) * (n_seg * d_state) + o_n[None, :]  # (batch, d_inner, n_seg, d_state)
-    tl.store(p_hin + p_seg, b_h, mask=m_dn)
-    for i_s in range(n_seg - 1):  # pass 1 ran every segment but the last, whose end state is pass 2's
-        b_dts = tl.load(p_dtsum + (i_b * d_inner + o_d) * (n_seg - 1) + i_s, mask=m_d, other=0.0)
-        b_hend = tl.load(p_hend + p_seg + i_s * d_state, mask=m_dn, other=0.0)
-        b_h = tl.exp(b_dts[:, None] * b_A) * b_h + b_hend
-        tl.store(p_hin + p_seg + (i_s + 1) * d_state, b_h, mask=m_dn)
+        b_h = tl.zeros([BLOCK_E], dtype=tl.float32)
+    p_seg = (i_b * d_inner + o_d) * (n_seg * d_state) + o_e % d_state  # (batch, d_inner, n_seg, d_state)
+    tl.store(p_hin + p_seg, b_h, mask=m_e)
+    o_s = tl.arange(0, BLOCK_S)
+    for s_first in range(0, n_seg - 1, BLOCK_S):  # pass 1 ran every segment but the last
+        o_ss = s_first + o_s
+        m_se = (o_ss < n_seg - 1)[:, None] & m_e[None, :]
+        b_dts = tl.load(p_dtsum + ((i_b * d_inner + o_d) * (n_seg - 1))[None, :] + o_ss[:, None], mask=m_se, other=0.0)
+        b_hend = tl.load(p_hend + p_seg[None, :] + o_ss[:, None] * d_state, mask=m_se, other=0.0)
+        # Past the last segment: decay 1 and nothing added, so the last row is the newest state.
+        b_P, b_Q = tl.associative_scan((tl.exp(b_dts * b_A[None, :]), b_hend), 0, _chain_combine)
+        b_hs = b_P * b_h[None, :] + b_Q  # h_in[s + 1]
+        tl.store(p_hin + p_seg[None, :] + (o_ss[:, None] + 1) * d_state, b_hs, mask=m_se)
+        b_h = tl.sum(tl.where((o_s == BLOCK_S - 1)[:, None], b_hs, 0.0), axis=0)
 
 
 def _lanes_per_channel(d_state):
@@ -806,12 +823,11 @@ def scan_fwd_seq(
         USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False,
     )
     h_in = torch.empty_like(h_end)
-    block_n = next_power_of_2(d_state)
-    chain_bd = max(1, 1024 // block_n)
     launch(
-        _chain_segments_kernel, (batch, cdiv(d_inner, chain_bd)),
+        _chain_segments_kernel, (batch, cdiv(d_inner * d_state, CHAIN_BLOCK_E)),
         h_end, dtsum, A_c, initial_state, h_in, d_inner, d_state, n_seg,
-        USE_INITIAL_STATE=initial_state is not None, A_LOG=A_is_log, BLOCK_D=chain_bd, BLOCK_N=block_n,
+        USE_INITIAL_STATE=initial_state is not None, A_LOG=A_is_log, BLOCK_E=CHAIN_BLOCK_E,
+        BLOCK_S=min(CHAIN_BLOCK_S, next_power_of_2(n_seg - 1)), num_warps=1,
     )
     run_pass(
         block_out, n_seg, h_in, seg_strides, h_end, None,

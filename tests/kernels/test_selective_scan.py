@@ -118,6 +118,48 @@ def test_triton_scan_segments(dtype, monkeypatch, nan_fill_empty):
     _check_scan("triton", case, dtype)
 
 
+@pytest.mark.parametrize("initial_state", [False, True])
+@pytest.mark.parametrize("block_s", [1, 4, 16])
+def test_chain_kernels(block_s, initial_state):
+    """The kernels chaining segments (forward: states entering each segment; backward: adjoints
+    leaving each) against the recurrences written as loops: 37 segments, so several loop steps of
+    block_s segments and a partial last one, and elements (channel, state) past a program's end."""
+    from hf_mamba.kernels._launch import cdiv, launch
+    from hf_mamba.kernels.selective_scan import triton_scan_bwd, triton_scan_seq
+
+    torch.manual_seed(3)
+    batch, d_inner, d_state, n_seg, block_e = 2, 5, 3, 37, 8
+    A_log = torch.randn(d_inner, d_state, device=DEVICE)
+    A = -torch.exp(A_log)
+    h_end = torch.randn(batch, d_inner, n_seg, d_state, device=DEVICE)
+    dtsum = torch.rand(batch, d_inner, n_seg - 1, device=DEVICE)
+    h0 = torch.randn(batch, d_inner, d_state, device=DEVICE) if initial_state else None
+    h_in = torch.full_like(h_end, float("nan"))
+    launch(
+        triton_scan_seq._chain_segments_kernel, (batch, cdiv(d_inner * d_state, block_e)),
+        h_end, dtsum, A_log, h0, h_in, d_inner, d_state, n_seg,
+        USE_INITIAL_STATE=initial_state, A_LOG=True, BLOCK_E=block_e, BLOCK_S=block_s, num_warps=1,
+    )
+    h = h0 if initial_state else torch.zeros(batch, d_inner, d_state, device=DEVICE)
+    expected = [h]
+    for s in range(n_seg - 1):
+        h = torch.exp(dtsum[:, :, s, None] * A) * h + h_end[:, :, s]
+        expected.append(h)
+    torch.testing.assert_close(h_in, torch.stack(expected, dim=2), rtol=1e-5, atol=1e-6)
+
+    PQ = torch.randn(batch, n_seg, 2, d_state, d_inner, device=DEVICE)
+    x = torch.full((batch, n_seg, d_state, d_inner), float("nan"), device=DEVICE)
+    x[:, -1] = torch.randn(batch, d_state, d_inner, device=DEVICE)
+    launch(
+        triton_scan_bwd._chain_adjoint_kernel, (batch, cdiv(d_state * d_inner, block_e)),
+        PQ, x, d_inner, d_state, n_seg, BLOCK_E=block_e, BLOCK_S=block_s, num_warps=1,
+    )
+    carry = x[:, -1].clone()
+    for s in range(n_seg - 1, 0, -1):
+        carry = PQ[:, s, 1] + PQ[:, s, 0] * carry
+        torch.testing.assert_close(x[:, s - 1], carry, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 def test_triton_scan_empty_sequence(dtype):
     """seqlen 0: an empty output, the initial state as the final one, and its gradient passed back."""
