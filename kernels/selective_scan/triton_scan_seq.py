@@ -687,18 +687,41 @@ def _bf16_pairs(t, axis=1):
     return all(size == 1 or stride % 2 == 0 for size, stride in others)
 
 
+@triton.jit
+def _tile_copy_kernel(
+    p_B, p_C, p_BC, seqlen, n_tiles, s_B_b, s_B_n, s_C_b, s_C_n,
+    D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, TILES: tl.constexpr,
+):
+    # B, C (batch, d_state, seqlen), unit time stride -> BC (batch, n_tiles, 2, d_state, T), zeros
+    # past the end; TILES tiles per program, both tensors in one launch.
+    i_b = tl.program_id(0).to(tl.int64)
+    o_c = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    o_n = tl.arange(0, BLOCK_N)
+    o_t = tl.arange(0, T)
+    steps = o_c[:, None, None] * T + o_t[None, None, :]  # [tiles, states, steps]
+    m_dst = (o_c < n_tiles)[:, None, None] & (o_n < D_STATE)[None, :, None]
+    m_src = m_dst & (steps < seqlen)
+    p_dst = p_BC + ((i_b * n_tiles + o_c[:, None, None]) * 2 * D_STATE + o_n[None, :, None]) * T + o_t[None, None, :]
+    b = tl.load(p_B + i_b * s_B_b + o_n[None, :, None] * s_B_n + steps, mask=m_src, other=0.0)
+    tl.store(p_dst, b, mask=m_dst)
+    c = tl.load(p_C + i_b * s_C_b + o_n[None, :, None] * s_C_n + steps, mask=m_src, other=0.0)
+    tl.store(p_dst + D_STATE * T, c, mask=m_dst)
+
+
 def _tiled(B, C, T):
     """B and C (batch, d_state, seqlen), unit time stride, copied into one (batch, n_tiles, 2, d_state,
-    T) tensor: a tile's rows of B, then of C, zeros past the end."""
+    T) tensor: a tile's rows of B, then of C, zeros past the end. One launch (torch's copies took two,
+    and more for a ragged end)."""
+    assert B.stride(2) == 1 and C.stride(2) == 1 and B.dtype == C.dtype
     batch, d_state, seqlen = B.shape
-    n_full, rest = divmod(seqlen, T)
-    BC = B.new_empty(batch, n_full + (rest > 0), 2, d_state, T)
-    for i, t in enumerate((B, C)):
-        if n_full:
-            BC[:, :n_full, i].copy_(t[:, :, : n_full * T].unflatten(2, (n_full, T)).transpose(1, 2))
-        if rest:
-            BC[:, -1, i, :, :rest].copy_(t[:, :, n_full * T :])
-            BC[:, -1, i, :, rest:].zero_()
+    n_tiles = cdiv(seqlen, T)
+    BC = B.new_empty(batch, n_tiles, 2, d_state, T)
+    tiles = 16
+    launch(
+        _tile_copy_kernel, (batch, cdiv(n_tiles, tiles)),
+        B, C, BC, seqlen, n_tiles, B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        D_STATE=d_state, BLOCK_N=next_power_of_2(d_state), T=T, TILES=tiles,
+    )
     return BC
 
 
