@@ -35,10 +35,11 @@ import triton
 import triton.language as tl
 
 from .._launch import cdiv, launch, next_power_of_2, seq_idx_args
-from . import triton_scan_seq
 from .triton_scan_seq import (
     _HEADER,
     _ZERO,
+    CHAIN_BLOCK_E,
+    CHAIN_BLOCK_S,
     _bf16_pairs,
     _chain_combine,
     _decay_rate,
@@ -518,9 +519,9 @@ def scan_bwd_seq(
         PQ = torch.empty(batch, n_seg, 2, d_state, d_inner, **f32)
         run_pass(PQ, n_seg - 1, ADJOINT_ONLY=True, STORE_Y=False)
         launch(
-            _chain_adjoint_kernel, (batch, cdiv(d_state * d_inner, triton_scan_seq.CHAIN_BLOCK_E)),
-            PQ, x, d_inner, d_state, n_seg, BLOCK_E=triton_scan_seq.CHAIN_BLOCK_E,
-            BLOCK_S=min(triton_scan_seq.CHAIN_BLOCK_S, next_power_of_2(n_seg - 1)), num_warps=1,
+            _chain_adjoint_kernel, (batch, cdiv(d_state * d_inner, CHAIN_BLOCK_E)),
+            PQ, x, d_inner, d_state, n_seg, BLOCK_E=CHAIN_BLOCK_E,
+            BLOCK_S=min(CHAIN_BLOCK_S, next_power_of_2(n_seg - 1)), num_warps=1,
         )
     run_pass(None, n_seg, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
     empty = u.new_empty(0)

@@ -493,6 +493,9 @@ def _fwd_source_lanes(N, T, G):
     Per step a lane updates its N // G states, and y_t is summed over the G lanes (log2 G shuffles).
     The u and Δ tiles are loaded as [BLOCK_D, G, T] (the same row for the G lanes), so each lane
     splits its own copy into per-step [BLOCK_D, G] values without moving data between threads.
+    It takes the one-lane kernel's arguments, two of them unused: B and C are read as given
+    (`_bc_reads` picks neither time vectors nor the tile copy for lanes, so BC_TILED is False), and
+    the EXP2_FMA sweep knobs apply to the one-lane kernel only.
     """
     npt = N // G
     ks = range(npt)
