@@ -41,7 +41,7 @@ from .triton_scan_seq import (
     CHAIN_BLOCK_E,
     CHAIN_BLOCK_S,
     _bf16_pairs,
-    _chain_combine,
+    _chain_rows,
     _decay_rate,
     _generated_kernel,
     _pack,
@@ -422,13 +422,11 @@ def _chain_adjoint_kernel(
         o_ss = s_top - o_j
         m_se = (o_ss >= 1)[:, None] & m_e[None, :]
         p_pq = p_PQ + ((i_b * n_seg + o_ss) * 2 * size)[:, None] + o_e[None, :]
-        # Below the first segment: P = 1 and Q = 0, so the last row is the newest carry.
+        # Below the first segment: P = 1 and Q = 0.
         b_P = tl.load(p_pq, mask=m_se, other=1.0)
         b_Q = tl.load(p_pq + size, mask=m_se, other=0.0)
-        b_PP, b_QQ = tl.associative_scan((b_P, b_Q), 0, _chain_combine)
-        b_xs = b_PP * b_x[None, :] + b_QQ  # x[s - 1]
+        b_xs, b_x = _chain_rows(b_P, b_Q, b_x, BLOCK_S)  # x[s - 1]
         tl.store(p_x + ((i_b * n_seg + o_ss - 1) * size)[:, None] + o_e[None, :], b_xs, mask=m_se)
-        b_x = tl.sum(tl.where((o_j == BLOCK_S - 1)[:, None], b_xs, 0.0), axis=0)
 
 
 @functools.cache

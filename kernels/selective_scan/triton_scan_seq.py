@@ -637,6 +637,16 @@ def _chain_combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _chain_rows(b_a, b_b, b_carry, BLOCK_S: tl.constexpr):
+    # Rows j of [BLOCK_S, elements] tiles: h_j = a_j h_{j-1} + b_j from h_{-1} = carry, by a scan of
+    # the maps; returns every h_j and the last one (rows past the end, a = 1 and b = 0, keep it).
+    b_P, b_Q = tl.associative_scan((b_a, b_b), 0, _chain_combine)
+    b_h = b_P * b_carry[None, :] + b_Q
+    last = (tl.arange(0, BLOCK_S) == BLOCK_S - 1)[:, None]
+    return b_h, tl.sum(tl.where(last, b_h, 0.0), axis=0)
+
+
+@triton.jit
 def _chain_segments_kernel(
     p_hend, p_dtsum, p_A, p_h0, p_hin, d_inner, d_state, n_seg,
     USE_INITIAL_STATE: tl.constexpr, A_LOG: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -664,11 +674,9 @@ def _chain_segments_kernel(
         m_se = (o_ss < n_seg - 1)[:, None] & m_e[None, :]
         b_dts = tl.load(p_dtsum + ((i_b * d_inner + o_d) * (n_seg - 1))[None, :] + o_ss[:, None], mask=m_se, other=0.0)
         b_hend = tl.load(p_hend + p_seg[None, :] + o_ss[:, None] * d_state, mask=m_se, other=0.0)
-        # Past the last segment: decay 1 and nothing added, so the last row is the newest state.
-        b_P, b_Q = tl.associative_scan((tl.exp(b_dts * b_A[None, :]), b_hend), 0, _chain_combine)
-        b_hs = b_P * b_h[None, :] + b_Q  # h_in[s + 1]
+        # Past the last segment ΣΔ = 0 and h_end = 0: decay 1, nothing added.
+        b_hs, b_h = _chain_rows(tl.exp(b_dts * b_A[None, :]), b_hend, b_h, BLOCK_S)  # h_in[s + 1]
         tl.store(p_hin + p_seg[None, :] + (o_ss[:, None] + 1) * d_state, b_hs, mask=m_se)
-        b_h = tl.sum(tl.where((o_s == BLOCK_S - 1)[:, None], b_hs, 0.0), axis=0)
 
 
 def _lanes_per_channel(d_state):
