@@ -24,10 +24,17 @@ The model uses this only where it computes exactly what the modules would (see
 take the module path), no cache, no padding mask, not under torch.compile.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from ._launch import device_guard
+from ._launch import compile_ahead, device_guard
+
+# Compile the kernels of a training call's forward and backward side by side before its first run
+# (`_compile_first_call`).
+COMPILE_AHEAD = True
+_compiled_ahead = set()  # the calls (`_call_key`) whose kernels have been compiled ahead
 
 
 def _fp32_or_wider(t):
@@ -237,10 +244,56 @@ def mamba_inner_triton(
         raise ValueError(f"xz must have shape (batch, seqlen, 2 * d_inner={2 * d_inner}), got {tuple(xz.shape)}")
     if xz.shape[1] == 0:  # as the model: the kernels need a step to read
         raise ValueError(f"xz has no time steps (shape {tuple(xz.shape)}); pass at least one")
-    return _MambaInner.apply(
+    inputs = (
         xz, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
         A_log, D, out_proj_weight, out_proj_bias, seq_idx,
     )
+    _compile_first_call(inputs)
+    return _MambaInner.apply(*inputs)
+
+
+class _DryContext:
+    """autograd's ctx for a forward and backward run by hand (`_compile_first_call`)."""
+
+    def __init__(self, inputs):
+        self.needs_input_grad = tuple(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _call_key(inputs):
+    """What the kernels of a call are built for: device, matmul dtype, the tensors' shapes, strides
+    and dtypes, which inputs are given and which need gradients."""
+    xz = inputs[0]
+    key = [xz.device, _compute_dtype(xz)]
+    for t in inputs:
+        key.append((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) if t is not None else None)
+    return tuple(key)
+
+
+def _compile_first_call(inputs):
+    """On a training call (gradients wanted) of a kind not seen before, compile every kernel its
+    forward and backward launch, side by side (`compile_ahead`), before running it: a dry forward and
+    backward by hand, on CUDA, outside torch.compile and CUDA graph capture."""
+    xz = inputs[0]
+    if not (COMPILE_AHEAD and xz.is_cuda and torch.is_grad_enabled()) or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return
+    key = _call_key(inputs)
+    if key in _compiled_ahead:
+        return
+    _compiled_ahead.add(key)
+
+    def forward_and_backward():
+        ctx = _DryContext(inputs)
+        out = _MambaInner.forward(ctx, *inputs)
+        _MambaInner.backward(ctx, torch.empty_like(out))
+
+    compile_ahead(forward_and_backward)
 
 
 __all__ = ["mamba_inner_triton"]

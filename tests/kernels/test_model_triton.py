@@ -394,3 +394,56 @@ def test_fused_mixer_rejects_bad_shapes():
         mamba_inner_triton(hidden, *weights)
     with pytest.raises(ValueError, match="xz has no time steps"):  # the kernels would read out of bounds
         mamba_inner_triton(hidden[:, :0], *weights, in_proj_weight=mixer.in_proj.weight)
+
+
+@pytest.mark.skipif(not CUDA, reason="compiling ahead is for CUDA (under the interpreter nothing compiles)")
+def test_first_training_call_compiles_its_kernels_ahead(monkeypatch):
+    """The first training call of a kind compiles every kernel its forward and backward launch, side by
+    side, before it runs (`compile_ahead`): the run itself then compiles nothing, gives what a run
+    without that pass gives, and later calls of that kind skip the pass."""
+    import triton
+    from hf_mamba.kernels import mamba_inner, mamba_inner_triton
+
+    compiled = []  # (kernel name, whether the pass ahead compiled it)
+    monkeypatch.setattr(
+        triton.knobs.runtime, "jit_post_compile_hook",
+        lambda **kw: compiled.append((kw["fn"].name, kw["is_manual_warmup"])),
+    )
+    passes = []
+    compile_ahead = mamba_inner.compile_ahead
+    monkeypatch.setattr(mamba_inner, "compile_ahead", lambda fn: passes.append(compile_ahead(fn)))
+    torch.manual_seed(0)
+    config = MambaConfig(**dict(SIZES, state_size=10))  # a d_state no other test builds kernels for
+    mixer = MambaForCausalLM(config).backbone.layers[0].mixer.to(DEVICE)
+    weights = (
+        mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
+        mixer.A_log, mixer.D, mixer.out_proj.weight, mixer.out_proj.bias,
+    )
+    hidden = torch.randn(2, 45, config.hidden_size, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(2, 45, config.hidden_size, device=DEVICE)
+
+    def train_call():
+        hidden.grad = None
+        for p in mixer.parameters():
+            p.grad = None
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = mamba_inner_triton(hidden, *weights, in_proj_weight=mixer.in_proj.weight)
+        out.backward(grad_out)
+        return [out.detach(), hidden.grad] + [p.grad for p in mixer.parameters()]
+
+    first = train_call()
+    assert passes == [True]
+    ahead = {name for name, is_ahead in compiled if is_ahead}
+    assert {"scan_fwd_kernel", "scan_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel"} <= ahead, ahead
+    assert [name for name, is_ahead in compiled if not is_ahead] == []
+    with torch.no_grad():  # inference: no pass ahead
+        mamba_inner_triton(hidden[:1], *weights, in_proj_weight=mixer.in_proj.weight)
+    again = train_call()
+    monkeypatch.setattr(mamba_inner, "COMPILE_AHEAD", False)
+    mamba_inner._compiled_ahead.clear()
+    without = train_call()
+    assert passes == [True]
+    # The backward's dA, dD and dΔ-bias sums are atomic adds, in no fixed order: equal up to that.
+    for a, b, c in zip(first, again, without, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
