@@ -5,30 +5,33 @@ functions on tensors.
 Nothing here imports the model, its config or transformers.
 """
 
-if __name__ == "kernels":
-    # Imported as the top-level package `kernels`: the repository root is on sys.path (`python -m
-    # pytest` or a Python session started there). That name belongs to Hugging Face's `kernels`
-    # library, which Transformers (a dependency since 5.25) imports at start-up; load it in this
-    # module's place, so that `from kernels import ...` gets what it asked for.
+
+def _hand_over_to_hugging_face_kernels():
+    """Whether this module, imported as the top-level package `kernels`, was replaced by Hugging Face's
+    `kernels` library of that name.
+
+    That happens where the repository root is on sys.path (`python -m pytest`, a Python session
+    started there). Transformers (a dependency of it since 5.25) imports that library at start-up,
+    and `from kernels import ...` must get it. Where it is not installed, this folder stays what
+    `kernels` names (Transformers' availability check then finds no version and leaves it alone)."""
     import importlib.machinery
     import importlib.util
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _spec = importlib.machinery.PathFinder.find_spec(
-        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
     )
-    if _spec is None or _spec.origin is None:
-        raise ImportError(
-            f"{os.path.dirname(os.path.abspath(__file__))} is hf_mamba's kernels folder, importable as "
-            "`hf_mamba.kernels`; the top-level name `kernels` is Hugging Face's kernels library, "
-            "which is not installed"
-        )
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module  # the import statement hands back what sys.modules holds
-    _spec.loader.exec_module(_module)
-else:
+    if spec is None or spec.origin is None:
+        return False
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # the import statement hands back what sys.modules holds
+    spec.loader.exec_module(module)
+    return True
+
+
+if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
     from .causal_conv1d import causal_conv1d, causal_conv1d_update
     from .mamba_inner import mamba_inner_triton
     from .rms_norm import add_rms_norm, add_rms_norm_ref
