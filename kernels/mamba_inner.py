@@ -277,14 +277,14 @@ def _compile_first_call(inputs):
     forward and backward launch, side by side (`compile_ahead`), before running it: a dry forward and
     backward by hand, on CUDA, outside torch.compile and CUDA graph capture."""
     xz = inputs[0]
-    if not (COMPILE_AHEAD and xz.is_cuda and torch.is_grad_enabled()) or os.environ.get("TRITON_INTERPRET") == "1":
+    if not (COMPILE_AHEAD and xz.is_cuda and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return
+    key = _call_key(inputs)  # checked first: after the first call of a kind, this is all a call costs
+    if key in _compiled_ahead:
         return
     if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
         return
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return
-    key = _call_key(inputs)
-    if key in _compiled_ahead:
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_current_stream_capturing():
         return
     _compiled_ahead.add(key)
 
