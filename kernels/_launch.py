@@ -116,8 +116,8 @@ def compile_ahead(fn, *args):
 
     fn runs with every `launch` replaced by Triton's warmup (compile only), whose compiles go to a pool
     of threads (Triton's AsyncCompileMode), and this returns once all are built. Why: a first
-    training step compiles about ten kernels one after another, 45 s on an H200 for the 130M model
-    (18 s of it the scan backward), where side by side they take about as long as the slowest. The
+    training step compiles about ten kernels one after another, 41 s of compiling on an H200 (20 s of
+    it the scan backward's second pass), where side by side they take about as long as the slowest. The
     torch ops of fn run as usual on its own tensors, whose values are garbage, so fn must not read
     kernel results on the host. A failure here is only warned about: the kernels then compile where
     they launch, as without this pass, and a compile error shows there."""

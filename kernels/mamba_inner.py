@@ -34,7 +34,9 @@ from ._launch import compile_ahead, device_guard
 # Compile the kernels of a training call's forward and backward side by side before its first run
 # (`_compile_first_call`).
 COMPILE_AHEAD = True
-_compiled_ahead = set()  # the calls (`_call_key`) whose kernels have been compiled ahead
+# The calls (`_call_key`) whose kernels have been compiled ahead. A new shape gets a dry pass too; where
+# its kernels are built already, that costs the host and GPU work of one layer's step, nothing compiles.
+_compiled_ahead = set()
 
 
 def _fp32_or_wider(t):
