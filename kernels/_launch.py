@@ -112,7 +112,8 @@ _COMPILE_ONLY = contextvars.ContextVar("hf_mamba_compile_only", default=False)
 
 def compile_ahead(fn, *args):
     """Compile the Triton kernels fn(*args) launches, side by side, without running them; returns
-    whether it did (it needs Triton >= 3.4, and does nothing inside another such pass).
+    whether it did (it needs Triton >= 3.4 and compiled kernels: nothing under TRITON_INTERPRET=1 or
+    inside another such pass).
 
     fn runs with every `launch` replaced by Triton's warmup (compile only), whose compiles go to a pool
     of threads (Triton's AsyncCompileMode), and this returns once all are built. Why: a first
@@ -121,7 +122,9 @@ def compile_ahead(fn, *args):
     torch ops of fn run as usual on its own tensors, whose values are garbage, so fn must not read
     kernel results on the host. A failure here is only warned about: the kernels then compile where
     they launch, as without this pass, and a compile error shows there."""
-    if _async_compile is None or _COMPILE_ONLY.get() or _async_compile.active_mode.get() is not None:
+    if _async_compile is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if _COMPILE_ONLY.get() or _async_compile.active_mode.get() is not None:
         return False
     token = _COMPILE_ONLY.set(True)
     try:

@@ -24,8 +24,6 @@ The model uses this only where it computes exactly what the modules would (see
 take the module path), no cache, no padding mask, not under torch.compile.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -257,8 +255,8 @@ def mamba_inner_triton(
 class _DryContext:
     """autograd's ctx for a forward and backward run by hand (`_compile_first_call`)."""
 
-    def __init__(self, inputs):
-        self.needs_input_grad = tuple(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
 
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
@@ -284,14 +282,13 @@ def _compile_first_call(inputs):
     key = _call_key(inputs)  # checked first: after the first call of a kind, this is all a call costs
     if key in _compiled_ahead:
         return
-    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
-        return
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_current_stream_capturing():
+    needs_input_grad = tuple(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    if not any(needs_input_grad) or torch.cuda.is_current_stream_capturing():
         return
     _compiled_ahead.add(key)
 
     def forward_and_backward():
-        ctx = _DryContext(inputs)
+        ctx = _DryContext(needs_input_grad)
         out = _MambaInner.forward(ctx, *inputs)
         _MambaInner.backward(ctx, torch.empty_like(out))
 
