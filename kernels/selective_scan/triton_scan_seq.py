@@ -31,9 +31,10 @@ h_end[s]), and pass 2 reruns every segment from its true incoming state. That ne
 exps, so it is used only when the GPU would otherwise be mostly idle (fewer than WARPS_PER_SM warps
 per SM).
 
-A larger d_state can be spread over several lanes per channel (`_fwd_source_lanes`): each lane keeps
-d_state // lanes states and y_t is summed over the lanes with shuffles. For d_state 16 this measured
-slower than one lane (kernels/NOTES.md), so it is used only above STATES_PER_LANE states.
+A channel's states can also be spread over several lanes (`_fwd_source_lanes`): each lane keeps
+d_state // lanes states, y_t is summed over the lanes and Δ shared between them by warp shuffles, and
+each lane finishes a share of the steps. That multiplies the threads without a second pass, so it is
+used where it fills the GPU alone (`_lanes_per_channel`), and for d_state above STATES_PER_LANE.
 
 The forward also stores h every CKPT steps, (batch, d_inner, n_ckpt, d_state) fp32, for the backward
 in `triton_scan`.
@@ -63,6 +64,17 @@ WARPS_PER_SM = None
 # States held by one thread; a larger d_state is spread over 2, 4, ... lanes per channel. With
 # d_state 16, one lane per channel (16 states) beat 2 and 4 lanes on H100 (NOTES.md).
 STATES_PER_LANE = 16
+# A channel's d_state 16 states spread over 4 lanes (4 states each, `_fwd_source_lanes`) where that
+# gives at least 4 one-warp programs per multiprocessor, and then no segments. H200, bf16 ms (session
+# 14, NOTES.md), 4 lanes against one lane with segments: (8, 1536, 2048, 16) 0.259 / 0.366, (4, 4096,
+# 4096, 16) 0.617 / 0.839, (4, 1536, 2048, 16) (5.8 programs per SM) 0.208 / 0.338; fp32 0.412 /
+# 0.516 and 1.065 / 1.275. Below that a channel's latency bounds the time: (1, 2048, 16384, 16), 1.9
+# programs per SM, took 1.299 ms on 4 lanes with 2 segments and 0.536 with 8 (twice the exps), against
+# 0.488 on one lane with 64 segments.
+SPREAD_LANES = 4
+SPREAD_WARPS_PER_SM = 4
+# Lanes per channel (sweep knob; None: `_lanes_per_channel`'s rule).
+LANES = None
 # Channels per thread (one lane per channel): the per-step loads of B_t and C_t, the index and pointer
 # work are then shared by that many channels. None: the measured choice (`_config`).
 CHANNELS_PER_THREAD = None
@@ -194,6 +206,24 @@ def _silu(x, FAST_MATH: tl.constexpr):
 '''
 
 
+# The forward kernels' signature (one lane or several per channel: the launcher passes the same arguments).
+_FWD_SIGNATURE = """@triton.jit
+def scan_fwd_kernel(
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_h0, p_out, p_hT, p_dtsum, p_hc,
+    seqlen, d_inner, n_ckpt, chunks_per_seg,
+    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_A_d, s_A_n,
+    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_o_b, s_o_d, s_o_l,
+    s_h0_b, s_h0_d, s_h0_s, s_hT_b, s_hT_d, s_hT_s, p_seq_idx, s_si_b, s_si_l,
+    HAS_SEQ_IDX: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,
+    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,
+    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, BC_TILED: tl.constexpr,
+    FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,
+    EXP2_FMA: tl.constexpr,
+):"""
+
+
 # A masked load's fill; none where EVEN_TILES drops the masks (a fill needs a mask).
 _ZERO = "None if EVEN_TILES else 0"
 
@@ -209,15 +239,15 @@ def _unpack(src, names, lines, indent, tmp, rows="BLOCK_D"):
     _unpack(f"{tmp}o", names[1::2], lines, indent, tmp + "o", rows)
 
 
-def _pack(names, lines, indent, tmp):
-    """Emit code joining [BLOCK_D] vectors (one per column) into a [BLOCK_D, len(names)] tile; returns its name."""
+def _pack(names, lines, indent, tmp, rows="BLOCK_D"):
+    """Emit code joining [rows] vectors (one per column) into a [rows, len(names)] tile; returns its name."""
     k = len(names)
     if k == 2:
         lines.append(f"{indent}{tmp} = tl.join({names[0]}, {names[1]})")
         return tmp
-    even = _pack(names[0::2], lines, indent, tmp + "e")
-    odd = _pack(names[1::2], lines, indent, tmp + "o")
-    lines.append(f"{indent}{tmp} = tl.reshape(tl.join({even}, {odd}), [BLOCK_D, {k}])")
+    even = _pack(names[0::2], lines, indent, tmp + "e", rows)
+    odd = _pack(names[1::2], lines, indent, tmp + "o", rows)
+    lines.append(f"{indent}{tmp} = tl.reshape(tl.join({even}, {odd}), [{rows}, {k}])")
     return tmp
 
 
@@ -376,21 +406,7 @@ def _fwd_source(N, T):
     """Source of the forward kernel for d_state = N and T time steps per tile (T a power of two >= 2)."""
     ns = range(N)
     L = []
-    L.append("@triton.jit")
-    L.append("def scan_fwd_kernel(")
-    L.append("    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_h0, p_out, p_hT, p_dtsum, p_hc,")
-    L.append("    seqlen, d_inner, n_ckpt, chunks_per_seg,")
-    L.append("    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_A_d, s_A_n,")
-    L.append("    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_o_b, s_o_d, s_o_l,")
-    L.append("    s_h0_b, s_h0_d, s_h0_s, s_hT_b, s_hT_d, s_hT_s, p_seq_idx, s_si_b, s_si_l,")
-    L.append("    HAS_SEQ_IDX: tl.constexpr,")
-    L.append("    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,")
-    L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
-    L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
-    L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, BC_TILED: tl.constexpr,")
-    L.append("    FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,")
-    L.append("    EXP2_FMA: tl.constexpr,")
-    L.append("):")
+    L.extend(_FWD_SIGNATURE.splitlines())
     I = "    "
     _program_ids(L, I, T)
     L.append(f"{I}p_A_d = p_A + o_d * s_A_d")
@@ -476,131 +492,161 @@ def _fwd_source(N, T):
     return _HEADER + "\n".join(L) + "\n"
 
 
-def _unpack3(src, names, lines, indent, tmp):
-    """Like `_unpack` for a [BLOCK_D, G, len(names)] tile: one [BLOCK_D, G] tensor per step."""
-    k = len(names)
-    if k == 2:
-        lines.append(f"{indent}{names[0]}, {names[1]} = tl.split({src})")
-        return
-    lines.append(f"{indent}{tmp}e, {tmp}o = tl.split(tl.reshape({src}, [BLOCK_D, G, {k // 2}, 2]))")
-    _unpack3(f"{tmp}e", names[0::2], lines, indent, tmp + "e")
-    _unpack3(f"{tmp}o", names[1::2], lines, indent, tmp + "o")
-
-
 def _fwd_source_lanes(N, T, G):
-    """Forward kernel with G lanes per channel, each holding N // G states: more threads per channel.
+    """Source of the forward kernel with G lanes per channel (G a power of two dividing N and T).
 
-    Per step a lane updates its N // G states, and y_t is summed over the G lanes (log2 G shuffles).
-    The u and Δ tiles are loaded as [BLOCK_D, G, T] (the same row for the G lanes), so each lane
-    splits its own copy into per-step [BLOCK_D, G] values without moving data between threads.
-    It takes the one-lane kernel's arguments, two of them unused: B and C are read as given
-    (`_bc_reads` picks neither time vectors nor the tile copy for lanes, so BC_TILED is False), and
-    the EXP2_FMA sweep knobs apply to the one-lane kernel only.
+    A row of the program's tensors is one lane: lane group g of channel d (row = d G + g, so a
+    channel's G lanes are neighbours in a warp). Lane g keeps states g N/G .. (g + 1) N/G - 1 and
+    adds their share of every y_t; the G shares meet by a reduce-scatter (log2 G rounds of
+    `tl.gather`, which Triton lowers to warp shuffles), after which lane g holds y for the tile's
+    steps g T/G .. (g + 1) T/G - 1 and finishes them alone (D skip, gate, store). Likewise Δ:
+    lane g loads and softplus-es only its T/G steps, and every lane gathers all T from its
+    neighbours. So the per-step work (softplus, gate: special-function instructions, as the
+    decays) is not repeated on every lane, and a channel's T x N decays are spread over G threads:
+    G times the threads of one lane per channel, which at the benchmark shapes fills the GPU
+    without cutting the sequence into segments (each segment costs a second pass of exps).
+    B and C are always read from the tile copy (`_tiled`): one vector per state and tile.
     """
-    npt = N // G
-    ks = range(npt)
+    K = N // G  # states per lane
+    S = T // G  # steps a lane finishes per tile
+    ks = range(K)
     L = []
-    L.append("@triton.jit")
-    L.append("def scan_fwd_kernel(")
-    L.append("    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_h0, p_out, p_hT, p_dtsum, p_hc,")
-    L.append("    seqlen, d_inner, n_ckpt, chunks_per_seg,")
-    L.append("    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_A_d, s_A_n,")
-    L.append("    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_o_b, s_o_d, s_o_l,")
-    L.append("    s_h0_b, s_h0_d, s_h0_s, s_hT_b, s_hT_d, s_hT_s, p_seq_idx, s_si_b, s_si_l,")
-    L.append("    HAS_SEQ_IDX: tl.constexpr,")
-    L.append("    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,")
-    L.append("    DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,")
-    L.append("    SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,")
-    L.append("    BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, BC_TILED: tl.constexpr,")
-    L.append("    FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr, PREFETCH: tl.constexpr, A_LOG: tl.constexpr,")
-    L.append("    EXP2_FMA: tl.constexpr,")
-    L.append("):")
+    L.extend(_FWD_SIGNATURE.splitlines())
     I = "    "
-    L.append(f"{I}G: tl.constexpr = {G}")
+    L.append(f"{I}# B, C come tile by tile (BC_TIME_VECTORS, BC_TILED); PREFETCH, EXP2_FMA: one-lane knobs.")
     L.append(f"{I}i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen > 2^31")
     L.append(f"{I}i_d = tl.program_id(1)")
     L.append(f"{I}i_s = tl.program_id(2)")
-    L.append(f"{I}o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)")
-    L.append(f"{I}m_d = o_d < d_inner")
-    L.append(f"{I}o_g = tl.arange(0, {G})")
+    L.append(f"{I}R: tl.constexpr = BLOCK_D * {G}  # rows: lanes")
+    L.append(f"{I}o_r = tl.arange(0, R)")
     L.append(f"{I}o_t = tl.arange(0, {T})")
-    L.append(f"{I}m_dg = m_d[:, None] & (o_g < {G})[None, :]  # (BLOCK_D, G)")
-    L.append(f"{I}o_n = o_g[None, :] * {npt} + o_d[:, None] * 0  # (BLOCK_D, G): first state of each lane")
+    L.append(f"{I}o_g = o_r % {G}  # lane group: states o_g * {K} .., steps o_g * {S} .. of each tile")
+    L.append(f"{I}o_d = i_d.to(tl.int64) * BLOCK_D + o_r // {G}")
+    L.append(f"{I}m_d = o_d < d_inner")
+    L.append(f"{I}o_n = o_g * {K}")
+    L.append(f"{I}o_s = o_g[:, None] * {S} + tl.arange(0, {S})[None, :]  # (R, S): the steps this lane finishes")
+    for j in range(G):
+        L.append(f"{I}src_{j} = o_r - o_g + {j}  # row of the channel's lane {j}")
+    L.append(f"{I}p_A_d = p_A + o_d * s_A_d + o_n * s_A_n")
     for k in ks:
-        p_a = f"p_A + o_d[:, None] * s_A_d + (o_n + {k}) * s_A_n"
-        L.append(f"{I}a_{k} = _log2_rate(tl.load({p_a}, mask=m_dg, other=0.0).to(tl.float32), A_LOG)")
+        L.append(f"{I}a_{k} = {_decay_rate(k)}")
     L.append(f"{I}if USE_INITIAL_STATE:")
-    L.append(f"{I}    p_h0_d = p_h0 + i_b * s_h0_b + o_d[:, None] * s_h0_d + i_s * s_h0_s + o_n")
+    L.append(f"{I}    p_h0_d = p_h0 + i_b * s_h0_b + o_d * s_h0_d + i_s * s_h0_s + o_n")
     for k in ks:
-        L.append(f"{I}    h_{k} = tl.load(p_h0_d + {k}, mask=m_dg, other=0.0).to(tl.float32)")
+        L.append(f"{I}    h_{k} = tl.load(p_h0_d + {k}, mask=m_d, other=0.0).to(tl.float32)")
     L.append(f"{I}else:")
     for k in ks:
-        L.append(f"{I}    h_{k} = tl.zeros([BLOCK_D, {G}], dtype=tl.float32)")
+        L.append(f"{I}    h_{k} = tl.zeros([R], dtype=tl.float32)")
     L.append(f"{I}if HAS_D:")
     L.append(f"{I}    b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)")
     L.append(f"{I}if HAS_DELTA_BIAS:")
     L.append(f"{I}    b_db = tl.load(p_delta_bias + o_d, mask=m_d, other=0.0).to(tl.float32)")
-    L.append(f"{I}b_dtsum = tl.zeros([BLOCK_D, {G}], dtype=tl.float32)")
-    L.append(f"{I}p_Bg = p_B + i_b * s_B_b + o_n * s_B_n  # (BLOCK_D, G) pointers")
-    L.append(f"{I}p_Cg = p_C + i_b * s_C_b + o_n * s_C_n")
+    L.append(f"{I}b_dtsum = tl.zeros([R], dtype=tl.float32)")
+    L.append(f"{I}p_B_b = p_B + i_b * s_B_b")
+    L.append(f"{I}s_row: tl.constexpr = {T // 2} if BC_PAIRS else {T}  # (batch, tile, B | C, state, step) rows")
+    L.append(f"{I}o_w = tl.arange(0, s_row)[None, :]")
+    L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
     L.append(f"{I}c_start = i_s * chunks_per_seg")
-    L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, tl.cdiv(seqlen, {T}))")
+    L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, n_tiles)")
     L.append(f"{I}for i_c in range(c_start, c_end):")
     J = I * 2
+    L.append(f"{J}o_tt = i_c * {T} + o_t")
+    L.append(f"{J}o_ts = i_c * {T} + o_s")
+    L.append(f"{J}m_dt = None if EVEN_TILES else m_d[:, None] & (o_tt < seqlen)[None, :]")
+    L.append(f"{J}m_ds = None if EVEN_TILES else m_d[:, None] & (o_ts < seqlen)")
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
-    L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d[:, None]) * (n_ckpt * {N})")
-    L.append(f"{J}        p_hc_d += (i_c // CKPT_EVERY) * {N} + o_n")
+    L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N} + o_n")
     for k in ks:
-        L.append(f"{J}        tl.store(p_hc_d + {k}, h_{k}, mask=m_dg)")
-    L.append(f"{J}o_tt = i_c * {T} + o_t")
-    L.append(f"{J}m_t = o_tt < seqlen")
-    L.append(f"{J}m_3 = m_dg[:, :, None] & m_t[None, None, :]  # (BLOCK_D, G, T)")
-    L.append(f"{J}o_3 = o_d[:, None, None] + o_g[None, :, None] * 0")
-    L.append(f"{J}p_u3 = p_u + i_b * s_u_b + o_3 * s_u_d + o_tt[None, None, :] * s_u_l")
-    L.append(f"{J}b_u3 = tl.load(p_u3, mask=m_3, other=0.0).to(tl.float32)")
-    L.append(f"{J}p_dt3 = p_delta + i_b * s_dt_b + o_3 * s_dt_d + o_tt[None, None, :] * s_dt_l")
-    L.append(f"{J}b_dt3 = tl.load(p_dt3, mask=m_3, other=0.0).to(tl.float32)")
+        L.append(f"{J}        tl.store(p_hc_d + {k}, h_{k}, mask=m_d)")
+    row = "i_b * s_{0}_b + o_d[:, None] * s_{0}_d"
+    L.append(f"{J}raw_u = tl.load(p_u + {row.format('u')} + o_tt[None, :] * s_u_l, mask=m_dt, other={_ZERO})")
+    L.append(f"{J}raw_dt = tl.load(p_delta + {row.format('dt')} + o_ts * s_dt_l, mask=m_ds, other={_ZERO})")
+    L.append(f"{J}b_dt = raw_dt.to(tl.float32)  # (R, S): this lane's steps")
     L.append(f"{J}if HAS_DELTA_BIAS:")
-    L.append(f"{J}    b_dt3 = b_dt3 + b_db[:, None, None]")
+    L.append(f"{J}    b_dt = b_dt + b_db[:, None]")
     L.append(f"{J}if DELTA_SOFTPLUS:")
-    L.append(f"{J}    b_dt3 = _softplus(b_dt3, FAST_MATH)")
-    L.append(f"{J}b_dt3 = tl.where(m_3, b_dt3, 0.0)  # past the end: exp(0 A) = 1, Δ u B = 0, h unchanged")
-    L.append(f"{J}b_dtsum += tl.sum(b_dt3, axis=2)")
-    L.append(f"{J}b_dtu3 = b_dt3 * b_u3")
-    _unpack3("b_dt3", [f"dt_{t}" for t in range(T)], L, J, "sdt")
-    _unpack3("b_dtu3", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
+    L.append(f"{J}    b_dt = _softplus(b_dt, FAST_MATH)")
+    L.append(f"{J}# Steps past the end get Δ = 0: exp(0 A) = 1 and Δ u B = 0 leave h unchanged.")
+    L.append(f"{J}if not EVEN_TILES:")
+    L.append(f"{J}    b_dt = tl.where(m_ds, b_dt, 0.0)")
+    if S == 1:
+        L.append(f"{J}dto_0 = tl.reshape(b_dt, [R])")
+    else:
+        _unpack("b_dt", [f"dto_{s}" for s in range(S)], L, J, "sdt", rows="R")
+    for t in range(T):  # Δ of step t from lane t // S of the channel
+        L.append(f"{J}dt_{t} = tl.gather(dto_{t % S}, src_{t // S}, 0)")
+    L.append(f"{J}if STATES_ONLY:")
+    L.append(f"{J}    b_dtsum += " + " + ".join(f"dt_{t}" for t in range(T)))
+    _unpack("raw_u.to(tl.float32)", [f"u_{t}" for t in range(T)], L, J, "su", rows="R")
+    for t in range(T):
+        L.append(f"{J}dtu_{t} = dt_{t} * u_{t}")
     for t in range(T):
         L.append(f"{J}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
-        _reset_state(L, J, t, T, [f"h_{k}" for k in ks])
-        L.append(f"{J}p_Bt = p_Bg + i_t * s_B_l")
-        for k in ks:
-            b_k = f"tl.load(p_Bt + {k} * s_B_n).to(tl.float32)"
-            L.append(f"{J}h_{k} = tl.exp2(dt_{t} * a_{k}) * h_{k} + dtu_{t} * {b_k}")
-        L.append(f"{J}if not STATES_ONLY:")
-        L.append(f"{J}    p_Ct = p_Cg + i_t * s_C_l")
-        terms = " + ".join(f"h_{k} * tl.load(p_Ct + {k} * s_C_n).to(tl.float32)" for k in ks)
-        L.append(f"{J}    y_{t} = tl.sum({terms}, axis=1)")
-    L.append(f"{J}if not STATES_ONLY:")
-    K = J + I
-    b_y = _pack([f"y_{t}" for t in range(T)], L, K, "py")
-    L.append(f"{K}b_y = {b_y}  # (BLOCK_D, T)")
-    L.append(f"{K}m_dt = m_d[:, None] & m_t[None, :]")
-    L.append(f"{K}if HAS_D:")
-    L.append(f"{K}    p_ud = p_u + i_b * s_u_b + o_d[:, None] * s_u_d + o_tt[None, :] * s_u_l")
-    L.append(f"{K}    b_y += tl.load(p_ud, mask=m_dt, other=0.0).to(tl.float32) * b_D[:, None]")
-    L.append(f"{K}if HAS_Z:")
-    L.append(f"{K}    p_zd = p_z + i_b * s_z_b + o_d[:, None] * s_z_d + o_tt[None, :] * s_z_l")
-    L.append(f"{K}    b_z = tl.load(p_zd, mask=m_dt, other=0.0).to(tl.float32)")
-    L.append(f"{K}    b_y = b_y * _silu(b_z, FAST_MATH)")
-    L.append(f"{K}p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
-    L.append(f"{K}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)")
-    L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d[:, None] * s_hT_d + i_s * s_hT_s + o_n")
+        _reset_state(L, J, t, T, [f"keep_{t}"], init=True)
+    L.append(f"{J}p_bt = p_B_b + i_c * {2 * N} * s_row + o_n[:, None] * s_row + o_w")
     for k in ks:
-        L.append(f"{I}tl.store(p_hT_d + {k}, h_{k}, mask=m_dg)")
+        for name, off in (("bt", f"{k} * s_row"), ("ct", f"{N + k} * s_row")):
+            K2 = J
+            if name == "ct":
+                L.append(f"{J}if not STATES_ONLY:")
+                K2 = J + I
+            L.append(f"{K2}if BC_PAIRS:")
+            L.append(f"{K2}    v = tl.load(p_bt + {off})")
+            words = [f"w_{i}" for i in range(T // 2)]
+            if len(words) == 1:
+                L.append(f"{K2}    w_0 = tl.reshape(v, [R])")
+            else:
+                _unpack("v", words, L, K2 + I, "sw", rows="R")
+            for i, w in enumerate(words):
+                L.append(f"{K2}    {name}_{2 * i} = ({w} << 16).to(tl.float32, bitcast=True)")
+                L.append(f"{K2}    {name}_{2 * i + 1} = ({w} & -65536).to(tl.float32, bitcast=True)")
+            L.append(f"{K2}else:")
+            values = f"tl.load(p_bt + {off}).to(tl.float32)"
+            _unpack(values, [f"{name}_{t}" for t in range(T)], L, K2 + I, "sv", rows="R")
+        for t in range(T):
+            L.append(f"{J}if HAS_SEQ_IDX:")
+            L.append(f"{J}    h_{k} = h_{k} * keep_{t}")
+            L.append(f"{J}h_{k} = {_decay(f'dt_{t} * a_{k}', k)} * h_{k} + dtu_{t} * bt_{t}")
+            L.append(f"{J}if not STATES_ONLY:")
+            y = f"h_{k} * ct_{t}" if k == 0 else f"y_{t} + h_{k} * ct_{t}"
+            L.append(f"{J}    y_{t} = {y}")
+    L.append(f"{J}if not STATES_ONLY:")
+    K2 = J + I
+    # Reduce-scatter: in the round of bit b, the lanes with bit b set keep the upper half of the
+    # steps still shared and send the lower half to their partner (row ^ b), which keeps that.
+    vals = [f"y_{t}" for t in range(T)]
+    bit = G // 2
+    while bit >= 1:
+        half = len(vals) // 2
+        L.append(f"{K2}up = (o_g & {bit}) != 0")
+        new = []
+        for i in range(half):
+            lo, hi = vals[i], vals[half + i]
+            L.append(f"{K2}keep = tl.where(up, {hi}, {lo})")
+            L.append(f"{K2}send = tl.where(up, {lo}, {hi})")
+            L.append(f"{K2}r{bit}_{i} = keep + tl.gather(send, o_r ^ {bit}, 0)")
+            new.append(f"r{bit}_{i}")
+        vals = new
+        bit //= 2
+    if S == 1:
+        L.append(f"{K2}b_y = {vals[0]}[:, None]")
+    else:
+        L.append(f"{K2}b_y = {_pack(vals, L, K2, 'py', rows='R')}  # (R, S): y of this lane's steps")
+    L.append(f"{K2}if HAS_D:")
+    L.append(f"{K2}    b_uo = tl.load(p_u + {row.format('u')} + o_ts * s_u_l, mask=m_ds, other={_ZERO})")
+    L.append(f"{K2}    b_y += b_uo.to(tl.float32) * b_D[:, None]")
+    L.append(f"{K2}if HAS_Z:")
+    L.append(f"{K2}    b_z = tl.load(p_z + {row.format('z')} + o_ts * s_z_l, mask=m_ds, other={_ZERO})")
+    L.append(f"{K2}    b_y = b_y * _silu(b_z.to(tl.float32), FAST_MATH)")
+    L.append(f"{K2}p_od = p_out + {row.format('o')} + o_ts * s_o_l")
+    L.append(f"{K2}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_ds)")
+    L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d * s_hT_d + i_s * s_hT_s + o_n")
+    for k in ks:
+        L.append(f"{I}tl.store(p_hT_d + {k}, h_{k}, mask=m_d)")
     L.append(f"{I}if STATES_ONLY:")
-    L.append(f"{I}    p_ds = p_dtsum + (i_b * d_inner + o_d[:, None]) * tl.num_programs(2) + i_s + o_g[None, :] * 0")
-    L.append(f"{I}    tl.store(p_ds, b_dtsum, mask=m_d[:, None] & (o_g == 0)[None, :])")
+    L.append(f"{I}    p_ds = p_dtsum + (i_b * d_inner + o_d) * tl.num_programs(2) + i_s")
+    L.append(f"{I}    tl.store(p_ds, b_dtsum, mask=m_d & (o_g == 0))")
     return _HEADER + "\n".join(L) + "\n"
 
 
@@ -679,12 +725,23 @@ def _chain_segments_kernel(
         tl.store(p_hin + p_seg[None, :] + (o_ss[:, None] + 1) * d_state, b_hs, mask=m_se)
 
 
-def _lanes_per_channel(d_state):
-    """Lanes (threads) sharing one channel's state: a power of two dividing d_state, so that each
-    lane holds at most STATES_PER_LANE states (registers) where it can."""
+def _lanes_per_channel(batch, d_inner, d_state, T, time_rows, device):
+    """Lanes (threads) sharing one channel's state: a power of two dividing d_state and T.
+
+    At least enough that each lane holds at most STATES_PER_LANE states (registers) where it can;
+    SPREAD_LANES where that alone gives the launch SPREAD_WARPS_PER_SM one-warp programs per
+    multiprocessor (time-contiguous u, Δ, z: the layout it was measured in), so the sequence needs
+    no segments; LANES (a sweep knob) overrides the spread."""
+    def fits(lanes):
+        return d_state % lanes == 0 and T % lanes == 0
+
     lanes = 1
-    while d_state // lanes > STATES_PER_LANE and d_state % (2 * lanes) == 0:
+    while d_state // lanes > STATES_PER_LANE and fits(2 * lanes):
         lanes *= 2
+    spread = LANES if LANES is not None else SPREAD_LANES
+    fills = batch * cdiv(d_inner, 32 // spread) >= SPREAD_WARPS_PER_SM * sm_count(device)
+    if spread > lanes and fits(spread) and (LANES is not None or (time_rows and fills)):
+        lanes = spread
     return lanes
 
 
@@ -700,11 +757,11 @@ def _bf16_pairs(t, axis=1):
 
 @triton.jit
 def _tile_copy_kernel(
-    p_B, p_C, p_BC, seqlen, n_tiles, s_B_b, s_B_n, s_C_b, s_C_n,
+    p_B, p_C, p_BC, seqlen, n_tiles, s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l,
     D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, TILES: tl.constexpr,
 ):
-    # B, C (batch, d_state, seqlen), unit time stride -> BC (batch, n_tiles, 2, d_state, T), zeros
-    # past the end; TILES tiles per program, both tensors in one launch.
+    # B, C (batch, d_state, seqlen) -> BC (batch, n_tiles, 2, d_state, T), zeros past the end;
+    # TILES tiles per program, both tensors in one launch.
     i_b = tl.program_id(0).to(tl.int64)
     o_c = tl.program_id(1) * TILES + tl.arange(0, TILES)
     o_n = tl.arange(0, BLOCK_N)
@@ -713,24 +770,23 @@ def _tile_copy_kernel(
     m_dst = (o_c < n_tiles)[:, None, None] & (o_n < D_STATE)[None, :, None]
     m_src = m_dst & (steps < seqlen)
     p_dst = p_BC + ((i_b * n_tiles + o_c[:, None, None]) * 2 * D_STATE + o_n[None, :, None]) * T + o_t[None, None, :]
-    b = tl.load(p_B + i_b * s_B_b + o_n[None, :, None] * s_B_n + steps, mask=m_src, other=0.0)
+    b = tl.load(p_B + i_b * s_B_b + o_n[None, :, None] * s_B_n + steps * s_B_l, mask=m_src, other=0.0)
     tl.store(p_dst, b, mask=m_dst)
-    c = tl.load(p_C + i_b * s_C_b + o_n[None, :, None] * s_C_n + steps, mask=m_src, other=0.0)
+    c = tl.load(p_C + i_b * s_C_b + o_n[None, :, None] * s_C_n + steps * s_C_l, mask=m_src, other=0.0)
     tl.store(p_dst + D_STATE * T, c, mask=m_dst)
 
 
 def _tiled(B, C, T):
-    """B and C (batch, d_state, seqlen), unit time stride, copied into one (batch, n_tiles, 2, d_state,
-    T) tensor: a tile's rows of B, then of C, zeros past the end. One launch (torch's copies took two,
-    and more for a ragged end)."""
-    assert B.stride(2) == 1 and C.stride(2) == 1 and B.dtype == C.dtype
+    """B and C (batch, d_state, seqlen), any strides, copied into one (batch, n_tiles, 2, d_state, T)
+    tensor of their common dtype: a tile's rows of B, then of C, zeros past the end. One launch
+    (torch's copies took two, and more for a ragged end)."""
     batch, d_state, seqlen = B.shape
     n_tiles = cdiv(seqlen, T)
-    BC = B.new_empty(batch, n_tiles, 2, d_state, T)
+    BC = B.new_empty(batch, n_tiles, 2, d_state, T, dtype=torch.promote_types(B.dtype, C.dtype))
     tiles = 16
     launch(
         _tile_copy_kernel, (batch, cdiv(n_tiles, tiles)),
-        B, C, BC, seqlen, n_tiles, B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        B, C, BC, seqlen, n_tiles, *B.stride(), *C.stride(),
         D_STATE=d_state, BLOCK_N=next_power_of_2(d_state), T=T, TILES=tiles,
     )
     return BC
@@ -740,21 +796,21 @@ def _bc_reads(B, C, lanes, T):
     """How the kernel reads B and C: (B, C as passed, their (batch, state, step) strides, BC_PAIRS,
     BC_TIME_VECTORS, BC_TILED).
 
-    Unit time stride (the benchmark's layout): one vector of a tile's steps per state
-    (`_tile_by_state`), for bf16 as words of two steps, through an int32 view of B and C so that the
-    kernel's strides count words. With BC_TILE_COPY they are first copied tile by tile (`_tiled`), so
-    that the kernel finds every state's row at a fixed offset from one pointer per tile. Otherwise
-    step by step, bf16 with unit state stride (the model's x_proj layout) as words of two states
-    (`_state_row`)."""
-    if lanes != 1:
-        return B, C, B.stride(), C.stride(), False, False, False
-    if BC_TIME_VECTORS and B.stride(2) == 1 and C.stride(2) == 1:
-        if BC_TILE_COPY and B.dtype == C.dtype:
-            BC = _tiled(B, C, T)
-            if BC_PAIRS and BC.dtype == torch.bfloat16:
-                BC = BC.view(torch.int32)
-            strides = (BC.stride(0), 0, 0)
-            return BC, BC, strides, strides, BC.dtype == torch.int32, True, True
+    Several lanes per channel, or unit time stride (the benchmark's layout) with BC_TIME_VECTORS:
+    one vector of a tile's steps per state, from a tile-by-tile copy (`_tiled`, with BC_TILE_COPY;
+    the lanes kernel always copies), so that the kernel finds every state's row at a fixed offset
+    from one pointer per tile; bf16 as words of two steps, through an int32 view so that the
+    kernel's strides count words. Without the copy the one-lane kernel reads the rows as passed.
+    Otherwise step by step, bf16 with unit state stride (the model's x_proj layout) as words of two
+    states (`_state_row`)."""
+    time_rows = B.stride(2) == 1 and C.stride(2) == 1
+    if lanes != 1 or (BC_TIME_VECTORS and time_rows and BC_TILE_COPY and B.dtype == C.dtype):
+        BC = _tiled(B, C, T)
+        if BC_PAIRS and BC.dtype == torch.bfloat16:
+            BC = BC.view(torch.int32)
+        strides = (BC.stride(0), 0, 0)
+        return BC, BC, strides, strides, BC.dtype == torch.int32, True, True
+    if BC_TIME_VECTORS and time_rows:
         pairs = BC_PAIRS and _bf16_pairs(B, axis=2) and _bf16_pairs(C, axis=2)
         if pairs:
             B, C = B.view(torch.int32), C.view(torch.int32)
@@ -789,8 +845,11 @@ def scan_fwd_seq(
     d_state = A.shape[1]
     T = TILE_STEPS or max(2, 16 // u.element_size())  # by default one 16-byte vector of steps per thread
     num_warps = 1
-    lanes = _lanes_per_channel(d_state)
+    time_rows = all(t is None or t.stride(2) == 1 or seqlen == 1 for t in (u, delta, z))
+    lanes = _lanes_per_channel(batch, d_inner, d_state, T, time_rows, u.device)
     channels_per_thread, warps_per_sm, prefetch, maxnreg = _config()
+    if lanes == SPREAD_LANES and LANES is None and WARPS_PER_SM is None:
+        warps_per_sm = SPREAD_WARPS_PER_SM  # the spread fills the GPU: no segments
     if BC_LAYOUT == "time rows":
         B, C = (t if t.stride(2) == 1 or seqlen == 1 else t.contiguous() for t in (B, C))
     B, C, B_strides, C_strides, bc_pairs, bc_time_vectors, bc_tiled = _bc_reads(B, C, lanes, T)

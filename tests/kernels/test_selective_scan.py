@@ -304,6 +304,50 @@ def test_triton_scan_lanes_per_channel(states_per_lane, monkeypatch, nan_fill_em
     _check_scan("triton", case, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("variant", ["plain", "segments", "seq_idx"])
+def test_triton_scan_spread_lanes(variant, dtype, monkeypatch, nan_fill_empty):
+    """The forward with d_state 16 spread over 4 lanes per channel (Δ gathered and y reduce-scattered
+    between lanes), against the reference, with its gradients through the checkpoints it stores:
+    d_inner 70 (a partly masked block of 8 channels), an odd length, the segments of a short batch,
+    and document resets."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    monkeypatch.setattr(triton_scan_seq, "LANES", 4)
+    if variant == "segments":
+        monkeypatch.setattr(triton_scan_seq, "MIN_TILES_PER_SEG", 2)
+        monkeypatch.setattr(triton_scan_seq, "WARPS_PER_SM", 64)
+    built = []
+    fwd_kernel = triton_scan_seq._fwd_kernel
+    monkeypatch.setattr(triton_scan_seq, "_fwd_kernel", lambda *key: built.append(key) or fwd_kernel(*key))
+    torch.manual_seed(11)
+    batch, d_inner, seqlen = (2, 70, 45) if not ON_GPU else (2, 300, 1111)
+    if variant == "segments":
+        batch = 1
+    case = dict(cpu=(batch, d_inner, seqlen, 16), gpu=(batch, d_inner, seqlen, 16), D=True, z=True, bias=True, h0=True)
+    seq_idx = _document_ids(batch, seqlen, 3, seed=1) if variant == "seq_idx" else None
+    _check_scan("triton", case, dtype, transposed_BC=False, seq_idx=seq_idx)
+    assert built and all(key[2] == 4 for key in built)  # (d_state, T, lanes)
+
+
+def test_lanes_per_channel_rule(monkeypatch):
+    """d_state 16 spreads over 4 lanes where that alone gives 4 one-warp programs per multiprocessor
+    and u, Δ, z are time-contiguous; larger d_state always keeps at most 16 states per lane."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    monkeypatch.setattr(triton_scan_seq, "sm_count", lambda device: 132)
+    rule = triton_scan_seq._lanes_per_channel
+    cpu = torch.device("cpu")
+    assert rule(8, 1536, 16, 8, True, cpu) == 4  # 1536 programs of 8 channels >= 4 x 132
+    assert rule(2, 1536, 16, 8, True, cpu) == 1  # 384 programs
+    assert rule(8, 1536, 16, 8, False, cpu) == 1  # channels-last: one lane and segments
+    assert rule(1, 2048, 16, 8, True, cpu) == 1  # 256 programs: one lane and segments
+    assert rule(1, 2048, 64, 8, True, cpu) == 4  # 16 states per lane
+    assert rule(8, 1536, 16, 2, True, cpu) == 1  # 4 lanes must divide the tile's steps
+    monkeypatch.setattr(triton_scan_seq, "LANES", 2)
+    assert rule(1, 2048, 16, 8, True, cpu) == 2
+
+
 @pytest.mark.parametrize(
     "softplus,transposed_BC",
     [pytest.param(False, False, id="no-softplus-contiguousBC"), pytest.param(True, False, id="contiguousBC")],
