@@ -61,8 +61,8 @@ CHAIN_BLOCK_S = 16
 # Below this many one-warp programs per multiprocessor, the forward cuts the sequence into segments.
 # None: the measured choice (`_config`).
 WARPS_PER_SM = None
-# States held by one thread; a larger d_state is spread over 2, 4, ... lanes per channel. With
-# d_state 16, one lane per channel (16 states) beat 2 and 4 lanes on H100 (NOTES.md).
+# States held by one thread at most (registers): a larger d_state is always spread over 2, 4, ...
+# lanes per channel.
 STATES_PER_LANE = 16
 # A channel's d_state 16 states spread over 4 lanes (4 states each, `_fwd_source_lanes`) where that
 # gives at least 4 one-warp programs per multiprocessor, and then no segments. H200, bf16 ms (session
