@@ -660,6 +660,9 @@ def selective_scan_triton(
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, save_states, seq_idx)
     if torch.compiler.is_compiling():
         out, final_state, _ = selective_scan_fwd_op(*args)  # the op torch.compile / export trace through
+    elif not save_states:  # nothing to differentiate: the autograd Function's apply would only cost host time
+        with device_guard(u):
+            out, final_state, _ = _scan_fwd(*args, need_final_state=return_final_state)
     else:
         out, final_state = _SelectiveScanEager.apply(*args)
     return (out, final_state) if return_final_state else out

@@ -429,6 +429,28 @@ def test_triton_scan_without_grad_and_noncontiguous_u():
     assert _rel_err(out, out_ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("return_final_state", [False, True])
+def test_triton_scan_inference_call(return_final_state, monkeypatch):
+    """Without gradients the forward runs without an autograd node, and skips the final state's copy
+    when it is not asked for: the same outputs as the differentiable call, segments included."""
+    from hf_mamba.kernels.selective_scan import triton_scan_seq
+
+    monkeypatch.setattr(triton_scan_seq, "MIN_TILES_PER_SEG", 2)
+    monkeypatch.setattr(triton_scan_seq, "WARPS_PER_SM", 64)
+    torch.manual_seed(12)
+    case = dict(cpu=(1, 3, 77, 4), gpu=(1, 64, 1501, 16), D=True, z=True, bias=True, h0=True)
+    kernel, _ = _make_scan_inputs(case, torch.float32)
+    trained = selective_scan(**kernel, delta_softplus=True, return_final_state=True, backend="triton")
+    with torch.no_grad():
+        inferred = selective_scan(
+            **kernel, delta_softplus=True, return_final_state=return_final_state, backend="triton"
+        )
+    if return_final_state:
+        assert inferred[1].grad_fn is None and torch.equal(inferred[1], trained[1].detach())
+        inferred = inferred[0]
+    assert inferred.grad_fn is None and torch.equal(inferred, trained[0].detach())
+
+
 @pytest.mark.parametrize("case", SCAN_CASES[1:4])
 def test_torch_scan_matches_reference(case):
     torch.manual_seed(3)
