@@ -302,8 +302,9 @@ def _step(lines, indent, t, N, pairs):
     lines.append(f"{indent}    y_{t} = " + " + ".join(f"h_{n} * {c[n]}" for n in range(N)))
 
 
-def _time_vector(lines, indent, row, name, T, steps_at="o_tt[None, :], mask=m_t1", other=_ZERO):
-    """One state's T steps of B or C (unit time stride) as T [1]-tensors name_0 .. name_{T-1}.
+def _time_vector(lines, indent, row, name, T, steps_at="o_tt[None, :], mask=m_t1", other=_ZERO, rows="1"):
+    """One state's T steps of B or C (unit time stride) as T [rows]-tensors name_0 .. name_{T-1}:
+    [1] where every thread reads the same row, [R] in the lanes kernel (a row per lane).
 
     BC_PAIRS (bf16 with 4-byte aligned rows, passed as an int32 view: word strides, so the loads can
     be 16-byte vectors): loaded as T / 2 words of two steps each, where bf16 -> fp32 is a shift or a
@@ -315,15 +316,15 @@ def _time_vector(lines, indent, row, name, T, steps_at="o_tt[None, :], mask=m_t1
     words = [f"w_{k}" for k in range(T // 2)]
     lines.append(f"{J}v = tl.load({row} + o_w, mask=m_w1, other={other})")
     if len(words) == 1:
-        lines.append(f"{J}w_0 = v")
+        lines.append(f"{J}w_0 = v" if rows == "1" else f"{J}w_0 = tl.reshape(v, [{rows}])")
     else:
-        _unpack("v", words, lines, J, "sw", rows="1")
+        _unpack("v", words, lines, J, "sw", rows=rows)
     for k, w in enumerate(words):
         lines.append(f"{J}{names[2 * k]} = ({w} << 16).to(tl.float32, bitcast=True)")
         lines.append(f"{J}{names[2 * k + 1]} = ({w} & -65536).to(tl.float32, bitcast=True)")
     lines.append(f"{indent}else:")
     lines.append(f"{J}v = tl.load({row} + {steps_at}, other={other})")
-    _unpack("v.to(tl.float32)", names, lines, J, "sv", rows="1")
+    _unpack("v.to(tl.float32)", names, lines, J, "sv", rows=rows)
 
 
 def _tile_by_state(lines, indent, T, N):
@@ -544,7 +545,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{I}b_dtsum = tl.zeros([R], dtype=tl.float32)")
     L.append(f"{I}p_B_b = p_B + i_b * s_B_b")
     L.append(f"{I}s_row: tl.constexpr = {T // 2} if BC_PAIRS else {T}  # (batch, tile, B | C, state, step) rows")
-    L.append(f"{I}o_w = tl.arange(0, s_row)[None, :]")
+    L.append(f"{I}o_w, m_w1 = tl.arange(0, s_row)[None, :], None")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
     L.append(f"{I}c_start = i_s * chunks_per_seg")
     L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, n_tiles)")
@@ -584,26 +585,12 @@ def _fwd_source_lanes(N, T, G):
     for t in range(T):
         L.append(f"{J}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
         _reset_state(L, J, t, T, [f"keep_{t}"], init=True)
-    L.append(f"{J}p_bt = p_B_b + i_c * {2 * N} * s_row + o_n[:, None] * s_row + o_w")
+    L.append(f"{J}p_bt = p_B_b + i_c * {2 * N} * s_row + o_n[:, None] * s_row  # (R, 1): the lane's first row")
+    at = dict(steps_at="o_w", other="None", rows="R")  # whole tiles of the copy: no masks
     for k in ks:
-        for name, off in (("bt", f"{k} * s_row"), ("ct", f"{N + k} * s_row")):
-            K2 = J
-            if name == "ct":
-                L.append(f"{J}if not STATES_ONLY:")
-                K2 = J + I
-            L.append(f"{K2}if BC_PAIRS:")
-            L.append(f"{K2}    v = tl.load(p_bt + {off})")
-            words = [f"w_{i}" for i in range(T // 2)]
-            if len(words) == 1:
-                L.append(f"{K2}    w_0 = tl.reshape(v, [R])")
-            else:
-                _unpack("v", words, L, K2 + I, "sw", rows="R")
-            for i, w in enumerate(words):
-                L.append(f"{K2}    {name}_{2 * i} = ({w} << 16).to(tl.float32, bitcast=True)")
-                L.append(f"{K2}    {name}_{2 * i + 1} = ({w} & -65536).to(tl.float32, bitcast=True)")
-            L.append(f"{K2}else:")
-            values = f"tl.load(p_bt + {off}).to(tl.float32)"
-            _unpack(values, [f"{name}_{t}" for t in range(T)], L, K2 + I, "sv", rows="R")
+        _time_vector(L, J, f"p_bt + {k} * s_row", "bt", T, **at)
+        L.append(f"{J}if not STATES_ONLY:")
+        _time_vector(L, J + I, f"p_bt + {N + k} * s_row", "ct", T, **at)
         for t in range(T):
             L.append(f"{J}if HAS_SEQ_IDX:")
             L.append(f"{J}    h_{k} = h_{k} * keep_{t}")
@@ -726,12 +713,13 @@ def _chain_segments_kernel(
 
 
 def _lanes_per_channel(batch, d_inner, d_state, T, time_rows, device):
-    """Lanes (threads) sharing one channel's state: a power of two dividing d_state and T.
+    """(lanes, spread): the lanes (threads) sharing one channel's state, a power of two dividing
+    d_state and T, and whether they were chosen to fill the GPU.
 
     At least enough that each lane holds at most STATES_PER_LANE states (registers) where it can;
     SPREAD_LANES where that alone gives the launch SPREAD_WARPS_PER_SM one-warp programs per
-    multiprocessor (time-contiguous u, Δ, z: the layout it was measured in), so the sequence needs
-    no segments; LANES (a sweep knob) overrides the spread."""
+    multiprocessor (time-contiguous u, Δ, z: the layout it was measured in), spread then, so that
+    the sequence needs no segments; LANES (a sweep knob) overrides the spread, and is not one."""
     def fits(lanes):
         return d_state % lanes == 0 and T % lanes == 0
 
@@ -741,8 +729,8 @@ def _lanes_per_channel(batch, d_inner, d_state, T, time_rows, device):
     spread = LANES if LANES is not None else SPREAD_LANES
     fills = batch * cdiv(d_inner, 32 // spread) >= SPREAD_WARPS_PER_SM * sm_count(device)
     if spread > lanes and fits(spread) and (LANES is not None or (time_rows and fills)):
-        lanes = spread
-    return lanes
+        return spread, LANES is None
+    return lanes, False
 
 
 def _bf16_pairs(t, axis=1):
@@ -846,9 +834,9 @@ def scan_fwd_seq(
     T = TILE_STEPS or max(2, 16 // u.element_size())  # by default one 16-byte vector of steps per thread
     num_warps = 1
     time_rows = all(t is None or t.stride(2) == 1 or seqlen == 1 for t in (u, delta, z))
-    lanes = _lanes_per_channel(batch, d_inner, d_state, T, time_rows, u.device)
+    lanes, spread = _lanes_per_channel(batch, d_inner, d_state, T, time_rows, u.device)
     channels_per_thread, warps_per_sm, prefetch, maxnreg = _config()
-    if lanes == SPREAD_LANES and LANES is None and WARPS_PER_SM is None:
+    if spread and WARPS_PER_SM is None:
         warps_per_sm = SPREAD_WARPS_PER_SM  # the spread fills the GPU: no segments
     if BC_LAYOUT == "time rows":
         B, C = (t if t.stride(2) == 1 or seqlen == 1 else t.contiguous() for t in (B, C))

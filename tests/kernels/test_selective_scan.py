@@ -332,20 +332,21 @@ def test_triton_scan_spread_lanes(variant, dtype, monkeypatch, nan_fill_empty):
 
 def test_lanes_per_channel_rule(monkeypatch):
     """d_state 16 spreads over 4 lanes where that alone gives 4 one-warp programs per multiprocessor
-    and u, Δ, z are time-contiguous; larger d_state always keeps at most 16 states per lane."""
+    and u, Δ, z are time-contiguous (and only then skips segments); larger d_state always keeps at
+    most 16 states per lane."""
     from hf_mamba.kernels.selective_scan import triton_scan_seq
 
     monkeypatch.setattr(triton_scan_seq, "sm_count", lambda device: 132)
     rule = triton_scan_seq._lanes_per_channel
     cpu = torch.device("cpu")
-    assert rule(8, 1536, 16, 8, True, cpu) == 4  # 1536 programs of 8 channels >= 4 x 132
-    assert rule(2, 1536, 16, 8, True, cpu) == 1  # 384 programs
-    assert rule(8, 1536, 16, 8, False, cpu) == 1  # channels-last: one lane and segments
-    assert rule(1, 2048, 16, 8, True, cpu) == 1  # 256 programs: one lane and segments
-    assert rule(1, 2048, 64, 8, True, cpu) == 4  # 16 states per lane
-    assert rule(8, 1536, 16, 2, True, cpu) == 1  # 4 lanes must divide the tile's steps
+    assert rule(8, 1536, 16, 8, True, cpu) == (4, True)  # 1536 programs of 8 channels >= 4 x 132
+    assert rule(2, 1536, 16, 8, True, cpu) == (1, False)  # 384 programs
+    assert rule(8, 1536, 16, 8, False, cpu) == (1, False)  # channels-last: one lane and segments
+    assert rule(1, 2048, 16, 8, True, cpu) == (1, False)  # 256 programs: one lane and segments
+    assert rule(1, 2048, 64, 8, True, cpu) == (4, False)  # 16 states per lane: for registers, not a spread
+    assert rule(8, 1536, 16, 2, True, cpu) == (1, False)  # 4 lanes must divide the tile's steps
     monkeypatch.setattr(triton_scan_seq, "LANES", 2)
-    assert rule(1, 2048, 16, 8, True, cpu) == 2
+    assert rule(1, 2048, 16, 8, True, cpu) == (2, False)  # a sweep setting, segments as WARPS_PER_SM says
 
 
 @pytest.mark.parametrize(
