@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
+from hf_mamba.decode_graphs import DecodeGraphs
 from hf_mamba.modeling_mamba import CACHE_FIELD
 
 LOGITS_RTOL = 1e-5  # fp32: relative to the largest logit
@@ -314,17 +315,18 @@ class FakeGraph:
     """Stands in for _DecodeGraph on CPU: replays the decode step on the tensors it was captured on, as a
     CUDA graph does, so a cache decoding with another cache's graph gives wrong tokens."""
 
-    def __init__(self, model, cache, input_ids):
-        self.model = model
+    def __init__(self, step, cache, input_ids):
+        self.step = step
         # Weak references: a CUDA graph holds none to the tensors it reads, and the pool counts references.
         self.captured_on = [weakref.ref(state) for state in cache.conv_states + cache.ssm_states]
+        self.states_ptr = cache.ssm_states[0].data_ptr()
         self.layers = len(cache.conv_states)
 
     def __call__(self, input_ids):
         states = [ref() for ref in self.captured_on]
         conv, ssm = states[: self.layers], states[self.layers :]
         captured = SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=1)
-        return self.model._decode_step_logits(input_ids, captured)
+        return self.step(input_ids, captured)
 
 
 @pytest.fixture
@@ -343,10 +345,11 @@ def graphs(monkeypatch):
     def spy(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         cache = out[CACHE_FIELD]
-        record.steps.append((cache.decode_graph, [id(state) for state in cache.conv_states + cache.ssm_states]))
+        graph = self._decode_graphs.graph_of(cache)
+        record.steps.append((graph, [id(state) for state in cache.conv_states + cache.ssm_states]))
         return out
 
-    monkeypatch.setattr("hf_mamba.modeling_mamba._DecodeGraph", Recording)
+    monkeypatch.setattr(DecodeGraphs, "graph_class", Recording)
     monkeypatch.setattr(MambaForCausalLM, "_cuda_graphs_on", lambda self, device: self.config.use_cuda_graph)
     monkeypatch.setattr(MambaForCausalLM, "forward", spy)
     return record
@@ -387,7 +390,7 @@ def test_a_cache_still_held_is_never_adopted(model, graphs):
     graphs.steps.clear()
     assert torch.equal(greedy(model, prompts[1]), eager[1])
     assert torch.equal(held.sequences, eager[0])
-    assert len(graphs.captured) == 2 and cache.decode_graph is graphs.captured[0]
+    assert len(graphs.captured) == 2 and model._decode_graphs.graph_of(cache) is graphs.captured[0]
     held_states = cache.conv_states + cache.ssm_states
     assert not {id(state) for state in held_states} & {i for _, states in graphs.steps for i in states}
     for state, old in zip(held_states, kept, strict=True):
@@ -462,7 +465,7 @@ def test_a_users_cache_gets_a_graph_of_its_own(model, graphs):
     greedy(model, ids)
     cache = MambaCache(model.config, batch_size=2)
     assert torch.equal(greedy(model, ids, **{CACHE_FIELD: cache}), eager_greedy(model, ids))
-    assert len(graphs.captured) == 2 and cache.decode_graph is graphs.captured[1]
+    assert len(graphs.captured) == 2 and model._decode_graphs.graph_of(cache) is graphs.captured[1]
     assert [entry.graph for entry in model._decode_graphs.entries] == graphs.captured[:1]
 
 

@@ -1,7 +1,9 @@
 """hf_mamba: Mamba, the selective state space model, as a native Hugging Face Transformers model.
 
 Importing the package registers model type "hf_mamba" with AutoConfig, AutoModel,
-AutoModelForCausalLM and AutoModelForSequenceClassification.
+AutoModelForCausalLM and AutoModelForSequenceClassification. Transformers-format "mamba" folders load
+with hf_mamba's classes directly (`hf_mamba.MambaForCausalLM.from_pretrained(folder)`); to have the Auto
+classes pick hf_mamba for them too, call `hf_mamba.register_as_default_mamba()`.
 """
 
 from transformers import (
@@ -10,6 +12,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .cache import MambaCache
 from .configuration_mamba import MambaConfig
@@ -29,6 +32,20 @@ AutoModelForCausalLM.register(MambaConfig, MambaForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(MambaConfig, MambaForSequenceClassification, exist_ok=True)
 register_peft_target_modules(MambaConfig.model_type)
 
+
+def register_as_default_mamba(enabled: bool = True) -> None:
+    """Make the Auto classes load Transformers-format "mamba" folders as hf_mamba models (opt-in, process-wide).
+
+    After it, `AutoModelForCausalLM.from_pretrained("state-spaces/mamba-130m-hf")` returns an
+    `hf_mamba.MambaForCausalLM` (whose config, and anything it saves, says model type "hf_mamba").
+    `register_as_default_mamba(False)` gives "mamba" back to Transformers' built-in classes.
+    """
+    if enabled:
+        CONFIG_MAPPING.register("mamba", MambaConfig, exist_ok=True)  # the Auto model mappings key on MambaConfig
+    else:
+        CONFIG_MAPPING._extra_content.pop("mamba", None)  # the built-in entry underneath shows again
+
+
 __all__ = [
     "MambaCache",
     "MambaConfig",
@@ -36,4 +53,5 @@ __all__ = [
     "MambaForSequenceClassification",
     "MambaModel",
     "MambaPreTrainedModel",
+    "register_as_default_mamba",
 ]

@@ -4,16 +4,21 @@ Per layer it holds
     conv_states[i]  (batch, d_inner, d_conv)   the last d_conv inputs of the causal conv, newest last
     ssm_states[i]   (batch, d_inner, d_state)  the SSM state h, always fp32
 allocated once; every update writes into these tensors in place, so their addresses never
-change (what CUDA-graph capture of the decode step needs). A cache that MambaForCausalLM creates
-may be given the tensors of an earlier cache of the model that is gone (so the earlier cache's
-decode graph is reused), never while anything still refers to them or to a view of them.
+change (what CUDA-graph capture of the decode step needs). Read a layer's states as
+`cache.conv_states[i]` / `cache.ssm_states[i]` (plain list indexing, no copy), or through
+Transformers' Cache API: `cache.get_conv_state(i)`, `cache.get_recurrent_state(i)`.
+
+It is a `transformers.Cache`, so generation utilities and user code that check the cache type
+find one; it keeps its own storage (two lists of tensors) rather than Cache's layer objects,
+which allocate lazily and replace tensors on reorder.
 """
 
 import torch
+from transformers.cache_utils import Cache
 
 
-class MambaCache:
-    """Recurrent cache of a Mamba model; `generate()` creates one, or pass your own as `cache_params`.
+class MambaCache(Cache):
+    """Recurrent cache of a Mamba model; `generate()` creates one, or pass your own as `cache`.
 
     Args:
         config: the model's MambaConfig.
@@ -24,12 +29,11 @@ class MambaCache:
 
     # generate() auto-compiles the forward for caches that say they are compileable; we decide ourselves.
     is_compileable = False
-    # Transformers >= 5.24 asks whether a cache can be cut back to fewer tokens (assisted decoding, mps):
-    # a recurrent state cannot.
+    # A recurrent state cannot be cut back to fewer tokens (assisted decoding, deferred stop checks).
     is_croppable = False
 
     def __init__(self, config, batch_size: int, dtype=torch.float32, device=None):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         d_inner = config.intermediate_size
         layers = range(config.num_hidden_layers)
@@ -40,39 +44,76 @@ class MambaCache:
 
     @classmethod
     def _reusing(cls, conv_states, ssm_states):
-        """A cache for a new sequence on existing state tensors, which it zeroes: MambaForCausalLM hands the
-        tensors a decode graph was captured on to its next sequence (`_DecodeGraphPool` in modeling_mamba.py)."""
+        """A cache for a new sequence on existing state tensors, which it zeroes (the decode-graph pool hands
+        the tensors a graph was captured on to the next sequence: hf_mamba.decode_graphs)."""
         cache = cls.__new__(cls)
         cache._set_states(list(conv_states), list(ssm_states))
         cache.reset()
         return cache
 
     def _set_states(self, conv_states, ssm_states):
-        self.batch_size = ssm_states[0].shape[0]
+        # Cache's own storage stays empty: its methods that walk `layers` have nothing to walk.
+        super().__init__(layers=[])
         self.dtype = conv_states[0].dtype
         self.conv_states = conv_states
         self.ssm_states = ssm_states
         # Number of positions already folded into the states (same for every row; left padding counts).
         self.seqlen_offset = 0
-        # CUDA graph of the model's decode step on these tensors, captured on first use (CUDA only).
-        self.decode_graph = None
 
-    @property
-    def is_linear(self) -> list[bool]:
-        """Per layer: a fixed-size recurrent state, not a growing key/value cache (Transformers >= 5.24 asks)."""
-        return [True] * len(self.ssm_states)
+    def __repr__(self):
+        conv, ssm = self.conv_states[0], self.ssm_states[0]
+        return (
+            f"MambaCache(layers={len(self)}, batch_size={self.batch_size}, seqlen_offset={self.seqlen_offset}, "
+            f"conv_state={tuple(conv.shape)} {conv.dtype}, ssm_state={tuple(ssm.shape)} {ssm.dtype}, "
+            f"device={conv.device})"
+        )
 
     def __len__(self):
         return len(self.ssm_states)
 
+    @property
+    def batch_size(self) -> int:
+        return self.ssm_states[0].shape[0]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: a fixed-size recurrent state, not a growing key/value cache."""
+        return [True] * len(self)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self)
+
+    @property
+    def is_initialized(self) -> bool:
+        return True  # allocated in full at construction
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seqlen_offset
 
-    def update_conv_state(self, layer_idx: int, new_conv_state: torch.Tensor) -> None:
-        self.conv_states[layer_idx].copy_(new_conv_state)
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.seqlen_offset > 0
 
-    def update_ssm_state(self, layer_idx: int, new_ssm_state: torch.Tensor) -> None:
-        self.ssm_states[layer_idx].copy_(new_ssm_state)
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """Layer `layer_idx`'s conv state (the tensor itself, not a copy), None before any token was seen."""
+        return self.conv_states[layer_idx] if self.seqlen_offset > 0 else None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """Layer `layer_idx`'s SSM state h (the tensor itself, not a copy), None before any token was seen."""
+        return self.ssm_states[layer_idx] if self.seqlen_offset > 0 else None
+
+    def update_conv_state(self, conv_state, layer_idx, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        """Copy `conv_state` into layer `layer_idx`'s conv state, in place (Cache's argument order; the older
+        Mamba-cache order (layer_idx, conv_state) is accepted too)."""
+        conv_state, layer_idx = _state_then_layer(conv_state, layer_idx)
+        return self.conv_states[layer_idx].copy_(conv_state)
+
+    def update_recurrent_state(self, ssm_state, layer_idx, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        """Copy `ssm_state` into layer `layer_idx`'s SSM state, in place (argument order as update_conv_state)."""
+        ssm_state, layer_idx = _state_then_layer(ssm_state, layer_idx)
+        return self.ssm_states[layer_idx].copy_(ssm_state)
+
+    update_ssm_state = update_recurrent_state  # the name of Transformers' earlier Mamba cache
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select the rows of every state by `beam_idx` (beam search), in place."""
@@ -84,6 +125,26 @@ class MambaCache:
         """Zero every state, keeping the allocations."""
         torch._foreach_zero_(self.conv_states + self.ssm_states)  # a few launches on CUDA, not one per tensor
         self.seqlen_offset = 0
+
+    def crop(self, max_length: int) -> None:
+        """Only crop(0) (drop states a fixed-size cache does not hold: nothing to do); a recurrent state cannot
+        be cut back to fewer tokens."""
+        if max_length != 0:
+            raise NotImplementedError("MambaCache holds a recurrent state, which cannot be cut back to fewer tokens")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("MambaCache has a fixed batch size; build a new cache for another batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("MambaCache has a fixed batch size; build a new cache for another batch")
+
+
+def _state_then_layer(first, second):
+    if isinstance(first, int) and isinstance(second, torch.Tensor):
+        return second, first
+    if not isinstance(second, int):
+        raise ValueError(f"layer_idx must be an int, got {type(second).__name__}")
+    return first, second
 
 
 __all__ = ["MambaCache"]

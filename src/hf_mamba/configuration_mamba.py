@@ -5,6 +5,9 @@ import math
 
 from transformers import PretrainedConfig
 
+# Model types whose config.json has exactly our fields: Transformers' built-in Mamba, and ours.
+SAME_FIELDS_MODEL_TYPES = ("mamba", "hf_mamba")
+
 ACTIVATIONS = ("silu", "swish", "gelu", "relu", "tanh")
 SCAN_BACKENDS = ("reference", "torch", "triton")
 TIME_STEP_INIT_SCHEMES = ("random", "constant")
@@ -71,6 +74,9 @@ class MambaConfig(PretrainedConfig):
         # Fields of the built-in config that only steer its fallback paths; ours has one dispatch point.
         for ignored in ("use_mambapy", "use_associative_scan", "intermediate_size"):
             kwargs.pop(ignored, None)
+        # A config read from a Transformers "mamba" folder names that type; this config (and what it saves) is
+        # hf_mamba's, so PEFT, Trainer and the Auto classes see hf_mamba whatever folder it came from.
+        kwargs.pop("model_type", None)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.state_size = state_size
@@ -102,6 +108,20 @@ class MambaConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """The config.json's fields, with a Transformers "mamba" folder taken as ours (the fields are the same,
+        so Transformers' "model of type mamba to instantiate a model of type hf_mamba" warning would mislead)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type not in SAME_FIELDS_MODEL_TYPES:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a model of type {model_type!r}; hf_mamba's MambaConfig "
+                f"reads {SAME_FIELDS_MODEL_TYPES} folders (a state-spaces folder converts with "
+                "scripts/convert_checkpoint.py)"
+            )
+        return {**config_dict, "model_type": cls.model_type}, kwargs
 
     def _validate_mamba_fields(self):
         positive_ints = (

@@ -9,8 +9,6 @@ The scan itself lives in `hf_mamba.kernels`; `scan_backend_for` below is the one
 import itertools
 import math
 import os
-import sys
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from .cache import MambaCache
 from .configuration_mamba import MambaConfig
+from .decode_graphs import DecodeGraphs
 from .hub import MambaHubMixin
 from .kernels import (
     add_rms_norm,
@@ -145,6 +144,11 @@ class MambaDeltaProjection(nn.Linear):
     wrappers of dt_proj in the computation.
     """
 
+    def __init__(self, in_features, out_features, device=None):
+        super().__init__(in_features, out_features, bias=True, device=device)
+        # fp32 whatever the default dtype the model is built under (see MambaMixer's SSM parameters).
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device))
+
     def forward(self, x):
         return F.linear(x, self.weight)
 
@@ -175,10 +179,12 @@ class MambaMixer(nn.Module):
             bias=config.use_conv_bias,
         )
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
-        self.dt_proj = MambaDeltaProjection(self.dt_rank, self.d_inner, bias=True)
-        # S4D-real: A = -exp(A_log) with A_n = -(n + 1); stored as a log so A stays negative.
-        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
-        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.dt_proj = MambaDeltaProjection(self.dt_rank, self.d_inner)
+        # S4D-real: A = -exp(A_log) with A_n = -(n + 1); stored as a log so A stays negative. A, D and the Δ bias
+        # set the decay rates of the state: fp32 however the model is built (from_config(dtype=float16) builds
+        # under that default dtype; from_pretrained keeps them fp32 by _keep_in_fp32_modules_strict).
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, dtype=torch.float32))
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
 
     def _conv(self, x, cache_params, continuing, seq_idx=None, backend=None):
@@ -192,7 +198,7 @@ class MambaMixer(nn.Module):
                 window = F.pad(x, (self.d_conv, 0))  # (batch, d_inner, d_conv + seqlen)
             else:
                 window = torch.cat([previous.to(x.dtype), x], dim=-1)
-            cache_params.update_conv_state(self.layer_idx, window[:, :, -self.d_conv :])
+            cache_params.update_conv_state(window[:, :, -self.d_conv :], self.layer_idx)
         initial = previous[:, :, 1:] if previous is not None else None  # (batch, d_inner, d_conv - 1)
         out = causal_conv1d(
             x,
@@ -271,7 +277,7 @@ class MambaMixer(nn.Module):
         )
         if cache_params is not None:
             y, final_state = scan
-            cache_params.update_ssm_state(self.layer_idx, final_state)
+            cache_params.update_recurrent_state(final_state, self.layer_idx)
         else:
             y = scan
         if not self.fused_silu:
@@ -644,118 +650,6 @@ class MambaModel(MambaPreTrainedModel):
         )
 
 
-class _DecodeGraph:
-    """A CUDA graph of one decode step (embedding -> blocks -> norm -> lm_head) on one MambaCache.
-
-    The cache's tensors never move (every update is in place), so a graph captured on them stays
-    valid for the cache's whole life; it is stored on the cache and, for caches the model creates,
-    kept in the model's _DecodeGraphPool for the next cache on the same tensors.
-    """
-
-    def __init__(self, model, cache, input_ids):
-        self.static_ids = input_ids.clone()
-        saved_states = [state.clone() for state in cache.conv_states + cache.ssm_states]
-        # Warm up on a side stream (compiles kernels, creates library handles), as capture requires.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            model._decode_step_logits(self.static_ids, cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states, strict=True):
-            state.copy_(saved)  # undo the warm-up step
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = model._decode_step_logits(self.static_ids, cache)
-
-    def __call__(self, input_ids):
-        self.static_ids.copy_(input_ids)
-        self.graph.replay()
-        return self.static_logits.clone()
-
-
-@dataclass(eq=False)
-class _PooledStates:
-    """State tensors a decode graph is captured on, the graph, and the cache now using the tensors."""
-
-    key: tuple  # (batch, conv-state dtype, device, inference mode)
-    conv_states: tuple
-    ssm_states: tuple
-    holder: weakref.ref  # dead once that cache is gone: then the next new sequence may take the tensors
-    graph: _DecodeGraph | None = None
-    fingerprint: tuple | None = None  # MambaForCausalLM._decode_graph_fingerprint() when `graph` was captured
-
-
-class _DecodeGraphPool:
-    """MambaForCausalLM's decode graphs, kept across generate() calls with the states each reads.
-
-    Every generate() creates a new cache, and a graph per cache costs each call a warm-up step and a
-    capture (mamba_ssm keeps its graph across calls). So a cache the model creates for a new sequence
-    takes the states, zeroed, of an entry of its `key` (batch, dtype, ...) that no live cache holds, and
-    at its first decode step the entry's graph, if the model's fingerprint is still the one the graph
-    was captured with (else a new capture replaces it). A cache still alive (say, returned by
-    return_dict_in_generate) keeps its states: the next sequence gets fresh ones in a new entry.
-
-    Memory: at most MAX_ENTRIES entries, the least recently used evicted (its cache, if alive, keeps
-    its states and graph). Each holds its states (2.8B model at batch 64: 1.5 GB) and its graph's
-    activations of one step, also after generate() returns.
-    """
-
-    MAX_ENTRIES = 2
-
-    def __init__(self):
-        self.entries = []  # least recently used first
-
-    def __reduce__(self):
-        return _DecodeGraphPool, ()  # copied or pickled empty: the graphs read this model's memory
-
-    def new_cache(self, config, batch, dtype, device):
-        """A cache for a new sequence: a free entry's states (zeroed), else fresh states in a new entry."""
-        # Tensors made under inference_mode are inference tensors, which only inference_mode may update.
-        key = (batch, dtype, torch.device(device), torch.is_inference_mode_enabled())
-        # An entry whose states someone still holds (a tensor or a view of it kept beyond its cache)
-        # leaves the pool: its next sequence would overwrite them.
-        self.entries = [entry for entry in self.entries if entry.holder() is not None or not _held_elsewhere(entry)]
-        free = [entry for entry in self.entries if entry.key == key and entry.holder() is None]
-        if free:
-            entry = free[-1]
-            self.entries.remove(entry)
-            cache = MambaCache._reusing(entry.conv_states, entry.ssm_states)
-        else:
-            cache = MambaCache(config, batch, dtype=dtype, device=device)
-            entry = _PooledStates(key, tuple(cache.conv_states), tuple(cache.ssm_states), None)
-        entry.holder = weakref.ref(cache)
-        self.entries = [*self.entries, entry][-self.MAX_ENTRIES :]
-        return cache
-
-    def graph_for(self, model, cache, input_ids):
-        """The decode graph of `cache`: its entry's if captured with the model as it is now, else a new one
-        (kept in the entry). A cache from outside the pool (the user's, or evicted) gets its own."""
-        entry = next((entry for entry in self.entries if entry.holder() is cache), None)
-        if entry is None:
-            return _DecodeGraph(model, cache, input_ids)
-        fingerprint = model._decode_graph_fingerprint()
-        if entry.fingerprint != fingerprint:
-            entry.graph, entry.fingerprint = _DecodeGraph(model, cache, input_ids), fingerprint
-        return entry.graph
-
-
-def _held_elsewhere(entry):
-    """Whether anything besides `entry` refers to one of its state tensors or their storage (a view)."""
-    probe = torch.empty(0)  # held exactly as the states are: one name, plus the tuple below
-    counts = [_references(t) for t in (probe, *entry.conv_states, *entry.ssm_states)]
-    return any(count != counts[0] for count in counts[1:])
-
-
-# References to a storage, one per tensor viewing it (a private torch API; without it views go unseen).
-_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _references(tensor):
-    """(Python references to the tensor object, references to its storage)."""
-    storage_refs = _STORAGE_USE_COUNT(tensor.untyped_storage()._cdata) if _STORAGE_USE_COUNT else 0
-    return sys.getrefcount(tensor), storage_refs
-
-
 def _graph_fingerprint_sees(module):
     """Whether a module's forward depends only on what _decode_graph_fingerprint covers: ours, torch.nn's
     and Transformers' activations. Wrappers (PEFT's LoRA, quantized linears) also keep Python state that a
@@ -771,7 +665,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = MambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._decode_graphs = _DecodeGraphPool()
+        self._decode_graphs = DecodeGraphs()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -911,9 +805,9 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             (attention_mask, inputs_embeds, labels, output_hidden_states, position_ids),
         ):
             _check_inputs(input_ids, None, None, self.config.vocab_size)
-            if getattr(cache_params, "decode_graph", None) is None:
-                cache_params.decode_graph = self._decode_graphs.graph_for(self, cache_params, input_ids)
-            logits = cache_params.decode_graph(input_ids)
+            logits = self._decode_graphs.decode(
+                self._decode_step_logits, self._decode_graph_fingerprint, cache_params, input_ids
+            )
             cache_params.seqlen_offset += 1
             return (
                 MambaCausalLMOutput(logits=logits, **{CACHE_FIELD: cache_params})
