@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
+from hf_mamba.compat import enable_activation_checkpointing
 from hf_mamba.decode_graphs import DecodeGraphs
 from hf_mamba.modeling_mamba import CACHE_FIELD
 
@@ -229,8 +230,8 @@ def test_cache_argument_under_either_name(model):
 def test_generate_continues_from_a_user_cache(model):
     ids = torch.randint(1, 97, (1, 12))
     with torch.no_grad():
-        cache = model(ids[:, :8], use_cache=True).cache_params
-    continued = model.generate(ids, cache_params=cache, max_new_tokens=5, do_sample=False)
+        cache = model(ids[:, :8], use_cache=True).cache
+    continued = model.generate(ids, cache=cache, max_new_tokens=5, do_sample=False)
     fresh = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(continued, fresh)
 
@@ -595,13 +596,15 @@ def test_logits_keep_lm_head_dtype_and_loss_upcasts(model):
     assert model(ids).logits.dtype == torch.float32
 
 
-def test_gradient_checkpointing_gives_identical_loss_and_gradients(tiny_kwargs):
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_identical_loss_and_gradients(tiny_kwargs, use_reentrant):
     model = MambaForCausalLM(MambaConfig(**tiny_kwargs)).train()
     ids = torch.randint(0, 97, (2, 10))
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model, use_reentrant=use_reentrant)
+    assert all(block.gradient_checkpointing for block in model.backbone.layers)
     loss = model(ids, labels=ids).loss
     loss.backward()
     for name, param in model.named_parameters():

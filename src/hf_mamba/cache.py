@@ -106,12 +106,12 @@ class MambaCache(Cache):
         """Copy `conv_state` into layer `layer_idx`'s conv state, in place (Cache's argument order; the older
         Mamba-cache order (layer_idx, conv_state) is accepted too)."""
         conv_state, layer_idx = _state_then_layer(conv_state, layer_idx)
-        return self.conv_states[layer_idx].copy_(conv_state)
+        return self.conv_states[layer_idx].copy_(conv_state.detach())  # states carry no autograd history
 
     def update_recurrent_state(self, ssm_state, layer_idx, state_idx: int = 0, **kwargs) -> torch.Tensor:
         """Copy `ssm_state` into layer `layer_idx`'s SSM state, in place (argument order as update_conv_state)."""
         ssm_state, layer_idx = _state_then_layer(ssm_state, layer_idx)
-        return self.ssm_states[layer_idx].copy_(ssm_state)
+        return self.ssm_states[layer_idx].copy_(ssm_state.detach())
 
     update_ssm_state = update_recurrent_state  # the name of Transformers' earlier Mamba cache
 

@@ -7,6 +7,12 @@ Earlier 5.x releases know only the old names. Code that should run quietly on bo
 """
 
 from transformers import PreTrainedModel, TrainingArguments
+from transformers.utils import ModelOutput
+
+# Transformers 5.24 renamed the cache of model outputs and forward arguments from `cache_params` to `cache`
+# (its generate() reads and passes only `cache`; `outputs.cache_params` became a deprecated property). Earlier
+# 5.x releases look for `cache_params`. Our outputs name the field as the installed release expects.
+CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "cache_params", None), property) else "cache_params"
 
 # Whether the installed Transformers has the 5.25 names.
 HAS_ACTIVATION_CHECKPOINTING = hasattr(PreTrainedModel, "activation_checkpointing_enable")
@@ -39,6 +45,7 @@ def checkpointing_training_args(enabled: bool = True, use_reentrant: bool = Fals
 
 
 __all__ = [
+    "CACHE_FIELD",
     "HAS_ACTIVATION_CHECKPOINTING",
     "checkpointing_training_args",
     "disable_activation_checkpointing",

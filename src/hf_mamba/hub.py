@@ -279,6 +279,16 @@ class MambaHubMixin:
     """
 
     def save_pretrained(self, save_directory, is_main_process=True, *, push_to_hub=False, model_card=None, **kwargs):
+        adapted = [name for name, _ in self.named_modules() if name.endswith(".base_layer")]
+        if adapted:
+            # get_peft_model wraps the projections in place: their weights would be saved as `...base_layer.weight`
+            # next to the adapter's, a folder that reloads with every wrapped projection initialised randomly.
+            raise ValueError(
+                f"This model carries PEFT adapters ({len(adapted)} wrapped modules, e.g. "
+                f"{adapted[0].removesuffix('.base_layer')}), so its folder would reload with those modules random. "
+                "Save the adapter with `peft_model.save_pretrained(folder)`, or merge it into the weights first: "
+                "`peft_model.merge_and_unload().save_pretrained(folder)`."
+            )
         hub_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "commit_message", "create_pr") if name in kwargs}
         super().save_pretrained(save_directory, is_main_process, **kwargs)
         if not is_main_process:

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.utils import ModelOutput
 
 from .cache import MambaCache
+from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
 from .hub import MambaHubMixin
@@ -348,8 +350,11 @@ def _in_proj_input_dtype(mixer, norm_weight):
     return None
 
 
-class MambaBlock(nn.Module):
-    """Pre-norm residual block: h + mixer(norm(h)), with the residual stream optionally in fp32."""
+class MambaBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: h + mixer(norm(h)), with the residual stream optionally in fp32.
+
+    A GradientCheckpointingLayer: with activation checkpointing on, Transformers recomputes it in the backward.
+    """
 
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
@@ -381,6 +386,12 @@ class MambaPreTrainedModel(MambaHubMixin, PreTrainedModel):
     _is_stateful = True
     # Under fp16/bf16 loading these stay fp32: A, D and the Δ bias set the decay rates of the state.
     _keep_in_fp32_modules_strict = ["A_log", "mixer.D", "dt_proj.bias"]
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether any block is checkpointed. PEFT reads this name, which Transformers 5.25 deprecated (with a
+        FutureWarning on every get_peft_model) for is_activation_checkpointing."""
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -424,13 +435,6 @@ class MambaPreTrainedModel(MambaHubMixin, PreTrainedModel):
             init.copy_(weight, weight / math.sqrt(config.num_hidden_layers))
 
 
-# Transformers 5.24 renamed the cache of every model output and forward argument from `cache_params` to
-# `cache` (generate() reads and passes only `cache`; `outputs.cache_params` stays as a deprecated property).
-# Earlier 5.x releases look for `cache_params`. Our outputs name the field the way the installed release
-# expects; our forwards accept either name.
-CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "cache_params", None), property) else "cache_params"
-
-
 def _one_cache(cache_params, cache):
     """The cache passed under either name (`cache_params` or Transformers 5.24's `cache`)."""
     if cache is not None and cache_params is not None and cache is not cache_params:
@@ -442,8 +446,8 @@ def _one_cache(cache_params, cache):
 class MambaOutput(ModelOutput):
     """Output of MambaModel: last hidden state, the cache (when use_cache) and all hidden states (on request).
 
-    The cache field is `cache` on Transformers >= 5.24 and `cache_params` before (CACHE_FIELD);
-    `outputs.cache_params` reads it on both.
+    The cache field is `cache` on Transformers >= 5.24 and `cache_params` before (CACHE_FIELD), as each
+    release's generate() looks for it; `outputs.cache` reads it on both.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -451,6 +455,7 @@ class MambaOutput(ModelOutput):
         cache: MambaCache | None = None
     else:
         cache_params: MambaCache | None = None
+        cache = property(lambda self: self.cache_params, doc="The cache, by Transformers >= 5.24's name.")
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -464,6 +469,7 @@ class MambaCausalLMOutput(ModelOutput):
         cache: MambaCache | None = None
     else:
         cache_params: MambaCache | None = None
+        cache = property(lambda self: self.cache_params, doc="The cache, by Transformers >= 5.24's name.")
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -617,7 +623,8 @@ class MambaModel(MambaPreTrainedModel):
             attention_mask = None  # no padding: take the fused path
         seq_idx = _document_ids(position_ids, (batch, seqlen))
 
-        all_hidden_states = [inputs_embeds] if output_hidden_states else None
+        # As Transformers' Mamba: each block's output, then norm_f's (the embeddings are not included).
+        all_hidden_states = [] if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training
         backend = resolve_backend(scan_backend_for(self.config), inputs_embeds.device)
         if not checkpointing and self._fused_norms_ok(backend):
@@ -627,21 +634,22 @@ class MambaModel(MambaPreTrainedModel):
         else:
             hidden_states = inputs_embeds
             for block in self.layers:
-                if checkpointing:
-                    hidden_states = self._gradient_checkpointing_func(
-                        block.__call__, hidden_states, cache_params, attention_mask, seq_idx
-                    )
-                else:
-                    hidden_states = block(
-                        hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
-                    )
+                # hidden_states positional: reentrant checkpointing passes gradients through positional tensors only.
+                hidden_states = block(
+                    hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
+                )
                 if output_hidden_states:
                     all_hidden_states.append(hidden_states)
             hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
         if output_hidden_states:
-            all_hidden_states = tuple(all_hidden_states[:-1]) + (hidden_states,)
+            all_hidden_states = (*all_hidden_states, hidden_states)
         if cache_params is not None:
             cache_params.seqlen_offset += seqlen
+            if torch.is_grad_enabled():
+                # The in-place state updates of a decode step recorded autograd history on the states; the cache
+                # keeps values only (so it can be copied, and holds no graph), as generate()'s no-grad steps do.
+                for state in cache_params.conv_states + cache_params.ssm_states:
+                    state.detach_()
 
         if not return_dict:
             return tuple(v for v in (hidden_states, cache_params, all_hidden_states) if v is not None)
@@ -692,22 +700,38 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         attention_mask=None,
         use_cache=None,
         cache=None,
+        next_sequence_length=None,
+        is_first_iteration=None,  # not needed: the cache's length tells what is new
+        position_ids=None,  # dropped: generate() makes them from the mask, where left padding reads as restarts
         **kwargs,
     ):
+        """The inputs of one forward in generate(): what the cache has not seen yet, plus every other model kwarg
+        (output_hidden_states, logits_to_keep, your own), forwarded unchanged as GenerationMixin's default does."""
         cache_params = _one_cache(cache_params, cache)
-        if cache_params is not None and cache_params.seqlen_offset > 0:
-            # Feed only what the cache has not seen; at least the newest token. (After a prefill from
-            # inputs_embeds, input_ids holds only generated tokens, so the count can come out < 1.)
-            n_new = max(input_ids.shape[1] - cache_params.seqlen_offset, 1)
-            model_inputs = {"input_ids": input_ids[:, -n_new:]}
-            attention_mask = None  # new tokens are never padding
-        elif inputs_embeds is not None:
-            model_inputs = {"inputs_embeds": inputs_embeds}
+        seen = cache_params.seqlen_offset if cache_params is not None else 0
+        # Generation from inputs_embeds: input_ids holds only the tokens generated since (none at first). The
+        # embeddings are read while the cache has not seen them all (no cache: at every step).
+        if inputs_embeds is not None and seen < inputs_embeds.shape[1]:
+            if seen == 0 and input_ids.shape[1] > 0:  # no cache: the whole sequence, generated tokens embedded
+                inputs_embeds = torch.cat([inputs_embeds, self.get_input_embeddings()(input_ids)], dim=1)
+            n_new = next_sequence_length if next_sequence_length is not None else inputs_embeds.shape[1] - seen
+            model_inputs = {"inputs_embeds": inputs_embeds[:, inputs_embeds.shape[1] - n_new :]}
         else:
-            model_inputs = {"input_ids": input_ids}
+            if next_sequence_length is not None:
+                n_new = next_sequence_length
+            elif seen > 0:
+                # Only what the cache has not seen; at least the newest token (after a prefill from inputs_embeds,
+                # input_ids holds only generated tokens, so the count can come out < 1).
+                n_new = max(input_ids.shape[1] - seen, 1)
+            else:
+                n_new = input_ids.shape[1]
+            model_inputs = {"input_ids": input_ids[:, input_ids.shape[1] - n_new :]}
+        if seen > 0:
+            attention_mask = None  # tokens after the cache are never padding
         model_inputs.update({CACHE_FIELD: cache_params}, use_cache=use_cache, attention_mask=attention_mask)
-        if kwargs.get("logits_to_keep") is not None:
-            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        for key, value in kwargs.items():
+            if key not in model_inputs and key != "labels":
+                model_inputs[key] = value
         return model_inputs
 
     def _decode_step_logits(self, input_ids, cache_params):
