@@ -5,19 +5,28 @@ built-in text, a few hundred steps on CPU:
 
     python scripts/train.py --output-dir outputs/demo
 
-Fine-tune a Hub model on a Hub dataset (packing to 1024 tokens, bf16, gradient checkpointing, eval perplexity):
+Fine-tune a Hub model on a Hub dataset (packing to 1024 tokens, bf16 on a GPU that has it, gradient
+checkpointing, eval perplexity):
 
     python scripts/train.py --model state-spaces/mamba-130m-hf --dataset wikitext --dataset-config wikitext-2-raw-v1 \
         --block-size 1024 --bf16 --gradient-checkpointing --max-steps 1000 --output-dir outputs/mamba-wikitext
 
-Local files (text, json/jsonl or parquet; --text-column names the field), LoRA on every Mamba projection:
+Local files (text, json/jsonl, parquet or csv; --text-column names the field), LoRA on every Mamba projection.
+The model folder needs its tokenizer files beside the weights, or name one with --tokenizer:
 
     python scripts/train.py --model ./my-mamba --train-file data/train.jsonl --validation-file data/val.jsonl \
         --lora --lora-r 16 --output-dir outputs/lora
 
-Resume (the latest checkpoint in --output-dir, or a given one), share on the Hub:
+Interrupt and resume: Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and exits
+(130 / 143); a second Ctrl-C stops at once. The same command plus `--resume-from-checkpoint latest` continues
+from the newest complete checkpoint in --output-dir (half-written ones are skipped, and said so) with the
+losses an uninterrupted run would have had; or give a checkpoint folder:
 
     python scripts/train.py ... --resume-from-checkpoint latest
+    python scripts/train.py ... --resume-from-checkpoint outputs/lora/checkpoint-500
+
+Share on the Hub at the end:
+
     python scripts/train.py ... --push-to-hub --hub-model-id me/mamba-wikitext
 
 Several processes (DDP), or FSDP wrapping each MambaBlock:
@@ -26,14 +35,19 @@ Several processes (DDP), or FSDP wrapping each MambaBlock:
     accelerate launch --multi_gpu --num_processes 8 scripts/train.py ... --fsdp --fsdp-wrap MambaBlock
 
 Logs loss, learning rate and tokens/s (the Trainer's progress bar), evaluates perplexity before and after
-training, saves a Hub-ready folder (hf_mamba.hub: safetensors, remote code, model card with the results; the
-adapter only with --lora) and prints a short results table.
+training, saves a Hub-ready folder with the tokenizer (hf_mamba.hub: safetensors, remote code, model card with
+the results; the adapter only with --lora) and prints a short results table. Bad flags and data (an empty
+file, rows without text, a tokenizer that encodes the text as nothing, data too short for --block-size) stop
+with a one-line error naming the flag, file or row, before any training.
 """
 
 import argparse
-import dataclasses
+import json
 import math
 import os
+import re
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -50,9 +64,10 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_torch_bf16_gpu_available
 
 import hf_mamba
+from hf_mamba.compat import checkpointing_training_args
 from hf_mamba.hub import upload_folder, write_model_card
 from hf_mamba.integrations import LORA_TARGET_MODULES
 
@@ -69,30 +84,53 @@ DEMO_TEXT = [
 ]
 
 
+def fail(message: str):
+    """Stop with a one-line error (exit status 1): for problems found in the data, files or checkpoints."""
+    raise SystemExit(f"error: {message}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path, not a Hub id ("name" or "owner/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line: the usage of this many flags would bury the message (--help prints it).
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("model and data")
     data.add_argument("--model", help="Hub id or folder; default: a tiny random hf_mamba model (offline demo)")
     data.add_argument("--tokenizer", help="Hub id or folder; default: the model's (or a tiny BPE for the demo)")
     data.add_argument("--trust-remote-code", action="store_true", help="for models saved without hf_mamba")
     data.add_argument("--dataset", help="Hub dataset name or local dataset folder")
     data.add_argument("--dataset-config", help="the dataset's configuration name")
-    data.add_argument("--train-file", nargs="+", help="local .txt / .json / .jsonl / .parquet files")
+    data.add_argument("--train-file", nargs="+", help="local .txt / .json / .jsonl / .parquet / .csv files")
     data.add_argument("--validation-file", nargs="+", help="local validation files (same formats)")
     data.add_argument("--text-column", default="text", help="field holding the text (default: text)")
     data.add_argument("--validation-split-percentage", type=float, default=5.0, help="when there is no split")
-    data.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
+    data.add_argument("--block-size", type=positive_int, default=128, help="tokens per training sequence")
     data.add_argument("--no-packing", action="store_true", help="one truncated, padded example per text")
-    data.add_argument("--max-train-samples", type=int, help="keep at most this many training sequences")
-    data.add_argument("--max-eval-samples", type=int, help="keep at most this many evaluation sequences")
+    data.add_argument("--max-train-samples", type=positive_int, help="keep at most this many training sequences")
+    data.add_argument("--max-eval-samples", type=positive_int, help="keep at most this many evaluation sequences")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="outputs/train")
     train.add_argument("--max-steps", type=int, default=-1, help="overrides --num-train-epochs when > 0")
     train.add_argument("--num-train-epochs", type=float, default=3.0)
-    train.add_argument("--per-device-train-batch-size", type=int, default=8)
-    train.add_argument("--per-device-eval-batch-size", type=int, default=8)
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--per-device-train-batch-size", type=positive_int, default=8)
+    train.add_argument("--per-device-eval-batch-size", type=positive_int, default=8)
+    train.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     train.add_argument("--learning-rate", type=float, default=None, help="default 2e-3 (demo), 1e-4 (lora 1e-3)")
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--warmup-steps", type=int, default=0)
@@ -100,14 +138,16 @@ def parse_args(argv=None):
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--seed", type=int, default=0)
     precision = train.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    precision.add_argument("--bf16", action="store_true", help="bf16 mixed precision (a GPU with bf16, or --use-cpu)")
     precision.add_argument("--fp16", action="store_true", help="fp16 mixed precision (loss scaling)")
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--resume-from-checkpoint", help='a checkpoint folder, or "latest" in --output-dir')
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: at the end only)")
-    train.add_argument("--save-steps", type=int, default=500)
-    train.add_argument("--save-total-limit", type=int, default=2)
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in backward")
+    train.add_argument(
+        "--resume-from-checkpoint", help='a checkpoint folder, or "latest": the newest complete one in --output-dir'
+    )
+    train.add_argument("--logging-steps", type=positive_int, default=10)
+    train.add_argument("--eval-steps", type=positive_int, help="evaluate every N steps (default: at the end only)")
+    train.add_argument("--save-steps", type=positive_int, default=500)
+    train.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (0: all)")
     train.add_argument("--report-to", default="none", help='"none", "tensorboard", "wandb", ...')
     train.add_argument("--dataloader-num-workers", type=int, default=0)
     train.add_argument("--fsdp", action="store_true", help="shard with FSDP (under accelerate launch / torchrun)")
@@ -116,7 +156,7 @@ def parse_args(argv=None):
 
     lora = parser.add_argument_group("LoRA (PEFT)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
-    lora.add_argument("--lora-r", type=int, default=8)
+    lora.add_argument("--lora-r", type=positive_int, default=8)
     lora.add_argument("--lora-alpha", type=int, default=16)
     lora.add_argument("--lora-dropout", type=float, default=0.0)
     lora.add_argument(
@@ -130,11 +170,12 @@ def parse_args(argv=None):
     hub.add_argument("--license", default="apache-2.0", help="license in the model card")
 
     demo = parser.add_argument_group("demo model (no --model)")
-    demo.add_argument("--hidden-size", type=int, default=64)
-    demo.add_argument("--num-hidden-layers", type=int, default=2)
-    demo.add_argument("--state-size", type=int, default=16)
-    demo.add_argument("--vocab-size", type=int, default=512, help="size of the demo BPE tokenizer")
+    demo.add_argument("--hidden-size", type=positive_int, default=64)
+    demo.add_argument("--num-hidden-layers", type=positive_int, default=2)
+    demo.add_argument("--state-size", type=positive_int, default=16)
+    demo.add_argument("--vocab-size", type=positive_int, default=512, help="size of the demo BPE tokenizer")
     args = parser.parse_args(argv)
+
     if args.learning_rate is None:
         args.learning_rate = 2e-3 if args.model is None else (1e-3 if args.lora else 1e-4)
     if args.fsdp and not torch.cuda.is_available():
@@ -142,11 +183,63 @@ def parse_args(argv=None):
         parser.error("--fsdp needs CUDA devices; on CPU leave it out (the processes then run DDP over gloo)")
     if args.dataset and args.train_file:
         parser.error("give --dataset or --train-file, not both")
+    if args.validation_file and not args.train_file:
+        parser.error("--validation-file goes with --train-file")
+    if not 0 < args.validation_split_percentage < 100:
+        parser.error(f"--validation-split-percentage must be in (0, 100), got {args.validation_split_percentage}")
+    for flag in ("model", "tokenizer", "dataset"):
+        name = getattr(args, flag)
+        if name and _looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
+            parser.error(f"--{flag} {name}: no such folder")
+    for flag in ("train_file", "validation_file"):
+        for name in getattr(args, flag) or []:
+            if not any(char in name for char in "*?["):  # a glob pattern is datasets' to expand
+                if not os.path.isfile(name):
+                    parser.error(f"--{flag.replace('_', '-')} {name}: no such file")
+                if os.path.getsize(name) == 0:
+                    parser.error(f"--{flag.replace('_', '-')} {name} is empty")
+    # Several processes without CUDA (accelerate launch / torchrun on CPU): Accelerate only forms a gloo
+    # process group for the Trainer when told the run is on CPU.
+    args.use_cpu = args.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    if args.bf16 and not args.use_cpu and not is_torch_bf16_gpu_available():
+        # Transformers' own message ("Your setup doesn't support bf16/gpu") names neither flag nor way out.
+        parser.error(
+            "--bf16 needs a GPU with bf16 (NVIDIA Ampere or newer) and this machine has none: leave --bf16 out, "
+            "use --fp16 on an older GPU, or add --use-cpu for bf16 autocast on the CPU (slow)"
+        )
     return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data
+
+
+def _data_source(args, split: str) -> str:
+    """How the user named a split's data, for error messages."""
+    if args.dataset:
+        return f"--dataset {args.dataset}"
+    if args.train_file:
+        files = args.validation_file if split == "validation" and args.validation_file else args.train_file
+        flag = "--validation-file" if files is args.validation_file else "--train-file"
+        return f"{flag} {' '.join(files)}"
+    return "the built-in demo text"
+
+
+def check_text_column(dataset: datasets.Dataset, column: str, source: str) -> None:
+    """Every row holds a string in `column` (datasets fills a field a JSON row lacks with None)."""
+    if len(dataset) == 0:
+        fail(f"{source} has no rows")
+    if column not in dataset.column_names:
+        fail(f"--text-column {column!r} is not a field of {source}; its fields: {', '.join(dataset.column_names)}")
+    feature = dataset.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                fail(f"row {row} of {source} (counting from 0): {column!r} holds {value!r:.40}, not text")
+    values = dataset.with_format("arrow")[column]  # the arrow column: no copy into Python objects
+    if values.null_count:
+        row = values.is_null().to_pylist().index(True)
+        fail(f"row {row} of {source} (counting from 0) has no {column!r} field (or it is null)")
 
 
 def load_raw_datasets(args) -> datasets.DatasetDict:
@@ -163,7 +256,7 @@ def load_raw_datasets(args) -> datasets.DatasetDict:
         extension = Path(args.train_file[0]).suffix.lstrip(".")
         builder = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(extension)
         if builder is None:
-            raise ValueError(f"--train-file must be .txt, .json, .jsonl, .parquet or .csv, got {args.train_file[0]}")
+            fail(f"--train-file must be .txt, .json, .jsonl, .parquet or .csv, got {args.train_file[0]}")
         raw = datasets.load_dataset(builder, data_files=files)
     else:
         train = [line for _ in range(40) for line in DEMO_TEXT]
@@ -171,12 +264,51 @@ def load_raw_datasets(args) -> datasets.DatasetDict:
             train=datasets.Dataset.from_dict({args.text_column: train}),
             validation=datasets.Dataset.from_dict({args.text_column: DEMO_TEXT * 4}),
         )
+    if "train" not in raw:
+        fail(f"{_data_source(args, 'train')} has no 'train' split; its splits: {', '.join(raw)}")
+    for split in ("train", "validation"):
+        if split in raw:  # checked before the split below, so row numbers are those of the files
+            check_text_column(raw[split], args.text_column, _data_source(args, split))
     if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        rows, percentage = len(raw["train"]), args.validation_split_percentage
+        if rows - math.ceil(rows * percentage / 100) < 1:
+            fail(
+                f"{_data_source(args, 'train')} has {rows} row(s): too few to hold out "
+                f"--validation-split-percentage {percentage:g} for evaluation; add rows or give --validation-file"
+            )
+        split = raw["train"].train_test_split(test_size=percentage / 100, seed=args.seed)
         raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
-    if args.text_column not in raw["train"].column_names:
-        raise ValueError(f"--text-column {args.text_column!r} is not among {raw['train'].column_names}")
     return raw
+
+
+def sample_texts(dataset: datasets.Dataset, column: str, count: int = 256) -> list[str]:
+    """The first `count` texts that are not blank (wikitext, for one, has many empty rows)."""
+    texts = []
+    for batch in dataset.select_columns([column]).iter(batch_size=1024):
+        texts += [text for text in batch[column] if text.strip()]
+        if len(texts) >= count:
+            break
+    return texts[:count]
+
+
+def check_tokenizer(tokenizer, raw: datasets.DatasetDict, args) -> None:
+    """Refuse a tokenizer that turns the training text into nothing but special tokens.
+
+    A model folder without tokenizer files gets Transformers' fallback tokenizer for the model type, which
+    has no vocabulary and encodes every text as []; training then "succeeds" on end-of-text tokens alone.
+    """
+    source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--model {args.model}'s tokenizer"
+    texts = sample_texts(raw["train"], args.text_column)
+    if not texts:
+        fail(f"{_data_source(args, 'train')} holds no text (every {args.text_column!r} is blank)")
+    special = set(tokenizer.all_special_ids)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if not any(token not in special for row in ids for token in row):
+        fail(
+            f"{source} ({len(tokenizer)} tokens, {type(tokenizer).__name__}) encodes the training text as no tokens "
+            "but special ones; the model folder probably lacks tokenizer files: name a tokenizer with --tokenizer "
+            "(for state-spaces models: --tokenizer EleutherAI/gpt-neox-20b)"
+        )
 
 
 def tokenize(raw: datasets.DatasetDict, tokenizer, args, training_args) -> datasets.DatasetDict:
@@ -203,12 +335,18 @@ def tokenize(raw: datasets.DatasetDict, tokenizer, args, training_args) -> datas
         if args.no_packing:
             tokenized = tokenized.map(truncate, batched=True, desc="truncating")
         else:
-            tokenized = tokenized.map(pack, batched=True, batch_size=1000, desc=f"packing to {args.block_size}")
+            encoded = tokenized
+            tokenized = encoded.map(pack, batched=True, batch_size=1000, desc=f"packing to {args.block_size}")
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             tokenized[split] = tokenized[split].select(range(min(limit, len(tokenized[split]))))
-    if len(tokenized["train"]) == 0:
-        raise ValueError(f"no training sequence of {args.block_size} tokens: lower --block-size or add data")
+    for split in ("train", "validation"):
+        if len(tokenized[split]) == 0:  # only packing drops data: a text gives at least its EOS otherwise
+            tokens = sum(len(row) for row in encoded[split]["input_ids"])
+            fail(
+                f"{_data_source(args, split)} makes no {split} sequence of --block-size {args.block_size} tokens "
+                f"({tokens} tokens in all): lower --block-size or add data"
+            )
     return tokenized
 
 
@@ -263,10 +401,20 @@ def load_model(args, tokenizer):
     if config.model_type == "mamba":
         # A Transformers-format Mamba checkpoint (state-spaces/mamba-*-hf): same weights and config fields, so
         # hf_mamba loads it directly and saves an hf_mamba folder.
-        return hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
-    )
+        model = hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+        )
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--model {args.model}'s tokenizer"
+        fail(
+            f"{source} has {len(tokenizer)} tokens but --model {args.model} embeds only {rows} (vocab_size): "
+            "ids past it have no embedding; use the model's own tokenizer, or resize the model "
+            "(model.resize_token_embeddings(len(tokenizer))) and save it first"
+        )
+    return model
 
 
 def wrap_lora(model, args):
@@ -287,7 +435,158 @@ def wrap_lora(model, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Logging
+# Checkpoints: which one to resume from
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", *ADAPTER_FILES)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unreadable (cut short, bad header), from its header alone; None if it is whole."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + header_size > size:
+            return f"{path.name} is cut short ({size} bytes)"
+        try:
+            header = json.loads(f.read(header_size))
+        except ValueError:
+            return f"{path.name} has a corrupt header"
+    data_size = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + header_size + data_size > size:
+        return f"{path.name} is cut short ({size} of {8 + header_size + data_size} bytes)"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the Trainer could not resume from `folder`, or None when the checkpoint is complete.
+
+    The Trainer writes weights, optimizer, scheduler and RNG states first and trainer_state.json last
+    (Trainer._save_checkpoint), so a save that was cut short lacks trainer_state.json or leaves it unreadable;
+    the weights are checked too, since a copy or a full disk can truncate them.
+    """
+    try:
+        json.loads((folder / "trainer_state.json").read_text())["global_step"]
+    except FileNotFoundError:
+        return "no trainer_state.json (written last: the save was cut short)"
+    except (ValueError, KeyError):
+        return "trainer_state.json is cut short or corrupt"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weights = [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError):
+            return f"{index.name} is cut short or corrupt"
+    else:
+        weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+        if not weights and not any(path.name.startswith("pytorch_model_fsdp") for path in folder.iterdir()):
+            return "no model weights"
+    for path in weights:
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+            return problem
+    if not any(folder.glob("optimizer*")):
+        return "no optimizer state"
+    if not (folder / "scheduler.pt").is_file():
+        return "no scheduler.pt"
+    if not any(folder.glob("rng_state*.pth")):
+        return "no rng_state.pth"
+    return None
+
+
+def resolve_checkpoint(args, log=print) -> str | None:
+    """The checkpoint folder --resume-from-checkpoint names ("latest": the newest complete one), checked."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        output_dir = Path(args.output_dir)
+        found = [
+            (int(match.group(1)), path)
+            for path in (output_dir.iterdir() if output_dir.is_dir() else [])
+            if path.is_dir() and (match := CHECKPOINT_NAME.fullmatch(path.name))
+        ]
+        skipped = []
+        for _, folder in sorted(found, reverse=True):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                break
+            skipped.append(f"{folder.name}: {problem}")
+        else:
+            what = f"every checkpoint is incomplete ({'; '.join(skipped)})" if skipped else "no checkpoint-* folder"
+            fail(
+                f"--resume-from-checkpoint latest: nothing to resume in {output_dir}: {what}; "
+                "leave the flag out to start from scratch"
+            )
+        for line in skipped:
+            log(f"skipped incomplete {line}")
+        log(f"resuming from {folder}, the newest complete checkpoint")
+    else:
+        folder = Path(args.resume_from_checkpoint)
+        if not folder.is_dir():
+            fail(f"--resume-from-checkpoint {folder}: no such folder")
+        if problem := checkpoint_problem(folder):
+            fail(f"--resume-from-checkpoint {folder} is incomplete: {problem}")
+    adapter = any((folder / name).is_file() for name in ADAPTER_FILES)
+    if adapter and not args.lora:
+        fail(f"{folder} holds a LoRA adapter: resume it with --lora (and the run's other --lora-* flags)")
+    if args.lora and not adapter:
+        fail(f"{folder} holds full model weights, not a LoRA adapter: resume it without --lora")
+    return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interrupts and logging
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM during training: finish the current optimizer step, save a checkpoint there, stop.
+
+    The handler only records the signal; the Trainer's own checkpointing then runs at the step's end, so no
+    checkpoint is cut short by it. A second signal of the same kind a second or more later (Ctrl-C pressed
+    again) gets the previous handler: a stop at once, losing the steps since the last checkpoint. Repeats
+    within a second are the same interrupt arriving twice: a terminal signals the whole process group and
+    torchrun forwards the signal to its workers too. Under several processes every rank stops at the same
+    step (the flag is all-reduced), so none waits on a collective the others have left.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal, self.time, self.stopped, self.previous = None, 0.0, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def _handle(self, number, frame):
+        if self.signal is None:
+            self.signal, self.time = number, time.monotonic()
+            name = signal.Signals(number).name
+            # os.write: print() from a handler can hit stdout's buffer mid-write ("reentrant call").
+            os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping\n".encode())
+        elif number == self.signal and time.monotonic() - self.time >= 1.0:
+            self.__exit__()
+            signal.raise_signal(number)  # the previous handler: KeyboardInterrupt, or the default termination
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.signal is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            self.stopped = True
+            control.should_log = control.should_save = control.should_training_stop = True
+        return control
 
 
 class TokensPerSecondCallback(TrainerCallback):
@@ -318,11 +617,8 @@ def perplexity(loss: float) -> float:
 def main(argv=None):
     args = parse_args(argv)
     transformers.set_seed(args.seed)
-    # Transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
-    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     training_args = TrainingArguments(
-        **{checkpointing: args.gradient_checkpointing},
+        **checkpointing_training_args(args.gradient_checkpointing),
         output_dir=args.output_dir,
         max_steps=args.max_steps,
         num_train_epochs=args.num_train_epochs,
@@ -347,22 +643,24 @@ def main(argv=None):
         include_num_input_tokens_seen="non_padding" if args.no_packing else "all",
         fsdp=True if args.fsdp else None,
         fsdp_config={"transformer_layer_cls_to_wrap": [args.fsdp_wrap]} if args.fsdp else None,
-        # Several processes without CUDA (accelerate launch / torchrun on CPU): Accelerate only forms a gloo
-        # process group for the Trainer when told the run is on CPU.
-        use_cpu=args.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()),
+        use_cpu=args.use_cpu,
         ddp_find_unused_parameters=False,
     )
+    main_process = training_args.process_index == 0
+    # Checked before any data or model is loaded: a wrong flag should not cost a tokenization pass.
+    resume = resolve_checkpoint(args, log=print if main_process else lambda line: None)
 
     raw = load_raw_datasets(args)
     tokenizer = load_tokenizer(args, raw)
-    data = tokenize(raw, tokenizer, args, training_args)
+    check_tokenizer(tokenizer, raw, args)
     # Weights load in fp32: --bf16 / --fp16 are mixed precision (autocast) with fp32 master weights.
     model = load_model(args, tokenizer)
+    data = tokenize(raw, tokenizer, args, training_args)
     base_config, num_parameters = model.config, model.num_parameters()
     if args.lora:
         model = wrap_lora(model, args)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False) if args.no_packing else default_data_collator
-    tokens_per_second = TokensPerSecondCallback()
+    tokens_per_second, stop_on_signal = TokensPerSecondCallback(), StopOnSignal()
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -370,19 +668,29 @@ def main(argv=None):
         eval_dataset=data["validation"],
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[tokens_per_second],
+        callbacks=[tokens_per_second, stop_on_signal],
     )
 
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     eval_before = trainer.evaluate()["eval_loss"] if resume is None else None
     start = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    with stop_on_signal:
+        train_result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
-    eval_after = trainer.evaluate()["eval_loss"]
+    if stop_on_signal.stopped:
+        number = stop_on_signal.signal or signal.SIGTERM  # None: another process was signalled
+        checkpoint = Path(args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        if main_process:
+            name, step = signal.Signals(number).name, trainer.state.global_step
+            print(
+                f"\n{name}: stopped at step {step} and saved {checkpoint}; "
+                "continue with the same command plus --resume-from-checkpoint latest"
+            )
+        raise SystemExit(128 + number)
 
+    # Saved (with the tokenizer, the Trainer's processing_class) before the final evaluation, which a user may
+    # interrupt.
     trainer.save_model(args.output_dir)
+    eval_after = trainer.evaluate()["eval_loss"]
     dataset_names = [args.dataset] if args.dataset else None
     results = {"eval_loss": eval_after, "perplexity": perplexity(eval_after)}
     if trainer.is_world_process_zero():
@@ -427,6 +735,8 @@ def main(argv=None):
             ),
             ("saved to", args.output_dir + (" (adapter)" if args.lora else "")),
         ]
+        if resume is not None:
+            rows.insert(1, ("resumed from", resume))
         if args.fsdp:
             wrapped = [m for m in trainer.model_wrapped.modules() if type(m).__name__ == f"FSDP{args.fsdp_wrap}"]
             rows.insert(1, ("FSDP-wrapped blocks", f"{len(wrapped)} x {args.fsdp_wrap}"))
