@@ -313,7 +313,7 @@ def test_cache_reorder_and_reset(model):
 
 
 class FakeGraph:
-    """Stands in for _DecodeGraph on CPU: replays the decode step on the tensors it was captured on, as a
+    """Stands in for DecodeGraph on CPU: replays the decode step on the tensors it was captured on, as a
     CUDA graph does, so a cache decoding with another cache's graph gives wrong tokens."""
 
     def __init__(self, step, cache, input_ids):

@@ -3,7 +3,8 @@
 Read top to bottom: RMSNorm -> MambaDeltaProjection -> MambaMixer (the selective SSM) -> MambaBlock
 -> MambaPreTrainedModel -> MambaModel -> MambaForCausalLM / MambaForSequenceClassification.
 Parameter names and shapes are those of Transformers' built-in Mamba, so its checkpoints load as they are.
-The scan itself lives in `hf_mamba.kernels`; `scan_backend_for` below is the one place that picks its backend.
+The kernels live in `hf_mamba.kernels`; `decide_fast_path` below is the one place that picks, once per forward,
+the backend and the fused paths, which every module is then handed (`path`).
 """
 
 import itertools
@@ -68,8 +69,33 @@ def _unhooked(module):
 
 
 def scan_backend_for(config) -> str | None:
-    """The scan backend for the whole model: $HF_MAMBA_BACKEND, else config.scan_backend, else None (auto)."""
+    """The backend asked for: $HF_MAMBA_BACKEND, else config.scan_backend, else None (the fastest for the device)."""
     return os.environ.get(BACKEND_ENV_VAR) or getattr(config, "scan_backend", None)
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """How one forward runs: decided once at its start (`decide_fast_path`) and passed down to every module.
+
+    backend: the scan and conv implementation for the inputs' device ("reference", "torch" or "triton").
+    fused_blocks: the blocks run as MambaModel._blocks_fused_norms runs them (each residual add fused with the
+        next RMSNorm in one Triton kernel) rather than as modules.
+    training_kernels: Triton's training kernels run where they apply (the fused mixer, the Triton RMSNorm).
+    """
+
+    backend: str
+    fused_blocks: bool = False
+    training_kernels: bool = False
+
+
+def decide_fast_path(config, device, blocks_plain: bool = False) -> FastPath:
+    """The FastPath of a forward on `device`; `blocks_plain`: the blocks and norms are ours, unhooked and not
+    checkpointed, so they need not be called as modules."""
+    backend = resolve_backend(scan_backend_for(config), device)
+    triton = backend == "triton"
+    # Without gradients there is nothing to save; under torch.compile the custom ops are traced instead.
+    training = triton and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return FastPath(backend, fused_blocks=triton and blocks_plain, training_kernels=training)
 
 
 # The op behind F.rms_norm that also returns 1/rms (PyTorch >= 2.8); without it the norm is composed from ops.
@@ -105,19 +131,22 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class MambaRMSNorm(nn.Module):
-    def __init__(self, hidden_size, eps=1e-6, config=None):
+    def __init__(self, hidden_size, eps=1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
-        self.config = config  # for the backend (scan_backend_for); None: Triton on CUDA when training
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, path: FastPath | None = None):
         # Normalise in fp32 (one fused op on CUDA), cast back, then scale: Transformers' Mamba order.
         input_dtype = hidden_states.dtype
         hidden_fp32 = _fp32_or_wider(hidden_states)
         needs_grad = hidden_states.requires_grad or self.weight.requires_grad
         if needs_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            if self._triton_training_norm(hidden_fp32, input_dtype):
+            # The Triton norm takes two launches where the ops take about a dozen: fp32 normalisation of a 16- or
+            # 32-bit input.
+            if path is not None and path.training_kernels and hidden_fp32.dtype == torch.float32 and input_dtype in (
+                torch.float32, torch.bfloat16, torch.float16
+            ):
                 from .kernels.rms_norm.triton_rms_norm import rms_norm_train_triton
 
                 return rms_norm_train_triton(hidden_fp32, self.weight, self.variance_epsilon, input_dtype)
@@ -125,14 +154,6 @@ class MambaRMSNorm(nn.Module):
                 return _RMSNormFunction.apply(hidden_fp32, self.weight, self.variance_epsilon, input_dtype)
         normalized = F.rms_norm(hidden_fp32, self.weight.shape, eps=self.variance_epsilon)
         return self.weight * normalized.to(input_dtype)
-
-    def _triton_training_norm(self, hidden_fp32, input_dtype):
-        """Whether training runs the Triton norm (two launches where the ops take about a dozen): the
-        model's backend is Triton for these tensors, fp32 normalisation of a 16- or 32-bit input."""
-        if hidden_fp32.dtype != torch.float32 or input_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return False
-        backend = scan_backend_for(self.config) if self.config is not None else None
-        return resolve_backend(backend, hidden_fp32.device) == "triton"
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
@@ -223,17 +244,26 @@ class MambaMixer(nn.Module):
         dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
         return dt, B.transpose(1, 2), C.transpose(1, 2)  # B, C: (batch, d_state, seqlen)
 
-    def forward(self, hidden_states, cache_params: MambaCache | None = None, attention_mask=None, seq_idx=None):
-        """seq_idx: optional (batch, seqlen) document ids of packed sequences; state and conv restart at each."""
+    def forward(
+        self,
+        hidden_states,
+        cache_params: MambaCache | None = None,
+        attention_mask=None,
+        seq_idx=None,
+        path: FastPath | None = None,
+    ):
+        """seq_idx: optional (batch, seqlen) document ids of packed sequences; state and conv restart at each.
+        path: the model's FastPath for this forward (decided here when the mixer is called on its own)."""
         batch, seqlen, _ = hidden_states.shape
-        backend = scan_backend_for(self.config)
+        path = path or decide_fast_path(self.config, hidden_states.device)
+        backend = path.backend
         continuing = cache_params is not None and cache_params.seqlen_offset > 0
         if continuing and seq_idx is not None:
             raise ValueError("Packed sequences (seq_idx / restarting position_ids) cannot continue from a cache")
         if continuing and seqlen == 1:
             return self._step(hidden_states, cache_params, self._A(), backend)
 
-        if self._fused_inner_ok(hidden_states, cache_params, attention_mask, backend):
+        if self._fused_inner_ok(path, cache_params, attention_mask):
             weights = (
                 self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias, seq_idx,
@@ -289,14 +319,10 @@ class MambaMixer(nn.Module):
     def _A(self):
         return -torch.exp(_fp32_or_wider(self.A_log))  # (d_inner, d_state), negative
 
-    def _fused_inner_ok(self, hidden_states, cache_params, attention_mask, backend):
+    def _fused_inner_ok(self, path, cache_params, attention_mask):
         """Whether training can run the mixer after in_proj (and in_proj too, where it is a plain Linear)
         as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would."""
-        if cache_params is not None or attention_mask is not None or not self.fused_silu:
-            return False
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return False  # nothing to save without grad; torch.compile traces the custom ops instead
-        if resolve_backend(backend, hidden_states.device) != "triton":
+        if not path.training_kernels or cache_params is not None or attention_mask is not None or not self.fused_silu:
             return False
         modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection),
                    (self.out_proj, nn.Linear))
@@ -359,14 +385,14 @@ class MambaBlock(GradientCheckpointingLayer):
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, config=config)
+        self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = MambaMixer(config, layer_idx=layer_idx)
 
-    def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None):
+    def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None, path=None):
         residual = self.residual_of(hidden_states)
-        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
+        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype), path=path)
         hidden_states = self.mixer(
-            hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
+            hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx, path=path
         )
         return residual + hidden_states
 
@@ -524,8 +550,7 @@ class MambaModel(MambaPreTrainedModel):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([MambaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
-        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, config=config)
-        self.gradient_checkpointing = False
+        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self._register_load_state_dict_pre_hook(self._rename_state_spaces_embedding)
         self.post_init()
 
@@ -542,32 +567,49 @@ class MambaModel(MambaPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
-    def _fused_norms_ok(self, backend):
-        """Whether the blocks may run as `_blocks_fused_norms` runs them (Triton backend, at least one
-        block, blocks and norms plain)."""
-        return backend == "triton" and len(self.layers) > 0 and self._plain_blocks_and_norms()
+    def _checkpointing(self):
+        return self.training and any(block.gradient_checkpointing for block in self.layers)
+
+    def _run_blocks(self, hidden_states, cache_params, attention_mask, seq_idx, path, all_hidden=None):
+        """The blocks and norm_f on the embeddings, the way `path` says; appends each block's output to
+        all_hidden if given; returns norm_f's output."""
+        if path.fused_blocks:
+            return self._blocks_fused_norms(hidden_states, cache_params, attention_mask, seq_idx, path, all_hidden)
+        for block in self.layers:
+            # hidden_states positional: reentrant checkpointing passes gradients through positional tensors only.
+            hidden_states = block(
+                hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx, path=path
+            )
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        return self.norm_f(hidden_states.to(self.norm_f.weight.dtype), path=path)
 
     def _plain_blocks_and_norms(self):
-        """Blocks and norms as defined here, without hooks: then the blocks may run as
-        `_blocks_fused_norms` runs them, without calling the blocks and norms themselves."""
+        """At least one block, and blocks and norms as defined here, without hooks and not checkpointed: then the
+        blocks may run as `_blocks_fused_norms` runs them, without calling the blocks and norms themselves."""
         norms = [block.norm for block in self.layers] + [self.norm_f]
-        return all(type(block) is MambaBlock and _unhooked(block) for block in self.layers) and all(
-            type(norm) is MambaRMSNorm and _unhooked(norm) for norm in norms
+        return (
+            len(self.layers) > 0
+            and not self._checkpointing()
+            and all(type(block) is MambaBlock and _unhooked(block) for block in self.layers)
+            and all(type(norm) is MambaRMSNorm and _unhooked(norm) for norm in norms)
         )
 
-    def _blocks_fused_norms(self, hidden_states, cache_params, attention_mask, seq_idx, backend, all_hidden=None):
+    def _blocks_fused_norms(self, hidden_states, cache_params, attention_mask, seq_idx, path, all_hidden=None):
         """What the blocks and the final norm compute (MambaBlock.forward), with each residual add fused
         with the norm after it (`add_rms_norm`: one launch forward and one backward where the ops take
         about five more per layer, which a host-bound training step and a CUDA-graph decode step pay
         for). Appends each block's output to all_hidden if given; returns norm_f's output."""
         layers = self.layers
-        normed = layers[0].norm(hidden_states.to(layers[0].norm.weight.dtype))
+        normed = layers[0].norm(hidden_states.to(layers[0].norm.weight.dtype), path=path)
         for block, next_block in zip(layers, [*layers[1:], None], strict=True):
-            delta = block.mixer(normed, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx)
+            delta = block.mixer(
+                normed, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx, path=path
+            )
             next_norm = next_block.norm if next_block is not None else self.norm_f
             next_mixer = next_block.mixer if next_block is not None else None
             hidden_states, normed = add_rms_norm(
-                block.residual_of(hidden_states), delta, next_norm.weight, next_norm.variance_epsilon, backend,
+                block.residual_of(hidden_states), delta, next_norm.weight, next_norm.variance_epsilon, path.backend,
                 out_dtype=_in_proj_input_dtype(next_mixer, next_norm.weight),
             )
             if all_hidden is not None:
@@ -607,7 +649,7 @@ class MambaModel(MambaPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training:
+        if self._checkpointing():
             use_cache = False  # recomputation would advance the cache twice
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
@@ -625,22 +667,8 @@ class MambaModel(MambaPreTrainedModel):
 
         # As Transformers' Mamba: each block's output, then norm_f's (the embeddings are not included).
         all_hidden_states = [] if output_hidden_states else None
-        checkpointing = self.gradient_checkpointing and self.training
-        backend = resolve_backend(scan_backend_for(self.config), inputs_embeds.device)
-        if not checkpointing and self._fused_norms_ok(backend):
-            hidden_states = self._blocks_fused_norms(
-                inputs_embeds, cache_params, attention_mask, seq_idx, backend, all_hidden_states
-            )
-        else:
-            hidden_states = inputs_embeds
-            for block in self.layers:
-                # hidden_states positional: reentrant checkpointing passes gradients through positional tensors only.
-                hidden_states = block(
-                    hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
-                )
-                if output_hidden_states:
-                    all_hidden_states.append(hidden_states)
-            hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
+        path = decide_fast_path(self.config, inputs_embeds.device, self._plain_blocks_and_norms())
+        hidden_states = self._run_blocks(inputs_embeds, cache_params, attention_mask, seq_idx, path, all_hidden_states)
         if output_hidden_states:
             all_hidden_states = (*all_hidden_states, hidden_states)
         if cache_params is not None:
@@ -736,14 +764,10 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
 
     def _decode_step_logits(self, input_ids, cache_params):
         """Logits (batch, 1, vocab) of one token on top of the cache; advances the states, not the offset."""
-        hidden_states = self.backbone.embeddings(input_ids)
-        backend = resolve_backend(scan_backend_for(self.config), hidden_states.device)
-        if self.backbone._fused_norms_ok(backend):
-            hidden_states = self.backbone._blocks_fused_norms(hidden_states, cache_params, None, None, backend)
-        else:
-            for block in self.backbone.layers:
-                hidden_states = block(hidden_states, cache_params=cache_params)
-            hidden_states = self.backbone.norm_f(hidden_states.to(self.backbone.norm_f.weight.dtype))
+        backbone = self.backbone
+        hidden_states = backbone.embeddings(input_ids)
+        path = decide_fast_path(self.config, hidden_states.device, backbone._plain_blocks_and_norms())
+        hidden_states = backbone._run_blocks(hidden_states, cache_params, None, None, path)
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
 
     def _cuda_graphs_on(self, device):

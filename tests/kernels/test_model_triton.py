@@ -86,10 +86,10 @@ def test_cuda_graph_is_captured_once_per_cache_and_replayed():
         cache = out.cache_params
         token = out.logits[:, -1:].argmax(-1)
         model(token, cache_params=cache, use_cache=True)
-        graph = cache.decode_graph
+        graph = model._decode_graphs.graph_of(cache)
         assert graph is not None
         model(token, cache_params=cache, use_cache=True)
-        assert cache.decode_graph is graph and cache.seqlen_offset == 8
+        assert model._decode_graphs.graph_of(cache) is graph and cache.seqlen_offset == 8
 
 
 
@@ -98,16 +98,16 @@ def test_cuda_graph_is_captured_once_per_cache_and_replayed():
 def test_cuda_graph_kept_across_generate_calls_matches_eager(batch, monkeypatch):
     """A second generate() of the same batch replays the first one's graph (no capture) and gives eager's
     tokens; a cache the user still holds keeps its states while the next generate() gets fresh ones."""
-    from hf_mamba import modeling_mamba
+    from hf_mamba.decode_graphs import DecodeGraph, DecodeGraphs
 
     captures = []
 
-    class Counting(modeling_mamba._DecodeGraph):
+    class Counting(DecodeGraph):
         def __init__(self, *args):
             captures.append(1)
             super().__init__(*args)
 
-    monkeypatch.setattr(modeling_mamba, "_DecodeGraph", Counting)
+    monkeypatch.setattr(DecodeGraphs, "graph_class", Counting)
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE).eval()
     prompts = [torch.randint(1, SIZES["vocab_size"], (batch, 12), device=DEVICE) for _ in range(2)]
