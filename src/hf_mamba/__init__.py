@@ -34,16 +34,18 @@ register_peft_target_modules(MambaConfig.model_type)
 
 
 def register_as_default_mamba(enabled: bool = True) -> None:
-    """Make the Auto classes load Transformers-format "mamba" folders as hf_mamba models (opt-in, process-wide).
+    """Make the Auto classes load Transformers-format "mamba" and "falcon_mamba" folders as hf_mamba models
+    (opt-in, process-wide).
 
     After it, `AutoModelForCausalLM.from_pretrained("state-spaces/mamba-130m-hf")` returns an
     `hf_mamba.MambaForCausalLM` (whose config, and anything it saves, says model type "hf_mamba").
-    `register_as_default_mamba(False)` gives "mamba" back to Transformers' built-in classes.
+    `register_as_default_mamba(False)` gives both types back to Transformers' built-in classes.
     """
-    if enabled:
-        CONFIG_MAPPING.register("mamba", MambaConfig, exist_ok=True)  # the Auto model mappings key on MambaConfig
-    else:
-        CONFIG_MAPPING._extra_content.pop("mamba", None)  # the built-in entry underneath shows again
+    for model_type in ("mamba", "falcon_mamba"):
+        if enabled:  # the Auto model mappings key on MambaConfig, which reads both types' config.json
+            CONFIG_MAPPING.register(model_type, MambaConfig, exist_ok=True)
+        else:
+            CONFIG_MAPPING._extra_content.pop(model_type, None)  # the built-in entry underneath shows again
 
 
 __all__ = [

@@ -1,12 +1,14 @@
 """MambaConfig: the same fields and defaults as Transformers' built-in `MambaConfig`, so a
-`config.json` of a Transformers-format "mamba" checkpoint loads as it is, plus `scan_backend`."""
+`config.json` of a Transformers-format "mamba" checkpoint loads as it is, plus `scan_backend`,
+`use_cuda_graph` and Falcon Mamba's `mixer_rms_eps` (a "falcon_mamba" config.json loads as it is too)."""
 
 import math
 
 from transformers import PretrainedConfig
 
-# Model types whose config.json has exactly our fields: Transformers' built-in Mamba, and ours.
-SAME_FIELDS_MODEL_TYPES = ("mamba", "hf_mamba")
+# Model types whose config.json has our fields: Transformers' Mamba and Falcon Mamba, and ours.
+READABLE_MODEL_TYPES = ("mamba", "falcon_mamba", "hf_mamba")
+FALCON_MAMBA_RMS_EPS = 1e-6  # Transformers' FalconMambaConfig default of mixer_rms_eps
 
 ACTIVATIONS = ("silu", "swish", "gelu", "relu", "tanh")
 SCAN_BACKENDS = ("reference", "torch", "triton")
@@ -37,6 +39,10 @@ class MambaConfig(PretrainedConfig):
             None = fastest for the device. The environment variable HF_MAMBA_BACKEND overrides it.
         use_cuda_graph: on CUDA, decode each new token by replaying a CUDA graph of the whole step
             (captured once per cache), instead of launching every kernel from Python.
+        mixer_rms_eps: Falcon Mamba. A number: the epsilon of three weight-free RMS norms on x_proj's output,
+            over dt_rank on the time step (before dt_proj) and over d_state on B and on C. None: plain Mamba.
+            A "falcon_mamba" config.json without it gets Transformers' default, 1e-6.
+        intermediate_size: d_inner; default expand * hidden_size (a config.json that has it is taken as it says).
     """
 
     model_type = "hf_mamba"
@@ -69,14 +75,18 @@ class MambaConfig(PretrainedConfig):
         tie_word_embeddings=True,
         scan_backend=None,
         use_cuda_graph=True,
+        mixer_rms_eps=None,
+        intermediate_size=None,
         **kwargs,
     ):
-        # Fields of the built-in config that only steer its fallback paths; ours has one dispatch point.
-        for ignored in ("use_mambapy", "use_associative_scan", "intermediate_size"):
+        # Fields of the built-in configs that only steer their fallback paths; ours has one dispatch point.
+        for ignored in ("use_mambapy", "use_falcon_mambapy", "use_associative_scan"):
             kwargs.pop(ignored, None)
-        # A config read from a Transformers "mamba" folder names that type; this config (and what it saves) is
-        # hf_mamba's, so PEFT, Trainer and the Auto classes see hf_mamba whatever folder it came from.
-        kwargs.pop("model_type", None)
+        # A config read from a Transformers "mamba" or "falcon_mamba" folder names that type; this config (and what
+        # it saves) is hf_mamba's, so PEFT, Trainer and the Auto classes see hf_mamba whatever folder it came from.
+        source_type = kwargs.pop("model_type", None)
+        if source_type == "falcon_mamba" and mixer_rms_eps is None:
+            mixer_rms_eps = FALCON_MAMBA_RMS_EPS
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.state_size = state_size
@@ -99,8 +109,9 @@ class MambaConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.scan_backend = scan_backend
         self.use_cuda_graph = use_cuda_graph
+        self.mixer_rms_eps = mixer_rms_eps
+        self.intermediate_size = int(expand * hidden_size) if intermediate_size is None else intermediate_size
         self._validate_mamba_fields()
-        self.intermediate_size = int(expand * hidden_size)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -111,19 +122,28 @@ class MambaConfig(PretrainedConfig):
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """The config.json's fields, with a Transformers "mamba" folder taken as ours (the fields are the same,
-        so Transformers' "model of type mamba to instantiate a model of type hf_mamba" warning would mislead)."""
+        """The config.json's fields. A Transformers "mamba" or "falcon_mamba" folder is read as ours (the fields are
+        ours, so Transformers' "model of type mamba to instantiate a model of type hf_mamba" warning would
+        mislead); its type stays in the dict for __init__ (a Falcon Mamba's norms)."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type", cls.model_type)
-        if model_type not in SAME_FIELDS_MODEL_TYPES:
+        if model_type not in READABLE_MODEL_TYPES:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a model of type {model_type!r}; hf_mamba's MambaConfig "
-                f"reads {SAME_FIELDS_MODEL_TYPES} folders (a state-spaces folder converts with "
+                f"reads {READABLE_MODEL_TYPES} folders (a state-spaces folder converts with "
                 "scripts/convert_checkpoint.py)"
             )
-        return {**config_dict, "model_type": cls.model_type}, kwargs
+        return config_dict, kwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # PretrainedConfig.from_pretrained warns when the dict's type is not ours; the dict is ours to read.
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls.from_dict(config_dict, **kwargs)
 
     def _validate_mamba_fields(self):
+        if not isinstance(self.expand, (int, float)) or self.expand <= 0 or int(self.expand * self.hidden_size) < 1:
+            raise ValueError(f"expand must be a positive number with expand * hidden_size >= 1, got {self.expand!r}")
         positive_ints = (
             "vocab_size",
             "hidden_size",
@@ -131,13 +151,12 @@ class MambaConfig(PretrainedConfig):
             "num_hidden_layers",
             "conv_kernel",
             "time_step_rank",
+            "intermediate_size",
         )
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.expand, (int, float)) or self.expand <= 0 or int(self.expand * self.hidden_size) < 1:
-            raise ValueError(f"expand must be a positive number with expand * hidden_size >= 1, got {self.expand!r}")
         positive_floats = ("layer_norm_epsilon", "time_step_min", "time_step_max", "time_step_scale")
         for name in positive_floats:
             value = getattr(self, name)
@@ -155,6 +174,11 @@ class MambaConfig(PretrainedConfig):
             raise ValueError(
                 f"time_step_init_scheme must be one of {TIME_STEP_INIT_SCHEMES}, got {self.time_step_init_scheme!r}"
             )
+        if self.mixer_rms_eps is not None and (
+            isinstance(self.mixer_rms_eps, bool) or not isinstance(self.mixer_rms_eps, (int, float))
+            or not self.mixer_rms_eps > 0
+        ):
+            raise ValueError(f"mixer_rms_eps must be a positive number or None, got {self.mixer_rms_eps!r}")
         if self.scan_backend is not None and self.scan_backend not in SCAN_BACKENDS:
             raise ValueError(f"scan_backend must be one of {SCAN_BACKENDS} or None, got {self.scan_backend!r}")
 

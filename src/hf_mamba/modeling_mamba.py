@@ -50,6 +50,11 @@ def _fp32_or_wider(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _weightless_rms_norm(x, eps):
+    """x / rms(x) over the last dim, computed in fp32 and cast back (Falcon Mamba's norms on Δ, B, C)."""
+    return F.rms_norm(_fp32_or_wider(x), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
 def _unhooked(module):
     """No forward or backward hooks (the module's or global) and no replaced forward (as accelerate's
     hooks do): a module the fused mixer would not call must have nothing that expects the call."""
@@ -187,6 +192,8 @@ class MambaMixer(nn.Module):
         self.d_state = config.state_size
         self.d_conv = config.conv_kernel
         self.dt_rank = int(config.time_step_rank)
+        # Falcon Mamba: weight-free RMS norms on the time step (before dt_proj), B and C; None for Mamba.
+        self.mixer_rms_eps = config.mixer_rms_eps
         self.activation = config.hidden_act
         self.act = ACT2FN[config.hidden_act]
         # SiLU is fused into the conv and the scan's gate; other activations run here.
@@ -239,6 +246,8 @@ class MambaMixer(nn.Module):
         """Δ (before bias), B, C from the conv output x (batch, d_inner, seqlen)."""
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.mixer_rms_eps is not None:  # Falcon Mamba, in the order of Transformers' FalconMambaMixer
+            dt, B, C = (_weightless_rms_norm(t, self.mixer_rms_eps) for t in (dt, B, C))
         # Channels-last views, no copies: the CPU scan and the Triton forward read them as they are (the
         # Triton backward copies what it needs along time into temporaries).
         dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
@@ -324,6 +333,8 @@ class MambaMixer(nn.Module):
         as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would."""
         if not path.training_kernels or cache_params is not None or attention_mask is not None or not self.fused_silu:
             return False
+        if self.mixer_rms_eps is not None:
+            return False  # the fused mixer has no Falcon Mamba norms
         modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection),
                    (self.out_proj, nn.Linear))
         # LoRA and other wrappers replace or hook these modules: then the modules must run.
