@@ -1,0 +1,391 @@
+"""Half precision, measured: the 130M shape trained with the Trainer in fp32, bf16 and fp16 mixed precision
+(fp16 with the GradScaler), also with activation checkpointing and with LoRA, on the same generated corpus
+with the same seed; then pure fp16 / bf16 inference of the trained model over a long prompt.
+
+Every step's loss and gradient norm is checked for NaN/Inf; each run's smoothed loss curve is compared with
+the fp32 run's (LoRA runs with the fp32 LoRA run's), and a table is printed:
+
+    run | final loss | max |Δ loss| vs fp32 (smoothed) | NaN/Inf losses | non-finite grad norms | tokens/s | peak GiB
+
+In fp16 the GradScaler skips the steps whose gradients overflowed (its scale starts at 2^16 and halves on
+each); those steps log an infinite grad norm and are counted apart from NaN losses, which should be none.
+
+    python scripts/precision_training.py                                  # GPU: all 8 runs, 1000 steps each
+    python scripts/precision_training.py --runs fp32,bf16,fp16,bf16-ckpt,fp16-ckpt   # H100: ~5 min
+    python scripts/precision_training.py --runs lora-fp32,lora-bf16,lora-fp16        # H100: ~3 min
+    python scripts/precision_training.py --runs fp32 --long-prompt 65536  # + fp16/bf16 inference, 64K tokens
+    python scripts/precision_training.py --tiny                            # CPU smoke test, seconds
+
+A run whose reference (fp32, or lora-fp32 for LoRA runs) is not listed gets it added. The corpus is
+generated (no network): Zipf-distributed tokens over the whole vocabulary with a fixed sparse bigram
+structure and copied spans, so the loss falls from ln(vocab) as on text. Results (curves included) go to
+--out-dir/results.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM
+from hf_mamba.compat import checkpointing_training_args
+from hf_mamba.generation import prefill_in_chunks
+
+RUNS = ("fp32", "bf16", "fp16", "bf16-ckpt", "fp16-ckpt", "lora-fp32", "lora-bf16", "lora-fp16")
+SMOOTH = 20  # steps in the moving average the curves are compared by
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--hidden-size", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--vocab", type=int, default=50280)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--long-prompt", type=int, default=0, help="tokens of the fp16/bf16 inference check (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default="outputs/precision_training")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, few steps, short prompt")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.hidden_size, args.layers, args.vocab, args.seq_len, args.batch_size = 32, 2, 256, 64, 4
+        args.steps = min(args.steps, 30)
+        args.long_prompt = args.long_prompt and min(args.long_prompt, 2048)
+    for name in ("steps", "batch_size", "seq_len", "hidden_size", "layers", "vocab", "lora_r"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.long_prompt < 0:
+        parser.error(f"--long-prompt must be >= 0, got {args.long_prompt}")
+    runs = [run.strip() for run in args.runs.split(",") if run.strip()]
+    unknown = [run for run in runs if run not in RUNS]
+    if unknown or not runs:
+        parser.error(f"--runs takes names from {', '.join(RUNS)}; got {args.runs!r}")
+    needed = {"lora-fp32" if run.startswith("lora") else "fp32" for run in runs}
+    args.runs = [run for run in RUNS if run in set(runs) | needed]  # references first, fixed order
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def generate_corpus(n_rows, seq_len, vocab, seed):
+    """(n_rows, seq_len) token ids that look like text to a language model.
+
+    Each next token is, with probability 0.45, one of 4 fixed successors of the current token (a sparse
+    bigram table); with 0.1 the continuation of a span copied from earlier in the row (what induction
+    learns); otherwise a draw from a Zipf(1.1) unigram over the whole vocabulary.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
+    unigram = ranks.pow(-1.1)
+    unigram /= unigram.sum()
+    permutation = torch.randperm(vocab, generator=generator)  # which ids are frequent: not just the small ones
+    successors = permutation[torch.multinomial(unigram, vocab * 4, replacement=True, generator=generator)]
+    successors = successors.view(vocab, 4)
+    rows = torch.empty(n_rows, seq_len, dtype=torch.long)
+    draws = permutation[torch.multinomial(unigram, n_rows * seq_len, replacement=True, generator=generator)]
+    draws = draws.view(n_rows, seq_len)
+    choice = torch.rand(n_rows, seq_len, generator=generator)
+    which = torch.randint(0, 4, (n_rows, seq_len), generator=generator)
+    rows[:, 0] = draws[:, 0]
+    copy_from = torch.full((n_rows,), -1, dtype=torch.long)  # position being copied, -1: not copying
+    for t in range(1, seq_len):
+        start_copy = (choice[:, t] < 0.02) & (copy_from < 0) & (t > 16)
+        copy_from = torch.where(start_copy, (torch.rand(n_rows, generator=generator) * (t - 8)).long(), copy_from)
+        stop_copy = (choice[:, t] > 0.97) | (copy_from >= t)
+        copy_from = torch.where(stop_copy, -1, copy_from)
+        bigram = successors[rows[:, t - 1], which[:, t]]
+        token = torch.where(choice[:, t] < 0.47, bigram, draws[:, t])
+        copying = copy_from >= 0
+        token = torch.where(copying, rows[torch.arange(n_rows), copy_from.clamp(min=0)], token)
+        copy_from = torch.where(copying, copy_from + 1, copy_from)
+        rows[:, t] = token
+    return rows
+
+
+class TokenRows(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class StepRecorder(TrainerCallback):
+    """Per step: loss and grad norm (logging_steps=1), wall time, and the GradScaler's scale in fp16."""
+
+    def __init__(self, name, steps, tokens_per_step):
+        self.name, self.steps, self.tokens_per_step = name, steps, tokens_per_step
+        self.losses, self.grad_norms, self.times, self.scales = [], [], [], []
+        self.trainer = None
+        self.every = max(1, steps // 10)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter())
+        scaler = getattr(self.trainer.accelerator, "scaler", None) if self.trainer is not None else None
+        if scaler is not None:
+            self.scales.append(float(scaler.get_scale()))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        self.losses.append(float(logs["loss"]))
+        self.grad_norms.append(float(logs.get("grad_norm", float("nan"))))
+        step = state.global_step
+        if step % self.every == 0 or step == self.steps:
+            print(f"  {self.name:<10} step {step:>5}/{self.steps}  loss {self.losses[-1]:.4f}  "
+                  f"grad norm {self.grad_norms[-1]:.3g}", flush=True)
+
+
+def build_model(args):
+    config = MambaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden_size, num_hidden_layers=args.layers, state_size=16,
+        use_cache=False,
+    )
+    set_seed(args.seed)  # the same initial weights for every run
+    return MambaForCausalLM(config)
+
+
+def train_run(name, args, dataset, device_is_cuda):
+    precision = name.split("-")[-1] if name.startswith("lora") else name.split("-")[0]
+    checkpointing = name.endswith("-ckpt")
+    model = build_model(args)
+    if name.startswith("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        # target_modules: PEFT's default for the model type, which hf_mamba registers (every projection).
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=2 * args.lora_r))
+    training_args = TrainingArguments(
+        output_dir=os.path.join(tempfile.gettempdir(), "precision_training", name),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.steps // 10),
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # the Trainer would otherwise log a NaN loss as the running mean
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not device_is_cuda,
+        dataloader_num_workers=0,
+        **(checkpointing_training_args(True) if checkpointing else {}),
+    )
+    recorder = StepRecorder(name, args.steps, args.batch_size * args.seq_len)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[recorder])
+    trainer.remove_callback(ProgressCallback)  # one line per logged step otherwise (logging_steps=1)
+    trainer.remove_callback(PrinterCallback)
+    recorder.trainer = trainer
+    if device_is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    # Throughput after the first 10% of steps (the first calls compile the Triton kernels).
+    skip = min(len(recorder.times) - 1, max(1, args.steps // 10))
+    timed = recorder.times[-1] - recorder.times[skip - 1] if len(recorder.times) > 1 else wall
+    tokens_per_s = (len(recorder.times) - skip) * recorder.tokens_per_step / timed if timed > 0 else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device_is_cuda else float("nan")
+    result = {
+        "run": name, "losses": recorder.losses, "grad_norms": recorder.grad_norms, "scales": recorder.scales,
+        "tokens_per_s": tokens_per_s, "peak_gib": peak, "wall_s": wall,
+        "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+    }
+    if name.startswith("lora"):
+        model = model.merge_and_unload()
+    return result, model
+
+
+def smooth(values, window=SMOOTH):
+    """Trailing moving average (the first window-1 points average what there is)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def summarize(result, reference):
+    losses, grads = result["losses"], result["grad_norms"]
+    finite = [v for v in losses if math.isfinite(v)]
+    summary = {
+        "final_loss": sum(finite[-SMOOTH:]) / len(finite[-SMOOTH:]) if finite else float("nan"),
+        "nan_losses": sum(not math.isfinite(v) for v in losses),
+        "nonfinite_grads": sum(not math.isfinite(v) for v in grads),
+        "max_diff": float("nan"),
+    }
+    if reference is not None and reference is not result and summary["nan_losses"] == 0:
+        ours, theirs = smooth(losses), smooth(reference["losses"])
+        summary["max_diff"] = max(abs(a - b) for a, b in zip(ours, theirs, strict=False))
+    # The fp32 curve's own step-to-step noise around its moving average: what "within noise" is measured by.
+    summary["noise"] = _residual_std(losses) if summary["nan_losses"] == 0 else float("nan")
+    return summary
+
+
+def _residual_std(losses):
+    tail = losses[len(losses) // 2 :]
+    smoothed = smooth(losses)[len(losses) // 2 :]
+    if len(tail) < 2:
+        return float("nan")
+    return (sum((a - b) ** 2 for a, b in zip(tail, smoothed, strict=True)) / (len(tail) - 1)) ** 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference over a long prompt in pure fp16 / bf16
+
+
+@torch.no_grad()
+def long_prompt_check(model, args, device):
+    """The trained model saved and loaded back in fp32, fp16 and bf16 (`from_pretrained(dtype=...)`, which
+    keeps A_log, D and the Δ bias in fp32), over one prompt of args.long_prompt tokens: whether every
+    hidden state and logit is finite, the largest residual value (fp16 overflows at 65504), and the last
+    1024 positions' logits against fp32."""
+    prompt = generate_corpus(1, args.long_prompt, args.vocab, args.seed + 7).to(device)
+    keep = min(1024, args.long_prompt)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        reference = None
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            half = MambaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+            half(prompt[:, :256], logits_to_keep=1)  # compiles this dtype's kernels outside the timing
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = half(prompt, output_hidden_states=True, logits_to_keep=keep, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            hidden_finite = all(bool(torch.isfinite(h).all()) for h in out.hidden_states)
+            residual_max = max(h.float().abs().max().item() for h in out.hidden_states[1:-1]) if args.layers > 1 else 0
+            logits = out.logits.float()
+            # The same prompt prefilled in chunks, then 16 greedy tokens through the decode step.
+            cache = MambaCache(half.config, 1, dtype=half.dtype, device=device)
+            prefill_in_chunks(half, prompt[:, :-1], chunk_size=min(8192, args.long_prompt), cache=cache)
+            generated = half.generate(prompt, cache=cache, max_new_tokens=16, do_sample=False,
+                                      output_scores=True, return_dict_in_generate=True)
+            scores_finite = all(bool(torch.isfinite(s).all()) for s in generated.scores)
+            row = {
+                "dtype": str(dtype).replace("torch.", ""), "seconds": seconds, "hidden_finite": hidden_finite,
+                "logits_finite": bool(torch.isfinite(logits).all()), "residual_max": residual_max,
+                "decode_finite": scores_finite,
+            }
+            if reference is None:
+                reference = logits
+                row["max_logit_diff"] = row["top1_agree"] = float("nan")
+            else:
+                row["max_logit_diff"] = (logits - reference).abs().max().item()
+                row["top1_agree"] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+            rows.append(row)
+            del half, out
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device_is_cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if device_is_cuda else "cpu")
+    n_rows = args.steps * args.batch_size
+    print(f"corpus: {n_rows} rows x {args.seq_len} tokens, vocab {args.vocab} (generated, seed {args.seed})")
+    started = time.perf_counter()
+    dataset = TokenRows(generate_corpus(n_rows, args.seq_len, args.vocab, args.seed))
+    print(f"  generated in {time.perf_counter() - started:.1f} s")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    results, skipped, trained = {}, {}, None
+    for name in args.runs:
+        print(f"run {name}", flush=True)
+        try:
+            results[name], model = train_run(name, args, dataset, device_is_cuda)
+        except ValueError as error:  # e.g. fp16 mixed precision on a device without fp16 autocast
+            if "fp16" not in name or "not supported" not in str(error):
+                raise
+            skipped[name] = str(error)
+            print(f"  skipped: {error}")
+            continue
+        if name == "fp32":
+            trained = model
+        del model
+        (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "runs": results}, indent=1))
+
+    n_params = sum(p.numel() for p in build_model(args).parameters())
+    print(f"\nTraining, {n_params / 1e6:.2f}M parameters (d_model {args.hidden_size}, {args.layers} layers, vocab "
+          f"{args.vocab}), {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, "
+          f"{'GPU ' + torch.cuda.get_device_name() if device_is_cuda else 'CPU'}")
+    print(f"max |Δ loss| compares {SMOOTH}-step moving averages with the fp32 run (LoRA: lora-fp32); "
+          f"noise = std of the loss around its moving average (second half)")
+    header = (f"{'run':<11}{'final loss':>11}{'max |Δ loss|':>14}{'noise':>8}{'NaN/Inf loss':>14}"
+              f"{'inf grad norm':>15}{'tokens/s':>11}{'peak GiB':>10}")
+    print(header)
+    print("-" * len(header))
+    for name, result in results.items():
+        reference = results.get("lora-fp32" if name.startswith("lora") else "fp32")
+        summary = summarize(result, reference)
+        result["summary"] = summary
+        print(f"{name:<11}{summary['final_loss']:>11.4f}{_fmt(summary['max_diff'], '.4f'):>14}"
+              f"{_fmt(summary['noise'], '.3f'):>8}{summary['nan_losses']:>14}{summary['nonfinite_grads']:>15}"
+              f"{result['tokens_per_s']:>11,.0f}{_fmt(result['peak_gib'], '.2f'):>10}")
+    for name, reason in skipped.items():
+        print(f"{name:<11}skipped: {reason}")
+    for name, result in results.items():
+        if result["scales"]:
+            skipped_steps = result["summary"]["nonfinite_grads"]
+            print(f"{name}: GradScaler scale {result['scales'][0]:.0f} -> {result['scales'][-1]:.0f}; "
+                  f"{skipped_steps} steps skipped for overflowing gradients")
+
+    long_rows = []
+    if args.long_prompt:
+        model = trained if trained is not None else build_model(args)
+        print(f"\nInference over one {args.long_prompt}-token prompt, model loaded with from_pretrained(dtype=...) "
+              f"({'trained fp32 run' if trained is not None else 'untrained'}); logits of the last "
+              f"{min(1024, args.long_prompt)} positions compared with fp32")
+        long_rows = long_prompt_check(model.to(device), args, device)
+        print(f"{'dtype':<10}{'hidden finite':>14}{'logits finite':>14}{'max |residual|':>16}"
+              f"{'max |Δ logit|':>15}{'top-1 agree':>12}{'decode finite':>15}{'seconds':>9}")
+        for row in long_rows:
+            print(f"{row['dtype']:<10}{row['hidden_finite']!s:>14}{row['logits_finite']!s:>14}"
+                  f"{row['residual_max']:>16.1f}{_fmt(row['max_logit_diff'], '.4f'):>15}"
+                  f"{_fmt(row['top1_agree'], '.4f'):>12}{row['decode_finite']!s:>15}{row['seconds']:>9.2f}")
+    (out_dir / "results.json").write_text(
+        json.dumps({"args": vars(args), "runs": results, "skipped": skipped, "long_prompt": long_rows}, indent=1)
+    )
+    print(f"\nresults: {out_dir / 'results.json'}")
+    return results, long_rows
+
+
+def _fmt(value, spec):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+if __name__ == "__main__":
+    main()
