@@ -13,13 +13,17 @@ The source layout is detected from SRC_DIR/config.json:
 
 hf_mamba and Transformers share every parameter name and config field, so between them only the config's
 model_type (and hf_mamba's remote code) changes; state-spaces renames the embedding and its config fields.
-Weights are copied tensor by tensor in their stored dtype unless --dtype is given. After writing, the
-converted folder is loaded back and its logits compared with the source's on a random batch (--no-verify
-skips it); the script prints a short table and exits non-zero if they differ.
+Weights are copied tensor by tensor in their stored dtype unless --dtype is given. The tokenizer files of
+SRC_DIR (tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab/merges files, ...) are copied
+beside them, so the converted folder trains and generates as it is (state-spaces folders usually have none:
+save one there, e.g. `AutoTokenizer.from_pretrained("EleutherAI/gpt-neox-20b").save_pretrained(DST_DIR)`).
+After writing, the converted folder is loaded back and its logits compared with the source's on a random
+batch (--no-verify skips it); the script prints a short table and exits non-zero if they differ.
 """
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +75,22 @@ SSM_CFG_FIELDS = {
 }
 
 KEEP_FP32 = ("A_log", "mixer.D", "dt_proj.bias")
+
+# What AutoTokenizer.from_pretrained reads from a folder, for the tokenizer kinds Mamba checkpoints come with
+# (fast tokenizers, GPT-2/BPE vocab + merges, WordPiece, SentencePiece) and the chat template.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 SS_EMBEDDING, HF_EMBEDDING = "backbone.embedding.weight", "backbone.embeddings.weight"
 
 
@@ -93,7 +113,11 @@ def detect_layout(config: dict) -> str:
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder: (sharded) safetensors first, then (sharded) pytorch_model.bin."""
+    """Every tensor of a checkpoint folder: (sharded) safetensors first, then (sharded) pytorch_model.bin.
+
+    pytorch_model.bin (the state-spaces format) is read with torch.load(weights_only=True): tensors only,
+    never arbitrary pickled objects.
+    """
     from safetensors.torch import load_file
 
     for index_name, single_name, loader in (
@@ -101,14 +125,28 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin", _load_bin),
     ):
         if (folder / index_name).exists():
-            shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as error:
+                raise ValueError(f"{folder / index_name} is not a shard index ({error})") from None
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder / index_name} lists shards that are missing: {', '.join(missing)}")
             state_dict = {}
             for shard in shards:
-                state_dict.update(loader(folder / shard))
+                state_dict.update(_read(loader, folder / shard))
             return state_dict
         if (folder / single_name).exists():
-            return loader(folder / single_name)
+            return _read(loader, folder / single_name)
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or their index) in {folder}")
+
+
+def _read(loader, path: Path) -> dict[str, torch.Tensor]:
+    """loader(path), with the file named when it cannot be read (safetensors' own errors name none)."""
+    try:
+        return loader(path)
+    except Exception as error:  # SafetensorError, pickle and zip errors: all mean an unreadable file
+        raise ValueError(f"{path} cannot be read, truncated or corrupt? ({error})") from None
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -237,7 +275,10 @@ def read_folder(folder: Path) -> tuple[str, dict, dict]:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} does not exist")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from None
     layout = detect_layout(config)
     state_dict = load_state_dict(folder)
     if layout == "state-spaces":
@@ -245,6 +286,14 @@ def read_folder(folder: Path) -> tuple[str, dict, dict]:
     else:
         fields, state_dict = hf_to_canonical(config, state_dict)
     return layout, fields, state_dict
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files `src` has into `dst`; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copyfile(src / name, dst / name)
+    return copied
 
 
 def convert(src, dst, to: str = "hf_mamba", dtype: torch.dtype | None = None, max_shard_size="5GB") -> str:
@@ -263,6 +312,7 @@ def convert(src, dst, to: str = "hf_mamba", dtype: torch.dtype | None = None, ma
         write_state_spaces_folder(fields, state_dict, dst)
     else:
         write_hf_folder(to, fields, state_dict, dst, max_shard_size)
+    copy_tokenizer_files(src, dst)
     return layout
 
 
@@ -310,10 +360,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
     parser.add_argument("--atol", type=float, default=1e-5, help="largest logit difference accepted in fp32")
     args = parser.parse_args(argv)
+    if not args.src.is_dir():
+        parser.error(f"src {args.src}: no such folder")
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    layout = convert(args.src, args.dst, to=args.to, dtype=dtype, max_shard_size=args.max_shard_size)
-    rows = [("source", f"{args.src} ({layout})"), ("target", f"{args.dst} ({args.to})")]
+    try:
+        layout = convert(args.src, args.dst, to=args.to, dtype=dtype, max_shard_size=args.max_shard_size)
+    except (FileNotFoundError, ValueError) as error:  # a bad source folder: one line, not a traceback
+        parser.exit(1, f"error: {error}\n")
+    tokenizer_files = [name for name in TOKENIZER_FILES if (args.dst / name).is_file()]
+    rows = [
+        ("source", f"{args.src} ({layout})"),
+        ("target", f"{args.dst} ({args.to})"),
+        ("tokenizer", ", ".join(tokenizer_files) if tokenizer_files else f"none in {args.src}: save one beside it"),
+    ]
     ok = True
     if not args.no_verify:
         difference = max_logit_difference(args.src, args.dst)

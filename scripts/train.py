@@ -640,6 +640,8 @@ def main(argv=None):
         report_to=args.report_to,
         seed=args.seed,
         dataloader_num_workers=args.dataloader_num_workers,
+        # Pinned memory only speeds up copies to a GPU; without one torch warns that it is set.
+        dataloader_pin_memory=torch.cuda.is_available() and not args.use_cpu,
         include_num_input_tokens_seen="non_padding" if args.no_packing else "all",
         fsdp=True if args.fsdp else None,
         fsdp_config={"transformer_layer_cls_to_wrap": [args.fsdp_wrap]} if args.fsdp else None,

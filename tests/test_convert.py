@@ -146,3 +146,65 @@ def test_rejects_layernorm_state_spaces(tmp_path):
     (tmp_path / "ss" / "config.json").write_text(json.dumps({**config, "rms_norm": False}))
     with pytest.raises(ValueError, match="rms_norm"):
         convert_checkpoint.convert(tmp_path / "ss", tmp_path / "hf")
+
+
+def word_tokenizer():
+    """A small fast tokenizer (one id per word) standing in for the GPT-NeoX tokenizer of the Mamba checkpoints."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<|endoftext|>", "<unk>", "the", "selective", "scan", "state", "space", "model"]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("to", convert_checkpoint.LAYOUTS)
+def test_tokenizer_files_travel_with_the_weights(tmp_path, to, capsys):
+    """Without them a converted folder loads Transformers' empty fallback tokenizer (every text encodes to [])."""
+    reference_model().save_pretrained(tmp_path / "tf")
+    tokenizer = word_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tf")
+    source_files = {p.name for p in (tmp_path / "tf").iterdir() if p.name in convert_checkpoint.TOKENIZER_FILES}
+    assert "tokenizer.json" in source_files
+
+    assert convert_checkpoint.main([str(tmp_path / "tf"), str(tmp_path / "out"), "--to", to]) == 0
+    copied = {p.name for p in (tmp_path / "out").iterdir() if p.name in convert_checkpoint.TOKENIZER_FILES}
+    assert copied == source_files
+    assert f"tokenizer          {', '.join(sorted(copied, key=convert_checkpoint.TOKENIZER_FILES.index))}" in (
+        capsys.readouterr().out
+    )
+    text = "the selective scan of a state space model"
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"] == [2, 3, 4, 1, 1, 5, 6, 7]
+
+
+def test_says_when_the_source_has_no_tokenizer(tmp_path, capsys):
+    reference_model().save_pretrained(tmp_path / "tf")
+    assert convert_checkpoint.main([str(tmp_path / "tf"), str(tmp_path / "hf"), "--no-verify"]) == 0
+    assert f"none in {tmp_path / 'tf'}: save one beside it" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["no-folder", "truncated", "missing-shard", "bad-config"])
+def test_bad_source_is_one_line_naming_the_file(tmp_path, damage, capsys):
+    """Before anything is written: no traceback, and the file at fault named (safetensors' own error names none)."""
+    src = tmp_path / "src"
+    reference_model().save_pretrained(src, max_shard_size="20KB" if damage == "missing-shard" else "5GB")
+    if damage == "no-folder":
+        src, expected = tmp_path / "nowhere", f"src {tmp_path / 'nowhere'}: no such folder"
+    elif damage == "truncated":
+        weights = src / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        expected = f"{weights} cannot be read, truncated or corrupt?"
+    elif damage == "missing-shard":
+        shard = sorted(src.glob("model-*.safetensors"))[-1]
+        shard.unlink()
+        expected = f"{src / 'model.safetensors.index.json'} lists shards that are missing: {shard.name}"
+    else:
+        (src / "config.json").write_text('{"model_type": "mamba",')
+        expected = f"{src / 'config.json'} is not valid JSON"
+    with pytest.raises(SystemExit) as stopped:
+        convert_checkpoint.main([str(src), str(tmp_path / "out")])
+    assert stopped.value.code in (1, 2)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert expected in error, error
+    assert not (tmp_path / "out").exists()

@@ -274,3 +274,19 @@ def test_sigterm_from_outside_stops_with_a_checkpoint(tmp_path):
     assert f"SIGTERM: stopped at step {checkpoint.name.split('-')[1]} and saved {checkpoint}" in output
     assert train_script.checkpoint_problem(checkpoint) is None
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] < 100000
+
+
+def test_second_ctrl_c_stops_at_once():
+    """The first SIGINT only asks for a checkpoint; a repeat within a second is the same interrupt delivered
+    twice (terminal and torchrun both signal the workers); a later one raises KeyboardInterrupt at once."""
+    stop = train_script.StopOnSignal()
+    handler = signal.getsignal(signal.SIGINT)
+    with stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == signal.SIGINT and signal.getsignal(signal.SIGINT) == stop._handle
+        stop.time -= 1.0  # as if a second had passed
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # Python runs the re-raised signal's handler at its next check
+            pass
+    assert signal.getsignal(signal.SIGINT) is handler
