@@ -1,0 +1,251 @@
+"""QLoRA on CPU: a 4-bit (bitsandbytes nf4) hf_mamba or Falcon Mamba base with LoRA adapters, against the same
+model with its weights dequantized into a plain one (`bitsandbytes.functional.dequantize_4bit`).
+
+Sizes: bitsandbytes' CPU 4-bit layers need every quantized out_features to be a multiple of 32; hidden 64 and
+state 14 give in_proj 256, x_proj dt_rank 4 + 2 * 14 = 32, out_proj 64 (lm_head stays unquantized).
+
+Tolerances, relative to the largest |logit| or |gradient|:
+- EXACT (1e-6): bitsandbytes dequantizes the weight and multiplies in fp32 (compute dtype fp32): training mode,
+  or wherever gradients flow. The plain model runs the same fp32 matmuls, so only summation order can differ.
+- Inference (eval mode, no gradients) on a CPU with AVX512-BF16: bitsandbytes swaps in its packed CPU kernel,
+  which rounds the layer inputs to bf16 whatever the compute dtype: CPU_BF16 (1e-2) there, EXACT elsewhere.
+"""
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+import transformers  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from transformers import BitsAndBytesConfig  # noqa: E402
+
+import hf_mamba  # noqa: E402
+from hf_mamba.compat import enable_activation_checkpointing  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXACT = 1e-6
+CPU_BF16 = 1e-2
+SHAPE = dict(vocab_size=96, hidden_size=64, state_size=14, num_hidden_layers=2)
+PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+QUANTIZED = ("in_proj", "x_proj", "out_proj")  # dt_proj is our MambaDeltaProjection: its fp32 bias stays apart
+
+
+def nf4_config():
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+@pytest.fixture(scope="module", params=["mamba", "falcon_mamba"])
+def folder(request, tmp_path_factory):
+    """A saved tiny model: hf_mamba's Mamba, or Transformers' FalconMambaForCausalLM (untied lm_head, norms)."""
+    torch.manual_seed(0)
+    if request.param == "mamba":
+        model = hf_mamba.MambaForCausalLM(hf_mamba.MambaConfig(**SHAPE))
+    else:
+        config = transformers.FalconMambaConfig(**SHAPE, tie_word_embeddings=False, mixer_rms_eps=1e-6)
+        model = transformers.FalconMambaForCausalLM(config)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return path
+
+
+def load_4bit(folder):
+    return hf_mamba.MambaForCausalLM.from_pretrained(folder, quantization_config=nf4_config())
+
+
+def quantized_and_dequantized(folder):
+    """The 4-bit model and a plain fp32 model holding its dequantized weights (read before any inference, which
+    may repack the 4-bit weights for bitsandbytes' CPU kernel)."""
+    quantized = load_4bit(folder)
+    plain = hf_mamba.MambaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                plain.get_submodule(name).weight.copy_(weight)
+    return quantized, plain
+
+
+def with_lora(model, seed=1, **kwargs):
+    # init_lora_weights=False: random A and B, so every adapter changes the output and gets a gradient.
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False, **kwargs))
+
+
+def copy_adapters(source, target):
+    """target's LoRA weights := source's (both PEFT models of the same architecture)."""
+    target_params = dict(target.named_parameters())
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if "lora_" in name:
+                target_params[name].copy_(param)
+
+
+def inference_tolerance(model):
+    """EXACT, or CPU_BF16 where bitsandbytes' CPU inference kernel rounds inputs to bf16 (see the docstring)."""
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return CPU_BF16 if any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers) else EXACT
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def token_ids(batch, seqlen, seed=2):
+    return torch.randint(1, SHAPE["vocab_size"], (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def test_4bit_load_quantizes_the_projections_and_keeps_ssm_parameters_fp32(folder):
+    model = load_4bit(folder)
+    mixer = model.backbone.layers[0].mixer
+    for name in QUANTIZED:
+        assert isinstance(getattr(mixer, name), bnb.nn.Linear4bit), name
+    assert type(mixer.dt_proj) is hf_mamba.modeling_mamba.MambaDeltaProjection
+    for param in (mixer.A_log, mixer.D, mixer.dt_proj.bias, mixer.dt_proj.weight):
+        assert param.dtype == torch.float32
+    assert type(model.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_logits_match_the_dequantized_model(folder, batch):
+    quantized, plain = quantized_and_dequantized(folder)
+    ids = token_ids(batch, 13)
+    expected = plain(ids).logits
+    # Training mode with gradients: bitsandbytes' fp32 dequantize-and-matmul.
+    quantized.train()
+    assert relative_error(quantized(ids).logits, expected) <= EXACT
+    # Inference: what generate() and evaluation run (the 4-bit layers see x_proj's and out_proj's inputs
+    # as channels-last views; a kernel that ignores strides is caught here at batch 1).
+    quantized.eval()
+    with torch.no_grad():
+        assert relative_error(quantized(ids).logits, expected) <= inference_tolerance(quantized)
+
+
+def test_lora_gradients_match_the_dequantized_model(folder):
+    quantized, plain = quantized_and_dequantized(folder)
+    quantized = with_lora(prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False))
+    plain = with_lora(plain)
+    copy_adapters(quantized, plain)
+    ids = token_ids(2, 13)
+    grads = {}
+    for name, model in (("4-bit", quantized), ("plain", plain)):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["4-bit"].keys() == grads["plain"].keys()
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[1] for n in grads["4-bit"]}
+    assert adapted == set(PROJECTIONS)
+    for name, grad in grads["4-bit"].items():
+        assert grad is not None and grad.abs().max() > 0, name
+        assert relative_error(grad, grads["plain"][name]) <= 1e-5, name
+
+
+def test_qlora_steps_lower_the_loss_and_leave_the_base_unchanged(folder):
+    model = prepare_model_for_kbit_training(load_4bit(folder), use_gradient_checkpointing=False)
+    enable_activation_checkpointing(model)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4))
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_ids(2, 16)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.05, losses
+    for name, param in model.named_parameters():
+        if name in base:
+            assert torch.equal(param, base[name]), name
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_greedy_generation_matches_the_dequantized_model(folder, batch):
+    quantized, plain = quantized_and_dequantized(folder)
+    quantized, plain = with_lora(quantized), with_lora(plain)
+    copy_adapters(quantized, plain)
+    prompt = token_ids(batch, 6, seed=3)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = {}
+    for name, model in (("4-bit", quantized), ("plain", plain)):
+        model.eval()
+        out[name] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert out["4-bit"].shape == (batch, 14)
+    assert torch.equal(out["4-bit"], out["plain"])
+
+
+def test_saved_adapter_on_a_fresh_4bit_base_gives_the_same_logits(folder, tmp_path):
+    model = get_peft_model(prepare_model_for_kbit_training(load_4bit(folder), use_gradient_checkpointing=False),
+                           LoraConfig(task_type="CAUSAL_LM", r=4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_ids(2, 16)
+    model.train()
+    for _ in range(2):  # trained, so lora_B is no longer zero and the adapter changes the logits
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_4bit(folder), tmp_path / "adapter")
+    bare = load_4bit(folder)
+    for each in (model, reloaded, bare):
+        each.eval()  # the same bitsandbytes kernels on every side (see the module docstring)
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert relative_error(reloaded(ids).logits, expected) <= EXACT
+        assert relative_error(bare(ids).logits, expected) > 1e-3  # the adapter is in the comparison
+
+
+def test_recipe_runs_without_warnings(folder):
+    """The documented recipe (docs/large_models.md): 4-bit load, kbit preparation, activation checkpointing by the
+    installed release's name, LoRA on every projection, a step, generation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = prepare_model_for_kbit_training(load_4bit(folder), use_gradient_checkpointing=False)
+        enable_activation_checkpointing(model)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4))
+        model.train()
+        ids = token_ids(1, 16)
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.eval()
+        model.generate(input_ids=ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_benchmark_large_tiny_runs_every_row_and_reports_a_failing_one(tmp_path, monkeypatch):
+    """scripts/benchmark_large.py --tiny on CPU: every row measured, a row that runs out of memory reported as
+    such while the others still run, the table written to --out."""
+    spec = importlib.util.spec_from_file_location("benchmark_large", ROOT / "scripts" / "benchmark_large.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    def out_of_memory(self, impl, model, shape):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(benchmark.Bench, "prefill", out_of_memory)
+    out = tmp_path / "table.md"
+    table = benchmark.main(["--tiny", "--shapes", "7b", "--out", str(out)])
+    rows = {(row.measurement, row.tokens, row.dtype.split(",")[0]): row for row in table.rows}
+    assert [key[0] for key in rows] == [
+        "prefill",
+        "train step (fwd+bwd, checkpointing)",
+        "greedy decode",
+        "greedy decode",
+        "LoRA step (fwd+bwd+AdamW, checkpointing)",
+        "LoRA step (fwd+bwd+AdamW, checkpointing)",
+    ]
+    failed, *measured = rows.values()
+    assert failed.notes == "out of memory" and failed.tokens_per_s is None
+    for row in measured:
+        assert row.tokens_per_s > 0 and row.first_s > 0, row
+        assert row.shape == "7b-tiny" and row.gpu == "CPU"
+    assert {row.dtype.split(",")[0] for row in measured if row.measurement.startswith("LoRA")} == {
+        "nf4 base (double quant)", "bf16 base"
+    }
+    assert "% of bound" in measured[1].notes
+    assert out.read_text() == table.markdown()
