@@ -20,11 +20,6 @@ try:  # Triton >= 3.4: compiles submitted to an executor
 except ImportError:
     _async_compile = None
 
-# Launch a kernel whose argument signature has launched before through its compiled launcher
-# (`launch`). Off: every launch goes through Triton's JITFunction.run.
-FAST_LAUNCH = True
-
-
 def device_guard(t):
     """Launch on t's GPU (Triton launches on the current device); nothing for CPU tensors (interpreter)
     or when t's GPU is already current (entering torch.cuda.device costs host time every layer)."""
@@ -67,16 +62,19 @@ def launch(kernel, grid, *args, **constexprs):
 
     Why: JITFunction.run binds and specialises every argument and builds a cache key on every call,
     22-79 us per launch for our kernels (21-65 arguments) on the H200's host, against 8-18 us for
-    the compiled kernel's own launcher (NOTES.md, session 9); a layer's training step makes about
-    eleven launches and the step is host-bound. Here a signature key (`_signature`: per argument
-    what Triton specialises on, or something finer) maps to the CompiledKernel that Triton itself
-    chose the first time, and later calls go straight to its launcher. The interpreter, Triton
-    without the knobs API (before 3.4) and FAST_LAUNCH = False take the ordinary path.
+    the compiled kernel's own launcher (docs/kernels.md, "Host time"); a layer's training step makes
+    about eleven launches and the step is host-bound. Here a signature key (`_signature`: per
+    argument what Triton specialises on, or something finer) maps to the CompiledKernel that Triton
+    itself chose the first time, and later calls go straight to its launcher. Triton has no public
+    call for that launcher (`CompiledKernel.run` with the arguments JITFunction.run passes it), so
+    this follows Triton >= 3.4's calling convention; the interpreter, older Triton and
+    `plain_launches()` take the ordinary path.
     """
     if _COMPILE_ONLY.get():
         kernel.warmup(*args, grid=grid, **constexprs)
         return
-    signature = _signature(args) if FAST_LAUNCH and _FAST_PATH and isinstance(kernel, JITFunction) else None
+    fast = _FAST_PATH and not _PLAIN.get() and isinstance(kernel, JITFunction)
+    signature = _signature(args) if fast else None
     if signature is None:
         kernel[grid](*args, **constexprs)
         return
@@ -108,6 +106,18 @@ _compiled = {}  # (kernel, device, signature, *constexprs) -> (CompiledKernel, t
 
 # Set while `compile_ahead` runs its function: `launch` then compiles the kernel and runs nothing.
 _COMPILE_ONLY = contextvars.ContextVar("hf_mamba_compile_only", default=False)
+# Set inside `plain_launches()`: every launch goes through Triton's JITFunction.run.
+_PLAIN = contextvars.ContextVar("hf_mamba_plain_launches", default=False)
+
+
+@contextlib.contextmanager
+def plain_launches():
+    """Within this context `launch` takes Triton's ordinary path (to time or record it)."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
 
 
 def compile_ahead(fn, *args):

@@ -19,26 +19,25 @@ cast joins the other weights' one copy, its weight gradient comes out of one mat
 five autograd nodes of an autocast Linear (cast, matmul, transpose and two views) are not made: the
 training step is host-bound, and each node and launch costs host time.
 
-The model uses this only where it computes exactly what the modules would (see
-`MambaMixer._fused_inner_ok`): plain Linear/Conv1d modules without hooks (so LoRA and other wrappers
-take the module path), no cache, no padding mask, not under torch.compile.
+The model uses this only where it computes exactly what the modules would: plain Linear/Conv1d
+modules without hooks (so LoRA and other wrappers take the module path), no cache, no padding mask,
+not under torch.compile.
 """
 
 import torch
 import torch.nn.functional as F
 
 from ._launch import compile_ahead, device_guard
+from .selective_scan.reference import fp32_or_wider
 
-# Compile the kernels of a training call's forward and backward side by side before its first run
-# (`_compile_first_call`).
-COMPILE_AHEAD = True
+# The inputs of `_MambaInner`, in order: its backward returns their gradients by these names.
+_INPUTS = (
+    "x_in", "in_proj_weight", "in_proj_bias", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight",
+    "dt_proj_bias", "A_log", "D", "out_proj_weight", "out_proj_bias", "seq_idx",
+)
 # The calls (`_call_key`) whose kernels have been compiled ahead. A new shape gets a dry pass too; where
 # its kernels are built already, that costs the host and GPU work of one layer's step, nothing compiles.
 _compiled_ahead = set()
-
-
-def _fp32_or_wider(t):
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _mm_fp32(a, b):
@@ -65,14 +64,13 @@ def _cast_all(weights, dtype):
     return views
 
 
-def _in_proj_grads(ctx, dxz, hidden, w_in):
+def _in_proj_grads(ctx, needs, dxz, hidden, w_in):
     """in_proj's input, weight and bias gradients from dxz and its input hidden, both (rows, features) in
     the matmul dtype: the weight's in fp32 (one matmul), skipped where frozen."""
-    need = ctx.needs_input_grad
     in_dtype, w_dtype = ctx.in_dtypes
-    dhidden = torch.mm(dxz, w_in).to(in_dtype) if need[0] else None  # (rows, hidden)
-    dw_in = _mm_fp32(dxz.t(), hidden).to(w_dtype) if need[1] else None
-    db_in = dxz.sum(0, dtype=torch.float32).to(ctx.bias_dtypes[0]) if need[2] else None
+    dhidden = torch.mm(dxz, w_in).to(in_dtype) if needs["x_in"] else None  # (rows, hidden)
+    dw_in = _mm_fp32(dxz.t(), hidden).to(w_dtype) if needs["in_proj_weight"] else None
+    db_in = dxz.sum(0, dtype=torch.float32).to(ctx.bias_dtypes[0]) if needs["in_proj_bias"] else None
     return dhidden, dw_in, db_in
 
 
@@ -106,8 +104,8 @@ class _MambaInner(torch.autograd.Function):
         dt_proj_bias, A_log, D, out_proj_weight, out_proj_bias, seq_idx,
     ):
         # x_in: in_proj's input (batch, seqlen, hidden) where in_proj_weight is given, else its output xz.
-        from .causal_conv1d.triton_conv import _conv_fwd
-        from .selective_scan.triton_scan import _scan_fwd
+        from .causal_conv1d.triton_conv import conv_fwd
+        from .selective_scan.triton_scan import scan_fwd
 
         dtype = _compute_dtype(x_in)
         ctx.in_dtypes = (x_in.dtype, in_proj_weight.dtype if in_proj_weight is not None else None)
@@ -129,14 +127,14 @@ class _MambaInner(torch.autograd.Function):
                 xz = x_in
             x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)  # (batch, d_inner, seqlen)
             conv_w = conv_weight.reshape(d_inner, -1)
-            u = _conv_fwd(x, conv_w, conv_bias, seq_idx, True, True)  # channels-last, for x_proj
+            u = conv_fwd(x, conv_w, conv_bias, seq_idx, True, True)  # channels-last, for x_proj
             x_dbl = F.linear(u.transpose(1, 2), w_x)  # (batch, seqlen, dt_rank + 2 d_state)
             dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             delta = F.linear(dt, w_dt).transpose(1, 2)  # bias: in the scan, fp32
-            A_log_f = _fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
-            y, _, chunk_states = _scan_fwd(
-                u, delta, A_log_f, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
-                _fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False, A_is_log=True,
+            A_log_f = fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
+            y, _, chunk_states = scan_fwd(
+                u, delta, A_log_f, B.transpose(1, 2), C.transpose(1, 2), fp32_or_wider(D), z,
+                fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False, A_is_log=True,
             )
             bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
             out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
@@ -151,8 +149,8 @@ class _MambaInner(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from .causal_conv1d.triton_conv import _conv_bwd, _conv_fwd
-        from .selective_scan.triton_scan import _scan_bwd
+        from .causal_conv1d.triton_conv import conv_bwd, conv_fwd
+        from .selective_scan.triton_scan import scan_bwd
 
         (xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx,
          hidden, w_in) = ctx.saved_tensors
@@ -170,7 +168,7 @@ class _MambaInner(torch.autograd.Function):
             # layout the scan backward reads) and (d_inner, rows) matrices, so that every weight
             # gradient below is one matmul over all rows (`_rows`) instead of a batched one and a sum.
             u = _by_channel(xz.new_empty(d_inner, rows), batch)
-            _conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=u)
+            conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=u)
             dt = x_dbl.view(rows, -1)[:, :dt_rank]
             delta = _by_channel(torch.mm(w_dt, dt.t()), batch)
             dy = _by_channel(torch.mm(w_out.t(), dout.t()), batch)
@@ -179,44 +177,48 @@ class _MambaInner(torch.autograd.Function):
             dx_dbl = x_dbl.new_empty(rows, dt_rank + 2 * d_state)
             _, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             dxz = torch.empty_like(xz)
-            du, ddelta, dA_log, _, _, dD, _, ddt_bias, _ = _scan_bwd(
-                u, delta, A_log, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(D), z,
-                _fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y, need_dinitial=False,
+            # y, dB, dC and dz go straight where they are needed: y for out_proj's weight gradient,
+            # dB and dC into x_proj's output gradient, dz into in_proj's.
+            scan = scan_bwd(
+                u, delta, A_log, B.transpose(1, 2), C.transpose(1, 2), fp32_or_wider(D), z,
+                fp32_or_wider(dt_proj_bias), True, chunk_states, dy, None, seq_idx, y_out=y, need_dinitial=False,
                 dBC_out=dx_dbl[:, dt_rank:].view(batch, seqlen, 2, d_state),
-                dz_out=dxz[..., d_inner:].transpose(1, 2),  # dz straight into in_proj's output gradient
+                dz_out=dxz[..., d_inner:].transpose(1, 2),
                 A_is_log=True,
             )
-            ddelta = _rows(ddelta)
+            ddelta = _rows(scan.ddelta)
             torch.mm(ddelta.t(), w_dt, out=dx_dbl[:, :dt_rank])
             # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
             # in_proj only).
-            need = ctx.needs_input_grad
-            dw_out = _mm_fp32(dout.t(), _rows(y).t()) if need[10] else None
-            db_out = dout.sum(0, dtype=torch.float32) if need[11] else None
-            dw_dt = _mm_fp32(ddelta, dt) if need[6] else None
-            dw_x = _mm_fp32(dx_dbl.t(), _rows(u).t()) if need[5] else None
-            du = _rows(du)
+            needs = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
+            dw_out = _mm_fp32(dout.t(), _rows(y).t()) if needs["out_proj_weight"] else None
+            db_out = dout.sum(0, dtype=torch.float32) if needs["out_proj_bias"] else None
+            dw_dt = _mm_fp32(ddelta, dt) if needs["dt_proj_weight"] else None
+            dw_x = _mm_fp32(dx_dbl.t(), _rows(u).t()) if needs["x_proj_weight"] else None
+            du = _rows(scan.du)
             du.addmm_(w_x.t(), dx_dbl.t())  # + x_proj's input gradient
-            _, dconv_w, dconv_b = _conv_bwd(
+            _, dconv_w, dconv_b = conv_bwd(
                 x, conv_w, conv_bias, seq_idx, True, _by_channel(du, batch), dx=dxz[..., :d_inner].transpose(1, 2)
             )
-        in_grads = (dxz, None, None)  # for (x_in, in_proj_weight, in_proj_bias)
-        if w_in is not None:
-            dhidden, dw_in, db_in = _in_proj_grads(ctx, dxz.view(rows, -1), hidden.reshape(rows, -1), w_in)
-            in_grads = (dhidden.view(hidden.shape) if dhidden is not None else None, dw_in, db_in)
-        return (
-            *in_grads,
-            dconv_w.view_as(conv_weight),
-            dconv_b if conv_bias is not None else None,
-            _as(dw_x, x_proj_dtype),
-            _as(dw_dt, dt_proj_dtype),
-            ddt_bias.to(dt_proj_bias.dtype),
-            dA_log.to(A_log_dtype),
-            dD.to(D.dtype),
-            _as(dw_out, out_proj_dtype),
-            db_out.to(ctx.bias_dtypes[1]) if db_out is not None else None,
-            None,  # seq_idx: integer document ids
+        grads = dict(
+            x_in=dxz,  # in_proj's output gradient where in_proj runs outside
+            conv_weight=dconv_w.view_as(conv_weight),
+            conv_bias=dconv_b if conv_bias is not None else None,
+            x_proj_weight=_as(dw_x, x_proj_dtype),
+            dt_proj_weight=_as(dw_dt, dt_proj_dtype),
+            dt_proj_bias=scan.ddelta_bias.to(dt_proj_bias.dtype),
+            A_log=scan.dA.to(A_log_dtype),
+            D=scan.dD.to(D.dtype),
+            out_proj_weight=_as(dw_out, out_proj_dtype),
+            out_proj_bias=db_out.to(ctx.bias_dtypes[1]) if db_out is not None else None,
         )
+        if w_in is not None:
+            dhidden, grads["in_proj_weight"], grads["in_proj_bias"] = _in_proj_grads(
+                ctx, needs, dxz.view(rows, -1), hidden.reshape(rows, -1), w_in
+            )
+            grads["x_in"] = dhidden.view(hidden.shape) if dhidden is not None else None
+        # seq_idx (integer document ids) and, without in_proj inside, its weight and bias get none.
+        return tuple(grads.get(name) for name in _INPUTS)
 
 
 def mamba_inner_triton(
@@ -277,7 +279,7 @@ def _compile_first_call(inputs):
     forward and backward launch, side by side (`compile_ahead`), before running it: a dry forward and
     backward by hand, on CUDA, outside torch.compile and CUDA graph capture."""
     xz = inputs[0]
-    if not (COMPILE_AHEAD and xz.is_cuda and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    if not (xz.is_cuda and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return
     key = _call_key(inputs)  # checked first: after the first call of a kind, this is all a call costs
     if key in _compiled_ahead:

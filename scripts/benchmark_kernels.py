@@ -3,9 +3,11 @@
 Run on a CUDA machine (the mamba_ssm columns appear only when it is importable, e.g. after
 `source ../shared/peers/activate.sh`):
 
-    python scripts/benchmark_kernels.py                      # tables: scan shapes, L scaling
+    python scripts/benchmark_kernels.py                      # tables: scan shapes, conv, L scaling
     python scripts/benchmark_kernels.py --no-torch-path      # skip the (slow) PyTorch scan
-    python scripts/benchmark_kernels.py --sweep              # time the chunk configs, tables with the best
+    python scripts/benchmark_kernels.py --host-time          # host vs GPU time at the 130M model's shape
+
+Launch-choice sweeps (the kernels' tuning objects) live in scripts/dev/kernel_sweeps.py.
 
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between repeats). Inputs as
 the Mamba block passes them: u, delta, z (batch, d_inner, seqlen); B, C (batch, d_state, seqlen);
@@ -205,190 +207,6 @@ def cold_start(args):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start - times[-1])
         print(f"| {shape} | {dtype} | {times[0]:.2f} | {times[1]:.2f} | {times[2] + times[3]:.4f} |", flush=True)
-
-
-# Sequential-forward variants of the sweep: settings of triton_scan_seq's knobs (the rest at defaults).
-SEQ_SWEEP = {
-    "bf16": [
-        ("session 5: step by step, scalar B, C loads, pass 2 two channels", dict(
-            BC_TIME_VECTORS=False, BC_PAIRS=False, FAST_MATH=False, PREFETCH=False, MAXNREG=0,
-            CHANNELS_PER_THREAD=2, PASS2_CHANNELS_PER_THREAD=2)),
-        ("time vectors, tile copy, fast math, prefetch, (1, 16), capped at 168 registers (default)", dict()),
-        ("no prefetch, no cap", dict(PREFETCH=False, MAXNREG=0)),
-        ("capped at 152", dict(MAXNREG=152)),
-        ("capped at 176", dict(MAXNREG=176)),
-        ("pass 1 two channels, (2, 16)", dict(CHANNELS_PER_THREAD=2)),
-        ("(1, 32)", dict(WARPS_PER_SM=32)),
-        ("(1, 8)", dict(WARPS_PER_SM=8)),
-        ("pass 1 capped at 128", dict(PASS1_MAXNREG=128)),
-        ("pass 1 capped at 144", dict(PASS1_MAXNREG=144)),
-        ("pass 1 capped at 128, no prefetch", dict(PASS1_MAXNREG=128, PREFETCH=False)),
-        ("exp2 on FMA: pass 1 states 0, 4, 8, 12", dict(EXP2_FMA_PASS1=0x1111)),
-        ("exp2 on FMA: pass 1 0, 4, 8, 12; pass 2 0, 8", dict(EXP2_FMA_PASS1=0x1111, EXP2_FMA=0x0101)),
-        ("exp2 on FMA: pass 1 0, 4, 8, 12; pass 2 0, 4, 8, 12", dict(EXP2_FMA_PASS1=0x1111, EXP2_FMA=0x1111)),
-        ("exp2 on FMA: pass 1 half the states; pass 2 0, 4, 8, 12", dict(EXP2_FMA_PASS1=0x3333, EXP2_FMA=0x1111)),
-        ("16-step tiles", dict(TILE_STEPS=16)),
-        ("B, C read as given (no tile copy)", dict(BC_TILE_COPY=False)),
-        ("capped at 184", dict(MAXNREG=184)),
-        ("no prefetch", dict(PREFETCH=False)),
-    ],
-    "fp32": [
-        ("session 5: step by step", dict(BC_TIME_VECTORS=False, FAST_MATH=False, PREFETCH=False, WARPS_PER_SM=8)),
-        ("time vectors, tile copy, fast math, prefetch, (1, 16), capped at 168 registers (default)", dict()),
-        ("(1, 8)", dict(WARPS_PER_SM=8)),
-        ("no prefetch, no cap", dict(PREFETCH=False, MAXNREG=0)),
-        ("B, C read as given (no tile copy), no prefetch, no cap",
-         dict(BC_TILE_COPY=False, PREFETCH=False, MAXNREG=0)),
-        ("exp2 on FMA: pass 1 states 0, 4, 8, 12", dict(EXP2_FMA_PASS1=0x1111)),
-        ("8-step tiles", dict(TILE_STEPS=8)),
-    ],
-}
-
-
-def fwd_sweep(args):
-    """Time the sequential forward's variants (SEQ_SWEEP) on every shape, and check each one's error.
-
-    With --warmup, run each variant once per shape instead (compiles only), one process per variant
-    (--variant I, counting the rows of both dtypes), as --bwd-sweep does."""
-    shapes = [*SHAPES, (4, 1536, 1024, 16)]
-    fns = scan_fns()
-    def compile_only(fn, inp):
-        with torch.no_grad():
-            fn(*scan_args(inp))
-
-    run = compile_only if args.warmup else time_fwd
-    print("\nForward sweep, ms; error = ||out - ref|| / ||ref|| at (2, 96, 3000, 16)")
-    print("| forward variant | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last | error |")
-    print("|---|---|" + "---|" * (len(shapes) + 1) + "---|")
-    first_index = 0  # of this dtype's rows, counting the rows of both dtypes (--variant)
-    for name, dtype in DTYPES.items():
-        if "mamba_ssm" in fns and not args.warmup and args.variant is None:
-            cells = [f"{time_fwd(fns['mamba_ssm'], make_inputs(*shape, dtype)):.3f}" for shape in shapes]
-            print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " | | |", flush=True)
-        for index, (label, knobs) in enumerate(SEQ_SWEEP[name], start=first_index):
-            if not _chosen(label, args) or args.variant not in (None, index):
-                continue
-            previous = _set_knobs({("triton_scan_seq", knob): value for knob, value in knobs.items()})
-            cells = [run(fns["triton"], make_inputs(*shape, dtype)) for shape in shapes]
-            # The last shape again in the model's layout: u, Δ, z, B, C channels-last views.
-            cells.append(run(fns["triton"], channels_last(make_inputs(*shapes[-1], dtype))))
-            cells = ["compiled"] * len(cells) if args.warmup else [f"{c:.3f}" for c in cells]
-            print(f"| {label} | {name} | " + " | ".join(cells) + f" | {forward_error(dtype):.1e} |", flush=True)
-            _set_knobs(previous)
-        first_index += len(SEQ_SWEEP[name])
-
-
-# Backward variants timed by --bwd-sweep: (label, {(module name, knob): value}, dtypes).
-BWD_SWEEP = [
-    ("per-channel backward (default)", {}, ("bf16", "fp32")),
-    ("cap 168 registers", {("triton_scan_bwd", "MAXNREG"): 168}, ("bf16", "fp32")),
-    ("cap 200 registers", {("triton_scan_bwd", "MAXNREG"): 200}, ("bf16",)),
-    ("2 states per loop iteration", {("triton_scan_bwd", "STATES_PER_ITER"): 2}, ("bf16", "fp32")),
-    ("segments below 32 warps/SM", {("triton_scan_bwd", "WARPS_PER_SM"): 32}, ("bf16",)),
-    ("chunk backward (session 6)", {("triton_scan", "BACKWARD"): "chunk"}, ("bf16", "fp32")),
-    ("per-channel, 16-byte tiles, 2 states per iteration (session 10)",
-     {("triton_scan_bwd", "TILE_STEPS"): 8, ("triton_scan_bwd", "STATES_PER_ITER"): 2}, ("bf16",)),
-    ("per-channel, 8-step tiles", {("triton_scan_bwd", "TILE_STEPS"): 8}, ("fp32",)),
-]
-
-
-def _chosen(label, args):
-    """Whether a sweep row is picked by --only and --skip (comma-separated label prefixes)."""
-    def starts(prefixes):
-        return any(label.startswith(p) for p in prefixes.split(",") if p)
-
-    return (not args.only or starts(args.only)) and not starts(args.skip)
-
-
-def _set_knobs(knobs):
-    """Set {(module name, knob): value} in the kernel modules; returns the previous values."""
-    import importlib
-
-    modules = {m: importlib.import_module(f"hf_mamba.kernels.selective_scan.{m}") for m, _ in knobs}
-    previous = {(m, k): getattr(modules[m], k) for m, k in knobs}
-    for (m, k), value in knobs.items():
-        setattr(modules[m], k, value)
-    return previous
-
-
-def bwd_sweep(args):
-    """Time forward + backward for each backward variant (BWD_SWEEP) on every shape.
-
-    With --warmup, run each variant once per shape instead (compiles only): started as one process
-    per variant (--variant I), the compiles fill a shared Triton cache in parallel."""
-    shapes = [*SHAPES, (4, 1536, 1024, 16)]
-    fns = scan_fns()
-    # The warmup's dout must be laid out as time_fwd_bwd's (a dense tensor like u): the kernels
-    # are specialised on strides, and sum().backward() would pass an expanded one of stride 0.
-    run = (lambda fn, inp: fn(*scan_args(inp)).backward(torch.randn_like(inp["u"]))) if args.warmup else time_fwd_bwd
-    print("\nBackward sweep: forward + backward, ms")
-    print("| backward variant | dtype | " + " | ".join(str(s) for s in shapes) + " | same, channels-last |")
-    print("|---|---|" + "---|" * (len(shapes) + 1))
-    for name, dtype in DTYPES.items():
-        if "mamba_ssm" in fns and not args.warmup and args.variant is None:
-            cells = [f"{time_fwd_bwd(fns['mamba_ssm'], make_inputs(*s, dtype, True)):.3f}" for s in shapes]
-            print(f"| mamba_ssm | {name} | " + " | ".join(cells) + " |  |", flush=True)
-        for index, (label, knobs, dtypes) in enumerate(BWD_SWEEP):
-            if name not in dtypes or not _chosen(label, args) or args.variant not in (None, index):
-                continue
-            previous = _set_knobs(knobs)
-            cells = [run(fns["triton"], make_inputs(*s, dtype, True)) for s in shapes]
-            inp = channels_last(make_inputs(*shapes[-1], dtype))
-            for v in inp.values():
-                v.requires_grad_(True)
-            cells.append(run(fns["triton"], inp))
-            cells = ["compiled"] * len(cells) if args.warmup else [f"{c:.3f}" for c in cells]
-            print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
-            _set_knobs(previous)
-
-
-def forward_error(dtype):
-    """||out - ref|| / ||ref|| of the current Triton forward at (2, 96, 3000, 16), reference in fp32."""
-    from hf_mamba.kernels import selective_scan_ref
-
-    small = make_inputs(2, 96, 3000, 16, dtype)
-    args_ = scan_args(small)
-    out = selective_scan(*args_, delta_softplus=True, backend="triton")
-    ref = selective_scan_ref(*[a.float() for a in args_], delta_softplus=True)
-    return ((out.float() - ref).norm() / ref.norm()).item()
-
-
-def sweep(args):
-    """Check and time the backward's chunk configs (with the default forward, which stores the
-    checkpoints at the backward's chunk); keep the fastest forward+backward for the tables."""
-    from hf_mamba.kernels.selective_scan import triton_scan as ts
-
-    # (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D); one warp per channel walks MAX_CHUNK / 32
-    # steps per thread. Session 2 (H100) timed nine configs; one warp per channel won, at 128 steps.
-    configs = [(128, 4, 1, 1), (256, 8, 1, 1), (512, 16, 1, 1), (256, 4, 2, 1)]
-    shapes = [SHAPES[0], (4, 1536, 1024, 16)]  # the first benchmark shape; the 130M model's training shape
-    fns = scan_fns()
-    print("\nBackward chunk config sweep, bf16 ms; error: ||out - ref|| / ||ref||, forward, (2, 96, 3000, 16)")
-    print("| config (MAX_CHUNK, STEPS_PER_THREAD, MAX_WARPS, BLOCK_D) | "
-          + " | ".join(f"{s} fwd | f+b" for s in shapes) + " | error |")
-    print("|---|" + "---|---|" * len(shapes) + "---|")
-    if "mamba_ssm" in fns:
-        cells = []
-        for shape in shapes:
-            fwd = time_fwd(fns["mamba_ssm"], make_inputs(*shape, torch.bfloat16))
-            fb = time_fwd_bwd(fns["mamba_ssm"], make_inputs(*shape, torch.bfloat16, requires_grad=True))
-            cells += [f"{fwd:.3f}", f"{fb:.3f}"]
-        print("| mamba_ssm | " + " | ".join(cells) + " | |", flush=True)
-    best = None
-    for config in configs:
-        ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS, ts.BLOCK_D = config
-        cells = []
-        total = 0.0
-        for shape in shapes:
-            fwd = time_fwd(fns["triton"], make_inputs(*shape, torch.bfloat16))
-            fb = time_fwd_bwd(fns["triton"], make_inputs(*shape, torch.bfloat16, requires_grad=True))
-            cells += [f"{fwd:.3f}", f"{fb:.3f}"]
-            total += fb
-        print(f"| {config} | " + " | ".join(cells) + f" | {forward_error(torch.bfloat16):.1e} |", flush=True)
-        if best is None or total < best[0]:
-            best = (total, config)
-    ts.MAX_CHUNK, ts.STEPS_PER_THREAD, ts.MAX_WARPS, ts.BLOCK_D = best[1]
-    print(f"Tables below use {best[1]} (fastest forward+backward summed over the shapes)")
 
 
 def _time_conv(fn, x, w, b, dout):
@@ -603,11 +421,12 @@ def launch_cost_table(args, repeats=200):
         recorded.setdefault(self.__name__, (self, grid, args, kwargs))
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    _launch.FAST_LAUNCH, JITFunction.run = False, record
+    JITFunction.run = record
     try:
-        step()
+        with _launch.plain_launches():
+            step()
     finally:
-        _launch.FAST_LAUNCH, JITFunction.run = True, run
+        JITFunction.run = run
     torch.cuda.synchronize()
 
     def host_us(launch_once):
@@ -628,17 +447,10 @@ def main():
     parser.add_argument("--no-torch-path", dest="torch_path", action="store_false", help="skip the PyTorch scan")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the L scaling table")
     parser.add_argument("--cold", action="store_true", help="time the first calls (compiles), then stop")
-    parser.add_argument("--fwd-sweep", action="store_true", help="time the sequential forward's configs, then stop")
-    parser.add_argument("--sweep", action="store_true", help="time a few kernel configs")
     parser.add_argument("--no-conv", dest="conv", action="store_false", help="skip the causal conv1d table")
     parser.add_argument("--gpu-time", action="store_true", help="the forward's GPU time per call, then stop")
     parser.add_argument("--host-time", action="store_true", help="host vs GPU time at the model's shape, then stop")
     parser.add_argument("--launch-cost", action="store_true", help="host us per launch, both paths, then stop")
-    parser.add_argument("--bwd-sweep", action="store_true", help="time the backward's variants, then stop")
-    parser.add_argument("--skip", default="", help="sweeps: skip the rows whose label starts so (comma-separated)")
-    parser.add_argument("--only", default="", help="sweeps: only the rows whose label starts so (comma-separated)")
-    parser.add_argument("--variant", type=int, default=None, help="sweeps: only row VARIANT (0-based)")
-    parser.add_argument("--warmup", action="store_true", help="sweeps: run each row once (compile only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_kernels.py needs a CUDA GPU")
@@ -646,14 +458,8 @@ def main():
     if args.cold:
         cold_start(args)
         return
-    if args.fwd_sweep:
-        fwd_sweep(args)
-        return
     if args.gpu_time:
         gpu_time_table(args)
-        return
-    if args.bwd_sweep:
-        bwd_sweep(args)
         return
     if args.launch_cost:
         launch_cost_table(args)
@@ -661,8 +467,6 @@ def main():
     if args.host_time:
         host_time_table(args)
         return
-    if args.sweep:
-        sweep(args)
     bw = copy_bandwidth()
     shape_table(args, bw)
     if args.conv:

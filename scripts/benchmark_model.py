@@ -311,7 +311,7 @@ def main():
 
     rows = []
     ratios = []
-    # The step is bound by the host enqueueing kernels (kernels/NOTES.md), whose speed drifts during a
+    # The step is bound by the host enqueueing kernels (docs/kernels.md, "Host time"), whose speed drifts during a
     # run: --rounds alternates hf_mamba and mamba_ssm and reports the ratio of each adjacent pair.
     for round_ in range(0 if args.no_train else args.rounds):
         tps, peak = on_gpu_only_while(ours, lambda m: train_throughput("hf_mamba (Triton)", m, args, logits_hf))

@@ -1,7 +1,15 @@
 import os
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be chosen before triton is
+# first imported (a kernel decorated before that compiles for a GPU). The model's CPU path does not use
+# it: backend None resolves to "torch" on CPU whatever this variable says; only a test asking for
+# backend="triton" runs the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # The tests never touch the network; make any accidental Hub access fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,3 +35,20 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def nan_fill_empty():
+    """Fill every torch.empty with NaN, so a kernel that leaves part of its output unwritten fails."""
+    import torch.utils.deterministic
+
+    old_flag = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_flag, warn_only=old_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill

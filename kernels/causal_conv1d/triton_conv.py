@@ -11,14 +11,24 @@ that the host adds up (no atomics, deterministic).
 With seq_idx, a tap that would read another document counts as zero, as in the PyTorch path.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from .._launch import cdiv, device_guard, launch, seq_idx_args
 
-BLOCK_D = 16
-BLOCK_L = 128
+
+@dataclass(frozen=True)
+class ConvTuning:
+    """block_d channels x block_l steps per program (4 warps)."""
+
+    block_d: int = 16
+    block_l: int = 128
+
+
+DEFAULT_TUNING = ConvTuning()
 
 
 @triton.jit
@@ -45,7 +55,7 @@ def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si
 @triton.jit
 def _row_inputs(p_si_b, p_bias, o_t, m_t, o_d, m_d, s_si_l, HAS_SEQ_IDX: tl.constexpr, HAS_BIAS: tl.constexpr):
     # The document ids at steps o_t (0 without seq_idx) and each channel's bias in fp32 (0.0 without).
-    # Values only: a jit helper returning a None pointer does not compile for CUDA (kernels/NOTES.md).
+    # Values only: a jit helper returning a None pointer does not compile for CUDA.
     b_si = 0
     if HAS_SEQ_IDX:
         b_si = tl.load(p_si_b + o_t * s_si_l, mask=m_t, other=0)
@@ -141,9 +151,9 @@ def _conv_bwd_kernel(
         tl.store(p_dbias + i_part * d_inner + o_d, tl.sum(b_dpre_s, axis=1), mask=m_d)
 
 
-def _grid(x):
+def _grid(x, tuning):
     batch, d_inner, seqlen = x.shape
-    return (batch, cdiv(d_inner, BLOCK_D), cdiv(seqlen, BLOCK_L))
+    return (batch, cdiv(d_inner, tuning.block_d), cdiv(seqlen, tuning.block_l))
 
 
 def _empty_out(x, channels_last):
@@ -158,25 +168,28 @@ def _is_channels_last(x):
     return x.stride(1) == 1 and x.shape[2] > 1
 
 
-def _conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None):
-    """The conv's output, written into `out` when given (any strides), else a new tensor (see _empty_out)."""
+def conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None, tuning=DEFAULT_TUNING):
+    """The conv's output (batch, d_inner, seqlen), written into `out` when given (any strides), else a
+    new tensor, channels-last or in x's dimension order. x: time or channels of stride 1; weight:
+    contiguous (d_inner, d_conv)."""
     if out is None:
         out = _empty_out(x, channels_last)
     si, s_si_b, s_si_l = seq_idx_args(seq_idx)
     with device_guard(x):
         launch(
-            _conv_fwd_kernel, _grid(x),
+            _conv_fwd_kernel, _grid(x, tuning),
             x, weight, bias, out, si, x.shape[1], x.shape[2], *x.stride(), *out.stride(), s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
-            BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
+            BLOCK_D=tuning.block_d, BLOCK_L=tuning.block_l,
         )
     return out
 
 
-def _conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
-    """(dx, dweight, dbias); dx is written into `dx` when given (any strides), else a new tensor in x's layout."""
+def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None, tuning=DEFAULT_TUNING):
+    """(dx, dweight, dbias); dx is written into `dx` when given (any strides), else a new tensor in x's
+    layout; dbias is empty without a bias."""
     batch, d_inner, seqlen = x.shape
-    grid = _grid(x)
+    grid = _grid(x, tuning)
     if dx is None:
         dx = _empty_out(x, _is_channels_last(x))  # in x's layout, so the gradient of a view needs no transpose
     dw_parts = x.new_empty(batch * grid[2], d_inner, weight.shape[1], dtype=torch.float32)
@@ -188,7 +201,7 @@ def _conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None):
             x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, *x.stride(), *dout.stride(),
             *dx.stride(), s_si_b, s_si_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
-            BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
+            BLOCK_D=tuning.block_d, BLOCK_L=tuning.block_l,
         )
     dweight = dw_parts.sum(0).to(weight.dtype)
     dbias = dbias_parts.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
@@ -205,7 +218,7 @@ def causal_conv1d_fwd_op(
     channels_last: bool,
 ) -> torch.Tensor:
     """x: (batch, d_inner, seqlen) with time or channels of stride 1; weight: contiguous (d_inner, d_conv)."""
-    return _conv_fwd(x, weight, bias, seq_idx, silu, channels_last)
+    return conv_fwd(x, weight, bias, seq_idx, silu, channels_last)
 
 
 @causal_conv1d_fwd_op.register_fake
@@ -223,7 +236,7 @@ def causal_conv1d_bwd_op(
     dout: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dweight, dbias); dbias is empty without a bias."""
-    return _conv_bwd(x, weight, bias, seq_idx, silu, dout)
+    return conv_bwd(x, weight, bias, seq_idx, silu, dout)
 
 
 @causal_conv1d_bwd_op.register_fake
@@ -256,24 +269,29 @@ class _CausalConv1dEager(torch.autograd.Function):
     `hf_mamba.kernels.selective_scan.triton_scan._SelectiveScanEager`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, silu, channels_last):
+    def forward(ctx, x, weight, bias, seq_idx, silu, channels_last, tuning):
         _setup_context(ctx, (x, weight, bias, seq_idx, silu, channels_last), None)
-        return _conv_fwd(x, weight, bias, seq_idx, silu, channels_last)
+        ctx.tuning = tuning
+        return conv_fwd(x, weight, bias, seq_idx, silu, channels_last, tuning=tuning)
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, seq_idx = ctx.saved_tensors
-        return _input_grads(bias, *_conv_bwd(x, weight, bias, seq_idx, ctx.silu, dout))
+        grads = _input_grads(bias, *conv_bwd(x, weight, bias, seq_idx, ctx.silu, dout, tuning=ctx.tuning))
+        return (*grads, None)  # tuning: launch choices
 
 
-def causal_conv1d_triton(x, weight, bias=None, activation=None, seq_idx=None, channels_last_out=False):
-    """Triton causal conv1d (no initial state); weight (d_inner, d_conv). Output in x's dtype."""
+def causal_conv1d_triton(
+    x, weight, bias=None, activation=None, seq_idx=None, channels_last_out=False, tuning=DEFAULT_TUNING
+):
+    """Triton causal conv1d (no initial state); weight (d_inner, d_conv). Output in x's dtype.
+    tuning: tests pass their own; torch.compile traces the custom ops, which take the defaults."""
     if x.stride(-1) != 1 and x.stride(1) != 1:
         x = x.contiguous()  # read along time or across channels; anything else is copied first
     args = (x, weight.contiguous(), bias, seq_idx, activation is not None, channels_last_out)
     if torch.compiler.is_compiling():
         return causal_conv1d_fwd_op(*args)  # the op torch.compile / export trace through
-    return _CausalConv1dEager.apply(*args)
+    return _CausalConv1dEager.apply(*args, tuning)
 
 
-__all__ = ["causal_conv1d_triton"]
+__all__ = ["ConvTuning", "causal_conv1d_triton", "conv_bwd", "conv_fwd"]

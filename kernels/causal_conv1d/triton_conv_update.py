@@ -3,7 +3,7 @@
 conv_state (batch, d_inner, d_conv) holds the last d_conv inputs, newest last. The step shifts it left
 by one, appends x, and returns act(bias + sum_k weight[k] window[k]) in fp32 arithmetic: one launch
 where the PyTorch composition (roll, copy, index, multiply, sum, add, cast, SiLU) takes about eight,
-which is what a decode step on a CUDA graph pays for (kernels/NOTES.md, session 4).
+which is what a decode step on a CUDA graph pays for (docs/kernels.md, "Decode step").
 """
 
 import torch
@@ -81,7 +81,7 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias, activation):
     args = (x, conv_state, weight, bias, activation is not None)
     if torch.compiler.is_compiling():
         return causal_conv1d_update_op(*args)  # the op torch.compile / export trace through
-    return _conv_update(*args)  # eager: no custom-op dispatch on the host (kernels/NOTES.md, session 2)
+    return _conv_update(*args)  # eager: no custom-op dispatch on the host
 
 
 __all__ = ["causal_conv1d_update_triton"]

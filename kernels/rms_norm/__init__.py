@@ -23,6 +23,12 @@ def add_rms_norm_ref(residual, delta, weight, eps, out_dtype=None):
     return hidden, normed.to(out_dtype or normed.dtype)
 
 
+def rms_norm_ref(x, weight, eps, dtype):
+    """weight * rms_norm(x).to(dtype), x fp32 holding values of dtype: the training norm's PyTorch ops
+    (`triton_rms_norm.rms_norm_train_triton` computes the same, gradients included)."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps).to(dtype)
+
+
 def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     """residual, delta: (..., hidden_size); weight: (hidden_size,). Returns (hidden, normed).
 
@@ -52,4 +58,4 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     return add_rms_norm_ref(residual, delta, weight, eps, out_dtype)
 
 
-__all__ = ["add_rms_norm", "add_rms_norm_ref"]
+__all__ = ["add_rms_norm", "add_rms_norm_ref", "rms_norm_ref"]

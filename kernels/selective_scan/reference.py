@@ -18,27 +18,27 @@ import torch
 import torch.nn.functional as F
 
 
-def _wide(t):
+def fp32_or_wider(t):
     """t in fp32, or fp64 if it already is: half-precision inputs are computed in fp32."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _effective_delta(delta, delta_bias, delta_softplus):
+def effective_delta(delta, delta_bias, delta_softplus):
     """Δ after the optional bias and softplus, in fp32 (fp64 for fp64 inputs)."""
-    delta = _wide(delta)
+    delta = fp32_or_wider(delta)
     if delta_bias is not None:
-        delta = delta + _wide(delta_bias)[..., None] if delta.dim() == 3 else delta + _wide(delta_bias)
+        delta = delta + fp32_or_wider(delta_bias)[..., None] if delta.dim() == 3 else delta + fp32_or_wider(delta_bias)
     if delta_softplus:
         delta = F.softplus(delta)
     return delta
 
 
-def _finish_output(y, u, D, z, out_dtype):
+def finish_output(y, u, D, z, out_dtype):
     """Add the D skip, gate by SiLU(z), cast back to the input dtype."""
     if D is not None:
-        y = y + _wide(u) * (_wide(D)[..., None] if u.dim() == 3 else _wide(D))
+        y = y + fp32_or_wider(u) * (fp32_or_wider(D)[..., None] if u.dim() == 3 else fp32_or_wider(D))
     if z is not None:
-        y = y * F.silu(_wide(z))
+        y = y * F.silu(fp32_or_wider(z))
     return y.to(out_dtype)
 
 
@@ -63,12 +63,12 @@ def selective_scan_ref(
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    delta = _effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
-    u_f, A_f, B_f, C_f = _wide(u), _wide(A), _wide(B), _wide(C)
+    delta = effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
+    u_f, A_f, B_f, C_f = fp32_or_wider(u), fp32_or_wider(A), fp32_or_wider(B), fp32_or_wider(C)
     if initial_state is None:
         h = u_f.new_zeros(batch, d_inner, d_state)
     else:
-        h = _wide(initial_state)
+        h = fp32_or_wider(initial_state)
     ys = []
     for t in range(seqlen):
         if seq_idx is not None and t > 0:
@@ -79,16 +79,16 @@ def selective_scan_ref(
         h = dA * h + dBu
         ys.append(torch.einsum("bdn,bn->bd", h, C_f[:, :, t]))
     y = torch.stack(ys, dim=-1) if ys else u_f.new_zeros(batch, d_inner, 0)  # (batch, d_inner, seqlen)
-    out = _finish_output(y, u, D, z, u.dtype)
+    out = finish_output(y, u, D, z, u.dtype)
     return (out, h) if return_final_state else out
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One recurrent step; updates `state` in place and returns y (batch, d_inner) in x's dtype."""
-    delta = _effective_delta(dt, dt_bias, dt_softplus)  # (batch, d_inner)
-    dA = torch.exp(delta[:, :, None] * _wide(A))  # (batch, d_inner, d_state)
-    dBx = (delta * _wide(x))[:, :, None] * _wide(B)[:, None, :]  # (batch, d_inner, d_state)
-    h = dA * _wide(state) + dBx
+    delta = effective_delta(dt, dt_bias, dt_softplus)  # (batch, d_inner)
+    dA = torch.exp(delta[:, :, None] * fp32_or_wider(A))  # (batch, d_inner, d_state)
+    dBx = (delta * fp32_or_wider(x))[:, :, None] * fp32_or_wider(B)[:, None, :]  # (batch, d_inner, d_state)
+    h = dA * fp32_or_wider(state) + dBx
     state.copy_(h)
-    y = torch.einsum("bdn,bn->bd", h, _wide(C))  # (batch, d_inner)
-    return _finish_output(y, x, D, z, x.dtype)
+    y = torch.einsum("bdn,bn->bd", h, fp32_or_wider(C))  # (batch, d_inner)
+    return finish_output(y, x, D, z, x.dtype)

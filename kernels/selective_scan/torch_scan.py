@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import _effective_delta, _finish_output, _wide
+from .reference import effective_delta, finish_output, fp32_or_wider
 
 # Below this many state elements per step (batch * d_inner * d_state) and above MIN_CHUNKED_SEQLEN
 # steps, Python overhead dominates a sequential loop and the chunked form wins (measured on CPU).
@@ -37,10 +37,10 @@ def _discretize(u, delta, A, B, steps, keep=None):
     keep: optional (batch, seqlen) 0/1, 0 where a new document starts: Ā = 0 there resets the state.
     """
     delta_t = delta[:, :, steps].permute(2, 0, 1)  # (steps, batch, d_inner)
-    dA = torch.exp(delta_t[..., None] * _wide(A))
+    dA = torch.exp(delta_t[..., None] * fp32_or_wider(A))
     if keep is not None:
         dA = dA * keep[:, steps].t()[:, :, None, None]
-    B_t = _wide(B[:, :, steps]).permute(2, 0, 1)[:, :, None, :]  # (steps, batch, 1, d_state)
+    B_t = fp32_or_wider(B[:, :, steps]).permute(2, 0, 1)[:, :, None, :]  # (steps, batch, 1, d_state)
     dBu = (delta_t * u[:, :, steps].permute(2, 0, 1))[..., None] * B_t
     return dA, dBu
 
@@ -106,9 +106,9 @@ def selective_scan_torch(
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    u_w = _wide(u)
-    delta = _effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
-    h = _wide(initial_state) if initial_state is not None else u_w.new_zeros(batch, d_inner, d_state)
+    u_w = fp32_or_wider(u)
+    delta = effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
+    h = fp32_or_wider(initial_state) if initial_state is not None else u_w.new_zeros(batch, d_inner, d_state)
     if seqlen == 0:
         out = u.new_zeros(batch, d_inner, 0)
         return (out, h) if return_final_state else out
@@ -122,7 +122,7 @@ def selective_scan_torch(
     if chunk_size is not None and chunk_size < seqlen:
         dA, dBu = _discretize(u_w, delta, A, B, slice(None), keep)
         states, h = _chunked_states(dA, dBu, h, chunk_size)
-        y = torch.einsum("lbdn,bnl->bdl", states, _wide(C))  # (batch, d_inner, seqlen)
+        y = torch.einsum("lbdn,bnl->bdl", states, fp32_or_wider(C))  # (batch, d_inner, seqlen)
     else:
         # Blocks of steps sized to stay in cache (~1 MiB of fp32 per block tensor).
         block = max(16, min(256, BLOCK_ELEMENTS // per_step))
@@ -131,7 +131,7 @@ def selective_scan_torch(
             steps = slice(start, start + block)
             dA, dBu = _discretize(u_w, delta, A, B, steps, keep)
             states, h = _sequential_states(dA, dBu, h)
-            ys.append(torch.einsum("lbdn,bnl->bdl", states, _wide(C[:, :, steps])))
+            ys.append(torch.einsum("lbdn,bnl->bdl", states, fp32_or_wider(C[:, :, steps])))
         y = torch.cat(ys, dim=-1)  # (batch, d_inner, seqlen)
-    out = _finish_output(y, u, D, z, u.dtype)
+    out = finish_output(y, u, D, z, u.dtype)
     return (out, h) if return_final_state else out

@@ -1,12 +1,13 @@
 """Causal depthwise conv1d (PyTorch path and Triton kernel) against a plain loop, and its one-step update.
 
-On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py).
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/conftest.py).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hf_mamba.kernels import causal_conv1d, causal_conv1d_update
+from hf_mamba.kernels.causal_conv1d.triton_conv import ConvTuning, causal_conv1d_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -44,12 +45,9 @@ CASES = [
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", CASES)
-def test_causal_conv1d_matches_loop(case, dtype, backend, monkeypatch):
+def test_causal_conv1d_matches_loop(case, dtype, backend):
     if backend == "triton" and case.get("init"):
         pytest.skip("the Triton conv takes no initial_state (continuing from a cache runs the PyTorch path)")
-    from hf_mamba.kernels.causal_conv1d import triton_conv
-
-    monkeypatch.setattr(triton_conv, "BLOCK_L", 32)  # several blocks along time at L = 129
     torch.manual_seed(0)
     batch, d_inner, seqlen = case["shape"]
     d_conv = case["d_conv"]
@@ -61,7 +59,11 @@ def test_causal_conv1d_matches_loop(case, dtype, backend, monkeypatch):
     weight = torch.randn(d_inner, d_conv, **g).to(dtype).requires_grad_()
     bias = torch.randn(d_inner, **g).to(dtype).requires_grad_() if case["bias"] else None
     init = torch.randn(batch, d_inner, d_conv - 1, **g).to(dtype) if case.get("init") else None
-    out = causal_conv1d(x, weight, bias, case["act"], init, backend=backend, channels_last_out=case.get("cl", False))
+    if backend == "triton":  # 32-step blocks: several blocks along time at L = 129
+        out = causal_conv1d_triton(x, weight, bias, case["act"], channels_last_out=case.get("cl", False),
+                                   tuning=ConvTuning(block_l=32))
+    else:
+        out = causal_conv1d(x, weight, bias, case["act"], init, backend=backend)
     leaves = [t for t in (x, weight, bias) if t is not None]
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     ref_bias = ref_leaves[2] if bias is not None else None
@@ -137,12 +139,8 @@ def test_packed_conv_equals_separate_documents():
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_triton_packed_conv_matches_torch(bias, monkeypatch):
+def test_triton_packed_conv_matches_torch(bias):
     """seq_idx in the Triton kernel (forward and every gradient) equals the PyTorch path, across blocks."""
-    from hf_mamba.kernels.causal_conv1d import triton_conv
-
-    monkeypatch.setattr(triton_conv, "BLOCK_L", 16)
-    monkeypatch.setattr(triton_conv, "BLOCK_D", 4)
     torch.manual_seed(2)
     g = dict(device=DEVICE)
     x = torch.randn(2, 6, 37, **g).requires_grad_()
@@ -152,7 +150,10 @@ def test_triton_packed_conv_matches_torch(bias, monkeypatch):
     leaves = [t for t in (x, weight, b) if t is not None]
     outs, grads = [], []
     for backend in ("torch", "triton"):
-        out = causal_conv1d(x, weight, b, "silu", seq_idx=seq_idx, backend=backend)
+        if backend == "triton":  # blocks of 4 channels x 16 steps
+            out = causal_conv1d_triton(x, weight, b, "silu", seq_idx=seq_idx, tuning=ConvTuning(block_d=4, block_l=16))
+        else:
+            out = causal_conv1d(x, weight, b, "silu", seq_idx=seq_idx, backend=backend)
         outs.append(out)
         grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), **g).view_as(out)).sum(), leaves))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
@@ -184,7 +185,8 @@ def test_triton_conv_custom_op():
             args = (x_in, weight, bias, seq_idx, True, channels_last)
             torch.library.opcheck(triton_conv.causal_conv1d_fwd_op, args, test_utils=checks)
     results = []
-    for fn in (triton_conv.causal_conv1d_fwd_op, triton_conv._CausalConv1dEager.apply):
+    eager = lambda *a: triton_conv._CausalConv1dEager.apply(*a, ConvTuning())  # noqa: E731
+    for fn in (triton_conv.causal_conv1d_fwd_op, eager):
         out = fn(x, weight, bias, seq_idx, True, True)
         assert out.transpose(1, 2).is_contiguous()  # channels-last, as asked
         results.append((out, *torch.autograd.grad((out * out.detach().cos()).sum(), (x, weight, bias))))

@@ -1,15 +1,13 @@
 """add_rms_norm (the residual add + RMSNorm between blocks) and the training norm against the model's
-ops, forward and backward, and the fused decode step against the blocks run one by one.
+ops (their PyTorch references), forward and backward; the decode step's custom ops.
 
-On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py).
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/conftest.py).
 """
 
 import pytest
 import torch
 from hf_mamba.kernels import add_rms_norm, add_rms_norm_ref
-
-from hf_mamba import MambaConfig, MambaForCausalLM
-from hf_mamba.modeling_mamba import CACHE_FIELD
+from hf_mamba.kernels.rms_norm import rms_norm_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -53,11 +51,9 @@ TRAIN_CASES = [
 
 @pytest.mark.parametrize("in_dtype, w_dtype, hidden_size, rows", TRAIN_CASES)
 def test_training_rms_norm_matches_the_model_ops(in_dtype, w_dtype, hidden_size, rows, nan_fill_empty):
-    """The training norm's forward, dx and dweight against the model's PyTorch ops (_RMSNormFunction,
-    itself checked against autograd in test_modeling), as MambaRMSNorm calls it: x upcast to fp32."""
+    """The training norm's forward, dx and dweight against autograd through the model's PyTorch ops
+    (rms_norm_ref), as MambaRMSNorm calls it: x upcast to fp32."""
     from hf_mamba.kernels.rms_norm.triton_rms_norm import rms_norm_train_triton
-
-    from hf_mamba.modeling_mamba import _RMSNormFunction
 
     if isinstance(rows, dict):  # the interpreter has 4 "multiprocessors", an H200 132
         rows = rows["gpu" if DEVICE.type == "cuda" else "cpu"]
@@ -66,7 +62,7 @@ def test_training_rms_norm_matches_the_model_ops(in_dtype, w_dtype, hidden_size,
     weight = (1 + 0.1 * torch.randn(hidden_size, device=DEVICE)).to(w_dtype)
     grad = torch.randn(rows, hidden_size, device=DEVICE).to(torch.promote_types(w_dtype, in_dtype))
     results = []
-    for fn in (rms_norm_train_triton, _RMSNormFunction.apply):
+    for fn in (rms_norm_train_triton, rms_norm_ref):
         x_, w_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
         out = fn(x_, w_, 1e-5, in_dtype)
         out.backward(grad)
@@ -136,44 +132,6 @@ def test_add_rms_norm_rejects_bad_shapes():
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(7), 1e-5)
     with pytest.raises(ValueError, match="out_dtype must be a floating-point dtype"):
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), 1e-5, out_dtype=torch.int32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_decode_step_equals_the_blocks(dtype, monkeypatch):
-    """The decode graph's body (conv update, state update, add + norm fused) gives the logits and the
-    states of the blocks run one by one on the PyTorch path."""
-    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
-    torch.manual_seed(0)
-    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, state_size=8, intermediate_size=72)
-    model = MambaForCausalLM(config).to(DEVICE).eval()
-    model.to(dtype)
-    for name, param in model.named_parameters():  # what from_pretrained keeps in fp32
-        if name.endswith(("A_log", "mixer.D", "dt_proj.bias")):
-            param.data = param.data.float()
-    import hf_mamba.modeling_mamba as modeling
-
-    fused_calls = []
-    monkeypatch.setattr(modeling, "add_rms_norm", lambda *a, **k: fused_calls.append(1) or add_rms_norm(*a, **k))
-    ids = torch.randint(0, 97, (2, 6), device=DEVICE)
-    with torch.no_grad():
-        cache = model(ids[:, :5], use_cache=True)[CACHE_FIELD]
-        states = cache.conv_states + cache.ssm_states
-        start = [s.clone() for s in states]
-        assert len(fused_calls) == config.num_hidden_layers  # the prefill runs fused too
-        fused_calls.clear()
-        fused = model._decode_step_logits(ids[:, 5:], cache)
-        assert len(fused_calls) == config.num_hidden_layers  # the fused path ran
-        after_fused = [s.clone() for s in states]
-        for s, s0 in zip(states, start, strict=True):
-            s.copy_(s0)
-        monkeypatch.setenv("HF_MAMBA_BACKEND", "torch")
-        plain = model._decode_step_logits(ids[:, 5:], cache)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    scale = plain.abs().max()
-    assert ((fused - plain).abs().max() / scale).item() < tol
-    for a, b in zip(after_fused, states, strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
-
 
 
 def test_decode_step_custom_ops():

@@ -1,6 +1,6 @@
 """End to end: MambaForCausalLM on the Triton kernels against the PyTorch path, and (on CUDA) the
 CUDA-graph decode against plain eager decoding. On CPU the Triton kernels run under the interpreter
-(see conftest.py), so the model is tiny."""
+(tests/conftest.py), so the model is tiny."""
 
 import pytest
 import torch
@@ -439,11 +439,56 @@ def test_first_training_call_compiles_its_kernels_ahead(monkeypatch):
     with torch.no_grad():  # inference: no pass ahead
         mamba_inner_triton(hidden[:1], *weights, in_proj_weight=mixer.in_proj.weight)
     again = train_call()
-    monkeypatch.setattr(mamba_inner, "COMPILE_AHEAD", False)
-    mamba_inner._compiled_ahead.clear()
+    monkeypatch.setattr(mamba_inner, "_compile_first_call", lambda inputs: None)  # a run without the pass
     without = train_call()
     assert passes == [True]
     # The backward's dA, dD and dΔ-bias sums are atomic adds, in no fixed order: equal up to that.
     for a, b, c in zip(first, again, without, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+
+
+def _cache_of(output):
+    """The cache a forward with use_cache=True returned (its field's name depends on Transformers' version)."""
+    for name in ("cache_params", "past_key_values", "cache"):
+        if output.get(name) is not None:
+            return output[name]
+    raise AssertionError(f"no cache in {list(output.keys())}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_decode_step_equals_the_blocks(dtype, monkeypatch):
+    """The decode graph's body (conv update, state update, add + norm fused) gives the logits and the
+    states of the blocks run one by one on the PyTorch path."""
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, state_size=8, intermediate_size=72)
+    model = MambaForCausalLM(config).to(DEVICE).eval()
+    model.to(dtype)
+    for name, param in model.named_parameters():  # what from_pretrained keeps in fp32
+        if name.endswith(("A_log", "mixer.D", "dt_proj.bias")):
+            param.data = param.data.float()
+    import hf_mamba.modeling_mamba as modeling
+
+    fused_calls = []
+    real_add_rms_norm = modeling.add_rms_norm
+    monkeypatch.setattr(modeling, "add_rms_norm", lambda *a, **k: fused_calls.append(1) or real_add_rms_norm(*a, **k))
+    ids = torch.randint(0, 97, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        cache = _cache_of(model(ids[:, :5], use_cache=True))
+        states = cache.conv_states + cache.ssm_states
+        start = [s.clone() for s in states]
+        assert len(fused_calls) == config.num_hidden_layers  # the prefill runs fused too
+        fused_calls.clear()
+        fused = model._decode_step_logits(ids[:, 5:], cache)
+        assert len(fused_calls) == config.num_hidden_layers  # the fused path ran
+        after_fused = [s.clone() for s in states]
+        for s, s0 in zip(states, start, strict=True):
+            s.copy_(s0)
+        monkeypatch.setenv("HF_MAMBA_BACKEND", "torch")
+        plain = model._decode_step_logits(ids[:, 5:], cache)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    scale = plain.abs().max()
+    assert ((fused - plain).abs().max() / scale).item() < tol
+    for a, b in zip(after_fused, states, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)

@@ -1,14 +1,15 @@
-"""Fast backward selective scan: one channel per thread, generated for each d_state (as the forward).
+"""Backward selective scan, recurrent form: one channel per thread, generated for each d_state (as the
+forward, `recurrent_fwd`), and its host side.
 
 Glossary as in `triton_scan`: a_t = exp(Δ_t A), h_t = a_t h_{t-1} + Δ_t u_t B_t, y_t = C_t . h_t.
 The adjoint g_t = dL/dh_t = dy_t C_t + x_t with the carry x_t = a_{t+1} g_{t+1} runs backwards in time.
 
-Every thread owns one channel and all its d_state states, as in `triton_scan_seq`, so the sums over
+Every thread owns one channel and all its d_state states, as in `recurrent_fwd`, so the sums over
 states (dΔ, du, y) need no shuffles. The work per state update is then a few FMAs and one exp2:
 - The forward stored h every CKPT steps. For each of those chunks, last to first, the kernel reruns
   the chunk forward from its checkpoint and keeps h at the start of every T-step tile in a small
   scratch buffer (phase F; one chunk per program, so mostly in L2), then walks the tiles backwards
-  (phase R): it recomputes the tile's states and a_t in registers, a few states at a time, and runs
+  (phase R): it recomputes the tile's states and a_t in registers, one state at a time, and runs
   the adjoint back over the tile.
 - dB and dC are sums over channels, that is over the lanes of a warp. On CUDA each warp sums its
   2T values per state and tile (dC_t, dB_t) with a reduce-scatter over shuffles (`_lane_sum`,
@@ -17,82 +18,57 @@ states (dΔ, du, y) need no shuffles. The work per state update is then a few FM
 - Short batches cut the sequence into segments, as the forward does. The adjoint entering a segment
   from its right is linear in the carry: x_out = Q + P x_in per state, with P = prod a_t over the
   segment and Q the segment's own part (pass 1, ADJOINT_ONLY, a forward walk: p *= a_t,
-  Q += p dy_t C_t; the first segment needs none). A small kernel chains the segments from the last,
+  Q += p dy_t C_t; the first segment needs none). `chain.chain_adjoints` chains them from the last,
   and pass 2 runs every segment from its true carry. Document resets (seq_idx) are a_t = 0 and need
   nothing else.
 
-H200, session 11 (kernels/NOTES.md): forward + backward at (8, 1536, 2048, 16) 1.69 ms in bf16 and
-2.21 in fp32, against 2.19 and 2.91 for mamba_ssm (2.45 and 2.78 with the chunk backward of
-`triton_scan`). Compiling takes longer than the chunk kernel's: on the 2-core CI machine, for sm_90,
-20 s for pass 2 (16-step tiles, one state per iteration) and 10 s for pass 1, most of it in Triton's
-coalescing pass (whose cost grows with memory ops times kernel size).
+H200, bf16, forward + backward at (8, 1536, 2048, 16): 1.55 ms against mamba_ssm's 2.19
+(docs/kernels.md, "Measured"). Compiling takes longer than the chunk kernel's: on the 2-core CI
+machine, for sm_90, 20 s for pass 2 and 10 s for pass 1, most of it in Triton's coalescing pass
+(whose cost grows with memory ops times kernel size).
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
-from .._launch import cdiv, launch, next_power_of_2, seq_idx_args
-from .triton_scan_seq import (
-    _HEADER,
-    _ZERO,
-    CHAIN_BLOCK_E,
-    CHAIN_BLOCK_S,
-    _bf16_pairs,
-    _chain_rows,
-    _decay_rate,
-    _generated_kernel,
-    _pack,
-    _program_ids,
-    _reset_state,
-    _segment_count,
-    _time_vector,
-    _unpack,
+from .._launch import cdiv, launch, seq_idx_args
+from ..triton_utils import shfl_xor_code
+from .chain import ChainTuning, chain_adjoints, segment_count
+from .codegen import (
+    HEADER,
+    ZERO,
+    bf16_pairs,
+    decay_rate,
+    generated_kernel,
+    keeps,
+    pack,
+    program_ids,
+    time_vector,
+    unpack,
 )
 
-# Below this many one-warp programs per multiprocessor the backward cuts the sequence into segments
-# of whole checkpoint chunks, each at least MIN_TILES_PER_SEG tiles long.
-WARPS_PER_SM = 16
-MIN_TILES_PER_SEG = 16
-# Sum dB and dC over a warp's lanes with shuffles (CUDA only); False: tl.sum (a shuffle tree per value).
-LANE_SUM = True
-# Steps per tile (at most 16: the lane sums spread a tile's 2 T values of dB, dC over 32 lanes).
-# H200, session 11 (kernels/NOTES.md), forward + backward at the three benchmark shapes: 1.69 / 4.36 /
-# 2.37 ms in bf16 against 1.88 / 4.76 / 2.60 with 8 steps (one 16-byte vector, 2 states per
-# iteration); 2.31 / 5.92 / 3.16 in fp32 against 2.36 / 6.16 / 3.26 with 8 and 2.78 / 7.16 / 4.26
-# with 4 (session 10).
-TILE_STEPS = 16
-# The same under the Triton interpreter (CPU tests): there 16-step tiles ran 2-3x slower than 8, in
-# system time (page faults under numpy's broadcasts; the cause is not pinned down). T changes only
-# the unrolling, and a test runs 16 under the interpreter too.
-INTERPRET_TILE_STEPS = 8
-# Register cap per thread (0: none).
-MAXNREG = 0
-# States unrolled per iteration of the reverse phase's loop over states (a divisor of d_state, else 1).
-# With 32-byte tiles one state per iteration was the fastest on H200 (kernels/NOTES.md, session 11).
-STATES_PER_ITER = 1
 
-_LANE_HELPERS = '''
+@dataclass(frozen=True)
+class RecurrentBwdTuning:
+    """Launch choices of the recurrent backward; docs/kernels.md ("Backward") has their measurements.
 
-@triton.jit
-def _lane_id(like):
-    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+    warps_per_sm, min_tiles_per_seg: below warps_per_sm one-warp programs per multiprocessor the
+        sequence is cut into segments of whole checkpoint chunks, each at least min_tiles_per_seg
+        tiles long.
+    tile_steps: steps per tile on CUDA, at most 16 (the lane sums spread a tile's 2 T values of dB,
+        dC over the 32 lanes).
+    interpret_tile_steps: the same under the Triton interpreter (CPU tests), where 16-step tiles ran
+        2-3x slower than 8 for no reason found; T changes only the unrolling.
+    chain: the adjoint chain's block sizes.
+    """
 
-
-@triton.jit
-def _shfl(x, ASM: tl.constexpr):
-    # x from another lane of the warp: ASM is one shfl.sync instruction (`_shfl_xor` writes it).
-    bits = tl.inline_asm_elementwise(ASM, "=r,r", [x.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
-    return bits.to(tl.float32, bitcast=True)
-
-'''
-
-
-def _shfl_xor(x, offset):
-    """Code for x from the lane whose id differs from this one's in bit `offset` (a power of two)."""
-    return f'_shfl({x}, "shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;")'
+    warps_per_sm: int = 16
+    min_tiles_per_seg: int = 16
+    tile_steps: int = 16
+    interpret_tile_steps: int = 8
+    chain: ChainTuning = ChainTuning()
 
 
 def _lane_sum(lines, indent, names):
@@ -112,21 +88,21 @@ def _lane_sum(lines, indent, names):
         new = []
         for i in range(half):
             lo, hi = vals[i], vals[half + i]
-            received = _shfl_xor(f"tl.where(up, {lo}, {hi})", offset)
+            received = shfl_xor_code(f"tl.where(up, {lo}, {hi})", offset)
             lines.append(f"{indent}r{r}_{i} = tl.where(up, {hi}, {lo}) + {received}")
             new.append(f"r{r}_{i}")
         index_terms.append(f"((lane >> {offset.bit_length() - 1}) & 1) * {half}")
         vals, offset, r = new, offset // 2, r + 1
     lines.append(f"{indent}lane_v = {vals[0]}")
     while offset >= 1:
-        lines.append(f"{indent}lane_v += {_shfl_xor('lane_v', offset)}")
+        lines.append(f"{indent}lane_v += {shfl_xor_code('lane_v', offset)}")
         offset //= 2
     return " + ".join(index_terms) if index_terms else "0"
 
 
 def _load(lines, indent, raw, ptr, s, tile_o, mask):
     offsets = f"i_b * {s}_b + o_d[:, None] * {s}_d + {tile_o}[None, :] * {s}_l"
-    lines.append(f"{indent}{raw} = tl.load({ptr} + {offsets}, mask={mask}, other={_ZERO})")
+    lines.append(f"{indent}{raw} = tl.load({ptr} + {offsets}, mask={mask}, other={ZERO})")
 
 
 def _tile_prologue(lines, indent, T, loads):
@@ -152,10 +128,10 @@ def _tile_prologue(lines, indent, T, loads):
     lines.append(f"{indent}    b_dtr = b_dtr + b_db[:, None]")
     lines.append(f"{indent}b_dt = b_dtr")
     lines.append(f"{indent}if DELTA_SOFTPLUS:")
-    lines.append(f"{indent}    b_dt = _softplus(b_dtr, FAST_MATH)")
+    lines.append(f"{indent}    b_dt = softplus(b_dtr, FAST_MATH)")
     lines.append(f"{indent}if not EVEN_TILES:  # steps past the end: a = 1, Δ u B = 0, h unchanged")
     lines.append(f"{indent}    b_dt = tl.where(m_dt, b_dt, 0.0)")
-    _unpack("b_dt", [f"dt_{t}" for t in range(T)], lines, indent, "sdt")
+    unpack("b_dt", [f"dt_{t}" for t in range(T)], lines, indent, "sdt")
 
 
 def _dy(lines, indent, T):
@@ -163,11 +139,11 @@ def _dy(lines, indent, T):
     lines.append(f"{indent}b_do = raw_do.to(tl.float32)")
     lines.append(f"{indent}if HAS_Z:")
     lines.append(f"{indent}    b_z = raw_z.to(tl.float32)")
-    lines.append(f"{indent}    b_sig = _sigmoid(b_z, FAST_MATH)")
+    lines.append(f"{indent}    b_sig = sigmoid(b_z, FAST_MATH)")
     lines.append(f"{indent}    b_dy = b_do * b_z * b_sig")
     lines.append(f"{indent}else:")
     lines.append(f"{indent}    b_dy = b_do")
-    _unpack("b_dy", [f"dy_{t}" for t in range(T)], lines, indent, "sdy")
+    unpack("b_dy", [f"dy_{t}" for t in range(T)], lines, indent, "sdy")
 
 
 def _decays(lines, indent, T, rate):
@@ -177,16 +153,9 @@ def _decays(lines, indent, T, rate):
         lines.append(f"{indent}e_{t} = tl.exp2(dt_{t} * {rate}) * keep_{t}")
 
 
-def _keeps(lines, indent, T):
-    """Emit keep_t: 0.0 before a step that starts a new document, else 1.0 (a constant without seq_idx)."""
-    for t in range(T):
-        lines.append(f"{indent}i_t = tl.minimum(i_c * {T} + {t}, seqlen - 1)")
-        _reset_state(lines, indent, t, T, [f"keep_{t}"], init=True)
-
-
 def _load_decay_rates(L, I, N):
     for n in range(N):
-        L.append(f"{I}a_{n} = {_decay_rate(n)}")
+        L.append(f"{I}a_{n} = {decay_rate(n)}")
 
 
 def _adjoint_pass(L, I, T, N):
@@ -200,9 +169,9 @@ def _adjoint_pass(L, I, T, N):
     J = I + "    "
     _tile_prologue(L, J, T, ("dt", "do", "z"))
     _dy(L, J, T)
-    _keeps(L, J, T)
+    keeps(L, J, T)
     for n in ns:
-        _time_vector(L, J, f"p_C_b + {n} * s_C_n", "ct", T)
+        time_vector(L, J, f"p_C_b + {n} * s_C_n", "ct", T)
         _decays(L, J, T, f"a_{n}")
         for t in range(T):
             L.append(f"{J}p_{n} = p_{n} * e_{t}")
@@ -227,10 +196,10 @@ def _forward_phase(L, I, T, N):
         L.append(f"{J}tl.store(p_scr_t + {n} * BLOCK_D, h_{n})")
     _tile_prologue(L, J, T, ("u", "dt"))
     L.append(f"{J}b_dtu = b_dt * raw_u.to(tl.float32)")
-    _unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
-    _keeps(L, J, T)
+    unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
+    keeps(L, J, T)
     for n in ns:
-        _time_vector(L, J, f"p_B_b + {n} * s_B_n", "bt", T)
+        time_vector(L, J, f"p_B_b + {n} * s_B_n", "bt", T)
         for t in range(T):
             L.append(f"{J}h_{n} = tl.exp2(dt_{t} * a_{n}) * keep_{t} * h_{n} + dtu_{t} * bt_{t}")
     L.append(f"{I}p_scr_t = p_scr_p + (k_last - k_first) * {N} * BLOCK_D")
@@ -238,11 +207,12 @@ def _forward_phase(L, I, T, N):
         L.append(f"{I}tl.store(p_scr_t + {n} * BLOCK_D, h_{n})")
 
 
-def _reverse_phase(L, I, T, N, G):
+def _reverse_phase(L, I, T, N):
     """Phase R: the chunk's tiles last to first; per state, recompute h and a, then run the adjoint back.
 
-    The states run in a loop, G at a time (unrolled inside): all d_state states unrolled took over a
-    minute to compile (mostly in Triton's coalescing pass) and spilled at 255 registers. Their
+    The states run in a loop, one per iteration: all d_state states unrolled took over a minute to
+    compile (mostly in Triton's coalescing pass) and spilled at 255 registers, and two or four per
+    iteration ran no faster (docs/kernels.md, "Backward"). Their
     carries x and dA stay in small per-thread buffers between tiles (coalesced: (batch, n_seg,
     d_state, d_inner))."""
     L.append(f"{I}for i_r in range(0, k_last - k_first + 1):")
@@ -251,59 +221,58 @@ def _reverse_phase(L, I, T, N, G):
     _tile_prologue(L, J, T, ("u", "dt", "do", "z"))
     L.append(f"{J}b_u = raw_u.to(tl.float32)")
     L.append(f"{J}b_dtu = b_dt * b_u")
-    _unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
+    unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
     _dy(L, J, T)
-    _keeps(L, J, T)
+    keeps(L, J, T)
     L.append(f"{J}p_scr_t = p_scr_p + (i_c - k_first) * {N} * BLOCK_D")
     L.append(f"{J}p_dBC_t = p_dBC + i_b * s_dBC_b + i_c * {T}")
     for t in range(T):  # sums over states: g B (for du, dΔ), h C (y, for dz), g a h A log2(e) (dΔ)
         L.append(f"{J}gb_{t} = tl.zeros([BLOCK_D], dtype=tl.float32)")
         L.append(f"{J}y_{t} = tl.zeros([BLOCK_D], dtype=tl.float32)")
         L.append(f"{J}gda_{t} = tl.zeros([BLOCK_D], dtype=tl.float32)")
-    L.append(f"{J}for i_n in range(0, {N}, {G}):")
+    L.append(f"{J}for i_n in range(0, {N}):")
     K = J + "    "
-    for g in range(G):
-        n = f"(i_n + {g})"
-        L.append(f"{K}a_n = {_decay_rate(n)}")
-        L.append(f"{K}hh_m1 = tl.load(p_scr_t + {n} * BLOCK_D)  # h before the tile")
-        L.append(f"{K}x = tl.load(p_x_d + {n} * d_inner, mask=m_d, other=0.0)")
-        L.append(f"{K}dA_n = tl.load(p_dA_d + {n} * d_inner, mask=m_d, other=0.0)")
-        _time_vector(L, K, f"p_B_b + {n} * s_B_n", "bt", T)
-        _time_vector(L, K, f"p_C_b + {n} * s_C_n", "ct", T)
-        _decays(L, K, T, "a_n")
-        for t in range(T):
-            prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
-            L.append(f"{K}hh_{t} = e_{t} * {prev} + dtu_{t} * bt_{t}")
-        for t in reversed(range(T)):
-            prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
-            L.append(f"{K}g = dy_{t} * ct_{t} + x")
-            L.append(f"{K}dc_{t} = dy_{t} * hh_{t}")
-            L.append(f"{K}db_{t} = g * dtu_{t}")
-            L.append(f"{K}gb_{t} += g * bt_{t}")
-            L.append(f"{K}y_{t} += hh_{t} * ct_{t}")
-            L.append(f"{K}x = e_{t} * g")
-            L.append(f"{K}gah = x * {prev}  # g_t d(a_t h_(t-1)) / d(Δ_t A_n)")
-            L.append(f"{K}gda_{t} += gah * a_n")
-            L.append(f"{K}dA_n += gah * dt_{t}")
-        L.append(f"{K}tl.store(p_x_d + {n} * d_inner, x, mask=m_d)")
-        L.append(f"{K}tl.store(p_dA_d + {n} * d_inner, dA_n, mask=m_d)")
-        # dB_t and dC_t of state n, summed over this warp's channels, added to global memory.
-        L.append(f"{K}if LANE_SUM:")
-        idx = _lane_sum(L, K + "    ", [f"db_{t}" for t in range(T)] + [f"dc_{t}" for t in range(T)])
-        L.append(f"{K}    lane_k = {idx}")
-        L.append(f"{K}    t_k = i_c * {T} + lane_k % {T}")
-        L.append(f"{K}    p_k = p_dBC_t + (lane_k // {T}) * s_dBC_bc + {n} * s_dBC_n + lane_k % {T}")
-        L.append(f"{K}    tl.atomic_add(p_k, lane_v, mask=lane_owner & (t_k < seqlen), sem='relaxed')")
-        L.append(f"{K}else:")
-        dc = _pack([f"dc_{t}" for t in range(T)], L, K + "    ", "pdc")
-        db = _pack([f"db_{t}" for t in range(T)], L, K + "    ", "pdb")
-        L.append(f"{K}    m_t = o_tt < seqlen")
-        L.append(f"{K}    p_n = p_dBC_t + {n} * s_dBC_n + o_t")
-        L.append(f"{K}    tl.atomic_add(p_n, tl.sum({db}, axis=0), mask=m_t, sem='relaxed')")
-        L.append(f"{K}    tl.atomic_add(p_n + s_dBC_bc, tl.sum({dc}, axis=0), mask=m_t, sem='relaxed')")
-    b_gb = _pack([f"gb_{t}" for t in range(T)], L, J, "pgb")
-    b_y = _pack([f"y_{t}" for t in range(T)], L, J, "py")
-    b_gda = _pack([f"gda_{t}" for t in range(T)], L, J, "pgda")
+    n = "i_n"
+    L.append(f"{K}a_n = {decay_rate(n)}")
+    L.append(f"{K}hh_m1 = tl.load(p_scr_t + {n} * BLOCK_D)  # h before the tile")
+    L.append(f"{K}x = tl.load(p_x_d + {n} * d_inner, mask=m_d, other=0.0)")
+    L.append(f"{K}dA_n = tl.load(p_dA_d + {n} * d_inner, mask=m_d, other=0.0)")
+    time_vector(L, K, f"p_B_b + {n} * s_B_n", "bt", T)
+    time_vector(L, K, f"p_C_b + {n} * s_C_n", "ct", T)
+    _decays(L, K, T, "a_n")
+    for t in range(T):
+        prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
+        L.append(f"{K}hh_{t} = e_{t} * {prev} + dtu_{t} * bt_{t}")
+    for t in reversed(range(T)):
+        prev = "hh_m1" if t == 0 else f"hh_{t - 1}"
+        L.append(f"{K}g = dy_{t} * ct_{t} + x")
+        L.append(f"{K}dc_{t} = dy_{t} * hh_{t}")
+        L.append(f"{K}db_{t} = g * dtu_{t}")
+        L.append(f"{K}gb_{t} += g * bt_{t}")
+        L.append(f"{K}y_{t} += hh_{t} * ct_{t}")
+        L.append(f"{K}x = e_{t} * g")
+        L.append(f"{K}gah = x * {prev}  # g_t d(a_t h_(t-1)) / d(Δ_t A_n)")
+        L.append(f"{K}gda_{t} += gah * a_n")
+        L.append(f"{K}dA_n += gah * dt_{t}")
+    L.append(f"{K}tl.store(p_x_d + {n} * d_inner, x, mask=m_d)")
+    L.append(f"{K}tl.store(p_dA_d + {n} * d_inner, dA_n, mask=m_d)")
+    # dB_t and dC_t of state n, summed over this warp's channels, added to global memory.
+    L.append(f"{K}if LANE_SUM:")
+    idx = _lane_sum(L, K + "    ", [f"db_{t}" for t in range(T)] + [f"dc_{t}" for t in range(T)])
+    L.append(f"{K}    lane_k = {idx}")
+    L.append(f"{K}    t_k = i_c * {T} + lane_k % {T}")
+    L.append(f"{K}    p_k = p_dBC_t + (lane_k // {T}) * s_dBC_bc + {n} * s_dBC_n + lane_k % {T}")
+    L.append(f"{K}    tl.atomic_add(p_k, lane_v, mask=lane_owner & (t_k < seqlen), sem='relaxed')")
+    L.append(f"{K}else:")
+    dc = pack([f"dc_{t}" for t in range(T)], L, K + "    ", "pdc")
+    db = pack([f"db_{t}" for t in range(T)], L, K + "    ", "pdb")
+    L.append(f"{K}    m_t = o_tt < seqlen")
+    L.append(f"{K}    p_n = p_dBC_t + {n} * s_dBC_n + o_t")
+    L.append(f"{K}    tl.atomic_add(p_n, tl.sum({db}, axis=0), mask=m_t, sem='relaxed')")
+    L.append(f"{K}    tl.atomic_add(p_n + s_dBC_bc, tl.sum({dc}, axis=0), mask=m_t, sem='relaxed')")
+    b_gb = pack([f"gb_{t}" for t in range(T)], L, J, "pgb")
+    b_y = pack([f"y_{t}" for t in range(T)], L, J, "py")
+    b_gda = pack([f"gda_{t}" for t in range(T)], L, J, "pgda")
     L.append(f"{J}b_gb = {b_gb}  # sum_n g B_n")
     L.append(f"{J}b_y = {b_y}  # y before the gate and the D skip")
     L.append(f"{J}b_ddt = {b_gda} * 0.6931471805599453 + b_gb * b_u  # gda counted A log2(e)")
@@ -313,7 +282,7 @@ def _reverse_phase(L, I, T, N, G):
     L.append(f"{J}    b_du += b_dy * b_D[:, None]")
     L.append(f"{J}    b_dD += tl.sum(b_dy * b_u, axis=1)")
     L.append(f"{J}if DELTA_SOFTPLUS:")
-    L.append(f"{J}    b_ddt = b_ddt * _sigmoid(b_dtr, FAST_MATH)")
+    L.append(f"{J}    b_ddt = b_ddt * sigmoid(b_dtr, FAST_MATH)")
     L.append(f"{J}if not EVEN_TILES:")
     L.append(f"{J}    b_ddt = tl.where(m_dt, b_ddt, 0.0)")
     L.append(f"{J}if HAS_DELTA_BIAS:")
@@ -331,8 +300,8 @@ def _reverse_phase(L, I, T, N, G):
     L.append(f"{J}    tl.store(p_y + p_o, b_y.to(p_y.dtype.element_ty), mask=m_dt)")
 
 
-def _bwd_source(N, T, G):
-    """Source of the backward kernel for d_state = N, T time steps per tile, G states unrolled."""
+def _bwd_source(N, T):
+    """Source of the backward kernel for d_state = N and T time steps per tile."""
     L = []
     L.append("@triton.jit")
     L.append("def scan_bwd_kernel(")
@@ -350,7 +319,7 @@ def _bwd_source(N, T, G):
     L.append("    LANE_SUM: tl.constexpr, A_LOG: tl.constexpr,")
     L.append("):")
     I = "    "
-    _program_ids(L, I, T)
+    program_ids(L, I, T)
     L.append(f"{I}n_seg = tl.num_programs(2)")
     L.append(f"{I}if ADJOINT_ONLY:  # launched for segments 1 ..: no segment left of segment 0 needs its P, Q")
     L.append(f"{I}    n_seg += 1")
@@ -374,7 +343,7 @@ def _bwd_source(N, T, G):
     L.append(f"{I}else:")
     J = I + "    "
     L.append(f"{J}if LANE_SUM:")
-    L.append(f"{J}    lane = _lane_id(o_d.to(tl.int32))")
+    L.append(f"{J}    lane = lane_id(o_d.to(tl.int32))")
     # The lanes left holding one sum each after `_lane_sum` of 2T values (others hold copies).
     L.append(f"{J}    lane_owner = (lane & {32 // (2 * T) - 1}) == 0")
     # p_x_d: x, the adjoint carried in from the right (a_(t+1) g_(t+1) after the segment's last step),
@@ -389,7 +358,7 @@ def _bwd_source(N, T, G):
     L.append(f"{K}k_first = i_k * (CKPT // T)")
     L.append(f"{K}k_last = tl.minimum(k_first + CKPT // T, n_tiles) - 1")
     _forward_phase(L, K, T, N)
-    _reverse_phase(L, K, T, N, G)
+    _reverse_phase(L, K, T, N)
     # This program's sums added into p_dsum (zeroed by the host): dA (d_inner, d_state), then dD
     # and dΔ bias (d_inner,) each. Atomics, as for dB and dC: no partial buffers, no sum kernels.
     L.append(f"{J}for n in range(0, {N}):")
@@ -401,45 +370,20 @@ def _bwd_source(N, T, G):
     L.append(f"{J}    tl.atomic_add(p_dsum + {N} * d_inner + o_d, b_dD, mask=m_d, sem='relaxed')")
     L.append(f"{J}if HAS_DELTA_BIAS:")
     L.append(f"{J}    tl.atomic_add(p_dsum + {N + 1} * d_inner + o_d, b_ddb, mask=m_d, sem='relaxed')")
-    return _HEADER + _LANE_HELPERS + "\n".join(L) + "\n"
-
-
-@triton.jit
-def _chain_adjoint_kernel(
-    p_PQ, p_x, d_inner, d_state, n_seg, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # x[s - 1] = Q_s + P_s x[s], from the last segment (x holds dL/dh_T there) to the first.
-    # x (batch, n_seg, d_state, d_inner), P and Q (batch, n_seg, 2, d_state, d_inner). As the
-    # forward's chain kernel: BLOCK_E elements (state, channel) per program, BLOCK_S segments per
-    # loop step (row j: segment s_top - j), loaded together and chained by a scan.
-    i_b = tl.program_id(0).to(tl.int64)
-    o_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # state * d_inner + channel
-    m_e = o_e < d_state * d_inner
-    size = d_state * d_inner
-    b_x = tl.load(p_x + (i_b * n_seg + n_seg - 1) * size + o_e, mask=m_e, other=0.0)
-    o_j = tl.arange(0, BLOCK_S)
-    for s_top in range(n_seg - 1, 0, -BLOCK_S):
-        o_ss = s_top - o_j
-        m_se = (o_ss >= 1)[:, None] & m_e[None, :]
-        p_pq = p_PQ + ((i_b * n_seg + o_ss) * 2 * size)[:, None] + o_e[None, :]
-        # Below the first segment: P = 1 and Q = 0.
-        b_P = tl.load(p_pq, mask=m_se, other=1.0)
-        b_Q = tl.load(p_pq + size, mask=m_se, other=0.0)
-        b_xs, b_x = _chain_rows(b_P, b_Q, b_x, BLOCK_S)  # x[s - 1]
-        tl.store(p_x + ((i_b * n_seg + o_ss - 1) * size)[:, None] + o_e[None, :], b_xs, mask=m_se)
+    return HEADER + "\n".join(L) + "\n"
 
 
 @functools.cache
-def _bwd_kernel(N, T, G):
-    return _generated_kernel(_bwd_source(N, T, G), f"scan_bwd_N{N}_T{T}_G{G}", "scan_bwd_kernel")
+def _bwd_kernel(N, T):
+    return generated_kernel(_bwd_source(N, T), f"scan_bwd_N{N}_T{T}", "scan_bwd_kernel")
 
 
-def scan_bwd_seq(
+def scan_bwd_recurrent(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, ckpt_len, dout, dfinal_state, seq_idx,
-    y_out=None, need_dinitial=True, dBC_out=None, dz_out=None, A_is_log=False,
+    y_out=None, need_dinitial=True, dBC_out=None, dz_out=None, A_is_log=False, tuning=RecurrentBwdTuning(),
 ):
-    """The scan's gradients from the forward's checkpoints (every `ckpt_len` steps), as `_scan_bwd`
-    returns them: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, laid out as
+    """The scan's gradients from the forward's checkpoints (every `ckpt_len` steps), in the order of
+    `triton_scan.ScanGrads` (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); y_out, laid out as
     torch.empty_like(u) (the gradients' layout, whose strides the kernel writes it with), also
     receives the forward's output. dinitial_state is empty unless need_dinitial. With dBC_out (a
     (batch, seqlen, 2, d_state) tensor, any dtype and strides) dB and dC go there instead, and come
@@ -451,7 +395,7 @@ def scan_bwd_seq(
     torch op here costs several microseconds, so buffers share allocations where they can."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    T = TILE_STEPS if u.is_cuda else INTERPRET_TILE_STEPS
+    T = tuning.tile_steps if u.is_cuda else tuning.interpret_tile_steps
     num_warps = 1
     block_d = 32 * num_warps  # one channel per thread: the lane sums need it
     assert ckpt_len % T == 0 and 2 * T <= 32
@@ -464,7 +408,7 @@ def scan_bwd_seq(
     if B.stride(2) != 1 and C.stride(2) != 1 and B.dtype == C.dtype:
         B, C = torch.stack((B, C)).unbind(0)
     B, C = B.contiguous(), C.contiguous()
-    pairs = _bf16_pairs(B, axis=2) and _bf16_pairs(C, axis=2)
+    pairs = bf16_pairs(B, axis=2) and bf16_pairs(C, axis=2)
     if pairs:
         B, C = B.view(torch.int32), C.view(torch.int32)  # words of two steps: strides count words
     du = torch.empty_like(u)
@@ -473,7 +417,9 @@ def scan_bwd_seq(
     assert y_out is None or y_out.stride() == du.stride(), "y_out must be laid out like torch.empty_like(u)"
     n_blocks = cdiv(d_inner, block_d)
     programs = batch * n_blocks
-    n_seg = _segment_count(programs, WARPS_PER_SM, u.device, n_tiles, MIN_TILES_PER_SEG, n_ckpt)  # whole chunks
+    n_seg = segment_count(  # whole chunks
+        programs, tuning.warps_per_sm, u.device, n_tiles, tuning.min_tiles_per_seg, n_ckpt
+    )
     ckpts_per_seg = cdiv(n_ckpt, n_seg)
     n_seg = cdiv(n_ckpt, ckpts_per_seg)
     # One zero fill for four buffers: dB, dC and the sums dA, dD, dΔ bias (atomics accumulate
@@ -490,7 +436,7 @@ def scan_bwd_seq(
     scratch = torch.empty(programs * n_seg * (ckpt_len // T) * d_state * block_d, **f32)  # tile-start states
     A_c = A.contiguous()
     z_ = z if z is not None else u
-    kernel = _bwd_kernel(d_state, T, STATES_PER_ITER if d_state % STATES_PER_ITER == 0 else 1)
+    kernel = _bwd_kernel(d_state, T)
     strides = (
         *u.stride(), *delta.stride(), *z_.stride(), *dout.stride(), *du.stride(),
         *(dz.stride() if dz is not None else (0, 0, 0)), *A_c.stride(),
@@ -500,8 +446,7 @@ def scan_bwd_seq(
         HAS_SEQ_IDX=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus, CKPT=ckpt_len, BLOCK_D=block_d,
         BC_PAIRS=pairs, FAST_MATH=u.is_cuda, EVEN_TILES=seqlen % T == 0 and d_inner % block_d == 0,
-        LANE_SUM=LANE_SUM and u.is_cuda, A_LOG=A_is_log, num_warps=num_warps,
-        **({"maxnreg": MAXNREG} if MAXNREG and u.is_cuda else {}),
+        LANE_SUM=u.is_cuda, A_LOG=A_is_log, num_warps=num_warps,
     )
 
     def run_pass(PQ, segments, **pass_flags):
@@ -516,11 +461,7 @@ def scan_bwd_seq(
     if n_seg > 1:  # pass 1, then the carries from the last segment to the first
         PQ = torch.empty(batch, n_seg, 2, d_state, d_inner, **f32)
         run_pass(PQ, n_seg - 1, ADJOINT_ONLY=True, STORE_Y=False)
-        launch(
-            _chain_adjoint_kernel, (batch, cdiv(d_state * d_inner, CHAIN_BLOCK_E)),
-            PQ, x, d_inner, d_state, n_seg, BLOCK_E=CHAIN_BLOCK_E,
-            BLOCK_S=min(CHAIN_BLOCK_S, next_power_of_2(n_seg - 1)), num_warps=1,
-        )
+        chain_adjoints(PQ, x, tuning.chain)
     run_pass(None, n_seg, ADJOINT_ONLY=False, STORE_Y=y_out is not None)
     empty = u.new_empty(0)
     if dBC_out is not None:  # dB, dC as (batch, seqlen, 2, d_state): one copy
@@ -542,4 +483,4 @@ def scan_bwd_seq(
     )
 
 
-__all__ = ["scan_bwd_seq"]
+__all__ = ["RecurrentBwdTuning", "scan_bwd_recurrent"]

@@ -1,0 +1,104 @@
+"""Triton helpers shared by the kernels of every folder: softplus, the SiLU gate, exp2 scaling, the
+combine functions of the linear-recurrence scans, and warp-lane primitives.
+
+The generated scan kernels (`selective_scan/codegen.py`) call these too: their modules get these
+functions in their namespace (`GENERATED_HELPERS`), so their source carries no copy.
+
+FAST_MATH (CUDA only; the interpreter has no inline assembly) swaps libdevice's exp, log and the IEEE
+division for single special-function-unit instructions: libdevice's log alone took about 25
+instructions per step, 1.5 per state update of the scan (docs/kernels.md, "Forward").
+"""
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def approx(x, op: tl.constexpr):
+    # One special-function-unit instruction (ex2, lg2 or rcp), flushing denormals: no range fix-ups.
+    return tl.inline_asm_elementwise(
+        op + ".approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def softplus(x, FAST_MATH: tl.constexpr):
+    # log(1 + e^x), linear above 20 like torch. FAST_MATH: as ln 2 lg2(1 + ex2(x log2 e)), three
+    # instructions.
+    if FAST_MATH:
+        y = approx(1.0 + approx(x * 1.4426950408889634, "ex2"), "lg2") * 0.6931471805599453
+        return tl.where(x <= 20.0, y, x)
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+
+@triton.jit
+def sigmoid(x, FAST_MATH: tl.constexpr):
+    # FAST_MATH: with an approximate reciprocal in place of an IEEE division.
+    if FAST_MATH:
+        return approx(1.0 + approx(x * -1.4426950408889634, "ex2"), "rcp")
+    return tl.sigmoid(x)
+
+
+@triton.jit
+def silu(x, FAST_MATH: tl.constexpr):
+    return x * sigmoid(x, FAST_MATH)
+
+
+@triton.jit
+def log2_rate(a, A_LOG: tl.constexpr):
+    # A scaled by log2(e), so that exp(ΔA) = exp2(Δ a): exp2 is the special-function unit's native
+    # instruction. A_LOG: the value is A_log, A = -exp(A_log) (the model's parameter, as the training
+    # mixer hands it over: no host-side exp and negation kernels).
+    if A_LOG:
+        a = -tl.exp(a)
+    return a * 1.4426950408889634
+
+
+@triton.jit
+def linear_combine(a_l, b_l, a_r, b_r):
+    # The maps h -> a_l h + b_l, then h -> a_r h + b_r, as one: h -> a_l a_r h + (b_l a_r + b_r). The
+    # combine of `tl.associative_scan` over a linear recurrence h_t = a_t h_{t-1} + b_t.
+    return a_l * a_r, a_r * b_l + b_r
+
+
+@triton.jit
+def add_pair(a_l, b_l, a_r, b_r):
+    # Two sums in one `tl.reduce`.
+    return a_l + a_r, b_l + b_r
+
+
+@triton.jit
+def lane_id(like):
+    # This thread's lane in its warp, shaped like `like` (int32).
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def shfl(x, ASM: tl.constexpr):
+    # fp32 x from another lane of the warp: ASM is one shfl.sync instruction (`shfl_xor_code` writes it).
+    bits = tl.inline_asm_elementwise(ASM, "=r,r", [x.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
+
+
+def shfl_xor_code(x, offset):
+    """Code for x from the lane whose id differs from this one's in bit `offset` (a power of two)."""
+    return f'shfl({x}, "shfl.sync.bfly.b32 $0, $1, {offset}, 31, -1;")'
+
+
+# The names the generated kernels call (`selective_scan/codegen.py` puts them in their namespace).
+GENERATED_HELPERS = dict(
+    approx=approx, softplus=softplus, sigmoid=sigmoid, silu=silu, log2_rate=log2_rate, lane_id=lane_id, shfl=shfl
+)
+
+__all__ = [
+    "GENERATED_HELPERS",
+    "add_pair",
+    "approx",
+    "lane_id",
+    "linear_combine",
+    "log2_rate",
+    "shfl",
+    "shfl_xor_code",
+    "sigmoid",
+    "silu",
+    "softplus",
+]
