@@ -1,5 +1,9 @@
 """Chunked prefill (hf_mamba.generation): the same logits, cache and generated tokens as one forward."""
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -161,3 +165,23 @@ def test_checkpointed_training_model_is_refused(model):
 def test_generate_after_prefill_refuses_a_cache(model):
     with pytest.raises(ValueError, match="makes the cache itself"):
         generate_after_prefill(model, torch.ones(1, 5, dtype=torch.long), cache=MambaCache(model.config, 1))
+
+
+def test_long_context_script_tiny(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "long_context", Path(__file__).resolve().parents[1] / "scripts" / "long_context.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows, continuation = script.main(
+        ["--tiny", "--min-log2", "6", "--max-log2", "8", "--chunk-size", "48", "--new-tokens", "3",
+         "--out-dir", str(tmp_path)]
+    )
+    assert [row["length"] for row in rows] == [64, 128, 256]
+    for row in rows:
+        assert row["full_error"] is None and row["max_logit_diff"] < 1e-4
+        assert row["chunked_tok_s"] > 0 and row["full_tok_s"] > 0
+    assert continuation["new_tokens"] == 3 and continuation["cache_offset"] == 256 + 3 - 1
+    assert continuation["first_token_matches_prefill"]
+    assert json.loads((tmp_path / "results.json").read_text())["generate"] == continuation
+    assert "one forward tok/s" in capsys.readouterr().out
