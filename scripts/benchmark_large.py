@@ -1,7 +1,7 @@
 """Speed and memory at the largest Mamba-1 shapes on one GPU, with random weights, side by side with mamba_ssm.
 
-    python scripts/benchmark_large.py --shapes 7b --out large_7b.md          # one H100: about 6 minutes
-    python scripts/benchmark_large.py --shapes 1.4b --out large_1.4b.md      # about 3 minutes
+    python scripts/benchmark_large.py --shapes 7b --out large_7b.md          # one shape per run
+    python scripts/benchmark_large.py --shapes 1.4b --out large_1.4b.md
     source <shared>/peers/activate.sh && python scripts/benchmark_large.py ... # with mamba_ssm side by side
     python scripts/benchmark_large.py --rows decode --shapes 7b              # a subset of rows
     python scripts/benchmark_large.py --tiny                                 # every row on CPU, tiny shapes, seconds
@@ -24,7 +24,8 @@ Rows (--rows):
   layer): one step of forward + backward + AdamW over LoRA adapters (r 16, alpha 32, on in_proj, x_proj, dt_proj,
   out_proj) at 1 x 2048 tokens with activation checkpointing, on a 4-bit base (bitsandbytes nf4 with double
   quantization, bf16 compute; in_proj, x_proj and out_proj quantized in memory, prepared as the QLoRA recipe
-  does with peft's prepare_model_for_kbit_training) and, for comparison, on the bf16 base.
+  does with peft's prepare_model_for_kbit_training) and, for comparison, on the bf16 base; then greedy decoding
+  at batch 1 on the 4-bit model with its adapters, as generate() runs there.
 
 mamba_ssm (when importable) runs decode (its generate(..., cg=True)), prefill and train on the same shapes. It
 has no Falcon Mamba mixer (its mamba_inner_fn norms take weights and normalise Δ after dt_proj, and its decode
@@ -371,11 +372,13 @@ class Bench:
                          first_s=first, tokens_per_s=ids.shape[1] / seconds, peak_gib=peak_gib(self.device),
                          notes=f"{seconds * 1e3:.0f} ms per step")]
 
-    def decode(self, impl, model, shape):
+    def decode(self, impl, model, shape, batches=None, measurement=None, implementation=None, dtype=None):
         weight_bytes = decode_weight_bytes(model, *impl.embedding_and_head(model))
+        graphs = ", CUDA graphs" if self.device.type == "cuda" else ""
+        measurement = measurement or f"greedy decode{graphs}"
         rows = []
         new = self.sizes.new_tokens
-        for batch in self.sizes.decode_batches:
+        for batch in batches or self.sizes.decode_batches:
             prompt = self.ids(shape, batch, self.sizes.prompt)
 
             def generate(new_tokens, prompt=prompt):
@@ -391,9 +394,9 @@ class Bench:
             prefill_only = median_time(lambda: generate(1), self.device, 3)
             tokens_per_s = batch * (new - 1) / (whole - prefill_only)
             bound = batch * self.bandwidth / weight_bytes
+            tokens = f"{batch} x {new} new (prompt {prompt.shape[1]})"
             rows.append(self.row(
-                shape, "greedy decode, CUDA graphs" if self.device.type == "cuda" else "greedy decode",
-                impl.label(shape), f"{batch} x {new} new (prompt {prompt.shape[1]})",
+                shape, measurement, implementation or impl.label(shape), tokens, dtype=dtype,
                 first_s=first, tokens_per_s=tokens_per_s, peak_gib=peak_gib(self.device),
                 notes=(f"{100 * tokens_per_s / bound:.0f}% of bound {bound:,.0f} tok/s "
                        f"({weight_bytes / 1e9:.2f} GB weights); whole call {batch * new / whole:,.0f} tok/s"),
@@ -434,7 +437,7 @@ class Bench:
         seconds = median_time(step, self.device, self.sizes.steps)
         dtype = (f"nf4 base (double quant), {self.dtype_name} compute" if base == "nf4"
                  else f"{self.dtype_name} base") + f", LoRA {DTYPE_NAMES[adapters[0].dtype]}"
-        return [self.row(
+        rows = [self.row(
             shape, "LoRA step (fwd+bwd+AdamW, checkpointing)", "hf_mamba + PEFT", f"1 x {ids.shape[1]}",
             dtype=dtype, first_s=first, tokens_per_s=ids.shape[1] / seconds, peak_gib=peak_gib(self.device),
             notes=(f"{'QLoRA' if base == 'nf4' else 'LoRA'} r16 on {'/'.join(LORA_TARGETS)}, "
@@ -442,23 +445,32 @@ class Bench:
                    + (f"{resident:.2f} GiB resident before the first step, " if resident is not None else "")
                    + f"{seconds * 1e3:.0f} ms per step"),
         )]
+        if base == "nf4":  # what generate() gives on the 4-bit model with its adapters, at batch 1
+            del optimizer, adapters
+            model.eval()
+            measurement = "greedy decode, 4-bit base + LoRA"
+            describe = self.row(shape, measurement, "hf_mamba + PEFT", "-", dtype=dtype)
+            rows += self.attempt(describe, self.decode, HfMamba(self.device, self.dtype), model, shape, (1,),
+                                 measurement, "hf_mamba + PEFT", dtype)
+        return rows
 
-    def guarded(self, describe, fn, *args):
-        """fn(*args) -> rows, added to the table; on OOM or an error, the row `describe` saying so (and None).
-        Frees what fn made either way."""
+    @staticmethod
+    def attempt(describe, fn, *args):
+        """fn(*args) -> rows; on OOM or an error, the row `describe` saying so."""
         try:
-            result = fn(*args)
+            return fn(*args)
         except torch.OutOfMemoryError:
-            result, rows = None, [replace(describe, notes="out of memory")]
+            return [replace(describe, notes="out of memory")]
         except Exception as exc:  # noqa: BLE001 - one failing row must not stop the others
             traceback.print_exc()
-            result, rows = None, [replace(describe, notes=f"failed: {type(exc).__name__}: {first_line(exc)}")]
-        else:
-            rows = result
+            return [replace(describe, notes=f"failed: {type(exc).__name__}: {first_line(exc)}")]
+
+    def guarded(self, describe, fn, *args):
+        """The rows of fn(*args) (or the failure row), added to the table; frees what fn made either way."""
+        rows = self.attempt(describe, fn, *args)
         free_memory(self.device)
         for row in rows:
             self.table.add(row)
-        return result
 
     def built(self, impl, shape):
         """impl's model of `shape`, or None after a row saying why it could not be built."""

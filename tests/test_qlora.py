@@ -12,6 +12,7 @@ Tolerances, relative to the largest |logit| or |gradient|:
 """
 
 import importlib.util
+import re
 import warnings
 from pathlib import Path
 
@@ -237,6 +238,7 @@ def test_benchmark_large_tiny_runs_every_row_and_reports_a_failing_one(tmp_path,
         "greedy decode",
         "greedy decode",
         "LoRA step (fwd+bwd+AdamW, checkpointing)",
+        "greedy decode, 4-bit base + LoRA",
         "LoRA step (fwd+bwd+AdamW, checkpointing)",
     ]
     failed, *measured = rows.values()
@@ -244,8 +246,51 @@ def test_benchmark_large_tiny_runs_every_row_and_reports_a_failing_one(tmp_path,
     for row in measured:
         assert row.tokens_per_s > 0 and row.first_s > 0, row
         assert row.shape == "7b-tiny" and row.gpu == "CPU"
-    assert {row.dtype.split(",")[0] for row in measured if row.measurement.startswith("LoRA")} == {
-        "nf4 base (double quant)", "bf16 base"
-    }
+    assert [row.dtype.split(",")[0] for row in measured[3:]] == ["nf4 base (double quant)"] * 2 + ["bf16 base"]
     assert "% of bound" in measured[1].notes
     assert out.read_text() == table.markdown()
+
+
+# docs/large_models.md: its Python blocks, run on a tiny Falcon Mamba folder in place of the Hub checkpoint.
+DOC = ROOT / "docs" / "large_models.md"
+HUB_ID = "tiiuae/falcon-mamba-7b"
+DOC_EDITS = {  # the sizes of a real run -> a smoke run; each must be in the document
+    "block_size = 2048": "block_size = 16",
+    "max_steps=500": "max_steps=2",
+    "gradient_accumulation_steps=8": "gradient_accumulation_steps=1",
+}
+
+
+def test_documented_recipes_run_on_a_tiny_falcon_mamba(tmp_path, monkeypatch):
+    import datasets
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    texts = list(train_script.DEMO_TEXT) * 4
+    tokenizer = train_script.train_demo_tokenizer(texts, vocab_size=300)
+    config = transformers.FalconMambaConfig(
+        **{**SHAPE, "vocab_size": len(tokenizer)}, tie_word_embeddings=False, mixer_rms_eps=1e-6
+    )
+    transformers.FalconMambaForCausalLM(config).save_pretrained(tmp_path / "falcon-mamba")
+    tokenizer.save_pretrained(tmp_path / "falcon-mamba")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.Dataset.from_dict({"text": texts}))
+    monkeypatch.chdir(tmp_path)
+
+    text = DOC.read_text()
+    edits = {HUB_ID: str(tmp_path / "falcon-mamba"), **DOC_EDITS}
+    if not is_torch_bf16_gpu_available():
+        edits["bf16=True,"] = "bf16=True, use_cpu=True,"  # what the example's comment says
+    assert all(old in text for old in edits), [old for old in edits if old not in text]
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+    assert len(blocks) == 4
+    for block in blocks:
+        for old, new in edits.items():
+            block = block.replace(old, new)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            exec(compile(block, str(DOC), "exec"), {})  # each block stands alone, as in a fresh session
+    assert (tmp_path / "outputs" / "falcon-mamba-7b-qlora" / "adapter" / "adapter_config.json").is_file()
+    merged = hf_mamba.MambaForCausalLM.from_pretrained(tmp_path / "outputs" / "falcon-mamba-7b-merged")
+    assert merged.config.mixer_rms_eps == 1e-6
