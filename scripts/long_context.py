@@ -2,11 +2,12 @@
 
 Each prompt goes through the model two ways: prefilled in chunks through the recurrent cache
 (hf_mamba.generation.prefill_in_chunks: peak memory that of one chunk, flat in the prompt's length) and
-in one forward (activations of every position: memory linear in the length; an out-of-memory error is
-caught and reported). Per length: peak memory, tokens/s, and how far the last position's logits of the
-two ways differ. Then generate() continues after the longest prefill (the cache has seen all but the
-last prompt token; generate feeds that one and decodes), and its first token is checked against the
-chunked prefill's next-token prediction.
+in one forward (activations of every position: memory linear in the length). Per length: peak memory,
+tokens/s, and how far the last position's logits of the two ways differ. After the chunked runs,
+generate() continues after the longest prefill (the cache has seen all but the last prompt token;
+generate feeds that one and decodes), and its first token is checked against the chunked prefill's
+next-token prediction. The one-forward runs come last: an out-of-memory (or other runtime) error there is
+reported in the table instead of ending the run.
 
     python scripts/long_context.py                               # GPU: random-init 130M shape, bf16, 2^14 ... 2^20
     python scripts/long_context.py --model path/to/mamba-130m    # a local checkpoint instead (offline)
@@ -84,8 +85,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(args, fn):
-    """(result, seconds, peak GiB or None, error): fn() timed, its peak memory, or the OOM it raised."""
+def measure(args, fn, catch=False):
+    """(result, seconds, peak GiB or None, error): fn() timed and its peak memory; with `catch`, an
+    out-of-memory or other runtime error is returned (first line) instead of raised."""
     device = args.device
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -95,14 +97,21 @@ def measure(args, fn):
     try:
         result = fn()
         _sync(device)
-    except torch.OutOfMemoryError as error:
-        del error  # the traceback holds the frames' tensors
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not catch:
+            raise
+        message = "out of memory" if isinstance(error, torch.OutOfMemoryError) else str(error).splitlines()[0]
+        del error  # its traceback holds the frames' tensors
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return None, None, None, "out of memory"
+        return None, None, None, message
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return result, seconds, peak, None
+
+
+def last_logits(output):
+    return output.logits[:, -1].float()
 
 
 @torch.no_grad()
@@ -114,38 +123,36 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, lengths[-1]), generator=generator).to(args.device)
     device_name = torch.cuda.get_device_name() if args.device.type == "cuda" else "CPU"
+    dtype_name = str(args.dtype).replace("torch.", "")
     print(f"model: d_model {model.config.hidden_size}, {model.config.num_hidden_layers} layers, vocab "
-          f"{model.config.vocab_size}, {str(args.dtype).replace('torch.', '')}, weights {weights_gib:.2f} GiB, "
-          f"on {device_name}; chunks of {args.chunk_size} tokens")
+          f"{model.config.vocab_size}, {dtype_name}, weights {weights_gib:.2f} GiB, on {device_name}; "
+          f"chunks of {args.chunk_size} tokens")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) if isinstance(v, torch.device | torch.dtype) else v for k, v in vars(args).items()}
+
+    def save(rows, continuation):
+        results = {"args": settings, "device": device_name, "rows": rows, "generate": continuation}
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
 
     # Compile the kernels (first calls) outside the measurements.
     warm = prompt[:, : min(lengths[0], 2 * args.chunk_size)]
     prefill_in_chunks(model, warm, chunk_size=args.chunk_size)
     model(warm, use_cache=True, logits_to_keep=1)
 
-    rows = []
+    # 1. Chunked prefill at every length.
+    rows, chunked_logits = [], {}
     for length in lengths:
-        ids = prompt[:, :length]
-        chunked, chunked_s, chunked_peak, _ = measure(
-            args, lambda ids=ids: prefill_in_chunks(model, ids, chunk_size=args.chunk_size).logits[:, -1].float()
+        logits, seconds, peak, _ = measure(
+            args, lambda length=length: last_logits(prefill_in_chunks(model, prompt[:, :length], args.chunk_size))
         )
-        row = {"length": length, "chunked_s": chunked_s, "chunked_peak_gib": chunked_peak,
-               "chunked_tok_s": length / chunked_s}
-        if not args.no_full:
-            full, full_s, full_peak, error = measure(
-                args, lambda ids=ids: model(ids, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-            )
-            row.update(full_s=full_s, full_peak_gib=full_peak, full_error=error,
-                       full_tok_s=length / full_s if full_s else None,
-                       max_logit_diff=(chunked - full).abs().max().item() if full is not None else None)
-            del full
-        rows.append(row)
-        print(f"  {length:>9,} tokens: chunked {row['chunked_tok_s']:,.0f} tok/s"
-              + (f", one forward {'OOM' if row.get('full_error') else format(row['full_tok_s'], ',.0f') + ' tok/s'}"
-                 if not args.no_full else ""), flush=True)
-    next_token = chunked.argmax(-1)  # the chunked prefill's prediction after the longest prompt
+        chunked_logits[length] = logits
+        rows.append({"length": length, "chunked_s": seconds, "chunked_peak_gib": peak,
+                     "chunked_tok_s": length / seconds})
+        print(f"  chunked     {length:>9,} tokens: {length / seconds:>12,.0f} tok/s, peak {_gib(peak)} GiB", flush=True)
+    save(rows, None)
 
-    # generate() after the longest prefill: the cache has seen all but the last token.
+    # 2. generate() after the longest prefill: the cache has seen all but the last token.
     cache = MambaCache(model.config, 1, dtype=model.get_input_embeddings().weight.dtype, device=args.device)
     _, prefill_s, prefill_peak, _ = measure(
         args, lambda: prefill_in_chunks(model, prompt[:, :-1], chunk_size=args.chunk_size, cache=cache)
@@ -154,18 +161,35 @@ def main(argv=None):
         args, lambda: model.generate(prompt, cache=cache, max_new_tokens=args.new_tokens, do_sample=False,
                                      min_new_tokens=args.new_tokens)
     )
-    new = generated[0, lengths[-1]:]
+    new = generated[0, lengths[-1] :]
+    next_token = chunked_logits[lengths[-1]].argmax(-1)  # the full chunked prefill's prediction
     continuation = {
         "prompt_tokens": lengths[-1], "new_tokens": len(new), "decode_tok_s": len(new) / generate_s,
-        "prefill_s": prefill_s, "peak_gib": max(p for p in (prefill_peak, generate_peak) if p is not None)
-        if prefill_peak is not None else None,
+        "prefill_s": prefill_s,
+        "peak_gib": max(prefill_peak, generate_peak) if prefill_peak is not None else None,
         "cache_offset": cache.seqlen_offset, "first_token_matches_prefill": bool(new[0] == next_token[0]),
     }
+    del cache, generated
+    save(rows, continuation)
 
+    # 3. One forward per length, last: a length that does not fit reports its error instead of stopping the run.
     show_full = not args.no_full
+    for row in rows if show_full else []:
+        length = row["length"]
+        logits, seconds, peak, error = measure(
+            args, lambda length=length: last_logits(model(prompt[:, :length], use_cache=True, logits_to_keep=1)),
+            catch=True,
+        )
+        row.update(full_s=seconds, full_peak_gib=peak, full_error=error,
+                   full_tok_s=length / seconds if seconds else None,
+                   max_logit_diff=(chunked_logits[length] - logits).abs().max().item() if logits is not None else None)
+        print(f"  one forward {length:>9,} tokens: "
+              + (error if error else f"{row['full_tok_s']:>12,.0f} tok/s, peak {_gib(peak)} GiB"), flush=True)
+        save(rows, continuation)
+
     peak_note = (f"peak = torch.cuda.max_memory_allocated, weights ({weights_gib:.2f} GiB) included"
                  if args.device.type == "cuda" else "peak memory: measured on a GPU only")
-    print(f"\nPrefill at batch 1, {str(args.dtype).replace('torch.', '')}, {device_name}; {peak_note}")
+    print(f"\nPrefill at batch 1, {dtype_name}, {device_name}; {peak_note}")
     header = f"{'tokens':>10} | {'chunked tok/s':>13} {'peak GiB':>9}"
     if show_full:
         header += f" | {'one forward tok/s':>17} {'peak GiB':>9} | {'max |Δ logit|':>13}"
@@ -175,22 +199,17 @@ def main(argv=None):
         line = f"{row['length']:>10,} | {row['chunked_tok_s']:>13,.0f} {_gib(row['chunked_peak_gib']):>9}"
         if show_full:
             if row["full_error"]:
-                line += f" | {row['full_error']:>17} {'-':>9} | {'-':>13}"
+                line += f" | {row['full_error'][:40]}"
             else:
                 line += (f" | {row['full_tok_s']:>17,.0f} {_gib(row['full_peak_gib']):>9} | "
                          f"{row['max_logit_diff']:>13.2e}")
         print(line)
-    print(f"\ngenerate() after a {lengths[-1]:,}-token chunked prefill: {continuation['new_tokens']} new tokens at "
-          f"{continuation['decode_tok_s']:,.1f} tok/s, peak {_gib(continuation['peak_gib'])} GiB; cache offset "
-          f"{continuation['cache_offset']:,} (= prompt + new - 1); first token "
-          f"{'matches' if continuation['first_token_matches_prefill'] else 'DIFFERS from'} the prefill's prediction")
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: str(v) if isinstance(v, torch.device | torch.dtype) else v for k, v in vars(args).items()}
-    (out_dir / "results.json").write_text(
-        json.dumps({"args": settings, "device": device_name, "rows": rows, "generate": continuation}, indent=1)
-    )
+    print(f"\ngenerate() after a {lengths[-1]:,}-token chunked prefill ({prefill_s:.1f} s): "
+          f"{continuation['new_tokens']} new tokens at {continuation['decode_tok_s']:,.1f} tok/s, peak "
+          f"{_gib(continuation['peak_gib'])} GiB; cache offset {continuation['cache_offset']:,} (= prompt + new - 1); "
+          f"first token {'matches' if continuation['first_token_matches_prefill'] else 'DIFFERS from'} the "
+          f"prefill's prediction")
+    print(f"results: {out_dir / 'results.json'}")
     return rows, continuation
 
 

@@ -10,16 +10,18 @@ the fp32 run's (LoRA runs with the fp32 LoRA run's), and a table is printed:
 In fp16 the GradScaler skips the steps whose gradients overflowed (its scale starts at 2^16 and halves on
 each); those steps log an infinite grad norm and are counted apart from NaN losses, which should be none.
 
-    python scripts/precision_training.py                                  # GPU: all 8 runs, 1000 steps each
-    python scripts/precision_training.py --runs fp32,bf16,fp16,bf16-ckpt,fp16-ckpt   # H100: ~5 min
-    python scripts/precision_training.py --runs lora-fp32,lora-bf16,lora-fp16        # H100: ~3 min
-    python scripts/precision_training.py --runs fp32 --long-prompt 65536  # + fp16/bf16 inference, 64K tokens
-    python scripts/precision_training.py --tiny                            # CPU smoke test, seconds
+    python scripts/precision_training.py --runs fp32,bf16,fp16 --long-prompt 65536   # GPU, then:
+    python scripts/precision_training.py --runs bf16-ckpt,fp16-ckpt      # reuses the fp32 run saved above
+    python scripts/precision_training.py --runs lora-fp32,lora-bf16,lora-fp16
+    python scripts/precision_training.py                                  # all 8 runs in one go
+    python scripts/precision_training.py --tiny                           # CPU smoke test, seconds
 
-A run whose reference (fp32, or lora-fp32 for LoRA runs) is not listed gets it added. The corpus is
-generated (no network): Zipf-distributed tokens over the whole vocabulary with a fixed sparse bigram
-structure and copied spans, so the loss falls from ln(vocab) as on text. Results (curves included) go to
---out-dir/results.json.
+Each run's curve goes to --out-dir/results.json (and the fp32 run's model to --out-dir/fp32_model, which
+--long-prompt loads); a later invocation with the same settings on the same device keeps those runs, so
+the commands above build one table between them. A run whose reference (fp32, or lora-fp32 for LoRA
+runs) is neither listed nor saved gets it added. The corpus is generated (no network): Zipf-distributed
+tokens over the whole vocabulary with a fixed sparse bigram structure and copied spans, so the loss falls
+from ln(vocab) as on text.
 """
 
 import argparse
@@ -55,7 +57,10 @@ def parse_args(argv=None):
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--long-prompt", type=int, default=0, help="tokens of the fp16/bf16 inference check (0: off)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default="outputs/precision_training")
+    parser.add_argument("--out-dir", default="outputs/precision_training",
+                        help="results.json (and the fp32 run's model) go here; runs saved there by an earlier "
+                             "invocation with the same settings are kept, and their references reused")
+    parser.add_argument("--fresh", action="store_true", help="ignore runs saved in --out-dir")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, few steps, short prompt")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -71,9 +76,26 @@ def parse_args(argv=None):
     unknown = [run for run in runs if run not in RUNS]
     if unknown or not runs:
         parser.error(f"--runs takes names from {', '.join(RUNS)}; got {args.runs!r}")
-    needed = {"lora-fp32" if run.startswith("lora") else "fp32" for run in runs}
-    args.runs = [run for run in RUNS if run in set(runs) | needed]  # references first, fixed order
+    args.runs = [run for run in RUNS if run in runs]  # references (fp32, lora-fp32) first
     return args
+
+
+# What a loss curve depends on: runs from an earlier invocation with the same settings are comparable.
+CURVE_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "hidden_size", "layers", "vocab", "lora_r", "seed")
+
+
+def earlier_runs(path, settings):
+    """Runs saved in `path` by an earlier invocation with the same settings (and device), else {}."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    return saved.get("runs", {}) if saved.get("settings") == settings else {}
+
+
+def with_references(runs, available):
+    """`runs` plus the reference each needs (fp32; lora-fp32 for LoRA runs) unless `available` has it."""
+    needed = {"lora-fp32" if run.startswith("lora") else "fp32" for run in runs} - set(available)
+    return [run for run in RUNS if run in set(runs) | needed]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,9 +343,15 @@ def main(argv=None):
     print(f"  generated in {time.perf_counter() - started:.1f} s")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {name: getattr(args, name) for name in CURVE_SETTINGS}
+    settings["device"] = torch.cuda.get_device_name() if device_is_cuda else "cpu"
+    earlier = {} if args.fresh else earlier_runs(out_dir / "results.json", settings)
+    runs = with_references(args.runs, earlier)
+    if earlier:
+        print(f"kept from {out_dir / 'results.json'}: {', '.join(sorted(earlier))}")
 
-    results, skipped, trained = {}, {}, None
-    for name in args.runs:
+    results, skipped = dict(earlier), {}
+    for name in runs:
         print(f"run {name}", flush=True)
         try:
             results[name], model = train_run(name, args, dataset, device_is_cuda)
@@ -333,10 +361,12 @@ def main(argv=None):
             skipped[name] = str(error)
             print(f"  skipped: {error}")
             continue
-        if name == "fp32":
-            trained = model
+        print(f"  {name}: {results[name]['wall_s']:.0f} s", flush=True)
+        if name == "fp32":  # the model the long-prompt check loads in fp16 / bf16
+            model.save_pretrained(out_dir / "fp32_model")
         del model
-        (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "runs": results}, indent=1))
+        _save(out_dir, settings, args, results, skipped, [])
+    results = {name: results[name] for name in RUNS if name in results}
 
     n_params = sum(p.numel() for p in build_model(args).parameters())
     print(f"\nTraining, {n_params / 1e6:.2f}M parameters (d_model {args.hidden_size}, {args.layers} layers, vocab "
@@ -365,9 +395,10 @@ def main(argv=None):
 
     long_rows = []
     if args.long_prompt:
-        model = trained if trained is not None else build_model(args)
+        trained = (out_dir / "fp32_model").exists() and "fp32" in results
+        model = MambaForCausalLM.from_pretrained(out_dir / "fp32_model") if trained else build_model(args)
         print(f"\nInference over one {args.long_prompt}-token prompt, model loaded with from_pretrained(dtype=...) "
-              f"({'trained fp32 run' if trained is not None else 'untrained'}); logits of the last "
+              f"({'the fp32 run after training' if trained else 'untrained: no fp32 run'}); logits of the last "
               f"{min(1024, args.long_prompt)} positions compared with fp32")
         long_rows = long_prompt_check(model.to(device), args, device)
         print(f"{'dtype':<10}{'hidden finite':>14}{'logits finite':>14}{'max |residual|':>16}"
@@ -376,11 +407,14 @@ def main(argv=None):
             print(f"{row['dtype']:<10}{row['hidden_finite']!s:>14}{row['logits_finite']!s:>14}"
                   f"{row['residual_max']:>16.1f}{_fmt(row['max_logit_diff'], '.4f'):>15}"
                   f"{_fmt(row['top1_agree'], '.4f'):>12}{row['decode_finite']!s:>15}{row['seconds']:>9.2f}")
-    (out_dir / "results.json").write_text(
-        json.dumps({"args": vars(args), "runs": results, "skipped": skipped, "long_prompt": long_rows}, indent=1)
-    )
+    _save(out_dir, settings, args, results, skipped, long_rows)
     print(f"\nresults: {out_dir / 'results.json'}")
     return results, long_rows
+
+
+def _save(out_dir, settings, args, results, skipped, long_rows):
+    saved = {"settings": settings, "args": vars(args), "runs": results, "skipped": skipped, "long_prompt": long_rows}
+    (out_dir / "results.json").write_text(json.dumps(saved, indent=1))
 
 
 def _fmt(value, spec):

@@ -287,11 +287,12 @@ def test_autocast_training_step(saved_model, dtype):
 
     loss32, grads32 = step(None)
     loss, grads = step(dtype)
-    assert torch.isfinite(loss) and abs(loss.item() - loss32.item()) < 0.02 * loss32.item()
+    # Measured: loss within 1e-4 relative, every gradient's cosine with fp32's above 0.9999.
+    assert torch.isfinite(loss) and abs(loss.item() - loss32.item()) < 1e-3 * loss32.item()
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), grads32[name].flatten(), dim=0)
-        assert cosine > 0.98, (name, cosine.item())
+        assert cosine > 0.999, (name, cosine.item())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,3 +324,11 @@ def test_precision_training_script_tiny(tmp_path, capsys):
     assert set(saved["runs"]) == set(results)
     table = capsys.readouterr().out
     assert "max |Δ loss|" in table and "bf16-ckpt" in table and "top-1 agree" in table
+
+    # A second invocation with the same settings keeps the saved runs and reuses the fp32 reference.
+    again, _ = script.main(["--tiny", "--steps", "4", "--runs", "fp16", "--out-dir", str(tmp_path)])
+    assert list(again) == ["fp32", "fp16", "bf16-ckpt", "lora-fp32", "lora-fp16"]
+    assert again["fp32"]["losses"] == results["fp32"]["losses"]
+    out = capsys.readouterr().out
+    assert "run fp32" not in out and "kept from" in out
+    assert again["fp16"]["summary"]["max_diff"] < 0.01
