@@ -375,7 +375,10 @@ def main():
             if "graphs" in name or "cg=True" in name:
                 for batch in args.decode_batches:
                     print_decode_profile(name, generate, args, batch)
-    rows = [(name, [decode_throughput(generate, args, batch) for batch in args.decode_batches]) for name, generate in decoders]
+    rows = [
+        (name, [decode_throughput(generate, args, batch) for batch in args.decode_batches])
+        for name, generate in decoders
+    ]
     for title, column in (("steady state, warmed at the timed length", 0), ("first call at a new length", 1)):
         print(f"\nGreedy decoding, bf16, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s), {title}")
         print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
