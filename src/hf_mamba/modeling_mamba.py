@@ -55,6 +55,13 @@ def _weightless_rms_norm(x, eps):
     return F.rms_norm(_fp32_or_wider(x), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+def _linear_input(linear, x):
+    """x as a projection should read it: the channels-last view itself for a plain nn.Linear, or an adapter over
+    one (its matmul reads strides), a contiguous copy for anything else (bitsandbytes' CPU 4-bit kernel reads a
+    strided input wrong)."""
+    return x if type(getattr(linear, "base_layer", linear)) is nn.Linear else x.contiguous()
+
+
 def _unhooked(module):
     """No forward or backward hooks (the module's or global) and no replaced forward (as accelerate's
     hooks do): a module the fused mixer would not call must have nothing that expects the call."""
@@ -244,7 +251,7 @@ class MambaMixer(nn.Module):
 
     def _ssm_params(self, x):
         """Δ (before bias), B, C from the conv output x (batch, d_inner, seqlen)."""
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
+        x_dbl = self.x_proj(_linear_input(self.x_proj, x.transpose(1, 2)))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.mixer_rms_eps is not None:  # Falcon Mamba, in the order of Transformers' FalconMambaMixer
             dt, B, C = (_weightless_rms_norm(t, self.mixer_rms_eps) for t in (dt, B, C))
@@ -323,7 +330,7 @@ class MambaMixer(nn.Module):
             y = scan
         if not self.fused_silu:
             y = y * self.act(z)
-        return self.out_proj(y.transpose(1, 2))  # (batch, seqlen, hidden_size)
+        return self.out_proj(_linear_input(self.out_proj, y.transpose(1, 2)))  # (batch, seqlen, hidden_size)
 
     def _A(self):
         return -torch.exp(_fp32_or_wider(self.A_log))  # (d_inner, d_state), negative
