@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from hf_mamba.loading import read_config_json, read_shard_index
+
 LAYOUTS = ("hf_mamba", "transformers", "state-spaces")
 
 # Config fields shared by hf_mamba's and Transformers' MambaConfig (everything else is dropped on conversion).
@@ -125,16 +127,9 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin", _load_bin),
     ):
         if (folder / index_name).exists():
-            try:
-                shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as error:
-                raise ValueError(f"{folder / index_name} is not a shard index ({error})") from None
-            missing = [shard for shard in shards if not (folder / shard).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{folder / index_name} lists shards that are missing: {', '.join(missing)}")
             state_dict = {}
-            for shard in shards:
-                state_dict.update(_read(loader, folder / shard))
+            for shard in read_shard_index(folder / index_name):  # every shard checked to exist first
+                state_dict.update(_read(loader, shard))
             return state_dict
         if (folder / single_name).exists():
             return _read(loader, folder / single_name)
@@ -272,13 +267,7 @@ def write_state_spaces_folder(fields: dict, state_dict: dict, dst: Path) -> None
 
 def read_folder(folder: Path) -> tuple[str, dict, dict]:
     """(layout, canonical fields, canonical state dict) of a checkpoint folder."""
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} does not exist")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{config_path} is not valid JSON ({error})") from None
+    config = read_config_json(folder / "config.json")
     layout = detect_layout(config)
     state_dict = load_state_dict(folder)
     if layout == "state-spaces":
@@ -366,7 +355,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         layout = convert(args.src, args.dst, to=args.to, dtype=dtype, max_shard_size=args.max_shard_size)
-    except (FileNotFoundError, ValueError) as error:  # a bad source folder: one line, not a traceback
+    except (OSError, ValueError) as error:  # a bad source folder: one line, not a traceback
         parser.exit(1, f"error: {error}\n")
     tokenizer_files = [name for name in TOKENIZER_FILES if (args.dst / name).is_file()]
     rows = [

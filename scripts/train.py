@@ -70,6 +70,13 @@ import hf_mamba
 from hf_mamba.compat import checkpointing_training_args
 from hf_mamba.hub import upload_folder, write_model_card
 from hf_mamba.integrations import LORA_TARGET_MODULES
+from hf_mamba.loading import (
+    ModelFolderError,
+    check_tokenizer_fits,
+    is_local_path,
+    read_shard_index,
+    safetensors_problem,
+)
 
 # Built-in text for the offline default: a few paragraphs about state space models, repeated.
 DEMO_TEXT = [
@@ -97,8 +104,8 @@ def positive_int(text: str) -> int:
 
 
 def _looks_like_path(name: str) -> bool:
-    """A local path, not a Hub id ("name" or "owner/name")."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    """A local path, not a Hub id: hf_mamba.loading's rule, which from_pretrained follows too."""
+    return is_local_path(name)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -398,23 +405,30 @@ def load_model(args, tokenizer):
         )
         return hf_mamba.MambaForCausalLM(config)
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    if config.model_type == "mamba":
-        # A Transformers-format Mamba checkpoint (state-spaces/mamba-*-hf): same weights and config fields, so
-        # hf_mamba loads it directly and saves an hf_mamba folder.
-        model = hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
-        )
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--model {args.model}'s tokenizer"
-        fail(
-            f"{source} has {len(tokenizer)} tokens but --model {args.model} embeds only {rows} (vocab_size): "
-            "ids past it have no embedding; use the model's own tokenizer, or resize the model "
-            "(model.resize_token_embeddings(len(tokenizer))) and save it first"
-        )
+    if isinstance(getattr(config, "vocab_size", None), int):
+        check_fits(tokenizer, config, args)  # before the weights load
+    try:
+        if config.model_type == "mamba":
+            # A Transformers-format Mamba checkpoint (state-spaces/mamba-*-hf): same weights and config fields, so
+            # hf_mamba loads it directly and saves an hf_mamba folder.
+            model = hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+            )
+    except ModelFolderError as error:  # hf_mamba's check of the folder (truncated weights, missing shard, ...)
+        fail(f"--model {args.model}: {error}")
+    check_fits(tokenizer, model, args)
     return model
+
+
+def check_fits(tokenizer, model_or_config, args) -> None:
+    """Stop with one line when the tokenizer has ids past the model's embedding."""
+    source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--model {args.model}'s tokenizer"
+    try:
+        check_tokenizer_fits(tokenizer, model_or_config, tokenizer_name=source, model_name=f"--model {args.model}")
+    except ValueError as error:
+        fail(str(error))
 
 
 def wrap_lora(model, args):
@@ -443,23 +457,6 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", *ADAPTER_FILES)
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file is unreadable (cut short, bad header), from its header alone; None if it is whole."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        if size < 8 or 8 + header_size > size:
-            return f"{path.name} is cut short ({size} bytes)"
-        try:
-            header = json.loads(f.read(header_size))
-        except ValueError:
-            return f"{path.name} has a corrupt header"
-    data_size = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-    if 8 + header_size + data_size > size:
-        return f"{path.name} is cut short ({size} of {8 + header_size + data_size} bytes)"
-    return None
-
-
 def checkpoint_problem(folder: Path) -> str | None:
     """Why the Trainer could not resume from `folder`, or None when the checkpoint is complete.
 
@@ -476,9 +473,9 @@ def checkpoint_problem(folder: Path) -> str | None:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weights = [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (ValueError, KeyError):
-            return f"{index.name} is cut short or corrupt"
+            weights = list(read_shard_index(index))
+        except OSError as error:  # not a shard index, or a shard missing: the message names the file
+            return str(error)
     else:
         weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
         if not weights and not any(path.name.startswith("pytorch_model_fsdp") for path in folder.iterdir()):
@@ -487,7 +484,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         if not path.is_file():
             return f"{path.name} is missing"
         if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
-            return problem
+            return f"{path.name} {problem}"
     if not any(folder.glob("optimizer*")):
         return "no optimizer state"
     if not (folder / "scheduler.pt").is_file():

@@ -26,6 +26,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .loading import check_before_loading
+
 PACKAGE = "hf_mamba"
 REMOTE_CODE_ROOTS = (f"{PACKAGE}.configuration_mamba", f"{PACKAGE}.modeling_mamba")
 AUTO_MAP = {
@@ -272,11 +274,23 @@ def write_model_card(folder, config, **card_kwargs):
 
 
 class MambaHubMixin:
-    """`save_pretrained` / `push_to_hub` that write Hub-ready folders (remote code, auto_map, model card).
+    """`save_pretrained` / `push_to_hub` that write Hub-ready folders (remote code, auto_map, model card), and a
+    `from_pretrained` that checks a local folder before loading it.
 
     Mixed in before `PreTrainedModel`. `model_card` takes the keywords of `render_model_card`
     (base_model, datasets, license, tags, eval_results, ...).
     """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Transformers' `from_pretrained`, after `hf_mamba.loading.check_before_loading`: a local folder that is
+        missing, has an unreadable config.json or impossible config values, truncated or corrupt safetensors,
+        a shard index naming missing shards, or only pickle weights (load those with `use_safetensors=False`)
+        fails at once with an error naming the file or field. Hub ids go to Transformers unchanged."""
+        pretrained_model_name_or_path = check_before_loading(
+            pretrained_model_name_or_path, config_class=cls.config_class, **kwargs
+        )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, is_main_process=True, *, push_to_hub=False, model_card=None, **kwargs):
         adapted = [name for name, _ in self.named_modules() if name.endswith(".base_layer")]
