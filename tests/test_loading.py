@@ -279,6 +279,26 @@ def test_hub_id_reaches_transformers_unchanged(repo_id, tmp_path, monkeypatch):
     assert "No such model folder" not in str(raised.value)
 
 
+def test_hub_pickle_weights_load_only_when_asked_for(saved, tmp_path):
+    """A Hub repo with only pytorch_model.bin: refused by default (safetensors required), loaded with
+    use_safetensors=False. The repo is laid out as an offline Hub cache."""
+    _, model = saved
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--pickled-mamba"
+    snapshot = repo / "snapshots" / commit
+    model.save_pretrained(snapshot)
+    torch.save(dict(model.state_dict()), snapshot / "pytorch_model.bin")  # Transformers 5 saves safetensors only
+    (snapshot / "model.safetensors").unlink()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with pytest.raises(OSError, match="safetensors"):
+        hf_mamba.MambaForCausalLM.from_pretrained("someone/pickled-mamba", cache_dir=tmp_path / "hub")
+    loaded = hf_mamba.MambaForCausalLM.from_pretrained(
+        "someone/pickled-mamba", cache_dir=tmp_path / "hub", use_safetensors=False
+    )
+    assert_same_weights(loaded, model)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The helpers
 

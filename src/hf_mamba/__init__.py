@@ -16,7 +16,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .cache import MambaCache
 from .configuration_mamba import MambaConfig
+from .generation import generate_after_prefill, prefill_in_chunks
 from .integrations import register_peft_target_modules
+from .loading import MissingModelFileError, ModelFolderError, check_model_folder, check_tokenizer_fits
 from .modeling_mamba import (
     MambaForCausalLM,
     MambaForSequenceClassification,
@@ -50,10 +52,16 @@ def register_as_default_mamba(enabled: bool = True) -> None:
 
 __all__ = [
     "MambaCache",
+    "MissingModelFileError",
+    "ModelFolderError",
     "MambaConfig",
     "MambaForCausalLM",
     "MambaForSequenceClassification",
     "MambaModel",
     "MambaPreTrainedModel",
+    "check_model_folder",
+    "check_tokenizer_fits",
+    "generate_after_prefill",
+    "prefill_in_chunks",
     "register_as_default_mamba",
 ]

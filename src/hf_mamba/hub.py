@@ -26,7 +26,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .loading import check_before_loading
+from .loading import check_before_loading, is_local_path
 
 PACKAGE = "hf_mamba"
 REMOTE_CODE_ROOTS = (f"{PACKAGE}.configuration_mamba", f"{PACKAGE}.modeling_mamba")
@@ -286,7 +286,10 @@ class MambaHubMixin:
         """Transformers' `from_pretrained`, after `hf_mamba.loading.check_before_loading`: a local folder that is
         missing, has an unreadable config.json or impossible config values, truncated or corrupt safetensors,
         a shard index naming missing shards, or only pickle weights (load those with `use_safetensors=False`)
-        fails at once with an error naming the file or field. Hub ids go to Transformers unchanged."""
+        fails at once with an error naming the file or field. Hub ids go to Transformers, with safetensors
+        required unless `use_safetensors=False` asks for pickle weights (unpickling can run code)."""
+        if pretrained_model_name_or_path is not None and not is_local_path(pretrained_model_name_or_path):
+            kwargs["use_safetensors"] = True if kwargs.get("use_safetensors") is None else kwargs["use_safetensors"]
         pretrained_model_name_or_path = check_before_loading(
             pretrained_model_name_or_path, config_class=cls.config_class, **kwargs
         )
