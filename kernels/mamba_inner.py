@@ -19,6 +19,11 @@ cast joins the other weights' one copy, its weight gradient comes out of one mat
 five autograd nodes of an autocast Linear (cast, matmul, transpose and two views) are not made: the
 training step is host-bound, and each node and launch costs host time.
 
+Falcon Mamba (mixer_rms_eps given): weight-free RMS norms on x_proj's three outputs, the time step (before
+dt_proj), B and C, as the modules compute them; the backward recomputes them from the kept x_proj output and
+passes the gradients through them exactly (mamba_ssm's fused function normalises Δ after dt_proj instead and
+passes no gradient through its norms).
+
 The model uses this only where it computes exactly what the modules would: plain Linear/Conv1d
 modules without hooks (so LoRA and other wrappers take the module path), no cache, no padding mask,
 not under torch.compile.
@@ -33,7 +38,7 @@ from .selective_scan.reference import fp32_or_wider
 # The inputs of `_MambaInner`, in order: its backward returns their gradients by these names.
 _INPUTS = (
     "x_in", "in_proj_weight", "in_proj_bias", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight",
-    "dt_proj_bias", "A_log", "D", "out_proj_weight", "out_proj_bias", "seq_idx",
+    "dt_proj_bias", "A_log", "D", "out_proj_weight", "out_proj_bias", "seq_idx", "mixer_rms_eps",
 )
 # The calls (`_call_key`) whose kernels have been compiled ahead. A new shape gets a dry pass too; where
 # its kernels are built already, that costs the host and GPU work of one layer's step, nothing compiles.
@@ -74,6 +79,21 @@ def _in_proj_grads(ctx, needs, dxz, hidden, w_in):
     return dhidden, dw_in, db_in
 
 
+def _rms_normed(x_dbl, sizes, eps):
+    """Falcon Mamba's norms: each of x_proj's outputs (dt, B, C) over its last dim, in fp32, cast back."""
+    return [F.rms_norm(part.float(), (part.shape[-1],), eps=eps).to(part.dtype) for part in x_dbl.split(sizes, -1)]
+
+
+def _rms_norm_backward_(grad, x_dbl, sizes, eps):
+    """In place: `grad` (rows, sum(sizes)) holds the gradient of the normed (dt, B, C); make it x_dbl's.
+    d/dx of x * rstd(x) is rstd * (g - n * mean(g * n)), n the normed row, in fp32."""
+    for g_part, x_part in zip(grad.split(sizes, -1), x_dbl.split(sizes, -1), strict=True):
+        x = x_part.float()
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        normed, g = x * rstd, g_part.float()
+        g_part.copy_(rstd * (g - normed * (g * normed).mean(-1, keepdim=True)))
+
+
 def _rows(t):
     """(batch, d_inner, seqlen) as the (d_inner, batch * seqlen) matrix: a view where t is laid out
     (d_inner, batch, seqlen), as the backward allocates it, else a copy."""
@@ -101,7 +121,7 @@ class _MambaInner(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x_in, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-        dt_proj_bias, A_log, D, out_proj_weight, out_proj_bias, seq_idx,
+        dt_proj_bias, A_log, D, out_proj_weight, out_proj_bias, seq_idx, mixer_rms_eps,
     ):
         # x_in: in_proj's input (batch, seqlen, hidden) where in_proj_weight is given, else its output xz.
         from .causal_conv1d.triton_conv import conv_fwd
@@ -130,6 +150,8 @@ class _MambaInner(torch.autograd.Function):
             u = conv_fwd(x, conv_w, conv_bias, seq_idx, True, True)  # channels-last, for x_proj
             x_dbl = F.linear(u.transpose(1, 2), w_x)  # (batch, seqlen, dt_rank + 2 d_state)
             dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
+            if mixer_rms_eps is not None:  # Falcon Mamba
+                dt, B, C = _rms_normed(x_dbl, (dt_rank, d_state, d_state), mixer_rms_eps)
             delta = F.linear(dt, w_dt).transpose(1, 2)  # bias: in the scan, fp32
             A_log_f = fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
             y, _, chunk_states = scan_fwd(
@@ -140,6 +162,7 @@ class _MambaInner(torch.autograd.Function):
             out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
         ctx.bias_dtypes = tuple(b.dtype if b is not None else None for b in (in_proj_bias, out_proj_bias))
         ctx.weight_dtypes = (x_proj_weight.dtype, dt_proj_weight.dtype, out_proj_weight.dtype, A_log.dtype)
+        ctx.mixer_rms_eps = mixer_rms_eps
         hidden = x_in if w_in is not None else None  # for in_proj's weight gradient
         ctx.save_for_backward(
             xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log_f, D, w_out, chunk_states, seq_idx,
@@ -169,13 +192,19 @@ class _MambaInner(torch.autograd.Function):
             # gradient below is one matmul over all rows (`_rows`) instead of a batched one and a sum.
             u = _by_channel(xz.new_empty(d_inner, rows), batch)
             conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=u)
-            dt = x_dbl.view(rows, -1)[:, :dt_rank]
+            sizes = (dt_rank, d_state, d_state)
+            # x_proj's outputs as the scan read them: Falcon Mamba's norms recomputed (small: rows x sum(sizes)).
+            dt, B, C = (
+                _rms_normed(x_dbl.view(rows, -1), sizes, ctx.mixer_rms_eps)
+                if ctx.mixer_rms_eps is not None
+                else x_dbl.view(rows, -1).split(sizes, -1)
+            )
+            B, C = B.view(batch, seqlen, d_state), C.view(batch, seqlen, d_state)
             delta = _by_channel(torch.mm(w_dt, dt.t()), batch)
             dy = _by_channel(torch.mm(w_out.t(), dout.t()), batch)
             y = torch.empty_like(u)  # the forward's output, recomputed by the scan backward
             # x_proj's output gradient [dΔ_low-rank | dB | dC]; the scan backward writes dB, dC into it.
             dx_dbl = x_dbl.new_empty(rows, dt_rank + 2 * d_state)
-            _, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             dxz = torch.empty_like(xz)
             # y, dB, dC and dz go straight where they are needed: y for out_proj's weight gradient,
             # dB and dC into x_proj's output gradient, dz into in_proj's.
@@ -188,6 +217,8 @@ class _MambaInner(torch.autograd.Function):
             )
             ddelta = _rows(scan.ddelta)
             torch.mm(ddelta.t(), w_dt, out=dx_dbl[:, :dt_rank])
+            if ctx.mixer_rms_eps is not None:  # through the norms, to x_proj's output
+                _rms_norm_backward_(dx_dbl, x_dbl.view(rows, -1), sizes, ctx.mixer_rms_eps)
             # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
             # in_proj only).
             needs = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
@@ -217,13 +248,14 @@ class _MambaInner(torch.autograd.Function):
                 ctx, needs, dxz.view(rows, -1), hidden.reshape(rows, -1), w_in
             )
             grads["x_in"] = dhidden.view(hidden.shape) if dhidden is not None else None
-        # seq_idx (integer document ids) and, without in_proj inside, its weight and bias get none.
+        # seq_idx (integer document ids), mixer_rms_eps (a number) and, without in_proj inside, its weight and
+        # bias get none.
         return tuple(grads.get(name) for name in _INPUTS)
 
 
 def mamba_inner_triton(
     xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, out_proj_weight,
-    out_proj_bias=None, seq_idx=None, in_proj_weight=None, in_proj_bias=None,
+    out_proj_bias=None, seq_idx=None, in_proj_weight=None, in_proj_bias=None, mixer_rms_eps=None,
 ):
     """The mixer from in_proj's output xz (batch, seqlen, 2 * d_inner) to out_proj's (batch, seqlen, hidden);
     with in_proj_weight (2 d_inner, hidden) (and optionally in_proj_bias), xz is in_proj's input
@@ -232,7 +264,8 @@ def mamba_inner_triton(
     Parameters as the modules hold them: conv_weight (d_inner, 1, d_conv), x_proj_weight
     (dt_rank + 2 d_state, d_inner), dt_proj_weight (d_inner, dt_rank), dt_proj_bias and D (d_inner,),
     A_log (d_inner, d_state), out_proj_weight (hidden, d_inner). SiLU activation, softplus on Δ + bias.
-    Under autocast the matmuls run in autocast's dtype, as the modules would.
+    Under autocast the matmuls run in autocast's dtype, as the modules would. mixer_rms_eps: Falcon Mamba's
+    weight-free RMS norms on the time step, B and C (None: plain Mamba).
     """
     d_inner = conv_weight.shape[0]
     if in_proj_weight is not None:
@@ -248,7 +281,7 @@ def mamba_inner_triton(
         raise ValueError(f"xz has no time steps (shape {tuple(xz.shape)}); pass at least one")
     inputs = (
         xz, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-        A_log, D, out_proj_weight, out_proj_bias, seq_idx,
+        A_log, D, out_proj_weight, out_proj_bias, seq_idx, mixer_rms_eps,
     )
     _compile_first_call(inputs)
     return _MambaInner.apply(*inputs)
@@ -270,7 +303,7 @@ def _call_key(inputs):
     xz = inputs[0]
     key = [xz.device, _compute_dtype(xz)]
     for t in inputs:
-        key.append((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) if t is not None else None)
+        key.append((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) if isinstance(t, torch.Tensor) else t)
     return tuple(key)
 
 

@@ -216,18 +216,26 @@ def train_step(model, ids, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "use_bias,packed,bf16",
-    [(False, False, False), (True, False, False), (False, True, False), (False, False, True)],
-    ids=["fp32", "fp32-bias", "fp32-packed", "bf16-autocast"],
+    "use_bias,packed,bf16,falcon",
+    [
+        (False, False, False, False),
+        (True, False, False, False),
+        (False, True, False, False),
+        (False, False, True, False),
+        (False, True, False, True),
+    ],
+    ids=["fp32", "fp32-bias", "fp32-packed", "bf16-autocast", "falcon-fp32-packed"],
 )
-def test_fused_mixer_matches_the_modules(use_bias, packed, bf16, monkeypatch):
+def test_fused_mixer_matches_the_modules(use_bias, packed, bf16, falcon, monkeypatch):
     """Training on the Triton backend runs the mixer after in_proj as one function (conv output, Δ and
-    the scan output recomputed in the backward); it must give the modules' logits and gradients."""
+    the scan output recomputed in the backward); it must give the modules' logits and gradients, Falcon
+    Mamba's norms on Δ, B and C included."""
     from hf_mamba.modeling_mamba import MambaMixer
 
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
     torch.manual_seed(0)
-    model = MambaForCausalLM(MambaConfig(use_bias=use_bias, **SIZES)).to(DEVICE)
+    config = MambaConfig(use_bias=use_bias, mixer_rms_eps=1e-6 if falcon else None, **SIZES)
+    model = MambaForCausalLM(config).to(DEVICE)
     ids = torch.randint(0, SIZES["vocab_size"], (2, 37), device=DEVICE)
     kwargs = {}
     if packed:

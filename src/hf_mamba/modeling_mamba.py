@@ -286,9 +286,11 @@ class MambaMixer(nn.Module):
             )
             if self._plain_in_proj():  # in_proj inside too
                 return mamba_inner_triton(
-                    hidden_states, *weights, in_proj_weight=self.in_proj.weight, in_proj_bias=self.in_proj.bias
+                    hidden_states, *weights, in_proj_weight=self.in_proj.weight, in_proj_bias=self.in_proj.bias,
+                    mixer_rms_eps=self.mixer_rms_eps,
                 )
-            return mamba_inner_triton(self.in_proj(hidden_states), *weights)  # e.g. LoRA on in_proj
+            # e.g. LoRA on in_proj
+            return mamba_inner_triton(self.in_proj(hidden_states), *weights, mixer_rms_eps=self.mixer_rms_eps)
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
         A = self._A()
         # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
@@ -340,8 +342,6 @@ class MambaMixer(nn.Module):
         as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would."""
         if not path.training_kernels or cache_params is not None or attention_mask is not None or not self.fused_silu:
             return False
-        if self.mixer_rms_eps is not None:
-            return False  # the fused mixer has no Falcon Mamba norms
         modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection),
                    (self.out_proj, nn.Linear))
         # LoRA and other wrappers replace or hook these modules: then the modules must run.
