@@ -716,27 +716,3 @@ def test_packed_documents_cannot_continue_a_cache(model):
         cache = model(torch.randint(0, 97, (1, 4)), use_cache=True).cache_params
         with pytest.raises(ValueError, match="cache"):
             model(torch.randint(0, 97, (1, 4)), position_ids=torch.tensor([[0, 1, 0, 1]]), cache_params=cache)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_function_matches_composed_ops(dtype):
-    """The norm's autograd function (keeps x and 1/rms, recomputes the normalised x) against the
-    composed ops it replaces: same output, same gradients; and against finite differences in fp64."""
-    import torch.nn.functional as F
-
-    from hf_mamba.modeling_mamba import _RMSNormFunction
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    weight = torch.randn(8, requires_grad=True)
-    grad = torch.randn(2, 5, 8)
-    out = _RMSNormFunction.apply(x, weight, 1e-6, dtype)
-    ref = weight * F.rms_norm(x, (8,), eps=1e-6).to(dtype)
-    assert torch.equal(out, ref)
-    grads = torch.autograd.grad(out, (x, weight), grad)
-    ref_grads = torch.autograd.grad(ref, (x, weight), grad)
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    x64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    w64 = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6, torch.float64), (x64, w64))

@@ -1,4 +1,4 @@
-"""Residual add fused with the next RMSNorm.
+"""The model's RMSNorm (`rms_norm`), and the residual add fused with the next RMSNorm (`add_rms_norm`).
 
 A Mamba block returns residual + mixer(...); the next block (or the final norm) normalises that sum.
 `add_rms_norm` computes both in one pass:
@@ -27,6 +27,27 @@ def rms_norm_ref(x, weight, eps, dtype):
     """weight * rms_norm(x).to(dtype), x fp32 holding values of dtype: the training norm's PyTorch ops
     (`triton_rms_norm.rms_norm_train_triton` computes the same, gradients included)."""
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps).to(dtype)
+
+
+def rms_norm(x, weight, eps, dtype, backend=None):
+    """weight * rms_norm(x).to(dtype): the model's RMSNorm (Transformers' Mamba order) on x, an fp32 (or fp64)
+    tensor holding values of `dtype`; (..., hidden_size) and weight (hidden_size,).
+
+    With gradients wanted it keeps less than the composed ops: backend "triton" (one kernel forward, one
+    backward; fp32 x of a 16- or 32-bit dtype) or an autograd function keeping x and 1/rms per row. Without
+    gradients, and under torch.compile, the PyTorch ops.
+    """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if needs_grad and not torch.compiler.is_compiling():
+        if backend == "triton" and x.dtype == torch.float32 and dtype in (torch.float32, torch.bfloat16, torch.float16):
+            from .triton_rms_norm import rms_norm_train_triton
+
+            return rms_norm_train_triton(x, weight, eps, dtype)
+        from .torch_rms_norm import HAS_FUSED_RMS_NORM, RMSNormFunction
+
+        if HAS_FUSED_RMS_NORM:
+            return RMSNormFunction.apply(x, weight, eps, dtype)
+    return rms_norm_ref(x, weight, eps, dtype)
 
 
 def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
@@ -58,4 +79,4 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     return add_rms_norm_ref(residual, delta, weight, eps, out_dtype)
 
 
-__all__ = ["add_rms_norm", "add_rms_norm_ref", "rms_norm_ref"]
+__all__ = ["add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref"]

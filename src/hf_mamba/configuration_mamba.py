@@ -6,12 +6,13 @@ import math
 
 from transformers import PretrainedConfig
 
+from .kernels import BACKENDS as SCAN_BACKENDS
+
 # Model types whose config.json has our fields: Transformers' Mamba and Falcon Mamba, and ours.
 READABLE_MODEL_TYPES = ("mamba", "falcon_mamba", "hf_mamba")
 FALCON_MAMBA_RMS_EPS = 1e-6  # Transformers' FalconMambaConfig default of mixer_rms_eps
 
 ACTIVATIONS = ("silu", "swish", "gelu", "relu", "tanh")
-SCAN_BACKENDS = ("reference", "torch", "triton")
 TIME_STEP_INIT_SCHEMES = ("random", "constant")
 
 

@@ -33,6 +33,7 @@ from .kernels import (
     causal_conv1d_update,
     mamba_inner_triton,
     resolve_backend,
+    rms_norm,
     selective_scan,
     selective_state_update,
 )
@@ -110,38 +111,6 @@ def decide_fast_path(config, device, blocks_plain: bool = False) -> FastPath:
     return FastPath(backend, fused_blocks=triton and blocks_plain, training_kernels=training)
 
 
-# The op behind F.rms_norm that also returns 1/rms (PyTorch >= 2.8); without it the norm is composed from ops.
-_HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """weight * rms_norm(x).to(dtype), keeping only x (which the residual keeps anyway) and 1/rms per row.
-
-    Composed from ops, autograd also keeps the normalised fp32 copy of x for the weight gradient: one
-    (batch, seqlen, hidden) fp32 tensor per layer, recomputed here with one multiply.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps, dtype):
-        normalized, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.dtype = dtype
-        return weight * normalized.to(dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        normalized = x * rstd
-        dweight = None
-        if ctx.needs_input_grad[1]:
-            dweight = (grad * normalized.to(ctx.dtype)).sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
-        # Rounded to dtype first, as autograd rounds the gradient of the cast normalised tensor.
-        dnormalized = (grad * weight).to(ctx.dtype).to(x.dtype)
-        # d/dx of x * rstd(x): rstd * (g - n * mean(g * n)) with n the normalised row.
-        dx = rstd * (dnormalized - normalized * (dnormalized * normalized).mean(-1, keepdim=True))
-        return dx, dweight, None, None
-
-
 class MambaRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps=1e-6):
         super().__init__()
@@ -149,23 +118,10 @@ class MambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states, path: FastPath | None = None):
-        # Normalise in fp32 (one fused op on CUDA), cast back, then scale: Transformers' Mamba order.
-        input_dtype = hidden_states.dtype
-        hidden_fp32 = _fp32_or_wider(hidden_states)
-        needs_grad = hidden_states.requires_grad or self.weight.requires_grad
-        if needs_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # The Triton norm takes two launches where the ops take about a dozen: fp32 normalisation of a 16- or
-            # 32-bit input.
-            if path is not None and path.training_kernels and hidden_fp32.dtype == torch.float32 and input_dtype in (
-                torch.float32, torch.bfloat16, torch.float16
-            ):
-                from .kernels.rms_norm.triton_rms_norm import rms_norm_train_triton
-
-                return rms_norm_train_triton(hidden_fp32, self.weight, self.variance_epsilon, input_dtype)
-            if _HAS_FUSED_RMS_NORM:
-                return _RMSNormFunction.apply(hidden_fp32, self.weight, self.variance_epsilon, input_dtype)
-        normalized = F.rms_norm(hidden_fp32, self.weight.shape, eps=self.variance_epsilon)
-        return self.weight * normalized.to(input_dtype)
+        # Normalise in fp32, cast back, then scale: Transformers' Mamba order. In training the Triton norm takes
+        # two launches where the ops take about a dozen.
+        backend = "triton" if path is not None and path.training_kernels else "torch"
+        return rms_norm(_fp32_or_wider(hidden_states), self.weight, self.variance_epsilon, hidden_states.dtype, backend)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
@@ -291,6 +247,7 @@ class MambaMixer(nn.Module):
                 )
             # e.g. LoRA on in_proj
             return mamba_inner_triton(self.in_proj(hidden_states), *weights, mixer_rms_eps=self.mixer_rms_eps)
+        # 1. Gated MLP's linear projection: x for the SSM branch, z for the gate
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
         A = self._A()
         # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
@@ -298,9 +255,11 @@ class MambaMixer(nn.Module):
         mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
         if mask is not None:
             x = x * mask  # padded inputs never reach the conv window
+        # 2. Causal depthwise convolution (+ SiLU), continuing the cached window
         x = self._conv(x, cache_params, continuing, seq_idx, backend)
         if mask is not None:
             x = x * mask
+        # 3. Selective SSM: input-dependent Δ, B, C, then the scan (D skip and SiLU(z) gate inside)
         dt, B, C = self._ssm_params(x)
 
         dt_bias = _fp32_or_wider(self.dt_proj.bias)
@@ -332,6 +291,7 @@ class MambaMixer(nn.Module):
             y = scan
         if not self.fused_silu:
             y = y * self.act(z)
+        # 4. Output projection
         return self.out_proj(_linear_input(self.out_proj, y.transpose(1, 2)))  # (batch, seqlen, hidden_size)
 
     def _A(self):
