@@ -39,7 +39,8 @@ def rms_norm(x, weight, eps, dtype, backend=None):
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if needs_grad and not torch.compiler.is_compiling():
-        if backend == "triton" and x.dtype == torch.float32 and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        triton_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        if backend == "triton" and x.dtype == torch.float32 and dtype in triton_dtypes:
             from .triton_rms_norm import rms_norm_train_triton
 
             return rms_norm_train_triton(x, weight, eps, dtype)

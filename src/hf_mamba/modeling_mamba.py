@@ -121,7 +121,8 @@ class MambaRMSNorm(nn.Module):
         # Normalise in fp32, cast back, then scale: Transformers' Mamba order. In training the Triton norm takes
         # two launches where the ops take about a dozen.
         backend = "triton" if path is not None and path.training_kernels else "torch"
-        return rms_norm(_fp32_or_wider(hidden_states), self.weight, self.variance_epsilon, hidden_states.dtype, backend)
+        hidden_fp32 = _fp32_or_wider(hidden_states)
+        return rms_norm(hidden_fp32, self.weight, self.variance_epsilon, hidden_states.dtype, backend)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
