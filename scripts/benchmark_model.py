@@ -257,6 +257,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--skip-builtin-train", action="store_true", help="skip Transformers' training run")
+    parser.add_argument("--skip-builtin-decode", action="store_true", help="skip Transformers' decoding run")
     parser.add_argument("--builtin-train-steps", type=int, default=2, help="timed steps for Transformers' model")
     parser.add_argument("--rounds", type=int, default=1, help="alternating hf_mamba / mamba_ssm training runs")
     parser.add_argument("--no-decode", action="store_true", help="training only")
@@ -362,7 +363,8 @@ def main():
         return hf_generate(ours_bf16)(prompt, new_tokens)
 
     decoders += [("hf_mamba, CUDA graphs", ours_graphs), ("hf_mamba, no graphs", ours_eager)]
-    decoders.append(("transformers built-in", hf_generate(builtin.to(torch.bfloat16))))
+    if not args.skip_builtin_decode:
+        decoders.append(("transformers built-in", hf_generate(builtin.to(torch.bfloat16))))
     if peer:
         model = peer_model(args, state_dict, peer).to(torch.bfloat16).eval()
         decoders += [
