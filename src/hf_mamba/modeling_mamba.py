@@ -26,6 +26,7 @@ from .cache import MambaCache
 from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
+from .loss import causal_lm_loss
 from .hub import MambaHubMixin
 from .kernels import (
     add_rms_norm,
@@ -688,6 +689,16 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, new_embeddings):
         return self.backbone.set_input_embeddings(new_embeddings)
+
+    @property
+    def loss_function(self):
+        """Transformers' causal-LM loss, computed without an fp32 copy of the logits (`hf_mamba.loss`);
+        a function set on the model (`model.loss_function = ...`) wins, as in Transformers."""
+        return getattr(self, "_loss_function", causal_lm_loss)
+
+    @loss_function.setter
+    def loss_function(self, value):
+        self._loss_function = value
 
     def get_output_embeddings(self):
         return self.lm_head
