@@ -1,7 +1,8 @@
-"""Convert a Mamba-1 checkpoint folder between the three layouts in use.
+"""Convert a Mamba-1 checkpoint folder between the layouts in use.
 
     python scripts/convert_checkpoint.py SRC_DIR DST_DIR                       # -> hf_mamba (default)
     python scripts/convert_checkpoint.py SRC_DIR DST_DIR --to transformers     # Transformers' built-in "mamba"
+    python scripts/convert_checkpoint.py SRC_DIR DST_DIR --to falcon_mamba     # Transformers' "falcon_mamba"
     python scripts/convert_checkpoint.py SRC_DIR DST_DIR --to state-spaces     # original mamba_ssm layout
     python scripts/convert_checkpoint.py SRC_DIR DST_DIR --max-shard-size 2GB --dtype bfloat16
 
@@ -9,10 +10,15 @@ The source layout is detected from SRC_DIR/config.json:
     state-spaces   d_model, n_layer, ssm_cfg, ... ; weights pytorch_model.bin (or model.safetensors),
                    `backbone.embedding.weight`, embedding rows padded to pad_vocab_size_multiple
     transformers   model_type "mamba"; safetensors, `backbone.embeddings.weight`
+    falcon_mamba   model_type "falcon_mamba": Falcon Mamba (Mamba plus weight-free RMS norms on Δ, B and C,
+                   epsilon mixer_rms_eps); the same weights as transformers
     hf_mamba       model_type "hf_mamba"; same weights as transformers, plus remote code and a model card
+                   (a Falcon Mamba when its config has mixer_rms_eps)
 
 hf_mamba and Transformers share every parameter name and config field, so between them only the config's
 model_type (and hf_mamba's remote code) changes; state-spaces renames the embedding and its config fields.
+A Falcon Mamba converts between falcon_mamba and hf_mamba only: the transformers and state-spaces layouts have
+no place for its norms (the converter refuses rather than drop them).
 Weights are copied tensor by tensor in their stored dtype unless --dtype is given. The tokenizer files of
 SRC_DIR (tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab/merges files, ...) are copied
 beside them, so the converted folder trains and generates as it is (state-spaces folders usually have none:
@@ -31,7 +37,9 @@ import torch
 
 from hf_mamba.loading import read_config_json, read_shard_index
 
-LAYOUTS = ("hf_mamba", "transformers", "state-spaces")
+LAYOUTS = ("hf_mamba", "transformers", "falcon_mamba", "state-spaces")
+FALCON_FIELDS = ("mixer_rms_eps",)  # besides HF_FIELDS, what makes a Falcon Mamba
+FALCON_LAYOUTS = ("hf_mamba", "falcon_mamba")  # the layouts that can hold a Falcon Mamba
 
 # Config fields shared by hf_mamba's and Transformers' MambaConfig (everything else is dropped on conversion).
 HF_FIELDS = (
@@ -103,6 +111,8 @@ def detect_layout(config: dict) -> str:
         return "hf_mamba"
     if model_type == "mamba":
         return "transformers"
+    if model_type == "falcon_mamba":
+        return "falcon_mamba"
     if "d_model" in config and "n_layer" in config:
         return "state-spaces"
     raise ValueError(
@@ -223,6 +233,10 @@ def canonical_to_state_spaces(fields: dict, state_dict: dict) -> tuple[dict, dic
 
 def hf_to_canonical(config: dict, state_dict: dict) -> tuple[dict, dict]:
     fields = {name: config[name] for name in HF_FIELDS if name in config}
+    if config.get("model_type") == "falcon_mamba":
+        fields["mixer_rms_eps"] = config.get("mixer_rms_eps", 1e-6)  # FalconMambaConfig's default
+    elif config.get("mixer_rms_eps") is not None:
+        fields["mixer_rms_eps"] = config["mixer_rms_eps"]
     if fields.get("tie_word_embeddings", True):
         state_dict = {name: t for name, t in state_dict.items() if name != "lm_head.weight"}
     return fields, state_dict
@@ -235,6 +249,8 @@ def hf_to_canonical(config: dict, state_dict: dict) -> tuple[dict, dict]:
 def hf_config_class(layout: str):
     if layout == "hf_mamba":
         from hf_mamba import MambaConfig
+    elif layout == "falcon_mamba":
+        from transformers import FalconMambaConfig as MambaConfig
     else:
         from transformers import MambaConfig
     return MambaConfig
@@ -244,7 +260,7 @@ def write_hf_folder(layout: str, fields: dict, state_dict: dict, dst: Path, max_
     """config.json + safetensors (+ remote code and a model card for hf_mamba)."""
     dtypes = {t.dtype for name, t in state_dict.items() if t.is_floating_point() and not name.endswith(KEEP_FP32)}
     config = hf_config_class(layout)(**fields)
-    config.architectures = ["MambaForCausalLM"]
+    config.architectures = ["FalconMambaForCausalLM" if layout == "falcon_mamba" else "MambaForCausalLM"]
     if len(dtypes) == 1:
         config.dtype = next(iter(dtypes))
     dst.mkdir(parents=True, exist_ok=True)
@@ -291,6 +307,14 @@ def convert(src, dst, to: str = "hf_mamba", dtype: torch.dtype | None = None, ma
         raise ValueError(f"--to must be one of {LAYOUTS}, got {to!r}")
     src, dst = Path(src), Path(dst)
     layout, fields, state_dict = read_folder(src)
+    falcon = fields.get("mixer_rms_eps") is not None
+    if falcon and to not in FALCON_LAYOUTS:
+        raise ValueError(
+            f"{src} is a Falcon Mamba (mixer_rms_eps={fields['mixer_rms_eps']}); the {to} layout has no place for "
+            f"its norms: convert to one of {FALCON_LAYOUTS}"
+        )
+    if to == "falcon_mamba" and not falcon:
+        raise ValueError(f"{src} is a plain Mamba (no mixer_rms_eps); it has no Falcon Mamba norms to write")
     if dtype is not None:
         # A, D and the Δ bias set the state's decay rates: they stay fp32 like the model keeps them.
         state_dict = {
@@ -315,9 +339,11 @@ def load_model(folder) -> torch.nn.Module:
     layout, fields, state_dict = read_folder(folder)
     if layout == "hf_mamba":
         from hf_mamba import MambaForCausalLM
+    elif layout == "falcon_mamba":
+        from transformers import FalconMambaForCausalLM as MambaForCausalLM
     else:
         from transformers import MambaForCausalLM
-    config = hf_config_class("hf_mamba" if layout == "hf_mamba" else "transformers")(**fields)
+    config = hf_config_class(layout if layout in FALCON_LAYOUTS else "transformers")(**fields)
     model = MambaForCausalLM(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [name for name in missing if not (name == "lm_head.weight" and config.tie_word_embeddings)]
@@ -341,7 +367,7 @@ def max_logit_difference(src, dst, batch: int = 2, seqlen: int = 16, seed: int =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="checkpoint folder (state-spaces, transformers or hf_mamba)")
+    parser.add_argument("src", type=Path, help="checkpoint folder (state-spaces, transformers, falcon_mamba or hf_mamba)")
     parser.add_argument("dst", type=Path, help="output folder")
     parser.add_argument("--to", choices=LAYOUTS, default="hf_mamba", help="target layout (default: hf_mamba)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast floating weights")

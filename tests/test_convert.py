@@ -1,4 +1,4 @@
-"""scripts/convert_checkpoint.py: state-spaces <-> hf_mamba <-> Transformers "mamba" folders, same logits."""
+"""scripts/convert_checkpoint.py: state-spaces <-> hf_mamba <-> Transformers "mamba" / "falcon_mamba" folders, same logits."""
 
 import importlib.util
 import json
@@ -158,7 +158,7 @@ def word_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<unk>")
 
 
-@pytest.mark.parametrize("to", convert_checkpoint.LAYOUTS)
+@pytest.mark.parametrize("to", [layout for layout in convert_checkpoint.LAYOUTS if layout != "falcon_mamba"])
 def test_tokenizer_files_travel_with_the_weights(tmp_path, to, capsys):
     """Without them a converted folder loads Transformers' empty fallback tokenizer (every text encodes to [])."""
     reference_model().save_pretrained(tmp_path / "tf")
@@ -208,3 +208,47 @@ def test_bad_source_is_one_line_naming_the_file(tmp_path, damage, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert expected in error, error
     assert not (tmp_path / "out").exists()
+
+
+def falcon_reference(folder: Path):
+    """Transformers' FalconMambaForCausalLM (untied head) saved to `folder`, with x_proj rows of different scales
+    so that dropping its norms shows in the logits."""
+    torch.manual_seed(0)
+    config = transformers.FalconMambaConfig(vocab_size=VOCAB, tie_word_embeddings=False, **TINY)
+    model = transformers.FalconMambaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.x_proj.weight.mul_(torch.linspace(0.2, 5.0, layer.mixer.x_proj.out_features)[:, None])
+    model.save_pretrained(folder)
+    return model
+
+
+def test_falcon_mamba_converts_both_ways_with_its_norms(tmp_path):
+    reference = falcon_reference(tmp_path / "falcon")
+    convert_checkpoint.convert(tmp_path / "falcon", tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["model_type"] == "hf_mamba" and config["mixer_rms_eps"] == reference.config.mixer_rms_eps
+    convert_checkpoint.convert(tmp_path / "ours", tmp_path / "back", to="falcon_mamba")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "falcon_mamba"
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        ours = hf_mamba.MambaForCausalLM.from_pretrained(tmp_path / "ours").eval()(ids).logits
+        back = transformers.FalconMambaForCausalLM.from_pretrained(tmp_path / "back").eval()(ids).logits
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back, expected, rtol=0, atol=0)
+    assert convert_checkpoint.max_logit_difference(tmp_path / "falcon", tmp_path / "ours") < 1e-4
+
+
+@pytest.mark.parametrize("to", ["transformers", "state-spaces"])
+def test_falcon_mamba_is_never_converted_without_its_norms(tmp_path, to):
+    falcon_reference(tmp_path / "falcon")
+    with pytest.raises(ValueError, match="Falcon Mamba"):
+        convert_checkpoint.convert(tmp_path / "falcon", tmp_path / "out", to=to)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plain_mamba_is_not_written_as_falcon_mamba(tmp_path):
+    reference_model().save_pretrained(tmp_path / "mamba")
+    with pytest.raises(ValueError, match="plain Mamba"):
+        convert_checkpoint.convert(tmp_path / "mamba", tmp_path / "out", to="falcon_mamba")
