@@ -408,9 +408,9 @@ def load_model(args, tokenizer):
     if isinstance(getattr(config, "vocab_size", None), int):
         check_fits(tokenizer, config, args)  # before the weights load
     try:
-        if config.model_type == "mamba":
-            # A Transformers-format Mamba checkpoint (state-spaces/mamba-*-hf): same weights and config fields, so
-            # hf_mamba loads it directly and saves an hf_mamba folder.
+        if config.model_type in ("mamba", "falcon_mamba"):
+            # A Transformers-format Mamba or Falcon Mamba checkpoint (state-spaces/mamba-*-hf, tiiuae/falcon-mamba-*):
+            # same weights and config fields, so hf_mamba loads it directly and saves an hf_mamba folder.
             model = hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(

@@ -290,3 +290,14 @@ def test_second_ctrl_c_stops_at_once():
         for _ in range(1000):  # Python runs the re-raised signal's handler at its next check
             pass
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_falcon_mamba_folder_trains_as_an_hf_mamba_falcon_mamba(tmp_path):
+    import transformers
+
+    tokenizer = train_script.train_demo_tokenizer(train_script.DEMO_TEXT * 4, vocab_size=300)
+    config = transformers.FalconMambaConfig(vocab_size=300, hidden_size=16, state_size=4, num_hidden_layers=1)
+    transformers.FalconMambaForCausalLM(config).save_pretrained(tmp_path / "falcon")
+    args = train_script.parse_args(["--model", str(tmp_path / "falcon"), "--output-dir", str(tmp_path / "out")])
+    model = train_script.load_model(args, tokenizer)
+    assert type(model) is hf_mamba.MambaForCausalLM and model.config.mixer_rms_eps == 1e-6
