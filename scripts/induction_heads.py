@@ -8,8 +8,12 @@ the training length. Long test sequences go through the model in chunks carried 
 (hf_mamba.generation.prefill_in_chunks), so memory stays that of one chunk whatever the length.
 
     python scripts/induction_heads.py                         # CPU default: test up to 2^14, a few minutes
-    python scripts/induction_heads.py --max-test-log2 20      # GPU: up to 2^20 (1,048,576 tokens)
-    python scripts/induction_heads.py --steps 200 --max-test-log2 10 --eval-size 16   # quick look
+    python scripts/induction_heads.py --steps 5000 --solved-streak 0   # GPU: longer training, test to 2^20
+    python scripts/induction_heads.py --max-test-log2 10 --eval-size 16  # quicker look
+
+Training uses a curriculum (the trigger close to the query at first, anywhere after the first third of
+the steps; --curriculum-steps 0 turns it off): without it the task stays at chance for thousands of
+steps (the paper trains about 200K steps of batch 8).
 
 Writes a table (stdout and --out-dir/induction_heads.md), the numbers (results.json) and, if matplotlib
 is installed (pip install 'hf_mamba[plot]'), a plot of accuracy against test length (induction_heads.png).
@@ -36,9 +40,11 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", default="outputs/induction_heads")
     parser.add_argument("--vocab", type=int, default=16, help="number of ordinary tokens (the special one is extra)")
     parser.add_argument("--train-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4000, help="most training steps (stops early once solved)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=1500, help="most training steps (stops early once solved)")
+    parser.add_argument("--solved-streak", type=int, default=200,
+                        help="stop after this many steps in a row at 100%% past the curriculum (0: never)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--state-size", type=int, default=16)
@@ -47,6 +53,10 @@ def parse_args(argv=None):
     parser.add_argument("--eval-size", type=int, default=None, help="test sequences per length (GPU 256, CPU 64)")
     parser.add_argument("--eval-batch", type=int, default=None, help="sequences per forward (GPU 64, CPU 16)")
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (GPU 65536, CPU 2048)")
+    parser.add_argument("--curriculum-steps", type=int, default=None,
+                        help="steps over which the trigger-to-query distance grows to the whole sequence "
+                             "(default: a third of --steps; 0: the paper's distribution from the start)")
+    parser.add_argument("--log-every", type=int, default=None, help="steps between progress lines (default steps/20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
@@ -69,14 +79,17 @@ def parse_args(argv=None):
     return args
 
 
-def induction_batch(batch, seqlen, vocab, generator, device):
+def induction_batch(batch, seqlen, vocab, generator, device, max_gap=None):
     """(input_ids (batch, seqlen), keys (batch,)): random tokens 0..vocab-1; at a random position the special
-    token (id vocab) then the key; the last token is the special token, after which the key is the answer."""
+    token (id vocab) then the key; the last token is the special token, after which the key is the answer.
+
+    max_gap: the first special token at most this many positions before the last one (None: anywhere)."""
     special = vocab
     ids = torch.randint(0, vocab, (batch, seqlen), generator=generator, device=device)
     keys = torch.randint(0, vocab, (batch,), generator=generator, device=device)
-    # The first special token anywhere before the final one, its key right after it.
-    where = torch.randint(0, seqlen - 2, (batch,), generator=generator, device=device)
+    # The first special token anywhere before the final one (or within max_gap of it), its key right after.
+    lowest = 0 if max_gap is None else max(0, seqlen - 1 - max_gap)
+    where = torch.randint(lowest, seqlen - 2, (batch,), generator=generator, device=device)
     rows = torch.arange(batch, device=device)
     ids[rows, where] = special
     ids[rows, where + 1] = keys
@@ -93,7 +106,8 @@ def build_model(args):
 
 
 def train(model, args):
-    """Fresh sequences every step; loss on the answer only. Stops once 200 steps in a row were all right."""
+    """Fresh sequences every step; loss on the answer only. Stops once args.solved_streak steps in a row past
+    the curriculum were all right."""
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
     warmup = max(1, args.steps // 20)
@@ -101,10 +115,16 @@ def train(model, args):
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
     )
     model.train()
-    recent, streak, log_every = [], 0, max(1, args.steps // 20)
+    recent, streak, log_every = [], 0, args.log_every or max(1, args.steps // 20)
     started = time.perf_counter()
+    curriculum = args.steps // 3 if args.curriculum_steps is None else args.curriculum_steps
     for step in range(1, args.steps + 1):
-        ids, keys = induction_batch(args.batch_size, args.train_len, args.vocab, generator, args.device)
+        # Curriculum: the first trigger within max_gap of the query, max_gap growing from 8 to the whole
+        # sequence; short distances give the state a gradient before it has learned to ignore the noise.
+        max_gap = None
+        if step <= curriculum:
+            max_gap = 8 + (args.train_len - 8) * step // curriculum
+        ids, keys = induction_batch(args.batch_size, args.train_len, args.vocab, generator, args.device, max_gap)
         logits = model(ids, logits_to_keep=1, use_cache=False).logits[:, -1]  # (batch, vocab + 1)
         loss = F.cross_entropy(logits.float(), keys)
         optimizer.zero_grad(set_to_none=True)
@@ -114,12 +134,14 @@ def train(model, args):
         schedule.step()
         accuracy = (logits.argmax(-1) == keys).float().mean().item()
         recent = (recent + [accuracy])[-log_every:]
-        streak = streak + 1 if accuracy == 1.0 else 0
-        if step % log_every == 0 or streak == 200:
+        streak = streak + 1 if accuracy == 1.0 and step > curriculum else 0
+        solved = args.solved_streak > 0 and streak == args.solved_streak
+        if step % log_every == 0 or solved:
             print(f"  step {step:>6}/{args.steps}  loss {loss.item():.4f}  train accuracy (last {len(recent)}) "
-                  f"{sum(recent) / len(recent):.3f}  {time.perf_counter() - started:.0f} s", flush=True)
-        if streak == 200:
-            print(f"  solved: 200 steps in a row at 100% (step {step})")
+                  f"{sum(recent) / len(recent):.3f}  max gap {max_gap or args.train_len - 1}  "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+        if solved:
+            print(f"  solved: {streak} steps in a row at 100% (step {step})")
             break
     return step, time.perf_counter() - started
 
@@ -151,6 +173,7 @@ def write_plot(rows, args, path):
     figure, axes = plt.subplots(figsize=(6, 3.5))
     axes.plot(lengths, [row["accuracy"] for row in rows], marker="o", label="hf_mamba (this run)")
     axes.plot([2**6, 2**20], [1.0, 1.0], linestyle="--", color="gray", label="paper: Mamba, 2^6 to 2^20")
+    axes.axhline(1 / args.vocab, color="gray", linestyle=":", label=f"chance (1/{args.vocab})")
     axes.axvline(args.train_len, color="red", linestyle=":", label=f"training length {args.train_len}")
     axes.set_xscale("log", base=2)
     axes.set_ylim(-0.02, 1.05)

@@ -185,3 +185,16 @@ def test_long_context_script_tiny(tmp_path, capsys):
     assert continuation["first_token_matches_prefill"]
     assert json.loads((tmp_path / "results.json").read_text())["generate"] == continuation
     assert "one forward tok/s" in capsys.readouterr().out
+
+
+def test_peft_wrapped_model(model):
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False)).eval()
+    input_ids = _prompt(model, batch=1, seqlen=20)
+    with torch.no_grad():
+        full = wrapped(input_ids=input_ids, use_cache=True)
+    out = prefill_in_chunks(wrapped, input_ids, chunk_size=6)
+    assert out.logits.shape == (1, 1, model.config.vocab_size)  # logits_to_keep reached the wrapped model
+    torch.testing.assert_close(out.logits, full.logits[:, -1:], rtol=1e-5, atol=1e-5)
+    _assert_same_cache(out[CACHE_FIELD], full[CACHE_FIELD])

@@ -29,6 +29,14 @@ def test_task_layout(script):
         assert row[specials[0] + 1] == key  # the answer is what followed the first trigger
 
 
+def test_curriculum_gap(script):
+    """With max_gap the first trigger sits at most max_gap positions before the query (the last token)."""
+    ids, _ = script.induction_batch(256, 100, 16, torch.Generator().manual_seed(1), torch.device("cpu"), max_gap=6)
+    first = (ids[:, :-1] == 16).int().argmax(dim=1)
+    gaps = 99 - first
+    assert int(gaps.min()) >= 2 and int(gaps.max()) == 6
+
+
 def test_chunked_evaluation_equals_one_forward(script):
     """The test lengths go through the cache in chunks: the same answers as one forward."""
     args = script.parse_args(["--device", "cpu", "--hidden-size", "16", "--eval-size", "6", "--eval-batch", "3"])
