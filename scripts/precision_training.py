@@ -30,6 +30,7 @@ import math
 import os
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -287,46 +288,59 @@ def long_prompt_check(model, args, device):
     """The trained model saved and loaded back in fp32, fp16 and bf16 (`from_pretrained(dtype=...)`, which
     keeps A_log, D and the Δ bias in fp32), over one prompt of args.long_prompt tokens: whether every
     hidden state and logit is finite, the largest residual value (fp16 overflows at 65504), and the last
-    1024 positions' logits against fp32."""
+    1024 positions' logits against fp32. A dtype that fails gets its error in the table."""
     prompt = generate_corpus(1, args.long_prompt, args.vocab, args.seed + 7).to(device)
-    keep = min(1024, args.long_prompt)
-    rows = []
+    rows, reference = [], None
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        reference = None
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            half = MambaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-            half(prompt[:, :256], logits_to_keep=1)  # compiles this dtype's kernels outside the timing
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            out = half(prompt, output_hidden_states=True, logits_to_keep=keep, use_cache=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
-            hidden_finite = all(bool(torch.isfinite(h).all()) for h in out.hidden_states)
-            residual_max = max(h.float().abs().max().item() for h in out.hidden_states[1:-1]) if args.layers > 1 else 0
-            logits = out.logits.float()
-            # The same prompt prefilled in chunks, then 16 greedy tokens through the decode step.
-            cache = MambaCache(half.config, 1, dtype=half.dtype, device=device)
-            prefill_in_chunks(half, prompt[:, :-1], chunk_size=min(8192, args.long_prompt), cache=cache)
-            generated = half.generate(prompt, cache=cache, max_new_tokens=16, do_sample=False,
-                                      output_scores=True, return_dict_in_generate=True)
-            scores_finite = all(bool(torch.isfinite(s).all()) for s in generated.scores)
-            row = {
-                "dtype": str(dtype).replace("torch.", ""), "seconds": seconds, "hidden_finite": hidden_finite,
-                "logits_finite": bool(torch.isfinite(logits).all()), "residual_max": residual_max,
-                "decode_finite": scores_finite,
-            }
+            name = str(dtype).replace("torch.", "")
+            try:
+                row, logits = _long_prompt_row(folder, dtype, prompt, args, device)
+            except Exception as error:  # noqa: BLE001  (unattended: report it, go on with the other dtypes)
+                traceback.print_exc()
+                rows.append({"dtype": name, "error": f"{type(error).__name__}: {error}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if reference is None:
                 reference = logits
-                row["max_logit_diff"] = row["top1_agree"] = float("nan")
-            else:
-                row["max_logit_diff"] = (logits - reference).abs().max().item()
-                row["top1_agree"] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-            rows.append(row)
-            del half, out
+            row["max_logit_diff"] = (logits - reference).abs().max().item() if dtype != torch.float32 else float("nan")
+            row["top1_agree"] = (
+                (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+                if dtype != torch.float32 else float("nan")
+            )
+            rows.append({"dtype": name, **row})
     return rows
+
+
+def _long_prompt_row(folder, dtype, prompt, args, device):
+    half = MambaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    half(prompt[:, :256], logits_to_keep=1)  # compiles this dtype's kernels outside the timing
+    _sync(device)
+    started = time.perf_counter()
+    out = half(prompt, output_hidden_states=True, logits_to_keep=min(1024, args.long_prompt), use_cache=True)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    residuals = out.hidden_states[1:-1]  # the residual stream between blocks (the last one is normed)
+    # The same prompt prefilled in chunks, then 16 greedy tokens through the decode step.
+    cache = MambaCache(half.config, 1, dtype=half.dtype, device=device)
+    prefill_in_chunks(half, prompt[:, :-1], chunk_size=min(8192, args.long_prompt), cache=cache)
+    generated = half.generate(prompt, cache=cache, max_new_tokens=16, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True)
+    row = {
+        "seconds": seconds,
+        "hidden_finite": all(bool(torch.isfinite(h).all()) for h in out.hidden_states),
+        "logits_finite": bool(torch.isfinite(out.logits).all()),
+        "residual_max": max((h.float().abs().max().item() for h in residuals), default=0.0),
+        "decode_finite": all(bool(torch.isfinite(scores).all()) for scores in generated.scores),
+    }
+    return row, out.logits.float()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,22 +364,24 @@ def main(argv=None):
     if earlier:
         print(f"kept from {out_dir / 'results.json'}: {', '.join(sorted(earlier))}")
 
-    results, skipped = dict(earlier), {}
+    results, failed = dict(earlier), {}
     for name in runs:
         print(f"run {name}", flush=True)
         try:
             results[name], model = train_run(name, args, dataset, device_is_cuda)
-        except ValueError as error:  # e.g. fp16 mixed precision on a device without fp16 autocast
-            if "fp16" not in name or "not supported" not in str(error):
-                raise
-            skipped[name] = str(error)
-            print(f"  skipped: {error}")
+        except Exception as error:  # noqa: BLE001  (unattended: one failing run must not lose the others)
+            # e.g. fp16 mixed precision on a device without fp16 autocast
+            traceback.print_exc()
+            failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            print(f"  failed: {failed[name]}")
+            if device_is_cuda:
+                torch.cuda.empty_cache()
             continue
         print(f"  {name}: {results[name]['wall_s']:.0f} s", flush=True)
         if name == "fp32":  # the model the long-prompt check loads in fp16 / bf16
             model.save_pretrained(out_dir / "fp32_model")
         del model
-        _save(out_dir, settings, args, results, skipped, [])
+        _save(out_dir, settings, args, results, failed, [])
     results = {name: results[name] for name in RUNS if name in results}
 
     n_params = sum(p.numel() for p in build_model(args).parameters())
@@ -385,8 +401,8 @@ def main(argv=None):
         print(f"{name:<11}{summary['final_loss']:>11.4f}{_fmt(summary['max_diff'], '.4f'):>14}"
               f"{_fmt(summary['noise'], '.3f'):>8}{summary['nan_losses']:>14}{summary['nonfinite_grads']:>15}"
               f"{result['tokens_per_s']:>11,.0f}{_fmt(result['peak_gib'], '.2f'):>10}")
-    for name, reason in skipped.items():
-        print(f"{name:<11}skipped: {reason}")
+    for name, reason in failed.items():
+        print(f"{name:<11}failed: {reason}")
     for name, result in results.items():
         if result["scales"]:
             skipped_steps = result["summary"]["nonfinite_grads"]
@@ -404,16 +420,19 @@ def main(argv=None):
         print(f"{'dtype':<10}{'hidden finite':>14}{'logits finite':>14}{'max |residual|':>16}"
               f"{'max |Δ logit|':>15}{'top-1 agree':>12}{'decode finite':>15}{'seconds':>9}")
         for row in long_rows:
+            if "error" in row:
+                print(f"{row['dtype']:<10}failed: {row['error'].splitlines()[0][:100]}")
+                continue
             print(f"{row['dtype']:<10}{row['hidden_finite']!s:>14}{row['logits_finite']!s:>14}"
                   f"{row['residual_max']:>16.1f}{_fmt(row['max_logit_diff'], '.4f'):>15}"
                   f"{_fmt(row['top1_agree'], '.4f'):>12}{row['decode_finite']!s:>15}{row['seconds']:>9.2f}")
-    _save(out_dir, settings, args, results, skipped, long_rows)
+    _save(out_dir, settings, args, results, failed, long_rows)
     print(f"\nresults: {out_dir / 'results.json'}")
     return results, long_rows
 
 
-def _save(out_dir, settings, args, results, skipped, long_rows):
-    saved = {"settings": settings, "args": vars(args), "runs": results, "skipped": skipped, "long_prompt": long_rows}
+def _save(out_dir, settings, args, results, failed, long_rows):
+    saved = {"settings": settings, "args": vars(args), "runs": results, "failed": failed, "long_prompt": long_rows}
     (out_dir / "results.json").write_text(json.dumps(saved, indent=1))
 
 
