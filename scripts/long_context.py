@@ -42,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--hidden-size", type=int, default=None, help="default 768 (130M shape; --tiny 32)")
     parser.add_argument("--layers", type=int, default=None, help="default 24 (--tiny 2)")
     parser.add_argument("--vocab", type=int, default=None, help="default 50280 (--tiny 256)")
-    parser.add_argument("--tiny", action="store_true", help="smoke test presets: tiny model, 2^8 ... 2^11, chunks of 256")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test presets: tiny model, 2^8 ... 2^11, chunks 256")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="outputs/long_context")
     args = parser.parse_args(argv)
@@ -149,7 +149,8 @@ def main(argv=None):
         chunked_logits[length] = logits
         rows.append({"length": length, "chunked_s": seconds, "chunked_peak_gib": peak,
                      "chunked_tok_s": length / seconds})
-        print(f"  chunked     {length:>9,} tokens: {length / seconds:>12,.0f} tok/s, peak {_gib(peak)} GiB", flush=True)
+        print(f"  chunked     {length:>9,} tokens: {length / seconds:>12,.0f} tok/s, peak {_gib(peak)} GiB",
+              flush=True)
     save(rows, None)
 
     # 2. generate() after the longest prefill: the cache has seen all but the last token.
