@@ -10,9 +10,10 @@ the fp32 run's (LoRA runs with the fp32 LoRA run's), and a table is printed:
 In fp16 the GradScaler skips the steps whose gradients overflowed (its scale starts at 2^16 and halves on
 each); those steps log an infinite grad norm and are counted apart from NaN losses, which should be none.
 
-    python scripts/precision_training.py --runs fp32,bf16,fp16 --long-prompt 65536   # GPU, then:
+    python scripts/precision_training.py --runs fp32,bf16,fp16            # GPU, then:
     python scripts/precision_training.py --runs bf16-ckpt,fp16-ckpt      # reuses the fp32 run saved above
     python scripts/precision_training.py --runs lora-fp32,lora-bf16,lora-fp16
+    python scripts/precision_training.py --runs none --long-prompt 65536  # the saved fp32 model in fp16/bf16
     python scripts/precision_training.py                                  # all 8 runs in one go
     python scripts/precision_training.py --tiny                           # CPU smoke test, seconds
 
@@ -47,7 +48,9 @@ SMOOTH = 20  # steps in the moving average the curves are compared by
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help=f"comma-separated, from {', '.join(RUNS)}; 'none': only the saved runs' table "
+                             "(and --long-prompt)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -74,9 +77,10 @@ def parse_args(argv=None):
     if args.long_prompt < 0:
         parser.error(f"--long-prompt must be >= 0, got {args.long_prompt}")
     runs = [run.strip() for run in args.runs.split(",") if run.strip()]
-    unknown = [run for run in runs if run not in RUNS]
-    if unknown or not runs:
-        parser.error(f"--runs takes names from {', '.join(RUNS)}; got {args.runs!r}")
+    if runs == ["none"]:  # no training: the table of saved runs, and --long-prompt on the saved fp32 model
+        runs = []
+    elif not runs or any(run not in RUNS for run in runs):
+        parser.error(f"--runs takes names from {', '.join(RUNS)} (or 'none'); got {args.runs!r}")
     args.runs = [run for run in RUNS if run in runs]  # references (fp32, lora-fp32) first
     return args
 
@@ -350,11 +354,6 @@ def main(argv=None):
     args = parse_args(argv)
     device_is_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if device_is_cuda else "cpu")
-    n_rows = args.steps * args.batch_size
-    print(f"corpus: {n_rows} rows x {args.seq_len} tokens, vocab {args.vocab} (generated, seed {args.seed})")
-    started = time.perf_counter()
-    dataset = TokenRows(generate_corpus(n_rows, args.seq_len, args.vocab, args.seed))
-    print(f"  generated in {time.perf_counter() - started:.1f} s")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {name: getattr(args, name) for name in CURVE_SETTINGS}
@@ -363,6 +362,12 @@ def main(argv=None):
     runs = with_references(args.runs, earlier)
     if earlier:
         print(f"kept from {out_dir / 'results.json'}: {', '.join(sorted(earlier))}")
+    if runs:
+        n_rows = args.steps * args.batch_size
+        print(f"corpus: {n_rows} rows x {args.seq_len} tokens, vocab {args.vocab} (generated, seed {args.seed})")
+        started = time.perf_counter()
+        dataset = TokenRows(generate_corpus(n_rows, args.seq_len, args.vocab, args.seed))
+        print(f"  generated in {time.perf_counter() - started:.1f} s")
 
     results, failed = dict(earlier), {}
     for name in runs:

@@ -310,8 +310,9 @@ def _load_script(name):
 def test_precision_training_script_tiny(tmp_path, capsys):
     script = _load_script("precision_training")
     results, long_rows = script.main(
-        ["--tiny", "--steps", "4", "--runs", "bf16-ckpt,lora-fp16", "--long-prompt", "96", "--out-dir", str(tmp_path)]
+        ["--tiny", "--steps", "4", "--runs", "bf16-ckpt,lora-fp16", "--out-dir", str(tmp_path)]
     )
+    assert long_rows == []
     assert list(results) == ["fp32", "bf16-ckpt", "lora-fp32", "lora-fp16"]  # references added, listed first
     for name, result in results.items():
         summary = result["summary"]
@@ -319,17 +320,22 @@ def test_precision_training_script_tiny(tmp_path, capsys):
         if name not in ("fp32", "lora-fp32"):
             assert summary["max_diff"] < 0.01, name
     assert results["bf16-ckpt"]["checkpointing"] and not results["fp32"]["checkpointing"]
-    assert [row["dtype"] for row in long_rows] == ["float32", "float16", "bfloat16"]
-    assert all(row["hidden_finite"] and row["logits_finite"] and row["decode_finite"] for row in long_rows)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["runs"]) == set(results)
     table = capsys.readouterr().out
-    assert "max |Δ loss|" in table and "bf16-ckpt" in table and "top-1 agree" in table
+    assert "max |Δ loss|" in table and "bf16-ckpt" in table
 
-    # A second invocation with the same settings keeps the saved runs and reuses the fp32 reference.
-    again, _ = script.main(["--tiny", "--steps", "4", "--runs", "fp16", "--out-dir", str(tmp_path)])
+    # A second invocation with the same settings keeps the saved runs, reuses the fp32 reference, and runs
+    # the long-prompt check on the fp32 model the first one saved.
+    again, long_rows = script.main(
+        ["--tiny", "--steps", "4", "--runs", "fp16", "--long-prompt", "96", "--out-dir", str(tmp_path)]
+    )
     assert list(again) == ["fp32", "fp16", "bf16-ckpt", "lora-fp32", "lora-fp16"]
     assert again["fp32"]["losses"] == results["fp32"]["losses"]
-    out = capsys.readouterr().out
-    assert "run fp32" not in out and "kept from" in out
     assert again["fp16"]["summary"]["max_diff"] < 0.01
+    assert [row["dtype"] for row in long_rows] == ["float32", "float16", "bfloat16"]
+    assert all(row["hidden_finite"] and row["logits_finite"] and row["decode_finite"] for row in long_rows)
+    out = capsys.readouterr().out
+    assert "run fp32" not in out and "kept from" in out and "the fp32 run after training" in out
+    assert "top-1 agree" in out
+    assert script.parse_args(["--runs", "none"]).runs == []
