@@ -301,7 +301,7 @@ def long_prompt_check(model, args, device):
             name = str(dtype).replace("torch.", "")
             try:
                 row, logits = _long_prompt_row(folder, dtype, prompt, args, device)
-            except Exception as error:  # noqa: BLE001  (unattended: report it, go on with the other dtypes)
+            except Exception as error:  # unattended: report it, go on with the other dtypes
                 traceback.print_exc()
                 rows.append({"dtype": name, "error": f"{type(error).__name__}: {error}"})
                 if device.type == "cuda":
@@ -374,7 +374,7 @@ def main(argv=None):
         print(f"run {name}", flush=True)
         try:
             results[name], model = train_run(name, args, dataset, device_is_cuda)
-        except Exception as error:  # noqa: BLE001  (unattended: one failing run must not lose the others)
+        except Exception as error:  # unattended: one failing run must not lose the others
             # e.g. fp16 mixed precision on a device without fp16 autocast
             traceback.print_exc()
             failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
