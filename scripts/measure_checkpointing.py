@@ -5,7 +5,7 @@
     python scripts/measure_checkpointing.py --device cpu --hidden-size 64 --layers 2 --seqlen 64 --dtype float32
 
 Builds a random hf_mamba model of the given shape, runs forward + backward on the same batch without and
-with `gradient_checkpointing_enable()`, and prints the loss, the largest gradient difference and the peak
+with activation checkpointing (`hf_mamba.compat.enable_activation_checkpointing`), and prints the loss, the largest gradient difference and the peak
 memory of each run (CUDA: torch.cuda.max_memory_allocated; CPU: the bytes autograd saves for backward).
 """
 
@@ -14,6 +14,7 @@ import argparse
 import torch
 
 import hf_mamba
+from hf_mamba.compat import enable_activation_checkpointing
 
 
 def one_step(model, input_ids, device):
@@ -66,7 +67,7 @@ def main(argv=None):
     input_ids = torch.randint(args.vocab_size, (args.batch, args.seqlen), device=device)
 
     loss_plain, grads_plain, peak_plain = one_step(model, input_ids, device)
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     loss_ckpt, grads_ckpt, peak_ckpt = one_step(model, input_ids, device)
     max_grad_diff = max((grads_plain[n] - grads_ckpt[n]).abs().max().item() for n in grads_plain)
 
