@@ -289,3 +289,11 @@ def test_compiled_forward_generates_the_same_tokens(model):
     eager = model.generate(**generate_kwargs(ids, do_sample=False))
     model.forward = torch.compile(model.forward, backend="eager", fullgraph=False)
     assert torch.equal(model.generate(**generate_kwargs(ids, do_sample=False)), eager)
+
+
+def test_generate_from_a_cache_that_saw_the_whole_prompt_says_so(model):
+    ids = torch.randint(1, 97, (1, 6))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True)[CACHE_FIELD]
+    with pytest.raises(ValueError, match="already seen all 6 tokens"):
+        model.generate(ids, cache=cache, max_new_tokens=2, do_sample=False)

@@ -735,6 +735,14 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             n_new = next_sequence_length if next_sequence_length is not None else inputs_embeds.shape[1] - seen
             model_inputs = {"inputs_embeds": inputs_embeds[:, inputs_embeds.shape[1] - n_new :]}
         else:
+            if inputs_embeds is None and 0 < input_ids.shape[1] <= seen:
+                # Not after a prefill from inputs_embeds (then input_ids holds only generated tokens): the cache
+                # has seen every token, and the next token's logits need a forward of the last one.
+                raise ValueError(
+                    f"The cache has already seen all {input_ids.shape[1]} tokens of input_ids; generate() needs at "
+                    "least the last prompt token unseen (prefill all but the last token, as "
+                    "hf_mamba.generate_after_prefill does)"
+                )
             if next_sequence_length is not None:
                 n_new = next_sequence_length
             elif seen > 0:
