@@ -6,6 +6,8 @@ x: (batch, d_inner, seqlen); weight: (d_inner, d_conv); bias: (d_inner,).
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_tensors
+
 
 def causal_conv1d(
     x, weight, bias=None, activation=None, initial_state=None, seq_idx=None, backend=None, channels_last_out=False
@@ -25,6 +27,19 @@ def causal_conv1d(
     """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    check_tensors(x=x, weight=weight, bias=bias, initial_state=initial_state)
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (batch, d_inner, seqlen), got {tuple(x.shape)}")
+    batch, d_inner, seqlen = x.shape
+    if weight.dim() != 2 or weight.shape[0] != d_inner:
+        raise ValueError(f"weight must have shape (d_inner={d_inner}, d_conv), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (d_inner,):
+        raise ValueError(f"bias must have shape ({d_inner},), got {tuple(bias.shape)}")
+    state_shape = (batch, d_inner, weight.shape[1] - 1)
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must have shape {state_shape}, got {tuple(initial_state.shape)}")
+    if seq_idx is not None and tuple(seq_idx.shape) != (batch, seqlen):
+        raise ValueError(f"seq_idx must have shape {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
     name = _conv_backend(backend, x.device, initial_state)
     if name == "triton":
         from .triton_conv import causal_conv1d_triton
@@ -82,6 +97,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, back
     """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    check_tensors(x=x, conv_state=conv_state, weight=weight, bias=bias)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (batch, d_inner), got {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[0] != x.shape[1]:

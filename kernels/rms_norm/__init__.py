@@ -13,6 +13,8 @@ compute what the blocks compute one op at a time.
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_tensors
+
 
 def add_rms_norm_ref(residual, delta, weight, eps, out_dtype=None):
     """PyTorch ops in the model's order; returns (hidden, normed)."""
@@ -37,6 +39,9 @@ def rms_norm(x, weight, eps, dtype, backend=None):
     backward; fp32 x of a 16- or 32-bit dtype) or an autograd function keeping x and 1/rms per row. Without
     gradients, and under torch.compile, the PyTorch ops.
     """
+    check_tensors(x=x, weight=weight)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if needs_grad and not torch.compiler.is_compiling():
         triton_dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,6 +64,7 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     plus the weight gradient's sum), "reference" / "torch" (PyTorch ops), or None: Triton on CUDA,
     else PyTorch. Gradients flow to residual, delta and weight on every backend.
     """
+    check_tensors(residual=residual, delta=delta, weight=weight)
     if residual.shape != delta.shape:
         raise ValueError(f"residual and delta must have the same shape, got {tuple(residual.shape)} and "
                          f"{tuple(delta.shape)}")

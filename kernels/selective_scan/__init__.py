@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..checks import check_tensors
 from .reference import selective_scan_ref, selective_state_update_ref
 from .torch_scan import selective_scan_torch
 
@@ -43,6 +44,9 @@ def resolve_backend(backend, device) -> str:
 
 
 def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx=None):
+    check_tensors(
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state
+    )
     if u.dim() != 3:
         raise ValueError(f"u must have shape (batch, d_inner, seqlen), got {tuple(u.shape)}")
     batch, d_inner, seqlen = u.shape
@@ -64,8 +68,10 @@ def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_i
     if seq_idx is not None:
         if tuple(seq_idx.shape) != (batch, seqlen):
             raise ValueError(f"seq_idx must have shape {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
-        if seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool:
+        if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
             raise ValueError(f"seq_idx must hold integer document ids, got dtype {seq_idx.dtype}")
+        if seq_idx.device != u.device:
+            raise ValueError(f"seq_idx is on {seq_idx.device} but u is on {u.device}: pass every tensor on one device")
 
 
 def selective_scan(
@@ -129,8 +135,11 @@ def selective_state_update(
     Returns:
         y (batch, d_inner) in x's dtype.
     """
+    check_tensors(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (batch, d_inner), got {tuple(x.shape)}")
+    if A.dim() != 2:
+        raise ValueError(f"A must have shape (d_inner, d_state), got {tuple(A.shape)}")
     batch, d_inner = x.shape
     d_state = A.shape[-1]
     expected = {

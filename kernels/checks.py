@@ -1,0 +1,30 @@
+"""Argument checks shared by the kernel entry points: clear errors before any kernel runs.
+
+Shapes are checked by each entry point; here, what they all need: every tensor a real floating-point one
+(the kernels read no integer, boolean or complex data) and all on one device (a kernel handed a pointer
+into another device's memory faults instead of raising).
+"""
+
+import torch
+
+
+def check_tensors(**tensors) -> None:
+    """ValueError naming the argument where one given tensor (None: not given) is not a real floating-point
+    tensor, or lies on another device than the first one given."""
+    first = None
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        if first is None:
+            first = (name, tensor.device)
+        elif tensor.device != first[1]:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {first[0]} is on {first[1]}: pass every tensor on one device"
+            )
+
+
+__all__ = ["check_tensors"]
