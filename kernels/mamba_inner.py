@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ._launch import compile_ahead, device_guard
+from .rms_norm import weightless_rms_norm
+from .rms_norm.torch_rms_norm import rms_norm_input_grad
 from .selective_scan.reference import fp32_or_wider
 
 # The inputs of `_MambaInner`, in order: its backward returns their gradients by these names.
@@ -80,18 +82,16 @@ def _in_proj_grads(ctx, needs, dxz, hidden, w_in):
 
 
 def _rms_normed(x_dbl, sizes, eps):
-    """Falcon Mamba's norms: each of x_proj's outputs (dt, B, C) over its last dim, in fp32, cast back."""
-    return [F.rms_norm(part.float(), (part.shape[-1],), eps=eps).to(part.dtype) for part in x_dbl.split(sizes, -1)]
+    """Falcon Mamba's norms: each of x_proj's outputs (dt, B, C) normalised over its last dim."""
+    return [weightless_rms_norm(part, eps) for part in x_dbl.split(sizes, -1)]
 
 
 def _rms_norm_backward_(grad, x_dbl, sizes, eps):
-    """In place: `grad` (rows, sum(sizes)) holds the gradient of the normed (dt, B, C); make it x_dbl's.
-    d/dx of x * rstd(x) is rstd * (g - n * mean(g * n)), n the normed row, in fp32."""
+    """In place: `grad` (rows, sum(sizes)) holds the gradient of the normed (dt, B, C); make it x_dbl's, in fp32."""
     for g_part, x_part in zip(grad.split(sizes, -1), x_dbl.split(sizes, -1), strict=True):
-        x = x_part.float()
+        x = fp32_or_wider(x_part)
         rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-        normed, g = x * rstd, g_part.float()
-        g_part.copy_(rstd * (g - normed * (g * normed).mean(-1, keepdim=True)))
+        g_part.copy_(rms_norm_input_grad(fp32_or_wider(g_part), x * rstd, rstd))
 
 
 def _rows(t):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_tensors
+from ..selective_scan.reference import fp32_or_wider
 
 
 def add_rms_norm_ref(residual, delta, weight, eps, out_dtype=None):
@@ -29,6 +30,12 @@ def rms_norm_ref(x, weight, eps, dtype):
     """weight * rms_norm(x).to(dtype), x fp32 holding values of dtype: the training norm's PyTorch ops
     (`triton_rms_norm.rms_norm_train_triton` computes the same, gradients included)."""
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps).to(dtype)
+
+
+def weightless_rms_norm(x, eps):
+    """x / rms(x) over the last dim, computed in fp32 (fp64 stays fp64) and cast back to x's dtype: Falcon Mamba's
+    norms on the time step, B and C."""
+    return F.rms_norm(fp32_or_wider(x), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def rms_norm(x, weight, eps, dtype, backend=None):
@@ -86,4 +93,4 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     return add_rms_norm_ref(residual, delta, weight, eps, out_dtype)
 
 
-__all__ = ["add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref"]
+__all__ = ["add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref", "weightless_rms_norm"]

@@ -29,9 +29,13 @@ class RMSNormFunction(torch.autograd.Function):
             dweight = (grad * normalized.to(ctx.dtype)).sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
         # Rounded to dtype first, as autograd rounds the gradient of the cast normalised tensor.
         dnormalized = (grad * weight).to(ctx.dtype).to(x.dtype)
-        # d/dx of x * rstd(x): rstd * (g - n * mean(g * n)) with n the normalised row.
-        dx = rstd * (dnormalized - normalized * (dnormalized * normalized).mean(-1, keepdim=True))
-        return dx, dweight, None, None  # eps and dtype are no tensors
+        return rms_norm_input_grad(dnormalized, normalized, rstd), dweight, None, None  # eps, dtype: no tensors
 
 
-__all__ = ["HAS_FUSED_RMS_NORM", "RMSNormFunction"]
+def rms_norm_input_grad(grad, normalized, rstd):
+    """d/dx of x * rstd(x) applied to `grad`, the gradient of the normalised rows `normalized` (rows over the
+    last dim, rstd = 1/rms per row): rstd * (g - n * mean(g * n))."""
+    return rstd * (grad - normalized * (grad * normalized).mean(-1, keepdim=True))
+
+
+__all__ = ["HAS_FUSED_RMS_NORM", "RMSNormFunction", "rms_norm_input_grad"]

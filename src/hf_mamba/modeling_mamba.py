@@ -37,6 +37,7 @@ from .kernels import (
     rms_norm,
     selective_scan,
     selective_state_update,
+    weightless_rms_norm,
 )
 
 try:  # Transformers' init helpers skip tensors already loaded from a checkpoint.
@@ -50,11 +51,6 @@ BACKEND_ENV_VAR = "HF_MAMBA_BACKEND"
 def _fp32_or_wider(t):
     """SSM parameters enter the scan in fp32 (fp64 stays fp64, for gradient checks)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _weightless_rms_norm(x, eps):
-    """x / rms(x) over the last dim, computed in fp32 and cast back (Falcon Mamba's norms on Δ, B, C)."""
-    return F.rms_norm(_fp32_or_wider(x), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _linear_input(linear, x):
@@ -212,7 +208,7 @@ class MambaMixer(nn.Module):
         x_dbl = self.x_proj(_linear_input(self.x_proj, x.transpose(1, 2)))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.mixer_rms_eps is not None:  # Falcon Mamba, in the order of Transformers' FalconMambaMixer
-            dt, B, C = (_weightless_rms_norm(t, self.mixer_rms_eps) for t in (dt, B, C))
+            dt, B, C = (weightless_rms_norm(t, self.mixer_rms_eps) for t in (dt, B, C))
         # Channels-last views, no copies: the CPU scan and the Triton forward read them as they are (the
         # Triton backward copies what it needs along time into temporaries).
         dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
