@@ -1,6 +1,8 @@
 """PEFT / LoRA on hf_mamba: default targets, adapter gradients on every scan backend, save/load, merge, generate."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,3 +167,25 @@ def test_sequence_classification_lora(tmp_path):
         merged = loaded.merge_and_unload()
         assert type(merged) is hf_mamba.MambaForSequenceClassification
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("peft_first", [False, True])
+def test_importing_hf_mamba_leaves_peft_alone_and_the_default_still_applies(peft_first):
+    """`import hf_mamba` imports neither PEFT nor bitsandbytes (seconds, and a Hub lookup); PEFT imported
+    before or after it still defaults LoRA to every projection."""
+    script = f"""
+import sys
+if {peft_first}:
+    import peft
+import hf_mamba
+if not {peft_first}:
+    assert "peft" not in sys.modules and "bitsandbytes" not in sys.modules, "imported by hf_mamba"
+from peft import LoraConfig, get_peft_model
+model = hf_mamba.MambaForCausalLM(hf_mamba.MambaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1))
+model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2))
+print(sorted({{n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A." in n}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(sorted(LORA_TARGET_MODULES))

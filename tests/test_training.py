@@ -339,7 +339,7 @@ def test_fsdp_wraps_mamba_blocks_and_trains_like_one_process(tmp_path):
     (tmp_path / "worker.py").write_text(FSDP_WORKER.replace("{tiny}", repr(TINY)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(tmp_path / "worker.py"), str(tmp_path / "ids.pt"), str(tmp_path / "state.pt")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -6,7 +6,7 @@ Transformers 5.25 renamed gradient checkpointing to activation checkpointing: th
 Earlier 5.x releases know only the old names. Code that should run quietly on both calls these.
 """
 
-from transformers import PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 # Transformers 5.24 renamed the cache of model outputs and forward arguments from `cache_params` to `cache`
@@ -36,6 +36,9 @@ def disable_activation_checkpointing(model) -> None:
 
 def checkpointing_training_args(enabled: bool = True, use_reentrant: bool = False) -> dict:
     """`TrainingArguments` keywords that turn activation checkpointing on (or off), by the installed names."""
+    # Imported here: transformers.training_args imports PEFT, and PEFT bitsandbytes (seconds, and a Hub lookup).
+    from transformers import TrainingArguments
+
     fields = {field.name for field in TrainingArguments.__dataclass_fields__.values()}
     prefix = "activation" if "activation_checkpointing" in fields else "gradient"
     args = {f"{prefix}_checkpointing": enabled}
