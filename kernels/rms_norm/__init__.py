@@ -3,11 +3,14 @@
 A Mamba block returns residual + mixer(...); the next block (or the final norm) normalises that sum.
 `add_rms_norm` computes both in one pass:
 
-    hidden = residual + delta                                   (in promote(residual, delta) dtype)
-    normed = weight * rms_norm(hidden.to(weight.dtype), eps)    (normalised in fp32, cast, then scaled)
+    hidden = residual + delta                                     (in promote(residual, delta) dtype)
+    normed = weight * rms_norm(hidden, eps).to(weight.dtype)      (normalised in fp32, cast, then scaled)
 
 with the roundings of the model's MambaRMSNorm (Transformers' Mamba order), so that the fused blocks
-compute what the blocks compute one op at a time.
+compute what the blocks compute one op at a time. The norm reads the sum as it is kept (fp32 with
+`residual_in_fp32`), not cast to the weight's dtype first: in a pure fp16 model a residual above 65504
+would be inf there and the normalised row NaN, although its normalised values are small. Only the
+normalised row is rounded to the weight's dtype (as mamba_ssm's fused add + norm does).
 """
 
 import torch
@@ -20,9 +23,7 @@ from ..selective_scan.reference import fp32_or_wider
 def add_rms_norm_ref(residual, delta, weight, eps, out_dtype=None):
     """PyTorch ops in the model's order; returns (hidden, normed)."""
     hidden = residual + delta
-    x = hidden.to(weight.dtype)
-    x_fp32 = x.to(torch.promote_types(x.dtype, torch.float32))
-    normed = weight * F.rms_norm(x_fp32, weight.shape, eps=eps).to(weight.dtype)
+    normed = weight * F.rms_norm(fp32_or_wider(hidden), weight.shape, eps=eps).to(weight.dtype)
     return hidden, normed.to(out_dtype or normed.dtype)
 
 

@@ -11,9 +11,11 @@ layer beyond the norm's own; a 24-layer model's training step is host-bound on l
 - rms_norm_train: the norm alone (the first block's), the same kernels without the add.
 - add_rms_norm_triton: the same forward without autograd, for inference and the decode step.
 
-The roundings are the model's (MambaRMSNorm, Transformers' Mamba order): the sum in promote(residual,
-delta), cast to the norm's dtype ROUND, normalised in fp32, rounded to ROUND, scaled by the weight in
-fp32 and rounded to the output dtype (autocast's, where the next op would cast to it anyway).
+The roundings are the model's (MambaRMSNorm, Transformers' Mamba order): the sum rounded to
+promote(residual, delta) (the residual stream's dtype, fp32 with residual_in_fp32), normalised from that
+in fp32 (not cast to the norm's dtype first, which overflows fp16), rounded to the norm's dtype ROUND,
+scaled by the weight in fp32 and rounded to the output dtype (autocast's, where the next op would cast to
+it anyway).
 """
 
 import torch
@@ -29,7 +31,7 @@ def _rms_norm_fwd_kernel(
     s_x, s_delta, s_hidden, s_out,
     ADD: tl.constexpr, STORE_RSTD: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # ADD: hidden = x + delta (stored), normalised as hidden.to(ROUND). Else x itself is normalised.
+    # ADD: hidden = x + delta, rounded to hidden's dtype, stored and normalised. Else x itself is normalised.
     o_c = tl.arange(0, BLOCK)
     m_c = o_c < n_cols
     b_w = tl.load(p_w + o_c, mask=m_c, other=0.0).to(tl.float32)
@@ -41,7 +43,7 @@ def _rms_norm_fwd_kernel(
                 b_delta = tl.load(p_delta + i_row * s_delta + o_c, mask=m_c, other=0.0).to(tl.float32)
                 b_hidden = (b_x + b_delta).to(p_hidden.dtype.element_ty)
                 tl.store(p_hidden + i_row * s_hidden + o_c, b_hidden, mask=m_c)
-                b_x = b_hidden.to(ROUND).to(tl.float32)
+                b_x = b_hidden.to(tl.float32)
             b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / n_cols + eps)
             b_n = (b_x * b_rstd).to(ROUND).to(tl.float32)
             tl.store(p_out + i_row * s_out + o_c, (b_w * b_n).to(p_out.dtype.element_ty), mask=m_c)
@@ -58,9 +60,9 @@ def _rms_norm_bwd_kernel(
 ):
     # With n = x rstd and dn = (grad w).to(ROUND): dx = rstd (dn - n mean(dn n)), dw = sum_rows grad n.to(ROUND)
     # (this program's rows; the host adds the programs' partial sums).
-    # ADD: x is the hidden sum, normalised as x.to(ROUND); its gradient is the norm's, rounded to ROUND
-    # as the cast's backward rounds it, plus dhidden (the gradient of the sum's other uses), and is
-    # stored for the residual (p_dx) and, in delta's dtype where that differs, for delta.
+    # ADD: x is the hidden sum, normalised as it is; its gradient is the norm's, rounded to the sum's dtype
+    # as the backward of the norm's upcast rounds it, plus dhidden (the gradient of the sum's other uses),
+    # and is stored for the residual (p_dx) and, in delta's dtype where that differs, for delta.
     i_prog = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, BLOCK)
     m_c = o_c < n_cols
@@ -70,8 +72,6 @@ def _rms_norm_bwd_kernel(
         i_row = i_prog * rows_per_program + r
         if i_row < n_rows:
             b_x = tl.load(p_x + i_row * s_x + o_c, mask=m_c, other=0.0).to(tl.float32)
-            if ADD:
-                b_x = b_x.to(ROUND).to(tl.float32)
             b_g = tl.load(p_grad + i_row * s_grad + o_c, mask=m_c, other=0.0).to(tl.float32)
             b_rstd = tl.load(p_rstd + i_row)
             b_n = b_x * b_rstd
@@ -79,7 +79,7 @@ def _rms_norm_bwd_kernel(
             b_dn = (b_g * b_w).to(ROUND).to(tl.float32)
             b_dx = b_rstd * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=0) / n_cols))
             if ADD:
-                b_dx = b_dx.to(ROUND).to(tl.float32)
+                b_dx = b_dx.to(p_dx.dtype.element_ty).to(tl.float32)
                 if HAS_DHIDDEN:
                     b_dhidden = tl.load(p_dhidden + i_row * s_dhidden + o_c, mask=m_c, other=0.0).to(tl.float32)
                     b_dx = b_dhidden + b_dx
@@ -170,7 +170,7 @@ class _RMSNormTriton(torch.autograd.Function):
 
 
 class _AddRMSNormTriton(torch.autograd.Function):
-    """(residual + delta, weight * rms_norm((residual + delta).to(weight.dtype))); keeps the sum (the
+    """(residual + delta, weight * rms_norm(residual + delta).to(weight.dtype)); keeps the sum (the
     residual stream keeps it anyway) and 1/rms per row."""
 
     @staticmethod

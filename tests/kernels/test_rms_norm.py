@@ -7,7 +7,7 @@ On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/conftest.py).
 import pytest
 import torch
 from hf_mamba.kernels import add_rms_norm, add_rms_norm_ref
-from hf_mamba.kernels.rms_norm import rms_norm_ref
+from hf_mamba.kernels.rms_norm import rms_norm, rms_norm_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -188,3 +188,27 @@ def test_rms_norm_function_matches_composed_ops(dtype):
     x64 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6, torch.float64), (x64, w64))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_add_rms_norm_reads_the_wide_residual(backend, nan_fill_empty):
+    """An fp32 residual beyond fp16's range (65504) before an fp16 norm: normalised from the fp32 sum, so the
+    output is finite and equals the fp64 norm rounded to fp16, as the unfused norm gives it; the sum itself
+    stays fp32. Gradients finite."""
+    torch.manual_seed(0)
+    hidden_size = 24
+    residual = (1e5 * torch.randn(2, 3, hidden_size, device=DEVICE)).requires_grad_()
+    delta = torch.randn(2, 3, hidden_size, device=DEVICE).half().requires_grad_()
+    weight = (1 + 0.1 * torch.randn(hidden_size, device=DEVICE)).half().requires_grad_()
+    assert residual.abs().max() > 65504
+    hidden, normed = add_rms_norm(residual, delta, weight, 1e-5, backend=backend)
+    assert hidden.dtype == torch.float32 and normed.dtype == torch.float16
+    torch.testing.assert_close(hidden, residual + delta.float(), rtol=0, atol=0)
+    x64 = (residual + delta.float()).double()
+    expected = weight.double() * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).half().double()
+    torch.testing.assert_close(normed.double(), expected, rtol=2e-3, atol=2e-3)  # fp16: one rounding, two
+    # The unfused norm (MambaRMSNorm's) on the same sum: the same values.
+    torch.testing.assert_close(rms_norm(hidden, weight, 1e-5, torch.float16, backend), normed, rtol=2e-3, atol=2e-3)
+    (normed.float().sum() + hidden.sum()).backward()
+    for name, leaf in (("residual", residual), ("delta", delta), ("weight", weight)):
+        assert torch.isfinite(leaf.grad).all(), name
