@@ -9,6 +9,9 @@ copy. The backward recomputes the pre-activation where it needs SiLU's derivativ
 it, writes dx in x's layout, and writes the weight and bias gradients as per-program partial sums
 that the host adds up (no atomics, deterministic).
 With seq_idx, a tap that would read another document counts as zero, as in the PyTorch path.
+With a padding mask (batch, seqlen) (0 at padding, as the model's attention_mask), padded inputs count
+as zero and padded outputs are zero: the model's x * mask before the conv and out * mask after it,
+read in the kernels instead of two elementwise passes (and their gradients in the backward).
 """
 
 from dataclasses import dataclass
@@ -32,8 +35,8 @@ DEFAULT_TUNING = ConvTuning()
 
 
 @triton.jit
-def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
-             HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
+def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t, p_pm_b, s_pm_l,
+             HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_PAD_MASK: tl.constexpr, K: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     # Pre-activation at steps o_t, (BLOCK_D, BLOCK_L) fp32.
     b_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
@@ -43,6 +46,8 @@ def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si
         if HAS_SEQ_IDX:  # another document's input counts as zero
             b_si_src = tl.load(p_si_b + o_src * s_si_l, mask=m_src, other=-1)
             m_src = m_src & (b_si_src == b_si_t)
+        if HAS_PAD_MASK:  # a padded input counts as zero
+            m_src = m_src & _kept(p_pm_b, s_pm_l, o_src, m_src)
         b_x = tl.load(p_row + o_src[None, :] * s_x_l, mask=m_d[:, None] & m_src[None, :], other=0.0)
         b_w = tl.load(p_w_d + k, mask=m_d, other=0.0).to(tl.float32)
         b_x = b_x.to(tl.float32)
@@ -50,6 +55,12 @@ def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si
     if HAS_BIAS:
         b_acc += b_bias[:, None]
     return b_acc
+
+
+@triton.jit
+def _kept(p_pm_b, s_pm_l, o_t, m_t):
+    # Whether steps o_t are tokens (padding mask nonzero); False past the ends.
+    return tl.load(p_pm_b + o_t * s_pm_l, mask=m_t, other=0) != 0
 
 
 @triton.jit
@@ -67,9 +78,10 @@ def _row_inputs(p_si_b, p_bias, o_t, m_t, o_d, m_d, s_si_l, HAS_SEQ_IDX: tl.cons
 
 @triton.jit
 def _conv_fwd_kernel(
-    p_x, p_w, p_bias, p_out, p_seq_idx, d_inner, seqlen, s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l,
-    s_si_b, s_si_l,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
+    p_x, p_w, p_bias, p_out, p_seq_idx, p_pad_mask, d_inner, seqlen, s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l,
+    s_si_b, s_si_l, s_pm_b, s_pm_l,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_PAD_MASK: tl.constexpr,
+    K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
@@ -81,21 +93,27 @@ def _conv_fwd_kernel(
     p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
     if HAS_SEQ_IDX:
         p_si_b += i_b * s_si_b
+    p_pm_b = p_pad_mask  # this batch row's padding mask (None without one)
+    if HAS_PAD_MASK:
+        p_pm_b += i_b * s_pm_b
     b_si_t, b_bias = _row_inputs(p_si_b, p_bias, o_t, m_t, o_d, m_d, s_si_l, HAS_SEQ_IDX, HAS_BIAS)
     b_pre = _conv_at(p_row, s_x_l, p_w + o_d * K, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
-                     HAS_BIAS, HAS_SEQ_IDX, K, BLOCK_D, BLOCK_L)
+                     p_pm_b, s_pm_l, HAS_BIAS, HAS_SEQ_IDX, HAS_PAD_MASK, K, BLOCK_D, BLOCK_L)
     b_out = b_pre
     if SILU:
         b_out = b_pre * tl.sigmoid(b_pre)
+    if HAS_PAD_MASK:  # zero at padding
+        b_out = tl.where(_kept(p_pm_b, s_pm_l, o_t, m_t)[None, :], b_out, 0.0)
     p_out_t = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_t[None, :] * s_o_l
     tl.store(p_out_t, b_out.to(p_out.dtype.element_ty), mask=m_d[:, None] & m_t[None, :])
 
 
 @triton.jit
 def _conv_bwd_kernel(
-    p_x, p_w, p_bias, p_dout, p_dx, p_dw, p_dbias, p_seq_idx, d_inner, seqlen, s_x_b, s_x_d, s_x_l,
-    s_do_b, s_do_d, s_do_l, s_dx_b, s_dx_d, s_dx_l, s_si_b, s_si_l,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, K: tl.constexpr,
+    p_x, p_w, p_bias, p_dout, p_dx, p_dw, p_dbias, p_seq_idx, p_pad_mask, d_inner, seqlen, s_x_b, s_x_d, s_x_l,
+    s_do_b, s_do_d, s_do_l, s_dx_b, s_dx_d, s_dx_l, s_si_b, s_si_l, s_pm_b, s_pm_l,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_PAD_MASK: tl.constexpr,
+    K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
@@ -110,6 +128,9 @@ def _conv_bwd_kernel(
     p_si_b = p_seq_idx  # this batch row's document ids (None without seq_idx)
     if HAS_SEQ_IDX:
         p_si_b += i_b * s_si_b
+    p_pm_b = p_pad_mask  # this batch row's padding mask (None without one)
+    if HAS_PAD_MASK:
+        p_pm_b += i_b * s_pm_b
     b_si_s, b_bias = _row_inputs(p_si_b, p_bias, o_s, m_s, o_d, m_d, s_si_l, HAS_SEQ_IDX, HAS_BIAS)
     b_dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     # x[s] feeds out[s + j] through tap K - 1 - j; dpre at those steps comes from dout and, with
@@ -124,15 +145,19 @@ def _conv_bwd_kernel(
         b_dpre = b_dpre.to(tl.float32)
         if SILU:
             b_pre = _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
-                             HAS_BIAS, HAS_SEQ_IDX, K, BLOCK_D, BLOCK_L)
+                             p_pm_b, s_pm_l, HAS_BIAS, HAS_SEQ_IDX, HAS_PAD_MASK, K, BLOCK_D, BLOCK_L)
             b_sig = tl.sigmoid(b_pre)
             b_dpre = b_dpre * b_sig * (1.0 + b_pre * (1.0 - b_sig))
+        if HAS_PAD_MASK:  # a padded output is zero: no gradient reaches its pre-activation
+            b_dpre = tl.where(_kept(p_pm_b, s_pm_l, o_t, m_t)[None, :], b_dpre, 0.0)
         if j == 0:
             b_dpre_s = b_dpre  # dpre at the program's own steps: for dweight and dbias
         if HAS_SEQ_IDX:
             b_dpre = tl.where((b_si_t == b_si_s)[None, :], b_dpre, 0.0)
         b_w = tl.load(p_w_d + (K - 1 - j), mask=m_d, other=0.0).to(tl.float32)
         b_dx += b_w[:, None] * b_dpre
+    if HAS_PAD_MASK:  # a padded input was read as zero
+        b_dx = tl.where(_kept(p_pm_b, s_pm_l, o_s, m_s)[None, :], b_dx, 0.0)
     p_dx_s = p_dx + i_b * s_dx_b + o_d[:, None] * s_dx_d + o_s[None, :] * s_dx_l
     tl.store(p_dx_s, b_dx.to(p_dx.dtype.element_ty), mask=m_d[:, None] & m_s[None, :])
 
@@ -144,6 +169,8 @@ def _conv_bwd_kernel(
         if HAS_SEQ_IDX:
             b_si_src = tl.load(p_si_b + o_src * s_si_l, mask=m_src, other=-1)
             m_src = m_src & (b_si_src == b_si_s)
+        if HAS_PAD_MASK:
+            m_src = m_src & _kept(p_pm_b, s_pm_l, o_src, m_src)
         b_x = tl.load(p_row + o_src[None, :] * s_x_l, mask=m_d[:, None] & m_src[None, :], other=0.0)
         b_x = b_x.to(tl.float32)
         tl.store(p_dw + (i_part * d_inner + o_d) * K + k, tl.sum(b_dpre_s * b_x, axis=1), mask=m_d)
@@ -168,26 +195,29 @@ def _is_channels_last(x):
     return x.stride(1) == 1 and x.shape[2] > 1
 
 
-def conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None, tuning=DEFAULT_TUNING):
+def conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None, tuning=DEFAULT_TUNING, pad_mask=None):
     """The conv's output (batch, d_inner, seqlen), written into `out` when given (any strides), else a
     new tensor, channels-last or in x's dimension order. x: time or channels of stride 1; weight:
-    contiguous (d_inner, d_conv)."""
+    contiguous (d_inner, d_conv). pad_mask: optional (batch, seqlen), 0 at padding (module docstring)."""
     if out is None:
         out = _empty_out(x, channels_last)
     si, s_si_b, s_si_l = seq_idx_args(seq_idx)
+    pm, s_pm_b, s_pm_l = seq_idx_args(pad_mask)  # a (batch, seqlen) tensor too
     with device_guard(x):
         launch(
             _conv_fwd_kernel, _grid(x, tuning),
-            x, weight, bias, out, si, x.shape[1], x.shape[2], *x.stride(), *out.stride(), s_si_b, s_si_l,
-            HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
+            x, weight, bias, out, si, pm, x.shape[1], x.shape[2], *x.stride(), *out.stride(), s_si_b, s_si_l,
+            s_pm_b, s_pm_l,
+            HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None,
+            HAS_PAD_MASK=pad_mask is not None, K=weight.shape[1],
             BLOCK_D=tuning.block_d, BLOCK_L=tuning.block_l,
         )
     return out
 
 
-def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None, tuning=DEFAULT_TUNING):
+def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None, tuning=DEFAULT_TUNING, pad_mask=None):
     """(dx, dweight, dbias); dx is written into `dx` when given (any strides), else a new tensor in x's
-    layout; dbias is empty without a bias."""
+    layout; dbias is empty without a bias. pad_mask: as `conv_fwd`'s."""
     batch, d_inner, seqlen = x.shape
     grid = _grid(x, tuning)
     if dx is None:
@@ -195,12 +225,14 @@ def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None, tuning=DEFAULT_TUNIN
     dw_parts = x.new_empty(batch * grid[2], d_inner, weight.shape[1], dtype=torch.float32)
     dbias_parts = x.new_empty(batch * grid[2], d_inner, dtype=torch.float32) if bias is not None else None
     si, s_si_b, s_si_l = seq_idx_args(seq_idx)
+    pm, s_pm_b, s_pm_l = seq_idx_args(pad_mask)  # a (batch, seqlen) tensor too
     with device_guard(x):
         launch(
             _conv_bwd_kernel, grid,
-            x, weight, bias, dout, dx, dw_parts, dbias_parts, si, d_inner, seqlen, *x.stride(), *dout.stride(),
-            *dx.stride(), s_si_b, s_si_l,
-            HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None, K=weight.shape[1],
+            x, weight, bias, dout, dx, dw_parts, dbias_parts, si, pm, d_inner, seqlen, *x.stride(),
+            *dout.stride(), *dx.stride(), s_si_b, s_si_l, s_pm_b, s_pm_l,
+            HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None,
+            HAS_PAD_MASK=pad_mask is not None, K=weight.shape[1],
             BLOCK_D=tuning.block_d, BLOCK_L=tuning.block_l,
         )
     dweight = dw_parts.sum(0).to(weight.dtype)

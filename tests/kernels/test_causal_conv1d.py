@@ -192,3 +192,45 @@ def test_triton_conv_custom_op():
         results.append((out, *torch.autograd.grad((out * out.detach().cos()).sum(), (x, weight, bias))))
     for op_value, eager_value in zip(*results, strict=True):
         torch.testing.assert_close(op_value, eager_value, rtol=0, atol=0)
+
+
+# Padding masks (0 at padding) of 2 rows x 37 steps: left and right padding, a hole, and a row of padding
+# that starts a block of the kernel (16 steps) and ends one.
+# (mask, seq_idx, mask dtype, SiLU).
+PAD_MASKS = [
+    pytest.param([[0] * 5 + [1] * 32, [1] * 30 + [0] * 7], None, torch.int64, True, id="left-right"),
+    pytest.param([[1] * 10 + [0] * 3 + [1] * 24, [1] * 16 + [0] * 16 + [1] * 5], None, torch.bool, True, id="holes"),
+    pytest.param(
+        [[0] * 3 + [1] * 34, [1] * 30 + [0] * 7], [[0] * 15 + [1] * 22, [5] * 20 + [6] * 17], torch.float32, False,
+        id="packed-float-mask-no-act",
+    ),
+]
+
+
+@pytest.mark.parametrize("pad_mask,seq_idx,mask_dtype,silu", PAD_MASKS)
+def test_triton_conv_pad_mask_equals_masking_around_it(pad_mask, seq_idx, mask_dtype, silu):
+    """conv_fwd / conv_bwd with pad_mask compute act(conv(x * mask)) * mask and its gradients, as the model's
+    module path does with two elementwise products around the conv."""
+    from hf_mamba.kernels.causal_conv1d.triton_conv import conv_bwd, conv_fwd
+
+    torch.manual_seed(4)
+    g = dict(device=DEVICE)
+    mask = torch.tensor(pad_mask, **g)
+    seq_idx = torch.tensor(seq_idx, **g) if seq_idx is not None else None
+    # x channels-last (a view of in_proj's output), as the fused mixer passes it
+    x = torch.randn(2, 37, 12, **g)[..., :6].transpose(1, 2).requires_grad_()
+    weight = torch.randn(6, 4, **g).requires_grad_()
+    bias = torch.randn(6, **g).requires_grad_()
+    dout = torch.randn(2, 6, 37, **g)
+    m = mask[:, None, :].float()
+    ref = causal_conv1d(x * m, weight, bias, "silu" if silu else None, seq_idx=seq_idx, backend="torch") * m
+    ref_grads = torch.autograd.grad(ref, (x, weight, bias), dout)
+    tuning = ConvTuning(block_d=4, block_l=16)
+    with torch.no_grad():
+        out = conv_fwd(x, weight, bias, seq_idx, silu, True, tuning=tuning, pad_mask=mask.to(mask_dtype))
+        grads = conv_bwd(x, weight, bias, seq_idx, silu, dout, tuning=tuning, pad_mask=mask.to(mask_dtype))
+    assert out.eq(0).all(1).logical_or(mask.bool()).all()  # padded steps are exactly zero
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert grads[0][~mask.bool()[:, None, :].expand_as(x)].eq(0).all()  # no gradient to padded inputs
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
