@@ -17,6 +17,12 @@ The model folder needs its tokenizer files beside the weights, or name one with 
     python scripts/train.py --model ./my-mamba --train-file data/train.jsonl --validation-file data/val.jsonl \
         --lora --lora-r 16 --output-dir outputs/lora
 
+QLoRA: the same LoRA adapters on a frozen 4-bit base (bitsandbytes nf4 with double quantization, computing in
+the --bf16 / --fp16 dtype, else fp32); the adapter it saves loads on the 4-bit or the unquantised base:
+
+    python scripts/train.py --model tiiuae/falcon-mamba-7b --dataset wikitext --dataset-config wikitext-2-raw-v1 \
+        --load-in-4bit --lora --lora-r 16 --lora-alpha 32 --bf16 --gradient-checkpointing --output-dir outputs/qlora
+
 Interrupt and resume: Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and exits
 (130 / 143); a second Ctrl-C stops at once. The same command plus `--resume-from-checkpoint latest` continues
 from the newest complete checkpoint in --output-dir (half-written ones are skipped, and said so) with the
@@ -42,6 +48,7 @@ with a one-line error naming the flag, file or row, before any training.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -169,6 +176,12 @@ def parse_args(argv=None):
     lora.add_argument(
         "--lora-target-modules", nargs="+", help=f"default: {' '.join(LORA_TARGET_MODULES)} (every projection)"
     )
+    lora.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="QLoRA: load --model's linear layers in 4-bit (bitsandbytes nf4, double quantization; compute dtype "
+        "bf16 / fp16 with --bf16 / --fp16, else fp32) and train --lora adapters on that frozen base",
+    )
 
     hub = parser.add_argument_group("sharing")
     hub.add_argument("--push-to-hub", action="store_true", help="upload the saved folder at the end")
@@ -185,6 +198,18 @@ def parse_args(argv=None):
 
     if args.learning_rate is None:
         args.learning_rate = 2e-3 if args.model is None else (1e-3 if args.lora else 1e-4)
+    if args.load_in_4bit:
+        if not args.lora:
+            parser.error("--load-in-4bit freezes a 4-bit base and trains LoRA adapters on it: add --lora")
+        if args.model is None:
+            parser.error("--load-in-4bit quantizes a checkpoint as it loads: give --model (a folder or Hub id)")
+        if args.fsdp:
+            parser.error("--load-in-4bit does not combine with --fsdp: train the 4-bit base on one GPU, or under DDP")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            parser.error(
+                '--load-in-4bit needs bitsandbytes, which is not installed: pip install bitsandbytes '
+                '(or pip install -e ".[qlora]" in this repository)'
+            )
     if args.fsdp and not torch.cuda.is_available():
         # Accelerate runs CPU processes as plain DDP (MULTI_CPU) and never applies FSDP there.
         parser.error("--fsdp needs CUDA devices; on CPU leave it out (the processes then run DDP over gloo)")
@@ -392,7 +417,34 @@ def load_tokenizer(args, raw):
     return tokenizer
 
 
-def load_model(args, tokenizer):
+def quantization_config(args):
+    """QLoRA's 4-bit base (--load-in-4bit): nf4 with double quantization, computing in the run's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
+    )
+
+
+def keep_4bit_layers_on_the_training_path(model) -> None:
+    """Evaluate the 4-bit layers the way training runs them (dequantize, then matmul in the compute dtype).
+
+    On a CPU with AVX512-BF16, bitsandbytes' Linear4bit switches to its own inference kernel in eval mode
+    without gradients: it repacks the weight in place on first use (after which training the same layer gives
+    wrong gradients), rounds the inputs to bf16, and fails unless out_features is a multiple of 32. The
+    evaluation before and during training would trigger it.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_model(args, tokenizer, device=None):
+    """The model to train: the demo model, or --model in fp32 (its linear layers in 4-bit on `device` with
+    --load-in-4bit; the rest fp32, the master weights of mixed precision)."""
     if args.model is None:
         config = hf_mamba.MambaConfig(
             vocab_size=len(tokenizer),
@@ -407,17 +459,24 @@ def load_model(args, tokenizer):
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if isinstance(getattr(config, "vocab_size", None), int):
         check_fits(tokenizer, config, args)  # before the weights load
+    kwargs = {"dtype": torch.float32}
+    if args.load_in_4bit:
+        # Quantized as the weights load, straight onto this process's device (each DDP process its own GPU): the
+        # Trainer never moves a quantized model.
+        kwargs.update(quantization_config=quantization_config(args), device_map={"": device})
     try:
         if config.model_type in ("mamba", "falcon_mamba"):
             # A Transformers-format Mamba or Falcon Mamba checkpoint (state-spaces/mamba-*-hf, tiiuae/falcon-mamba-*):
             # same weights and config fields, so hf_mamba loads it directly and saves an hf_mamba folder.
-            model = hf_mamba.MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+            model = hf_mamba.MambaForCausalLM.from_pretrained(args.model, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+                args.model, trust_remote_code=args.trust_remote_code, **kwargs
             )
     except ModelFolderError as error:  # hf_mamba's check of the folder (truncated weights, missing shard, ...)
         fail(f"--model {args.model}: {error}")
+    if args.load_in_4bit:
+        keep_4bit_layers_on_the_training_path(model)
     check_fits(tokenizer, model, args)
     return model
 
@@ -432,7 +491,13 @@ def check_fits(tokenizer, model_or_config, args) -> None:
 
 
 def wrap_lora(model, args):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if args.load_in_4bit:
+        # Freezes the base and upcasts what is not 4-bit to fp32. Activation checkpointing is the Trainer's
+        # (checkpointing_training_args: the installed release's names, use_reentrant=False); PEFT's own would call
+        # gradient_checkpointing_enable, which Transformers 5.25 deprecates, and leave use_reentrant unset.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     config = LoraConfig(
         task_type="CAUSAL_LM",
@@ -653,7 +718,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args, raw)
     check_tokenizer(tokenizer, raw, args)
     # Weights load in fp32: --bf16 / --fp16 are mixed precision (autocast) with fp32 master weights.
-    model = load_model(args, tokenizer)
+    model = load_model(args, tokenizer, device=training_args.device)
     data = tokenize(raw, tokenizer, args, training_args)
     base_config, num_parameters = model.config, model.num_parameters()
     if args.lora:
@@ -734,6 +799,9 @@ def main(argv=None):
             ),
             ("saved to", args.output_dir + (" (adapter)" if args.lora else "")),
         ]
+        if args.load_in_4bit:
+            dtype = str(quantization_config(args).bnb_4bit_compute_dtype).removeprefix("torch.")
+            rows.insert(1, ("base weights", f"4-bit nf4 (bitsandbytes), computing in {dtype}"))
         if resume is not None:
             rows.insert(1, ("resumed from", resume))
         if args.fsdp:

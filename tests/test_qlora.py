@@ -12,6 +12,7 @@ Tolerances, relative to the largest |logit| or |gradient|:
 """
 
 import importlib.util
+import math
 import re
 import warnings
 from pathlib import Path
@@ -24,10 +25,11 @@ peft = pytest.importorskip("peft")
 
 import transformers  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from transformers import BitsAndBytesConfig  # noqa: E402
 
 import hf_mamba  # noqa: E402
-from hf_mamba.compat import enable_activation_checkpointing  # noqa: E402
+from hf_mamba.compat import HAS_ACTIVATION_CHECKPOINTING, enable_activation_checkpointing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = 1e-6
@@ -106,7 +108,7 @@ def test_4bit_load_quantizes_the_projections_and_keeps_ssm_parameters_fp32(folde
     mixer = model.backbone.layers[0].mixer
     for name in QUANTIZED:
         assert isinstance(getattr(mixer, name), bnb.nn.Linear4bit), name
-    assert type(mixer.dt_proj) is hf_mamba.modeling_mamba.MambaDeltaProjection
+    assert type(mixer.dt_proj) is hf_mamba.block.MambaDeltaProjection
     for param in (mixer.A_log, mixer.D, mixer.dt_proj.bias, mixer.dt_proj.weight):
         assert param.dtype == torch.float32
     assert type(model.lm_head) is torch.nn.Linear
@@ -294,3 +296,120 @@ def test_documented_recipes_run_on_a_tiny_falcon_mamba(tmp_path, monkeypatch):
     assert (tmp_path / "outputs" / "falcon-mamba-7b-qlora" / "adapter" / "adapter_config.json").is_file()
     merged = hf_mamba.MambaForCausalLM.from_pretrained(tmp_path / "outputs" / "falcon-mamba-7b-merged")
     assert merged.config.mixer_rms_eps == 1e-6
+
+
+# scripts/train.py --load-in-4bit: QLoRA from the command line.
+SCRIPT_NF4 = BitsAndBytesConfig(  # what train.py builds for a run without --bf16 / --fp16
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+)
+# The adapter on the unquantized fp32 base, against the 4-bit model it was trained on: off by what nf4 does to the
+# base (16 levels per block of 64 weights), so compared with the bare fp32 base against the bare 4-bit one. On the
+# test's model both are 4.7e-2 of the largest |logit|; the trained adapter itself moves the logits by 0.27.
+NF4_BASE_RATIO = 1.25
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script_model(train_script, tmp_path_factory):
+    """A saved tiny hf_mamba model with its tokenizer. Its x_proj has 2 + 2 * 8 = 18 outputs, no multiple of 32:
+    bitsandbytes' CPU inference kernel would refuse it, so evaluating in train.py shows that kernel stays off."""
+    folder = tmp_path_factory.mktemp("script-model")
+    tokenizer = train_script.train_demo_tokenizer(list(train_script.DEMO_TEXT) * 4, vocab_size=300)
+    tokenizer.save_pretrained(folder)
+    config = hf_mamba.MambaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, state_size=8, num_hidden_layers=2, eos_token_id=0, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    hf_mamba.MambaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_train_script_qlora_trains_a_4bit_base_and_saves_an_adapter_for_either_base(
+    train_script, script_model, tmp_path, monkeypatch
+):
+    ran_in_training = set()  # the 4-bit layers that ran a forward with gradients in training mode
+    forward = bnb.nn.Linear4bit.forward
+
+    def recording_forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            ran_in_training.add(self)
+        return forward(self, x)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", recording_forward)
+    out = tmp_path / "qlora"
+    argv = [
+        "--model", str(script_model),
+        "--load-in-4bit", "--lora", "--lora-r", "4",
+        "--gradient-checkpointing",
+        "--learning-rate", "3e-2",  # so that 3 steps move the adapter well clear of the comparisons' tolerances
+        "--max-steps", "3",
+        "--block-size", "16",
+        "--per-device-train-batch-size", "2",
+        "--per-device-eval-batch-size", "4",
+        "--max-eval-samples", "4",
+        "--logging-steps", "1",
+        "--output-dir", str(out),
+        "--use-cpu",
+    ]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_script.main(argv)
+    assert [str(w.message) for w in caught] == []  # no FutureWarning for the checkpointing names, nor any other
+
+    trainer = result["trainer"]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.global_step == 3 and len(losses) == 3
+    assert all(math.isfinite(loss) for loss in [*losses, result["eval_loss_before"], result["eval_loss_after"]])
+    trained = trainer.model
+    assert isinstance(trained, PeftModel)
+    base = trained.get_base_model()
+    assert base.is_loaded_in_4bit
+    # --gradient-checkpointing reaches the 4-bit base (the Trainer's, by the installed release's names).
+    assert base.is_activation_checkpointing if HAS_ACTIVATION_CHECKPOINTING else base.is_gradient_checkpointing
+    quantized = {name for name, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized == {f"backbone.layers.{i}.mixer.{p}.base_layer" for i in range(2) for p in QUANTIZED}
+    assert {name for name, m in base.named_modules() if m in ran_in_training} == quantized
+    assert [n for n, p in trained.named_parameters() if p.requires_grad and "lora_" not in n] == []
+
+    # The adapter alone: LoRA weights, none of the 4-bit base.
+    assert not (out / "model.safetensors").exists()
+    with safe_open(out / "adapter_model.safetensors", "pt") as saved:
+        keys = list(saved.keys())
+    assert keys and all(".lora_A." in key or ".lora_B." in key for key in keys), keys
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)
+
+    ids = token_ids(2, 12)
+    fresh_4bit = hf_mamba.MambaForCausalLM.from_pretrained(script_model, quantization_config=SCRIPT_NF4)
+    dequantized = hf_mamba.MambaForCausalLM.from_pretrained(script_model)
+    with torch.no_grad():
+        for name, module in fresh_4bit.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                dequantized.get_submodule(name).weight.copy_(weight)
+    models = {
+        "trained": trained,
+        "on a fresh 4-bit base": PeftModel.from_pretrained(fresh_4bit, out),
+        "on the dequantized base": PeftModel.from_pretrained(dequantized, out),
+        "on the fp32 base": PeftModel.from_pretrained(hf_mamba.MambaForCausalLM.from_pretrained(script_model), out),
+        "bare 4-bit base": hf_mamba.MambaForCausalLM.from_pretrained(script_model, quantization_config=SCRIPT_NF4),
+        "bare fp32 base": hf_mamba.MambaForCausalLM.from_pretrained(script_model),
+    }
+    logits = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            # Training mode (dropout 0): bitsandbytes' fp32 dequantize-and-matmul on every 4-bit side, whatever the CPU.
+            model.train()
+            logits[name] = model(ids).logits
+    errors = {name: relative_error(logits[name], logits["trained"]) for name in list(models)[1:-1]}
+    nf4_error = relative_error(logits["bare fp32 base"], logits["bare 4-bit base"])
+    assert errors["on a fresh 4-bit base"] <= EXACT, errors
+    assert errors["on the dequantized base"] <= EXACT, errors
+    assert errors["on the fp32 base"] <= NF4_BASE_RATIO * nf4_error, (errors, nf4_error)
+    assert errors["bare 4-bit base"] > 3 * nf4_error, (errors, nf4_error)  # the adapter weighs in each comparison
