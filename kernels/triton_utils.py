@@ -21,13 +21,29 @@ def approx(x, op: tl.constexpr):
 
 
 @triton.jit
+def log1p_series(e):
+    # log(1 + e) for 0 <= e <= 1/8 by its Taylor series to e^7: the first term left out, e^8 / 8, is below
+    # 6e-8 of the value there. For FAST_MATH's softplus, whose lg2.approx is accurate to 2^-22 absolute
+    # only, too coarse near log(1) = 0.
+    return e * (1.0 + e * (-0.5 + e * (1.0 / 3.0 + e * (-0.25 + e * (0.2 + e * (-1.0 / 6.0 + e * (1.0 / 7.0)))))))
+
+
+@triton.jit
 def softplus(x, FAST_MATH: tl.constexpr):
-    # log(1 + e^x), linear above 20 like torch. FAST_MATH: as ln 2 lg2(1 + ex2(x log2 e)), three
-    # instructions.
+    # log(1 + e^x), linear above 20 like torch. log(u), u = 1 + e, loses e's digits where 1 + e rounds
+    # (all of them below x = -17); torch's log1p keeps them, and so does adding back what the rounding
+    # dropped, e - (u - 1) (exact for e <= 1; beyond, small beside log(u) >= log 2), divided by u:
+    # log(1 + e) = log(u) + log(1 + (e - (u - 1)) / u), whose second log is its argument to fp32 precision.
+    # FAST_MATH: ex2 and lg2 instructions, and below e = 1/8 (x < -2.08) the series, as lg2.approx is
+    # accurate to 2^-22 absolute only. The exponent is capped at 20, so that no inf reaches the unused branch.
     if FAST_MATH:
-        y = approx(1.0 + approx(x * 1.4426950408889634, "ex2"), "lg2") * 0.6931471805599453
-        return tl.where(x <= 20.0, y, x)
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+        e = approx(tl.minimum(x, 20.0) * 1.4426950408889634, "ex2")
+        y = tl.where(e < 0.125, log1p_series(e), approx(1.0 + e, "lg2") * 0.6931471805599453)
+    else:
+        e = tl.exp(tl.minimum(x, 20.0))
+        u = 1.0 + e
+        y = tl.log(u) + (e - (u - 1.0)) / u
+    return tl.where(x <= 20.0, y, x)
 
 
 @triton.jit
@@ -95,6 +111,7 @@ __all__ = [
     "approx",
     "lane_id",
     "linear_combine",
+    "log1p_series",
     "log2_rate",
     "shfl",
     "shfl_xor_code",

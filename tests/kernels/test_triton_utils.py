@@ -11,6 +11,7 @@ from hf_mamba.kernels.triton_utils import (
     add_pair,
     lane_id,
     linear_combine,
+    log1p_series,
     log2_rate,
     shfl,
     shfl_xor_code,
@@ -35,6 +36,8 @@ def _elementwise_kernel(p_x, p_out, n, OP: tl.constexpr, FAST_MATH: tl.constexpr
         y = sigmoid(x, FAST_MATH)
     elif OP == "silu":
         y = silu(x, FAST_MATH)
+    elif OP == "log1p_series":
+        y = log1p_series(x)
     elif OP == "log2_rate":
         y = log2_rate(x, False)
     else:
@@ -62,6 +65,28 @@ def test_elementwise_helpers(op, expected, fast_math):
     _elementwise_kernel[(1,)](x, out, x.numel(), OP=op, FAST_MATH=fast_math, BLOCK=128)
     tol = 2e-6 if not fast_math else 5e-6  # ex2 / lg2 / rcp.approx: 2^-22 relative
     torch.testing.assert_close(out, expected(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fast_math", FAST_MATH)
+def test_softplus_relative_error_over_the_whole_range(fast_math):
+    """Relative to fp64 softplus, over [-100, 30]: below x = -17 where 1 + e^x rounds to 1 and log(1 + e^x)
+    would be 0, around the series' switch at x = ln(1/8), and at the linear switch at 20. Outputs below
+    fp32's smallest normal number (x < -87.3) to an absolute 2^-126 (ftz flushes them to 0)."""
+    x = torch.cat([torch.linspace(-100, 30, 1301), torch.tensor([-2.0795, -2.0794, 19.99, 20.0, 20.01, 89.0, 1e4])])
+    x = torch.cat([x, torch.tensor([float("-inf"), float("inf")])]).to(DEVICE)
+    out = torch.empty_like(x)
+    _elementwise_kernel[(1,)](x, out, x.numel(), OP="softplus", FAST_MATH=fast_math, BLOCK=2048)
+    # ex2.approx of x log2(e), that product rounded: 2^-18 relative at x = -87
+    tol = 1e-6 if not fast_math else 5e-6
+    torch.testing.assert_close(out.double(), F.softplus(x.double()), rtol=tol, atol=2.0**-126)
+
+
+def test_log1p_series():
+    """FAST_MATH softplus's series below e = 1/8, against fp64 log1p (run under the interpreter on CPU)."""
+    e = torch.cat([torch.logspace(-30, -0.9031, 200), torch.tensor([0.0, 0.125])]).to(DEVICE)
+    out = torch.empty_like(e)
+    _elementwise_kernel[(1,)](e, out, e.numel(), OP="log1p_series", FAST_MATH=False, BLOCK=256)
+    torch.testing.assert_close(out.double(), torch.log1p(e.double()), rtol=3e-7, atol=0)
 
 
 @triton.jit
