@@ -31,8 +31,8 @@ def causal_conv1d(
     if x.dim() != 3:
         raise ValueError(f"x must have shape (batch, d_inner, seqlen), got {tuple(x.shape)}")
     batch, d_inner, seqlen = x.shape
-    if weight.dim() != 2 or weight.shape[0] != d_inner:
-        raise ValueError(f"weight must have shape (d_inner={d_inner}, d_conv), got {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != d_inner or weight.shape[1] == 0:
+        raise ValueError(f"weight must have shape (d_inner={d_inner}, d_conv >= 1), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (d_inner,):
         raise ValueError(f"bias must have shape ({d_inner},), got {tuple(bias.shape)}")
     state_shape = (batch, d_inner, weight.shape[1] - 1)
@@ -41,6 +41,11 @@ def causal_conv1d(
     if seq_idx is not None and tuple(seq_idx.shape) != (batch, seqlen):
         raise ValueError(f"seq_idx must have shape {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
     name = _conv_backend(backend, x.device, initial_state)
+    if x.numel() == 0:
+        # No output to compute: the tap-by-tap form gives the empty output as a function of x, weight and bias
+        # (F.conv1d rejects an input shorter than the kernel, or no channels; the kernel needs a tile).
+        no_documents = torch.zeros(batch, seqlen, dtype=torch.long, device=x.device)
+        return _causal_conv1d_packed(x, weight, bias, activation, no_documents)
     if name == "triton":
         from .triton_conv import causal_conv1d_triton
 
@@ -100,8 +105,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, back
     check_tensors(x=x, conv_state=conv_state, weight=weight, bias=bias)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (batch, d_inner), got {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"weight must have shape (d_inner={x.shape[1]}, d_conv), got {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[1] or weight.shape[1] == 0:
+        raise ValueError(f"weight must have shape (d_inner={x.shape[1]}, d_conv >= 1), got {tuple(weight.shape)}")
     expected = (*x.shape, weight.shape[1])
     if tuple(conv_state.shape) != expected:
         raise ValueError(f"conv_state must have shape {expected}, got {tuple(conv_state.shape)}")

@@ -53,7 +53,7 @@ def rms_norm(x, weight, eps, dtype, backend=None):
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if needs_grad and not torch.compiler.is_compiling():
         triton_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-        if backend == "triton" and x.dtype == torch.float32 and dtype in triton_dtypes:
+        if backend == "triton" and x.dtype == torch.float32 and dtype in triton_dtypes and x.shape[-1] > 0:
             from .triton_rms_norm import rms_norm_train_triton
 
             return rms_norm_train_triton(x, weight, eps, dtype)
@@ -83,7 +83,9 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     from ..selective_scan import resolve_backend
 
     tensors = (residual, delta, weight)
-    if resolve_backend(backend, residual.device) == "triton" and torch.float64 not in {t.dtype for t in tensors}:
+    # Rows of no elements (hidden_size 0) go to the PyTorch ops: the kernel's rows need a column.
+    triton = resolve_backend(backend, residual.device) == "triton" and residual.shape[-1] > 0
+    if triton and torch.float64 not in {t.dtype for t in tensors}:
         from .triton_rms_norm import add_rms_norm_train_triton, add_rms_norm_triton
 
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

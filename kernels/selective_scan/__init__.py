@@ -113,9 +113,10 @@ def selective_scan(
     name = resolve_backend(backend, u.device)
     if name == "reference":
         return selective_scan_ref(*args, seq_idx=seq_idx)
-    # An empty sequence has nothing to scan: the PyTorch path returns it, and its gradients, without
-    # launching kernels (the Triton forward would read the tile before the first one).
-    if name == "torch" or u.shape[2] == 0:
+    # An empty sequence, batch, channel or state has nothing to scan: the PyTorch path returns the empty (or
+    # skip-only, without a state) outputs and their gradients without launching kernels, whose tiles assume
+    # at least one element along each dimension.
+    if name == "torch" or u.numel() == 0 or A.shape[1] == 0:
         return selective_scan_torch(*args, seq_idx=seq_idx)
     from .triton_scan import selective_scan_triton
 
@@ -156,8 +157,9 @@ def selective_state_update(
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
     args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    # One step is already fully vectorised in PyTorch: "torch" and "reference" share the code.
-    if resolve_backend(backend, x.device) in ("reference", "torch"):
+    # One step is already fully vectorised in PyTorch: "torch" and "reference" share the code. It also
+    # takes the empty cases (no state: y is the skip alone), which the kernel's tiles do not.
+    if resolve_backend(backend, x.device) in ("reference", "torch") or x.numel() == 0 or d_state == 0:
         return selective_state_update_ref(*args)
     from .triton_state_update import selective_state_update_triton
 

@@ -109,14 +109,14 @@ def selective_scan_torch(
     u_w = fp32_or_wider(u)
     delta = effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
     h = fp32_or_wider(initial_state) if initial_state is not None else u_w.new_zeros(batch, d_inner, d_state)
-    if seqlen == 0:
-        out = u.new_zeros(batch, d_inner, 0)
+    if seqlen == 0:  # through finish_output, so that the empty y is still a function of u, D and z
+        out = finish_output(u_w.new_zeros(batch, d_inner, 0), u, D, z, u.dtype)
         return (out, h) if return_final_state else out
 
     keep = None
     if seq_idx is not None:  # 0 where the document id changes: the state restarts from zero there
         keep = F.pad((seq_idx[:, 1:] == seq_idx[:, :-1]).to(u_w.dtype), (1, 0), value=1.0)  # (batch, seqlen)
-    per_step = batch * d_inner * d_state
+    per_step = max(batch * d_inner * d_state, 1)  # 0 where a dimension is empty: nothing to size blocks by
     if chunk_size is None and per_step < SMALL_STEP_ELEMENTS and seqlen >= MIN_CHUNKED_SEQLEN:
         chunk_size = math.isqrt(seqlen)
     if chunk_size is not None and chunk_size < seqlen:

@@ -47,7 +47,7 @@ CASES = [
     pytest.param(lambda: causal_conv1d(torch.randn(D_INNER, SEQLEN), torch.randn(D_INNER, D_CONV)),
                  r"x must have shape \(batch, d_inner, seqlen\)", id="conv-2d-x"),
     pytest.param(lambda: causal_conv1d(torch.randn(BATCH, D_INNER, SEQLEN), torch.randn(D_INNER + 1, D_CONV)),
-                 r"weight must have shape \(d_inner=8, d_conv\)", id="conv-weight"),
+                 r"weight must have shape \(d_inner=8, d_conv >= 1\)", id="conv-weight"),
     pytest.param(lambda: causal_conv1d(torch.randn(BATCH, D_INNER, SEQLEN), torch.randn(D_INNER, D_CONV),
                                        initial_state=torch.zeros(BATCH, D_INNER, D_CONV)),
                  r"initial_state must have shape \(2, 8, 3\)", id="conv-initial-state"),
