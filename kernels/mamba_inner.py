@@ -24,9 +24,18 @@ dt_proj), B and C, as the modules compute them; the backward recomputes them fro
 passes the gradients through them exactly (mamba_ssm's fused function normalises Δ after dt_proj instead and
 passes no gradient through its norms).
 
+Padding (attention_mask, 0 at padding) as the modules compute it: x * mask before the conv, the conv
+output * mask, and Δ = 0 at padding, so that Ā = 1 and B̄x = 0 carry the state through padded steps
+unchanged (left or right padding, holes). The conv kernels read the mask (no elementwise passes), and Δ
+gets -inf before its softplus at padding: softplus(-inf) = 0 exactly and its derivative sigmoid(-inf)
+= 0, so the scan kernels run unchanged. That -inf is one in-place add of a per-step vector (0 or -inf)
+to Δ in the forward, and the bias of the matmul that recomputes Δ in the backward. z is not masked;
+at padding y = 0 anyway (C = 0 and u = 0 there), so the output there is out_proj's bias, as the
+modules give. Combined with seq_idx (packed documents, padded rows) both apply, as in the modules.
+
 The model uses this only where it computes exactly what the modules would: plain Linear/Conv1d
-modules without hooks (so LoRA and other wrappers take the module path), no cache, no padding mask,
-not under torch.compile.
+modules without hooks (so LoRA and other wrappers take the module path), no cache, not under
+torch.compile.
 """
 
 import torch
@@ -40,7 +49,7 @@ from .selective_scan.reference import fp32_or_wider
 # The inputs of `_MambaInner`, in order: its backward returns their gradients by these names.
 _INPUTS = (
     "x_in", "in_proj_weight", "in_proj_bias", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight",
-    "dt_proj_bias", "A_log", "D", "out_proj_weight", "out_proj_bias", "seq_idx", "mixer_rms_eps",
+    "dt_proj_bias", "A_log", "D", "out_proj_weight", "out_proj_bias", "seq_idx", "attention_mask", "mixer_rms_eps",
 )
 # The calls (`_call_key`) whose kernels have been compiled ahead. A new shape gets a dry pass too; where
 # its kernels are built already, that costs the host and GPU work of one layer's step, nothing compiles.
@@ -109,6 +118,15 @@ def _as(grad, dtype):
     return grad.to(dtype) if grad is not None else None
 
 
+def _padding_bias(attention_mask, dtype):
+    """Per step (batch * seqlen,): 0 at tokens, -inf at padding (attention_mask 0), in dtype; None
+    without a mask. Added to Δ before its softplus, it makes Δ exactly 0 at padding."""
+    if attention_mask is None:
+        return None
+    pad = attention_mask.reshape(-1) == 0
+    return torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill_(pad, float("-inf"))
+
+
 def _compute_dtype(xz):
     """The matmul dtype: autocast's when it is on for xz's device (as nn.Linear would run), else xz's."""
     device_type = xz.device.type
@@ -121,7 +139,7 @@ class _MambaInner(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x_in, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-        dt_proj_bias, A_log, D, out_proj_weight, out_proj_bias, seq_idx, mixer_rms_eps,
+        dt_proj_bias, A_log, D, out_proj_weight, out_proj_bias, seq_idx, attention_mask, mixer_rms_eps,
     ):
         # x_in: in_proj's input (batch, seqlen, hidden) where in_proj_weight is given, else its output xz.
         from .causal_conv1d.triton_conv import conv_fwd
@@ -147,12 +165,17 @@ class _MambaInner(torch.autograd.Function):
                 xz = x_in
             x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)  # (batch, d_inner, seqlen)
             conv_w = conv_weight.reshape(d_inner, -1)
-            u = conv_fwd(x, conv_w, conv_bias, seq_idx, True, True)  # channels-last, for x_proj
+            # channels-last, for x_proj; zero at padding, where x counts as zero too
+            u = conv_fwd(x, conv_w, conv_bias, seq_idx, True, True, pad_mask=attention_mask)
             x_dbl = F.linear(u.transpose(1, 2), w_x)  # (batch, seqlen, dt_rank + 2 d_state)
             dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
             if mixer_rms_eps is not None:  # Falcon Mamba
                 dt, B, C = _rms_normed(x_dbl, (dt_rank, d_state, d_state), mixer_rms_eps)
-            delta = F.linear(dt, w_dt).transpose(1, 2)  # bias: in the scan, fp32
+            delta = F.linear(dt, w_dt)  # (batch, seqlen, d_inner); bias: in the scan, fp32
+            pad_bias = _padding_bias(attention_mask, dtype)
+            if pad_bias is not None:
+                delta += pad_bias.view(*delta.shape[:2], 1)  # -inf at padding: Δ = softplus(-inf) = 0
+            delta = delta.transpose(1, 2)  # (batch, d_inner, seqlen)
             A_log_f = fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
             y, _, chunk_states = scan_fwd(
                 u, delta, A_log_f, B.transpose(1, 2), C.transpose(1, 2), fp32_or_wider(D), z,
@@ -166,7 +189,7 @@ class _MambaInner(torch.autograd.Function):
         hidden = x_in if w_in is not None else None  # for in_proj's weight gradient
         ctx.save_for_backward(
             xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log_f, D, w_out, chunk_states, seq_idx,
-            hidden, w_in,
+            hidden, w_in, attention_mask, pad_bias,
         )
         return out
 
@@ -176,7 +199,7 @@ class _MambaInner(torch.autograd.Function):
         from .selective_scan.triton_scan import scan_bwd
 
         (xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx,
-         hidden, w_in) = ctx.saved_tensors
+         hidden, w_in, attention_mask, pad_bias) = ctx.saved_tensors
         x_proj_dtype, dt_proj_dtype, out_proj_dtype, A_log_dtype = ctx.weight_dtypes
         dtype = xz.dtype
         batch, seqlen = xz.shape[:2]
@@ -191,7 +214,7 @@ class _MambaInner(torch.autograd.Function):
             # layout the scan backward reads) and (d_inner, rows) matrices, so that every weight
             # gradient below is one matmul over all rows (`_rows`) instead of a batched one and a sum.
             u = _by_channel(xz.new_empty(d_inner, rows), batch)
-            conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=u)
+            conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=u, pad_mask=attention_mask)
             sizes = (dt_rank, d_state, d_state)
             # x_proj's outputs as the scan read them: Falcon Mamba's norms recomputed (small: rows x sum(sizes)).
             dt, B, C = (
@@ -200,7 +223,9 @@ class _MambaInner(torch.autograd.Function):
                 else x_dbl.view(rows, -1).split(sizes, -1)
             )
             B, C = B.view(batch, seqlen, d_state), C.view(batch, seqlen, d_state)
-            delta = _by_channel(torch.mm(w_dt, dt.t()), batch)
+            # Δ as the forward had it, -inf at padding (the matmul's bias: no pass of its own)
+            delta = torch.mm(w_dt, dt.t()) if pad_bias is None else torch.addmm(pad_bias, w_dt, dt.t())
+            delta = _by_channel(delta, batch)
             dy = _by_channel(torch.mm(w_out.t(), dout.t()), batch)
             y = torch.empty_like(u)  # the forward's output, recomputed by the scan backward
             # x_proj's output gradient [dΔ_low-rank | dB | dC]; the scan backward writes dB, dC into it.
@@ -229,7 +254,8 @@ class _MambaInner(torch.autograd.Function):
             du = _rows(scan.du)
             du.addmm_(w_x.t(), dx_dbl.t())  # + x_proj's input gradient
             _, dconv_w, dconv_b = conv_bwd(
-                x, conv_w, conv_bias, seq_idx, True, _by_channel(du, batch), dx=dxz[..., :d_inner].transpose(1, 2)
+                x, conv_w, conv_bias, seq_idx, True, _by_channel(du, batch), dx=dxz[..., :d_inner].transpose(1, 2),
+                pad_mask=attention_mask,
             )
         grads = dict(
             x_in=dxz,  # in_proj's output gradient where in_proj runs outside
@@ -248,14 +274,14 @@ class _MambaInner(torch.autograd.Function):
                 ctx, needs, dxz.view(rows, -1), hidden.reshape(rows, -1), w_in
             )
             grads["x_in"] = dhidden.view(hidden.shape) if dhidden is not None else None
-        # seq_idx (integer document ids), mixer_rms_eps (a number) and, without in_proj inside, its weight and
-        # bias get none.
+        # seq_idx (integer document ids), attention_mask (which steps are padding), mixer_rms_eps (a number)
+        # and, without in_proj inside, its weight and bias get none.
         return tuple(grads.get(name) for name in _INPUTS)
 
 
 def mamba_inner_triton(
     xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, out_proj_weight,
-    out_proj_bias=None, seq_idx=None, in_proj_weight=None, in_proj_bias=None, mixer_rms_eps=None,
+    out_proj_bias=None, seq_idx=None, in_proj_weight=None, in_proj_bias=None, mixer_rms_eps=None, attention_mask=None,
 ):
     """The mixer from in_proj's output xz (batch, seqlen, 2 * d_inner) to out_proj's (batch, seqlen, hidden);
     with in_proj_weight (2 d_inner, hidden) (and optionally in_proj_bias), xz is in_proj's input
@@ -265,7 +291,10 @@ def mamba_inner_triton(
     (dt_rank + 2 d_state, d_inner), dt_proj_weight (d_inner, dt_rank), dt_proj_bias and D (d_inner,),
     A_log (d_inner, d_state), out_proj_weight (hidden, d_inner). SiLU activation, softplus on Δ + bias.
     Under autocast the matmuls run in autocast's dtype, as the modules would. mixer_rms_eps: Falcon Mamba's
-    weight-free RMS norms on the time step, B and C (None: plain Mamba).
+    weight-free RMS norms on the time step, B and C (None: plain Mamba). attention_mask: (batch, seqlen), 0 at
+    padding (any other value: a token; bool, integer or float), computed as the model's modules do (x and the
+    conv output zero there, Δ = 0 so the state passes padded steps unchanged); no gradient. seq_idx:
+    (batch, seqlen) document ids of packed sequences (state and conv restart at each); no gradient.
     """
     d_inner = conv_weight.shape[0]
     if in_proj_weight is not None:
@@ -279,9 +308,16 @@ def mamba_inner_triton(
         raise ValueError(f"xz must have shape (batch, seqlen, 2 * d_inner={2 * d_inner}), got {tuple(xz.shape)}")
     if xz.shape[1] == 0:  # as the model: the kernels need a step to read
         raise ValueError(f"xz has no time steps (shape {tuple(xz.shape)}); pass at least one")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(xz.shape[:2]):
+            raise ValueError(f"attention_mask must have shape (batch, seqlen) = {tuple(xz.shape[:2])}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if attention_mask.is_complex() or attention_mask.device != xz.device:
+            raise ValueError(f"attention_mask must be a bool, integer or float tensor on {xz.device}, got "
+                             f"{attention_mask.dtype} on {attention_mask.device}")
     inputs = (
         xz, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-        A_log, D, out_proj_weight, out_proj_bias, seq_idx, mixer_rms_eps,
+        A_log, D, out_proj_weight, out_proj_bias, seq_idx, attention_mask, mixer_rms_eps,
     )
     _compile_first_call(inputs)
     return _MambaInner.apply(*inputs)
