@@ -43,6 +43,7 @@ if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
         selective_state_update,
         selective_state_update_ref,
     )
+    from .selective_scan.reference import fp32_or_wider
 
 __all__ = [
     "BACKENDS",
@@ -50,6 +51,7 @@ __all__ = [
     "add_rms_norm_ref",
     "causal_conv1d",
     "causal_conv1d_update",
+    "fp32_or_wider",
     "mamba_inner_triton",
     "resolve_backend",
     "rms_norm",

@@ -195,16 +195,16 @@ def test_model_exports_through_the_kernels(strict, monkeypatch):
 def fused_calls(monkeypatch):
     """Record the model's calls of the fused mixer (`mamba_inner_triton`), letting them run: per call,
     whether in_proj ran inside it."""
-    from hf_mamba import modeling_mamba
+    from hf_mamba import block
 
     calls = []
-    real = modeling_mamba.mamba_inner_triton
+    real = block.mamba_inner_triton
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("in_proj_weight") is not None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(modeling_mamba, "mamba_inner_triton", spy)
+    monkeypatch.setattr(block, "mamba_inner_triton", spy)
     return calls
 
 

@@ -109,13 +109,13 @@ def test_torch_path_matches_reference_logits_and_gradients(tiny_kwargs, seqlen, 
 def test_config_scan_backend_is_used(tiny_kwargs, monkeypatch):
     monkeypatch.delenv("HF_MAMBA_BACKEND", raising=False)
     calls = []
-    original = hf_mamba.modeling_mamba.selective_scan
+    original = hf_mamba.block.selective_scan
 
     def spy(*args, backend=None, **kwargs):
         calls.append(backend)
         return original(*args, backend=backend, **kwargs)
 
-    monkeypatch.setattr(hf_mamba.modeling_mamba, "selective_scan", spy)
+    monkeypatch.setattr(hf_mamba.block, "selective_scan", spy)
     model = MambaForCausalLM(MambaConfig(scan_backend="reference", **tiny_kwargs))
     model(torch.randint(0, 97, (1, 5)))
     monkeypatch.setenv("HF_MAMBA_BACKEND", "torch")

@@ -14,6 +14,8 @@ Tolerances, relative to the largest |logit| or |gradient|:
 import importlib.util
 import math
 import re
+import shlex
+import sys
 import warnings
 from pathlib import Path
 
@@ -413,3 +415,45 @@ def test_train_script_qlora_trains_a_4bit_base_and_saves_an_adapter_for_either_b
     assert errors["on the dequantized base"] <= EXACT, errors
     assert errors["on the fp32 base"] <= NF4_BASE_RATIO * nf4_error, (errors, nf4_error)
     assert errors["bare 4-bit base"] > 3 * nf4_error, (errors, nf4_error)  # the adapter weighs in each comparison
+
+
+@pytest.mark.parametrize(
+    "flags, installed, message",
+    [
+        pytest.param(["MODEL", "--load-in-4bit"], True,
+                     "--load-in-4bit freezes a 4-bit base and trains LoRA adapters on it: add --lora", id="no-lora"),
+        pytest.param(["--load-in-4bit", "--lora"], True,
+                     "--load-in-4bit quantizes a checkpoint as it loads: give --model", id="no-model"),
+        pytest.param(["MODEL", "--load-in-4bit", "--lora", "--fsdp"], True,
+                     "--load-in-4bit does not combine with --fsdp", id="fsdp"),
+        pytest.param(["MODEL", "--load-in-4bit", "--lora"], False,
+                     "--load-in-4bit needs bitsandbytes, which is not installed: pip install bitsandbytes",
+                     id="no-bitsandbytes"),
+    ],
+)  # fmt: skip
+def test_train_script_load_in_4bit_refuses_what_it_cannot_run(
+    train_script, script_model, flags, installed, message, monkeypatch, capsys
+):
+    if not installed:
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # importlib then finds no bitsandbytes
+    argv = [arg for flag in flags for arg in (["--model", str(script_model)] if flag == "MODEL" else [flag])]
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_documented_train_commands_parse_as_on_a_bf16_gpu(train_script, monkeypatch):
+    """docs/large_models.md's scripts/train.py commands (Hub model and data, a GPU): train.py accepts their flags."""
+    commands = [
+        argv
+        for body in re.findall(r"^```bash\n(.*?)^```", DOC.read_text(), re.M | re.S)
+        for line in body.replace("\\\n", " ").splitlines()
+        if (argv := shlex.split(line, comments=True))[1:2] == ["scripts/train.py"]
+    ]
+    assert len(commands) == 1, commands
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_script, "is_torch_bf16_gpu_available", lambda: True)
+    args = train_script.parse_args(commands[0][2:])
+    assert args.load_in_4bit and args.lora and args.bf16 and args.gradient_checkpointing
+    assert train_script.quantization_config(args).bnb_4bit_compute_dtype == torch.bfloat16

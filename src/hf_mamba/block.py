@@ -1,0 +1,303 @@
+"""The Mamba block: RMSNorm -> MambaMixer (the selective SSM), with a residual around it.
+
+MambaMixer: in_proj -> causal depthwise conv -> SiLU -> selective SSM (input-dependent Δ, B, C; ZOH;
+A = -exp(A_log); D skip) -> gate by SiLU(z) -> out_proj. Parameter names and shapes are those of
+Transformers' built-in Mamba. The kernels it calls live in `hf_mamba.kernels`; which of them run is the
+FastPath the model decides once per forward (`fast_path.py`).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .cache import MambaCache
+from .configuration_mamba import MambaConfig
+from .fast_path import FastPath, decide_fast_path, unhooked
+from .kernels import (
+    causal_conv1d,
+    causal_conv1d_update,
+    fp32_or_wider,
+    mamba_inner_triton,
+    rms_norm,
+    selective_scan,
+    selective_state_update,
+    weightless_rms_norm,
+)
+
+
+def _linear_input(linear, x):
+    """x as a projection should read it: the channels-last view itself for a plain nn.Linear, or an adapter over
+    one (its matmul reads strides), a contiguous copy for anything else (bitsandbytes' CPU 4-bit kernel reads a
+    strided input wrong)."""
+    return x if type(getattr(linear, "base_layer", linear)) is nn.Linear else x.contiguous()
+
+
+class MambaRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states, path: FastPath | None = None):
+        # Normalise in fp32, cast back, then scale: Transformers' Mamba order. In training the Triton norm takes
+        # two launches where the ops take about a dozen.
+        backend = "triton" if path is not None and path.training_kernels else "torch"
+        hidden_fp32 = fp32_or_wider(hidden_states)
+        return rms_norm(hidden_fp32, self.weight, self.variance_epsilon, hidden_states.dtype, backend)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+
+
+class MambaDeltaProjection(nn.Linear):
+    """dt_proj: a Linear whose forward returns W x *without* its bias.
+
+    The bias is added in fp32 inside the scan, fused with the softplus, so Δ keeps full precision
+    under bf16/fp16; calling the module (rather than reading its weight) keeps LoRA and other
+    wrappers of dt_proj in the computation.
+    """
+
+    def __init__(self, in_features, out_features, device=None):
+        super().__init__(in_features, out_features, bias=True, device=device)
+        # fp32 whatever the default dtype the model is built under (see MambaMixer's SSM parameters).
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device))
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class MambaMixer(nn.Module):
+    """in_proj -> causal depthwise conv -> SiLU -> selective SSM (input-dependent Δ, B, C) -> gate -> out_proj."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.d_inner = config.intermediate_size
+        self.d_state = config.state_size
+        self.d_conv = config.conv_kernel
+        self.dt_rank = int(config.time_step_rank)
+        # Falcon Mamba: weight-free RMS norms on the time step (before dt_proj), B and C; None for Mamba.
+        self.mixer_rms_eps = config.mixer_rms_eps
+        self.activation = config.hidden_act
+        self.act = ACT2FN[config.hidden_act]
+        # SiLU is fused into the conv and the scan's gate; other activations run here.
+        self.fused_silu = config.hidden_act in ("silu", "swish")
+
+        self.in_proj = nn.Linear(config.hidden_size, 2 * self.d_inner, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=self.d_conv,
+            groups=self.d_inner,
+            padding=self.d_conv - 1,
+            bias=config.use_conv_bias,
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = MambaDeltaProjection(self.dt_rank, self.d_inner)
+        # S4D-real: A = -exp(A_log) with A_n = -(n + 1); stored as a log so A stays negative. A, D and the Δ bias
+        # set the decay rates of the state: fp32 however the model is built (from_config(dtype=float16) builds
+        # under that default dtype; from_pretrained keeps them fp32 by _keep_in_fp32_modules_strict).
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, dtype=torch.float32))
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
+
+    def _conv(self, x, cache_params, continuing, seq_idx=None, backend=None):
+        """Causal conv over a whole chunk, continuing from (and refreshing) the cached conv state."""
+        weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+        activation = "silu" if self.fused_silu else None
+        # Copy: the cached window is overwritten in place just below.
+        previous = cache_params.conv_states[self.layer_idx].clone() if continuing else None
+        if cache_params is not None:
+            if previous is None:
+                window = F.pad(x, (self.d_conv, 0))  # (batch, d_inner, d_conv + seqlen)
+            else:
+                window = torch.cat([previous.to(x.dtype), x], dim=-1)
+            cache_params.update_conv_state(window[:, :, -self.d_conv :], self.layer_idx)
+        initial = previous[:, :, 1:] if previous is not None else None  # (batch, d_inner, d_conv - 1)
+        out = causal_conv1d(
+            x,
+            weight,
+            self.conv1d.bias,
+            activation=activation,
+            initial_state=initial,
+            seq_idx=seq_idx,
+            backend=backend if initial is None else "torch",  # the Triton conv starts from zeros only
+            channels_last_out=True,  # x_proj reads it as (batch, seqlen, d_inner) without a copy
+        )
+        return out if self.fused_silu else self.act(out)
+
+    def _ssm_params(self, x):
+        """Δ (before bias), B, C from the conv output x (batch, d_inner, seqlen)."""
+        x_dbl = self.x_proj(_linear_input(self.x_proj, x.transpose(1, 2)))  # (batch, seqlen, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.mixer_rms_eps is not None:  # Falcon Mamba, in the order of Transformers' FalconMambaMixer
+            dt, B, C = (weightless_rms_norm(t, self.mixer_rms_eps) for t in (dt, B, C))
+        # Channels-last views, no copies: the CPU scan and the Triton forward read them as they are (the
+        # Triton backward copies what it needs along time into temporaries).
+        dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
+        return dt, B.transpose(1, 2), C.transpose(1, 2)  # B, C: (batch, d_state, seqlen)
+
+    def forward(
+        self,
+        hidden_states,
+        cache_params: MambaCache | None = None,
+        attention_mask=None,
+        seq_idx=None,
+        path: FastPath | None = None,
+    ):
+        """seq_idx: optional (batch, seqlen) document ids of packed sequences; state and conv restart at each.
+        path: the model's FastPath for this forward (decided here when the mixer is called on its own)."""
+        batch, seqlen, _ = hidden_states.shape
+        path = path or decide_fast_path(self.config, hidden_states.device)
+        backend = path.backend
+        continuing = cache_params is not None and cache_params.seqlen_offset > 0
+        if continuing and seq_idx is not None:
+            raise ValueError("Packed sequences (seq_idx / restarting position_ids) cannot continue from a cache")
+        if continuing and seqlen == 1:
+            return self._step(hidden_states, cache_params, self._A(), backend)
+
+        if self._fused_inner_ok(path, cache_params, attention_mask):
+            weights = (
+                self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias, seq_idx,
+            )
+            if self._plain_in_proj():  # in_proj inside too
+                return mamba_inner_triton(
+                    hidden_states, *weights, in_proj_weight=self.in_proj.weight, in_proj_bias=self.in_proj.bias,
+                    mixer_rms_eps=self.mixer_rms_eps,
+                )
+            # e.g. LoRA on in_proj
+            return mamba_inner_triton(self.in_proj(hidden_states), *weights, mixer_rms_eps=self.mixer_rms_eps)
+        # 1. Gated MLP's linear projection: x for the SSM branch, z for the gate
+        xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
+        A = self._A()
+        # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
+        x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))  # (batch, d_inner, seqlen) each
+        mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
+        if mask is not None:
+            x = x * mask  # padded inputs never reach the conv window
+        # 2. Causal depthwise convolution (+ SiLU), continuing the cached window
+        x = self._conv(x, cache_params, continuing, seq_idx, backend)
+        if mask is not None:
+            x = x * mask
+        # 3. Selective SSM: input-dependent Δ, B, C, then the scan (D skip and SiLU(z) gate inside)
+        dt, B, C = self._ssm_params(x)
+
+        dt_bias = fp32_or_wider(self.dt_proj.bias)
+        if mask is not None:
+            # Δ = 0 at padding: Ā = 1 and B̄x = 0, so the state passes through padded positions unchanged.
+            dt = F.softplus(fp32_or_wider(dt) + dt_bias[:, None]) * mask
+            dt_bias, softplus = None, False
+        else:
+            softplus = True
+        scan = selective_scan(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            D=fp32_or_wider(self.D),
+            z=z if self.fused_silu else None,
+            delta_bias=dt_bias,
+            delta_softplus=softplus,
+            initial_state=cache_params.ssm_states[self.layer_idx] if continuing else None,
+            return_final_state=cache_params is not None,
+            backend=backend,
+            seq_idx=seq_idx,
+        )
+        if cache_params is not None:
+            y, final_state = scan
+            cache_params.update_recurrent_state(final_state, self.layer_idx)
+        else:
+            y = scan
+        if not self.fused_silu:
+            y = y * self.act(z)
+        # 4. Output projection
+        return self.out_proj(_linear_input(self.out_proj, y.transpose(1, 2)))  # (batch, seqlen, hidden_size)
+
+    def _A(self):
+        return -torch.exp(fp32_or_wider(self.A_log))  # (d_inner, d_state), negative
+
+    def _fused_inner_ok(self, path, cache_params, attention_mask):
+        """Whether training can run the mixer after in_proj (and in_proj too, where it is a plain Linear)
+        as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would."""
+        if not path.training_kernels or cache_params is not None or attention_mask is not None or not self.fused_silu:
+            return False
+        modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection),
+                   (self.out_proj, nn.Linear))
+        # LoRA and other wrappers replace or hook these modules: then the modules must run.
+        return all(type(m) is cls and unhooked(m) for m, cls in modules)
+
+    def _plain_in_proj(self):
+        """in_proj is a plain, unhooked Linear: the fused mixer may run it itself, and autocast's cast of
+        its input is all that reads the mixer's input."""
+        return type(self.in_proj) is nn.Linear and unhooked(self.in_proj)
+
+    def _step(self, hidden_states, cache_params, A, backend):
+        """One decode step from the cache: O(1) in the number of tokens already seen."""
+        xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
+        x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
+        weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+        conv_state = cache_params.conv_states[self.layer_idx]
+        x = causal_conv1d_update(
+            x, conv_state, weight, self.conv1d.bias, "silu" if self.fused_silu else None, backend=backend
+        )
+        if not self.fused_silu:
+            x = self.act(x)
+        dt, B, C = self._ssm_params(x[:, :, None])
+        y = selective_state_update(
+            cache_params.ssm_states[self.layer_idx],
+            x,
+            dt[:, :, 0],
+            A,
+            B[:, :, 0],
+            C[:, :, 0],
+            D=fp32_or_wider(self.D),
+            z=z if self.fused_silu else None,
+            dt_bias=fp32_or_wider(self.dt_proj.bias),
+            dt_softplus=True,
+            backend=backend,
+        )
+        if not self.fused_silu:
+            y = y * self.act(z)
+        return self.out_proj(y)[:, None, :]  # (batch, 1, hidden_size)
+
+
+def norm_output_dtype(mixer, norm_weight):
+    """The dtype a norm may round its output to for the mixer after it: autocast's where in_proj, a
+    plain Linear that only it reads its input through, would cast to that dtype anyway; else None
+    (the weight's dtype, as the norm computes it)."""
+    device_type = norm_weight.device.type
+    if mixer is None or not torch.is_autocast_enabled(device_type) or norm_weight.dtype == torch.float64:
+        return None
+    if type(mixer) is MambaMixer and unhooked(mixer) and mixer._plain_in_proj():
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class MambaBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: h + mixer(norm(h)), with the residual stream optionally in fp32.
+
+    A GradientCheckpointingLayer: with activation checkpointing on, Transformers recomputes it in the backward.
+    """
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = MambaMixer(config, layer_idx=layer_idx)
+
+    def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None, path=None):
+        residual = self.residual_of(hidden_states)
+        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype), path=path)
+        hidden_states = self.mixer(
+            hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx, path=path
+        )
+        return residual + hidden_states
+
+    def residual_of(self, hidden_states):
+        """The residual stream this block adds its mixer output to (fp32 with residual_in_fp32)."""
+        return fp32_or_wider(hidden_states) if self.residual_in_fp32 else hidden_states
