@@ -102,6 +102,19 @@ def time_vector(lines, indent, row, name, T, steps_at="o_tt[None, :], mask=m_t1"
     unpack("v.to(tl.float32)", names, lines, J, "sv", rows=rows)
 
 
+def delta_prologue(lines, indent, mask, note=""):
+    """Emit b_dt, the tile's Δ (raw_dt) in fp32 after the Δ bias and softplus, and 0 past the end
+    (where `mask`, the tile's mask, is false). note: a comment for the first line."""
+    lines.append(f"{indent}b_dt = raw_dt.to(tl.float32){note and f'  # {note}'}")
+    lines.append(f"{indent}if HAS_DELTA_BIAS:")
+    lines.append(f"{indent}    b_dt = b_dt + b_db[:, None]")
+    lines.append(f"{indent}if DELTA_SOFTPLUS:")
+    lines.append(f"{indent}    b_dt = softplus(b_dt, FAST_MATH)")
+    lines.append(f"{indent}# Steps past the end get Δ = 0: exp(0 A) = 1 and Δ u B = 0 leave h unchanged.")
+    lines.append(f"{indent}if not EVEN_TILES:")
+    lines.append(f"{indent}    b_dt = tl.where({mask}, b_dt, 0.0)")
+
+
 def decay_rate(n, mask="m_d"):
     """Code for state n's A of this thread's channel(s), pre-scaled by log2(e): exp(ΔA) = exp2(Δ a_n)."""
     return f"log2_rate(tl.load(p_A_d + {n} * s_A_n, mask={mask}, other=0.0).to(tl.float32), A_LOG)"
@@ -155,6 +168,7 @@ __all__ = [
     "ZERO",
     "bf16_pairs",
     "decay_rate",
+    "delta_prologue",
     "generated_kernel",
     "keeps",
     "pack",

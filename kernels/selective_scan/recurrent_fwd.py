@@ -45,6 +45,7 @@ from .codegen import (
     ZERO,
     bf16_pairs,
     decay_rate,
+    delta_prologue,
     generated_kernel,
     keeps,
     pack,
@@ -233,14 +234,7 @@ def _fwd_source(N, T):
     for n in ns:
         L.append(f"{J}        tl.store(p_hc_d + {n}, h_{n}, mask=m_d)")
     L.append(f"{J}b_u = raw_u.to(tl.float32)")
-    L.append(f"{J}b_dt = raw_dt.to(tl.float32)")
-    L.append(f"{J}if HAS_DELTA_BIAS:")
-    L.append(f"{J}    b_dt = b_dt + b_db[:, None]")
-    L.append(f"{J}if DELTA_SOFTPLUS:")
-    L.append(f"{J}    b_dt = softplus(b_dt, FAST_MATH)")
-    L.append(f"{J}# Steps past the end get Δ = 0: exp(0 A) = 1 and Δ u B = 0 leave h unchanged.")
-    L.append(f"{J}if not EVEN_TILES:")
-    L.append(f"{J}    b_dt = tl.where(m_dt, b_dt, 0.0)")
+    delta_prologue(L, J, "m_dt")
     L.append(f"{J}b_dtsum += tl.sum(b_dt, axis=1)")
     L.append(f"{J}b_dtu = b_dt * b_u")
     unpack("b_dt", [f"dt_{t}" for t in range(T)], L, J, "sdt")
@@ -330,14 +324,7 @@ def _fwd_source_lanes(N, T, G):
     row = "i_b * s_{0}_b + o_d[:, None] * s_{0}_d"
     L.append(f"{J}raw_u = tl.load(p_u + {row.format('u')} + o_tt[None, :] * s_u_l, mask=m_dt, other={ZERO})")
     L.append(f"{J}raw_dt = tl.load(p_delta + {row.format('dt')} + o_ts * s_dt_l, mask=m_ds, other={ZERO})")
-    L.append(f"{J}b_dt = raw_dt.to(tl.float32)  # (R, S): this lane's steps")
-    L.append(f"{J}if HAS_DELTA_BIAS:")
-    L.append(f"{J}    b_dt = b_dt + b_db[:, None]")
-    L.append(f"{J}if DELTA_SOFTPLUS:")
-    L.append(f"{J}    b_dt = softplus(b_dt, FAST_MATH)")
-    L.append(f"{J}# Steps past the end get Δ = 0: exp(0 A) = 1 and Δ u B = 0 leave h unchanged.")
-    L.append(f"{J}if not EVEN_TILES:")
-    L.append(f"{J}    b_dt = tl.where(m_ds, b_dt, 0.0)")
+    delta_prologue(L, J, "m_ds", note="(R, S): this lane's steps")
     if S == 1:
         L.append(f"{J}dto_0 = tl.reshape(b_dt, [R])")
     else:
