@@ -117,3 +117,47 @@ def test_fused_mixer_rejects_a_bad_attention_mask():
         mamba_inner_triton(
             hidden, *weights, in_proj_weight=mixer.in_proj.weight, attention_mask=torch.ones(2, 5, dtype=torch.cfloat)
         )
+
+
+@pytest.mark.parametrize("variant", ["falcon", "lora-in-proj"])
+def test_padded_training_batch_runs_the_fused_mixer(variant, monkeypatch):
+    """A training batch with padding (left, right, a hole) runs every mixer through mamba_inner_triton with
+    the mask, and gives the module path's loss and gradients."""
+    from hf_mamba import block
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    config = MambaConfig(mixer_rms_eps=1e-6 if variant == "falcon" else None, **SIZES)
+    model = MambaForCausalLM(config).to(DEVICE)
+    if variant == "lora-in-proj":  # in_proj runs as a module, the rest fused
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["in_proj"], init_lora_weights=False))
+    attention_mask = torch.tensor([[0] * 3 + [1] * 10, [1] * 4 + [0] * 2 + [1] * 4 + [0] * 3], device=DEVICE)
+    ids = torch.randint(0, config.vocab_size, attention_mask.shape, device=DEVICE)
+    labels = ids.masked_fill(attention_mask == 0, -100)
+
+    def step():
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = block.mamba_inner_triton
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attention_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(block, "mamba_inner_triton", spy)
+    loss, grads = step()
+    assert len(calls) == config.num_hidden_layers and all(m is attention_mask for m in calls)
+    monkeypatch.setattr(block.MambaMixer, "_fused_inner_ok", lambda *args: False)
+    ref_loss, ref_grads = step()
+    assert len(calls) == config.num_hidden_layers  # the reference ran the modules
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads and grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < 1e-5, name

@@ -40,12 +40,14 @@ class MambaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, hidden_states, path: FastPath | None = None):
-        # Normalise in fp32, cast back, then scale: Transformers' Mamba order. In training the Triton norm takes
-        # two launches where the ops take about a dozen.
+    def forward(self, hidden_states, path: FastPath | None = None, dtype: torch.dtype | None = None):
+        # Normalise in fp32, round to `dtype` (by default the input's), then scale: Transformers' Mamba order.
+        # The blocks pass the residual stream as it is (fp32 with residual_in_fp32) and the weight's dtype:
+        # cast to fp16 first, a residual above 65504 would be inf and the normalised row NaN. In training the
+        # Triton norm takes two launches where the ops take about a dozen.
         backend = "triton" if path is not None and path.training_kernels else "torch"
         hidden_fp32 = fp32_or_wider(hidden_states)
-        return rms_norm(hidden_fp32, self.weight, self.variance_epsilon, hidden_states.dtype, backend)
+        return rms_norm(hidden_fp32, self.weight, self.variance_epsilon, dtype or hidden_states.dtype, backend)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
@@ -159,7 +161,7 @@ class MambaMixer(nn.Module):
         if continuing and seqlen == 1:
             return self._step(hidden_states, cache_params, self._A(), backend)
 
-        if self._fused_inner_ok(path, cache_params, attention_mask):
+        if self._fused_inner_ok(path, cache_params):
             weights = (
                 self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias, seq_idx,
@@ -167,10 +169,12 @@ class MambaMixer(nn.Module):
             if self._plain_in_proj():  # in_proj inside too
                 return mamba_inner_triton(
                     hidden_states, *weights, in_proj_weight=self.in_proj.weight, in_proj_bias=self.in_proj.bias,
-                    mixer_rms_eps=self.mixer_rms_eps,
+                    mixer_rms_eps=self.mixer_rms_eps, attention_mask=attention_mask,
                 )
             # e.g. LoRA on in_proj
-            return mamba_inner_triton(self.in_proj(hidden_states), *weights, mixer_rms_eps=self.mixer_rms_eps)
+            return mamba_inner_triton(
+                self.in_proj(hidden_states), *weights, mixer_rms_eps=self.mixer_rms_eps, attention_mask=attention_mask
+            )
         # 1. Gated MLP's linear projection: x for the SSM branch, z for the gate
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
         A = self._A()
@@ -221,10 +225,11 @@ class MambaMixer(nn.Module):
     def _A(self):
         return -torch.exp(fp32_or_wider(self.A_log))  # (d_inner, d_state), negative
 
-    def _fused_inner_ok(self, path, cache_params, attention_mask):
+    def _fused_inner_ok(self, path, cache_params):
         """Whether training can run the mixer after in_proj (and in_proj too, where it is a plain Linear)
-        as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would."""
-        if not path.training_kernels or cache_params is not None or attention_mask is not None or not self.fused_silu:
+        as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would
+        (a padding mask included: it masks as the code below does)."""
+        if not path.training_kernels or cache_params is not None or not self.fused_silu:
             return False
         modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection),
                    (self.out_proj, nn.Linear))
@@ -292,7 +297,7 @@ class MambaBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None, path=None):
         residual = self.residual_of(hidden_states)
-        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype), path=path)
+        hidden_states = self.norm(hidden_states, path=path, dtype=self.norm.weight.dtype)
         hidden_states = self.mixer(
             hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx, path=path
         )
