@@ -17,7 +17,7 @@ pass the whole prompt; `generate_after_prefill` does both.
 
 import torch
 
-from .modeling_mamba import CACHE_FIELD
+from .compat import CACHE_FIELD
 
 DEFAULT_CHUNK_SIZE = 16384
 
