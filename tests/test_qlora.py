@@ -1,5 +1,6 @@
 """QLoRA on CPU: a 4-bit (bitsandbytes nf4) hf_mamba or Falcon Mamba base with LoRA adapters, against the same
-model with its weights dequantized into a plain one (`bitsandbytes.functional.dequantize_4bit`).
+model with its weights dequantized into a plain one (`bitsandbytes.functional.dequantize_4bit`); and
+scripts/train.py --load-in-4bit, end to end.
 
 Sizes: bitsandbytes' CPU 4-bit layers need every quantized out_features to be a multiple of 32; hidden 64 and
 state 14 give in_proj 256, x_proj dt_rank 4 + 2 * 14 = 32, out_proj 64 (lm_head stays unquantized).
@@ -378,6 +379,10 @@ def test_train_script_qlora_trains_a_4bit_base_and_saves_an_adapter_for_either_b
     quantized = {name for name, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert quantized == {f"backbone.layers.{i}.mixer.{p}.base_layer" for i in range(2) for p in QUANTIZED}
     assert {name for name, m in base.named_modules() if m in ran_in_training} == quantized
+    for name in quantized:
+        layer = base.get_submodule(name)
+        quant_state = layer.weight.quant_state
+        assert (quant_state.quant_type, quant_state.nested, layer.compute_dtype) == ("nf4", True, torch.float32), name
     assert [n for n, p in trained.named_parameters() if p.requires_grad and "lora_" not in n] == []
 
     # The adapter alone: LoRA weights, none of the 4-bit base.
@@ -385,7 +390,7 @@ def test_train_script_qlora_trains_a_4bit_base_and_saves_an_adapter_for_either_b
     with safe_open(out / "adapter_model.safetensors", "pt") as saved:
         keys = list(saved.keys())
     assert keys and all(".lora_A." in key or ".lora_B." in key for key in keys), keys
-    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)  # training is over
 
     ids = token_ids(2, 12)
     fresh_4bit = hf_mamba.MambaForCausalLM.from_pretrained(script_model, quantization_config=SCRIPT_NF4)
@@ -406,7 +411,7 @@ def test_train_script_qlora_trains_a_4bit_base_and_saves_an_adapter_for_either_b
     logits = {}
     with torch.no_grad():
         for name, model in models.items():
-            # Training mode (dropout 0): bitsandbytes' fp32 dequantize-and-matmul on every 4-bit side, whatever the CPU.
+            # Training mode (dropout 0): bitsandbytes' fp32 dequantize-and-matmul on every 4-bit side, on any CPU.
             model.train()
             logits[name] = model(ids).logits
     errors = {name: relative_error(logits[name], logits["trained"]) for name in list(models)[1:-1]}
