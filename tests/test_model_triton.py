@@ -76,6 +76,28 @@ def test_cuda_graph_decode_matches_eager(dtype, num_beams):
     assert torch.equal(graphed, eager)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_the_second_gpu_runs_there(monkeypatch):
+    """Kernels, the fused training mixer and graph decoding on cuda:1 while cuda:0 is current, as in a process
+    that holds several GPUs (device_map, pipeline stages): the same results as the PyTorch path there."""
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to("cuda:1")
+    ids = torch.randint(1, SIZES["vocab_size"], (2, 12), device="cuda:1")
+    ref_logits, ref_loss, ref_grads = run(model, ids, "torch", monkeypatch)
+    logits, loss, grads = run(model, ids, "triton", monkeypatch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max().clamp(min=1e-6)) < 1e-3, name
+    model.eval()
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    model.config.use_cuda_graph = False
+    eager = model.generate(ids, **kwargs)
+    model.config.use_cuda_graph = True
+    assert torch.equal(model.generate(ids, **kwargs), eager)
+    assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graph_is_captured_once_per_cache_and_replayed():
     torch.manual_seed(0)

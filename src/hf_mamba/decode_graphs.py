@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import MambaCache
+from .kernels._launch import device_guard
 
 Step = Callable[[torch.Tensor, MambaCache], torch.Tensor]
 
@@ -35,21 +36,25 @@ class DecodeGraph:
         self.static_ids = input_ids.clone()
         self.states_ptr = cache.ssm_states[0].data_ptr()
         saved_states = [state.clone() for state in cache.conv_states + cache.ssm_states]
-        # Warm up on a side stream (compiles kernels, creates library handles), as capture requires.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step(self.static_ids, cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states, strict=True):
-            state.copy_(saved)  # undo the warm-up step
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = step(self.static_ids, cache)
+        # Streams and capture belong to the current GPU: make it the model's (say, cuda:1 of a process whose
+        # current device is cuda:0).
+        with device_guard(input_ids):
+            # Warm up on a side stream (compiles kernels, creates library handles), as capture requires.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step(self.static_ids, cache)
+            torch.cuda.current_stream().wait_stream(stream)
+            for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states, strict=True):
+                state.copy_(saved)  # undo the warm-up step
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_logits = step(self.static_ids, cache)
 
     def __call__(self, input_ids):
         self.static_ids.copy_(input_ids)
-        self.graph.replay()
+        with device_guard(input_ids):  # a replay runs on the current device's stream
+            self.graph.replay()
         return self.static_logits.clone()
 
 
