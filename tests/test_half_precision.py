@@ -336,3 +336,25 @@ def test_precision_training_script_tiny(tmp_path, capsys):
     assert "run fp32" not in out and "kept from" in out and "the fp32 run after training" in out
     assert "top-1 agree" in out
     assert script.parse_args(["--runs", "none"]).runs == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_model_normalises_a_residual_beyond_fp16_range(saved_model, backend, monkeypatch):
+    """A pure fp16 model whose (fp32) residual stream exceeds 65504 before every norm: the norms read it in
+    fp32 and round only their normalised output to fp16, so the logits are finite and close to fp32's (cast
+    to fp16 first, it was inf there and the logits NaN). Triton: the blocks' residual add fused with the norm."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
+    model, folder = saved_model
+    half = MambaForCausalLM.from_pretrained(folder, dtype=torch.float16).eval()
+    embeds = 2e5 * torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(inputs_embeds=embeds).logits
+        out = half(inputs_embeds=embeds, output_hidden_states=True)
+    residual = out.hidden_states[-2]  # the last block's output, before norm_f
+    assert residual.dtype == torch.float32 and residual.abs().max() > 65504
+    assert torch.isfinite(out.logits).all()
+    assert (out.logits.float() - expected).abs().max() <= LOGIT_TOLERANCE[torch.float16] * expected.abs().max()

@@ -216,7 +216,7 @@ class MambaModel(MambaPreTrainedModel):
             )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-        return self.norm_f(hidden_states.to(self.norm_f.weight.dtype), path=path)
+        return self.norm_f(hidden_states, path=path, dtype=self.norm_f.weight.dtype)
 
     def _plain_blocks_and_norms(self):
         """At least one block, and blocks and norms as defined here, without hooks and not checkpointed: then the
@@ -235,7 +235,7 @@ class MambaModel(MambaPreTrainedModel):
         about five more per layer, which a host-bound training step and a CUDA-graph decode step pay
         for). Appends each block's output to all_hidden if given; returns norm_f's output."""
         layers = self.layers
-        normed = layers[0].norm(hidden_states.to(layers[0].norm.weight.dtype), path=path)
+        normed = layers[0].norm(hidden_states, path=path, dtype=layers[0].norm.weight.dtype)
         for block, next_block in zip(layers, [*layers[1:], None], strict=True):
             delta = block.mixer(
                 normed, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx, path=path
