@@ -56,6 +56,32 @@ def _column(b_tile, o_n, n):
 
 
 @triton.jit
+def _program_setup(
+    p_D, p_delta_bias, d_inner, d_state,
+    HAS_D: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    # What both kernels start with: the batch i_b, channels o_d (mask m_d), states o_n, a chunk's steps
+    # o_c, the (channel, state) mask m_dn, the channels' D and Δ bias (0.0 where absent: unused), and
+    # the offsets of the program's states in a contiguous (batch, d_inner, d_state) tensor.
+    i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen may pass 2^31
+    i_d = tl.program_id(1)
+    o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, BLOCK_N)
+    o_c = tl.arange(0, CHUNK)
+    m_d = o_d < d_inner
+    m_dn = m_d[:, None] & (o_n < d_state)[None, :]
+    b_D = 0.0
+    if HAS_D:
+        b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_db = 0.0
+    if HAS_DELTA_BIAS:
+        b_db = tl.load(p_delta_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    p_state = (i_b * d_inner + o_d[:, None]) * d_state + o_n[None, :]
+    return i_b, o_d, o_n, o_c, m_d, m_dn, b_D, b_db, p_state
+
+
+@triton.jit
 def _chunk_fwd_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_h0,
     p_out, p_hT, p_hc,
@@ -68,18 +94,9 @@ def _chunk_fwd_kernel(
 ):
     # u, delta, z, out: contiguous (batch, d_inner, seqlen); B, C: contiguous (batch, d_state, seqlen).
     # Checkpoints: the state entering every chunk, for the backward (which walks the same chunks).
-    i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen may pass 2^31
-    i_d = tl.program_id(1)
-    o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, BLOCK_N)
-    o_c = tl.arange(0, CHUNK)
-    m_d = o_d < d_inner
-    m_dn = m_d[:, None] & (o_n < d_state)[None, :]
-    if HAS_D:
-        b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    if HAS_DELTA_BIAS:
-        b_db = tl.load(p_delta_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-    p_state = (i_b * d_inner + o_d[:, None]) * d_state + o_n[None, :]  # contiguous (batch, d_inner, d_state)
+    i_b, o_d, o_n, o_c, m_d, m_dn, b_D, b_db, p_state = _program_setup(
+        p_D, p_delta_bias, d_inner, d_state, HAS_D, HAS_DELTA_BIAS, BLOCK_D, BLOCK_N, CHUNK
+    )
     if USE_INITIAL_STATE:
         b_h = tl.load(p_h0 + p_state, mask=m_dn, other=0.0).to(tl.float32)
     else:
@@ -145,21 +162,14 @@ def _chunk_bwd_kernel(
     # Same layouts as the forward; du, ddelta, dz contiguous like u; dB, dC (batch, d_state, seqlen) fp32.
     # STORE_Y: also write the forward's output y (recomputed here anyway for dz), so a caller that
     # needs y in its backward (out_proj's weight gradient) does not have to keep it from the forward.
-    i_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x d_inner x seqlen may pass 2^31
-    i_d = tl.program_id(1)
-    o_d = i_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, BLOCK_N)
-    o_c = tl.arange(0, CHUNK)
-    m_d = o_d < d_inner
-    m_dn = m_d[:, None] & (o_n < d_state)[None, :]
+    i_b, o_d, o_n, o_c, m_d, m_dn, b_D, b_db, p_state = _program_setup(
+        p_D, p_delta_bias, d_inner, d_state, HAS_D, HAS_DELTA_BIAS, BLOCK_D, BLOCK_N, CHUNK
+    )
     if HAS_D:
-        b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
         b_dD = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_DELTA_BIAS:
-        b_db = tl.load(p_delta_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
         b_ddb = tl.zeros([BLOCK_D], dtype=tl.float32)
     b_dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    p_state = (i_b * d_inner + o_d[:, None]) * d_state + o_n[None, :]
     # b_x: dL/dh at the end of the current chunk through the recurrence (a_{t+1} g_{t+1}).
     if HAS_DHT:
         b_x = tl.load(p_dhT + p_state, mask=m_dn, other=0.0).to(tl.float32)
