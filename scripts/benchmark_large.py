@@ -41,14 +41,13 @@ import argparse
 import contextlib
 import gc
 import importlib
+import os
 import statistics
 import sys
-import time
 import traceback
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 import transformers
 from torch import nn
@@ -56,6 +55,9 @@ from torch import nn
 import hf_mamba
 from hf_mamba import MambaConfig, MambaForCausalLM
 from hf_mamba.compat import disable_activation_checkpointing, enable_activation_checkpointing
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for the shared helpers
+from _bench_common import hf_generate, next_token_loss, peer_generate, sync, timed  # noqa: E402
 
 LORA_TARGETS = ["in_proj", "x_proj", "dt_proj", "out_proj"]
 QUANTIZED = ("in_proj", "x_proj", "out_proj")  # dt_proj (256 x 8192 at 7b) stays bf16, as from_pretrained leaves it
@@ -129,19 +131,6 @@ class Row:
 # Timing and memory
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return time.perf_counter() - start, result
-
-
 def median_time(fn, device, repeats):
     return statistics.median(timed(fn, device)[0] for _ in range(repeats))
 
@@ -191,10 +180,6 @@ def decode_weight_bytes(model, embedding, lm_head):
     return total
 
 
-def next_token_loss(logits, ids):
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The implementations: how each builds a model, decodes, prefills, and checkpoints its blocks
 
@@ -215,15 +200,7 @@ class HfMamba:
         return model.eval()
 
     def generate(self, model, prompt, new_tokens):
-        with torch.no_grad():
-            return model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
+        return hf_generate(model)(prompt, new_tokens)
 
     def reset_decoding(self, model):
         pass  # hf_mamba keeps one decode graph per batch size across generate() calls
@@ -282,8 +259,7 @@ class Peer:
         return self.model_class(config, device=self.device, dtype=self.dtype).eval()
 
     def generate(self, model, prompt, new_tokens):
-        out = model.generate(prompt, max_length=prompt.shape[1] + new_tokens, cg=True, top_k=1)
-        return out if torch.is_tensor(out) else out.sequences
+        return peer_generate(model, cg=True)(prompt, new_tokens)
 
     def reset_decoding(self, model):
         # One graph cache per model; going back to a smaller batch after a larger one fails its capture.

@@ -16,15 +16,21 @@ Decoding: greedy, prompt --prompt-len, exactly --new-tokens new tokens, tokens/s
 """
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 from hf_mamba import MambaConfig, MambaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for the shared helpers
+from _bench_common import hf_generate, next_token_loss, peer_generate, timed  # noqa: E402
+
+CUDA = torch.device("cuda")
 
 
 def load_peer():
@@ -55,19 +61,11 @@ def peer_model(args, state_dict, peer):
     return model
 
 
-def cuda_time(fn):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, result
-
-
 def logits_and_loss(model, ids, logits_of):
     """The measured training step's forward: bf16 autocast logits, next-token cross-entropy in fp32."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = logits_of(model, ids)
-    return logits, F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return logits, next_token_loss(logits, ids)
 
 
 def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None):
@@ -81,11 +79,11 @@ def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    first_step = cuda_time(step)[0]  # compiles every kernel the model needs on its first use
+    first_step = timed(step, CUDA)[0]  # compiles every kernel the model needs on its first use
     for _ in range((args.warmup_steps if warmup_steps is None else warmup_steps) - 1):
         step()
     torch.cuda.reset_peak_memory_stats()
-    times = [cuda_time(step)[0] for _ in range(args.train_steps if steps is None else steps)]
+    times = [timed(step, CUDA)[0] for _ in range(args.train_steps if steps is None else steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"{name}: first training step {first_step:.1f} s")
     if args.profile:
@@ -181,8 +179,8 @@ def decode_throughput(generate, args, batch):
     prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
     getattr(generate, "reset", lambda: None)()
     generate(prompt, 8)  # compile kernels, capture graphs for this batch size
-    first_seconds, _ = cuda_time(lambda: generate(prompt, args.new_tokens))
-    seconds, out = cuda_time(lambda: generate(prompt, args.new_tokens))
+    first_seconds, _ = timed(lambda: generate(prompt, args.new_tokens), CUDA)
+    seconds, out = timed(lambda: generate(prompt, args.new_tokens), CUDA)
     assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
     return batch * args.new_tokens / seconds, batch * args.new_tokens / first_seconds
 
@@ -195,7 +193,7 @@ def print_decode_profile(name, generate, args, batch, new_tokens=64):
     prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
     getattr(generate, "reset", lambda: None)()
     generate(prompt, 8)  # compile kernels, capture graphs
-    seconds, _ = cuda_time(lambda: generate(prompt, new_tokens))
+    seconds, _ = timed(lambda: generate(prompt, new_tokens), CUDA)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         generate(prompt, new_tokens)
@@ -213,35 +211,6 @@ def print_decode_profile(name, generate, args, batch, new_tokens=64):
     print("  host, top by self CPU time per token (profiler-inflated):")
     for e in sorted(host_ops, key=lambda e: -e.self_cpu_time_total)[:8]:
         print(f"    {e.self_cpu_time_total / new_tokens / 1e3:7.4f} ms  x{e.count / new_tokens:5.1f}  {e.key[:80]}")
-
-
-def hf_generate(model):
-    def generate(prompt, new_tokens):
-        with torch.no_grad():
-            return model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-
-    return generate
-
-
-def peer_generate(model, cg):
-    def generate(prompt, new_tokens):
-        out = model.generate(prompt, max_length=prompt.shape[1] + new_tokens, cg=cg, top_k=1)
-        return out if torch.is_tensor(out) else out.sequences
-
-    def reset():
-        # mamba_ssm keeps one graph cache per model; going back to an earlier batch size after another
-        # fails its capture ("conv_state must have shape ..."), so each measurement starts afresh.
-        model._decoding_cache = None
-
-    generate.reset = reset
-    return generate
 
 
 def main():
