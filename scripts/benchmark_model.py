@@ -11,7 +11,10 @@ built-in MambaForCausalLM (whatever kernels it finds), and mamba_ssm's MambaLMHe
 importable (decoding with its CUDA graphs, cg=True). All share one set of weights.
 
 Training: batch x seqlen tokens, bf16 autocast, AdamW step included; tokens/s is the median over
---train-steps timed steps, peak memory is torch.cuda.max_memory_allocated over them.
+--train-steps timed steps, peak memory is torch.cuda.max_memory_allocated over them. The loss is each
+model's own where it has one (`labels=`: hf_mamba's reads the bf16 logits in blocks, Transformers' casts them
+to fp32); mamba_ssm takes no labels, so its users' cross-entropy on the fp32-cast logits is timed.
+--loss-outside computes that same loss outside for every model instead (like for like).
 Decoding: greedy, prompt --prompt-len, exactly --new-tokens new tokens, tokens/s = batch x new / time.
 """
 
@@ -61,11 +64,12 @@ def peer_model(args, state_dict, peer):
     return model
 
 
-def logits_and_loss(model, ids, logits_of):
-    """The measured training step's forward: bf16 autocast logits, next-token cross-entropy in fp32."""
+def logits_and_loss(model, ids, forward):
+    """The measured training step's forward under bf16 autocast: `forward(model, ids)` gives the logits
+    and the loss, or the logits only (then next-token cross-entropy in fp32 follows)."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = logits_of(model, ids)
-    return logits, next_token_loss(logits, ids)
+        out = forward(model, ids)
+    return out if isinstance(out, tuple) else (out, next_token_loss(out, ids))
 
 
 def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None):
@@ -231,6 +235,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help="alternating hf_mamba / mamba_ssm training runs")
     parser.add_argument("--no-decode", action="store_true", help="training only")
     parser.add_argument("--no-train", action="store_true", help="decoding only")
+    parser.add_argument("--loss-outside", action="store_true",
+                        help="every model's loss as cross-entropy on its fp32-cast logits (default: labels= where taken)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
     parser.add_argument("--memory", action="store_true", help="training memory breakdown, then stop")
@@ -266,7 +272,10 @@ def main():
     )
 
     def logits_hf(model, ids):
-        return model(ids, use_cache=False).logits
+        if args.loss_outside:
+            return model(ids, use_cache=False).logits
+        out = model(ids, labels=ids, use_cache=False)
+        return out.logits, out.loss
 
     def logits_peer(model, ids):
         return model(ids).logits
@@ -307,7 +316,8 @@ def main():
             "transformers built-in", m, args, logits_hf, warmup_steps=1, steps=args.builtin_train_steps
         ))
         rows.append(("transformers built-in", tps, peak))
-    print(f"\nTraining, batch {args.batch} x {args.seqlen}, bf16 autocast, AdamW")
+    loss = "cross-entropy on fp32 logits for all" if args.loss_outside else "labels= (mamba_ssm: on fp32 logits)"
+    print(f"\nTraining, batch {args.batch} x {args.seqlen}, bf16 autocast, AdamW, loss {loss}")
     print(f"{'implementation':<34}{'tokens/s':>12}{'peak GiB':>10}")
     for name, tps, peak in rows:
         print(f"{name:<34}{tps:>12,.0f}{peak:>10.2f}")
