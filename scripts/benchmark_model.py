@@ -236,7 +236,7 @@ def main():
     parser.add_argument("--no-decode", action="store_true", help="training only")
     parser.add_argument("--no-train", action="store_true", help="decoding only")
     parser.add_argument("--loss-outside", action="store_true",
-                        help="every model's loss as cross-entropy on its fp32-cast logits (default: labels= where taken)")
+                        help="every model's loss as cross-entropy on fp32-cast logits (default: labels= where taken)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
     parser.add_argument("--memory", action="store_true", help="training memory breakdown, then stop")
