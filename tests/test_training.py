@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import transformers
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
@@ -297,7 +298,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 from torch.distributed.fsdp import fully_shard
 
 import hf_mamba
@@ -323,13 +325,17 @@ for _ in range(3):
 state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if rank == 0:
     torch.save(state_dict, sys.argv[2])
+# A sharded checkpoint (each rank writes its shards), for resuming on another number of processes.
+model_state, optimizer_state = get_state_dict(model, optimizer)
+dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=sys.argv[3])
 dist.barrier()  # no rank tears gloo down while another still talks to it
 dist.destroy_process_group()
 """
 
 
 def test_fsdp_wraps_mamba_blocks_and_trains_like_one_process(tmp_path):
-    """Two CPU processes (gloo), each MambaBlock an FSDP2 unit: same weights after 3 steps as one process.
+    """Two CPU processes (gloo), each MambaBlock an FSDP2 unit: same weights after 3 steps as one process;
+    their sharded checkpoint (model and optimizer) resumes in one process, 2 more steps as uninterrupted.
 
     The Trainer applies FSDP only on accelerators (Accelerate runs CPU processes as DDP), so this drives
     torch's fully_shard directly with the wrapping policy the Trainer would use.
@@ -339,6 +345,7 @@ def test_fsdp_wraps_mamba_blocks_and_trains_like_one_process(tmp_path):
     (tmp_path / "worker.py").write_text(FSDP_WORKER.replace("{tiny}", repr(TINY)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(tmp_path / "worker.py"), str(tmp_path / "ids.pt"), str(tmp_path / "state.pt")]
+    command += [str(tmp_path / "dcp")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -352,3 +359,19 @@ def test_fsdp_wraps_mamba_blocks_and_trains_like_one_process(tmp_path):
     sharded = torch.load(tmp_path / "state.pt")
     for name, param in model.state_dict().items():
         torch.testing.assert_close(sharded[name], param, rtol=1e-4, atol=1e-5, msg=name)
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    resumed = tiny_model(seed=1)  # other weights: the checkpoint must overwrite them all
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    model_state, optimizer_state = get_state_dict(resumed, resumed_optimizer)  # allocates the optimizer state
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=tmp_path / "dcp")  # one process, no process group
+    set_state_dict(resumed, resumed_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    for net, opt in ((model, optimizer), (resumed, resumed_optimizer)):
+        for _ in range(2):
+            net(input_ids=input_ids, labels=input_ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, param), resumed_param in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(resumed_param, param, rtol=1e-4, atol=1e-5, msg=name)
