@@ -50,7 +50,9 @@ def test_scan_of_empty_dimensions(batch, d_inner, seqlen, d_state, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("batch, d_inner, d_state", [(0, 4, 3), (2, 0, 3), (2, 4, 0)], ids=["batch-0", "d_inner-0", "d_state-0"])
+@pytest.mark.parametrize(
+    "batch, d_inner, d_state", [(0, 4, 3), (2, 0, 3), (2, 4, 0)], ids=["batch-0", "d_inner-0", "d_state-0"]
+)
 def test_state_update_of_empty_dimensions(batch, d_inner, d_state, backend):
     torch.manual_seed(0)
     state = torch.randn(batch, d_inner, d_state)
@@ -63,7 +65,9 @@ def test_state_update_of_empty_dimensions(batch, d_inner, d_state, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("batch, d_inner, seqlen", [(0, 4, 5), (2, 4, 0), (2, 0, 5)], ids=["batch-0", "seqlen-0", "d_inner-0"])
+@pytest.mark.parametrize(
+    "batch, d_inner, seqlen", [(0, 4, 5), (2, 4, 0), (2, 0, 5)], ids=["batch-0", "seqlen-0", "d_inner-0"]
+)
 def test_conv_of_empty_dimensions(batch, d_inner, seqlen, backend):
     x, = _leaves(torch.randn(batch, d_inner, seqlen))
     weight, = _leaves(torch.randn(d_inner, 4))
