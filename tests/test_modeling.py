@@ -644,6 +644,19 @@ def test_bad_input_raises_clear_errors(model, kwargs, match):
         model(**kwargs)
 
 
+def test_an_empty_batch_runs_with_and_without_a_cache(model):
+    """Batch 0 (say, the last shard of a dataset): empty logits, and a cache of no sequences that continues."""
+    ids = torch.zeros(0, 5, dtype=torch.long)
+    out = model(ids, use_cache=True)
+    cache = getattr(out, CACHE_FIELD)
+    assert out.logits.shape == (0, 5, model.config.vocab_size) and cache.ssm_states[0].shape[0] == 0
+    step = model(torch.zeros(0, 1, dtype=torch.long), cache=cache, use_cache=True)
+    assert step.logits.shape == (0, 1, model.config.vocab_size) and cache.seqlen_offset == 6
+    assert model(ids, use_cache=False).logits.shape == (0, 5, model.config.vocab_size)
+    with pytest.raises(ValueError, match="batch_size must be a non-negative integer"):
+        MambaCache(model.config, batch_size=-1)
+
+
 def test_cache_batch_mismatch_raises(model):
     cache = MambaCache(model.config, batch_size=2)
     with pytest.raises(ValueError, match="cache_params"):

@@ -33,8 +33,8 @@ class MambaCache(Cache):
     is_croppable = False
 
     def __init__(self, config, batch_size: int, dtype=torch.float32, device=None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size must be a non-negative integer, got {batch_size!r}")
         d_inner = config.intermediate_size
         layers = range(config.num_hidden_layers)
         self._set_states(
