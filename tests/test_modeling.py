@@ -644,6 +644,25 @@ def test_bad_input_raises_clear_errors(model, kwargs, match):
         model(**kwargs)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_a_forward_reads_values_to_the_host_once(model, monkeypatch, with_mask, with_positions):
+    """Each read of a tensor's value on the host waits for the GPU; the id check, the padding test and the
+    packed-document test share one (a training step on a GPU keeps its queue full)."""
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        spy = lambda self, *args, _real=real, _name=name: reads.append(_name) or _real(self, *args)  # noqa: E731
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    positions = torch.cat([torch.arange(4), torch.arange(5)]).expand(2, -1)
+    kwargs = dict(attention_mask=mask if with_mask else None, position_ids=positions if with_positions else None)
+    model(ids, labels=ids, **kwargs)
+    assert reads == ["tolist"]
+
+
 def test_an_empty_batch_runs_with_and_without_a_cache(model):
     """Batch 0 (say, the last shard of a dataset): empty logits, and a cache of no sequences that continues."""
     ids = torch.zeros(0, 5, dtype=torch.long)

@@ -133,8 +133,9 @@ class MambaCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-def _check_inputs(input_ids, inputs_embeds, attention_mask, vocab_size):
-    """Raise ValueError with the offending argument for anything the forward cannot use."""
+def _check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
+    """(batch, seqlen) of the inputs; ValueError naming the argument for anything the forward cannot use
+    (shapes and dtypes: the values of input_ids are checked by `_read_values`)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds, not both and not neither")
     if input_ids is not None:
@@ -143,15 +144,6 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask, vocab_size):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
         shape = tuple(input_ids.shape)
-        # The value check reads the ids back to the host: impossible while compiling or capturing a graph.
-        tracing = torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
-        if input_ids.numel() and not tracing:
-            # One reduction and one read-back (a decode step pays this per token, outside its graph).
-            lowest, highest = torch.aminmax(input_ids)
-            lowest, highest = torch.stack((lowest, highest)).tolist()
-            if lowest < 0 or highest >= vocab_size:
-                bad = lowest if lowest < 0 else highest
-                raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
     else:
         if inputs_embeds.dim() != 3:
             raise ValueError(
@@ -164,19 +156,54 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask, vocab_size):
         raise ValueError(
             f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}"
         )
+    return shape
 
 
-def _document_ids(position_ids, shape):
-    """Document ids (batch, seqlen) of packed sequences, from position_ids that restart at 0 for each
-    document (Transformers' DataCollatorWithFlattening); None when no row restarts."""
+def _read_values(input_ids, vocab_size, attention_mask=None, restarts=None):
+    """What the forward must know of its inputs' values, read to the host in one transfer (each read waits
+    for the device: one per forward, a decode step's included): raises ValueError for ids outside
+    [0, vocab_size) (on a GPU the embedding would fail with an opaque device-side assert); returns
+    (whether attention_mask has padding, whether position_ids restart inside a row), True where not read.
+
+    Nothing is read while compiling or capturing a CUDA graph: the checks are skipped and both answers are
+    True (the masked and packed paths compute the unmasked, unpacked case exactly too)."""
+    some = next((t for t in (input_ids, attention_mask, restarts) if t is not None), None)
+    tracing = torch.compiler.is_compiling() or (
+        some is not None and some.is_cuda and torch.cuda.is_current_stream_capturing()
+    )
+    if some is None or tracing:
+        return True, True
+    facts = []
+    if input_ids is not None and input_ids.numel():
+        facts += torch.aminmax(input_ids)
+    if attention_mask is not None:
+        facts.append(~attention_mask.bool().all())
+    if restarts is not None:
+        facts.append(restarts.any())
+    values = torch.stack([fact.to(torch.int64) for fact in facts]).tolist() if facts else []
+    if input_ids is not None and input_ids.numel():
+        lowest, highest, *values = values
+        if lowest < 0 or highest >= vocab_size:
+            bad = lowest if lowest < 0 else highest
+            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
+    padded = bool(values.pop(0)) if attention_mask is not None else True
+    restarting = bool(values.pop(0)) if restarts is not None else True
+    return padded, restarting
+
+
+def _document_ids(restarts):
+    """Document ids (batch, seqlen) of packed sequences from `restarts` (batch, seqlen - 1): where
+    position_ids restart at 0 inside a row (Transformers' DataCollatorWithFlattening)."""
+    return F.pad(restarts.cumsum(-1), (1, 0)).to(torch.int32)
+
+
+def _restarts(position_ids, shape):
+    """Where position_ids restart at 0 after the first position (batch, seqlen - 1), None without them."""
     if position_ids is None:
         return None
     if tuple(position_ids.shape) != shape:
         raise ValueError(f"position_ids must have shape (batch, seqlen) = {shape}, got {tuple(position_ids.shape)}")
-    restarts = position_ids[:, 1:] == 0
-    if not torch.compiler.is_compiling() and not bool(restarts.any()):
-        return None
-    return F.pad(restarts.cumsum(-1), (1, 0)).to(torch.int32)
+    return position_ids[:, 1:] == 0
 
 
 class MambaModel(MambaPreTrainedModel):
@@ -276,7 +303,13 @@ class MambaModel(MambaPreTrainedModel):
             new_cache: makes the cache of a new sequence from (batch, dtype, device); default a fresh MambaCache.
                 MambaForCausalLM passes one that reuses the states of its pooled decode graphs.
         """
-        _check_inputs(input_ids, inputs_embeds, attention_mask, self.config.vocab_size)
+        batch, seqlen = _check_inputs(input_ids, inputs_embeds, attention_mask)
+        restarts = _restarts(position_ids, (batch, seqlen))
+        # Before the embedding reads the ids.
+        padded, restarting = _read_values(input_ids, self.config.vocab_size, attention_mask, restarts)
+        if not padded:
+            attention_mask = None  # all ones: the unmasked path
+        seq_idx = _document_ids(restarts) if restarts is not None and restarting else None
         cache_params = _one_cache(cache_params, cache)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -287,7 +320,6 @@ class MambaModel(MambaPreTrainedModel):
             use_cache = False  # recomputation would advance the cache twice
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
-        batch, seqlen = inputs_embeds.shape[:2]
         if use_cache and cache_params is None:
             args = (batch, inputs_embeds.dtype, inputs_embeds.device)
             cache_params = new_cache(*args) if new_cache is not None else MambaCache(self.config, *args)
@@ -295,9 +327,6 @@ class MambaModel(MambaPreTrainedModel):
             cache_params = None
         if cache_params is not None and cache_params.batch_size != batch:
             raise ValueError(f"cache_params holds {cache_params.batch_size} sequences but the input has {batch}")
-        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the fused path
-        seq_idx = _document_ids(position_ids, (batch, seqlen))
 
         # As Transformers' Mamba: each block's output, then norm_f's (the embeddings are not included).
         all_hidden_states = [] if output_hidden_states else None
@@ -507,7 +536,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             use_cache,
             (attention_mask, inputs_embeds, labels, output_hidden_states, position_ids),
         ):
-            _check_inputs(input_ids, None, None, self.config.vocab_size)
+            _check_inputs(input_ids, None, None)
+            _read_values(input_ids, self.config.vocab_size)
             logits = self._decode_graphs.decode(
                 self._decode_step_logits, self._decode_graph_fingerprint, cache_params, input_ids
             )
