@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
@@ -26,6 +25,7 @@ from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
 from .fast_path import decide_fast_path, scan_backend_for, unhooked
 from .hub import MambaHubMixin
+from .inputs import check_inputs, document_ids, read_values, restarts_of
 from .kernels import add_rms_norm
 from .loss import causal_lm_loss
 
@@ -133,79 +133,6 @@ class MambaCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-def _check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
-    """(batch, seqlen) of the inputs; ValueError naming the argument for anything the forward cannot use
-    (shapes and dtypes: the values of input_ids are checked by `_read_values`)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("Pass exactly one of input_ids or inputs_embeds, not both and not neither")
-    if input_ids is not None:
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
-        shape = tuple(input_ids.shape)
-    else:
-        if inputs_embeds.dim() != 3:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, seqlen, hidden_size), got {tuple(inputs_embeds.shape)}"
-            )
-        shape = tuple(inputs_embeds.shape[:2])
-    if shape[1] == 0:
-        raise ValueError("The input sequence is empty (seqlen 0); pass at least one token")
-    if attention_mask is not None and tuple(attention_mask.shape) != shape:
-        raise ValueError(
-            f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}"
-        )
-    return shape
-
-
-def _read_values(input_ids, vocab_size, attention_mask=None, restarts=None):
-    """What the forward must know of its inputs' values, read to the host in one transfer (each read waits
-    for the device: one per forward, a decode step's included): raises ValueError for ids outside
-    [0, vocab_size) (on a GPU the embedding would fail with an opaque device-side assert); returns
-    (whether attention_mask has padding, whether position_ids restart inside a row), True where not read.
-
-    Nothing is read while compiling or capturing a CUDA graph: the checks are skipped and both answers are
-    True (the masked and packed paths compute the unmasked, unpacked case exactly too)."""
-    some = next((t for t in (input_ids, attention_mask, restarts) if t is not None), None)
-    tracing = torch.compiler.is_compiling() or (
-        some is not None and some.is_cuda and torch.cuda.is_current_stream_capturing()
-    )
-    if some is None or tracing:
-        return True, True
-    facts = []
-    if input_ids is not None and input_ids.numel():
-        facts += torch.aminmax(input_ids)
-    if attention_mask is not None:
-        facts.append(~attention_mask.bool().all())
-    if restarts is not None:
-        facts.append(restarts.any())
-    values = torch.stack([fact.to(torch.int64) for fact in facts]).tolist() if facts else []
-    if input_ids is not None and input_ids.numel():
-        lowest, highest, *values = values
-        if lowest < 0 or highest >= vocab_size:
-            bad = lowest if lowest < 0 else highest
-            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
-    padded = bool(values.pop(0)) if attention_mask is not None else True
-    restarting = bool(values.pop(0)) if restarts is not None else True
-    return padded, restarting
-
-
-def _document_ids(restarts):
-    """Document ids (batch, seqlen) of packed sequences from `restarts` (batch, seqlen - 1): where
-    position_ids restart at 0 inside a row (Transformers' DataCollatorWithFlattening)."""
-    return F.pad(restarts.cumsum(-1), (1, 0)).to(torch.int32)
-
-
-def _restarts(position_ids, shape):
-    """Where position_ids restart at 0 after the first position (batch, seqlen - 1), None without them."""
-    if position_ids is None:
-        return None
-    if tuple(position_ids.shape) != shape:
-        raise ValueError(f"position_ids must have shape (batch, seqlen) = {shape}, got {tuple(position_ids.shape)}")
-    return position_ids[:, 1:] == 0
-
-
 class MambaModel(MambaPreTrainedModel):
     def __init__(self, config: MambaConfig):
         super().__init__(config)
@@ -303,13 +230,13 @@ class MambaModel(MambaPreTrainedModel):
             new_cache: makes the cache of a new sequence from (batch, dtype, device); default a fresh MambaCache.
                 MambaForCausalLM passes one that reuses the states of its pooled decode graphs.
         """
-        batch, seqlen = _check_inputs(input_ids, inputs_embeds, attention_mask)
-        restarts = _restarts(position_ids, (batch, seqlen))
+        batch, seqlen = check_inputs(input_ids, inputs_embeds, attention_mask)
+        restarts = restarts_of(position_ids, (batch, seqlen))
         # Before the embedding reads the ids.
-        padded, restarting = _read_values(input_ids, self.config.vocab_size, attention_mask, restarts)
+        padded, restarting = read_values(input_ids, self.config.vocab_size, attention_mask, restarts)
         if not padded:
             attention_mask = None  # all ones: the unmasked path
-        seq_idx = _document_ids(restarts) if restarts is not None and restarting else None
+        seq_idx = document_ids(restarts) if restarts is not None and restarting else None
         cache_params = _one_cache(cache_params, cache)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -536,8 +463,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             use_cache,
             (attention_mask, inputs_embeds, labels, output_hidden_states, position_ids),
         ):
-            _check_inputs(input_ids, None, None)
-            _read_values(input_ids, self.config.vocab_size)
+            check_inputs(input_ids, None, None)
+            read_values(input_ids, self.config.vocab_size)
             logits = self._decode_graphs.decode(
                 self._decode_step_logits, self._decode_graph_fingerprint, cache_params, input_ids
             )

@@ -1,0 +1,78 @@
+"""Input checks of the models' forwards: shapes and dtypes (no device work), and the one host read of the
+inputs' values per forward (ids within the vocabulary, padding, packed documents)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
+    """(batch, seqlen) of the inputs; ValueError naming the argument for anything the forward cannot use
+    (shapes and dtypes: the values of input_ids are checked by `read_values`)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds, not both and not neither")
+    if input_ids is not None:
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, seqlen, hidden_size), got {tuple(inputs_embeds.shape)}"
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[1] == 0:
+        raise ValueError("The input sequence is empty (seqlen 0); pass at least one token")
+    if attention_mask is not None and tuple(attention_mask.shape) != shape:
+        raise ValueError(
+            f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}"
+        )
+    return shape
+
+
+def read_values(input_ids, vocab_size, attention_mask=None, restarts=None):
+    """What the forward must know of its inputs' values, read to the host in one transfer (each read waits
+    for the device: one per forward, a decode step's included): raises ValueError for ids outside
+    [0, vocab_size) (on a GPU the embedding would fail with an opaque device-side assert); returns
+    (whether attention_mask has padding, whether position_ids restart inside a row), True where not read.
+
+    Nothing is read while compiling or capturing a CUDA graph: the checks are skipped and both answers are
+    True (the masked and packed paths compute the unmasked, unpacked case exactly too)."""
+    some = next((t for t in (input_ids, attention_mask, restarts) if t is not None), None)
+    tracing = torch.compiler.is_compiling() or (
+        some is not None and some.is_cuda and torch.cuda.is_current_stream_capturing()
+    )
+    if some is None or tracing:
+        return True, True
+    facts = []
+    if input_ids is not None and input_ids.numel():
+        facts += torch.aminmax(input_ids)
+    if attention_mask is not None:
+        facts.append(~attention_mask.bool().all())
+    if restarts is not None:
+        facts.append(restarts.any())
+    values = torch.stack([fact.to(torch.int64) for fact in facts]).tolist() if facts else []
+    if input_ids is not None and input_ids.numel():
+        lowest, highest, *values = values
+        if lowest < 0 or highest >= vocab_size:
+            bad = lowest if lowest < 0 else highest
+            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
+    padded = bool(values.pop(0)) if attention_mask is not None else True
+    restarting = bool(values.pop(0)) if restarts is not None else True
+    return padded, restarting
+
+
+def document_ids(restarts):
+    """Document ids (batch, seqlen) of packed sequences from `restarts` (batch, seqlen - 1): where
+    position_ids restart at 0 inside a row (Transformers' DataCollatorWithFlattening)."""
+    return F.pad(restarts.cumsum(-1), (1, 0)).to(torch.int32)
+
+
+def restarts_of(position_ids, shape):
+    """Where position_ids restart at 0 after the first position (batch, seqlen - 1), None without them."""
+    if position_ids is None:
+        return None
+    if tuple(position_ids.shape) != shape:
+        raise ValueError(f"position_ids must have shape (batch, seqlen) = {shape}, got {tuple(position_ids.shape)}")
+    return position_ids[:, 1:] == 0
