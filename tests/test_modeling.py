@@ -633,11 +633,13 @@ def test_init_follows_the_paper(tiny_kwargs):
         (dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer"),
         (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty"),
         (dict(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3)), "attention_mask"),
+        (dict(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.tensor([[0.5, 1.0]])), "must hold 1 for tokens"),
         (dict(input_ids=torch.tensor([[1, 2]]), inputs_embeds=torch.randn(1, 2, 32)), "exactly one"),
         (dict(), "exactly one"),
         (dict(input_ids=torch.tensor([1, 2])), r"\(batch, seqlen\)"),
     ],
-    ids=["id-too-large", "negative-id", "float-ids", "empty", "mask-shape", "ids-and-embeds", "nothing", "1d-ids"],
+    ids=["id-too-large", "negative-id", "float-ids", "empty", "mask-shape", "mask-values", "ids-and-embeds", "nothing",
+         "1d-ids"],
 )
 def test_bad_input_raises_clear_errors(model, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -34,7 +34,8 @@ def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
 def read_values(input_ids, vocab_size, attention_mask=None, restarts=None):
     """What the forward must know of its inputs' values, read to the host in one transfer (each read waits
     for the device: one per forward, a decode step's included): raises ValueError for ids outside
-    [0, vocab_size) (on a GPU the embedding would fail with an opaque device-side assert); returns
+    [0, vocab_size) (on a GPU the embedding would fail with an opaque device-side assert) and for an
+    attention_mask holding anything but 0 and 1 (the paths would read other values differently); returns
     (whether attention_mask has padding, whether position_ids restart inside a row), True where not read.
 
     Nothing is read while compiling or capturing a CUDA graph: the checks are skipped and both answers are
@@ -49,7 +50,7 @@ def read_values(input_ids, vocab_size, attention_mask=None, restarts=None):
     if input_ids is not None and input_ids.numel():
         facts += torch.aminmax(input_ids)
     if attention_mask is not None:
-        facts.append(~attention_mask.bool().all())
+        facts += (~attention_mask.bool().all(), ((attention_mask != 0) & (attention_mask != 1)).any())
     if restarts is not None:
         facts.append(restarts.any())
     values = torch.stack([fact.to(torch.int64) for fact in facts]).tolist() if facts else []
@@ -58,7 +59,12 @@ def read_values(input_ids, vocab_size, attention_mask=None, restarts=None):
         if lowest < 0 or highest >= vocab_size:
             bad = lowest if lowest < 0 else highest
             raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
-    padded = bool(values.pop(0)) if attention_mask is not None else True
+    padded = True
+    if attention_mask is not None:
+        padded, not_binary, *values = values
+        if not_binary:
+            raise ValueError("attention_mask must hold 1 for tokens and 0 for padding, found other values")
+        padded = bool(padded)
     restarting = bool(values.pop(0)) if restarts is not None else True
     return padded, restarting
 
