@@ -49,22 +49,18 @@ with a one-line error naming the flag, file or row, before any training.
 
 import argparse
 import importlib.util
-import json
 import math
 import os
-import re
 import signal
-import threading
+import sys
 import time
 from pathlib import Path
 
-import datasets
 import torch
 import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     DataCollatorForLanguageModeling,
     Trainer,
     TrainerCallback,
@@ -77,30 +73,22 @@ import hf_mamba
 from hf_mamba.compat import checkpointing_training_args
 from hf_mamba.hub import upload_folder, write_model_card
 from hf_mamba.integrations import LORA_TARGET_MODULES
-from hf_mamba.loading import (
-    ModelFolderError,
-    check_tokenizer_fits,
-    is_local_path,
-    read_shard_index,
-    safetensors_problem,
+from hf_mamba.loading import ModelFolderError, check_tokenizer_fits, is_local_path
+
+# The data and checkpoint helpers live beside this file (scripts/ is sys.path[0] only when run as a script; the
+# tests load it by path). DEMO_TEXT, train_demo_tokenizer and checkpoint_problem: for the tests, which reach them
+# here.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _train_checkpoints import StopOnSignal, checkpoint_problem, resolve_checkpoint  # noqa: E402, F401
+from _train_data import (  # noqa: E402, F401
+    DEMO_TEXT,
+    check_tokenizer,
+    fail,
+    load_raw_datasets,
+    load_tokenizer,
+    tokenize,
+    train_demo_tokenizer,
 )
-
-# Built-in text for the offline default: a few paragraphs about state space models, repeated.
-DEMO_TEXT = [
-    "A state space model maps an input sequence to an output sequence through a hidden state.",
-    "Mamba makes the state space parameters depend on the input, so the model can select what to remember.",
-    "The selective scan runs in time linear in the sequence length and needs no attention cache.",
-    "During generation each new token is one recurrent step with a state of fixed size.",
-    "The discretisation uses a zero order hold: the state decays by exp(delta A) at every step.",
-    "A short causal convolution before the scan mixes neighbouring tokens.",
-    "Gating with the SiLU of a second projection controls what leaves the block.",
-    "Residual blocks with RMS normalisation stack the mixers into a deep network.",
-]
-
-
-def fail(message: str):
-    """Stop with a one-line error (exit status 1): for problems found in the data, files or checkpoints."""
-    raise SystemExit(f"error: {message}")
 
 
 def positive_int(text: str) -> int:
@@ -243,178 +231,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def _data_source(args, split: str) -> str:
-    """How the user named a split's data, for error messages."""
-    if args.dataset:
-        return f"--dataset {args.dataset}"
-    if args.train_file:
-        files = args.validation_file if split == "validation" and args.validation_file else args.train_file
-        flag = "--validation-file" if files is args.validation_file else "--train-file"
-        return f"{flag} {' '.join(files)}"
-    return "the built-in demo text"
-
-
-def check_text_column(dataset: datasets.Dataset, column: str, source: str) -> None:
-    """Every row holds a string in `column` (datasets fills a field a JSON row lacks with None)."""
-    if len(dataset) == 0:
-        fail(f"{source} has no rows")
-    if column not in dataset.column_names:
-        fail(f"--text-column {column!r} is not a field of {source}; its fields: {', '.join(dataset.column_names)}")
-    feature = dataset.features[column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        for row, value in enumerate(dataset[column]):
-            if not isinstance(value, str):
-                fail(f"row {row} of {source} (counting from 0): {column!r} holds {value!r:.40}, not text")
-    values = dataset.with_format("arrow")[column]  # the arrow column: no copy into Python objects
-    if values.null_count:
-        row = values.is_null().to_pylist().index(True)
-        fail(f"row {row} of {source} (counting from 0) has no {column!r} field (or it is null)")
-
-
-def load_raw_datasets(args) -> datasets.DatasetDict:
-    """{"train", "validation"} text datasets from the Hub, local files, or the built-in demo text."""
-    if args.dataset:
-        if os.path.isdir(args.dataset) and (Path(args.dataset) / "dataset_dict.json").exists():
-            raw = datasets.load_from_disk(args.dataset)
-        else:
-            raw = datasets.load_dataset(args.dataset, args.dataset_config)
-    elif args.train_file:
-        files = {"train": args.train_file}
-        if args.validation_file:
-            files["validation"] = args.validation_file
-        extension = Path(args.train_file[0]).suffix.lstrip(".")
-        builder = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(extension)
-        if builder is None:
-            fail(f"--train-file must be .txt, .json, .jsonl, .parquet or .csv, got {args.train_file[0]}")
-        raw = datasets.load_dataset(builder, data_files=files)
-    else:
-        train = [line for _ in range(40) for line in DEMO_TEXT]
-        raw = datasets.DatasetDict(
-            train=datasets.Dataset.from_dict({args.text_column: train}),
-            validation=datasets.Dataset.from_dict({args.text_column: DEMO_TEXT * 4}),
-        )
-    if "train" not in raw:
-        fail(f"{_data_source(args, 'train')} has no 'train' split; its splits: {', '.join(raw)}")
-    for split in ("train", "validation"):
-        if split in raw:  # checked before the split below, so row numbers are those of the files
-            check_text_column(raw[split], args.text_column, _data_source(args, split))
-    if "validation" not in raw:
-        rows, percentage = len(raw["train"]), args.validation_split_percentage
-        if rows - math.ceil(rows * percentage / 100) < 1:
-            fail(
-                f"{_data_source(args, 'train')} has {rows} row(s): too few to hold out "
-                f"--validation-split-percentage {percentage:g} for evaluation; add rows or give --validation-file"
-            )
-        split = raw["train"].train_test_split(test_size=percentage / 100, seed=args.seed)
-        raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
-    return raw
-
-
-def sample_texts(dataset: datasets.Dataset, column: str, count: int = 256) -> list[str]:
-    """The first `count` texts that are not blank (wikitext, for one, has many empty rows)."""
-    texts = []
-    for batch in dataset.select_columns([column]).iter(batch_size=1024):
-        texts += [text for text in batch[column] if text.strip()]
-        if len(texts) >= count:
-            break
-    return texts[:count]
-
-
-def check_tokenizer(tokenizer, raw: datasets.DatasetDict, args) -> None:
-    """Refuse a tokenizer that turns the training text into nothing but special tokens.
-
-    A model folder without tokenizer files gets Transformers' fallback tokenizer for the model type, which
-    has no vocabulary and encodes every text as []; training then "succeeds" on end-of-text tokens alone.
-    """
-    source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--model {args.model}'s tokenizer"
-    texts = sample_texts(raw["train"], args.text_column)
-    if not texts:
-        fail(f"{_data_source(args, 'train')} holds no text (every {args.text_column!r} is blank)")
-    special = set(tokenizer.all_special_ids)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if not any(token not in special for row in ids for token in row):
-        fail(
-            f"{source} ({len(tokenizer)} tokens, {type(tokenizer).__name__}) encodes the training text as no tokens "
-            "but special ones; the model folder probably lacks tokenizer files: name a tokenizer with --tokenizer "
-            "(for state-spaces models: --tokenizer EleutherAI/gpt-neox-20b)"
-        )
-
-
-def tokenize(raw: datasets.DatasetDict, tokenizer, args, training_args) -> datasets.DatasetDict:
-    """Token ids, packed into block_size chunks (each text followed by EOS) or truncated one per text."""
-    column = args.text_column
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    def encode(batch):
-        ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [row + eos for row in ids]}
-
-    def pack(batch):
-        # Concatenate the batch and cut it into block_size pieces; the remainder of each map batch is dropped.
-        stream = [token for row in batch["input_ids"] for token in row]
-        usable = len(stream) // args.block_size * args.block_size
-        blocks = [stream[i : i + args.block_size] for i in range(0, usable, args.block_size)]
-        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
-
-    def truncate(batch):
-        return {"input_ids": [row[: args.block_size] for row in batch["input_ids"]]}
-
-    with training_args.main_process_first(desc="tokenizing"):
-        tokenized = raw.map(encode, batched=True, remove_columns=raw["train"].column_names, desc="tokenizing")
-        if args.no_packing:
-            tokenized = tokenized.map(truncate, batched=True, desc="truncating")
-        else:
-            encoded = tokenized
-            tokenized = encoded.map(pack, batched=True, batch_size=1000, desc=f"packing to {args.block_size}")
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if limit is not None:
-            tokenized[split] = tokenized[split].select(range(min(limit, len(tokenized[split]))))
-    for split in ("train", "validation"):
-        if len(tokenized[split]) == 0:  # only packing drops data: a text gives at least its EOS otherwise
-            tokens = sum(len(row) for row in encoded[split]["input_ids"])
-            fail(
-                f"{_data_source(args, split)} makes no {split} sequence of --block-size {args.block_size} tokens "
-                f"({tokens} tokens in all): lower --block-size or add data"
-            )
-    return tokenized
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model and tokenizer
-
-
-def train_demo_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE trained on `texts`: enough for the offline demo and the tests."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-
-
-def load_tokenizer(args, raw):
-    if args.tokenizer or args.model:
-        tokenizer = AutoTokenizer.from_pretrained(
-            args.tokenizer or args.model, trust_remote_code=args.trust_remote_code
-        )
-    else:
-        tokenizer = train_demo_tokenizer(raw["train"][args.text_column], args.vocab_size)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-NeoX-style tokenizers of the Mamba checkpoints have none
-    return tokenizer
+# Model
 
 
 def quantization_config(args):
@@ -514,141 +331,7 @@ def wrap_lora(model, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: which one to resume from
-
-
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", *ADAPTER_FILES)
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why the Trainer could not resume from `folder`, or None when the checkpoint is complete.
-
-    The Trainer writes weights, optimizer, scheduler and RNG states first and trainer_state.json last
-    (Trainer._save_checkpoint), so a save that was cut short lacks trainer_state.json or leaves it unreadable;
-    the weights are checked too, since a copy or a full disk can truncate them.
-    """
-    try:
-        json.loads((folder / "trainer_state.json").read_text())["global_step"]
-    except FileNotFoundError:
-        return "no trainer_state.json (written last: the save was cut short)"
-    except (ValueError, KeyError):
-        return "trainer_state.json is cut short or corrupt"
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weights = list(read_shard_index(index))
-        except OSError as error:  # not a shard index, or a shard missing: the message names the file
-            return str(error)
-    else:
-        weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
-        if not weights and not any(path.name.startswith("pytorch_model_fsdp") for path in folder.iterdir()):
-            return "no model weights"
-    for path in weights:
-        if not path.is_file():
-            return f"{path.name} is missing"
-        if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
-            return f"{path.name} {problem}"
-    if not any(folder.glob("optimizer*")):
-        return "no optimizer state"
-    if not (folder / "scheduler.pt").is_file():
-        return "no scheduler.pt"
-    if not any(folder.glob("rng_state*.pth")):
-        return "no rng_state.pth"
-    return None
-
-
-def resolve_checkpoint(args, log=print) -> str | None:
-    """The checkpoint folder --resume-from-checkpoint names ("latest": the newest complete one), checked."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        output_dir = Path(args.output_dir)
-        found = [
-            (int(match.group(1)), path)
-            for path in (output_dir.iterdir() if output_dir.is_dir() else [])
-            if path.is_dir() and (match := CHECKPOINT_NAME.fullmatch(path.name))
-        ]
-        skipped = []
-        for _, folder in sorted(found, reverse=True):
-            problem = checkpoint_problem(folder)
-            if problem is None:
-                break
-            skipped.append(f"{folder.name}: {problem}")
-        else:
-            what = f"every checkpoint is incomplete ({'; '.join(skipped)})" if skipped else "no checkpoint-* folder"
-            fail(
-                f"--resume-from-checkpoint latest: nothing to resume in {output_dir}: {what}; "
-                "leave the flag out to start from scratch"
-            )
-        for line in skipped:
-            log(f"skipped incomplete {line}")
-        log(f"resuming from {folder}, the newest complete checkpoint")
-    else:
-        folder = Path(args.resume_from_checkpoint)
-        if not folder.is_dir():
-            fail(f"--resume-from-checkpoint {folder}: no such folder")
-        if problem := checkpoint_problem(folder):
-            fail(f"--resume-from-checkpoint {folder} is incomplete: {problem}")
-    adapter = any((folder / name).is_file() for name in ADAPTER_FILES)
-    if adapter and not args.lora:
-        fail(f"{folder} holds a LoRA adapter: resume it with --lora (and the run's other --lora-* flags)")
-    if args.lora and not adapter:
-        fail(f"{folder} holds full model weights, not a LoRA adapter: resume it without --lora")
-    return str(folder)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Interrupts and logging
-
-
-class StopOnSignal(TrainerCallback):
-    """SIGINT / SIGTERM during training: finish the current optimizer step, save a checkpoint there, stop.
-
-    The handler only records the signal; the Trainer's own checkpointing then runs at the step's end, so no
-    checkpoint is cut short by it. A second signal of the same kind a second or more later (Ctrl-C pressed
-    again) gets the previous handler: a stop at once, losing the steps since the last checkpoint. Repeats
-    within a second are the same interrupt arriving twice: a terminal signals the whole process group and
-    torchrun forwards the signal to its workers too. Under several processes every rank stops at the same
-    step (the flag is all-reduced), so none waits on a collective the others have left.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal, self.time, self.stopped, self.previous = None, 0.0, False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-        self.previous = {}
-
-    def _handle(self, number, frame):
-        if self.signal is None:
-            self.signal, self.time = number, time.monotonic()
-            name = signal.Signals(number).name
-            # os.write: print() from a handler can hit stdout's buffer mid-write ("reentrant call").
-            os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping\n".encode())
-        elif number == self.signal and time.monotonic() - self.time >= 1.0:
-            self.__exit__()
-            signal.raise_signal(number)  # the previous handler: KeyboardInterrupt, or the default termination
-
-    def on_step_end(self, args, state, control, **kwargs):
-        stop = self.signal is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([float(stop)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if stop:
-            self.stopped = True
-            control.should_log = control.should_save = control.should_training_stop = True
-        return control
+# Logging
 
 
 class TokensPerSecondCallback(TrainerCallback):
