@@ -665,6 +665,23 @@ def test_a_forward_reads_values_to_the_host_once(model, monkeypatch, with_mask, 
     assert reads == ["tolist"]
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_an_fp64_model_continues_its_cache_in_fp64(backend):
+    """The cache keeps an fp64 model's SSM state in fp64, so chunks and steps equal one forward to fp64 rounding
+    (an fp32 state put the error at 5e-7: too coarse for gradient checks and references)."""
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, state_size=8))
+    model = model.double().eval()
+    model.config.scan_backend = backend
+    ids = torch.randint(32, (2, 24))
+    out = model(ids[:, :10], use_cache=True)
+    cache = getattr(out, CACHE_FIELD)
+    logits = [out.logits, model(ids[:, 10:20], cache=cache, use_cache=True).logits]
+    logits += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(20, 24)]
+    assert cache.ssm_states[0].dtype == torch.float64
+    torch.testing.assert_close(torch.cat(logits, dim=1), model(ids).logits, rtol=1e-12, atol=1e-12)
+
+
 def test_an_empty_batch_runs_with_and_without_a_cache(model):
     """Batch 0 (say, the last shard of a dataset): empty logits, and a cache of no sequences that continues."""
     ids = torch.zeros(0, 5, dtype=torch.long)

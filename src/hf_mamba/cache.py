@@ -2,7 +2,7 @@
 
 Per layer it holds
     conv_states[i]  (batch, d_inner, d_conv)   the last d_conv inputs of the causal conv, newest last
-    ssm_states[i]   (batch, d_inner, d_state)  the SSM state h, always fp32
+    ssm_states[i]   (batch, d_inner, d_state)  the SSM state h, fp32 (fp64 in an fp64 model)
 allocated once; every update writes into these tensors in place, so their addresses never
 change (what CUDA-graph capture of the decode step needs). Read a layer's states as
 `cache.conv_states[i]` / `cache.ssm_states[i]` (plain list indexing, no copy), or through
@@ -23,7 +23,8 @@ class MambaCache(Cache):
     Args:
         config: the model's MambaConfig.
         batch_size: number of sequences.
-        dtype: dtype of the conv states (the model's activation dtype); SSM states are fp32.
+        dtype: dtype of the conv states (the model's activation dtype); SSM states are fp32 (fp64 for an fp64
+            model, as its scans compute).
         device: where to allocate.
     """
 
@@ -37,9 +38,10 @@ class MambaCache(Cache):
             raise ValueError(f"batch_size must be a non-negative integer, got {batch_size!r}")
         d_inner = config.intermediate_size
         layers = range(config.num_hidden_layers)
+        state_dtype = torch.promote_types(dtype, torch.float32)
         self._set_states(
             [torch.zeros(batch_size, d_inner, config.conv_kernel, dtype=dtype, device=device) for _ in layers],
-            [torch.zeros(batch_size, d_inner, config.state_size, dtype=torch.float32, device=device) for _ in layers],
+            [torch.zeros(batch_size, d_inner, config.state_size, dtype=state_dtype, device=device) for _ in layers],
         )
 
     @classmethod
