@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_tensors
+from ..selective_scan import resolve_backend  # one definition of the backend names and checks
 
 
 def causal_conv1d(
@@ -70,8 +71,6 @@ def _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx):
 
 
 def _conv_backend(backend, device, initial_state):
-    from ..selective_scan import resolve_backend  # one definition of the backend names and checks
-
     name = resolve_backend(backend, device)
     if name == "triton" and initial_state is not None:
         if backend == "triton":
@@ -112,8 +111,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, back
         raise ValueError(f"conv_state must have shape {expected}, got {tuple(conv_state.shape)}")
     if bias is not None and tuple(bias.shape) != (x.shape[1],):
         raise ValueError(f"bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
-    from ..selective_scan import resolve_backend
-
     if resolve_backend(backend, x.device) == "triton":
         from .triton_conv_update import causal_conv1d_update_triton
 

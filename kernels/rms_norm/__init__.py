@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_tensors
+from ..selective_scan import resolve_backend
 from ..selective_scan.reference import fp32_or_wider
 
 
@@ -80,8 +81,6 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
         raise ValueError(f"weight must have shape ({residual.shape[-1]},), got {tuple(weight.shape)}")
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ValueError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
-    from ..selective_scan import resolve_backend
-
     tensors = (residual, delta, weight)
     # Rows of no elements (hidden_size 0) go to the PyTorch ops: the kernel's rows need a column.
     triton = resolve_backend(backend, residual.device) == "triton" and residual.shape[-1] > 0

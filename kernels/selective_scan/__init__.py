@@ -7,6 +7,7 @@ Backends:
     None         the fastest one available for the tensors' device
 """
 
+import functools
 import os
 
 import torch
@@ -43,6 +44,23 @@ def resolve_backend(backend, device) -> str:
     return backend
 
 
+def _check_shapes(*expected):
+    """ValueError for the first (name, tensor, shape) whose tensor is given and has another shape."""
+    for name, tensor, shape in expected:
+        if tensor is not None and tensor.shape != shape:  # torch.Size against a tuple, no conversion
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+@functools.cache
+def _triton_entries():
+    """The Triton entry points, imported on first use (the PyTorch paths need no Triton); cached,
+    since an import statement costs host time on every call."""
+    from .triton_scan import selective_scan_triton
+    from .triton_state_update import selective_state_update_triton
+
+    return selective_scan_triton, selective_state_update_triton
+
+
 def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx=None):
     check_tensors(
         u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state
@@ -53,18 +71,15 @@ def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_i
     if A.dim() != 2 or A.shape[0] != d_inner:
         raise ValueError(f"A must have shape (d_inner={d_inner}, d_state), got {tuple(A.shape)}")
     d_state = A.shape[1]
-    expected = {
-        "delta": (delta, (batch, d_inner, seqlen)),
-        "B": (B, (batch, d_state, seqlen)),
-        "C": (C, (batch, d_state, seqlen)),
-        "D": (D, (d_inner,)),
-        "z": (z, (batch, d_inner, seqlen)),
-        "delta_bias": (delta_bias, (d_inner,)),
-        "initial_state": (initial_state, (batch, d_inner, d_state)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    _check_shapes(
+        ("delta", delta, (batch, d_inner, seqlen)),
+        ("B", B, (batch, d_state, seqlen)),
+        ("C", C, (batch, d_state, seqlen)),
+        ("D", D, (d_inner,)),
+        ("z", z, (batch, d_inner, seqlen)),
+        ("delta_bias", delta_bias, (d_inner,)),
+        ("initial_state", initial_state, (batch, d_inner, d_state)),
+    )
     if seq_idx is not None:
         if tuple(seq_idx.shape) != (batch, seqlen):
             raise ValueError(f"seq_idx must have shape {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
@@ -118,9 +133,7 @@ def selective_scan(
     # at least one element along each dimension.
     if name == "torch" or u.numel() == 0 or A.shape[1] == 0:
         return selective_scan_torch(*args, seq_idx=seq_idx)
-    from .triton_scan import selective_scan_triton
-
-    return selective_scan_triton(*args, seq_idx=seq_idx)
+    return _triton_entries()[0](*args, seq_idx=seq_idx)
 
 
 def selective_state_update(
@@ -143,27 +156,22 @@ def selective_state_update(
         raise ValueError(f"A must have shape (d_inner, d_state), got {tuple(A.shape)}")
     batch, d_inner = x.shape
     d_state = A.shape[-1]
-    expected = {
-        "state": (state, (batch, d_inner, d_state)),
-        "dt": (dt, (batch, d_inner)),
-        "A": (A, (d_inner, d_state)),
-        "B": (B, (batch, d_state)),
-        "C": (C, (batch, d_state)),
-        "D": (D, (d_inner,)),
-        "z": (z, (batch, d_inner)),
-        "dt_bias": (dt_bias, (d_inner,)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    _check_shapes(
+        ("state", state, (batch, d_inner, d_state)),
+        ("dt", dt, (batch, d_inner)),
+        ("A", A, (d_inner, d_state)),
+        ("B", B, (batch, d_state)),
+        ("C", C, (batch, d_state)),
+        ("D", D, (d_inner,)),
+        ("z", z, (batch, d_inner)),
+        ("dt_bias", dt_bias, (d_inner,)),
+    )
     args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     # One step is already fully vectorised in PyTorch: "torch" and "reference" share the code. It also
     # takes the empty cases (no state: y is the skip alone), which the kernel's tiles do not.
     if resolve_backend(backend, x.device) in ("reference", "torch") or x.numel() == 0 or d_state == 0:
         return selective_state_update_ref(*args)
-    from .triton_state_update import selective_state_update_triton
-
-    return selective_state_update_triton(*args)
+    return _triton_entries()[1](*args)
 
 
 __all__ = [
