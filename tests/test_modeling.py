@@ -223,8 +223,10 @@ def test_cache_argument_under_either_name(model):
         by_new_name = model(ids[:, 5:], cache=cache, use_cache=True).logits
         assert torch.equal(by_old_name, by_new_name)
         other = MambaCache(model.config, batch_size=2)
-        with pytest.raises(ValueError, match="cache_params or as cache"):
+        with pytest.raises(ValueError, match="Both `cache_params` and `cache` are set"):
             model(ids[:, 5:], cache_params=cache, cache=other)
+        with pytest.raises(ValueError, match="Both `cache_params` and `cache` are set"):
+            model.backbone(ids[:, 5:], cache_params=cache, cache=other)
 
 
 def test_generate_continues_from_a_user_cache(model):

@@ -90,7 +90,7 @@ def prefill_in_chunks(
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask[:, start:stop]
         output = None  # drop the previous chunk's logits before the next forward allocates its own
-        output = model(input_ids=input_ids[:, start:stop], cache_params=cache, use_cache=True, **kwargs)
+        output = model(input_ids=input_ids[:, start:stop], cache=cache, use_cache=True, **kwargs)
         cache = output[CACHE_FIELD] if CACHE_FIELD in output else None
         if cache is None:
             raise ValueError(

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .block import MambaBlock, MambaMixer, MambaRMSNorm, norm_output_dtype
 from .cache import MambaCache
@@ -95,8 +96,15 @@ class MambaPreTrainedModel(MambaHubMixin, PreTrainedModel):
             init.copy_(weight, weight / math.sqrt(config.num_hidden_layers))
 
 
+# Transformers 5.24 renamed the forwards' `cache_params` to `cache`. The forwards take `cache`, and `cache_params`
+# is renamed to it without a warning on every release we support (version 5.0 is at or below all of them):
+# 5.17's generate() still passes the old name. Both at once is a ValueError.
+accepts_cache_params = deprecate_kwarg("cache_params", version="5.0", new_name="cache", raise_if_both_names=True)
+
+
 def _one_cache(cache_params, cache):
-    """The cache passed under either name (`cache_params` or Transformers 5.24's `cache`)."""
+    """The cache passed to prepare_inputs_for_generation under either name: generate() validates its keyword
+    arguments against that method's own signature, so both names stay in it (the forwards take `cache`)."""
     if cache is not None and cache_params is not None and cache is not cache_params:
         raise ValueError("Pass the cache as cache_params or as cache, not two different caches")
     return cache_params if cache_params is not None else cache
@@ -204,25 +212,25 @@ class MambaModel(MambaPreTrainedModel):
                 all_hidden.append(hidden_states)
         return normed
 
+    @accepts_cache_params
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache_params: MambaCache | None = None,
+        cache: MambaCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: MambaCache | None = None,
         new_cache: Callable[..., MambaCache] | None = None,
         **kwargs,
     ) -> tuple | MambaOutput:
         """
         Args:
             input_ids: (batch, seqlen) token ids, or inputs_embeds (batch, seqlen, hidden_size).
-            cache_params: a MambaCache to continue from and update in place (`cache` is the same argument
-                under Transformers 5.24's name).
+            cache: a MambaCache to continue from and update in place (also taken as `cache_params`, its name
+                before Transformers 5.24).
             use_cache: create (if needed) and return a cache; defaults to config.use_cache outside training.
             attention_mask: (batch, seqlen), 1 for tokens and 0 for padding; padding leaves the state unchanged.
             position_ids: (batch, seqlen); Mamba needs no positions, but where they restart at 0 inside a row
@@ -237,7 +245,7 @@ class MambaModel(MambaPreTrainedModel):
         if not padded:
             attention_mask = None  # all ones: the unmasked path
         seq_idx = document_ids(restarts) if restarts is not None and restarting else None
-        cache_params = _one_cache(cache_params, cache)
+        cache_params = cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -434,19 +442,19 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         plain = self.backbone._plain_blocks_and_norms()
         return weights, modules, global_hooks, plain, scan_backend_for(self.config), autocast
 
+    @accepts_cache_params
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache_params: MambaCache | None = None,
+        cache: MambaCache | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         position_ids: torch.LongTensor | None = None,
-        cache: MambaCache | None = None,
         **kwargs,
     ) -> tuple | MambaCausalLMOutput:
         """
@@ -456,7 +464,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             Others: see MambaModel.forward.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        cache_params = _one_cache(cache_params, cache)
+        cache_params = cache
         if self._use_decode_graph(
             input_ids,
             cache_params,
@@ -477,7 +485,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         outputs = self.backbone(
             input_ids,
             inputs_embeds=inputs_embeds,
-            cache_params=cache_params,
+            cache=cache_params,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
