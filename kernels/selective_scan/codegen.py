@@ -136,10 +136,14 @@ def bf16_pairs(t, axis=1):
     """Whether t (batch, d_state, seqlen) can be read as 32-bit words of two bf16 values along `axis`
     (1: states, a step's row; 2: steps, `time_vector`): unit stride there, an even length, and every
     row starting on a 4-byte boundary (BC_PAIRS)."""
-    if t.dtype != torch.bfloat16 or t.stride(axis) != 1 or t.shape[axis] % 2 or t.data_ptr() % 4:
+    return t.data_ptr() % 4 == 0 and bf16_pair_layout(t.dtype, t.shape, t.stride(), axis)
+
+
+def bf16_pair_layout(dtype, shape, strides, axis=1):
+    """`bf16_pairs` less the pointer's alignment: what the dtype, shape and strides decide."""
+    if dtype != torch.bfloat16 or strides[axis] != 1 or shape[axis] % 2:
         return False
-    others = [(size, stride) for i, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)) if i != axis]
-    return all(size == 1 or stride % 2 == 0 for size, stride in others)
+    return all(size == 1 or stride % 2 == 0 for i, (size, stride) in enumerate(zip(shape, strides)) if i != axis)
 
 
 def generated_kernel(src, stem, name):
@@ -166,6 +170,7 @@ def generated_kernel(src, stem, name):
 __all__ = [
     "HEADER",
     "ZERO",
+    "bf16_pair_layout",
     "bf16_pairs",
     "decay_rate",
     "delta_prologue",

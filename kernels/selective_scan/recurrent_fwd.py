@@ -33,6 +33,7 @@ backward (`recurrent_bwd`, `chunk`).
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -43,7 +44,7 @@ from .chain import ChainTuning, chain_segments, segment_count
 from .codegen import (
     HEADER,
     ZERO,
-    bf16_pairs,
+    bf16_pair_layout,
     decay_rate,
     delta_prologue,
     generated_kernel,
@@ -454,26 +455,82 @@ def _tiled(B, C, T):
     return BC
 
 
-def _bc_reads(B, C, lanes, T):
-    """How the kernel reads B and C: (B, C as passed, their (batch, state, step) strides, BC_PAIRS,
-    BC_TIME_VECTORS, BC_TILED).
+def _bc_reads(lanes, B_dtype, C_dtype, B_strides, C_strides, shape, aligned):
+    """How the kernel reads B and C (batch, d_state, seqlen) of `shape`: (BC_PAIRS, BC_TIME_VECTORS,
+    BC_TILED).
 
     Several lanes per channel, or unit time stride (the benchmark's layout) with one dtype: one
     vector of a tile's steps per state, from a tile-by-tile copy (`_tiled`), so that the kernel finds
     every state's row at a fixed offset from one pointer per tile; bf16 as words of two steps, through
     an int32 view so that the kernel's strides count words. B and C of two dtypes with unit time
     stride: vectors read as passed. Otherwise step by step, bf16 with unit state stride (the model's
-    x_proj layout) as words of two states (`_state_row`)."""
-    time_rows = B.stride(2) == 1 and C.stride(2) == 1
-    if lanes != 1 or (time_rows and B.dtype == C.dtype):
-        BC = _tiled(B, C, T)
-        if BC.dtype == torch.bfloat16:
-            BC = BC.view(torch.int32)
-        strides = (BC.stride(0), 0, 0)
-        return BC, BC, strides, strides, BC.dtype == torch.int32, True, True
-    if time_rows:
-        return B, C, B.stride(), C.stride(), False, True, False
-    return B, C, B.stride(), C.stride(), bf16_pairs(B) and bf16_pairs(C), False, False
+    x_proj layout) as words of two states (`_state_row`; `aligned`: both start on 4-byte boundaries)."""
+    B_time_rows = B_strides[2] == 1 and C_strides[2] == 1
+    if lanes != 1 or (B_time_rows and B_dtype == C_dtype):
+        return torch.promote_types(B_dtype, C_dtype) == torch.bfloat16, True, True
+    if B_time_rows:
+        return False, True, False
+    pairs = aligned and bf16_pair_layout(B_dtype, shape, B_strides) and bf16_pair_layout(C_dtype, shape, C_strides)
+    return pairs, False, False
+
+
+class _FwdPlan(NamedTuple):
+    """The launches of one forward, decided once per kind of input (`_fwd_plan`)."""
+
+    kernel: object
+    T: int
+    n_blocks: int  # programs along the channels
+    n_seg: int
+    chunks_per_seg: int
+    bc_tiled: bool  # B and C read from a tile-by-tile copy
+    flags: dict  # constexprs and launch options of both passes
+    single_pass: dict  # n_seg == 1: the one pass's own flags
+    pass1: dict  # n_seg > 1: the states-only pass over every segment but the last
+    pass2: dict  # n_seg > 1: the rerun from the chained states
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_plan(
+    shape, d_state, dtype, u_strides, delta_strides, z_strides, B_dtype, C_dtype, B_strides, C_strides, bc_aligned,
+    device, has_seq_idx, has_D, has_z, has_delta_bias, delta_softplus, has_initial_state, save, ckpt_len,
+    A_is_log, tuning,
+):
+    """The forward's launch plan. Its arguments are everything the plan reads: the shapes (u's; A is
+    (d_inner, d_state), B and C (batch, d_state, seqlen)), dtypes and strides of the inputs, B and C's
+    4-byte alignment (the one property of a pointer it reads), the device (multiprocessors, CUDA or
+    the interpreter), which optional inputs are given, the flags and the tuning; nothing of the
+    tensors' values."""
+    batch, d_inner, seqlen = shape
+    T = max(2, 16 // dtype.itemsize)  # one 16-byte vector of steps per thread
+    num_warps = 1
+    time_rows = all(s is None or s[2] == 1 or seqlen == 1 for s in (u_strides, delta_strides, z_strides))
+    lanes, spread = _lanes_per_channel(batch, d_inner, d_state, T, time_rows, device, tuning)
+    # The spread fills the GPU: no segments.
+    warps_per_sm = tuning.spread_warps_per_sm if spread else tuning.warps_per_sm
+    bc_pairs, bc_time_vectors, bc_tiled = _bc_reads(
+        lanes, B_dtype, C_dtype, B_strides, C_strides, (batch, d_state, seqlen), bc_aligned
+    )
+    block = 32 * num_warps // lanes  # channels per program
+    n_tiles = cdiv(seqlen, T)
+    assert not save or ckpt_len % T == 0
+    n_blocks = cdiv(d_inner, block)
+    max_segments = 1 if has_seq_idx else n_tiles  # segments chain by ΣΔ, blind to document resets
+    n_seg = segment_count(batch * n_blocks, warps_per_sm, device, n_tiles, tuning.min_tiles_per_seg, max_segments)
+    is_cuda = device.type == "cuda"
+    flags = dict(
+        HAS_SEQ_IDX=has_seq_idx,
+        HAS_D=has_D, HAS_Z=has_z, HAS_DELTA_BIAS=has_delta_bias,
+        DELTA_SOFTPLUS=delta_softplus, CKPT_EVERY=max(1, ckpt_len // T), num_warps=num_warps,
+        BC_PAIRS=bc_pairs, BC_TIME_VECTORS=bc_time_vectors, BC_TILED=bc_tiled, FAST_MATH=is_cuda,
+        A_LOG=A_is_log, BLOCK_D=block, EVEN_TILES=seqlen % T == 0 and d_inner % block == 0,
+        **({"maxnreg": tuning.maxnreg} if tuning.maxnreg and is_cuda else {}),
+    )
+    return _FwdPlan(
+        _fwd_kernel(d_state, T, lanes), T, n_blocks, n_seg, cdiv(n_tiles, n_seg), bc_tiled, flags,
+        single_pass=dict(USE_INITIAL_STATE=has_initial_state, STATES_ONLY=False, SAVE_CHUNK_STATES=save),
+        pass1=dict(USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False),
+        pass2=dict(USE_INITIAL_STATE=True, STATES_ONLY=False, SAVE_CHUNK_STATES=save),
+    )
 
 
 def scan_fwd_recurrent(
@@ -487,25 +544,23 @@ def scan_fwd_recurrent(
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
-    T = max(2, 16 // u.element_size())  # one 16-byte vector of steps per thread
-    num_warps = 1
-    time_rows = all(t is None or t.stride(2) == 1 or seqlen == 1 for t in (u, delta, z))
-    lanes, spread = _lanes_per_channel(batch, d_inner, d_state, T, time_rows, u.device, tuning)
-    # The spread fills the GPU: no segments.
-    warps_per_sm = tuning.spread_warps_per_sm if spread else tuning.warps_per_sm
-    B, C, B_strides, C_strides, bc_pairs, bc_time_vectors, bc_tiled = _bc_reads(B, C, lanes, T)
-    block = 32 * num_warps // lanes  # channels per program
-    n_tiles = cdiv(seqlen, T)
     save = chunk_states.numel() > 0
-    assert not save or ckpt_len % T == 0
-    ckpt_every = max(1, ckpt_len // T)
+    plan = _fwd_plan(
+        u.shape, d_state, u.dtype, u.stride(), delta.stride(), None if z is None else z.stride(),
+        B.dtype, C.dtype, B.stride(), C.stride(), B.data_ptr() % 4 == 0 and C.data_ptr() % 4 == 0,
+        u.device, seq_idx is not None, D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
+        initial_state is not None, save, ckpt_len, A_is_log, tuning,
+    )
+    if plan.bc_tiled:
+        B = C = _tiled(B, C, plan.T)
+        if B.dtype == torch.bfloat16:
+            B = C = B.view(torch.int32)
+        B_strides = C_strides = (B.stride(0), 0, 0)
+    else:
+        B_strides, C_strides = B.stride(), C.stride()
     n_ckpt = chunk_states.shape[2] if save else 1
     out = torch.empty_like(u)  # (batch, d_inner, seqlen), in u's layout (channels-last in the model)
-    kernel = _fwd_kernel(d_state, T, lanes)
-    programs = batch * cdiv(d_inner, block)
-    max_segments = 1 if seq_idx is not None else n_tiles  # segments chain by ΣΔ, blind to document resets
-    n_seg = segment_count(programs, warps_per_sm, u.device, n_tiles, tuning.min_tiles_per_seg, max_segments)
-    chunks_per_seg = cdiv(n_tiles, n_seg)
+    n_seg = plan.n_seg
     A_c = A.contiguous()
     if initial_state is not None:
         initial_state = initial_state.contiguous()
@@ -514,45 +569,28 @@ def scan_fwd_recurrent(
         *u.stride(), *delta.stride(), *A_c.stride(), *B_strides, *C_strides, *z_.stride(), *out.stride(),
     )
     si = seq_idx_args(seq_idx)
-    flags = dict(
-        HAS_SEQ_IDX=seq_idx is not None,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-        DELTA_SOFTPLUS=delta_softplus, CKPT_EVERY=ckpt_every, num_warps=num_warps,
-        BC_PAIRS=bc_pairs, BC_TIME_VECTORS=bc_time_vectors, BC_TILED=bc_tiled, FAST_MATH=u.is_cuda,
-        A_LOG=A_is_log, BLOCK_D=block, EVEN_TILES=seqlen % T == 0 and d_inner % block == 0,
-        **({"maxnreg": tuning.maxnreg} if tuning.maxnreg and u.is_cuda else {}),
-    )
 
-    def run_pass(segments, h0, h0_strides, h_out, dtsum, **pass_flags):
+    def run_pass(segments, h0, h0_strides, h_out, dtsum, pass_flags):
         """One launch of the generated kernel over (batch, channel blocks, segments)."""
         launch(
-            kernel, (batch, cdiv(d_inner, block), segments),
+            plan.kernel, (batch, plan.n_blocks, segments),
             u, delta, A_c, B, C, D, z, delta_bias, h0, out, h_out, dtsum, chunk_states,
-            seqlen, d_inner, n_ckpt, chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
-            **pass_flags, **flags,
+            seqlen, d_inner, n_ckpt, plan.chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
+            **pass_flags, **plan.flags,
         )
 
     if n_seg == 1:
         final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
-        run_pass(
-            1, initial_state, (d_inner * d_state, d_state, 0), final_state, None,
-            USE_INITIAL_STATE=initial_state is not None, STATES_ONLY=False, SAVE_CHUNK_STATES=save,
-        )
+        run_pass(1, initial_state, (d_inner * d_state, d_state, 0), final_state, None, plan.single_pass)
         return out, final_state
     seg_strides = (d_inner * n_seg * d_state, n_seg * d_state, d_state)
     h_end = u.new_empty(batch, d_inner, n_seg, d_state, dtype=torch.float32)
     dtsum = u.new_empty(batch, d_inner, n_seg - 1, dtype=torch.float32)
     # Pass 1 skips the last segment: no later segment needs its end state, and pass 2 computes it.
-    run_pass(
-        n_seg - 1, None, seg_strides, h_end, dtsum,
-        USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False,
-    )
+    run_pass(n_seg - 1, None, seg_strides, h_end, dtsum, plan.pass1)
     h_in = torch.empty_like(h_end)
     chain_segments(h_end, dtsum, A_c, initial_state, h_in, A_is_log, tuning.chain)
-    run_pass(
-        n_seg, h_in, seg_strides, h_end, None,
-        USE_INITIAL_STATE=True, STATES_ONLY=False, SAVE_CHUNK_STATES=save,
-    )
+    run_pass(n_seg, h_in, seg_strides, h_end, None, plan.pass2)
     return out, h_end[:, :, -1].contiguous() if need_final_state else None
 
 

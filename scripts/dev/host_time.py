@@ -3,6 +3,7 @@
     python scripts/dev/host_time.py                  # table of microseconds per call
     python scripts/dev/host_time.py --profile scan_fwd_bwd   # cProfile of one case, by function
     python scripts/dev/host_time.py --record out.pkl # the launches each case makes (kernel, grid, arguments)
+    python scripts/dev/host_time.py --compare a.pkl b.pkl   # two recordings launch the same?
 
 What it measures: the Python of our entry points (checks, backend choice, launch sizes, allocations,
 autograd Functions) and of `hf_mamba.kernels._launch.launch`, on CPU tensors, as the calls run on CUDA
@@ -21,7 +22,9 @@ a GPU are kernels: only the differences between two runs of the same column mean
 
 The recorded launches (--record) describe every argument (tensors by dtype, shape, strides; other values
 as they are) and every keyword, so that a change to the host code can be checked to launch the same
-GPU work (compare two recordings with --compare).
+GPU work (compare two recordings with --compare). A recording also covers the untimed `layout_cases`:
+the scan's other paths and inputs (odd lengths, dtypes, layouts, document ids, initial states, the
+chunk kernels, spread lanes, segments), forward and backward.
 """
 
 import argparse
@@ -213,6 +216,74 @@ def cases(device):
     return out
 
 
+def layout_cases(device):
+    """Untimed cases for --record: the scan on the paths and inputs the timed cases miss, each forward
+    and backward (autograd) or forward only, small widths (d_inner 40, not a power of two)."""
+    from hf_mamba.kernels import mamba_inner_triton, selective_scan
+
+    g = torch.Generator().manual_seed(2)
+
+    def scan_case(batch, d_inner, seqlen, d_state, dtype, grad, time_rows=False, seq_idx=False, h0=False):
+        def rand(*shape, dt=dtype):
+            return torch.randn(*shape, generator=g).to(device, dt).requires_grad_(grad)
+
+        if time_rows:  # (batch, channels, seqlen) contiguous: the kernel benchmark's layout
+            u, delta, z, B, C = (rand(batch, n, seqlen) for n in (d_inner, d_inner, d_inner, d_state, d_state))
+        else:  # channels-last views, as in the model
+            u, delta, z = (rand(batch, seqlen, d_inner).transpose(1, 2) for _ in range(3))
+            B, C = (rand(batch, seqlen, d_state).transpose(1, 2) for _ in range(2))
+        A = -torch.rand(d_inner, d_state, generator=g).to(device).requires_grad_(grad)
+        D, dt_bias = rand(d_inner, dt=F32), rand(d_inner, dt=F32)
+        kw = dict(D=D, z=z, delta_bias=dt_bias, delta_softplus=True, backend="triton")
+        if seq_idx:
+            kw["seq_idx"] = (torch.arange(seqlen) * 3 // seqlen).expand(batch, seqlen).to(device, torch.int32)
+        if h0:
+            kw["initial_state"] = rand(batch, d_inner, d_state, dt=F32)
+        leaves = [t for t in (u, delta, z, B, C, A, D, dt_bias, kw.get("initial_state")) if t is not None]
+        dy = torch.randn(batch, d_inner, seqlen, generator=g).to(device, dtype)
+
+        def run():
+            if not grad:
+                with torch.no_grad():
+                    selective_scan(u, delta, A, B, C, return_final_state=True, **kw)
+                return
+            y = selective_scan(u, delta, A, B, C, **kw)
+            torch.autograd.grad(y, leaves, dy)
+
+        return run
+
+    out = {
+        "odd_fp32_fwd": scan_case(1, 40, 129, 16, F32, False),
+        "odd_fp16_seqidx_h0": scan_case(2, 40, 129, 16, torch.float16, True, seq_idx=True, h0=True),
+        "odd_bf16_h0": scan_case(1, 40, 1029, 16, BF16, True, h0=True),  # segments
+        "time_rows_bf16": scan_case(2, 40, 129, 16, BF16, True, time_rows=True),
+        "spread_lanes_bf16": scan_case(4, D_INNER, 64, 16, BF16, False, time_rows=True),
+        "chunk_bwd_d32_fp32": scan_case(1, 40, 129, 32, F32, True),  # recurrent forward, chunk backward
+        "chunk_d128_bf16": scan_case(1, 40, 129, 128, BF16, True, seq_idx=True, h0=True),
+        "chunk_d128_fp16_fwd": scan_case(2, 40, 129, 128, torch.float16, False, time_rows=True),
+    }
+    d_model, d_inner, dt_rank = 24, 48, 2
+    hidden = torch.randn(1, 129, d_model, generator=g).to(device, BF16).requires_grad_(True)
+
+    def param(*shape):
+        return (torch.randn(*shape, generator=g) * 0.1).to(device).requires_grad_(True)
+
+    weights = dict(
+        conv_weight=param(d_inner, 1, D_CONV), conv_bias=param(d_inner),
+        x_proj_weight=param(dt_rank + 2 * D_STATE, d_inner),
+        dt_proj_weight=param(d_inner, dt_rank), dt_proj_bias=param(d_inner), A_log=param(d_inner, D_STATE),
+        D=param(d_inner), out_proj_weight=param(d_model, d_inner), in_proj_weight=param(2 * d_inner, d_model),
+    )
+    dout = torch.randn(1, 129, d_model, generator=g).to(device, BF16)
+
+    def mixer():
+        y = mamba_inner_triton(hidden, **weights)
+        torch.autograd.grad(y, (hidden, *weights.values()), dout)
+
+    out["mixer_odd_bf16"] = mixer
+    return {name: (name, fn) for name, fn in out.items()}
+
+
 def time_us(fn, repeats, inner):
     """Median over `repeats` of the mean microseconds of `inner` back-to-back calls (after warm-up)."""
     for _ in range(3):
@@ -264,8 +335,11 @@ def main():
     devices = {d: cases(d) for d in args.devices}
     names = [n for n in devices[args.devices[0]] if not args.only or n in args.only]
     if args.record:
+        recorded = {n: devices[args.devices[0]][n] for n in names}
+        if not args.only:
+            recorded.update(layout_cases(args.devices[0]))
         with open(args.record, "wb") as f:
-            pickle.dump(record({n: devices[args.devices[0]][n] for n in names}), f)
+            pickle.dump(record(recorded), f)
         print(f"wrote {args.record} ({args.devices[0]} tensors)")
         return
     if args.profile:

@@ -173,7 +173,10 @@ def test_BC_layouts(layout, dtype, nan_fill_empty):
             t = rows.to(dtype)[..., first:first + d_state].transpose(1, 2)
         kernel[name] = t.to(t_dtype).detach().requires_grad_()
     bf16 = dtype == torch.bfloat16
-    *_, pairs, time_vectors, tiled = recurrent_fwd._bc_reads(kernel["B"], kernel["C"], lanes=1, T=8)
+    B, C = kernel["B"], kernel["C"]
+    pairs, time_vectors, tiled = recurrent_fwd._bc_reads(
+        1, B.dtype, C.dtype, B.stride(), C.stride(), B.shape, B.data_ptr() % 4 == 0 and C.data_ptr() % 4 == 0
+    )
     assert time_vectors == layout.startswith("time-contiguous")
     assert tiled == (layout == "time-contiguous")
     # The tile copy is aligned and padded to whole tiles: words of two steps at any length.
