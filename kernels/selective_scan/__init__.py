@@ -7,7 +7,6 @@ Backends:
     None         the fastest one available for the tensors' device
 """
 
-import functools
 import os
 
 import torch
@@ -51,14 +50,20 @@ def _check_shapes(*expected):
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
 
 
-@functools.cache
-def _triton_entries():
-    """The Triton entry points, imported on first use (the PyTorch paths need no Triton); cached,
-    since an import statement costs host time on every call."""
-    from .triton_scan import selective_scan_triton
-    from .triton_state_update import selective_state_update_triton
+_triton = None  # (selective_scan_triton, selective_state_update_triton) once imported
 
-    return selective_scan_triton, selective_state_update_triton
+
+def _triton_entries():
+    """The Triton entry points, imported on first use (the PyTorch paths need no Triton) and kept, since an
+    import statement costs host time on every call. A module global rather than functools.cache, which
+    torch.compile warns about when it traces through."""
+    global _triton
+    if _triton is None:
+        from .triton_scan import selective_scan_triton
+        from .triton_state_update import selective_state_update_triton
+
+        _triton = selective_scan_triton, selective_state_update_triton
+    return _triton
 
 
 def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx=None):
