@@ -12,6 +12,7 @@ instructions per step, 1.5 per state update of the scan (docs/kernels.md, "Forwa
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def approx(x, op: tl.constexpr):
     # One special-function-unit instruction (ex2, lg2 or rcp), flushing denormals: no range fix-ups.

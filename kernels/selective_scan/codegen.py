@@ -143,7 +143,8 @@ def bf16_pair_layout(dtype, shape, strides, axis=1):
     """`bf16_pairs` less the pointer's alignment: what the dtype, shape and strides decide."""
     if dtype != torch.bfloat16 or strides[axis] != 1 or shape[axis] % 2:
         return False
-    return all(size == 1 or stride % 2 == 0 for i, (size, stride) in enumerate(zip(shape, strides, strict=True)) if i != axis)
+    pairs = enumerate(zip(shape, strides, strict=True))
+    return all(size == 1 or stride % 2 == 0 for i, (size, stride) in pairs if i != axis)
 
 
 def generated_kernel(src, stem, name):

@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -60,8 +59,17 @@ torch.cuda.is_current_stream_capturing = lambda: False
 
 _AUTOCAST = [None]  # the autocast dtype while emulated autocast is on
 _LOWER_PRECISION = {  # CUDA autocast's lower-precision ops that the model calls
-    torch.nn.functional.linear, torch.mm, torch.addmm, torch.matmul, torch.bmm, torch.baddbmm,
-    torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.addmm, torch.nn.functional.conv1d,
+    torch.nn.functional.linear,
+    torch.mm,
+    torch.addmm,
+    torch.matmul,
+    torch.bmm,
+    torch.baddbmm,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.Tensor.mm,
+    torch.Tensor.addmm,
+    torch.nn.functional.conv1d,
 }
 
 
@@ -107,33 +115,51 @@ def _stand_in(a):
     alignment, base allocations taken as 16-byte aligned (CUDA's are 512)."""
     if isinstance(a, torch.Tensor):
         misalign = (a.storage_offset() * a.element_size()) % 16
-        return torch.empty(64, dtype=a.dtype)[misalign // a.element_size():]
+        return torch.empty(64, dtype=a.dtype)[misalign // a.element_size() :]
     return a
 
 
 def record_launch(kernel, grid, *args, **constexprs):
     from hf_mamba.kernels import _launch
 
-    with torch.overrides._pop_mode_temporarily() if torch.overrides._get_current_function_mode() else contextlib.nullcontext():
+    with (
+        torch.overrides._pop_mode_temporarily()
+        if torch.overrides._get_current_function_mode()
+        else contextlib.nullcontext()
+    ):
         kw = {k: _stand_in(v) for k, v in constexprs.items()}
-        kw.update(debug=kw.get("debug", kernel.debug) or triton.knobs.runtime.debug,
-                  instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts)
+        kw.update(
+            debug=kw.get("debug", kernel.debug) or triton.knobs.runtime.debug,
+            instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
+            fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts,
+        )
         binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
         bound, specialization, options = binder(*[_stand_in(a) for a in args], **kw)
         options, signature, consts, attrs = kernel._pack_args(BACKEND, kw, bound, specialization, options)
     names = [p.name for p in kernel.params]
-    key = json.dumps([kernel.fn.__qualname__, kernel.fn.__module__, signature, sorted((str(k), repr(v)) for k, v in consts.items()),
-                      sorted((str(k), str(v)) for k, v in attrs.items()), sorted((k, repr(v)) for k, v in options.__dict__.items())])
+    key = json.dumps(
+        [
+            kernel.fn.__qualname__,
+            kernel.fn.__module__,
+            signature,
+            sorted((str(k), repr(v)) for k, v in consts.items()),
+            sorted((str(k), str(v)) for k, v in attrs.items()),
+            sorted((k, repr(v)) for k, v in options.__dict__.items()),
+        ]
+    )
     rec = records.get(key)
     if rec is None:
         rec = records[key] = dict(
-            kernel=kernel.fn.__name__, module=kernel.fn.__module__.rsplit(".", 1)[-1],
+            kernel=kernel.fn.__name__,
+            module=kernel.fn.__module__.rsplit(".", 1)[-1],
             constexprs={names[k[0]]: v for k, v in consts.items() if len(k) == 1 and v is not None},
             dtypes={n: t for n, t in signature.items() if t.startswith("*")},
             divisible=sorted(names[k[0]] for k, v in attrs.items() if v),
             options={k: options.__dict__[k] for k in ("num_warps", "num_stages", "maxnreg")},
-            phases=[], ahead=False, launches=0, src=(kernel, signature, consts, attrs, options),
+            phases=[],
+            ahead=False,
+            launches=0,
+            src=(kernel, signature, consts, attrs, options),
         )
     if _launch._COMPILE_ONLY.get():
         rec["ahead"] = True
@@ -147,9 +173,10 @@ def patch_kernels():
     import importlib
     import pkgutil
 
-    import hf_mamba.fast_path
     import hf_mamba.kernels as K
     from hf_mamba.kernels import _launch
+
+    import hf_mamba.fast_path
 
     selective_scan = importlib.import_module("hf_mamba.kernels.selective_scan")  # the attribute is the function
 
@@ -166,10 +193,12 @@ def patch_kernels():
                 setattr(module, name, value)
     _launch.launch = record_launch
     import hf_mamba.modeling_mamba as mm
+
     mm.read_values = lambda *a, **k: (False, False)  # no padding, no packed documents (a host read on meta)
 
 
 # --- the calls ------------------------------------------------------------------------------------------
+
 
 def run_model(args):
     from hf_mamba import MambaConfig, MambaForCausalLM
@@ -202,6 +231,7 @@ def run_model(args):
 
 # --- compiling ------------------------------------------------------------------------------------------
 
+
 def _ptx_body(ptx):
     """PTX without debug lines and comments (line info differs when only the source's lines move)."""
     return "\n".join(l for l in ptx.splitlines() if not l.lstrip().startswith((".loc", ".file", "//", "$L__info")))
@@ -218,12 +248,14 @@ def _time_stages():
     def timed_add_stages(self, stages, options, language):
         add_stages(self, stages, options, language)
         for name, stage in list(stages.items()):
+
             def timed(src, metadata, stage=stage, name=name):
                 start = time.perf_counter()
                 try:
                     return stage(src, metadata)
                 finally:
                     _STAGE_SECONDS[name] = _STAGE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+
             stages[name] = timed
 
     backend_class.add_stages = timed_add_stages
@@ -280,7 +312,9 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1])
     parser.add_argument("--record-only", action="store_true")
-    parser.add_argument("--only", type=int, nargs="+", help="compile only these rows (1-based, as the table numbers them)")
+    parser.add_argument(
+        "--only", type=int, nargs="+", help="compile only these rows (1-based, as the table numbers them)"
+    )
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--ptx-dir", help="write each specialisation's PTX (debug lines dropped) here")
     args = parser.parse_args()
@@ -293,32 +327,43 @@ def main():
             os.makedirs(args.ptx_dir, exist_ok=True)
         compile_all(recs, args.ptx_dir, args.only)
     print(f"{len(recs)} specialisations; Triton {triton.__version__}, target sm_90")
-    print("| # | phase | kernel | key constexprs [non-fp32 pointers] | warps | ahead | launches | compile s | "
-          "differs from the kernel's first row in |")
+    print(
+        "| # | phase | kernel | key constexprs [non-fp32 pointers] | warps | ahead | launches | compile s | "
+        "differs from the kernel's first row in |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     first = {}
     for i, rec in enumerate(recs, 1):
         secs = f"{rec['seconds']:.1f}" if "seconds" in rec else "-"
         other = first.setdefault(rec["kernel"], (i, rec))
         diff = f"#{other[0]}: {_difference(rec, other[1])}" if other[1] is not rec else ""
-        print(f"| {i} | {'+'.join(rec['phases']) or 'ahead only'} | {rec['kernel']} | {_short(rec)} | "
-              f"{rec['options']['num_warps']} | {'yes' if rec['ahead'] else 'no'} | {rec['launches']} | {secs} | {diff} |")
+        print(
+            f"| {i} | {'+'.join(rec['phases']) or 'ahead only'} | {rec['kernel']} | {_short(rec)} | "
+            f"{rec['options']['num_warps']} | {'yes' if rec['ahead'] else 'no'} | {rec['launches']} | {secs} "
+            f"| {diff} |"
+        )
     if not args.record_only and not args.only:
         for name in ("train", "prefill", "decode"):
             mine = [r for r in recs if name in r["phases"]]
             ahead = [r for r in mine if r["ahead"]]
-            print(f"{name}: {len(mine)} compiles, {sum(r['seconds'] for r in mine):.1f} s "
-                  f"({len(ahead)} of them compiled ahead: {sum(r['seconds'] for r in ahead):.1f} s; "
-                  f"the slowest of those {max((r['seconds'] for r in ahead), default=0):.1f} s)")
+            print(
+                f"{name}: {len(mine)} compiles, {sum(r['seconds'] for r in mine):.1f} s "
+                f"({len(ahead)} of them compiled ahead: {sum(r['seconds'] for r in ahead):.1f} s; "
+                f"the slowest of those {max((r['seconds'] for r in ahead), default=0):.1f} s)"
+            )
         gen = [r for r in recs if {"prefill", "decode"} & set(r["phases"]) and "train" not in r["phases"]]
-        print(f"generate() alone (not compiled by training): {len(gen)} compiles, {sum(r['seconds'] for r in gen):.1f} s")
+        print(
+            f"generate() alone (not compiled by training): {len(gen)} compiles, {sum(r['seconds'] for r in gen):.1f} s"
+        )
         by_ptx = {}
         for rec in recs:
             by_ptx.setdefault((rec["kernel"], rec["ptx_sha"]), []).append(rec)
         for (kernel, sha), same in by_ptx.items():
             if len(same) > 1:
-                print(f"identical PTX ({sha}): {len(same)} specialisations of {kernel}: " +
-                      "; ".join(_short(r) + " divisible=" + ",".join(r["divisible"]) for r in same))
+                print(
+                    f"identical PTX ({sha}): {len(same)} specialisations of {kernel}: "
+                    + "; ".join(_short(r) + " divisible=" + ",".join(r["divisible"]) for r in same)
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items() if k != "src"} for r in recs], f, indent=1, default=repr)
