@@ -71,10 +71,9 @@ _recording = False
 
 def stub_launches():
     """Patch Triton and the device queries as the module docstring says; import the kernels first."""
-    from triton.runtime.jit import JITFunction
-
     import hf_mamba.kernels  # noqa: F401
     from hf_mamba.kernels import _launch
+    from triton.runtime.jit import JITFunction
 
     scan_pkg = sys.modules["hf_mamba.kernels.selective_scan"]  # the package (its name is also the function's)
 
@@ -82,7 +81,7 @@ def stub_launches():
 
     def first_launch(self, *args, grid, warmup, **kwargs):
         names = self.arg_names
-        params = dict(zip(names, args))
+        params = dict(zip(names, args, strict=False))  # args may stop before the defaults
         options = {k: v for k, v in kwargs.items() if k not in names}
         params.update({k: v for k, v in kwargs.items() if k in names})
         compiled = _StubCompiled(self, options)
@@ -138,7 +137,11 @@ def _scan_inputs(batch, seqlen, grad, device):
 def cases(device):
     """name -> (description, function to time), on `device` ("cpu" or "meta")."""
     from hf_mamba.kernels import (
-        add_rms_norm, causal_conv1d_update, mamba_inner_triton, selective_scan, selective_state_update,
+        add_rms_norm,
+        causal_conv1d_update,
+        mamba_inner_triton,
+        selective_scan,
+        selective_state_update,
     )
 
     out = {}
@@ -198,7 +201,9 @@ def cases(device):
 
     hidden = torch.randn(1, seqlen, D_MODEL, generator=gm).to(device, BF16).requires_grad_(True)
     weights = dict(
-        conv_weight=param(D_INNER, 1, D_CONV), conv_bias=param(D_INNER), x_proj_weight=param(DT_RANK + 2 * D_STATE, D_INNER),
+        conv_weight=param(D_INNER, 1, D_CONV),
+        conv_bias=param(D_INNER),
+        x_proj_weight=param(DT_RANK + 2 * D_STATE, D_INNER),
         dt_proj_weight=param(D_INNER, DT_RANK), dt_proj_bias=param(D_INNER), A_log=param(D_INNER, D_STATE, scale=1.0),
         D=param(D_INNER), out_proj_weight=param(D_MODEL, D_INNER),
     )

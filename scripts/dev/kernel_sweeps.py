@@ -19,9 +19,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/, for the helpers
 
 from benchmark_kernels import (  # noqa: E402
-    SHAPES, channels_last, make_inputs, scan_args, scan_fns, time_fwd, time_fwd_bwd,
+    SHAPES,
+    channels_last,
+    make_inputs,
+    scan_args,
+    scan_fns,
+    time_fwd,
+    time_fwd_bwd,
 )
-
 from hf_mamba.kernels import selective_scan_ref  # noqa: E402
 from hf_mamba.kernels.selective_scan.chunk import ChunkTuning  # noqa: E402
 from hf_mamba.kernels.selective_scan.triton_scan import DEFAULT_TUNING, selective_scan_triton  # noqa: E402
