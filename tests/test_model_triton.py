@@ -98,6 +98,24 @@ def test_a_model_on_the_second_gpu_runs_there(monkeypatch):
     assert torch.cuda.current_device() == 0
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_split_over_two_gpus_generates_as_on_one(tmp_path):
+    """from_pretrained(device_map=...) with the blocks on two GPUs: the cache keeps each layer's states on its
+    layer's GPU, decoding runs without graphs, and the tokens are those of the model on one GPU."""
+    config = MambaConfig(**{**SIZES, "num_hidden_layers": 4})
+    torch.manual_seed(0)
+    MambaForCausalLM(config).save_pretrained(tmp_path)
+    device_map = {"backbone.embeddings": 0, "backbone.layers.0": 0, "backbone.layers.1": 0, "backbone.layers.2": 1,
+                  "backbone.layers.3": 1, "backbone.norm_f": 1, "lm_head": 1}
+    split = MambaForCausalLM.from_pretrained(tmp_path, device_map=device_map).eval()
+    whole = MambaForCausalLM.from_pretrained(tmp_path).to("cuda:0").eval()
+    ids = torch.randint(1, SIZES["vocab_size"], (2, 12), device="cuda:0")
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    out = split.generate(ids, return_dict_in_generate=True, **kwargs)
+    assert [state.device.index for state in _cache_of(out).ssm_states] == [0, 0, 1, 1]
+    assert torch.equal(out.sequences.cpu(), whole.generate(ids, **kwargs).cpu())
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graph_is_captured_once_per_cache_and_replayed():
     torch.manual_seed(0)

@@ -684,6 +684,32 @@ def test_an_fp64_model_continues_its_cache_in_fp64(backend):
     torch.testing.assert_close(torch.cat(logits, dim=1), model(ids).logits, rtol=1e-12, atol=1e-12)
 
 
+def test_a_cache_for_layers_on_several_devices(model):
+    """MambaCache takes one device per layer (what a model split by device_map gets); a wrong count is refused."""
+    layers = model.config.num_hidden_layers
+    cache = MambaCache(model.config, batch_size=2, device=["cpu"] * layers)
+    assert [state.device.type for state in cache.conv_states + cache.ssm_states] == ["cpu"] * (2 * layers)
+    with pytest.raises(ValueError, match="device: one per layer"):
+        MambaCache(model.config, batch_size=2, device=["cpu"] * (layers + 1))
+
+
+@pytest.mark.parametrize(
+    "device_map, graphs",
+    [
+        (None, True),
+        ({"": 0}, True),
+        ({"backbone.embeddings": 0, "backbone.layers": 1, "backbone.norm_f": 1, "lm_head": 1}, False),
+        ({"backbone": 0, "lm_head": "cpu"}, False),
+    ],
+    ids=["not-dispatched", "one-gpu", "two-gpus", "offloaded"],
+)
+def test_no_cuda_graphs_for_a_model_dispatched_over_devices(model, device_map, graphs):
+    """Accelerate's hooks move tensors at every call of a dispatched model; a graph replay would run none."""
+    if device_map is not None:
+        model.hf_device_map = device_map
+    assert model._cuda_graphs_on(torch.device("cuda")) is graphs
+
+
 def test_an_empty_batch_runs_with_and_without_a_cache(model):
     """Batch 0 (say, the last shard of a dataset): empty logits, and a cache of no sequences that continues."""
     ids = torch.zeros(0, 5, dtype=torch.long)

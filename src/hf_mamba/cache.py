@@ -25,7 +25,8 @@ class MambaCache(Cache):
         batch_size: number of sequences.
         dtype: dtype of the conv states (the model's activation dtype); SSM states are fp32 (fp64 for an fp64
             model, as its scans compute).
-        device: where to allocate.
+        device: where to allocate; or one device per layer, for a model whose layers sit on several devices
+            (`from_pretrained(..., device_map=...)`).
     """
 
     # generate() auto-compiles the forward for caches that say they are compileable; we decide ourselves.
@@ -37,11 +38,13 @@ class MambaCache(Cache):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be a non-negative integer, got {batch_size!r}")
         d_inner = config.intermediate_size
-        layers = range(config.num_hidden_layers)
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * config.num_hidden_layers
+        if len(devices) != config.num_hidden_layers:
+            raise ValueError(f"device: one per layer ({config.num_hidden_layers}) or a single one, got {len(devices)}")
         state_dtype = torch.promote_types(dtype, torch.float32)
         self._set_states(
-            [torch.zeros(batch_size, d_inner, config.conv_kernel, dtype=dtype, device=device) for _ in layers],
-            [torch.zeros(batch_size, d_inner, config.state_size, dtype=state_dtype, device=device) for _ in layers],
+            [torch.zeros(batch_size, d_inner, config.conv_kernel, dtype=dtype, device=d) for d in devices],
+            [torch.zeros(batch_size, d_inner, config.state_size, dtype=state_dtype, device=d) for d in devices],
         )
 
     @classmethod

@@ -163,6 +163,10 @@ class MambaModel(MambaPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
+    def _layer_devices(self):
+        """The device of each block's parameters."""
+        return [block.mixer.A_log.device for block in self.layers]
+
     def _checkpointing(self):
         return self.training and any(block.gradient_checkpointing for block in self.layers)
 
@@ -256,8 +260,12 @@ class MambaModel(MambaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         if use_cache and cache_params is None:
-            args = (batch, inputs_embeds.dtype, inputs_embeds.device)
-            cache_params = new_cache(*args) if new_cache is not None else MambaCache(self.config, *args)
+            devices = self._layer_devices()
+            if len(set(devices)) > 1:  # layers on several devices (device_map): each layer's states beside it
+                cache_params = MambaCache(self.config, batch, inputs_embeds.dtype, devices)
+            else:
+                args = (batch, inputs_embeds.dtype, inputs_embeds.device)
+                cache_params = new_cache(*args) if new_cache is not None else MambaCache(self.config, *args)
         if not use_cache:
             cache_params = None
         if cache_params is not None and cache_params.batch_size != batch:
@@ -390,8 +398,14 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
 
     def _cuda_graphs_on(self, device):
-        """Whether decode steps on `device` may replay CUDA graphs (the CPU tests patch it, with a fake graph)."""
-        return self.config.use_cuda_graph and device.type == "cuda"
+        """Whether decode steps on `device` may replay CUDA graphs (the CPU tests patch it, with a fake graph).
+        Not for a model Accelerate dispatched over several devices or with offloading (`device_map`): its hooks
+        move tensors at every call, and a replay runs none of them."""
+        device_map = getattr(self, "hf_device_map", None)
+        dispatched = device_map is not None and (
+            len(set(device_map.values())) > 1 or not set(device_map.values()).isdisjoint({"cpu", "disk"})
+        )
+        return self.config.use_cuda_graph and device.type == "cuda" and not dispatched
 
     def _use_decode_graph(self, input_ids, cache_params, use_cache, other_inputs):
         """CUDA-graph replay serves plain inference decode steps: one token id per row on a warm cache."""
