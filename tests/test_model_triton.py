@@ -100,8 +100,8 @@ def test_a_model_on_the_second_gpu_runs_there(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_model_split_over_two_gpus_generates_as_on_one(tmp_path):
-    """from_pretrained(device_map=...) with the blocks on two GPUs: the cache keeps each layer's states on its
-    layer's GPU, decoding runs without graphs, and the tokens are those of the model on one GPU."""
+    """from_pretrained(device_map=...) with the blocks on two GPUs: each layer's cached states move to its GPU,
+    decoding runs without graphs, and the tokens are those of the model on one GPU."""
     config = MambaConfig(**{**SIZES, "num_hidden_layers": 4})
     torch.manual_seed(0)
     MambaForCausalLM(config).save_pretrained(tmp_path)

@@ -155,6 +155,8 @@ class MambaMixer(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         path = path or decide_fast_path(self.config, hidden_states.device)
         backend = path.backend
+        if cache_params is not None:
+            cache_params.place_layer(self.layer_idx, hidden_states.device)
         continuing = cache_params is not None and cache_params.seqlen_offset > 0
         if continuing and seq_idx is not None:
             raise ValueError("Packed sequences (seq_idx / restarting position_ids) cannot continue from a cache")

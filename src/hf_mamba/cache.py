@@ -25,8 +25,8 @@ class MambaCache(Cache):
         batch_size: number of sequences.
         dtype: dtype of the conv states (the model's activation dtype); SSM states are fp32 (fp64 for an fp64
             model, as its scans compute).
-        device: where to allocate; or one device per layer, for a model whose layers sit on several devices
-            (`from_pretrained(..., device_map=...)`).
+        device: where to allocate (a layer that runs elsewhere, in a model split over devices by device_map,
+            moves its states to its own device at its first call).
     """
 
     # generate() auto-compiles the forward for caches that say they are compileable; we decide ourselves.
@@ -38,13 +38,11 @@ class MambaCache(Cache):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be a non-negative integer, got {batch_size!r}")
         d_inner = config.intermediate_size
-        devices = list(device) if isinstance(device, (list, tuple)) else [device] * config.num_hidden_layers
-        if len(devices) != config.num_hidden_layers:
-            raise ValueError(f"device: one per layer ({config.num_hidden_layers}) or a single one, got {len(devices)}")
+        layers = range(config.num_hidden_layers)
         state_dtype = torch.promote_types(dtype, torch.float32)
         self._set_states(
-            [torch.zeros(batch_size, d_inner, config.conv_kernel, dtype=dtype, device=d) for d in devices],
-            [torch.zeros(batch_size, d_inner, config.state_size, dtype=state_dtype, device=d) for d in devices],
+            [torch.zeros(batch_size, d_inner, config.conv_kernel, dtype=dtype, device=device) for _ in layers],
+            [torch.zeros(batch_size, d_inner, config.state_size, dtype=state_dtype, device=device) for _ in layers],
         )
 
     @classmethod
@@ -64,6 +62,14 @@ class MambaCache(Cache):
         self.ssm_states = ssm_states
         # Number of positions already folded into the states (same for every row; left padding counts).
         self.seqlen_offset = 0
+
+    def place_layer(self, layer_idx: int, device) -> None:
+        """Keep layer `layer_idx`'s states on `device`, where the layer runs: a model split over devices
+        (`from_pretrained(..., device_map=...)`) runs each layer on its own, as Transformers' own caches allow.
+        Moves them once, at the layer's first call (such a model decodes without CUDA graphs)."""
+        if self.ssm_states[layer_idx].device != device:
+            self.conv_states[layer_idx] = self.conv_states[layer_idx].to(device)
+            self.ssm_states[layer_idx] = self.ssm_states[layer_idx].to(device)
 
     def __repr__(self):
         conv, ssm = self.conv_states[0], self.ssm_states[0]

@@ -163,10 +163,6 @@ class MambaModel(MambaPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
-    def _layer_devices(self):
-        """The device of each block's parameters."""
-        return [block.mixer.A_log.device for block in self.layers]
-
     def _checkpointing(self):
         return self.training and any(block.gradient_checkpointing for block in self.layers)
 
@@ -260,12 +256,8 @@ class MambaModel(MambaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         if use_cache and cache_params is None:
-            devices = self._layer_devices()
-            if len(set(devices)) > 1:  # layers on several devices (device_map): each layer's states beside it
-                cache_params = MambaCache(self.config, batch, inputs_embeds.dtype, devices)
-            else:
-                args = (batch, inputs_embeds.dtype, inputs_embeds.device)
-                cache_params = new_cache(*args) if new_cache is not None else MambaCache(self.config, *args)
+            args = (batch, inputs_embeds.dtype, inputs_embeds.device)
+            cache_params = new_cache(*args) if new_cache is not None else MambaCache(self.config, *args)
         if not use_cache:
             cache_params = None
         if cache_params is not None and cache_params.batch_size != batch:
