@@ -60,14 +60,22 @@ def folder(request, tmp_path_factory):
     return path
 
 
-def load_4bit(folder):
-    return hf_mamba.MambaForCausalLM.from_pretrained(folder, quantization_config=nf4_config())
+def load_script(name):
+    """scripts/<name>.py as a module (scripts are programs, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def quantized_and_dequantized(folder):
-    """The 4-bit model and a plain fp32 model holding its dequantized weights (read before any inference, which
-    may repack the 4-bit weights for bitsandbytes' CPU kernel)."""
-    quantized = load_4bit(folder)
+def load_4bit(folder, config=None):
+    return hf_mamba.MambaForCausalLM.from_pretrained(folder, quantization_config=config or nf4_config())
+
+
+def quantized_and_dequantized(folder, config=None):
+    """The 4-bit model (nf4_config() unless given) and a plain fp32 model holding its dequantized weights (read
+    before any inference, which may repack the 4-bit weights for bitsandbytes' CPU kernel)."""
+    quantized = load_4bit(folder, config)
     plain = hf_mamba.MambaForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         for name, module in quantized.named_modules():
@@ -226,9 +234,7 @@ def test_recipe_runs_without_warnings(folder):
 def test_benchmark_large_tiny_runs_every_row_and_reports_a_failing_one(tmp_path, monkeypatch):
     """scripts/benchmark_large.py --tiny on CPU: every row measured, a row that runs out of memory reported as
     such while the others still run, the table written to --out."""
-    spec = importlib.util.spec_from_file_location("benchmark_large", ROOT / "scripts" / "benchmark_large.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmark_large")
 
     def out_of_memory(self, impl, model, shape):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -270,9 +276,7 @@ def test_documented_recipes_run_on_a_tiny_falcon_mamba(tmp_path, monkeypatch):
     import datasets
     from transformers.utils import is_torch_bf16_gpu_available
 
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_script("train")
     texts = list(train_script.DEMO_TEXT) * 4
     tokenizer = train_script.train_demo_tokenizer(texts, vocab_size=300)
     config = transformers.FalconMambaConfig(
@@ -313,10 +317,7 @@ NF4_BASE_RATIO = 1.25
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train")
 
 
 @pytest.fixture(scope="module")
@@ -393,13 +394,7 @@ def test_train_script_qlora_trains_a_4bit_base_and_saves_an_adapter_for_either_b
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)  # training is over
 
     ids = token_ids(2, 12)
-    fresh_4bit = hf_mamba.MambaForCausalLM.from_pretrained(script_model, quantization_config=SCRIPT_NF4)
-    dequantized = hf_mamba.MambaForCausalLM.from_pretrained(script_model)
-    with torch.no_grad():
-        for name, module in fresh_4bit.named_modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-                dequantized.get_submodule(name).weight.copy_(weight)
+    fresh_4bit, dequantized = quantized_and_dequantized(script_model, SCRIPT_NF4)
     models = {
         "trained": trained,
         "on a fresh 4-bit base": PeftModel.from_pretrained(fresh_4bit, out),
