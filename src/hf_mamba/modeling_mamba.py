@@ -393,7 +393,9 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         """Whether decode steps on `device` may replay CUDA graphs (the CPU tests patch it, with a fake graph).
         Not for a model Accelerate dispatched over several devices or with offloading (`device_map`): its hooks
         move tensors at every call, and a replay runs none of them."""
-        device_map = getattr(self, "hf_device_map", None)
+        # Read from __dict__, where from_pretrained sets it: a missing attribute costs nn.Module.__getattr__ an
+        # exception, microseconds of every decode step before its replay.
+        device_map = self.__dict__.get("hf_device_map")
         dispatched = device_map is not None and (
             len(set(device_map.values())) > 1 or not set(device_map.values()).isdisjoint({"cpu", "disk"})
         )
@@ -469,7 +471,6 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
             Others: see MambaModel.forward.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache_params = cache
         if self._use_decode_graph(
             input_ids,
@@ -483,11 +484,14 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
                 self._decode_step_logits, self._decode_graph_fingerprint, cache_params, input_ids
             )
             cache_params.seqlen_offset += 1
+            # Read after the replay's launch, which the GPU waits for (each config read costs microseconds).
+            return_dict = return_dict if return_dict is not None else self.config.return_dict
             return (
                 MambaCausalLMOutput(logits=logits, **{CACHE_FIELD: cache_params})
                 if return_dict
                 else (logits, cache_params)
             )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
             input_ids,
             inputs_embeds=inputs_embeds,
