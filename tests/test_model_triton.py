@@ -134,6 +134,24 @@ def test_cuda_graph_is_captured_once_per_cache_and_replayed():
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_a_replayed_step_refuses_a_bad_id_and_the_gpu_stays_usable():
+    """The replay reads the ids clamped and the forward raises after launching it: no device-side assert."""
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE).eval()
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 6), device=DEVICE)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache  # the field's name on every release
+        model(ids[:, -1:], cache=cache, use_cache=True)
+        bad = torch.tensor([[1], [SIZES["vocab_size"]]], device=DEVICE)
+        with pytest.raises(ValueError, match="input_ids must lie in"):
+            model(bad, cache=cache, use_cache=True)
+        assert model._decode_graphs.graph_of(cache) is not None
+        expected = model(ids, use_cache=False).logits
+    torch.cuda.synchronize()
+    assert torch.isfinite(expected).all()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_graph_kept_across_generate_calls_matches_eager(batch, monkeypatch):
     """A second generate() of the same batch replays the first one's graph (no capture) and gives eager's

@@ -484,6 +484,27 @@ def test_wrapped_modules_get_no_pooled_graph(model, graphs):
     assert len(graphs.captured) == 2 and model._decode_graphs.entries == []
 
 
+@pytest.mark.parametrize("bad", [97, -1], ids=["too-large", "negative"])
+def test_a_replayed_decode_step_still_refuses_ids_outside_the_vocabulary(model, graphs, bad):
+    """The replayed step checks its ids after launching the replay (no wait for the GPU before it), with the
+    forward's error; the step reads them clamped, so the embedding never reads out of bounds."""
+    with torch.no_grad():
+        cache = model(torch.randint(1, 97, (2, 6)), use_cache=True)[CACHE_FIELD]
+        model(torch.tensor([[3], [4]]), **{CACHE_FIELD: cache})
+        message = rf"input_ids must lie in \[0, vocab_size=97\), found {bad} \(this decode step already ran"
+        with pytest.raises(ValueError, match=message):
+            model(torch.tensor([[5], [bad]]), **{CACHE_FIELD: cache})
+    assert len(graphs.captured) == 1 and model._decode_graphs.graph_of(cache) is graphs.captured[0]
+    assert cache.seqlen_offset == 7
+
+
+def test_a_replayed_decode_step_of_an_empty_batch(model, graphs):
+    with torch.no_grad():
+        cache = model(torch.zeros(0, 5, dtype=torch.long), use_cache=True)[CACHE_FIELD]
+        step = model(torch.zeros(0, 1, dtype=torch.long), **{CACHE_FIELD: cache})
+    assert step.logits.shape == (0, 1, 97) and model._decode_graphs.graph_of(cache) is graphs.captured[0]
+
+
 def test_a_copied_model_starts_with_no_graphs(model, graphs):
     greedy(model, torch.randint(1, 97, (2, 6)))
     assert len(copy.deepcopy(model)._decode_graphs.entries) == 0

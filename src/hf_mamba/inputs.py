@@ -1,5 +1,6 @@
 """Input checks of the models' forwards: shapes and dtypes (no device work), and the one host read of the
-inputs' values per forward (ids within the vocabulary, padding, packed documents)."""
+inputs' values per forward (ids within the vocabulary, padding, packed documents); a graph-replayed decode
+step reads its ids' range without waiting before the replay (`queue_id_range`, `check_id_range`)."""
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,40 @@ def read_values(input_ids, vocab_size, attention_mask=None, restarts=None):
         padded = bool(padded)
     restarting = bool(values.pop(0)) if restarts is not None else True
     return padded, restarting
+
+
+def queue_id_range(input_ids):
+    """Start reading input_ids' (lowest, highest) to the host without waiting for it, for `check_id_range`;
+    None for an empty batch. A decode step launches its graph replay in between (the replay reads the ids
+    clamped into range), so the GPU runs the step while the host waits for the two values, which the read
+    queued ahead of the step delivers first."""
+    if input_ids.numel() == 0:
+        return None
+    extremes = torch.stack(torch.aminmax(input_ids))
+    if not extremes.is_cuda:
+        return extremes, None
+    on_host = torch.empty(2, dtype=extremes.dtype, pin_memory=True)
+    on_host.copy_(extremes, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(extremes.device))
+    return on_host, copied
+
+
+def check_id_range(queued, vocab_size):
+    """ValueError for ids outside [0, vocab_size) read by `queue_id_range`, as `read_values` raises it; says that
+    the decode step ran nevertheless (with the id clamped), so the cache it advanced no longer fits the sequence."""
+    if queued is None:
+        return
+    extremes, copied = queued
+    if copied is not None:
+        copied.synchronize()  # the copy, queued before the step: not the step itself
+    lowest, highest = extremes.tolist()
+    if lowest < 0 or highest >= vocab_size:
+        bad = lowest if lowest < 0 else highest
+        raise ValueError(
+            f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad} (this decode step already ran "
+            "with the id clamped into range, so the cache's states no longer follow the sequence)"
+        )
 
 
 def document_ids(restarts):

@@ -26,7 +26,7 @@ from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
 from .fast_path import decide_fast_path, scan_backend_for, unhooked
 from .hub import MambaHubMixin
-from .inputs import check_inputs, document_ids, read_values, restarts_of
+from .inputs import check_id_range, check_inputs, document_ids, queue_id_range, read_values, restarts_of
 from .kernels import add_rms_norm
 from .loss import causal_lm_loss
 
@@ -384,7 +384,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     def _decode_step_logits(self, input_ids, cache_params):
         """Logits (batch, 1, vocab) of one token on top of the cache; advances the states, not the offset."""
         backbone = self.backbone
-        hidden_states = backbone.embeddings(input_ids)
+        # Clamped: the forward checks the ids only after launching the step (their values are the same otherwise).
+        hidden_states = backbone.embeddings(input_ids.clamp(0, self.config.vocab_size - 1))
         path = decide_fast_path(self.config, hidden_states.device, backbone._plain_blocks_and_norms())
         hidden_states = backbone._run_blocks(hidden_states, cache_params, None, None, path)
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
@@ -479,10 +480,13 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             (attention_mask, inputs_embeds, labels, output_hidden_states, position_ids),
         ):
             check_inputs(input_ids, None, None)
-            read_values(input_ids, self.config.vocab_size)
+            # The id check waits for the ids' range only after the replay is launched: the GPU does not idle
+            # through the read (the step clamps the ids, so a bad one cannot make the embedding read out of bounds).
+            id_range = queue_id_range(input_ids)
             logits = self._decode_graphs.decode(
                 self._decode_step_logits, self._decode_graph_fingerprint, cache_params, input_ids
             )
+            check_id_range(id_range, self.config.vocab_size)
             cache_params.seqlen_offset += 1
             # Read after the replay's launch, which the GPU waits for (each config read costs microseconds).
             return_dict = return_dict if return_dict is not None else self.config.return_dict
