@@ -10,7 +10,8 @@ This tool times exactly that stretch on CPU, in Transformers' own loop: from the
 `_has_unfinished_sequences` to the call of the graph's `replay()` ("to replay": Transformers'
 prepare_inputs_for_generation, nn.Module.__call__, our forward's Python, its input checks and the graph's
 input copy). It also gives the host time of a whole loop iteration ("per token": the rest, after the
-replay, overlaps the GPU on CUDA).
+replay, overlaps the GPU on CUDA), and "to replay" of each generate()'s first decode step, which
+captures a graph or checks the pooled one's fingerprint (once per generate() call).
 
 What is stubbed: the decode path is forced on CPU (`_cuda_graphs_on` is asked about a CUDA device) and
 DecodeGraph captures nothing: its `graph.replay()` only records the time, and its logits are zeros;
@@ -70,8 +71,8 @@ def build():
 
     DecodeGraphs.graph_class = StubGraph
     # The real decision, asked about a CUDA device (a torch.device needs no GPU).
-    graphs_on = MambaForCausalLM._cuda_graphs_on
-    MambaForCausalLM._cuda_graphs_on = lambda self, device: graphs_on(self, torch.device("cuda", 0))
+    graphs_on, cuda = MambaForCausalLM._cuda_graphs_on, torch.device("cuda", 0)
+    MambaForCausalLM._cuda_graphs_on = lambda self, device: graphs_on(self, cuda)
     has_unfinished = GenerationMixin._has_unfinished_sequences
 
     def timed_has_unfinished(self, *args, **kwargs):
@@ -87,11 +88,12 @@ def build():
 
 
 def run_generates(model, events, generates, new_tokens, skip):
-    """Per decode step (microseconds): [to replay], [per token], over `generates` calls."""
+    """Microseconds: [to replay] and [per token] of the decode steps after the first `skip`, and [to replay] of
+    each generate()'s first decode step (which captures or checks the graph), over `generates` calls."""
     import torch
 
     ids = torch.randint(1, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
-    to_replay, per_token = [], []
+    to_replay, per_token, first = [], [], []
     for _ in range(generates):
         events.clear()
         with torch.no_grad():
@@ -100,10 +102,11 @@ def run_generates(model, events, generates, new_tokens, skip):
         replays = [t for kind, t in events if kind == "replay"]
         # Iteration 0 consumes the prefill; iteration k >= 1 replays once.
         assert len(replays) == new_tokens - 1 and len(loops) >= new_tokens, (len(replays), len(loops))
+        first.append((replays[0] - loops[1]) * 1e6)
         for k in range(1 + skip, new_tokens):
             to_replay.append((replays[k - 1] - loops[k]) * 1e6)
             per_token.append((loops[k + 1] - loops[k]) * 1e6)
-    return to_replay, per_token
+    return to_replay, per_token, first
 
 
 def measure(args):
@@ -119,8 +122,9 @@ def measure(args):
         PROFILER.disable()
         pstats.Stats(PROFILER).sort_stats("tottime").print_stats(40)
         return
-    to_replay, per_token = run_generates(model, events, args.generates, args.new_tokens, args.skip)
-    print(f"{statistics.median(to_replay):.1f} {statistics.median(per_token):.1f}")
+    to_replay, per_token, first = run_generates(model, events, args.generates, args.new_tokens, args.skip)
+    print(f"to replay / per token / first step's to replay (us, medians): "
+          f"{statistics.median(to_replay):.1f} {statistics.median(per_token):.1f} {statistics.median(first):.1f}")
 
 
 def source_copy(rev, into):
@@ -148,15 +152,13 @@ def compare(args):
                 cmd = [sys.executable, os.path.abspath(__file__), "--generates", str(args.generates),
                        "--new-tokens", str(args.new_tokens), "--skip", str(args.skip)]
                 out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.split()
-                results[side].append(tuple(float(x) for x in out[-2:]))
-                print(f"round {round_} {side:6s} to replay {results[side][-1][0]:7.1f} us, "
-                      f"per token {results[side][-1][1]:7.1f} us", flush=True)
-        print(f"median over {args.rounds} rounds (us): to replay / per token")
+                results[side].append(tuple(float(x) for x in out[-3:]))
+                print(f"round {round_} {side:6s} " + " / ".join(f"{x:7.1f}" for x in results[side][-1]), flush=True)
+        print(f"median over {args.rounds} rounds (us): to replay / per token / first step's to replay")
         for side in sides:
-            to_replay = statistics.median(r[0] for r in results[side])
-            per_token = statistics.median(r[1] for r in results[side])
+            medians = [statistics.median(r[i] for r in results[side]) for i in range(3)]
             name = args.against if side == "before" else "this tree"
-            print(f"  {side:6s} ({name}): {to_replay:.1f} / {per_token:.1f}")
+            print(f"  {side:6s} ({name}): " + " / ".join(f"{x:.1f}" for x in medians))
     finally:
         shutil.rmtree(tmp)
 
