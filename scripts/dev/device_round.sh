@@ -1,51 +1,70 @@
 #!/usr/bin/env bash
-# One measured round on the GPU machine, in phases that each fit one 10-minute device call.
+# One measured round on the GPU machine, as a list of steps run in order inside one device call; each
+# step gets what is left of the call's budget (BUDGET seconds, default 560), so the call ends in time and
+# every finished step's output is in $OUT.
 #
-#   bash scripts/dev/device_round.sh check               # install, GPU tests (verbose), kernel benchmark
-#   bash scripts/dev/device_round.sh model BEFORE_COMMIT # 130M training/decode/prefill: BEFORE_COMMIT and now
-#   bash scripts/dev/device_round.sh large 7b|1.4b       # benchmark_large at one shape (QLoRA needs bitsandbytes)
-#   bash scripts/dev/device_round.sh reliability         # long_context, fp32/bf16/fp16 training
+#   bash scripts/dev/device_round.sh tests scan_now scan_before model_now
+#   bash scripts/dev/device_round.sh model_before model_like large_1.4b
 #
-# Expects (carried in .device_cache/, which git ignores): peers/ (a copy of ../shared/peers, mamba_ssm) and,
-# for QLoRA rows, bnb/*.whl (`pip download --no-deps bitsandbytes`); BEFORE_COMMIT checked out as a worktree
-# in .device_cache/before (`git worktree add -f .device_cache/before BEFORE_COMMIT`). Results go to $OUT.
+# Steps: tests (whole suite on the GPU), scan_now / scan_before (benchmark_kernels.py), model_now (our loss),
+# model_like (--loss-outside: both sides' cross-entropy on fp32 logits), model_before (the old tree's own
+# script), large_7b / large_1.4b (benchmark_large.py), long_context, precision (fp32/bf16/fp16, 1,000 steps).
+# Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
+# bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
+# (`git worktree add -f .device_cache/before COMMIT`).
 set -uo pipefail
 OUT=${OUT:-outputs/device}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m pip install -q --no-deps --no-build-isolation . >/dev/null
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+start=$SECONDS
+budget=${BUDGET:-560}
+left() { echo $((budget - (SECONDS - start))); }
+here=$PWD
+before=$here/.device_cache/before
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-deps --no-build-isolation . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
 if [ -d .device_cache/bnb ]; then
-    python3 -m pip install -q --no-deps --target /tmp/site .device_cache/bnb/*.whl && export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-deps --target /tmp/site .device_cache/bnb/*.whl >/dev/null 2>&1 \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -f .device_cache/peers/activate.sh ] && source .device_cache/peers/activate.sh
+if [ -d "$before" ] && [ ! -d /tmp/before/hf_mamba ]; then
+    python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/before "$before" >/dev/null 2>&1
+fi
 
-case "${1:-check}" in
-check)
-    python3 -m pytest -p no:cacheprovider -q -n 8 -rfE tests 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
-    python3 scripts/benchmark_kernels.py --no-scaling 2>&1 | tee "$OUT/kernels.txt"
-    ;;
-model)
-    before=.device_cache/before
-    [ -d "$before" ] && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/before "$before"
-    for round in 1 2; do  # alternate, so drift hits both sides alike
-        if [ -d "$before" ]; then
-            # The old tree's own script (its flags), on the old package.
-            (cd /tmp && PYTHONPATH=/tmp/before python3 "$OLDPWD/$before/scripts/benchmark_model.py" --rounds 1 \
-                --skip-builtin-train) 2>&1 | tee "$OUT/model_before_$round.txt"
-        fi
-        python3 scripts/benchmark_model.py --rounds 1 --skip-builtin-train --skip-builtin-decode 2>&1 \
-            | tee "$OUT/model_now_$round.txt"
-    done
-    ;;
-large)
-    python3 scripts/benchmark_large.py --shapes "${2:-1.4b}" --out "$OUT/large_${2:-1.4b}.md" 2>&1 | tail -60
-    ;;
-reliability)
-    python3 scripts/long_context.py 2>&1 | tail -30 | tee "$OUT/long_context.txt"
-    python3 scripts/precision_training.py --runs fp32,bf16,fp16 --out-dir "$OUT/precision" 2>&1 | tail -30 | tee "$OUT/precision.txt"
-    ;;
-*)
-    echo "unknown phase $1 (check, model, large, reliability)" >&2
-    exit 2
-    ;;
-esac
+step() {  # step NAME CMD...: run CMD with the time left (or CAP seconds), its output to $OUT/NAME.txt
+    local name=$1; shift
+    local t; t=$(left)
+    [ -n "${CAP:-}" ] && [ "$CAP" -lt "$t" ] && t=$CAP
+    if [ "$t" -lt 20 ]; then echo "== $name: skipped, ${t}s left"; return; fi
+    echo "== $name (${t}s left)"
+    timeout -s INT -k 15 "$t" bash -c '"$@"' bash "$@" > "$OUT/$name.txt" 2>&1
+    echo "   rc=$? after $((SECONDS - start))s"
+    tail -n "${TAILN:-25}" "$OUT/$name.txt"
+}
+old() { (cd /tmp && PYTHONPATH=/tmp/before${PYTHONPATH:+:$PYTHONPATH} python3 "$@"); }
+now() { (cd /tmp && python3 "$@"); }
+export -f old now
+
+for s in "$@"; do
+    case $s in
+    tests) TAILN=40 step tests python3 -m pytest -p no:cacheprovider -q -n 12 -rfE tests ;;
+    gpu_tests) CAP=${TESTS_CAP:-200} TAILN=60 FAIL_LOG=$OUT/failures.txt PYTHONPATH=$here/scripts/dev${PYTHONPATH:+:$PYTHONPATH} \
+        step gpu_tests python3 -m pytest -p no:cacheprovider -p pytest_fail_log -q -n 14 -rfE \
+        --tb=short --timeout=240 -p no:benchmark \
+        ${TESTS:-tests/kernels tests/test_model_triton.py tests/test_fused_mixer_padding.py \
+        tests/test_half_precision.py tests/test_falcon_mamba.py tests/test_drop_in.py} ;;
+    scan_now) CAP=${SCAN_CAP:-100} step scan_now now "$here/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
+    scan_before) step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
+    model_now) step model_now now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
+    model_like) step model_like now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
+        --loss-outside ;;
+    model_before) step model_before old "$before/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
+    large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
+    long_context) step long_context now "$here/scripts/long_context.py" --out-dir /tmp/long_context ;;
+    precision) step precision now "$here/scripts/precision_training.py" --runs fp32,bf16,fp16 \
+        --out-dir /tmp/precision ;;
+    *) echo "unknown step $s" ;;
+    esac
+done

@@ -24,6 +24,15 @@ def _leaves(*tensors):
     return [t.requires_grad_() for t in tensors]
 
 
+@pytest.fixture(autouse=True)
+def _backend_device(request):
+    """Tensors made in a test are on its backend's device: Triton runs on the GPU where there is one, else
+    under the interpreter on CPU tensors."""
+    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend")
+    with torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"):
+        yield
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("batch, d_inner, seqlen, d_state", SCAN_SIZES)
 def test_scan_of_empty_dimensions(batch, d_inner, seqlen, d_state, backend):

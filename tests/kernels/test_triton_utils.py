@@ -2,6 +2,8 @@
 SiLU gate, the exp2 rate, and the combine functions of the recurrence scans. The fast-math forms and
 the lane primitives are inline PTX, which only a GPU runs."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,9 +78,14 @@ def test_softplus_relative_error_over_the_whole_range(fast_math):
     x = torch.cat([x, torch.tensor([float("-inf"), float("inf")])]).to(DEVICE)
     out = torch.empty_like(x)
     _elementwise_kernel[(1,)](x, out, x.numel(), OP="softplus", FAST_MATH=fast_math, BLOCK=2048)
-    # ex2.approx of x log2(e), that product rounded: 2^-18 relative at x = -87
-    tol = 1e-6 if not fast_math else 5e-6
-    torch.testing.assert_close(out.double(), F.softplus(x.double()), rtol=tol, atol=2.0**-126)
+    # On a GPU e^x is ex2.approx of x log2(e), and that product's rounding, up to |x| log2(e) 2^-24 in the
+    # exponent, is the same relative error in e^x (3.8e-6 at x = -87); the interpreter's exp is exact.
+    exponent_rounding = x.double().clamp(max=0).abs() * math.log2(math.e) * 2.0**-24 if CUDA else 0.0
+    tol = (1e-6 if not fast_math else 5e-6) + exponent_rounding
+    expected = F.softplus(x.double())
+    excess = (out.double() - expected).abs() - (tol * expected.abs() + 2.0**-126)
+    excess = torch.where(expected.isinf(), (out.double() != expected).double(), excess)  # +inf in, +inf out
+    assert (excess <= 0).all(), f"softplus off at x = {x[excess.argmax()].item()}: {out[excess.argmax()].item()}"
 
 
 def test_log1p_series():
