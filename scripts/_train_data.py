@@ -2,13 +2,19 @@
 or the demo), the tokenizer (the demo's byte-level BPE, or the model's) and tokenizing, packing or truncating
 the text into training sequences. Problems stop the script with a one-line error (`fail`)."""
 
+from __future__ import annotations
+
 import math
 import os
 from pathlib import Path
 
-import datasets
 import transformers
 from transformers import AutoTokenizer
+
+try:
+    import datasets
+except ImportError:  # the `train` extra; the tokenizer and checkpoint helpers work without it
+    datasets = None
 
 # Built-in text for the offline default: a few paragraphs about state space models, repeated.
 DEMO_TEXT = [
@@ -58,6 +64,8 @@ def check_text_column(dataset: datasets.Dataset, column: str, source: str) -> No
 
 def load_raw_datasets(args) -> datasets.DatasetDict:
     """{"train", "validation"} text datasets from the Hub, local files, or the built-in demo text."""
+    if datasets is None:
+        fail("scripts/train.py needs the datasets package to load its text: pip install 'hf_mamba[train]'")
     if args.dataset:
         if os.path.isdir(args.dataset) and (Path(args.dataset) / "dataset_dict.json").exists():
             raw = datasets.load_from_disk(args.dataset)

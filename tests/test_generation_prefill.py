@@ -175,7 +175,7 @@ def test_long_context_script_tiny(tmp_path, capsys):
     spec.loader.exec_module(script)
     rows, continuation = script.main(
         ["--tiny", "--min-log2", "6", "--max-log2", "8", "--chunk-size", "48", "--new-tokens", "3",
-         "--out-dir", str(tmp_path)]
+         "--dtype", "fp32", "--out-dir", str(tmp_path)]
     )
     assert [row["length"] for row in rows] == [64, 128, 256]
     for row in rows:

@@ -479,7 +479,9 @@ def test_first_training_call_compiles_its_kernels_ahead(monkeypatch):
     compile_ahead = mamba_inner.compile_ahead
     monkeypatch.setattr(mamba_inner, "compile_ahead", lambda fn: passes.append(compile_ahead(fn)))
     torch.manual_seed(0)
-    config = MambaConfig(**dict(SIZES, state_size=10))  # a d_state no other test builds kernels for
+    # A d_state and a conv width no other test builds kernels for: a kernel another test of this process
+    # already compiled would not compile again, ahead or not.
+    config = MambaConfig(**dict(SIZES, state_size=10, conv_kernel=5))
     mixer = MambaForCausalLM(config).backbone.layers[0].mixer.to(DEVICE)
     weights = (
         mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
