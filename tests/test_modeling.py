@@ -670,6 +670,22 @@ def test_bad_input_raises_clear_errors(model, kwargs, match):
         model(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(inputs=torch.zeros(2, 0, dtype=torch.long)),
+        dict(input_ids=torch.zeros(2, 0, dtype=torch.long), attention_mask=torch.zeros(2, 0, dtype=torch.long)),
+        dict(inputs_embeds=torch.zeros(2, 0, 32)),
+        dict(input_ids=torch.zeros(1, 0, dtype=torch.long)),
+    ],
+    ids=["inputs", "ids-and-mask", "embeds", "batch-1"],
+)
+def test_generate_refuses_an_empty_prompt(model, kwargs):
+    """A batch of empty prompts: the forward's error, before Transformers' own preparation (an IndexError)."""
+    with pytest.raises(ValueError, match=r"empty \(seqlen 0\)"):
+        model.generate(max_new_tokens=2, **kwargs)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("with_positions", [False, True])
 def test_a_forward_reads_values_to_the_host_once(model, monkeypatch, with_mask, with_positions):

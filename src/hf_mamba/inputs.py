@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
+def check_prompt_length(seqlen):
+    if seqlen == 0:
+        raise ValueError("The input sequence is empty (seqlen 0); pass at least one token")
+
+
 def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
     """(batch, seqlen) of the inputs; ValueError naming the argument for anything the forward cannot use
     (shapes and dtypes: the values of input_ids are checked by `read_values`)."""
@@ -23,8 +28,7 @@ def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
                 f"inputs_embeds must have shape (batch, seqlen, hidden_size), got {tuple(inputs_embeds.shape)}"
             )
         shape = tuple(inputs_embeds.shape[:2])
-    if shape[1] == 0:
-        raise ValueError("The input sequence is empty (seqlen 0); pass at least one token")
+    check_prompt_length(shape[1])
     if attention_mask is not None and tuple(attention_mask.shape) != shape:
         raise ValueError(
             f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}"

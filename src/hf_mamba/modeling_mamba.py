@@ -26,7 +26,7 @@ from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
 from .fast_path import decide_fast_path, scan_backend_for, unhooked
 from .hub import MambaHubMixin
-from .inputs import check_id_range, check_inputs, document_ids, queue_id_range, read_values, restarts_of
+from .inputs import check_id_range, check_inputs, check_prompt_length, document_ids, queue_id_range, read_values, restarts_of
 from .kernels import add_rms_norm
 from .loss import causal_lm_loss
 
@@ -320,6 +320,16 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     @loss_function.setter
     def loss_function(self, value):
         self._loss_function = value
+
+    def generate(self, inputs=None, *args, **kwargs):
+        """`GenerationMixin.generate`. An empty prompt is refused first, with the forward's error: Transformers'
+        own preparation of a batch of empty prompts fails earlier, with an IndexError."""
+        prompt = kwargs.get("inputs_embeds")
+        if prompt is None:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if torch.is_tensor(prompt) and prompt.dim() >= 2:
+            check_prompt_length(prompt.shape[1])
+        return super().generate(inputs, *args, **kwargs)
 
     def get_output_embeddings(self):
         return self.lm_head
