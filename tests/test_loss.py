@@ -27,6 +27,25 @@ def test_matches_transformers_loss_and_gradient(dtype, num_items):
     torch.testing.assert_close(actual_grad, expected_grad, rtol=rtol, atol=1e-6)
 
 
+def test_default_blocks_hold_a_fixed_number_of_logits(monkeypatch):
+    """Rows per block = LOGITS_PER_BLOCK // vocab (a bounded fp32 block whatever the vocabulary); any split
+    gives the one-block value and gradient."""
+    import hf_mamba.loss
+
+    logits = (3 * torch.randn(3, 11, 50)).requires_grad_()
+    labels = torch.randint(0, 50, (3, 11))
+    blocks = []
+    real_apply = hf_mamba.loss._BlockedCrossEntropy.apply
+    monkeypatch.setattr(hf_mamba.loss._BlockedCrossEntropy, "apply", lambda *a: blocks.append(a[-1]) or real_apply(*a))
+    monkeypatch.setattr(hf_mamba.loss, "LOGITS_PER_BLOCK", 200)
+    results = []
+    for kwargs in ({}, {"rows_per_block": 33}):
+        loss = causal_lm_loss(logits, labels, 50, **kwargs)
+        results.append((loss, *torch.autograd.grad(loss, logits)))
+    assert blocks == [4, 33]
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
 def test_float64_gradient_matches_finite_differences():
     logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 7, (2, 5))

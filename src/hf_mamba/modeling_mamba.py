@@ -26,7 +26,15 @@ from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
 from .fast_path import decide_fast_path, scan_backend_for, unhooked
 from .hub import MambaHubMixin
-from .inputs import check_id_range, check_inputs, check_prompt_length, document_ids, queue_id_range, read_values, restarts_of
+from .inputs import (
+    check_id_range,
+    check_inputs,
+    check_prompt_length,
+    document_ids,
+    queue_id_range,
+    read_values,
+    restarts_of,
+)
 from .kernels import add_rms_norm
 from .loss import causal_lm_loss
 

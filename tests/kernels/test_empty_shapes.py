@@ -6,8 +6,15 @@ them; a convolution of no taps (d_conv 0) is a ValueError naming weight. Size-on
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_mamba.kernels import add_rms_norm, causal_conv1d, causal_conv1d_update, rms_norm, selective_scan
-from hf_mamba.kernels import selective_scan_ref, selective_state_update
+from hf_mamba.kernels import (
+    add_rms_norm,
+    causal_conv1d,
+    causal_conv1d_update,
+    rms_norm,
+    selective_scan,
+    selective_scan_ref,
+    selective_state_update,
+)
 
 SCAN_SIZES = [
     # (batch, d_inner, seqlen, d_state)
