@@ -1,20 +1,17 @@
 """scripts/convert_checkpoint.py: state-spaces <-> hf_mamba <-> Transformers "mamba" / "falcon_mamba" folders, same logits."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from _scripts import load_script
 from safetensors.torch import load_file
 
 import hf_mamba
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_checkpoint.py"
-spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
-convert_checkpoint = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_checkpoint)
+convert_checkpoint = load_script("convert_checkpoint")
 
 # state-spaces pads the vocab: 100 tokens stored as 104 embedding rows (pad_vocab_size_multiple=8).
 VOCAB, PADDED_VOCAB = 100, 104

@@ -17,7 +17,6 @@ model folders at its paths, data files); its Python blocks share one namespace, 
 - No FutureWarning may come out of a documented example (the deprecated names of Transformers 5.25).
 """
 
-import importlib.util
 import json
 import re
 import shlex
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from datasets import Dataset
+from _scripts import load_script, needs_datasets
 from transformers.utils import is_torch_bf16_gpu_available
 
 import hf_mamba
@@ -36,13 +35,6 @@ import hf_mamba.hub
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/recipes.md"]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train_script, convert_script = load_script("train"), load_script("convert_checkpoint")
@@ -80,6 +72,8 @@ def shell_commands(body: str):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Folders and files at the paths the documents use, each tiny."""
+    from datasets import Dataset
+
     root = tmp_path_factory.mktemp("doc-assets")
     texts = [line for _ in range(6) for line in train_script.DEMO_TEXT]
     tokenizer = train_script.train_demo_tokenizer(texts, vocab_size=300)
@@ -179,6 +173,7 @@ def run_python(body: str, namespace: dict) -> str:
     return "ran"
 
 
+@needs_datasets  # the documented train.py commands load their text through it
 @pytest.mark.parametrize("document", DOCS)
 def test_documented_commands_run(document, assets, fake_hub, tmp_path, monkeypatch):
     root, given = assets

@@ -1,11 +1,10 @@
 """Chunked prefill (hf_mamba.generation): the same logits, cache and generated tokens as one forward."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 
 from hf_mamba.compat import enable_activation_checkpointing
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaModel
@@ -168,11 +167,7 @@ def test_generate_after_prefill_refuses_a_cache(model):
 
 
 def test_long_context_script_tiny(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "long_context", Path(__file__).resolve().parents[1] / "scripts" / "long_context.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("long_context")
     rows, continuation = script.main(
         ["--tiny", "--min-log2", "6", "--max-log2", "8", "--chunk-size", "48", "--new-tokens", "3",
          "--dtype", "fp32", "--out-dir", str(tmp_path)]

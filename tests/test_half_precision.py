@@ -7,17 +7,15 @@ state); its only half-precision rounding is the output y's. So its fp16 / bf16 r
 scan of the same (rounded) inputs to within one rounding of y, and its final state to fp32 accuracy.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 
 from hf_mamba import MambaConfig, MambaForCausalLM
 from hf_mamba.kernels import selective_scan, selective_state_update
 
-ROOT = Path(__file__).resolve().parents[1]
 HALF = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 CPU_BACKENDS = [pytest.param("reference", id="reference"), pytest.param("torch", id="torch")]
 # Δ bias per channel: softplus underflow to Δ ~ 1e-87 (-200), tiny Δ, both sides of softplus' linear threshold
@@ -297,15 +295,8 @@ def test_autocast_training_step(saved_model, dtype):
 # scripts/precision_training.py, tiny
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_precision_training_script_tiny(tmp_path, capsys):
-    script = _load_script("precision_training")
+    script = load_script("precision_training")
     results, long_rows = script.main(
         ["--tiny", "--steps", "4", "--runs", "bf16-ckpt,lora-fp16", "--out-dir", str(tmp_path)]
     )

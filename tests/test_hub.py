@@ -1,7 +1,6 @@
 """Sharing: Hub-ready folders (safetensors, sharding, model card, remote code), push_to_hub, pipeline, streamer."""
 
 import ast
-import importlib.util
 import json
 import os
 import shutil
@@ -12,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, TextStreamer, pipeline
 
 import hf_mamba
 from hf_mamba.hub import AUTO_MAP, remote_code_sources
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=300, hidden_size=32, state_size=8, num_hidden_layers=2)
 
 
@@ -33,9 +32,7 @@ def input_ids():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_script("train")
     return train_script.train_demo_tokenizer(train_script.DEMO_TEXT * 4, vocab_size=TINY["vocab_size"])
 
 

@@ -1,7 +1,6 @@
 """from_pretrained's checks of a local folder (hf_mamba.loading): each fault a clear error naming the file or field,
 raised before Transformers does any work; pickle weights only when asked for; Hub ids untouched."""
 
-import importlib.util
 import json
 import os
 import re
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from _scripts import load_script, needs_datasets
 
 import hf_mamba
 from hf_mamba.loading import (
@@ -396,12 +396,10 @@ def test_check_tokenizer_fits():
     check_tokenizer_fits(word_tokenizer(100), model)
 
 
+@needs_datasets  # train.py reads its text before it loads the model
 def test_train_script_stops_with_one_line_naming_the_file(tmp_path):
     """scripts/train.py --model on a damaged folder: hf_mamba's check, as the script's one-line error."""
-    pytest.importorskip("datasets")  # train.py reads its text before it loads the model
-    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[1] / "scripts" / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_script("train")
     config = hf_mamba.MambaConfig(vocab_size=300, hidden_size=16, state_size=4, num_hidden_layers=1)
     hf_mamba.MambaForCausalLM(config).save_pretrained(tmp_path / "lm")
     train_script.train_demo_tokenizer(train_script.DEMO_TEXT * 4, vocab_size=300).save_pretrained(tmp_path / "lm")

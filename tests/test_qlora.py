@@ -12,7 +12,6 @@ Tolerances, relative to the largest |logit| or |gradient|:
   which rounds the layer inputs to bf16 whatever the compute dtype: CPU_BF16 (1e-2) there, EXACT elsewhere.
 """
 
-import importlib.util
 import math
 import re
 import shlex
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script, needs_datasets
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -58,14 +58,6 @@ def folder(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     return path
-
-
-def load_script(name):
-    """scripts/<name>.py as a module (scripts are programs, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def load_4bit(folder, config=None):
@@ -272,6 +264,7 @@ DOC_EDITS = {  # the sizes of a real run -> a smoke run; each must be in the doc
 }
 
 
+@needs_datasets
 def test_documented_recipes_run_on_a_tiny_falcon_mamba(tmp_path, monkeypatch):
     import datasets
     from transformers.utils import is_torch_bf16_gpu_available
@@ -335,6 +328,7 @@ def script_model(train_script, tmp_path_factory):
     return folder
 
 
+@needs_datasets
 def test_train_script_qlora_trains_a_4bit_base_and_saves_an_adapter_for_either_base(
     train_script, script_model, tmp_path, monkeypatch
 ):

@@ -1,6 +1,5 @@
 """scripts/train.py's guard rails: bad flags and data, tokenizers, interrupts and resuming from checkpoints."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script, needs_datasets
 from safetensors.torch import save_file
 
 import hf_mamba
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-train_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_script)
+train_script = load_script("train")
 
 # The offline demo (no --model), shrunk: a 1-layer model, a few steps of 16-token blocks, about a second.
 TINY_DEMO = [
@@ -60,6 +58,11 @@ def write(path: Path, text: str) -> str:
     return str(path)
 
 
+def loads_text(case, expected, id):
+    """A case that only goes wrong once train.py loads the text (through datasets)."""
+    return pytest.param(case, expected, id=id, marks=needs_datasets)
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -67,13 +70,13 @@ def write(path: Path, text: str) -> str:
         pytest.param("batch_size_0", r"--per-device-train-batch-size: must be a positive", id="batch-size-0"),
         pytest.param("missing_file", r"--train-file \S+nope.txt: no such file", id="missing-file"),
         pytest.param("empty_file", r"--train-file \S+empty.jsonl is empty", id="empty-file"),
-        pytest.param("no_text_field", r"row 2 of --train-file \S+rows.jsonl .*no 'text' field", id="row-no-text"),
-        pytest.param("number_text", r"row 1 of --train-file \S+numbers.jsonl .*holds 5, not text", id="row-number"),
-        pytest.param("wrong_column", r"--text-column 'body' is not a field of --train-file", id="wrong-column"),
-        pytest.param("tiny_file", r"--train-file \S+tiny.txt has 1 row\(s\): too few .*--validation-split", id="tiny"),
-        pytest.param("blank_file", r"--train-file \S+blank.txt holds no text", id="blank-file"),
-        pytest.param("short_data", r"makes no train sequence of --block-size 4096 tokens", id="short-for-block"),
-        pytest.param("short_validation", r"--validation-file \S+ makes no validation sequence", id="short-validation"),
+        loads_text("no_text_field", r"row 2 of --train-file \S+rows.jsonl .*no 'text' field", id="row-no-text"),
+        loads_text("number_text", r"row 1 of --train-file \S+numbers.jsonl .*holds 5, not text", id="row-number"),
+        loads_text("wrong_column", r"--text-column 'body' is not a field of --train-file", id="wrong-column"),
+        loads_text("tiny_file", r"--train-file \S+tiny.txt has 1 row\(s\): too few .*--validation-split", id="tiny"),
+        loads_text("blank_file", r"--train-file \S+blank.txt holds no text", id="blank-file"),
+        loads_text("short_data", r"makes no train sequence of --block-size 4096 tokens", id="short-for-block"),
+        loads_text("short_validation", r"--validation-file \S+ makes no validation sequence", id="short-validation"),
         pytest.param("missing_model", r"--model ./no-such-model: no such folder", id="missing-model"),
         pytest.param("split_percentage", r"--validation-split-percentage must be in \(0, 100\)", id="split-100"),
     ],
@@ -112,12 +115,14 @@ def model_without_tokenizer(tmp_path_factory):
     return folder
 
 
+@needs_datasets
 def test_refuses_model_folder_without_tokenizer(model_without_tokenizer, tmp_path):
     """Transformers' fallback tokenizer encodes every text as []: training would see end-of-text tokens only."""
     message = run_error(["--model", str(model_without_tokenizer), "--output-dir", str(tmp_path), "--max-steps", "1"])
     assert "encodes the training text as no tokens" in message and "--tokenizer" in message
 
 
+@needs_datasets
 def test_refuses_tokenizer_larger_than_the_embedding(model_without_tokenizer, tmp_path):
     tokenizer = train_script.train_demo_tokenizer(train_script.DEMO_TEXT * 4, vocab_size=300)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
@@ -127,6 +132,7 @@ def test_refuses_tokenizer_larger_than_the_embedding(model_without_tokenizer, tm
     assert "embeds only 64" in message
 
 
+@needs_datasets
 def test_bf16_without_bf16_hardware_explains(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(train_script, "is_torch_bf16_gpu_available", lambda: False)
     message = run_error(["--bf16", "--output-dir", str(tmp_path)], capsys)
@@ -217,6 +223,7 @@ def test_resume_names_a_lora_mismatch(tmp_path):
 # Interrupts
 
 
+@needs_datasets
 def test_sigint_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
     full = train_script.main([*TINY_DEMO, "--max-steps", "8", "--output-dir", str(tmp_path / "full")])
     expected = losses(full["trainer"])
@@ -253,6 +260,7 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, mo
     assert losses(resumed["trainer"]) == expected
 
 
+@needs_datasets
 def test_sigterm_from_outside_stops_with_a_checkpoint(tmp_path):
     """The script as a user runs it: SIGTERM while training, exit status 143 and a complete checkpoint."""
     out = tmp_path / "run"

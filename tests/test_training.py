@@ -1,6 +1,5 @@
 """Training with the standard tools: Trainer, gradient checkpointing, resume, scripts/train.py, accelerate launch."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,16 +11,14 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import transformers
-from datasets import Dataset
+from _scripts import load_script, needs_datasets
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 import hf_mamba
 from hf_mamba.compat import HAS_ACTIVATION_CHECKPOINTING, checkpointing_training_args, enable_activation_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-train_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_script)
+train_script = load_script("train")
 
 TINY = dict(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2)
 BLOCK = 24
@@ -34,6 +31,8 @@ def tiny_model(seed=0):
 
 def counting_dataset(n=48):
     """Rows of (start + t) mod 16 (+ an offset): a pattern a tiny model learns within a few dozen steps."""
+    from datasets import Dataset
+
     rows = [[(start + t) % 16 + 16 * (start % 3) for t in range(BLOCK)] for start in range(n)]
     return Dataset.from_dict({"input_ids": rows, "labels": rows})
 
@@ -66,6 +65,7 @@ def train_losses(trainer):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+@needs_datasets
 def test_trainer_lowers_loss(tmp_path):
     data = counting_dataset()
     model = tiny_model()
@@ -80,6 +80,7 @@ def test_trainer_lowers_loss(tmp_path):
     assert train_losses(trainer)[-1] < train_losses(trainer)[0]
 
 
+@needs_datasets
 def test_resume_matches_uninterrupted_run(tmp_path):
     data = counting_dataset()
     full = Trainer(
@@ -116,6 +117,7 @@ def saved_activation_bytes(model, batch) -> int:
     return total
 
 
+@needs_datasets
 def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):
     batch = default_data_collator([counting_dataset()[i] for i in range(4)])
     plain, checkpointed = tiny_model(), tiny_model()
@@ -151,6 +153,8 @@ def test_gradient_checkpointing_same_loss_and_gradients(tmp_path):
 @pytest.fixture(scope="module")
 def local_assets(tmp_path_factory):
     """A saved tiny hf_mamba model with its tokenizer, and json / parquet / text data files."""
+    from datasets import Dataset
+
     folder = tmp_path_factory.mktemp("assets")
     texts = [line for _ in range(12) for line in train_script.DEMO_TEXT]
     tokenizer = train_script.train_demo_tokenizer(texts, vocab_size=300)
@@ -172,6 +176,7 @@ def local_assets(tmp_path_factory):
     return folder
 
 
+@needs_datasets
 def test_train_script_full_finetune_and_push(local_assets, tmp_path, monkeypatch):
     uploads = []
 
@@ -213,6 +218,7 @@ def test_train_script_full_finetune_and_push(local_assets, tmp_path, monkeypatch
     assert not [f for f in files if f.startswith("checkpoint-")]
 
 
+@needs_datasets
 def test_train_script_lora_checkpointing_and_resume(local_assets, tmp_path):
     out = tmp_path / "lora"
     argv = [
@@ -240,6 +246,7 @@ def test_train_script_lora_checkpointing_and_resume(local_assets, tmp_path):
     assert resumed["trainer"].state.global_step == 6
 
 
+@needs_datasets
 def test_train_script_text_files_without_packing(local_assets, tmp_path):
     """Also bf16 autocast, and a Transformers-format "mamba" folder as the start: trained and saved as hf_mamba."""
     builtin = transformers.MambaForCausalLM.from_pretrained(local_assets / "model" / "transformers")
@@ -263,6 +270,7 @@ def test_train_script_text_files_without_packing(local_assets, tmp_path):
     assert json.loads((tmp_path / "txt" / "config.json").read_text())["model_type"] == "hf_mamba"
 
 
+@needs_datasets
 def test_accelerate_launch_two_processes(local_assets, tmp_path):
     out = tmp_path / "ddp"
     command = [
