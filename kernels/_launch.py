@@ -65,7 +65,8 @@ def launch(kernel, grid, *args, **constexprs):
     the compiled kernel's own launcher (docs/kernels.md, "Host time"); a layer's training step makes
     about eleven launches and the step is host-bound. Here a signature key (`_signature`: per
     argument what Triton specialises on, or something finer) maps to the CompiledKernel that Triton
-    itself chose the first time, and later calls go straight to its launcher. Triton has no public
+    itself chose the first time, and later calls go straight to its launcher (found by the
+    arguments' values first, `_args_key`, which is cheaper to build). Triton has no public
     call for that launcher (`CompiledKernel.run` with the arguments JITFunction.run passes it), so
     this follows Triton >= 3.4's calling convention; the interpreter, older Triton and
     `plain_launches()` take the ordinary path.
@@ -74,21 +75,23 @@ def launch(kernel, grid, *args, **constexprs):
         kernel.warmup(*args, grid=grid, **constexprs)
         return
     fast = _FAST_PATH and not _PLAIN.get() and isinstance(kernel, JITFunction)
-    signature = _signature(args) if fast else None
-    if signature is None:
+    args_key = _args_key(args) if fast else None
+    if args_key is None:
         kernel[grid](*args, **constexprs)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, signature, *constexprs.items())
-    entry = _compiled.get(key)
+    # id(kernel): a JITFunction hashes in Python (its source hash, under a lock); the entry keeps the
+    # kernel alive, so its id stays its own.
+    key = (id(kernel), device, args_key, *constexprs, *constexprs.values())
+    entry = _launches.get(key)
     if entry is None:
-        # The first launch with this signature: Triton's own path, which compiles if needed and
-        # returns the kernel it ran.
-        compiled = kernel[grid](*args, **constexprs)
-        if not any(isinstance(v, torch.Tensor) for v in constexprs.values()):  # a tensor keyword: never cached
-            _compiled[key] = (compiled, _trailing_values(kernel, len(args), constexprs))
-        return
-    compiled, trailing = entry
+        entry = _compiled_entry(kernel, grid, args, constexprs, device)
+        if entry is None:  # launched by Triton
+            return
+        if len(_launches) >= _MAX_LAUNCH_KEYS:
+            _launches.clear()
+        _launches[key] = entry
+    _, compiled, trailing = entry
     values = (*args, *trailing)
     grid = (*grid, 1, 1)
     stream = _current_stream(device)
@@ -100,8 +103,26 @@ def launch(kernel, grid, *args, **constexprs):
     )
 
 
+def _compiled_entry(kernel, grid, args, constexprs, device):
+    """(kernel, CompiledKernel, trailing parameter values) for arguments Triton specialises as these
+    (`_signature`), or None after launching through Triton: the first launch with this signature
+    (Triton compiles if needed and returns the kernel it ran), or one with a tensor keyword."""
+    key = (kernel, device, _signature(args), *constexprs.items())
+    entry = _compiled.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **constexprs)
+        if not any(isinstance(v, torch.Tensor) for v in constexprs.values()):  # a tensor keyword: never cached
+            _compiled[key] = (kernel, compiled, _trailing_values(kernel, len(args), constexprs))
+    return entry
+
+
 _FAST_PATH = hasattr(triton, "knobs")  # the launcher's calling convention of Triton >= 3.4 (False without Triton)
-_compiled = {}  # (kernel, device, signature, *constexprs) -> (CompiledKernel, trailing parameter values)
+# Two caches: `_compiled` by what Triton specialises on (a new sequence length finds its kernel there),
+# `_launches` in front of it by the arguments' values (`_args_key`), cheaper to build per call; cleared
+# when full, since every new shape adds keys.
+_compiled = {}  # (kernel, device, signature, *constexprs) -> (kernel, CompiledKernel, trailing parameter values)
+_launches = {}  # (id(kernel), device, args key, *constexpr names, *constexpr values) -> the same entry
+_MAX_LAUNCH_KEYS = 4096
 
 
 # Set while `compile_ahead` runs its function: `launch` then compiles the kernel and runs nothing.
@@ -156,6 +177,23 @@ def compile_ahead(fn, *args):
 # The current CUDA stream's handle, as Triton's own launch path reads it (torch.cuda.current_stream
 # builds a Stream object per call).
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda d: torch.cuda.current_stream(d).cuda_stream)
+
+
+def _args_key(args):
+    """The arguments as a hashable tuple at least as fine as `_signature`, cheaper to build: ints by
+    value, tensors by dtype and their data pointer's offset from 16 bytes; None where `_signature` is."""
+    key = []
+    for a in args:
+        kind = a.__class__
+        if kind is int or a is None:
+            key.append(a)
+        elif kind is bool or kind is float:  # True == 1 and 2.0 == 2: kept apart from ints
+            key.append((kind, a))
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() & 15))
+        else:
+            return None
+    return tuple(key)
 
 
 def _signature(args):
