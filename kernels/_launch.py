@@ -187,10 +187,10 @@ def _args_key(args):
         kind = a.__class__
         if kind is int or a is None:
             key.append(a)
+        elif kind is torch.Tensor or isinstance(a, torch.Tensor):  # the class test first: isinstance costs more
+            key.append((a.dtype, a.data_ptr() & 15))
         elif kind is bool or kind is float:  # True == 1 and 2.0 == 2: kept apart from ints
             key.append((kind, a))
-        elif isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() & 15))
         else:
             return None
     return tuple(key)
