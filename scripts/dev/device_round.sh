@@ -3,8 +3,9 @@
 # step gets what is left of the call's budget (BUDGET seconds, default 560), so the call ends in time and
 # every finished step's output is in $OUT.
 #
-#   bash scripts/dev/device_round.sh tests scan_now scan_before model_now
-#   bash scripts/dev/device_round.sh model_before model_like large_1.4b
+#   bash scripts/dev/device_round.sh scan_now scan_before              # over 100 s each on a fresh machine (compiles)
+#   bash scripts/dev/device_round.sh model_now model_before            # about 2 min each
+#   TESTS="tests/kernels" bash scripts/dev/device_round.sh gpu_tests   # the whole suite takes > 9 min: split it
 #
 # Steps: tests (whole suite on the GPU), scan_now / scan_before (benchmark_kernels.py), model_now (our loss),
 # model_like (--loss-outside: both sides' cross-entropy on fp32 logits), model_before (the old tree's own
@@ -55,7 +56,7 @@ for s in "$@"; do
         --tb=short --timeout=240 -p no:benchmark \
         ${TESTS:-tests/kernels tests/test_model_triton.py tests/test_fused_mixer_padding.py \
         tests/test_half_precision.py tests/test_falcon_mamba.py tests/test_drop_in.py} ;;
-    scan_now) CAP=${SCAN_CAP:-100} step scan_now now "$here/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
+    scan_now) CAP=${SCAN_CAP:-} step scan_now now "$here/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
     scan_before) step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
     model_now) step model_now now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
     model_like) step model_like now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
