@@ -729,9 +729,11 @@ def test_a_layer_moves_its_cached_states_to_its_own_device(model):
     states = (cache.conv_states[0], cache.ssm_states[0])
     cache.place_layer(0, torch.device("cpu"))
     assert cache.conv_states[0] is states[0] and cache.ssm_states[0] is states[1]  # already there: not copied
+    assert repr(cache).endswith("device=cpu)")
     cache.place_layer(1, torch.device("meta"))
     assert cache.conv_states[1].is_meta and cache.ssm_states[1].is_meta
     assert cache.ssm_states[1].dtype == torch.float32 and not cache.ssm_states[0].is_meta
+    assert repr(cache).endswith("device=[cpu, meta])")  # each layer's, once they differ
 
 
 @pytest.mark.parametrize(

@@ -76,8 +76,13 @@ class MambaCache(Cache):
         return (
             f"MambaCache(layers={len(self)}, batch_size={self.batch_size}, seqlen_offset={self.seqlen_offset}, "
             f"conv_state={tuple(conv.shape)} {conv.dtype}, ssm_state={tuple(ssm.shape)} {ssm.dtype}, "
-            f"device={conv.device})"
+            f"device={self._devices_text()})"
         )
+
+    def _devices_text(self):
+        """One device, or each layer's where a model split over devices placed them differently."""
+        devices = [str(state.device) for state in self.ssm_states]
+        return devices[0] if len(set(devices)) == 1 else "[" + ", ".join(devices) + "]"
 
     def __len__(self):
         return len(self.ssm_states)
