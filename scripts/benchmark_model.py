@@ -15,6 +15,8 @@ Training: batch x seqlen tokens, bf16 autocast, AdamW step included; tokens/s is
 model's own where it has one (`labels=`: hf_mamba's reads the bf16 logits in blocks, Transformers' casts them
 to fp32); mamba_ssm takes no labels, so its users' cross-entropy on the fp32-cast logits is timed.
 --loss-outside computes that same loss outside for every model instead (like for like).
+--padded also trains hf_mamba on the same batch with left padding (attention_mask zeros, labels -100 there),
+beside its unpadded run in each round: the fused training path reads the mask, so both should match.
 Decoding: greedy, prompt --prompt-len, exactly --new-tokens new tokens, tokens/s = batch x new / time.
 """
 
@@ -70,6 +72,12 @@ def logits_and_loss(model, ids, forward):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = forward(model, ids)
     return out if isinstance(out, tuple) else (out, next_token_loss(out, ids))
+
+
+def left_padding_mask(args):
+    """attention_mask (batch, seqlen) on the GPU: each row left-padded by 0 to seqlen / 2 tokens (seeded)."""
+    pads = torch.randint(0, args.seqlen // 2 + 1, (args.batch, 1), generator=torch.Generator().manual_seed(1))
+    return (torch.arange(args.seqlen)[None, :] >= pads).long().cuda()
 
 
 def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None):
@@ -237,6 +245,9 @@ def main():
     parser.add_argument("--no-train", action="store_true", help="decoding only")
     parser.add_argument("--loss-outside", action="store_true",
                         help="every model's loss as cross-entropy on fp32-cast logits (default: labels= where taken)")
+    parser.add_argument("--padded", action="store_true",
+                        help="also train hf_mamba on the same batch left-padded (attention_mask with zeros, a quarter "
+                             "of the tokens on average; labels -100 there), beside its unpadded run")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
     parser.add_argument("--memory", action="store_true", help="training memory breakdown, then stop")
@@ -280,6 +291,12 @@ def main():
     def logits_peer(model, ids):
         return model(ids).logits
 
+    mask = left_padding_mask(args) if args.padded else None
+
+    def logits_hf_padded(model, ids):
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False)
+        return out.logits, out.loss
+
     def on_gpu_only_while(model, measure):
         torch.cuda.empty_cache()
         result = measure(model.cuda())
@@ -298,11 +315,18 @@ def main():
 
     rows = []
     ratios = []
+    padded_ratios = []  # (tokens/s, peak) of the padded run over the unpadded one, per round
     # The step is bound by the host enqueueing kernels (docs/kernels.md, "Host time"), whose speed drifts during a
     # run: --rounds alternates hf_mamba and mamba_ssm and reports the ratio of each adjacent pair.
     for round_ in range(0 if args.no_train else args.rounds):
         tps, peak = on_gpu_only_while(ours, lambda m: train_throughput("hf_mamba (Triton)", m, args, logits_hf))
         rows.append((f"hf_mamba (Triton), round {round_ + 1}", tps, peak))
+        if args.padded:
+            padded_tps, padded_peak = on_gpu_only_while(
+                ours, lambda m: train_throughput("hf_mamba (Triton), padded", m, args, logits_hf_padded)
+            )
+            rows.append((f"hf_mamba (Triton), padded, round {round_ + 1}", padded_tps, padded_peak))
+            padded_ratios.append((padded_tps / tps, padded_peak / peak))
         if peer:
             peer_tps, peer_peak = on_gpu_only_while(
                 peer_model(args, state_dict, peer).cpu(),
@@ -324,6 +348,10 @@ def main():
     if ratios:
         print("hf_mamba / mamba_ssm tokens/s per round: " + ", ".join(f"{r:.2f}" for r in ratios)
               + f"; median {statistics.median(ratios):.2f}")
+
+    if padded_ratios:
+        print("hf_mamba padded / unpadded per round, tokens/s and peak: "
+              + ", ".join(f"{speed:.3f} / {memory:.3f}" for speed, memory in padded_ratios))
 
     if args.no_decode:
         return
