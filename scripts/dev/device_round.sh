@@ -58,7 +58,8 @@ for s in "$@"; do
         tests/test_half_precision.py tests/test_falcon_mamba.py tests/test_drop_in.py} ;;
     scan_now) CAP=${SCAN_CAP:-} step scan_now now "$here/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
     scan_before) step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
-    model_now) step model_now now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
+    model_now) step model_now now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
+        ${MODEL_FLAGS:-} ;;
     model_like) step model_like now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
         --loss-outside ;;
     model_before) step model_before old "$before/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
