@@ -6,9 +6,14 @@
     python scripts/benchmark_large.py --rows decode --shapes 7b              # a subset of rows
     python scripts/benchmark_large.py --tiny                                 # every row on CPU, tiny shapes, seconds
 
+Prefill at 1 x 1K, 1 x 8K and 1 x 64K tokens at the 130M and 1.4B shapes, beside mamba_ssm, in one command:
+
+    python scripts/benchmark_large.py --shapes 130m,1.4b --rows prefill --prefill-lengths 1024,8192,65536
+
 Shapes: 7b is Falcon Mamba 7B (d_model 4096, 64 layers, vocab 65024, d_state 16, expand 2, the mixer's RMS norms
-with eps 1e-6, untied lm_head); 1.4b is plain Mamba (d_model 2048, 48 layers, vocab 50280, tied). Weights are
-random, built on the GPU in bf16 (A_log, D and the Δ bias fp32, as from_pretrained keeps them); nothing is saved.
+with eps 1e-6, untied lm_head); 1.4b is plain Mamba (d_model 2048, 48 layers, vocab 50280, tied); 130m is plain
+Mamba-130M (d_model 768, 24 layers, vocab 50280, tied). Weights are random, built on the GPU in bf16 (A_log, D and
+the Δ bias fp32, as from_pretrained keeps them); nothing is saved.
 
 Rows (--rows):
 - decode: greedy `model.generate` in bf16 with CUDA graphs at batch 1 and 16, prompt 128, 256 new tokens. The first
@@ -16,8 +21,9 @@ Rows (--rows):
   the decode steps only: batch x (new - 1) / (time of the call - time of the same call with one new token, i.e.
   the prefill). The bound is what reading every weight once per step allows: batch / (bytes of the weights read
   per step / device copy bandwidth), the bandwidth measured here by a large copy (bytes read + written / time).
-- prefill: one 8192-token prompt through the model with a cache (what generate() runs first), logits of the last
-  token only; time and peak memory.
+- prefill: one prompt per --prefill-lengths entry (default one of 8192 tokens) through the model with a cache
+  (what generate() runs first), logits of the last token only; time and peak memory, a row per length. Each
+  length's first call (kernel compilation for that length) is timed apart from the median of the next three.
 - train: one step of forward + backward at 1 x 2048 tokens, bf16 weights under bf16 autocast, activation
   checkpointing on every block, no optimizer (AdamW state of a 7B model would not fit beside it).
 - qlora: hf_mamba only (mamba_ssm's fused mixer reads the projection weights directly, past any adapter or 4-bit
@@ -27,9 +33,11 @@ Rows (--rows):
   does with peft's prepare_model_for_kbit_training) and, for comparison, on the bf16 base; then greedy decoding
   at batch 1 on the 4-bit model with its adapters, as generate() runs there.
 
-mamba_ssm (when importable) runs decode (its generate(..., cg=True)), prefill and train on the same shapes. It
-has no Falcon Mamba mixer (its mamba_inner_fn norms take weights and normalise Δ after dt_proj, and its decode
-step has none), so at the 7b shape it is a plain Mamba of the same size, as its rows say.
+mamba_ssm (when importable) runs decode (its generate(..., cg=True)), prefill and train on the same shapes (its
+MambaConfig with d_model, n_layer, vocab_size and d_state of the shape, RMS norms, residual in fp32, fused add +
+norm, vocabulary not padded further: at 130m and 1.4b the published checkpoints' configs). It has no Falcon Mamba
+mixer (its mamba_inner_fn norms take weights and normalise Δ after dt_proj, and its decode step has none), so at
+the 7b shape it is a plain Mamba of the same size, as its rows say.
 
 Peak memory is torch.cuda.max_memory_allocated over the measured calls, the model's weights included. Each row
 frees what it made; a row that runs out of memory or fails is reported as such and the others still run. The
@@ -93,6 +101,7 @@ class Shape:
 SHAPES = {
     "7b": Shape("7b", hidden=4096, layers=64, vocab=65024, falcon=True, tied=False),
     "1.4b": Shape("1.4b", hidden=2048, layers=48, vocab=50280),
+    "130m": Shape("130m", hidden=768, layers=24, vocab=50280),
 }
 # Every quantized out_features a multiple of 32 (bitsandbytes' CPU 4-bit layers): 256, 4 + 2 * 14, 64.
 TINY_SHAPES = {key: replace(shape, name=f"{key}-tiny", hidden=64, layers=2, vocab=96, state=14)
@@ -104,13 +113,15 @@ class Sizes:
     prompt: int = 128
     new_tokens: int = 256
     decode_batches: tuple = (1, 16)
-    prefill: int = 8192
+    prefill: tuple = (8192,)  # prompt lengths, one prefill row each (--prefill-lengths)
     train: int = 2048
     warmup_steps: int = 1
     steps: int = 3
 
 
-TINY_SIZES = Sizes(prompt=8, new_tokens=4, decode_batches=(1, 2), prefill=64, train=32, steps=2)
+TINY_SIZES = Sizes(prompt=8, new_tokens=4, decode_batches=(1, 2), train=32, steps=2)
+# --tiny runs each --prefill-lengths entry at 1/128 of it (8192 -> 64 tokens, 65536 -> 512): still seconds on CPU.
+TINY_PREFILL_DIVISOR = 128
 
 
 @dataclass
@@ -313,8 +324,8 @@ class Bench:
     def ids(self, shape, batch, seqlen):
         return torch.randint(1, shape.vocab, (batch, seqlen), device=self.device)
 
-    def prefill(self, impl, model, shape):
-        ids = self.ids(shape, 1, self.sizes.prefill)
+    def prefill(self, impl, model, shape, length):
+        ids = self.ids(shape, 1, length)
         first, _ = timed(lambda: impl.prefill(model, ids), self.device)
         reset_peak(self.device)
         seconds = median_time(lambda: impl.prefill(model, ids), self.device, 3)
@@ -536,7 +547,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="decode,prefill,train,qlora",
                         help="comma-separated: decode, prefill, train, qlora (default: all)")
-    parser.add_argument("--shapes", default="7b,1.4b", help="comma-separated: 7b, 1.4b (default: both)")
+    parser.add_argument("--shapes", default="7b,1.4b",
+                        help=f"comma-separated: {', '.join(SHAPES)} (default: 7b,1.4b)")
+    parser.add_argument("--prefill-lengths", default=",".join(map(str, Sizes.prefill)),
+                        help="comma-separated prompt lengths in tokens, one prefill row per length and implementation "
+                             "(default: %(default)s; issue 24's table: --shapes 130m,1.4b --rows prefill "
+                             f"--prefill-lengths 1024,8192,65536); --tiny divides each by {TINY_PREFILL_DIVISOR}")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and sizes on the CPU: a smoke run in seconds")
     parser.add_argument("--no-peer", action="store_true", help="skip mamba_ssm even where it is importable")
     parser.add_argument("--out", help="also write the markdown table to this file")
@@ -548,9 +564,27 @@ def parse_args(argv=None):
         unknown = [v for v in given if v not in known]
         if unknown or not given:
             parser.error(f"{name} takes a comma-separated subset of {', '.join(known)}; got {given}")
+    args.prefill_lengths = parse_lengths(parser, "--prefill-lengths", args.prefill_lengths)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU (or --tiny for a CPU smoke run)")
     return args
+
+
+def parse_lengths(parser, name, text):
+    """The distinct positive token counts of a comma-separated list, in order, or a parser error naming `name`."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    lengths = [int(v) for v in values if v.isascii() and v.isdigit() and int(v) > 0]
+    if not values or len(lengths) != len(values):
+        parser.error(f"{name} takes comma-separated positive whole token counts, e.g. 1024,8192,65536; got {text!r}")
+    if len(set(lengths)) != len(lengths):
+        parser.error(f"{name} names each length once; got {text!r}")
+    return tuple(lengths)
+
+
+def model_rows(rows, sizes):
+    """(row, extra arguments) of each measurement on a built model, in order; decode last: its graphs stay."""
+    calls = [("prefill", (length,)) for length in sizes.prefill] if "prefill" in rows else []
+    return calls + [(name, ()) for name in ("train", "decode") if name in rows]
 
 
 def main(argv=None):
@@ -560,7 +594,10 @@ def main(argv=None):
         torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and lose much on a busy machine
     dtype = torch.bfloat16
     shapes = [(TINY_SHAPES if args.tiny else SHAPES)[name] for name in args.shapes]
-    sizes = TINY_SIZES if args.tiny else Sizes()
+    lengths = args.prefill_lengths
+    if args.tiny:
+        lengths = tuple(dict.fromkeys(max(1, n // TINY_PREFILL_DIVISOR) for n in lengths))
+    sizes = replace(TINY_SIZES if args.tiny else Sizes(), prefill=lengths)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peer_modules = None if args.no_peer or device.type != "cuda" else Peer.load()
     implementations = [HfMamba(device, dtype)] + ([Peer(device, dtype, peer_modules)] if peer_modules else [])
@@ -580,14 +617,15 @@ def main(argv=None):
     bench = Bench(device, dtype, sizes, gpu, bandwidth, table)
 
     for shape in shapes:
-        model_rows = [r for r in ("prefill", "train", "decode") if r in args.rows]  # decode last: its graphs stay
-        for impl in implementations if model_rows else []:
+        calls = model_rows(args.rows, sizes)
+        for impl in implementations if calls else []:
             model = bench.built(impl, shape)
             if model is None:
                 continue
-            for name in model_rows:
-                describe = bench.row(shape, name, impl.label(shape), "-")
-                bench.guarded(describe, getattr(bench, name), impl, model, shape)
+            for name, extra in calls:  # each length its own row: one that runs out of memory leaves the others
+                tokens = f"1 x {extra[0]}" if name == "prefill" else "-"
+                describe = bench.row(shape, name, impl.label(shape), tokens)
+                bench.guarded(describe, getattr(bench, name), impl, model, shape, *extra)
             del model
             free_memory(device)
         if "qlora" in args.rows:

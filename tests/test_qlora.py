@@ -224,34 +224,74 @@ def test_recipe_runs_without_warnings(folder):
 
 
 def test_benchmark_large_tiny_runs_every_row_and_reports_a_failing_one(tmp_path, monkeypatch):
-    """scripts/benchmark_large.py --tiny on CPU: every row measured, a row that runs out of memory reported as
-    such while the others still run, the table written to --out."""
+    """scripts/benchmark_large.py --tiny on CPU: every row measured, a prefill row per --prefill-lengths entry (at
+    1/128 of it), one that runs out of memory reported as such while the others still run, the table written to
+    --out; the 130m shape runs too."""
     benchmark = load_script("benchmark_large")
+    prefill = benchmark.Bench.prefill
 
-    def out_of_memory(self, impl, model, shape):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    def out_of_memory_at_64(self, impl, model, shape, length):
+        if length == 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return prefill(self, impl, model, shape, length)
 
-    monkeypatch.setattr(benchmark.Bench, "prefill", out_of_memory)
+    monkeypatch.setattr(benchmark.Bench, "prefill", out_of_memory_at_64)
     out = tmp_path / "table.md"
-    table = benchmark.main(["--tiny", "--shapes", "7b", "--out", str(out)])
+    table = benchmark.main(["--tiny", "--shapes", "7b", "--prefill-lengths", "1024,8192", "--out", str(out)])
     rows = {(row.measurement, row.tokens, row.dtype.split(",")[0]): row for row in table.rows}
-    assert [key[0] for key in rows] == [
-        "prefill",
-        "train step (fwd+bwd, checkpointing)",
-        "greedy decode",
-        "greedy decode",
-        "LoRA step (fwd+bwd+AdamW, checkpointing)",
-        "greedy decode, 4-bit base + LoRA",
-        "LoRA step (fwd+bwd+AdamW, checkpointing)",
+    assert [key[:2] for key in rows] == [
+        ("prefill", "1 x 8"),
+        ("prefill", "1 x 64"),
+        ("train step (fwd+bwd, checkpointing)", "1 x 32"),
+        ("greedy decode", "1 x 4 new (prompt 8)"),
+        ("greedy decode", "2 x 4 new (prompt 8)"),
+        ("LoRA step (fwd+bwd+AdamW, checkpointing)", "1 x 32"),
+        ("greedy decode, 4-bit base + LoRA", "1 x 4 new (prompt 8)"),
+        ("LoRA step (fwd+bwd+AdamW, checkpointing)", "1 x 32"),
     ]
-    failed, *measured = rows.values()
+    measured_prefill, failed, *measured = rows.values()
     assert failed.notes == "out of memory" and failed.tokens_per_s is None
-    for row in measured:
+    for row in [measured_prefill, *measured]:
         assert row.tokens_per_s > 0 and row.first_s > 0, row
         assert row.shape == "7b-tiny" and row.gpu == "CPU"
     assert [row.dtype.split(",")[0] for row in measured[3:]] == ["nf4 base (double quant)"] * 2 + ["bf16 base"]
     assert "% of bound" in measured[1].notes
     assert out.read_text() == table.markdown()
+
+    table = benchmark.main(["--tiny", "--shapes", "130m", "--rows", "prefill"])
+    assert [(row.shape, row.measurement, row.tokens) for row in table.rows] == [("130m-tiny", "prefill", "1 x 64")]
+    assert "130m-tiny (Mamba 2 x 64" in table.header_lines[1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        pytest.param(["--prefill-lengths", "1024,0"], "--prefill-lengths takes comma-separated positive", id="zero"),
+        pytest.param(["--prefill-lengths", "-8"], "--prefill-lengths takes comma-separated positive", id="negative"),
+        pytest.param(["--prefill-lengths", "1k,8192"], "--prefill-lengths takes comma-separated positive", id="1k"),
+        pytest.param(["--prefill-lengths", ","], "--prefill-lengths takes comma-separated positive", id="empty"),
+        pytest.param(["--prefill-lengths", "64,64"], "--prefill-lengths names each length once", id="repeated"),
+        pytest.param(["--shapes", "130m,13b"], "--shapes takes a comma-separated subset of 7b, 1.4b, 130m", id="shape"),
+    ],
+)
+def test_benchmark_large_rejects_bad_flags(flags, message, capsys):
+    benchmark = load_script("benchmark_large")
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--tiny", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_benchmark_large_parses_issue_24_prefill_table():
+    """The docstring's command for prefill at 1K, 8K and 64K tokens, 130M and 1.4B shapes."""
+    benchmark = load_script("benchmark_large")
+    command = "--shapes 130m,1.4b --rows prefill --prefill-lengths 1024,8192,65536"
+    assert f"python scripts/benchmark_large.py {command}" in benchmark.__doc__
+    args = benchmark.parse_args(["--tiny", *command.split()])
+    assert (args.shapes, args.rows, args.prefill_lengths) == (["130m", "1.4b"], ["prefill"], (1024, 8192, 65536))
+    assert benchmark.parse_args(["--tiny"]).prefill_lengths == (8192,)
+    config = benchmark.SHAPES["130m"].config()
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size, config.state_size) == (768, 24, 50280, 16)
+    assert config.intermediate_size == 1536 and config.tie_word_embeddings and config.mixer_rms_eps is None
 
 
 # docs/large_models.md: its Python blocks, run on a tiny Falcon Mamba folder in place of the Hub checkpoint.
