@@ -9,7 +9,8 @@
 #
 # Steps: tests (whole suite on the GPU), scan_now / scan_before (benchmark_kernels.py), model_now (our loss),
 # model_like (--loss-outside: both sides' cross-entropy on fp32 logits), model_before (the old tree's own
-# script), large_7b / large_1.4b (benchmark_large.py), long_context, precision (fp32/bf16/fp16, 1,000 steps).
+# script), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
+# long_context, precision (fp32/bf16/fp16, 1,000 steps).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`).
@@ -64,6 +65,8 @@ for s in "$@"; do
         --loss-outside ;;
     model_before) step model_before old "$before/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
     large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
+    prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
+        --prefill-lengths 1024,8192,65536 ;;
     long_context) step long_context now "$here/scripts/long_context.py" --out-dir /tmp/long_context ;;
     precision) step precision now "$here/scripts/precision_training.py" --runs fp32,bf16,fp16 \
         --out-dir /tmp/precision ;;
