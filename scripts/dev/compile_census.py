@@ -192,6 +192,11 @@ def patch_kernels():
             if hasattr(module, name):
                 setattr(module, name, value)
     _launch.launch = record_launch
+    # The forward's plan reads CUDA from its device argument (FAST_MATH, the register cap): give it CUDA's.
+    fwd = importlib.import_module("hf_mamba.kernels.selective_scan.recurrent_fwd")
+    plan = fwd._fwd_plan
+    cuda = torch.device("cuda", 0)
+    fwd._fwd_plan = lambda *a: plan(*(cuda if isinstance(x, torch.device) and x.type == "meta" else x for x in a))
     import hf_mamba.modeling_mamba as mm
 
     mm.read_values = lambda *a, **k: (False, False)  # no padding, no packed documents (a host read on meta)
