@@ -61,9 +61,7 @@ def read_values(input_ids, vocab_size, attention_mask=None, restarts=None):
     values = torch.stack([fact.to(torch.int64) for fact in facts]).tolist() if facts else []
     if input_ids is not None and input_ids.numel():
         lowest, highest, *values = values
-        if lowest < 0 or highest >= vocab_size:
-            bad = lowest if lowest < 0 else highest
-            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}")
+        _check_id_extremes(lowest, highest, vocab_size)
     padded = True
     if attention_mask is not None:
         padded, not_binary, *values = values
@@ -100,12 +98,18 @@ def check_id_range(queued, vocab_size):
     if copied is not None:
         copied.synchronize()  # the copy, queued before the step: not the step itself
     lowest, highest = extremes.tolist()
+    _check_id_extremes(
+        lowest, highest, vocab_size,
+        " (this decode step already ran with the id clamped into range, so the cache's states no longer follow"
+        " the sequence)",
+    )
+
+
+def _check_id_extremes(lowest, highest, vocab_size, note=""):
+    """ValueError naming the first id outside [0, vocab_size), given the ids' lowest and highest values."""
     if lowest < 0 or highest >= vocab_size:
         bad = lowest if lowest < 0 else highest
-        raise ValueError(
-            f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad} (this decode step already ran "
-            "with the id clamped into range, so the cache's states no longer follow the sequence)"
-        )
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), found {bad}{note}")
 
 
 def document_ids(restarts):
