@@ -6,8 +6,8 @@ import pytest
 import torch
 from _scripts import load_script
 
-from hf_mamba.compat import enable_activation_checkpointing
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaModel
+from hf_mamba.compat import enable_activation_checkpointing
 from hf_mamba.generation import generate_after_prefill, prefill_in_chunks
 from hf_mamba.modeling_mamba import CACHE_FIELD
 

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 from _scripts import load_script
+from hf_mamba.kernels import selective_scan, selective_state_update
 
 from hf_mamba import MambaConfig, MambaForCausalLM
-from hf_mamba.kernels import selective_scan, selective_state_update
 
 HALF = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 CPU_BACKENDS = [pytest.param("reference", id="reference"), pytest.param("torch", id="torch")]
