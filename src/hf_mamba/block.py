@@ -161,7 +161,7 @@ class MambaMixer(nn.Module):
         if continuing and seq_idx is not None:
             raise ValueError("Packed sequences (seq_idx / restarting position_ids) cannot continue from a cache")
         if continuing and seqlen == 1:
-            return self._step(hidden_states, cache_params, self._A(), backend)
+            return self._step(hidden_states, cache_params, backend)
 
         if self._fused_inner_ok(path, cache_params):
             weights = (
@@ -243,7 +243,7 @@ class MambaMixer(nn.Module):
         its input is all that reads the mixer's input."""
         return type(self.in_proj) is nn.Linear and unhooked(self.in_proj)
 
-    def _step(self, hidden_states, cache_params, A, backend):
+    def _step(self, hidden_states, cache_params, backend):
         """One decode step from the cache: O(1) in the number of tokens already seen."""
         xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
         x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
@@ -259,7 +259,7 @@ class MambaMixer(nn.Module):
             cache_params.ssm_states[self.layer_idx],
             x,
             dt[:, :, 0],
-            A,
+            fp32_or_wider(self.A_log),  # A = -exp(A_log) inside: no exp and negation launches per layer
             B[:, :, 0],
             C[:, :, 0],
             D=fp32_or_wider(self.D),
@@ -267,6 +267,7 @@ class MambaMixer(nn.Module):
             dt_bias=fp32_or_wider(self.dt_proj.bias),
             dt_softplus=True,
             backend=backend,
+            A_is_log=True,
         )
         if not self.fused_silu:
             y = y * self.act(z)
