@@ -43,9 +43,10 @@ class MambaRMSNorm(nn.Module):
     def forward(self, hidden_states, path: FastPath | None = None, dtype: torch.dtype | None = None):
         # Normalise in fp32, round to `dtype` (by default the input's), then scale: Transformers' Mamba order.
         # The blocks pass the residual stream as it is (fp32 with residual_in_fp32) and the weight's dtype:
-        # cast to fp16 first, a residual above 65504 would be inf and the normalised row NaN. In training the
-        # Triton norm takes two launches where the ops take about a dozen.
-        backend = "triton" if path is not None and path.training_kernels else "torch"
+        # cast to fp16 first, a residual above 65504 would be inf and the normalised row NaN. On the Triton
+        # backend the norm is one launch forward (the first block's norm of a decode step, where the ops take
+        # seven) and one backward, where the ops take about a dozen in training.
+        backend = "triton" if path is not None and path.backend == "triton" else "torch"
         hidden_fp32 = fp32_or_wider(hidden_states)
         return rms_norm(hidden_fp32, self.weight, self.variance_epsilon, dtype or hidden_states.dtype, backend)
 
