@@ -44,20 +44,24 @@ def rms_norm(x, weight, eps, dtype, backend=None):
     """weight * rms_norm(x).to(dtype): the model's RMSNorm (Transformers' Mamba order) on x, an fp32 (or fp64)
     tensor holding values of `dtype`; (..., hidden_size) and weight (hidden_size,).
 
-    With gradients wanted it keeps less than the composed ops: backend "triton" (one kernel forward, one
-    backward; fp32 x of a 16- or 32-bit dtype) or an autograd function keeping x and 1/rms per row. Without
-    gradients, and under torch.compile, the PyTorch ops.
+    backend "triton" (fp32 x of a 16- or 32-bit dtype, a 16- or 32-bit weight): one kernel forward, and with
+    gradients one backward. Otherwise, with gradients wanted, an autograd function keeping x and 1/rms per
+    row (less than the composed ops keep); without gradients the PyTorch ops. Under torch.compile the
+    PyTorch ops on every backend.
     """
     check_tensors(x=x, weight=weight)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    if torch.compiler.is_compiling():
+        return rms_norm_ref(x, weight, eps, dtype)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_grad and not torch.compiler.is_compiling():
-        triton_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-        if backend == "triton" and x.dtype == torch.float32 and dtype in triton_dtypes and x.shape[-1] > 0:
-            from .triton_rms_norm import rms_norm_train_triton
+    triton_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if (backend == "triton" and x.dtype == torch.float32 and dtype in triton_dtypes and weight.dtype in triton_dtypes
+            and x.shape[-1] > 0):
+        from .triton_rms_norm import rms_norm_train_triton, rms_norm_triton
 
-            return rms_norm_train_triton(x, weight, eps, dtype)
+        return rms_norm_train_triton(x, weight, eps, dtype) if needs_grad else rms_norm_triton(x, weight, eps, dtype)
+    if needs_grad:
         from .torch_rms_norm import HAS_FUSED_RMS_NORM, RMSNormFunction
 
         if HAS_FUSED_RMS_NORM:

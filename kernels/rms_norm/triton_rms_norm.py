@@ -9,7 +9,7 @@ layer beyond the norm's own; a 24-layer model's training step is host-bound on l
 - add_rms_norm_train: (hidden, normed) = (residual + delta, norm(residual + delta)) with autograd,
   one launch forward and one (plus the weight gradient's sum) backward.
 - rms_norm_train: the norm alone (the first block's), the same kernels without the add.
-- add_rms_norm_triton: the same forward without autograd, for inference and the decode step.
+- add_rms_norm_triton, rms_norm_triton: the forwards without autograd, for inference and the decode step.
 
 The roundings are the model's (MambaRMSNorm, Transformers' Mamba order): the sum rounded to
 promote(residual, delta) (the residual stream's dtype, fp32 with residual_in_fp32), normalised from that
@@ -207,6 +207,15 @@ def rms_norm_train_triton(x, weight, eps, dtype):
     return _RMSNormTriton.apply(x, weight.contiguous(), float(eps), dtype, out_dtype)
 
 
+def rms_norm_triton(x, weight, eps, dtype):
+    """`rms_norm_train_triton`'s forward without autograd: one launch (the first block's norm of a decode
+    step, where the PyTorch ops take seven)."""
+    x2 = _rows(x, x.shape[-1])  # (rows, n_cols)
+    out_dtype = torch.promote_types(weight.dtype, dtype)
+    _, out, _ = _norm_fwd(x2, None, weight.contiguous(), float(eps), dtype, out_dtype, store_rstd=False)
+    return out.view_as(x)
+
+
 def add_rms_norm_train_triton(residual, delta, weight, eps, out_dtype=None):
     """Triton path of `hf_mamba.kernels.add_rms_norm` with autograd."""
     return _AddRMSNormTriton.apply(residual, delta, weight.contiguous(), float(eps), out_dtype or weight.dtype)
@@ -240,4 +249,4 @@ def add_rms_norm_triton(residual, delta, weight, eps, out_dtype=None):
     return _add_rms_norm(*args)  # eager: no custom-op dispatch on the host
 
 
-__all__ = ["add_rms_norm_train_triton", "add_rms_norm_triton", "rms_norm_train_triton"]
+__all__ = ["add_rms_norm_train_triton", "add_rms_norm_triton", "rms_norm_train_triton", "rms_norm_triton"]

@@ -142,7 +142,7 @@ def selective_scan(
 
 
 def selective_state_update(
-    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend=None
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend=None, A_is_log=False
 ):
     """One recurrent step of the selective SSM, for decoding.
 
@@ -150,6 +150,8 @@ def selective_state_update(
         state: (batch, d_inner, d_state), updated in place (keep it fp32).
         x, dt, z: (batch, d_inner).
         A: (d_inner, d_state). B, C: (batch, d_state). D, dt_bias: (d_inner,).
+        A_is_log: A holds A_log, A = -exp(A_log) (the model's parameter; the Triton kernel computes A
+            itself, so the caller launches no exp and negation kernels). Same shape as A.
 
     Returns:
         y (batch, d_inner) in x's dtype.
@@ -171,7 +173,7 @@ def selective_state_update(
         ("z", z, (batch, d_inner)),
         ("dt_bias", dt_bias, (d_inner,)),
     )
-    args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
     # One step is already fully vectorised in PyTorch: "torch" and "reference" share the code. It also
     # takes the empty cases (no state: y is the skip alone), which the kernel's tiles do not.
     if resolve_backend(backend, x.device) in ("reference", "torch") or x.numel() == 0 or d_state == 0:

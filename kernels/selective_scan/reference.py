@@ -83,10 +83,14 @@ def selective_scan_ref(
     return (out, h) if return_final_state else out
 
 
-def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One recurrent step; updates `state` in place and returns y (batch, d_inner) in x's dtype."""
+def selective_state_update_ref(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, A_is_log=False
+):
+    """One recurrent step; updates `state` in place and returns y (batch, d_inner) in x's dtype.
+    With A_is_log, A holds A_log (A = -exp(A_log))."""
     delta = effective_delta(dt, dt_bias, dt_softplus)  # (batch, d_inner)
-    dA = torch.exp(delta[:, :, None] * fp32_or_wider(A))  # (batch, d_inner, d_state)
+    A = -torch.exp(fp32_or_wider(A)) if A_is_log else fp32_or_wider(A)
+    dA = torch.exp(delta[:, :, None] * A)  # (batch, d_inner, d_state)
     dBx = (delta * fp32_or_wider(x))[:, :, None] * fp32_or_wider(B)[:, None, :]  # (batch, d_inner, d_state)
     h = dA * fp32_or_wider(state) + dBx
     state.copy_(h)

@@ -2,6 +2,8 @@
 
 Glossary as in `triton_scan`: x is u at one step, dt is Δ, state is h (batch, d_inner, d_state).
     h <- exp(Δ A) h + Δ x B;   y = C . h + D x,   y *= SiLU(z)
+With A_is_log the kernel reads A_log and computes A = -exp(A_log) itself, as the training scan kernels do:
+the model's decode step then launches no exp and negation kernels for A.
 
 One program per (batch, block of BLOCK_D channels); the state tile is read once and written once
 in place. No host synchronisation and fixed launch parameters per shape, so the step can be
@@ -14,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._launch import cdiv, device_guard, launch, next_power_of_2
-from ..triton_utils import softplus
+from ..triton_utils import log2_rate, softplus
 
 
 @triton.jit
@@ -30,7 +32,7 @@ def _selective_state_update_kernel(
     s_z_b, s_z_d,
     s_y_b, s_y_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -44,15 +46,19 @@ def _selective_state_update_kernel(
     b_h = tl.load(p_h, mask=m_dn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
     b_x = tl.load(p_x + i_b * s_x_b + o_d * s_x_d, mask=m_d, other=0.0).to(tl.float32)
     b_dt = tl.load(p_dt + i_b * s_dt_b + o_d * s_dt_d, mask=m_d, other=0.0).to(tl.float32)
-    b_A = tl.load(p_A + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
+    # A (or A_log) pre-scaled by log2(e), exp(ΔA) = exp2(Δ a): the arithmetic of the training scan kernels
+    # (`log2_rate`), so that decode and prefill compute the decay alike. Under the interpreter tl.exp and
+    # tl.exp2 are numpy's (exact to rounding); on a GPU both are ex2-based, as in the training kernels.
+    b_a = log2_rate(
+        tl.load(p_A + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32), A_LOG
+    )  # (BLOCK_D, BLOCK_N)
     b_B = tl.load(p_B + i_b * s_B_b + o_n * s_B_n, mask=m_n, other=0.0).to(tl.float32)
     b_C = tl.load(p_C + i_b * s_C_b + o_n * s_C_n, mask=m_n, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         b_dt += tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
     if DT_SOFTPLUS:
         b_dt = softplus(b_dt, False)
-    b_a = tl.exp(b_dt[:, None] * b_A)  # (BLOCK_D, BLOCK_N)
-    b_h = b_a * b_h + (b_dt * b_x)[:, None] * b_B[None, :]
+    b_h = tl.exp2(b_dt[:, None] * b_a) * b_h + (b_dt * b_x)[:, None] * b_B[None, :]
     tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_dn)
     b_y = tl.sum(b_h * b_C[None, :], axis=1)  # (BLOCK_D,)
     if HAS_D:
@@ -71,8 +77,9 @@ def _config(d_state):
     return block_d, block_n, 4
 
 
-def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    """Updates `state` in place; returns y (batch, d_inner) in x's dtype."""
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
+    """Updates `state` in place; returns y (batch, d_inner) in x's dtype. With A_is_log, A holds A_log
+    (A = -exp(A_log), computed in the kernel)."""
     batch, d_inner = x.shape
     d_state = A.shape[1]
     block_d, block_n, num_warps = _config(d_state)
@@ -87,7 +94,7 @@ def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
             *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z_.stride(),
             *y.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+            A_LOG=A_is_log, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
         )
     return y
 
@@ -104,18 +111,19 @@ def selective_state_update_op(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
-    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
 
 
 @selective_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
     """Triton decode step; same semantics as `hf_mamba.kernels.selective_state_update` (backend="triton")."""
-    args = (state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    args = (state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), bool(A_is_log))
     if torch.compiler.is_compiling():
         return selective_state_update_op(*args)  # the op torch.compile / export trace through
     return _state_update(*args)  # eager: no custom-op dispatch on the host

@@ -43,9 +43,10 @@ class MambaRMSNorm(nn.Module):
     def forward(self, hidden_states, path: FastPath | None = None, dtype: torch.dtype | None = None):
         # Normalise in fp32, round to `dtype` (by default the input's), then scale: Transformers' Mamba order.
         # The blocks pass the residual stream as it is (fp32 with residual_in_fp32) and the weight's dtype:
-        # cast to fp16 first, a residual above 65504 would be inf and the normalised row NaN. In training the
-        # Triton norm takes two launches where the ops take about a dozen.
-        backend = "triton" if path is not None and path.training_kernels else "torch"
+        # cast to fp16 first, a residual above 65504 would be inf and the normalised row NaN. On the Triton
+        # backend the norm is one launch forward (the first block's norm of a decode step, where the ops take
+        # seven) and one backward, where the ops take about a dozen in training.
+        backend = "triton" if path is not None and path.backend == "triton" else "torch"
         hidden_fp32 = fp32_or_wider(hidden_states)
         return rms_norm(hidden_fp32, self.weight, self.variance_epsilon, dtype or hidden_states.dtype, backend)
 
@@ -161,7 +162,7 @@ class MambaMixer(nn.Module):
         if continuing and seq_idx is not None:
             raise ValueError("Packed sequences (seq_idx / restarting position_ids) cannot continue from a cache")
         if continuing and seqlen == 1:
-            return self._step(hidden_states, cache_params, self._A(), backend)
+            return self._step(hidden_states, cache_params, backend)
 
         if self._fused_inner_ok(path, cache_params):
             weights = (
@@ -243,7 +244,7 @@ class MambaMixer(nn.Module):
         its input is all that reads the mixer's input."""
         return type(self.in_proj) is nn.Linear and unhooked(self.in_proj)
 
-    def _step(self, hidden_states, cache_params, A, backend):
+    def _step(self, hidden_states, cache_params, backend):
         """One decode step from the cache: O(1) in the number of tokens already seen."""
         xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
         x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
@@ -259,7 +260,7 @@ class MambaMixer(nn.Module):
             cache_params.ssm_states[self.layer_idx],
             x,
             dt[:, :, 0],
-            A,
+            fp32_or_wider(self.A_log),  # A = -exp(A_log) inside: no exp and negation launches per layer
             B[:, :, 0],
             C[:, :, 0],
             D=fp32_or_wider(self.D),
@@ -267,6 +268,7 @@ class MambaMixer(nn.Module):
             dt_bias=fp32_or_wider(self.dt_proj.bias),
             dt_softplus=True,
             backend=backend,
+            A_is_log=True,
         )
         if not self.fused_silu:
             y = y * self.act(z)

@@ -44,7 +44,8 @@ class FastPath:
     backend: the scan and conv implementation for the inputs' device ("reference", "torch" or "triton").
     fused_blocks: the blocks run as MambaModel._blocks_fused_norms runs them (each residual add fused with the
         next RMSNorm in one Triton kernel) rather than as modules.
-    training_kernels: Triton's training kernels run where they apply (the fused mixer, the Triton RMSNorm).
+    training_kernels: Triton's training kernels run where they apply (the fused mixer; the RMSNorm takes its
+        Triton kernels wherever backend is "triton", and their autograd function where gradients are wanted).
     """
 
     backend: str

@@ -77,6 +77,38 @@ def test_training_rms_norm_matches_the_model_ops(in_dtype, w_dtype, hidden_size,
     torch.testing.assert_close(dw.float(), dw_ref.float(), rtol=tol, atol=tol * rows ** 0.5)
 
 
+NO_GRAD_CASES = [
+    # (input dtype, weight dtype, hidden_size, leading shape): a decode step's (batch, 1) rows, a prefill's
+    pytest.param(torch.float32, torch.float32, 64, (2, 1), id="fp32-64-decode"),
+    pytest.param(torch.bfloat16, torch.bfloat16, 100, (3, 1), id="bf16-100-decode"),
+    pytest.param(torch.bfloat16, torch.float32, 96, (2, 7), id="bf16-input-fp32-weight-96"),
+    pytest.param(torch.float16, torch.float16, 33, (1, 5), id="fp16-33"),
+    pytest.param(torch.float32, torch.float32, 16, (0, 1), id="no-rows"),
+]
+
+
+@pytest.mark.parametrize("in_dtype, w_dtype, hidden_size, lead", NO_GRAD_CASES)
+def test_no_grad_rms_norm_matches_the_model_ops(in_dtype, w_dtype, hidden_size, lead, monkeypatch, nan_fill_empty):
+    """backend "triton" without gradients (the first block's norm of a decode step, MambaRMSNorm's call:
+    x upcast to fp32): one launch of the forward kernel, the PyTorch ops' values and dtype."""
+    from hf_mamba.kernels.rms_norm import triton_rms_norm
+
+    launches = []
+    launch = triton_rms_norm.launch
+    monkeypatch.setattr(triton_rms_norm, "launch", lambda *a, **k: launches.append(a[0]) or launch(*a, **k))
+    torch.manual_seed(1)
+    x = torch.randn(*lead, hidden_size, device=DEVICE).to(in_dtype).float()
+    weight = (1 + 0.1 * torch.randn(hidden_size, device=DEVICE)).to(w_dtype).requires_grad_()
+    with torch.no_grad():
+        out = rms_norm(x, weight, 1e-5, in_dtype, backend="triton")
+    ref = rms_norm_ref(x, weight.detach(), 1e-5, in_dtype)
+    assert launches == ([triton_rms_norm._rms_norm_fwd_kernel] if x.numel() else [])
+    assert out.dtype == ref.dtype and out.shape == ref.shape and not out.requires_grad
+    # As the training norm's forward: rsqrt's rounding, and a unit in the last place of 16-bit roundings.
+    tol = 2e-5 if in_dtype == w_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
 ADD_TRAIN_CASES = [
     # (residual, delta, weight dtype, out_dtype, hidden_size, rows, whether the sum has a gradient of its
     # own): the sum's gradient is the next block's residual gradient, None after the last block
