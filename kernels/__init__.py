@@ -1,6 +1,6 @@
 """hf_mamba.kernels: the selective scan, its decode step, the causal conv, the fused training mixer
-(`mamba_inner_triton`) and the residual add + RMSNorm between blocks (`add_rms_norm`), as plain
-functions on tensors.
+(`mamba_inner_triton`), the mixer's fused decode step (`mamba_step_triton`) and the residual add + RMSNorm
+between blocks (`add_rms_norm`), as plain functions on tensors.
 
 Nothing here imports the model, its config or transformers.
 """
@@ -34,6 +34,7 @@ def _hand_over_to_hugging_face_kernels():
 if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
     from .causal_conv1d import causal_conv1d, causal_conv1d_update
     from .mamba_inner import mamba_inner_triton
+    from .mamba_step import mamba_step_triton
     from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, weightless_rms_norm
     from .selective_scan import (
         BACKENDS,
@@ -53,6 +54,7 @@ __all__ = [
     "causal_conv1d_update",
     "fp32_or_wider",
     "mamba_inner_triton",
+    "mamba_step_triton",
     "resolve_backend",
     "rms_norm",
     "rms_norm_ref",

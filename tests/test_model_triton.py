@@ -524,13 +524,21 @@ def _cache_of(output):
     raise AssertionError(f"no cache in {list(output.keys())}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_decode_step_equals_the_blocks(dtype, monkeypatch):
-    """The decode graph's body (conv update, state update, add + norm fused) gives the logits and the
-    states of the blocks run one by one on the PyTorch path."""
+@pytest.mark.parametrize(
+    "dtype, falcon", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+    ids=["fp32", "bf16", "falcon-fp32"],
+)
+def test_fused_decode_step_equals_the_blocks(dtype, falcon, monkeypatch):
+    """The decode graph's body (the mixer's fused step, add + norm fused) gives the logits and the states of
+    the blocks run one by one on the PyTorch path, Falcon Mamba's norms on Δ, B and C included."""
+    import hf_mamba.block as block
+
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
     torch.manual_seed(0)
-    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, state_size=8, intermediate_size=72)
+    config = MambaConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=3, state_size=8, intermediate_size=72,
+        mixer_rms_eps=1e-6 if falcon else None,
+    )
     model = MambaForCausalLM(config).to(DEVICE).eval()
     model.to(dtype)
     for name, param in model.named_parameters():  # what from_pretrained keeps in fp32
@@ -538,9 +546,10 @@ def test_fused_decode_step_equals_the_blocks(dtype, monkeypatch):
             param.data = param.data.float()
     import hf_mamba.modeling_mamba as modeling
 
-    fused_calls = []
-    real_add_rms_norm = modeling.add_rms_norm
+    fused_calls, step_calls = [], []
+    real_add_rms_norm, real_step = modeling.add_rms_norm, block.mamba_step_triton
     monkeypatch.setattr(modeling, "add_rms_norm", lambda *a, **k: fused_calls.append(1) or real_add_rms_norm(*a, **k))
+    monkeypatch.setattr(block, "mamba_step_triton", lambda *a, **k: step_calls.append(1) or real_step(*a, **k))
     ids = torch.randint(0, 97, (2, 6), device=DEVICE)
     with torch.no_grad():
         cache = _cache_of(model(ids[:, :5], use_cache=True))
@@ -549,7 +558,7 @@ def test_fused_decode_step_equals_the_blocks(dtype, monkeypatch):
         assert len(fused_calls) == config.num_hidden_layers  # the prefill runs fused too
         fused_calls.clear()
         fused = model._decode_step_logits(ids[:, 5:], cache)
-        assert len(fused_calls) == config.num_hidden_layers  # the fused path ran
+        assert len(fused_calls) == len(step_calls) == config.num_hidden_layers  # the fused paths ran
         after_fused = [s.clone() for s in states]
         for s, s0 in zip(states, start, strict=True):
             s.copy_(s0)

@@ -20,6 +20,7 @@ from .kernels import (
     causal_conv1d_update,
     fp32_or_wider,
     mamba_inner_triton,
+    mamba_step_triton,
     rms_norm,
     selective_scan,
     selective_state_update,
@@ -232,12 +233,15 @@ class MambaMixer(nn.Module):
         """Whether training can run the mixer after in_proj (and in_proj too, where it is a plain Linear)
         as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would
         (a padding mask included: it masks as the code below does)."""
-        if not path.training_kernels or cache_params is not None or not self.fused_silu:
+        if not path.training_kernels or cache_params is not None:
             return False
-        modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection),
-                   (self.out_proj, nn.Linear))
-        # LoRA and other wrappers replace or hook these modules: then the modules must run.
-        return all(type(m) is cls and unhooked(m) for m, cls in modules)
+        return self._plain_ssm_modules() and type(self.out_proj) is nn.Linear and unhooked(self.out_proj)
+
+    def _plain_ssm_modules(self):
+        """conv1d, x_proj and dt_proj are plain, unhooked modules and the activation is SiLU: a fused kernel may
+        read their weights itself. LoRA and other wrappers replace or hook modules: then the modules must run."""
+        modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection))
+        return self.fused_silu and all(type(m) is cls and unhooked(m) for m, cls in modules)
 
     def _plain_in_proj(self):
         """in_proj is a plain, unhooked Linear: the fused mixer may run it itself, and autocast's cast of
@@ -247,9 +251,18 @@ class MambaMixer(nn.Module):
     def _step(self, hidden_states, cache_params, backend):
         """One decode step from the cache: O(1) in the number of tokens already seen."""
         xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
-        x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         conv_state = cache_params.conv_states[self.layer_idx]
+        if backend == "triton" and xz.dtype != torch.float64 and self._plain_ssm_modules():
+            # conv, x_proj, dt_proj and the state update in two launches instead of four (a decode step is
+            # bound by its launches)
+            y = mamba_step_triton(
+                xz, conv_state, weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias, self.A_log, self.D, cache_params.ssm_states[self.layer_idx],
+                mixer_rms_eps=self.mixer_rms_eps,
+            )
+            return self.out_proj(y)[:, None, :]
+        x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
         x = causal_conv1d_update(
             x, conv_state, weight, self.conv1d.bias, "silu" if self.fused_silu else None, backend=backend
         )

@@ -1,0 +1,73 @@
+"""The mixer's fused decode step (`mamba_step_triton`, two launches) against the step composed of the
+PyTorch conv update, x_proj, dt_proj and the reference state update."""
+
+import pytest
+import torch
+from hf_mamba.kernels import causal_conv1d_update, selective_state_update_ref, weightless_rms_norm
+from hf_mamba.kernels.mamba_step import mamba_step_triton
+from scan_testing import DTYPES, ON_GPU, TOL, rel_err
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+CASES = [
+    pytest.param(dict(batch=2, d_inner=12, d_state=4, dt_rank=3, d_conv=4), id="small"),
+    # d_inner past one block of the first kernel and not a multiple of either block; x_proj's outputs past
+    # one loop step; d_state and dt_rank not powers of two
+    pytest.param(dict(batch=3, d_inner=150, d_state=5, dt_rank=30, d_conv=3, conv_bias=False), id="odd"),
+    pytest.param(dict(batch=1, d_inner=96, d_state=16, dt_rank=6, d_conv=4, eps=1e-6), id="falcon"),
+    pytest.param(dict(batch=16, d_inner=1536 if ON_GPU else 64, d_state=16, dt_rank=48 if ON_GPU else 4, d_conv=4),
+                 id="130M" if ON_GPU else "batch16"),
+]
+
+
+def _weights(d_inner, d_state, dt_rank, d_conv, dtype, conv_bias=True):
+    g = dict(device=DEVICE)
+    return dict(
+        conv_weight=(0.5 * torch.randn(d_inner, d_conv, **g)).to(dtype),
+        conv_bias=torch.randn(d_inner, **g).to(dtype) if conv_bias else None,
+        x_proj_weight=(torch.randn(dt_rank + 2 * d_state, d_inner, **g) / d_inner**0.5).to(dtype),
+        dt_proj_weight=(torch.randn(d_inner, dt_rank, **g) / dt_rank**0.5).to(dtype),
+        dt_proj_bias=torch.randn(d_inner, **g) - 2,
+        A_log=torch.log(torch.arange(1, d_state + 1, **g, dtype=torch.float32)).repeat(d_inner, 1),
+        D=torch.randn(d_inner, **g),
+    )
+
+
+def _composed_step(xz, conv_state, ssm_state, w, eps):
+    """The modules' step in fp32 arithmetic: conv update, SiLU, x_proj, (norms), dt_proj, state update."""
+    d_inner, dt_rank = w["dt_proj_weight"].shape
+    d_state = w["A_log"].shape[1]
+    x, z = xz.float().chunk(2, dim=-1)
+    conv_bias = w["conv_bias"].float() if w["conv_bias"] is not None else None
+    u = causal_conv1d_update(x, conv_state, w["conv_weight"].float(), conv_bias, "silu", backend="torch")
+    u = u.to(xz.dtype).float()  # the conv output is rounded to xz's dtype, as the modules round it
+    dt, B, C = (u @ w["x_proj_weight"].float().T).split([dt_rank, d_state, d_state], dim=-1)
+    if eps is not None:
+        dt, B, C = (weightless_rms_norm(t, eps) for t in (dt, B, C))
+    dt = dt @ w["dt_proj_weight"].float().T
+    A = -torch.exp(w["A_log"])
+    return selective_state_update_ref(ssm_state, u, dt, A, B, C, w["D"], z, w["dt_proj_bias"], True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_mamba_step_matches_composed_step(case, dtype, nan_fill_empty):
+    torch.manual_seed(11)
+    batch, d_inner, d_state, d_conv = case["batch"], case["d_inner"], case["d_state"], case["d_conv"]
+    eps = case.get("eps")
+    w = _weights(d_inner, d_state, case["dt_rank"], d_conv, dtype, case.get("conv_bias", True))
+    # xz as in_proj writes it, sliced from a wider buffer so its strides are not the contiguous ones
+    xz = torch.randn(batch, 2 * d_inner + 8, device=DEVICE).to(dtype)[:, : 2 * d_inner]
+    conv_state = torch.randn(batch, d_inner, d_conv, device=DEVICE).to(dtype)
+    ssm_state = torch.randn(batch, d_inner, d_state, device=DEVICE)
+    conv_ref, ssm_ref = conv_state.float().clone(), ssm_state.clone()
+    # three steps: the states each step leaves are the next one's input
+    for _ in range(3):
+        y = mamba_step_triton(xz, conv_state, ssm_state=ssm_state, mixer_rms_eps=eps, **w)
+        y_ref = _composed_step(xz, conv_ref, ssm_ref, w, eps)
+        assert y.dtype == dtype and y.shape == (batch, d_inner)
+        assert rel_err(y, y_ref) < TOL[dtype]
+        assert torch.equal(conv_state.float(), conv_ref)  # the window shift is a copy: exact
+        assert rel_err(ssm_state, ssm_ref) < TOL[dtype]
+        conv_ref = conv_state.float().clone()  # the same rounded window on both sides
+        xz = xz.roll(1, dims=-1)
