@@ -13,7 +13,9 @@
 # long_context, precision (fp32/bf16/fp16, 1,000 steps).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
-# (`git worktree add -f .device_cache/before COMMIT`).
+# (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
+# another tree copied to .device_cache/NAME (`git archive BRANCH | tar -x -C .device_cache/NAME`), so one call
+# can time several commits side by side; tests@NAME runs TESTS (default tests/kernels) in that tree.
 set -uo pipefail
 OUT=${OUT:-outputs/device}
 mkdir -p "$OUT"
@@ -31,9 +33,10 @@ if [ -d .device_cache/bnb ]; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -f .device_cache/peers/activate.sh ] && source .device_cache/peers/activate.sh
-if [ -d "$before" ] && [ ! -d /tmp/before/hf_mamba ]; then
-    python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/before "$before" >/dev/null 2>&1
-fi
+install_tree() {  # install_tree NAME: .device_cache/NAME (a copy of another commit) into /tmp/tree_NAME, once
+    [ -d "/tmp/tree_$1/hf_mamba" ] || python3 -m pip install -q --no-deps --no-build-isolation \
+        --target "/tmp/tree_$1" "$here/.device_cache/$1" >/dev/null 2>&1
+}
 
 step() {  # step NAME CMD...: run CMD with the time left (or CAP seconds), its output to $OUT/NAME.txt
     local name=$1; shift
@@ -41,13 +44,19 @@ step() {  # step NAME CMD...: run CMD with the time left (or CAP seconds), its o
     [ -n "${CAP:-}" ] && [ "$CAP" -lt "$t" ] && t=$CAP
     if [ "$t" -lt 20 ]; then echo "== $name: skipped, ${t}s left"; return; fi
     echo "== $name (${t}s left)"
-    timeout -s INT -k 15 "$t" bash -c '"$@"' bash "$@" > "$OUT/$name.txt" 2>&1
+    # each step its own Triton cache, so every first call below compiles (the first-step rows stay honest)
+    TRITON_CACHE_DIR=$TRITON_CACHE_DIR/$name timeout -s INT -k 15 "$t" bash -c '"$@"' bash "$@" > "$OUT/$name.txt" 2>&1
     echo "   rc=$? after $((SECONDS - start))s"
     tail -n "${TAILN:-25}" "$OUT/$name.txt"
 }
-old() { (cd /tmp && PYTHONPATH=/tmp/before${PYTHONPATH:+:$PYTHONPATH} python3 "$@"); }
+tree() {  # tree NAME SCRIPT ARGS...: run .device_cache/NAME/scripts/SCRIPT against that tree's package
+    local name=$1 script=$2; shift 2
+    (cd /tmp && PYTHONPATH=/tmp/tree_$name${PYTHONPATH:+:$PYTHONPATH} python3 "$here/.device_cache/$name/scripts/$script" "$@")
+}
+old() { (cd /tmp && PYTHONPATH=/tmp/tree_before${PYTHONPATH:+:$PYTHONPATH} python3 "$@"); }
 now() { (cd /tmp && python3 "$@"); }
-export -f old now
+export -f old now tree
+export here
 
 for s in "$@"; do
     case $s in
@@ -58,12 +67,18 @@ for s in "$@"; do
         ${TESTS:-tests/kernels tests/test_model_triton.py tests/test_fused_mixer_padding.py \
         tests/test_half_precision.py tests/test_falcon_mamba.py tests/test_drop_in.py} ;;
     scan_now) CAP=${SCAN_CAP:-} step scan_now now "$here/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
-    scan_before) step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
+    tests@*) install_tree "${s#tests@}"; CAP=${TESTS_CAP:-200} TAILN=30 step "${s/@/_}" bash -c "cd $here/.device_cache/${s#tests@} \
+        && PYTHONPATH=/tmp/tree_${s#tests@}\${PYTHONPATH:+:\$PYTHONPATH} python3 -m pytest -p no:cacheprovider -q -n 14 \
+        -rfE --tb=short -p no:benchmark ${TESTS:-tests/kernels}" ;;
+    scan@*) install_tree "${s#scan@}"; step "${s/@/_}" tree "${s#scan@}" benchmark_kernels.py --no-torch-path --no-scaling --no-conv ;;
+    model@*) install_tree "${s#model@}"; step "${s/@/_}" tree "${s#model@}" benchmark_model.py --skip-builtin-train \
+        --skip-builtin-decode ${MODEL_FLAGS:-} ;;
+    scan_before) install_tree before; step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
     model_now) step model_now now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
         ${MODEL_FLAGS:-} ;;
     model_like) step model_like now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
         --loss-outside ;;
-    model_before) step model_before old "$before/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
+    model_before) install_tree before; step model_before old "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
     large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
     prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
         --prefill-lengths 1024,8192,65536 ;;
