@@ -34,7 +34,6 @@ def _hand_over_to_hugging_face_kernels():
 if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
     from .causal_conv1d import causal_conv1d, causal_conv1d_update
     from .mamba_inner import mamba_inner_triton
-    from .mamba_step import mamba_step_triton
     from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, weightless_rms_norm
     from .selective_scan import (
         BACKENDS,
@@ -45,6 +44,17 @@ if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
         selective_state_update_ref,
     )
     from .selective_scan.reference import fp32_or_wider
+
+_mamba_step = None  # the Triton module, imported on first use: the PyTorch paths need no Triton
+
+
+def mamba_step_triton(*args, **kwargs):
+    """The mixer's fused decode step on the Triton kernels: `hf_mamba.kernels.mamba_step.mamba_step_triton`."""
+    global _mamba_step
+    if _mamba_step is None:
+        from .mamba_step import mamba_step_triton as _mamba_step
+    return _mamba_step(*args, **kwargs)
+
 
 __all__ = [
     "BACKENDS",

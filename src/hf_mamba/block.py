@@ -253,9 +253,10 @@ class MambaMixer(nn.Module):
         xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         conv_state = cache_params.conv_states[self.layer_idx]
-        if backend == "triton" and xz.dtype != torch.float64 and self._plain_ssm_modules():
+        fused = backend == "triton" and xz.dtype != torch.float64 and not torch.compiler.is_compiling()
+        if fused and self._plain_ssm_modules():
             # conv, x_proj, dt_proj and the state update in two launches instead of four (a decode step is
-            # bound by its launches)
+            # bound by its launches); torch.compile traces the modules' custom ops instead
             y = mamba_step_triton(
                 xz, conv_state, weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias, self.A_log, self.D, cache_params.ssm_states[self.layer_idx],
