@@ -86,7 +86,7 @@ def _conv_fwd_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_t = tl.program_id(2).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # step x time stride may pass 2^31
     m_d = o_d < d_inner
     m_t = o_t < seqlen
     p_row = p_x + i_b * s_x_b + o_d[:, None] * s_x_d  # (BLOCK_D, 1): each channel's row
@@ -118,7 +118,7 @@ def _conv_bwd_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    i_l = tl.program_id(2)
+    i_l = tl.program_id(2).to(tl.int64)  # step x time stride may pass 2^31
     o_s = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # the steps whose dx this program writes
     m_d = o_d < d_inner
     m_s = o_s < seqlen

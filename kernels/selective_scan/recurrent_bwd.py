@@ -334,7 +334,7 @@ def _bwd_source(N, T):
     L.append(f"{I}p_B_b = p_B + i_b * s_B_b")
     L.append(f"{I}p_C_b = p_C + i_b * s_C_b")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, T)")
-    L.append(f"{I}k_start = i_s * ckpts_per_seg  # this segment's checkpoint chunks")
+    L.append(f"{I}k_start = i_s.to(tl.int64) * ckpts_per_seg  # this segment's checkpoint chunks; 64-bit tiles")
     L.append(f"{I}k_end = tl.minimum(k_start + ckpts_per_seg, n_ckpt)")
     L.append(f"{I}tile_start = k_start * (CKPT // T)")
     L.append(f"{I}tile_end = tl.minimum(k_end * (CKPT // T), n_tiles)")

@@ -216,7 +216,7 @@ def _fwd_source(N, T):
     _prologue(L, I, N, "BLOCK_D")
     L.append(f"{I}p_C_b = p_C + i_b * s_C_b")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
-    L.append(f"{I}c_start = i_s * chunks_per_seg")
+    L.append(f"{I}c_start = i_s.to(tl.int64) * chunks_per_seg  # 64-bit tiles: step x time stride > 2^31")
     L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, n_tiles)")
     # The next tile's u, Δ, z are loaded while this one is scanned: their latency hides behind a tile of work.
     _load_tiles(L, I, "_n", "tl.minimum(c_start, n_tiles - 1)", tag="_first")
@@ -309,7 +309,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{I}s_row: tl.constexpr = {T // 2} if BC_PAIRS else {T}  # (batch, tile, B | C, state, step) rows")
     L.append(f"{I}o_w, m_w1 = tl.arange(0, s_row)[None, :], None")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
-    L.append(f"{I}c_start = i_s * chunks_per_seg")
+    L.append(f"{I}c_start = i_s.to(tl.int64) * chunks_per_seg  # 64-bit tiles: step x time stride > 2^31")
     L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, n_tiles)")
     L.append(f"{I}for i_c in range(c_start, c_end):")
     J = I * 2
@@ -426,7 +426,7 @@ def _tile_copy_kernel(
     # B, C (batch, d_state, seqlen) -> BC (batch, n_tiles, 2, d_state, T), zeros past the end;
     # TILES tiles per program, both tensors in one launch.
     i_b = tl.program_id(0).to(tl.int64)
-    o_c = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    o_c = tl.program_id(1).to(tl.int64) * TILES + tl.arange(0, TILES)
     o_n = tl.arange(0, BLOCK_N)
     o_t = tl.arange(0, T)
     steps = o_c[:, None, None] * T + o_t[None, None, :]  # [tiles, states, steps]
