@@ -44,6 +44,14 @@ def seq_idx_args(seq_idx):
     return (seq_idx, *seq_idx.stride()) if seq_idx is not None else (None, 0, 0)
 
 
+def wide_index(seqlen, *tensors):
+    """Whether a kernel's time offsets (step x time stride) can pass 2^31 for these (..., seqlen) tensors
+    (None skipped): then its WIDE_INDEX variant indexes time tiles in 64 bits (a 2^20-token forward reads
+    xz with a time stride of 2 d_inner). Only then: 64-bit tile indices cost the scan's backward about 5%."""
+    stride = max((abs(t.stride(-1)) for t in tensors if t is not None), default=0)
+    return (seqlen + 256) * stride >= 2**31
+
+
 def cdiv(a, b):
     """ceil(a / b) for host-side grid and loop sizes. Plain Python: triton.cdiv and
     triton.next_power_of_2 are constexpr functions in recent Triton, about 9 us per host call on the

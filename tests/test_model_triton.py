@@ -247,7 +247,9 @@ def test_model_exports_through_the_kernels(strict, monkeypatch):
         program = torch.export.export(wrapped, (ids,), strict=strict)
         targets = {str(node.target) for node in program.graph.nodes}
         assert {"hf_mamba.causal_conv1d_fwd.default", "hf_mamba.selective_scan_fwd.default"} <= targets
-        torch.testing.assert_close(program.module()(ids), wrapped(ids), rtol=0, atol=0)
+        # Not bit for bit: eagerly the RMS norms run their Triton kernel, in the traced graph PyTorch's ops
+        # (the norms have no custom op), an fp32 rounding apart (1.9e-6 on an H100).
+        torch.testing.assert_close(program.module()(ids), wrapped(ids), rtol=1e-5, atol=1e-5)
 
 
 def fused_calls(monkeypatch):

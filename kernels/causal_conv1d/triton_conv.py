@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, device_guard, launch, seq_idx_args
+from .._launch import cdiv, device_guard, launch, seq_idx_args, wide_index
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,15 @@ def _conv_fwd_kernel(
     p_x, p_w, p_bias, p_out, p_seq_idx, p_pad_mask, d_inner, seqlen, s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l,
     s_si_b, s_si_l, s_pm_b, s_pm_l,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_PAD_MASK: tl.constexpr,
-    K: tl.constexpr,
+    K: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_t = tl.program_id(2).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # step x time stride may pass 2^31
+    i_l = tl.program_id(2)
+    if WIDE_INDEX:  # step x time stride may pass 2^31
+        i_l = i_l.to(tl.int64)
+    o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
     m_d = o_d < d_inner
     m_t = o_t < seqlen
     p_row = p_x + i_b * s_x_b + o_d[:, None] * s_x_d  # (BLOCK_D, 1): each channel's row
@@ -113,12 +116,14 @@ def _conv_bwd_kernel(
     p_x, p_w, p_bias, p_dout, p_dx, p_dw, p_dbias, p_seq_idx, p_pad_mask, d_inner, seqlen, s_x_b, s_x_d, s_x_l,
     s_do_b, s_do_d, s_do_l, s_dx_b, s_dx_d, s_dx_l, s_si_b, s_si_l, s_pm_b, s_pm_l,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_PAD_MASK: tl.constexpr,
-    K: tl.constexpr,
+    K: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    i_l = tl.program_id(2).to(tl.int64)  # step x time stride may pass 2^31
+    i_l = tl.program_id(2)
+    if WIDE_INDEX:  # step x time stride may pass 2^31
+        i_l = i_l.to(tl.int64)
     o_s = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # the steps whose dx this program writes
     m_d = o_d < d_inner
     m_s = o_s < seqlen
@@ -209,7 +214,7 @@ def conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None, tuning=DEF
             x, weight, bias, out, si, pm, x.shape[1], x.shape[2], *x.stride(), *out.stride(), s_si_b, s_si_l,
             s_pm_b, s_pm_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None,
-            HAS_PAD_MASK=pad_mask is not None, K=weight.shape[1],
+            HAS_PAD_MASK=pad_mask is not None, K=weight.shape[1], WIDE_INDEX=wide_index(x.shape[2], x, out),
             BLOCK_D=tuning.block_d, BLOCK_L=tuning.block_l,
         )
     return out
@@ -232,7 +237,7 @@ def conv_bwd(x, weight, bias, seq_idx, silu, dout, dx=None, tuning=DEFAULT_TUNIN
             x, weight, bias, dout, dx, dw_parts, dbias_parts, si, pm, d_inner, seqlen, *x.stride(),
             *dout.stride(), *dx.stride(), s_si_b, s_si_l, s_pm_b, s_pm_l,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None,
-            HAS_PAD_MASK=pad_mask is not None, K=weight.shape[1],
+            HAS_PAD_MASK=pad_mask is not None, K=weight.shape[1], WIDE_INDEX=wide_index(seqlen, x, dout, dx),
             BLOCK_D=tuning.block_d, BLOCK_L=tuning.block_l,
         )
     dweight = dw_parts.sum(0).to(weight.dtype)

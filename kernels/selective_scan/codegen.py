@@ -120,6 +120,15 @@ def decay_rate(n, mask="m_d"):
     return f"log2_rate(tl.load(p_A_d + {n} * s_A_n, mask={mask}, other=0.0).to(tl.float32), A_LOG)"
 
 
+def first_tile(lines, indent, name, expr):
+    """Emit `name = expr`, the first tile (or checkpoint chunk) of a program, whose multiples index time:
+    in 64 bits with WIDE_INDEX (step x time stride may pass 2^31), else in 32 (cheaper in the loops)."""
+    lines.append(f"{indent}if WIDE_INDEX:")
+    lines.append(f"{indent}    {name} = ({expr}).to(tl.int64)")
+    lines.append(f"{indent}else:")
+    lines.append(f"{indent}    {name} = {expr}")
+
+
 def program_ids(lines, indent, T):
     """Emit the ids of a (batch, channel block, segment) program, its channels o_d and mask m_d, and
     o_t, the steps of a T-step tile."""
@@ -178,6 +187,7 @@ __all__ = [
     "generated_kernel",
     "keeps",
     "pack",
+    "first_tile",
     "program_ids",
     "reset_state",
     "time_vector",

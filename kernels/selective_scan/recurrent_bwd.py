@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._launch import cdiv, launch, seq_idx_args
+from .._launch import cdiv, launch, seq_idx_args, wide_index
 from ..triton_utils import shfl_xor_code
 from .chain import ChainTuning, chain_adjoints, segment_count
 from .codegen import (
@@ -41,6 +41,7 @@ from .codegen import (
     ZERO,
     bf16_pairs,
     decay_rate,
+    first_tile,
     generated_kernel,
     keeps,
     pack,
@@ -316,7 +317,7 @@ def _bwd_source(N, T):
     L.append("    HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,")
     L.append("    ADJOINT_ONLY: tl.constexpr, STORE_Y: tl.constexpr, CKPT: tl.constexpr, BLOCK_D: tl.constexpr,")
     L.append("    BC_PAIRS: tl.constexpr, FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr,")
-    L.append("    LANE_SUM: tl.constexpr, A_LOG: tl.constexpr,")
+    L.append("    LANE_SUM: tl.constexpr, A_LOG: tl.constexpr, WIDE_INDEX: tl.constexpr,")
     L.append("):")
     I = "    "
     program_ids(L, I, T)
@@ -334,7 +335,7 @@ def _bwd_source(N, T):
     L.append(f"{I}p_B_b = p_B + i_b * s_B_b")
     L.append(f"{I}p_C_b = p_C + i_b * s_C_b")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, T)")
-    L.append(f"{I}k_start = i_s.to(tl.int64) * ckpts_per_seg  # this segment's checkpoint chunks; 64-bit tiles")
+    first_tile(L, I, "k_start", "i_s * ckpts_per_seg")  # this segment's checkpoint chunks
     L.append(f"{I}k_end = tl.minimum(k_start + ckpts_per_seg, n_ckpt)")
     L.append(f"{I}tile_start = k_start * (CKPT // T)")
     L.append(f"{I}tile_end = tl.minimum(k_end * (CKPT // T), n_tiles)")
@@ -446,7 +447,8 @@ def scan_bwd_recurrent(
         HAS_SEQ_IDX=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus, CKPT=ckpt_len, BLOCK_D=block_d,
         BC_PAIRS=pairs, FAST_MATH=u.is_cuda, EVEN_TILES=seqlen % T == 0 and d_inner % block_d == 0,
-        LANE_SUM=u.is_cuda, A_LOG=A_is_log, num_warps=num_warps,
+        LANE_SUM=u.is_cuda, A_LOG=A_is_log, WIDE_INDEX=wide_index(seqlen, u, delta, z, dout, du, ddelta, dz, y_out),
+        num_warps=num_warps,
     )
 
     def run_pass(PQ, segments, **pass_flags):

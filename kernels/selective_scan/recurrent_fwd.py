@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, launch, next_power_of_2, seq_idx_args, sm_count
+from .._launch import cdiv, launch, next_power_of_2, seq_idx_args, sm_count, wide_index
 from .chain import ChainTuning, chain_segments, segment_count
 from .codegen import (
     HEADER,
@@ -47,6 +47,7 @@ from .codegen import (
     bf16_pair_layout,
     decay_rate,
     delta_prologue,
+    first_tile,
     generated_kernel,
     keeps,
     pack,
@@ -96,7 +97,7 @@ def scan_fwd_kernel(
     DELTA_SOFTPLUS: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STATES_ONLY: tl.constexpr,
     SAVE_CHUNK_STATES: tl.constexpr, CKPT_EVERY: tl.constexpr, BLOCK_D: tl.constexpr,
     BC_PAIRS: tl.constexpr, BC_TIME_VECTORS: tl.constexpr, BC_TILED: tl.constexpr,
-    FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr, A_LOG: tl.constexpr,
+    FAST_MATH: tl.constexpr, EVEN_TILES: tl.constexpr, A_LOG: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):"""
 
 
@@ -216,7 +217,7 @@ def _fwd_source(N, T):
     _prologue(L, I, N, "BLOCK_D")
     L.append(f"{I}p_C_b = p_C + i_b * s_C_b")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
-    L.append(f"{I}c_start = i_s.to(tl.int64) * chunks_per_seg  # 64-bit tiles: step x time stride > 2^31")
+    first_tile(L, I, "c_start", "i_s * chunks_per_seg")
     L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, n_tiles)")
     # The next tile's u, Δ, z are loaded while this one is scanned: their latency hides behind a tile of work.
     _load_tiles(L, I, "_n", "tl.minimum(c_start, n_tiles - 1)", tag="_first")
@@ -309,7 +310,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{I}s_row: tl.constexpr = {T // 2} if BC_PAIRS else {T}  # (batch, tile, B | C, state, step) rows")
     L.append(f"{I}o_w, m_w1 = tl.arange(0, s_row)[None, :], None")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
-    L.append(f"{I}c_start = i_s.to(tl.int64) * chunks_per_seg  # 64-bit tiles: step x time stride > 2^31")
+    first_tile(L, I, "c_start", "i_s * chunks_per_seg")
     L.append(f"{I}c_end = tl.minimum(c_start + chunks_per_seg, n_tiles)")
     L.append(f"{I}for i_c in range(c_start, c_end):")
     J = I * 2
@@ -569,6 +570,7 @@ def scan_fwd_recurrent(
         *u.stride(), *delta.stride(), *A_c.stride(), *B_strides, *C_strides, *z_.stride(), *out.stride(),
     )
     si = seq_idx_args(seq_idx)
+    wide = wide_index(seqlen, u, delta, z, out, B, C)
 
     def run_pass(segments, h0, h0_strides, h_out, dtsum, pass_flags):
         """One launch of the generated kernel over (batch, channel blocks, segments)."""
@@ -576,7 +578,7 @@ def scan_fwd_recurrent(
             plan.kernel, (batch, plan.n_blocks, segments),
             u, delta, A_c, B, C, D, z, delta_bias, h0, out, h_out, dtsum, chunk_states,
             seqlen, d_inner, n_ckpt, plan.chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
-            **pass_flags, **plan.flags,
+            **pass_flags, **plan.flags, WIDE_INDEX=wide,
         )
 
     if n_seg == 1:

@@ -204,3 +204,36 @@ def test_scan_rejects_bad_seq_idx():
         selective_scan(u, u, A, B, B, seq_idx=torch.zeros(2, 4, dtype=torch.int32), backend="reference")
     with pytest.raises(ValueError, match="integer document ids"):
         selective_scan(u, u, A, B, B, seq_idx=torch.zeros(2, 5), backend="reference")
+
+
+def test_wide_index_is_chosen_where_time_offsets_pass_int32():
+    """A 2^20-token forward of the 130M shape reads xz (time stride 2 d_inner = 3072): 3.2e9 > 2^31."""
+    from hf_mamba.kernels._launch import wide_index
+
+    def x_of_xz(seqlen):  # x as the model's conv reads it from in_proj's output; meta: strides, no memory
+        return torch.empty_strided((1, 1536, seqlen), (3072 * seqlen, 1, 3072), device="meta")
+
+    assert wide_index(2**20, x_of_xz(2**20), None)
+    assert not wide_index(2**19, x_of_xz(2**19))
+    assert not wide_index(2**20, torch.empty(1, 1536, 2**20, device="meta"))  # time-contiguous
+
+
+@pytest.mark.parametrize("dtype", FP32_BF16)
+def test_wide_index_kernels_match_reference(dtype, monkeypatch, nan_fill_empty):
+    """The scan's and the conv's 64-bit time-index variants (WIDE_INDEX, chosen only past 2^31) forced on
+    small shapes: the same outputs and gradients as the reference."""
+    from hf_mamba.kernels import causal_conv1d
+    from hf_mamba.kernels.causal_conv1d import triton_conv
+    from hf_mamba.kernels.selective_scan import recurrent_bwd, recurrent_fwd
+
+    for module in (recurrent_fwd, recurrent_bwd, triton_conv):
+        monkeypatch.setattr(module, "wide_index", lambda *args: True)
+    torch.manual_seed(2)
+    check_scan("triton", dict(cpu=(2, 6, 40, 5), gpu=(2, 130, 301, 16), D=True, z=True, bias=True, h0=True), dtype)
+    x = torch.randn(2, 40, 6, device=DEVICE, dtype=dtype).transpose(1, 2).requires_grad_()  # channels-last
+    weight = torch.randn(6, 4, device=DEVICE, dtype=dtype, requires_grad=True)
+    outs = [causal_conv1d(x, weight, activation="silu", backend=b) for b in ("triton", "torch")]
+    grads = [torch.autograd.grad(out.float().pow(2).sum(), (x, weight)) for out in outs]
+    assert rel_err(outs[0], outs[1]) < TOL[dtype]
+    for g, g_ref in zip(grads[0], grads[1], strict=True):
+        assert rel_err(g, g_ref) < TOL[dtype]
