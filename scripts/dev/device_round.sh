@@ -82,7 +82,7 @@ for s in "$@"; do
     large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
     prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
         --prefill-lengths 1024,8192,65536 ;;
-    long_context) step long_context now "$here/scripts/long_context.py" --out-dir /tmp/long_context ;;
+    long_context) step long_context now "$here/scripts/long_context.py" --out-dir /tmp/long_context ${LONG_FLAGS:-} ;;
     precision) step precision now "$here/scripts/precision_training.py" --runs fp32,bf16,fp16 \
         --out-dir /tmp/precision ;;
     *) echo "unknown step $s" ;;
