@@ -10,7 +10,8 @@
 # Steps: tests (whole suite on the GPU), scan_now / scan_before (benchmark_kernels.py), model_now (our loss),
 # model_like (--loss-outside: both sides' cross-entropy on fp32 logits), model_before (the old tree's own
 # script), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
-# long_context, precision (fp32/bf16/fp16, 1,000 steps).
+# long_context (LONG_FLAGS), precision (fp32/bf16/fp16, 1,000 steps), decode_profile (wall vs GPU time per
+# decoded token), induction (the paper's induction heads to 2^20).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
@@ -82,6 +83,10 @@ for s in "$@"; do
     large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
     prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
         --prefill-lengths 1024,8192,65536 ;;
+    decode_profile) step decode_profile now "$here/scripts/benchmark_model.py" --no-train --skip-builtin-decode \
+        --decode-profile ;;
+    induction) step induction now "$here/scripts/induction_heads.py" --steps 5000 --solved-streak 0 \
+        --out-dir /tmp/induction ;;
     long_context) step long_context now "$here/scripts/long_context.py" --out-dir /tmp/long_context ${LONG_FLAGS:-} ;;
     precision) step precision now "$here/scripts/precision_training.py" --runs fp32,bf16,fp16 \
         --out-dir /tmp/precision ;;
