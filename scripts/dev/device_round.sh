@@ -8,8 +8,8 @@
 #   TESTS="tests/kernels" bash scripts/dev/device_round.sh gpu_tests   # the whole suite takes > 9 min: split it
 #
 # Steps: tests (whole suite on the GPU), scan_now / scan_before (benchmark_kernels.py), model_now (our loss),
-# model_like (--loss-outside: both sides' cross-entropy on fp32 logits), model_before (the old tree's own
-# script), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
+# model_like (--loss-outside: both sides' cross-entropy on fp32 logits), model_before (this script, the old
+# package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
 # long_context (LONG_FLAGS), precision (fp32/bf16/fp16, 1,000 steps), decode_profile (wall vs GPU time per
 # decoded token), induction (the paper's induction heads to 2^20).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
