@@ -367,7 +367,9 @@ def max_logit_difference(src, dst, batch: int = 2, seqlen: int = 16, seed: int =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="checkpoint folder (state-spaces, transformers, falcon_mamba or hf_mamba)")
+    parser.add_argument(
+        "src", type=Path, help="checkpoint folder (state-spaces, transformers, falcon_mamba or hf_mamba)"
+    )
     parser.add_argument("dst", type=Path, help="output folder")
     parser.add_argument("--to", choices=LAYOUTS, default="hf_mamba", help="target layout (default: hf_mamba)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast floating weights")

@@ -6,8 +6,8 @@ in one forward (activations of every position: memory linear in the length). Per
 tokens/s (each length's first one-forward call, which may compile, untimed), and how far the last
 position's logits of the two ways differ. After the chunked runs, generate() continues after the longest
 prefill (the cache has seen all but the last prompt token; generate feeds that one and decodes), and its
-first token is checked against the chunked prefill's next-token prediction. The one-forward runs come last: an out-of-memory (or other runtime) error there is
-reported in the table instead of ending the run.
+first token is checked against the chunked prefill's next-token prediction. The one-forward runs come last:
+an out-of-memory (or other runtime) error there is reported in the table instead of ending the run.
 
     python scripts/long_context.py                               # GPU: random-init 130M shape, bf16, 2^14 ... 2^20
     python scripts/long_context.py --model path/to/mamba-130m    # a local checkpoint instead (offline)
@@ -171,7 +171,7 @@ def main(argv=None):
         "peak_gib": max(prefill_peak, generate_peak) if prefill_peak is not None else None,
         "cache_offset": cache.seqlen_offset, "first_token_matches_prefill": bool(new[0] == next_token[0]),
     }
-    del cache, generated
+    cache = generated = None  # the 2^20-token runs below need the memory
     save(rows, continuation)
 
     # 3. One forward per length, last: a length that does not fit reports its error instead of stopping the run.

@@ -6,7 +6,8 @@
 
 Builds a random hf_mamba model of the given shape, runs forward + backward on the same batch without and
 with activation checkpointing (`hf_mamba.compat.enable_activation_checkpointing`), and prints the loss, the
-largest gradient difference and the peak memory of each run (CUDA: torch.cuda.max_memory_allocated; CPU: the bytes autograd saves for backward).
+largest gradient difference and the peak memory of each run (CUDA: torch.cuda.max_memory_allocated; CPU:
+the bytes autograd saves for backward).
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""scripts/convert_checkpoint.py: state-spaces <-> hf_mamba <-> Transformers "mamba" / "falcon_mamba" folders, same logits."""
+"""scripts/convert_checkpoint.py: state-spaces <-> hf_mamba <-> Transformers "mamba" / "falcon_mamba" folders,
+same logits."""
 
 import json
 from pathlib import Path
@@ -152,7 +153,9 @@ def word_tokenizer():
     words = ["<|endoftext|>", "<unk>", "the", "selective", "scan", "state", "space", "model"]
     tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<unk>"
+    )
 
 
 @pytest.mark.parametrize("to", [layout for layout in convert_checkpoint.LAYOUTS if layout != "falcon_mamba"])

@@ -172,7 +172,9 @@ def test_generate_continues_from_a_returned_cache_with_inputs_embeds(model):
     ids = torch.randint(1, 97, (2, 9))
     embeds = model.get_input_embeddings()(ids).detach()
     uninterrupted = model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False)
-    first = model.generate(inputs_embeds=embeds[:, :6], max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    first = model.generate(
+        inputs_embeds=embeds[:, :6], max_new_tokens=1, do_sample=False, return_dict_in_generate=True
+    )
     cache = returned_cache(first)
     assert cache.get_seq_length() == 6
     continued = model.generate(inputs_embeds=embeds, cache=cache, max_new_tokens=5, do_sample=False)

@@ -271,7 +271,9 @@ def test_benchmark_large_tiny_runs_every_row_and_reports_a_failing_one(tmp_path,
         pytest.param(["--prefill-lengths", "1k,8192"], "--prefill-lengths takes comma-separated positive", id="1k"),
         pytest.param(["--prefill-lengths", ","], "--prefill-lengths takes comma-separated positive", id="empty"),
         pytest.param(["--prefill-lengths", "64,64"], "--prefill-lengths names each length once", id="repeated"),
-        pytest.param(["--shapes", "130m,13b"], "--shapes takes a comma-separated subset of 7b, 1.4b, 130m", id="shape"),
+        pytest.param(
+            ["--shapes", "130m,13b"], "--shapes takes a comma-separated subset of 7b, 1.4b, 130m", id="shape"
+        ),
     ],
 )
 def test_benchmark_large_rejects_bad_flags(flags, message, capsys):

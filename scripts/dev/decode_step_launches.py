@@ -97,13 +97,13 @@ def main():
     parser.add_argument("--ops", action="store_true", help="list each counted aten op and Triton kernel")
     args = parser.parse_args()
 
-    import hf_mamba
-    from hf_mamba import MambaCache
-
     # Import every kernel module the step launches from before wrapping their `launch`.
     from hf_mamba.kernels.causal_conv1d import triton_conv_update  # noqa: F401
     from hf_mamba.kernels.rms_norm import triton_rms_norm  # noqa: F401
     from hf_mamba.kernels.selective_scan import triton_state_update  # noqa: F401
+
+    import hf_mamba
+    from hf_mamba import MambaCache
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:

@@ -3,9 +3,14 @@ non-floating-point or complex tensors, tensors on two devices, shapes that do no
 
 import pytest
 import torch
-
-from hf_mamba.kernels import add_rms_norm, causal_conv1d, causal_conv1d_update, rms_norm, selective_scan
-from hf_mamba.kernels import selective_state_update
+from hf_mamba.kernels import (
+    add_rms_norm,
+    causal_conv1d,
+    causal_conv1d_update,
+    rms_norm,
+    selective_scan,
+    selective_state_update,
+)
 from hf_mamba.kernels.checks import check_tensors
 
 BATCH, D_INNER, SEQLEN, D_STATE, D_CONV = 2, 8, 5, 4, 4

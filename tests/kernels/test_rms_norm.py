@@ -203,7 +203,6 @@ def test_rms_norm_function_matches_composed_ops(dtype):
     """The norm's autograd function (keeps x and 1/rms, recomputes the normalised x) against the
     composed ops it replaces: same output, same gradients; and against finite differences in fp64."""
     import torch.nn.functional as F
-
     from hf_mamba.kernels.rms_norm.torch_rms_norm import RMSNormFunction
 
     torch.manual_seed(0)
