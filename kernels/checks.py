@@ -27,4 +27,11 @@ def check_tensors(**tensors) -> None:
             )
 
 
-__all__ = ["check_tensors"]
+def check_shapes(*expected) -> None:
+    """ValueError for the first (name, tensor, shape) whose tensor is given and has another shape."""
+    for name, tensor, shape in expected:
+        if tensor is not None and tensor.shape != shape:  # torch.Size against a tuple, no conversion
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+__all__ = ["check_shapes", "check_tensors"]

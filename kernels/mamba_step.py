@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, device_guard, launch, next_power_of_2
+from .checks import check_shapes, check_tensors
 from .triton_utils import log2_rate, softplus
 
 CONV_BLOCK_D = 64  # channels per program of the first kernel
@@ -133,6 +134,35 @@ def _ssm_step_kernel(
     tl.store(p_y + i_b * s_y_b + o_d, b_y.to(p_y.dtype.element_ty), mask=m_d)
 
 
+def _check_step_args(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+                     ssm_state):
+    """ValueError naming the first argument of the wrong kind or shape; (batch, d_inner, d_conv, d_state,
+    dt_rank) otherwise. The kernels index by these sizes: a mismatch would read out of bounds."""
+    check_tensors(
+        xz=xz, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias, x_proj_weight=x_proj_weight,
+        dt_proj_weight=dt_proj_weight, dt_proj_bias=dt_proj_bias, A_log=A_log, D=D, ssm_state=ssm_state,
+    )
+    if xz.dim() != 2 or xz.shape[1] == 0 or xz.shape[1] % 2:
+        raise ValueError(f"xz must have shape (batch, 2 * d_inner) with d_inner > 0, got {tuple(xz.shape)}")
+    for name, t in (("conv_weight", conv_weight), ("A_log", A_log), ("dt_proj_weight", dt_proj_weight)):
+        if t.dim() != 2 or t.shape[1] == 0:
+            raise ValueError(f"{name} must be 2-d with a non-empty second dimension, got shape {tuple(t.shape)}")
+    batch, d_inner = xz.shape[0], xz.shape[1] // 2
+    d_conv, d_state, dt_rank = conv_weight.shape[1], A_log.shape[1], dt_proj_weight.shape[1]
+    check_shapes(
+        ("conv_state", conv_state, (batch, d_inner, d_conv)),
+        ("conv_weight", conv_weight, (d_inner, d_conv)),
+        ("conv_bias", conv_bias, (d_inner,)),
+        ("x_proj_weight", x_proj_weight, (dt_rank + 2 * d_state, d_inner)),
+        ("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank)),
+        ("dt_proj_bias", dt_proj_bias, (d_inner,)),
+        ("A_log", A_log, (d_inner, d_state)),
+        ("D", D, (d_inner,)),
+        ("ssm_state", ssm_state, (batch, d_inner, d_state)),
+    )
+    return batch, d_inner, d_conv, d_state, dt_rank
+
+
 def mamba_step_triton(
     xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state,
     mixer_rms_eps=None,
@@ -151,13 +181,14 @@ def mamba_step_triton(
     Returns:
         y (batch, d_inner) in xz's dtype, gated: out_proj's input.
     """
-    batch, d_inner = xz.shape[0], xz.shape[1] // 2
-    d_conv = conv_weight.shape[1]
-    dt_rank = dt_proj_weight.shape[1]
-    d_state = A_log.shape[1]
+    batch, d_inner, d_conv, d_state, dt_rank = _check_step_args(
+        xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state
+    )
     n_proj = x_proj_weight.shape[0]
     n_blocks = cdiv(d_inner, CONV_BLOCK_D)
     u = torch.empty(batch, d_inner, dtype=xz.dtype, device=xz.device)
+    if batch == 0:
+        return u  # nothing to step (a grid of no programs is not launched)
     partial = torch.empty(batch, n_blocks, n_proj, dtype=torch.float32, device=xz.device)
     y = torch.empty(batch, d_inner, dtype=xz.dtype, device=xz.device)
     with device_guard(xz):

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..checks import check_tensors
+from ..checks import check_shapes, check_tensors
 from .reference import selective_scan_ref, selective_state_update_ref
 from .torch_scan import selective_scan_torch
 
@@ -43,13 +43,6 @@ def resolve_backend(backend, device) -> str:
     return backend
 
 
-def _check_shapes(*expected):
-    """ValueError for the first (name, tensor, shape) whose tensor is given and has another shape."""
-    for name, tensor, shape in expected:
-        if tensor is not None and tensor.shape != shape:  # torch.Size against a tuple, no conversion
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-
-
 _triton = None  # (selective_scan_triton, selective_state_update_triton) once imported
 
 
@@ -76,7 +69,7 @@ def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_i
     if A.dim() != 2 or A.shape[0] != d_inner:
         raise ValueError(f"A must have shape (d_inner={d_inner}, d_state), got {tuple(A.shape)}")
     d_state = A.shape[1]
-    _check_shapes(
+    check_shapes(
         ("delta", delta, (batch, d_inner, seqlen)),
         ("B", B, (batch, d_state, seqlen)),
         ("C", C, (batch, d_state, seqlen)),
@@ -163,7 +156,7 @@ def selective_state_update(
         raise ValueError(f"A must have shape (d_inner, d_state), got {tuple(A.shape)}")
     batch, d_inner = x.shape
     d_state = A.shape[-1]
-    _check_shapes(
+    check_shapes(
         ("state", state, (batch, d_inner, d_state)),
         ("dt", dt, (batch, d_inner)),
         ("A", A, (d_inner, d_state)),

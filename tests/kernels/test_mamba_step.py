@@ -71,3 +71,25 @@ def test_mamba_step_matches_composed_step(case, dtype, nan_fill_empty):
         assert rel_err(ssm_state, ssm_ref) < TOL[dtype]
         conv_ref = conv_state.float().clone()  # the same rounded window on both sides
         xz = xz.roll(1, dims=-1)
+
+
+def test_mamba_step_rejects_bad_arguments():
+    """A size that does not fit the others is a ValueError naming the argument, before any launch."""
+    w = _weights(12, 4, 3, 4, torch.float32)
+    xz, conv_state, ssm_state = torch.randn(2, 24), torch.randn(2, 12, 4), torch.randn(2, 12, 4)
+    bad = {
+        "xz": dict(xz=torch.randn(2, 23)),
+        "conv_state": dict(conv_state=torch.randn(2, 12, 3)),
+        "x_proj_weight": dict(x_proj_weight=torch.randn(10, 12)),
+        "ssm_state": dict(ssm_state=torch.randn(1, 12, 4)),
+        "D": dict(D=torch.randn(11)),
+    }
+    for name, change in bad.items():
+        args = {**w, "xz": xz, "conv_state": conv_state, "ssm_state": ssm_state, **change}
+        with pytest.raises(ValueError, match=name):
+            mamba_step_triton(**args)
+    with pytest.raises(ValueError, match="dt_proj_bias must be a floating-point tensor"):
+        ints = {**w, "dt_proj_bias": torch.zeros(12, dtype=torch.long)}
+        mamba_step_triton(xz, conv_state, ssm_state=ssm_state, **ints)
+    empty = mamba_step_triton(torch.randn(0, 24), torch.randn(0, 12, 4), ssm_state=torch.randn(0, 12, 4), **w)
+    assert empty.shape == (0, 12)
