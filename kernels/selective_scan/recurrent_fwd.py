@@ -422,12 +422,14 @@ def _lanes_per_channel(batch, d_inner, d_state, T, time_rows, device, tuning):
 @triton.jit
 def _tile_copy_kernel(
     p_B, p_C, p_BC, seqlen, n_tiles, s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l,
-    D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, TILES: tl.constexpr,
+    D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, TILES: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
     # B, C (batch, d_state, seqlen) -> BC (batch, n_tiles, 2, d_state, T), zeros past the end;
     # TILES tiles per program, both tensors in one launch.
     i_b = tl.program_id(0).to(tl.int64)
-    o_c = tl.program_id(1).to(tl.int64) * TILES + tl.arange(0, TILES)
+    o_c = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    if WIDE_INDEX:  # step x time stride may pass 2^31
+        o_c = o_c.to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     o_t = tl.arange(0, T)
     steps = o_c[:, None, None] * T + o_t[None, None, :]  # [tiles, states, steps]
@@ -451,7 +453,7 @@ def _tiled(B, C, T):
     launch(
         _tile_copy_kernel, (batch, cdiv(n_tiles, tiles)),
         B, C, BC, seqlen, n_tiles, *B.stride(), *C.stride(),
-        D_STATE=d_state, BLOCK_N=next_power_of_2(d_state), T=T, TILES=tiles,
+        D_STATE=d_state, BLOCK_N=next_power_of_2(d_state), T=T, TILES=tiles, WIDE_INDEX=wide_index(seqlen, B, C),
     )
     return BC
 
