@@ -78,14 +78,22 @@ def _conv_x_proj_kernel(
 
 
 @triton.jit
-def _summed_slice(p_part, s_part_blk, n_blocks, start, length, BLOCK: tl.constexpr, NORM: tl.constexpr, eps):
+def _summed_slice(
+    p_part, s_part_blk, n_blocks, start, length, BLOCK: tl.constexpr, NORM: tl.constexpr, eps, SUM_ROWS: tl.constexpr
+):
     """x_proj's outputs [start, start + length) summed over the first kernel's blocks, optionally RMS-normed
     (Falcon Mamba's weight-free norm): (BLOCK,) fp32, zero past length."""
+    # SUM_ROWS blocks' rows per load, all in flight at once: one round trip for up to SUM_ROWS blocks (24 at
+    # the 130M shape), where a load per block would wait for each in turn.
     o = tl.arange(0, BLOCK)
+    o_i = tl.arange(0, SUM_ROWS)
     m = o < length
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, n_blocks):
-        acc += tl.load(p_part + i * s_part_blk + start + o, mask=m, other=0.0)
+    for i0 in range(0, n_blocks, SUM_ROWS):
+        rows = i0 + o_i
+        tile = tl.load(p_part + rows[:, None] * s_part_blk + start + o[None, :],
+                       mask=(rows < n_blocks)[:, None] & m[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
     if NORM:
         acc = acc * tl.rsqrt(tl.sum(acc * acc, axis=0) / length + eps)
     return acc
@@ -102,7 +110,7 @@ def _ssm_step_kernel(
     s_A_d, s_A_n,
     s_h_b, s_h_d, s_h_n,
     s_y_b,
-    NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUM_ROWS: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
@@ -113,9 +121,9 @@ def _ssm_step_kernel(
     m_n = o_n < d_state
     m_dn = m_d[:, None] & m_n[None, :]
     p_part = p_partial + i_b * s_part_b
-    b_dt_in = _summed_slice(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, NORM, eps)
-    b_B = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, NORM, eps)
-    b_C = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, NORM, eps)
+    b_dt_in = _summed_slice(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, NORM, eps, SUM_ROWS)
+    b_B = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, NORM, eps, SUM_ROWS)
+    b_C = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, NORM, eps, SUM_ROWS)
     b_dw = tl.load(
         p_dt_w + o_d[:, None] * s_dw_d + o_r[None, :] * s_dw_r, mask=m_d[:, None] & (o_r < dt_rank)[None, :], other=0.0
     ).to(tl.float32)  # (BLOCK_D, BLOCK_R)
@@ -208,7 +216,7 @@ def mamba_step_triton(
             *partial.stride()[:2], u.stride(0), *xz.stride(), *dt_proj_weight.stride(), *A_log.stride(),
             *ssm_state.stride(), y.stride(0),
             NORM=mixer_rms_eps is not None, BLOCK_D=SSM_BLOCK_D, BLOCK_N=next_power_of_2(d_state),
-            BLOCK_R=next_power_of_2(dt_rank), num_warps=4,
+            BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(32, next_power_of_2(n_blocks)), num_warps=4,
         )
     return y
 
