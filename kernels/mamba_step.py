@@ -28,9 +28,16 @@ from ._launch import cdiv, device_guard, launch, next_power_of_2
 from .checks import check_shapes, check_tensors
 from .triton_utils import log2_rate, softplus
 
-CONV_BLOCK_D = 64  # channels per program of the first kernel
 PROJ_BLOCK_J = 32  # x_proj outputs per loop step of the first kernel (dt_rank + 2 d_state of them)
 SSM_BLOCK_D = 32  # channels per program of the second kernel (as the state update's, for d_state 16)
+SUM_ROWS = 32  # partial sums the second kernel reads per load
+
+
+def conv_block(d_inner):
+    """Channels per program of the first kernel: 64 (the 130M shape's 1536 channels make 24 blocks), more
+    for wider models, so that the second kernel reads every block's partial sums in one load of SUM_ROWS
+    rows (up to 256 channels: 8192, Falcon Mamba 7B's)."""
+    return min(256, max(64, next_power_of_2(cdiv(d_inner, SUM_ROWS))))
 
 
 @triton.jit
@@ -193,7 +200,8 @@ def mamba_step_triton(
         xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state
     )
     n_proj = x_proj_weight.shape[0]
-    n_blocks = cdiv(d_inner, CONV_BLOCK_D)
+    block_d = conv_block(d_inner)
+    n_blocks = cdiv(d_inner, block_d)
     u = torch.empty(batch, d_inner, dtype=xz.dtype, device=xz.device)
     if batch == 0:
         return u  # nothing to step (a grid of no programs is not launched)
@@ -206,8 +214,8 @@ def mamba_step_triton(
             d_inner, d_conv, n_proj,
             *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
             u.stride(0), *partial.stride()[:2],
-            HAS_BIAS=conv_bias is not None, BLOCK_D=CONV_BLOCK_D, BLOCK_K=next_power_of_2(d_conv),
-            BLOCK_J=PROJ_BLOCK_J, num_warps=4,
+            HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, BLOCK_K=next_power_of_2(d_conv),
+            BLOCK_J=PROJ_BLOCK_J, num_warps=8 if block_d >= 256 else 4,
         )
         launch(
             _ssm_step_kernel, (batch, cdiv(d_inner, SSM_BLOCK_D)),
@@ -216,7 +224,7 @@ def mamba_step_triton(
             *partial.stride()[:2], u.stride(0), *xz.stride(), *dt_proj_weight.stride(), *A_log.stride(),
             *ssm_state.stride(), y.stride(0),
             NORM=mixer_rms_eps is not None, BLOCK_D=SSM_BLOCK_D, BLOCK_N=next_power_of_2(d_state),
-            BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(32, next_power_of_2(n_blocks)), num_warps=4,
+            BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(SUM_ROWS, next_power_of_2(n_blocks)), num_warps=4,
         )
     return y
 
