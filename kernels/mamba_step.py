@@ -35,9 +35,10 @@ SUM_ROWS = 32  # partial sums the second kernel reads per load
 
 def conv_block(d_inner):
     """Channels per program of the first kernel: 64 (the 130M shape's 1536 channels make 24 blocks), more
-    for wider models, so that the second kernel reads every block's partial sums in one load of SUM_ROWS
-    rows (up to 256 channels: 8192, Falcon Mamba 7B's)."""
-    return min(256, max(64, next_power_of_2(cdiv(d_inner, SUM_ROWS))))
+    for wider models, so that the second kernel reads the blocks' partial sums in few loads of SUM_ROWS rows
+    (1.4B: 32 blocks of 128, one load; Falcon Mamba 7B: 64 of 128, two), while enough programs share the
+    reading of x_proj's weight (at batch 1, 64 of them at 7B)."""
+    return min(128, max(64, next_power_of_2(cdiv(d_inner, SUM_ROWS))))
 
 
 @triton.jit
@@ -215,7 +216,7 @@ def mamba_step_triton(
             *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
             u.stride(0), *partial.stride()[:2],
             HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, BLOCK_K=next_power_of_2(d_conv),
-            BLOCK_J=PROJ_BLOCK_J, num_warps=8 if block_d >= 256 else 4,
+            BLOCK_J=PROJ_BLOCK_J, num_warps=4,
         )
         launch(
             _ssm_step_kernel, (batch, cdiv(d_inner, SSM_BLOCK_D)),
