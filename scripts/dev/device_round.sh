@@ -11,7 +11,7 @@
 # model_like (--loss-outside: both sides' cross-entropy on fp32 logits), model_before (this script, the old
 # package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
 # long_context (LONG_FLAGS), precision (fp32/bf16/fp16, 1,000 steps), decode_profile (wall vs GPU time per
-# decoded token), induction (the paper's induction heads to 2^20).
+# decoded token), prefill_profile (GPU time per kernel, PROFILE_FLAGS), induction (the paper's induction heads to 2^20).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
@@ -83,6 +83,7 @@ for s in "$@"; do
     large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
     prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
         --prefill-lengths 1024,8192,65536 ;;
+    prefill_profile) step prefill_profile now "$here/scripts/dev/prefill_profile.py" ${PROFILE_FLAGS:-} ;;
     decode_profile) step decode_profile now "$here/scripts/benchmark_model.py" --no-train --skip-builtin-decode \
         --decode-profile ;;
     induction) step induction now "$here/scripts/induction_heads.py" --steps 5000 --solved-streak 0 \

@@ -114,12 +114,13 @@ class MambaMixer(nn.Module):
         activation = "silu" if self.fused_silu else None
         # Copy: the cached window is overwritten in place just below.
         previous = cache_params.conv_states[self.layer_idx].clone() if continuing else None
-        if cache_params is not None:
+        if cache_params is not None:  # the new window: the last d_conv inputs, zeros or the old window before
+            tail = x[:, :, -self.d_conv :]
             if previous is None:
-                window = F.pad(x, (self.d_conv, 0))  # (batch, d_inner, d_conv + seqlen)
+                window = F.pad(tail, (self.d_conv - tail.shape[-1], 0))
             else:
-                window = torch.cat([previous.to(x.dtype), x], dim=-1)
-            cache_params.update_conv_state(window[:, :, -self.d_conv :], self.layer_idx)
+                window = torch.cat([previous.to(x.dtype), tail], dim=-1)[:, :, -self.d_conv :]
+            cache_params.update_conv_state(window, self.layer_idx)
         initial = previous[:, :, 1:] if previous is not None else None  # (batch, d_inner, d_conv - 1)
         out = causal_conv1d(
             x,
