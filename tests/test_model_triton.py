@@ -46,15 +46,16 @@ def test_triton_decode_steps_match_full_forward(monkeypatch):
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(use_cuda_graph=False, **SIZES)).to(DEVICE).eval()
-    ids = torch.randint(0, SIZES["vocab_size"], (2, 8), device=DEVICE)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 12), device=DEVICE)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :3], use_cache=True)
         steps = [out.logits]
-        # A 2-token chunk continuing the cache (conv from the cached window), then single steps.
-        out = model(ids[:, 3:5], cache_params=out.cache_params, use_cache=True)
-        steps.append(out.logits)
-        for t in range(5, 8):
+        # Chunks continuing the cache (the conv's first outputs from the cached window), then single steps.
+        for chunk in (slice(3, 5), slice(5, 9)):
+            out = model(ids[:, chunk], cache_params=out.cache_params, use_cache=True)
+            steps.append(out.logits)
+        for t in range(9, 12):
             out = model(ids[:, t : t + 1], cache_params=out.cache_params, use_cache=True)
             steps.append(out.logits)
     stepped = torch.cat(steps, dim=1)

@@ -19,8 +19,9 @@ def causal_conv1d(
     sequence can be continued from a cache exactly.
     seq_idx: optional (batch, seqlen) document ids of packed sequences; inputs of another document
     count as zeros, so each document is convolved as if it started the sequence.
-    backend: "reference" / "torch" (PyTorch ops), "triton" (fused kernel; no initial_state), or
-    None: Triton on CUDA when there is no initial_state, else PyTorch.
+    backend: "reference" / "torch" (PyTorch ops), "triton" (fused kernel), or None: Triton on CUDA,
+    else PyTorch. With an initial_state the kernel convolves from zeros and the first d_conv - 1 outputs,
+    the only ones that read the initial state, are recomputed from it (fp32, as the kernel adds up).
     channels_last_out: a layout hint for the Triton kernel: write the output as a (batch, d_inner,
     seqlen) view of a (batch, seqlen, d_inner) tensor, the layout a following nn.Linear over the
     channels reads without a copy. The PyTorch path returns its own layout (on CPU the copy cost
@@ -41,7 +42,9 @@ def causal_conv1d(
         raise ValueError(f"initial_state must have shape {state_shape}, got {tuple(initial_state.shape)}")
     if seq_idx is not None and tuple(seq_idx.shape) != (batch, seqlen):
         raise ValueError(f"seq_idx must have shape {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
-    name = _conv_backend(backend, x.device, initial_state)
+    if seq_idx is not None and initial_state is not None:
+        raise ValueError("causal_conv1d takes seq_idx or initial_state, not both")
+    name = resolve_backend(backend, x.device)
     if x.numel() == 0:
         # No output to compute: the tap-by-tap form gives the empty output as a function of x, weight and bias
         # (F.conv1d rejects an input shorter than the kernel, or no channels; the kernel needs a tile).
@@ -50,14 +53,19 @@ def causal_conv1d(
     if name == "triton":
         from .triton_conv import causal_conv1d_triton
 
-        return causal_conv1d_triton(x, weight, bias, activation, seq_idx, channels_last_out)
+        out = causal_conv1d_triton(x, weight, bias, activation, seq_idx, channels_last_out)
+        if initial_state is not None:
+            head = min(weight.shape[1] - 1, seqlen)
+            exact = _conv_head(x[..., :head], weight, bias, activation, initial_state).to(out.dtype)
+            if out.requires_grad:  # a new tensor: autograd forbids writing into a view the kernel's Function made
+                return torch.cat([exact, out[..., head:]], dim=-1)
+            out[..., :head] = exact
+        return out
     return _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx)
 
 
 def _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx):
     if seq_idx is not None:
-        if initial_state is not None:
-            raise ValueError("causal_conv1d takes seq_idx or initial_state, not both")
         return _causal_conv1d_packed(x, weight, bias, activation, seq_idx)
     d_inner, d_conv = weight.shape
     if initial_state is None:
@@ -70,13 +78,14 @@ def _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx):
     return F.silu(out) if activation is not None else out
 
 
-def _conv_backend(backend, device, initial_state):
-    name = resolve_backend(backend, device)
-    if name == "triton" and initial_state is not None:
-        if backend == "triton":
-            raise ValueError("causal_conv1d: backend='triton' does not take an initial_state; use 'torch'")
-        return "torch"
-    return name
+def _conv_head(x_head, weight, bias, activation, initial_state):
+    """The outputs at x_head's steps (the first d_conv - 1 or fewer), which read initial_state: products
+    summed in fp32 (not F.conv1d, which cuDNN may run in TF32)."""
+    window = torch.cat([initial_state.float(), x_head.float()], dim=-1).unfold(-1, weight.shape[1], 1)
+    out = (window * weight.float()[:, None, :]).sum(-1)  # (batch, d_inner, head)
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    return F.silu(out) if activation is not None else out
 
 
 def _causal_conv1d_packed(x, weight, bias, activation, seq_idx):

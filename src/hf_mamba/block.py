@@ -129,7 +129,7 @@ class MambaMixer(nn.Module):
             activation=activation,
             initial_state=initial,
             seq_idx=seq_idx,
-            backend=backend if initial is None else "torch",  # the Triton conv starts from zeros only
+            backend=backend,
             channels_last_out=True,  # x_proj reads it as (batch, seqlen, d_inner) without a copy
         )
         return out if self.fused_silu else self.act(out)

@@ -39,6 +39,7 @@ CASES = [
     pytest.param(dict(shape=(1, 3, 129), d_conv=3, bias=False, act=None), id="L129-nobias-noact"),
     pytest.param(dict(shape=(2, 20, 70), d_conv=4, bias=True, act="silu", cl=True), id="L70-channels-last-in-out"),
     pytest.param(dict(shape=(2, 10, 2), d_conv=4, bias=True, act="silu", init=True), id="L-shorter-than-kernel"),
+    pytest.param(dict(shape=(2, 20, 70), d_conv=4, bias=False, act=None, cl=True, init=True), id="L70-cl-init"),
 ]
 
 
@@ -46,8 +47,6 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", CASES)
 def test_causal_conv1d_matches_loop(case, dtype, backend):
-    if backend == "triton" and case.get("init"):
-        pytest.skip("the Triton conv takes no initial_state (continuing from a cache runs the PyTorch path)")
     torch.manual_seed(0)
     batch, d_inner, seqlen = case["shape"]
     d_conv = case["d_conv"]
@@ -58,16 +57,20 @@ def test_causal_conv1d_matches_loop(case, dtype, backend):
         x = torch.randn(batch, d_inner, seqlen, **g).to(dtype).requires_grad_()
     weight = torch.randn(d_inner, d_conv, **g).to(dtype).requires_grad_()
     bias = torch.randn(d_inner, **g).to(dtype).requires_grad_() if case["bias"] else None
-    init = torch.randn(batch, d_inner, d_conv - 1, **g).to(dtype) if case.get("init") else None
-    if backend == "triton":  # 32-step blocks: several blocks along time at L = 129
+    init = torch.randn(batch, d_inner, d_conv - 1, **g).to(dtype).requires_grad_() if case.get("init") else None
+    if backend == "triton" and init is not None:  # the kernel from zeros, its first outputs recomputed
+        out = causal_conv1d(x, weight, bias, case["act"], init, backend=backend,
+                            channels_last_out=case.get("cl", False))
+    elif backend == "triton":  # 32-step blocks: several blocks along time at L = 129
         out = causal_conv1d_triton(x, weight, bias, case["act"], channels_last_out=case.get("cl", False),
                                    tuning=ConvTuning(block_l=32))
     else:
         out = causal_conv1d(x, weight, bias, case["act"], init, backend=backend)
-    leaves = [t for t in (x, weight, bias) if t is not None]
+    leaves = [t for t in (x, weight, bias, init) if t is not None]
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     ref_bias = ref_leaves[2] if bias is not None else None
-    ref = causal_conv1d_loop(ref_leaves[0], ref_leaves[1], ref_bias, case["act"], init)
+    ref_init = ref_leaves[-1] if init is not None else None
+    ref = causal_conv1d_loop(ref_leaves[0], ref_leaves[1], ref_bias, case["act"], ref_init)
     assert out.dtype == dtype and out.shape == ref.shape
     assert _rel_err(out, ref) < TOL[dtype]
     dout = torch.randn_like(out)
@@ -161,11 +164,12 @@ def test_triton_packed_conv_matches_torch(bias):
         torch.testing.assert_close(g_triton, g_torch, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_conv_rejects_initial_state():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_conv_rejects_initial_state_with_seq_idx(backend):
     x = torch.randn(1, 2, 5, device=DEVICE)
-    with pytest.raises(ValueError, match="initial_state"):
+    with pytest.raises(ValueError, match="seq_idx or initial_state"):
         causal_conv1d(x, torch.randn(2, 4, device=DEVICE), initial_state=torch.zeros(1, 2, 3, device=DEVICE),
-                      backend="triton")
+                      seq_idx=torch.zeros(1, 5, dtype=torch.int32, device=DEVICE), backend=backend)
 
 
 def test_triton_conv_custom_op():
@@ -234,3 +238,18 @@ def test_triton_conv_pad_mask_equals_masking_around_it(pad_mask, seq_idx, mask_d
     assert grads[0][~mask.bool()[:, None, :].expand_as(x)].eq(0).all()  # no gradient to padded inputs
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seqlen", [2, 70])
+def test_triton_conv_continues_from_initial_state_without_grad(seqlen):
+    """Inference continuing a cache: the kernel's output with its first steps rewritten in place equals the
+    PyTorch path's, in the channels-last layout asked for."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 12, seqlen, device=DEVICE)
+    weight, bias = torch.randn(12, 4, device=DEVICE), torch.randn(12, device=DEVICE)
+    init = torch.randn(2, 12, 3, device=DEVICE)
+    with torch.no_grad():
+        out = causal_conv1d(x, weight, bias, "silu", init, backend="triton", channels_last_out=True)
+        ref = causal_conv1d(x, weight, bias, "silu", init, backend="torch")
+    assert out.stride(1) == 1 or seqlen == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
