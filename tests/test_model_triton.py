@@ -572,3 +572,26 @@ def test_fused_decode_step_equals_the_blocks(dtype, falcon, monkeypatch):
     assert ((fused - plain).abs().max() / scale).item() < tol
     for a, b in zip(after_fused, states, strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_wide_mixers_step_through_the_modules(monkeypatch):
+    """Above FUSED_STEP_MAX_D_INNER the decode step runs the modules' kernels (faster there), with the same logits."""
+    import hf_mamba.block as block
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, intermediate_size=72)
+    model = MambaForCausalLM(config).to(DEVICE).eval()
+    step_calls = []
+    real_step = block.mamba_step_triton
+    monkeypatch.setattr(block, "mamba_step_triton", lambda *a, **k: step_calls.append(1) or real_step(*a, **k))
+    ids = torch.randint(0, 97, (2, 6), device=DEVICE)
+    logits = {}
+    for max_d_inner in (72, 71):
+        monkeypatch.setattr(block, "FUSED_STEP_MAX_D_INNER", max_d_inner)
+        with torch.no_grad():
+            cache = _cache_of(model(ids[:, :5], use_cache=True))
+            logits[max_d_inner] = model._decode_step_logits(ids[:, 5:], cache)
+        assert len(step_calls) == (config.num_hidden_layers if max_d_inner == 72 else 0)
+        step_calls.clear()
+    torch.testing.assert_close(logits[71], logits[72], rtol=1e-4, atol=1e-5)

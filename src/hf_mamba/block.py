@@ -28,6 +28,13 @@ from .kernels import (
 )
 
 
+# The fused decode step (two launches per mixer) is faster than the modules' four up to this width; wider, its
+# programs per layer are too few to read x_proj's and dt_proj's weights as fast as cuBLAS does (H100, bf16,
+# generate() tokens/s fused / modules at batch 1 and 16: d_inner 1536 1.10 / 1.04, 2048 1.14 / 1.03, 3072
+# 0.96 / 0.83, 4096 0.93 / 0.79 and 0.91 / 0.77, 8192 0.99 / 0.58; docs/kernels.md).
+FUSED_STEP_MAX_D_INNER = 2048
+
+
 def _linear_input(linear, x):
     """x as a projection should read it: the channels-last view itself for a plain nn.Linear, or an adapter over
     one (its matmul reads strides), a contiguous copy for anything else (bitsandbytes' CPU 4-bit kernel reads a
@@ -255,7 +262,7 @@ class MambaMixer(nn.Module):
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         conv_state = cache_params.conv_states[self.layer_idx]
         fused = backend == "triton" and xz.dtype != torch.float64 and not torch.compiler.is_compiling()
-        if fused and self._plain_ssm_modules():
+        if fused and self.d_inner <= FUSED_STEP_MAX_D_INNER and self._plain_ssm_modules():
             # conv, x_proj, dt_proj and the state update in two launches instead of four (a decode step is
             # bound by its launches); torch.compile traces the modules' custom ops instead
             y = mamba_step_triton(

@@ -1,0 +1,64 @@
+"""Developer tool: decode tokens/s with the fused decode step (mamba_step_triton) against the modules' step
+(conv update, x_proj, dt_proj, state update), per shape and batch size (CUDA only).
+
+    python scripts/dev/decode_step_choice.py --shapes 130m,1.4b,7b --batches 1,16
+    python scripts/dev/decode_step_choice.py --shapes 48x1024,48x1536    # LAYERSxHIDDEN: Mamba 370M, 790M
+
+Greedy generate() with CUDA graphs, prompt 128; tokens/s of the decode steps alone: (whole call - a call
+that generates one token) over batch x (new - 1) tokens, medians of three.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmark_large import SHAPES, HfMamba, Shape, median_time  # noqa: E402
+
+import hf_mamba.block as block  # noqa: E402
+from hf_mamba.decode_graphs import DecodeGraphs  # noqa: E402
+
+
+def tokens_per_s(impl, model, prompt, new, device):
+    impl.generate(model, prompt, new)  # capture at this batch size
+    whole = median_time(lambda: impl.generate(model, prompt, new), device, 3)
+    one = median_time(lambda: impl.generate(model, prompt, 1), device, 3)
+    return prompt.shape[0] * (new - 1) / (whole - one)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="130m,1.4b,7b")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--new", type=int, default=128)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    impl = HfMamba(device, torch.bfloat16)
+    plain = block.MambaMixer._plain_ssm_modules
+    print(f"{torch.cuda.get_device_name(device)}, bf16, greedy, prompt 128, {args.new} new tokens, tokens/s")
+    print("| shape | batch | fused step | modules' step | fused / modules |\n|---|---|---|---|---|")
+    for name in args.shapes.split(","):
+        if name in SHAPES:
+            shape = SHAPES[name]
+        else:
+            layers, hidden = map(int, name.split("x"))
+            shape = Shape(name, hidden=hidden, layers=layers, vocab=50280)
+        model = impl.build(shape)
+        for batch in map(int, args.batches.split(",")):
+            prompt = torch.randint(1, shape.vocab, (batch, 128), device=device)
+            results = []
+            for fused in (True, False):
+                block.MambaMixer._plain_ssm_modules = plain if fused else (lambda self: False)
+                model._decode_graphs = DecodeGraphs()  # no graph captured with the other step
+                results.append(tokens_per_s(impl, model, prompt, args.new, device))
+            block.MambaMixer._plain_ssm_modules = plain
+            print(f"| {name} | {batch} | {results[0]:,.0f} | {results[1]:,.0f} | {results[0] / results[1]:.2f} |",
+                  flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
