@@ -27,7 +27,6 @@ from .kernels import (
     weightless_rms_norm,
 )
 
-
 # The fused decode step (two launches per mixer) is faster than the modules' four up to this width; wider, its
 # programs per layer are too few to read x_proj's and dt_proj's weights as fast as cuBLAS does (H100, bf16,
 # generate() tokens/s fused / modules at batch 1 and 16: d_inner 1536 1.10 / 1.04, 2048 1.14 / 1.03, 3072
