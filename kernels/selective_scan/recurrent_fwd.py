@@ -49,9 +49,11 @@ from .codegen import (
     first_tile,
     generated_kernel,
     keeps,
+    load_states,
     pack,
     program_ids,
     reset_state,
+    store_states,
     time_vector,
     unpack,
 )
@@ -182,52 +184,6 @@ def _load_tiles(lines, indent, suffix, tile, tag=""):
             lines.append(f"{indent}{load}")
 
 
-def _state_groups(names, ptr, stride, size=4):
-    """The states `names` (state k at ptr + k stride) in groups of `size` or fewer, each as (names,
-    P, offsets, mask): a [rows, P] tile (P a power of two, the names padded to it) or, where P = 1,
-    a [rows] vector, and the mask on its states beside m_d (empty where P covers the group exactly).
-    Four fp32 states are one 16-byte vector, which Triton's coalescing keeps in one thread, as the
-    per-state vectors split from it are: no layout change, hence no shuffles."""
-    groups = []
-    for first in range(0, len(names), size):
-        part = names[first : first + size]
-        P = next_power_of_2(len(part))
-        if P == 1:
-            groups.append((part, P, f"{ptr} + {first} * {stride}", ""))
-            continue
-        o_k = f"({first} + tl.arange(0, {P}))" if first else f"tl.arange(0, {P})"
-        m_k = f" & ({o_k} < {first + len(part)})[None, :]" if P != len(part) else ""
-        groups.append((part, P, f"{ptr}[:, None] + {o_k}[None, :] * {stride}", m_k))
-    return groups
-
-
-def _load_states(lines, indent, names, ptr, stride, rows, convert=None):
-    """Emit the loads of per-state values (state k at ptr + k stride, masked by m_d) into the [rows]
-    vectors `names`, four states to a load: Triton's coalescing pass walks the whole kernel once per
-    tensor load or store, and with one load per state was most of these kernels' compile time.
-    convert: a function of a load's code applied before the split (default: to fp32)."""
-    convert = convert or (lambda t: f"{t}.to(tl.float32)")
-    for i, (part, P, offsets, m_k) in enumerate(_state_groups(names, ptr, stride)):
-        if P == 1:
-            lines.append(f"{indent}{part[0]} = {convert(f'tl.load({offsets}, mask=m_d, other=0.0)')}")
-            continue
-        lines.append(f"{indent}v_k{i} = {convert(f'tl.load({offsets}, mask=m_d[:, None]{m_k}, other=0.0)')}")
-        pad = [f"pad_k{j}" for j in range(P - len(part))]
-        unpack(f"v_k{i}", list(part) + pad, lines, indent, f"sk{i}", rows=rows)
-
-
-def _store_states(lines, indent, names, ptr, stride, rows):
-    """Emit the stores of the [rows] vectors `names` (state k at ptr + k stride, masked by m_d), four
-    states to a store, as `_load_states` loads them."""
-    for i, (part, P, offsets, m_k) in enumerate(_state_groups(names, ptr, stride)):
-        if P == 1:
-            lines.append(f"{indent}tl.store({offsets}, {part[0]}, mask=m_d)")
-            continue
-        pad = [f"tl.zeros_like({part[0]})"] * (P - len(part))
-        tile = pack(list(part) + pad, lines, indent, f"pk{i}", rows=rows)
-        lines.append(f"{indent}tl.store({offsets}, {tile}, mask=m_d[:, None]{m_k})")
-
-
 def _prologue(L, I, n_states, rows, first_state=None):
     """Emit what both forward kernels set up before the loop over tiles: the decay rates a_k and states
     h_k of this thread's n_states states (from first_state on, in the lanes kernel), D, the Δ bias, the
@@ -235,11 +191,11 @@ def _prologue(L, I, n_states, rows, first_state=None):
     at = f" + {first_state} * s_A_n" if first_state else ""
     L.append(f"{I}p_A_d = p_A + o_d * s_A_d{at}")
     a = [f"a_{k}" for k in range(n_states)]  # A pre-scaled by log2(e): exp(ΔA) = exp2(Δ A log2 e)
-    _load_states(L, I, a, "p_A_d", "s_A_n", rows, convert=lambda t: f"log2_rate({t}.to(tl.float32), A_LOG)")
+    load_states(L, I, a, "p_A_d", "s_A_n", rows, "a", convert=lambda t: f"log2_rate({t}.to(tl.float32), A_LOG)")
     L.append(f"{I}if USE_INITIAL_STATE:")
     lane = f" + {first_state}" if first_state else ""
     L.append(f"{I}    p_h0_d = p_h0 + i_b * s_h0_b + o_d * s_h0_d + i_s * s_h0_s{lane}")
-    _load_states(L, I + "    ", [f"h_{k}" for k in range(n_states)], "p_h0_d", "1", rows)
+    load_states(L, I + "    ", [f"h_{k}" for k in range(n_states)], "p_h0_d", "1", rows, "h0")
     L.append(f"{I}else:")
     for k in range(n_states):
         L.append(f"{I}    h_{k} = tl.zeros([{rows}], dtype=tl.float32)")
@@ -277,7 +233,7 @@ def _fwd_source(N, T):
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
     L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N}")
-    _store_states(L, J + "        ", [f"h_{n}" for n in ns], "p_hc_d", "1", "BLOCK_D")
+    store_states(L, J + "        ", [f"h_{n}" for n in ns], "p_hc_d", "1", "BLOCK_D", "hc")
     L.append(f"{J}b_u = raw_u.to(tl.float32)")
     delta_prologue(L, J, "m_dt")
     L.append(f"{J}b_dtsum += tl.sum(b_dt, axis=1)")
@@ -307,7 +263,7 @@ def _fwd_source(N, T):
     L.append(f"{K}p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
     L.append(f"{K}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)")
     L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d * s_hT_d + i_s * s_hT_s")
-    _store_states(L, I, [f"h_{n}" for n in ns], "p_hT_d", "1", "BLOCK_D")
+    store_states(L, I, [f"h_{n}" for n in ns], "p_hT_d", "1", "BLOCK_D", "hT")
     L.append(f"{I}if STATES_ONLY:")
     L.append(f"{I}    tl.store(p_dtsum + (i_b * d_inner + o_d) * tl.num_programs(2) + i_s, b_dtsum, mask=m_d)")
     return HEADER + "\n".join(L) + "\n"
@@ -363,7 +319,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
     L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N} + o_n")
-    _store_states(L, J + "        ", [f"h_{k}" for k in ks], "p_hc_d", "1", "R")
+    store_states(L, J + "        ", [f"h_{k}" for k in ks], "p_hc_d", "1", "R", "hc")
     row = "i_b * s_{0}_b + o_d[:, None] * s_{0}_d"
     L.append(f"{J}raw_u = tl.load(p_u + {row.format('u')} + o_tt[None, :] * s_u_l, mask=m_dt, other={ZERO})")
     L.append(f"{J}raw_dt = tl.load(p_delta + {row.format('dt')} + o_ts * s_dt_l, mask=m_ds, other={ZERO})")
@@ -424,7 +380,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{K2}p_od = p_out + {row.format('o')} + o_ts * s_o_l")
     L.append(f"{K2}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_ds)")
     L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d * s_hT_d + i_s * s_hT_s + o_n")
-    _store_states(L, I, [f"h_{k}" for k in ks], "p_hT_d", "1", "R")
+    store_states(L, I, [f"h_{k}" for k in ks], "p_hT_d", "1", "R", "hT")
     L.append(f"{I}if STATES_ONLY:")
     L.append(f"{I}    p_ds = p_dtsum + (i_b * d_inner + o_d) * tl.num_programs(2) + i_s")
     L.append(f"{I}    tl.store(p_ds, b_dtsum, mask=m_d & (o_g == 0))")
