@@ -28,9 +28,17 @@ from ._launch import cdiv, device_guard, launch, next_power_of_2
 from .checks import check_shapes, check_tensors
 from .triton_utils import log2_rate, softplus
 
-CONV_BLOCK_D = 64  # channels per program of the first kernel
 PROJ_BLOCK_J = 32  # x_proj outputs per loop step of the first kernel (dt_rank + 2 d_state of them)
 SSM_BLOCK_D = 32  # channels per program of the second kernel (as the state update's, for d_state 16)
+SUM_ROWS = 32  # partial sums the second kernel reads per load
+
+
+def conv_block(d_inner):
+    """Channels per program of the first kernel: 64 (the 130M shape's 1536 channels make 24 blocks), more
+    for wider models, so that the second kernel reads the blocks' partial sums in few loads of SUM_ROWS rows
+    (1.4B: 32 blocks of 128, one load; Falcon Mamba 7B: 64 of 128, two), while enough programs share the
+    reading of x_proj's weight (at batch 1, 64 of them at 7B)."""
+    return min(128, max(64, next_power_of_2(cdiv(d_inner, SUM_ROWS))))
 
 
 @triton.jit
@@ -78,14 +86,22 @@ def _conv_x_proj_kernel(
 
 
 @triton.jit
-def _summed_slice(p_part, s_part_blk, n_blocks, start, length, BLOCK: tl.constexpr, NORM: tl.constexpr, eps):
+def _summed_slice(
+    p_part, s_part_blk, n_blocks, start, length, BLOCK: tl.constexpr, NORM: tl.constexpr, eps, SUM_ROWS: tl.constexpr
+):
     """x_proj's outputs [start, start + length) summed over the first kernel's blocks, optionally RMS-normed
     (Falcon Mamba's weight-free norm): (BLOCK,) fp32, zero past length."""
+    # SUM_ROWS blocks' rows per load, all in flight at once: one round trip for up to SUM_ROWS blocks (24 at
+    # the 130M shape), where a load per block would wait for each in turn.
     o = tl.arange(0, BLOCK)
+    o_i = tl.arange(0, SUM_ROWS)
     m = o < length
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, n_blocks):
-        acc += tl.load(p_part + i * s_part_blk + start + o, mask=m, other=0.0)
+    for i0 in range(0, n_blocks, SUM_ROWS):
+        rows = i0 + o_i
+        tile = tl.load(p_part + rows[:, None] * s_part_blk + start + o[None, :],
+                       mask=(rows < n_blocks)[:, None] & m[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
     if NORM:
         acc = acc * tl.rsqrt(tl.sum(acc * acc, axis=0) / length + eps)
     return acc
@@ -102,7 +118,7 @@ def _ssm_step_kernel(
     s_A_d, s_A_n,
     s_h_b, s_h_d, s_h_n,
     s_y_b,
-    NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUM_ROWS: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
@@ -113,9 +129,9 @@ def _ssm_step_kernel(
     m_n = o_n < d_state
     m_dn = m_d[:, None] & m_n[None, :]
     p_part = p_partial + i_b * s_part_b
-    b_dt_in = _summed_slice(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, NORM, eps)
-    b_B = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, NORM, eps)
-    b_C = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, NORM, eps)
+    b_dt_in = _summed_slice(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, NORM, eps, SUM_ROWS)
+    b_B = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, NORM, eps, SUM_ROWS)
+    b_C = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, NORM, eps, SUM_ROWS)
     b_dw = tl.load(
         p_dt_w + o_d[:, None] * s_dw_d + o_r[None, :] * s_dw_r, mask=m_d[:, None] & (o_r < dt_rank)[None, :], other=0.0
     ).to(tl.float32)  # (BLOCK_D, BLOCK_R)
@@ -185,7 +201,8 @@ def mamba_step_triton(
         xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state
     )
     n_proj = x_proj_weight.shape[0]
-    n_blocks = cdiv(d_inner, CONV_BLOCK_D)
+    block_d = conv_block(d_inner)
+    n_blocks = cdiv(d_inner, block_d)
     u = torch.empty(batch, d_inner, dtype=xz.dtype, device=xz.device)
     if batch == 0:
         return u  # nothing to step (a grid of no programs is not launched)
@@ -198,7 +215,7 @@ def mamba_step_triton(
             d_inner, d_conv, n_proj,
             *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
             u.stride(0), *partial.stride()[:2],
-            HAS_BIAS=conv_bias is not None, BLOCK_D=CONV_BLOCK_D, BLOCK_K=next_power_of_2(d_conv),
+            HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, BLOCK_K=next_power_of_2(d_conv),
             BLOCK_J=PROJ_BLOCK_J, num_warps=4,
         )
         launch(
@@ -208,7 +225,7 @@ def mamba_step_triton(
             *partial.stride()[:2], u.stride(0), *xz.stride(), *dt_proj_weight.stride(), *A_log.stride(),
             *ssm_state.stride(), y.stride(0),
             NORM=mixer_rms_eps is not None, BLOCK_D=SSM_BLOCK_D, BLOCK_N=next_power_of_2(d_state),
-            BLOCK_R=next_power_of_2(dt_rank), num_warps=4,
+            BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(SUM_ROWS, next_power_of_2(n_blocks)), num_warps=4,
         )
     return y
 

@@ -18,6 +18,8 @@ to fp32); mamba_ssm takes no labels, so its users' cross-entropy on the fp32-cas
 --padded also trains hf_mamba on the same batch with left padding (attention_mask zeros, labels -100 there),
 beside its unpadded run in each round: the fused training path reads the mask, so both should match.
 Decoding: greedy, prompt --prompt-len, exactly --new-tokens new tokens, tokens/s = batch x new / time.
+The first generate() of each batch size (8 new tokens, the warm-up) is timed too: with an empty Triton cache
+it includes the compiles a first generate() pays.
 """
 
 import argparse
@@ -181,20 +183,21 @@ def print_step_profile(name, step, wall_seconds, steps=3):
 
 
 def decode_throughput(generate, args, batch):
-    """(steady-state, first call at a new length) tokens/s of one generate() of args.new_tokens tokens.
+    """(steady-state tokens/s, first call at a new length tokens/s, warm-up seconds) of generate() calls.
 
-    Both sides are warmed the same way: a short generate compiles the kernels; the first call at the
-    timed length then pays whatever a new length costs (mamba_ssm keys its CUDA graphs on the maximum
-    length and captures again; hf_mamba's graph does not depend on it); the steady state is the next
-    call at that same length, warmed at exactly the length it is timed at.
+    Both sides are warmed the same way: a short generate (8 new tokens, timed: the first generate() of
+    this batch size, which compiles the kernels it needs where the Triton cache lacks them and captures
+    graphs); the first call at the timed length then pays whatever a new length costs (mamba_ssm keys its
+    CUDA graphs on the maximum length and captures again; hf_mamba's graph does not depend on it); the
+    steady state is the next call at that same length, warmed at exactly the length it is timed at.
     """
     prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
     getattr(generate, "reset", lambda: None)()
-    generate(prompt, 8)  # compile kernels, capture graphs for this batch size
+    warmup_seconds, _ = timed(lambda: generate(prompt, 8), CUDA)
     first_seconds, _ = timed(lambda: generate(prompt, args.new_tokens), CUDA)
     seconds, out = timed(lambda: generate(prompt, args.new_tokens), CUDA)
     assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
-    return batch * args.new_tokens / seconds, batch * args.new_tokens / first_seconds
+    return batch * args.new_tokens / seconds, batch * args.new_tokens / first_seconds, warmup_seconds
 
 
 def print_decode_profile(name, generate, args, batch, new_tokens=64):
@@ -393,6 +396,13 @@ def main():
         print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
         for name, speeds in rows:
             print(f"{name:<26}" + "".join(f"{s[column]:>12,.0f}" for s in speeds))
+    # Where the Triton cache starts empty (scripts/dev/device_round.sh gives each run its own), the first
+    # batch size's call compiles what generate() needs: hf_mamba's prefill and step kernels, mamba_ssm's
+    # Triton norms (its CUDA kernels come compiled). With --decode-profile, the profile ran first.
+    print(f"\nFirst generate() per batch size in this process (prompt {args.prompt_len}, 8 new tokens), seconds")
+    print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
+    for name, speeds in rows:
+        print(f"{name:<26}" + "".join(f"{s[2]:>12.2f}" for s in speeds))
 
 
 if __name__ == "__main__":

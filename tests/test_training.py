@@ -302,6 +302,7 @@ def test_accelerate_launch_two_processes(local_assets, tmp_path):
 
 
 FSDP_WORKER = """
+import os
 import sys
 
 import torch
@@ -338,6 +339,10 @@ model_state, optimizer_state = get_state_dict(model, optimizer)
 dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=sys.argv[3])
 dist.barrier()  # no rank tears gloo down while another still talks to it
 dist.destroy_process_group()
+# Everything is written: skip the interpreter's teardown, where a loaded machine once saw a background
+# thread's destructor abort the process ("terminate called without an active exception").
+sys.stdout.flush()
+os._exit(0)
 """
 
 

@@ -93,3 +93,21 @@ def test_mamba_step_rejects_bad_arguments():
         mamba_step_triton(xz, conv_state, ssm_state=ssm_state, **ints)
     empty = mamba_step_triton(torch.randn(0, 24), torch.randn(0, 12, 4), ssm_state=torch.randn(0, 12, 4), **w)
     assert empty.shape == (0, 12)
+
+
+def test_mamba_step_sums_many_blocks(monkeypatch, nan_fill_empty):
+    """33 blocks of the first kernel (d_inner 2112 in blocks of 64, forced: the model's shapes take wider blocks,
+    at most 32 of them): the second kernel sums their partial rows in two loads of up to 32."""
+    from hf_mamba.kernels import mamba_step
+
+    assert [mamba_step.conv_block(d) for d in (1536, 2048, 4096, 8192)] == [64, 64, 128, 128]
+    monkeypatch.setattr(mamba_step, "conv_block", lambda d_inner: 64)
+    torch.manual_seed(12)
+    w = _weights(2112, 4, 3, 4, torch.float32)
+    xz = torch.randn(1, 2 * 2112, device=DEVICE)
+    conv_state, ssm_state = torch.randn(1, 2112, 4, device=DEVICE), torch.randn(1, 2112, 4, device=DEVICE)
+    conv_ref, ssm_ref = conv_state.clone(), ssm_state.clone()
+    y = mamba_step_triton(xz, conv_state, ssm_state=ssm_state, **w)
+    y_ref = _composed_step(xz, conv_ref, ssm_ref, w, None)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    assert rel_err(ssm_state, ssm_ref) < TOL[torch.float32]
