@@ -207,8 +207,7 @@ def _forward_phase(L, I, T, N):
         for t in range(T):
             L.append(f"{J}h_{n} = tl.exp2(dt_{t} * a_{n}) * keep_{t} * h_{n} + dtu_{t} * bt_{t}")
     L.append(f"{I}p_scr_t = p_scr_p + (k_last - k_first) * {N} * BLOCK_D")
-    for n in ns:
-        L.append(f"{I}tl.store(p_scr_t + {n} * BLOCK_D, h_{n})")
+    store_states(L, I, [f"h_{n}" for n in ns], "p_scr_t", "BLOCK_D", "BLOCK_D", "scrl", mask=None)
 
 
 def _reverse_phase(L, I, T, N):
