@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, device_guard, launch, next_power_of_2
+from .causal_conv1d.triton_conv_update import conv_update_window
 from .checks import check_shapes, check_tensors
 from .triton_utils import log2_rate, softplus
 
@@ -56,20 +57,11 @@ def _conv_x_proj_kernel(
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_k = tl.arange(0, BLOCK_K)
     m_d = o_d < d_inner
-    m_dk = m_d[:, None] & (o_k < d_conv)[None, :]
-    # The conv window: state[1:] then x (the causal conv update of `triton_conv_update`).
-    p_st = p_conv_state + i_b * s_st_b + o_d[:, None] * s_st_d
-    b_old = tl.load(p_st + (o_k[None, :] + 1) * s_st_k, mask=m_d[:, None] & (o_k < d_conv - 1)[None, :], other=0.0)
-    b_x = tl.load(p_xz + i_b * s_xz_b + o_d * s_xz_d, mask=m_d, other=0.0).to(b_old.dtype)
-    b_win = tl.where((o_k == d_conv - 1)[None, :], b_x[:, None], b_old)
-    tl.debug_barrier()  # every thread has read its old entries before any thread overwrites a neighbour's
-    tl.store(p_st + o_k[None, :] * s_st_k, b_win, mask=m_dk)
-    b_w = tl.load(p_conv_w + o_d[:, None] * s_cw_d + o_k[None, :] * s_cw_k, mask=m_dk, other=0.0).to(tl.float32)
-    b_u = tl.sum(b_win.to(tl.float32) * b_w, axis=1)
-    if HAS_BIAS:
-        b_u += tl.load(p_conv_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_u = conv_update_window(  # x is xz's first half
+        p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, p_conv_w, s_cw_d, s_cw_k,
+        p_conv_bias, o_d, m_d, d_conv, HAS_BIAS, BLOCK_K,
+    )
     b_u = b_u * tl.sigmoid(b_u)
     # u rounded to xz's dtype, as the modules' conv output is: x_proj and the state update read it so.
     b_u = b_u.to(p_u.dtype.element_ty)

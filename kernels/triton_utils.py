@@ -60,6 +60,16 @@ def softplus_coarse(x):
 
 
 @triton.jit
+def time_index(i, WIDE_INDEX: tl.constexpr):
+    # A tile's (or checkpoint chunk's) index, whose multiples times a time stride address the time axis: in
+    # 64 bits with WIDE_INDEX, where step x time stride may pass 2^31 (`_launch.wide_index`), else in 32
+    # (cheaper in the loops).
+    if WIDE_INDEX:
+        i = i.to(tl.int64)
+    return i
+
+
+@triton.jit
 def sigmoid(x, FAST_MATH: tl.constexpr):
     # FAST_MATH: with an approximate reciprocal in place of an IEEE division.
     if FAST_MATH:
@@ -116,7 +126,7 @@ def shfl_xor_code(x, offset):
 # The names the generated kernels call (`selective_scan/codegen.py` puts them in their namespace).
 GENERATED_HELPERS = dict(
     approx=approx, softplus=softplus, softplus_coarse=softplus_coarse, sigmoid=sigmoid, silu=silu,
-    log2_rate=log2_rate, lane_id=lane_id, shfl=shfl
+    log2_rate=log2_rate, lane_id=lane_id, shfl=shfl, time_index=time_index,
 )
 
 __all__ = [
@@ -133,4 +143,5 @@ __all__ = [
     "silu",
     "softplus",
     "softplus_coarse",
+    "time_index",
 ]

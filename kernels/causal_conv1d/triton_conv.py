@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._launch import cdiv, device_guard, launch, seq_idx_args, wide_index
+from ..triton_utils import time_index
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,7 @@ def _conv_fwd_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    i_l = tl.program_id(2)
-    if WIDE_INDEX:  # step x time stride may pass 2^31
-        i_l = i_l.to(tl.int64)
-    o_t = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_t = time_index(tl.program_id(2), WIDE_INDEX) * BLOCK_L + tl.arange(0, BLOCK_L)
     m_d = o_d < d_inner
     m_t = o_t < seqlen
     p_row = p_x + i_b * s_x_b + o_d[:, None] * s_x_d  # (BLOCK_D, 1): each channel's row
@@ -121,9 +119,7 @@ def _conv_bwd_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    i_l = tl.program_id(2)
-    if WIDE_INDEX:  # step x time stride may pass 2^31
-        i_l = i_l.to(tl.int64)
+    i_l = time_index(tl.program_id(2), WIDE_INDEX)
     o_s = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # the steps whose dx this program writes
     m_d = o_d < d_inner
     m_s = o_s < seqlen

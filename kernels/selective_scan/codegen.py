@@ -122,12 +122,9 @@ def decay_rate(n, mask="m_d"):
 
 
 def first_tile(lines, indent, name, expr):
-    """Emit `name = expr`, the first tile (or checkpoint chunk) of a program, whose multiples index time:
-    in 64 bits with WIDE_INDEX (step x time stride may pass 2^31), else in 32 (cheaper in the loops)."""
-    lines.append(f"{indent}if WIDE_INDEX:")
-    lines.append(f"{indent}    {name} = ({expr}).to(tl.int64)")
-    lines.append(f"{indent}else:")
-    lines.append(f"{indent}    {name} = {expr}")
+    """Emit `name = expr`, the first tile (or checkpoint chunk) of a program, whose multiples index time
+    (`triton_utils.time_index`: 64 bits with WIDE_INDEX)."""
+    lines.append(f"{indent}{name} = time_index({expr}, WIDE_INDEX)")
 
 
 def state_groups(names, ptr, stride, size=4):

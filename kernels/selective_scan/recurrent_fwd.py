@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .._launch import cdiv, launch, next_power_of_2, seq_idx_args, sm_count, wide_index
+from ..triton_utils import time_index
 from .chain import ChainTuning, chain_segments, segment_count
 from .codegen import (
     HEADER,
@@ -423,9 +424,7 @@ def _tile_copy_kernel(
     # B, C (batch, d_state, seqlen) -> BC (batch, n_tiles, 2, d_state, T), zeros past the end;
     # TILES tiles per program, both tensors in one launch.
     i_b = tl.program_id(0).to(tl.int64)
-    o_c = tl.program_id(1) * TILES + tl.arange(0, TILES)
-    if WIDE_INDEX:  # step x time stride may pass 2^31
-        o_c = o_c.to(tl.int64)
+    o_c = time_index(tl.program_id(1), WIDE_INDEX) * TILES + tl.arange(0, TILES)
     o_n = tl.arange(0, BLOCK_N)
     o_t = tl.arange(0, T)
     steps = o_c[:, None, None] * T + o_t[None, None, :]  # [tiles, states, steps]
