@@ -44,8 +44,10 @@ from .codegen import (
     first_tile,
     generated_kernel,
     keeps,
+    load_states,
     pack,
     program_ids,
+    store_states,
     time_vector,
     unpack,
 )
@@ -157,15 +159,16 @@ def _decays(lines, indent, T, rate):
         lines.append(f"{indent}e_{t} = tl.exp2(dt_{t} * {rate}) * keep_{t}")
 
 
-def _load_decay_rates(L, I, N):
-    for n in range(N):
-        L.append(f"{I}a_{n} = {decay_rate(n)}")
+def _load_decay_rates(L, I, N, tag):
+    """a_n, state n's A pre-scaled by log2(e), four states to a load (`load_states`)."""
+    convert = lambda t: f"log2_rate({t}.to(tl.float32), A_LOG)"  # noqa: E731
+    load_states(L, I, [f"a_{n}" for n in range(N)], "p_A_d", "s_A_n", "BLOCK_D", tag, convert=convert)
 
 
 def _adjoint_pass(L, I, T, N):
     """Pass 1 of a segmented backward: per state P = prod a_t and Q = sum_t (prod_{s<=t} a_s) dy_t C_t."""
     ns = range(N)
-    _load_decay_rates(L, I, N)
+    _load_decay_rates(L, I, N, "ap")
     for n in ns:
         L.append(f"{I}p_{n} = tl.full([BLOCK_D], 1.0, tl.float32)")
         L.append(f"{I}q_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
@@ -181,23 +184,20 @@ def _adjoint_pass(L, I, T, N):
             L.append(f"{J}p_{n} = p_{n} * e_{t}")
             L.append(f"{J}q_{n} += p_{n} * (dy_{t} * ct_{t})")
     L.append(f"{I}p_pq = p_PQ + (i_b * n_seg + i_s) * {2 * N} * d_inner + o_d  # (batch, n_seg, 2, N, d_inner)")
-    for n in ns:
-        L.append(f"{I}tl.store(p_pq + {n} * d_inner, p_{n}, mask=m_d)")
-        L.append(f"{I}tl.store(p_pq + {N + n} * d_inner, q_{n}, mask=m_d)")
+    store_states(L, I, [f"p_{n}" for n in ns], "p_pq", "d_inner", "BLOCK_D", "pp")
+    store_states(L, I, [f"q_{n}" for n in ns], f"(p_pq + {N} * d_inner)", "d_inner", "BLOCK_D", "pq")
 
 
 def _forward_phase(L, I, T, N):
     """Phase F: h from the chunk's checkpoint to its last tile, storing h at each tile's start."""
     ns = range(N)
-    _load_decay_rates(L, I, N)  # here, not live through phase R
+    _load_decay_rates(L, I, N, "af")  # here, not live through phase R
     L.append(f"{I}p_hc_c = p_hc + ((i_b * d_inner + o_d) * n_ckpt + i_k) * {N}")
-    for n in ns:
-        L.append(f"{I}h_{n} = tl.load(p_hc_c + {n}, mask=m_d, other=0.0)")
+    load_states(L, I, [f"h_{n}" for n in ns], "p_hc_c", "1", "BLOCK_D", "hc", convert=lambda t: t)
     L.append(f"{I}for i_c in range(k_first, k_last):")
     J = I + "    "
     L.append(f"{J}p_scr_t = p_scr_p + (i_c - k_first) * {N} * BLOCK_D")
-    for n in ns:
-        L.append(f"{J}tl.store(p_scr_t + {n} * BLOCK_D, h_{n})")
+    store_states(L, J, [f"h_{n}" for n in ns], "p_scr_t", "BLOCK_D", "BLOCK_D", "scr", mask=None)
     _tile_prologue(L, J, T, ("u", "dt"))
     L.append(f"{J}b_dtu = b_dt * raw_u.to(tl.float32)")
     unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
@@ -207,8 +207,7 @@ def _forward_phase(L, I, T, N):
         for t in range(T):
             L.append(f"{J}h_{n} = tl.exp2(dt_{t} * a_{n}) * keep_{t} * h_{n} + dtu_{t} * bt_{t}")
     L.append(f"{I}p_scr_t = p_scr_p + (k_last - k_first) * {N} * BLOCK_D")
-    for n in ns:
-        L.append(f"{I}tl.store(p_scr_t + {n} * BLOCK_D, h_{n})")
+    store_states(L, I, [f"h_{n}" for n in ns], "p_scr_t", "BLOCK_D", "BLOCK_D", "scrl", mask=None)
 
 
 def _reverse_phase(L, I, T, N):

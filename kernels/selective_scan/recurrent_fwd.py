@@ -46,14 +46,15 @@ from .codegen import (
     HEADER,
     ZERO,
     bf16_pair_layout,
-    decay_rate,
     delta_prologue,
     first_tile,
     generated_kernel,
     keeps,
+    load_states,
     pack,
     program_ids,
     reset_state,
+    store_states,
     time_vector,
     unpack,
 )
@@ -190,13 +191,12 @@ def _prologue(L, I, n_states, rows, first_state=None):
     ΣΔ accumulator ([rows] vectors) and this batch's B pointer."""
     at = f" + {first_state} * s_A_n" if first_state else ""
     L.append(f"{I}p_A_d = p_A + o_d * s_A_d{at}")
-    for k in range(n_states):  # A pre-scaled by log2(e): exp(ΔA) = exp2(Δ A log2 e)
-        L.append(f"{I}a_{k} = {decay_rate(k)}")
+    a = [f"a_{k}" for k in range(n_states)]  # A pre-scaled by log2(e): exp(ΔA) = exp2(Δ A log2 e)
+    load_states(L, I, a, "p_A_d", "s_A_n", rows, "a", convert=lambda t: f"log2_rate({t}.to(tl.float32), A_LOG)")
     L.append(f"{I}if USE_INITIAL_STATE:")
     lane = f" + {first_state}" if first_state else ""
     L.append(f"{I}    p_h0_d = p_h0 + i_b * s_h0_b + o_d * s_h0_d + i_s * s_h0_s{lane}")
-    for k in range(n_states):
-        L.append(f"{I}    h_{k} = tl.load(p_h0_d + {k}, mask=m_d, other=0.0).to(tl.float32)")
+    load_states(L, I + "    ", [f"h_{k}" for k in range(n_states)], "p_h0_d", "1", rows, "h0")
     L.append(f"{I}else:")
     for k in range(n_states):
         L.append(f"{I}    h_{k} = tl.zeros([{rows}], dtype=tl.float32)")
@@ -234,8 +234,7 @@ def _fwd_source(N, T):
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
     L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N}")
-    for n in ns:
-        L.append(f"{J}        tl.store(p_hc_d + {n}, h_{n}, mask=m_d)")
+    store_states(L, J + "        ", [f"h_{n}" for n in ns], "p_hc_d", "1", "BLOCK_D", "hc")
     L.append(f"{J}b_u = raw_u.to(tl.float32)")
     delta_prologue(L, J, "m_dt")
     L.append(f"{J}b_dtsum += tl.sum(b_dt, axis=1)")
@@ -265,8 +264,7 @@ def _fwd_source(N, T):
     L.append(f"{K}p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
     L.append(f"{K}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)")
     L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d * s_hT_d + i_s * s_hT_s")
-    for n in ns:
-        L.append(f"{I}tl.store(p_hT_d + {n}, h_{n}, mask=m_d)")
+    store_states(L, I, [f"h_{n}" for n in ns], "p_hT_d", "1", "BLOCK_D", "hT")
     L.append(f"{I}if STATES_ONLY:")
     L.append(f"{I}    tl.store(p_dtsum + (i_b * d_inner + o_d) * tl.num_programs(2) + i_s, b_dtsum, mask=m_d)")
     return HEADER + "\n".join(L) + "\n"
@@ -322,8 +320,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{J}if SAVE_CHUNK_STATES:")
     L.append(f"{J}    if i_c % CKPT_EVERY == 0:")
     L.append(f"{J}        p_hc_d = p_hc + (i_b * d_inner + o_d) * (n_ckpt * {N}) + (i_c // CKPT_EVERY) * {N} + o_n")
-    for k in ks:
-        L.append(f"{J}        tl.store(p_hc_d + {k}, h_{k}, mask=m_d)")
+    store_states(L, J + "        ", [f"h_{k}" for k in ks], "p_hc_d", "1", "R", "hc")
     row = "i_b * s_{0}_b + o_d[:, None] * s_{0}_d"
     L.append(f"{J}raw_u = tl.load(p_u + {row.format('u')} + o_tt[None, :] * s_u_l, mask=m_dt, other={ZERO})")
     L.append(f"{J}raw_dt = tl.load(p_delta + {row.format('dt')} + o_ts * s_dt_l, mask=m_ds, other={ZERO})")
@@ -384,8 +381,7 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{K2}p_od = p_out + {row.format('o')} + o_ts * s_o_l")
     L.append(f"{K2}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_ds)")
     L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d * s_hT_d + i_s * s_hT_s + o_n")
-    for k in ks:
-        L.append(f"{I}tl.store(p_hT_d + {k}, h_{k}, mask=m_d)")
+    store_states(L, I, [f"h_{k}" for k in ks], "p_hT_d", "1", "R", "hT")
     L.append(f"{I}if STATES_ONLY:")
     L.append(f"{I}    p_ds = p_dtsum + (i_b * d_inner + o_d) * tl.num_programs(2) + i_s")
     L.append(f"{I}    tl.store(p_ds, b_dtsum, mask=m_d & (o_g == 0))")
