@@ -38,6 +38,8 @@ modules without hooks (so LoRA and other wrappers take the module path), no cach
 torch.compile.
 """
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -120,11 +122,24 @@ def _as(grad, dtype):
 
 def _padding_bias(attention_mask, dtype):
     """Per step (batch * seqlen,): 0 at tokens, -inf at padding (attention_mask 0), in dtype; None
-    without a mask. Added to Δ before its softplus, it makes Δ exactly 0 at padding."""
+    without a mask. Added to Δ before its softplus, it makes Δ exactly 0 at padding.
+
+    Every layer of a forward asks for the same mask's bias: the last one is kept (the mask by weak
+    reference, with its version counter, so a mask changed in place or a new mask gets its own), which
+    saves each further layer three launches of host time."""
     if attention_mask is None:
         return None
+    key = (attention_mask._version, dtype)
+    last_mask, last_key, last_bias = _last_padding_bias
+    if last_mask is not None and last_mask() is attention_mask and last_key == key:
+        return last_bias
     pad = attention_mask.reshape(-1) == 0
-    return torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill_(pad, float("-inf"))
+    bias = torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill_(pad, float("-inf"))
+    _last_padding_bias[:] = [weakref.ref(attention_mask), key, bias]
+    return bias
+
+
+_last_padding_bias = [None, None, None]  # [weakref to the mask, (its version, dtype), the bias]
 
 
 def _compute_dtype(xz):

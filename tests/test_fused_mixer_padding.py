@@ -161,3 +161,19 @@ def test_padded_training_batch_runs_the_fused_mixer(variant, monkeypatch):
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
         assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < 1e-5, name
+
+
+def test_padding_bias_is_shared_by_layers_until_the_mask_changes():
+    """One mask, one dtype: the same bias tensor for every layer; a mask changed in place, another mask or another
+    dtype gets its own, with the right values."""
+    from hf_mamba.kernels.mamba_inner import _padding_bias
+
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    first = _padding_bias(mask, torch.float32)
+    assert _padding_bias(mask, torch.float32) is first
+    inf = float("-inf")
+    assert first.tolist() == [0.0, 0.0, inf, inf, 0.0, 0.0]
+    assert _padding_bias(mask, torch.bfloat16).dtype == torch.bfloat16
+    mask[0, 2] = 1  # in place: a new version
+    assert _padding_bias(mask, torch.float32).tolist() == [0.0, 0.0, 0.0, inf, 0.0, 0.0]
+    assert _padding_bias(mask.clone().fill_(0), torch.float32).tolist() == [inf] * 6
