@@ -34,7 +34,14 @@ def _hand_over_to_hugging_face_kernels():
 if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
     from .causal_conv1d import causal_conv1d, causal_conv1d_update
     from .mamba_inner import mamba_inner_triton
-    from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, weightless_rms_norm
+    from .rms_norm import (
+        add_rms_norm,
+        add_rms_norm_ref,
+        rms_norm,
+        rms_norm_ref,
+        weightless_rms_norm,
+        weightless_rms_norms,
+    )
     from .selective_scan import (
         BACKENDS,
         resolve_backend,
@@ -73,4 +80,5 @@ __all__ = [
     "selective_state_update",
     "selective_state_update_ref",
     "weightless_rms_norm",
+    "weightless_rms_norms",
 ]

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ._launch import compile_ahead, device_guard
-from .rms_norm import weightless_rms_norm
+from .rms_norm import weightless_rms_norms
 from .rms_norm.torch_rms_norm import rms_norm_input_grad
 from .selective_scan.reference import fp32_or_wider
 
@@ -93,8 +93,8 @@ def _in_proj_grads(ctx, needs, dxz, hidden, w_in):
 
 
 def _rms_normed(x_dbl, sizes, eps):
-    """Falcon Mamba's norms: each of x_proj's outputs (dt, B, C) normalised over its last dim."""
-    return [weightless_rms_norm(part, eps) for part in x_dbl.split(sizes, -1)]
+    """Falcon Mamba's norms: each of x_proj's outputs (dt, B, C) normalised over its last dim (one launch)."""
+    return weightless_rms_norms(x_dbl, sizes, eps, backend="triton")
 
 
 def _rms_norm_backward_(grad, x_dbl, sizes, eps):

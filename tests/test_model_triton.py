@@ -574,13 +574,16 @@ def test_fused_decode_step_equals_the_blocks(dtype, falcon, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
-def test_wide_mixers_step_through_the_modules(monkeypatch):
-    """Above FUSED_STEP_MAX_D_INNER the decode step runs the modules' kernels (faster there), with the same logits."""
+@pytest.mark.parametrize("falcon", [False, True], ids=["mamba", "falcon"])
+def test_wide_mixers_step_through_the_modules(falcon, monkeypatch):
+    """Above FUSED_STEP_MAX_D_INNER the decode step runs the modules' kernels (faster there; Falcon Mamba's norms
+    in one kernel), with the same logits."""
     import hf_mamba.block as block
 
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
     torch.manual_seed(0)
-    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, intermediate_size=72)
+    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, intermediate_size=72,
+                         mixer_rms_eps=1e-6 if falcon else None)
     model = MambaForCausalLM(config).to(DEVICE).eval()
     step_calls = []
     real_step = block.mamba_step_triton

@@ -40,6 +40,28 @@ def weightless_rms_norm(x, eps):
     return F.rms_norm(fp32_or_wider(x), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+def weightless_rms_norms(x, sizes, eps, backend=None):
+    """Falcon Mamba's norms on x_proj's output: x (..., sum(sizes)) split along its last dim into parts of `sizes`
+    (dt_rank, d_state, d_state), each normalised as `weightless_rms_norm` does. Returns the parts (views).
+
+    backend "triton": one kernel for three non-empty parts of a 16- or 32-bit x without gradients (the decode
+    step and the fused mixer's forward and backward, where PyTorch takes nine launches); otherwise, and on
+    "reference" / "torch" or None off CUDA, the PyTorch ops part by part (gradients flow through them).
+    """
+    check_tensors(x=x)
+    sizes = [int(size) for size in sizes]
+    if x.dim() == 0 or x.shape[-1] != sum(sizes):
+        raise ValueError(f"x must have a last dim of sum(sizes) = {sum(sizes)}, got shape {tuple(x.shape)}")
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if (len(sizes) == 3 and min(sizes) > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not needs_grad and not torch.compiler.is_compiling()
+            and resolve_backend(backend, x.device) == "triton"):
+        from .triton_rms_norm import weightless_rms_norms_triton
+
+        return weightless_rms_norms_triton(x, sizes, eps).split(sizes, -1)
+    return [weightless_rms_norm(part, eps) for part in x.split(sizes, -1)]
+
+
 def rms_norm(x, weight, eps, dtype, backend=None):
     """weight * rms_norm(x).to(dtype): the model's RMSNorm (Transformers' Mamba order) on x, an fp32 (or fp64)
     tensor holding values of `dtype`; (..., hidden_size) and weight (hidden_size,).
@@ -99,4 +121,6 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     return add_rms_norm_ref(residual, delta, weight, eps, out_dtype)
 
 
-__all__ = ["add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref", "weightless_rms_norm"]
+__all__ = [
+    "add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref", "weightless_rms_norm", "weightless_rms_norms",
+]

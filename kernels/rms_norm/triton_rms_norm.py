@@ -10,6 +10,7 @@ layer beyond the norm's own; a 24-layer model's training step is host-bound on l
   one launch forward and one (plus the weight gradient's sum) backward.
 - rms_norm_train: the norm alone (the first block's), the same kernels without the add.
 - add_rms_norm_triton, rms_norm_triton: the forwards without autograd, for inference and the decode step.
+- weightless_rms_norms_triton: Falcon Mamba's three weight-free norms on x_proj's output in one launch.
 
 The roundings are the model's (MambaRMSNorm, Transformers' Mamba order): the sum rounded to
 promote(residual, delta) (the residual stream's dtype, fp32 with residual_in_fp32), normalised from that
@@ -88,6 +89,25 @@ def _rms_norm_bwd_kernel(
                     tl.store(p_ddelta + i_row * s_ddelta + o_c, b_dx.to(p_ddelta.dtype.element_ty), mask=m_c)
             tl.store(p_dx + i_row * s_dx + o_c, b_dx.to(p_dx.dtype.element_ty), mask=m_c)
     tl.store(p_dw + i_prog * n_cols + o_c, b_dw, mask=m_c)
+
+
+@triton.jit
+def _three_norms_kernel(p_x, p_out, n_rows, n_cols, end0, end1, eps, s_x, s_out,
+                        BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK_R rows; columns [0, end0), [end0, end1), [end1, n_cols) each divided by their own rms, in fp32.
+    o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_c = tl.arange(0, BLOCK)
+    m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
+    b_x = tl.load(p_x + o_r[:, None] * s_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    b_sq = b_x * b_x
+    in0 = (o_c < end0)[None, :]
+    in1 = ((o_c >= end0) & (o_c < end1))[None, :]
+    in2 = (o_c >= end1)[None, :]  # masked columns past n_cols hold zeros
+    b_r0 = tl.rsqrt(tl.sum(tl.where(in0, b_sq, 0.0), 1) / end0 + eps)[:, None]
+    b_r1 = tl.rsqrt(tl.sum(tl.where(in1, b_sq, 0.0), 1) / (end1 - end0) + eps)[:, None]
+    b_r2 = tl.rsqrt(tl.sum(tl.where(in2, b_sq, 0.0), 1) / (n_cols - end1) + eps)[:, None]
+    b_out = b_x * tl.where(in0, b_r0, tl.where(in1, b_r1, b_r2))
+    tl.store(p_out + o_r[:, None] * s_out + o_c[None, :], b_out.to(p_out.dtype.element_ty), mask=m)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -216,6 +236,24 @@ def rms_norm_triton(x, weight, eps, dtype):
     return out.view_as(x)
 
 
+def weightless_rms_norms_triton(x, sizes, eps):
+    """x (..., sum(sizes)) with its three column groups `sizes` each divided by their rms, in fp32, rounded to
+    x's dtype; one launch (the PyTorch ops take three per group), no autograd. A new contiguous tensor."""
+    n_cols = x.shape[-1]
+    x2 = _rows(x, n_cols)
+    out = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    block = next_power_of_2(n_cols)
+    block_r = max(1, min(64, 4096 // block))  # rows per program: about 4K elements
+    if x2.shape[0]:
+        with device_guard(x2):
+            launch(
+                _three_norms_kernel, (cdiv(x2.shape[0], block_r),),
+                x2, out, x2.shape[0], n_cols, sizes[0], sizes[0] + sizes[1], float(eps), x2.stride(0), out.stride(0),
+                BLOCK_R=block_r, BLOCK=block,
+            )
+    return out.view_as(x)
+
+
 def add_rms_norm_train_triton(residual, delta, weight, eps, out_dtype=None):
     """Triton path of `hf_mamba.kernels.add_rms_norm` with autograd."""
     return _AddRMSNormTriton.apply(residual, delta, weight.contiguous(), float(eps), out_dtype or weight.dtype)
@@ -249,4 +287,7 @@ def add_rms_norm_triton(residual, delta, weight, eps, out_dtype=None):
     return _add_rms_norm(*args)  # eager: no custom-op dispatch on the host
 
 
-__all__ = ["add_rms_norm_train_triton", "add_rms_norm_triton", "rms_norm_train_triton", "rms_norm_triton"]
+__all__ = [
+    "add_rms_norm_train_triton", "add_rms_norm_triton", "rms_norm_train_triton", "rms_norm_triton",
+    "weightless_rms_norms_triton",
+]

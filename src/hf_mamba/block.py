@@ -24,7 +24,7 @@ from .kernels import (
     rms_norm,
     selective_scan,
     selective_state_update,
-    weightless_rms_norm,
+    weightless_rms_norms,
 )
 
 # The fused decode step (two launches per mixer) is faster than the modules' four up to this width; wider, its
@@ -140,12 +140,14 @@ class MambaMixer(nn.Module):
         )
         return out if self.fused_silu else self.act(out)
 
-    def _ssm_params(self, x):
+    def _ssm_params(self, x, backend):
         """Δ (before bias), B, C from the conv output x (batch, d_inner, seqlen)."""
         x_dbl = self.x_proj(_linear_input(self.x_proj, x.transpose(1, 2)))  # (batch, seqlen, dt_rank + 2 * d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        sizes = [self.dt_rank, self.d_state, self.d_state]
         if self.mixer_rms_eps is not None:  # Falcon Mamba, in the order of Transformers' FalconMambaMixer
-            dt, B, C = (weightless_rms_norm(t, self.mixer_rms_eps) for t in (dt, B, C))
+            dt, B, C = weightless_rms_norms(x_dbl, sizes, self.mixer_rms_eps, backend=backend)
+        else:
+            dt, B, C = torch.split(x_dbl, sizes, dim=-1)
         # Channels-last views, no copies: the CPU scan and the Triton forward read them as they are (the
         # Triton backward copies what it needs along time into temporaries).
         dt = self.dt_proj(dt).transpose(1, 2)  # (batch, d_inner, seqlen)
@@ -199,7 +201,7 @@ class MambaMixer(nn.Module):
         if mask is not None:
             x = x * mask
         # 3. Selective SSM: input-dependent Δ, B, C, then the scan (D skip and SiLU(z) gate inside)
-        dt, B, C = self._ssm_params(x)
+        dt, B, C = self._ssm_params(x, backend)
 
         dt_bias = fp32_or_wider(self.dt_proj.bias)
         if mask is not None:
@@ -276,7 +278,7 @@ class MambaMixer(nn.Module):
         )
         if not self.fused_silu:
             x = self.act(x)
-        dt, B, C = self._ssm_params(x[:, :, None])
+        dt, B, C = self._ssm_params(x[:, :, None], backend)
         y = selective_state_update(
             cache_params.ssm_states[self.layer_idx],
             x,

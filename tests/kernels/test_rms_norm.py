@@ -243,3 +243,41 @@ def test_add_rms_norm_reads_the_wide_residual(backend, nan_fill_empty):
     (normed.float().sum() + hidden.sum()).backward()
     for name, leaf in (("residual", residual), ("delta", delta), ("weight", weight)):
         assert torch.isfinite(leaf.grad).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "shape, sizes",
+    [((2, 1, 40), (8, 16, 16)), ((3, 70, 22), (6, 8, 8)), ((130, 77), (45, 16, 16))],
+    ids=["decode-step", "chunk", "rows-past-one-program"],
+)
+def test_weightless_rms_norms_one_launch_matches_the_norms_part_by_part(shape, sizes, dtype):
+    """Falcon Mamba's three norms in one kernel give weightless_rms_norm's values on each part (fp32 math, one
+    rounding to x's dtype), here on a strided x (a slice of a wider tensor, as from a fused projection)."""
+    from hf_mamba.kernels.rms_norm import weightless_rms_norm, weightless_rms_norms
+
+    torch.manual_seed(1)
+    wide = torch.randn(*shape[:-1], shape[-1] + 5, device=DEVICE) * 3
+    x = wide[..., : shape[-1]].to(dtype)
+    parts = weightless_rms_norms(x, sizes, 1e-6, backend="triton")
+    refs = [weightless_rms_norm(p, 1e-6) for p in x.split(sizes, -1)]
+    for part, ref in zip(parts, refs, strict=True):
+        assert part.dtype == dtype and part.shape == ref.shape
+        # fp32: the sums' order; 16-bit: at most one rounding step apart
+        tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(part, ref, **tol)
+
+
+def test_weightless_rms_norms_keeps_gradients_and_checks_sizes():
+    """With gradients wanted it takes the PyTorch ops (the kernel has no backward); sizes must cover the last dim."""
+    from hf_mamba.kernels.rms_norm import weightless_rms_norm, weightless_rms_norms
+
+    x = torch.randn(4, 12, device=DEVICE, requires_grad=True)
+    parts = weightless_rms_norms(x, (4, 4, 4), 1e-6, backend="triton")
+    assert all(p.grad_fn is not None for p in parts)
+    (grad,) = torch.autograd.grad(sum(p.sum() for p in parts), x)
+    x_ref = x.detach().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(sum(weightless_rms_norm(p, 1e-6).sum() for p in x_ref.split(4, -1)), x_ref)
+    torch.testing.assert_close(grad, grad_ref)
+    with pytest.raises(ValueError, match="sum\\(sizes\\) = 11"):
+        weightless_rms_norms(x.detach(), (4, 4, 3), 1e-6)
