@@ -99,6 +99,11 @@ def _rms_normed(x_dbl, sizes, eps):
 
 def _rms_norm_backward_(grad, x_dbl, sizes, eps):
     """In place: `grad` (rows, sum(sizes)) holds the gradient of the normed (dt, B, C); make it x_dbl's, in fp32."""
+    if min(sizes) > 0 and torch.float64 not in (grad.dtype, x_dbl.dtype):
+        from .rms_norm.triton_rms_norm import weightless_rms_norms_backward_triton_
+
+        weightless_rms_norms_backward_triton_(grad, x_dbl, sizes, eps)  # one launch
+        return
     for g_part, x_part in zip(grad.split(sizes, -1), x_dbl.split(sizes, -1), strict=True):
         x = fp32_or_wider(x_part)
         rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)

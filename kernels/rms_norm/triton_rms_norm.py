@@ -110,6 +110,34 @@ def _three_norms_kernel(p_x, p_out, n_rows, n_cols, end0, end1, eps, s_x, s_out,
     tl.store(p_out + o_r[:, None] * s_out + o_c[None, :], b_out.to(p_out.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _three_norms_bwd_kernel(p_x, p_g, n_rows, n_cols, end0, end1, eps, s_x, s_g,
+                            BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    # In place: g, the gradient of the three normalised column groups, becomes x's: rstd * (g - n * mean(g * n))
+    # per group, n = x * rstd, in fp32.
+    o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_c = tl.arange(0, BLOCK)
+    m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
+    b_x = tl.load(p_x + o_r[:, None] * s_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    p_g_t = p_g + o_r[:, None] * s_g + o_c[None, :]
+    b_g = tl.load(p_g_t, mask=m, other=0.0).to(tl.float32)
+    in0 = (o_c < end0)[None, :]
+    in1 = ((o_c >= end0) & (o_c < end1))[None, :]
+    in2 = (o_c >= end1)[None, :]
+    b_sq = b_x * b_x
+    b_r0 = tl.rsqrt(tl.sum(tl.where(in0, b_sq, 0.0), 1) / end0 + eps)[:, None]
+    b_r1 = tl.rsqrt(tl.sum(tl.where(in1, b_sq, 0.0), 1) / (end1 - end0) + eps)[:, None]
+    b_r2 = tl.rsqrt(tl.sum(tl.where(in2, b_sq, 0.0), 1) / (n_cols - end1) + eps)[:, None]
+    b_r = tl.where(in0, b_r0, tl.where(in1, b_r1, b_r2))
+    b_n = b_x * b_r
+    b_gn = b_g * b_n
+    b_m0 = (tl.sum(tl.where(in0, b_gn, 0.0), 1) / end0)[:, None]
+    b_m1 = (tl.sum(tl.where(in1, b_gn, 0.0), 1) / (end1 - end0))[:, None]
+    b_m2 = (tl.sum(tl.where(in2, b_gn, 0.0), 1) / (n_cols - end1))[:, None]
+    b_dx = b_r * (b_g - b_n * tl.where(in0, b_m0, tl.where(in1, b_m1, b_m2)))
+    tl.store(p_g_t, b_dx.to(p_g.dtype.element_ty), mask=m)
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -236,22 +264,35 @@ def rms_norm_triton(x, weight, eps, dtype):
     return out.view_as(x)
 
 
+def _three_norms_launch(kernel, x2, other2, sizes, eps):
+    """kernel over the rows of x2 and other2 (the output, or the gradient updated in place), about 4K elements
+    a program."""
+    n_rows, n_cols = x2.shape
+    block = next_power_of_2(n_cols)
+    block_r = max(1, min(64, 4096 // block))
+    if n_rows:
+        with device_guard(x2):
+            launch(
+                kernel, (cdiv(n_rows, block_r),),
+                x2, other2, n_rows, n_cols, sizes[0], sizes[0] + sizes[1], float(eps), x2.stride(0), other2.stride(0),
+                BLOCK_R=block_r, BLOCK=block,
+            )
+
+
 def weightless_rms_norms_triton(x, sizes, eps):
     """x (..., sum(sizes)) with its three column groups `sizes` each divided by their rms, in fp32, rounded to
     x's dtype; one launch (the PyTorch ops take three per group), no autograd. A new contiguous tensor."""
-    n_cols = x.shape[-1]
-    x2 = _rows(x, n_cols)
+    x2 = _rows(x, x.shape[-1])
     out = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    block = next_power_of_2(n_cols)
-    block_r = max(1, min(64, 4096 // block))  # rows per program: about 4K elements
-    if x2.shape[0]:
-        with device_guard(x2):
-            launch(
-                _three_norms_kernel, (cdiv(x2.shape[0], block_r),),
-                x2, out, x2.shape[0], n_cols, sizes[0], sizes[0] + sizes[1], float(eps), x2.stride(0), out.stride(0),
-                BLOCK_R=block_r, BLOCK=block,
-            )
+    _three_norms_launch(_three_norms_kernel, x2, out, sizes, eps)
     return out.view_as(x)
+
+
+def weightless_rms_norms_backward_triton_(grad, x, sizes, eps):
+    """In place: grad (rows, sum(sizes)), with unit column stride, the gradient of `weightless_rms_norms_triton`'s
+    output, becomes the gradient of its input x (rows, sum(sizes)); fp32 math, one launch."""
+    _three_norms_launch(_three_norms_bwd_kernel, _rows(x, x.shape[-1]), grad, sizes, eps)
+    return grad
 
 
 def add_rms_norm_train_triton(residual, delta, weight, eps, out_dtype=None):
@@ -289,5 +330,5 @@ def add_rms_norm_triton(residual, delta, weight, eps, out_dtype=None):
 
 __all__ = [
     "add_rms_norm_train_triton", "add_rms_norm_triton", "rms_norm_train_triton", "rms_norm_triton",
-    "weightless_rms_norms_triton",
+    "weightless_rms_norms_backward_triton_", "weightless_rms_norms_triton",
 ]

@@ -281,3 +281,22 @@ def test_weightless_rms_norms_keeps_gradients_and_checks_sizes():
     torch.testing.assert_close(grad, grad_ref)
     with pytest.raises(ValueError, match="sum\\(sizes\\) = 11"):
         weightless_rms_norms(x.detach(), (4, 4, 3), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weightless_rms_norms_backward_kernel_matches_autograd(dtype):
+    """The fused mixer's backward through Falcon Mamba's norms, in one launch in place, gives autograd's gradient of
+    the norms part by part (fp32 math in both; one rounding to the gradient's dtype)."""
+    from hf_mamba.kernels.rms_norm import weightless_rms_norm
+    from hf_mamba.kernels.rms_norm.triton_rms_norm import weightless_rms_norms_backward_triton_
+
+    torch.manual_seed(2)
+    sizes = (10, 16, 16)
+    x = (torch.randn(70, 42, device=DEVICE) * 2).to(dtype)
+    grad = torch.randn(70, 42, device=DEVICE).to(dtype)
+    x32 = x.float().requires_grad_()
+    normed = torch.cat([weightless_rms_norm(p, 1e-6) for p in x32.split(sizes, -1)], -1)
+    (expected,) = torch.autograd.grad(normed, x32, grad.float())
+    weightless_rms_norms_backward_triton_(grad, x, sizes, 1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad.float(), expected, **tol)
