@@ -251,6 +251,9 @@ def main():
     parser.add_argument("--padded", action="store_true",
                         help="also train hf_mamba on the same batch left-padded (attention_mask with zeros, a quarter "
                              "of the tokens on average; labels -100 there), beside its unpadded run")
+    parser.add_argument("--falcon", action="store_true",
+                        help="also train the same weights as a Falcon Mamba (its three norms in every mixer) and "
+                             "report what the norms cost")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
     parser.add_argument("--memory", action="store_true", help="training memory breakdown, then stop")
@@ -316,9 +319,15 @@ def main():
             )
         return
 
+    falcon = None
+    if args.falcon:  # the same weights with Falcon Mamba's norms (they have none of their own)
+        falcon = MambaForCausalLM(MambaConfig(**{**config.to_dict(), "mixer_rms_eps": 1e-6}))
+        falcon.load_state_dict(state_dict)
+
     rows = []
     ratios = []
     padded_ratios = []  # (tokens/s, peak) of the padded run over the unpadded one, per round
+    falcon_ratios = []  # tokens/s of the Falcon Mamba run over the plain one, per round
     # The step is bound by the host enqueueing kernels (docs/kernels.md, "Host time"), whose speed drifts during a
     # run: --rounds alternates hf_mamba and mamba_ssm and reports the ratio of each adjacent pair.
     for round_ in range(0 if args.no_train else args.rounds):
@@ -330,6 +339,12 @@ def main():
             )
             rows.append((f"hf_mamba (Triton), padded, round {round_ + 1}", padded_tps, padded_peak))
             padded_ratios.append((padded_tps / tps, padded_peak / peak))
+        if falcon is not None:
+            falcon_tps, falcon_peak = on_gpu_only_while(
+                falcon, lambda m: train_throughput("hf_mamba (Triton), Falcon Mamba", m, args, logits_hf)
+            )
+            rows.append((f"hf_mamba, Falcon Mamba, round {round_ + 1}", falcon_tps, falcon_peak))
+            falcon_ratios.append(falcon_tps / tps)
         if peer:
             peer_tps, peer_peak = on_gpu_only_while(
                 peer_model(args, state_dict, peer).cpu(),
@@ -356,9 +371,13 @@ def main():
         print("hf_mamba padded / unpadded per round, tokens/s and peak: "
               + ", ".join(f"{speed:.3f} / {memory:.3f}" for speed, memory in padded_ratios))
 
+    if falcon_ratios:
+        print("hf_mamba Falcon Mamba / plain tokens/s per round (the norms' cost is 1 - ratio): "
+              + ", ".join(f"{r:.3f}" for r in falcon_ratios))
+
     if args.no_decode:
         return
-    del ours
+    del ours, falcon
     builtin.cuda().eval()
     # from_pretrained keeps A_log, D and the Δ bias in fp32 (a plain .to(bfloat16) would not).
     ours_bf16 = MambaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()

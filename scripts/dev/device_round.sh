@@ -8,7 +8,8 @@
 #   TESTS="tests/kernels" bash scripts/dev/device_round.sh gpu_tests   # the whole suite takes > 9 min: split it
 #
 # Steps: tests (whole suite on the GPU), scan_now / scan_before (benchmark_kernels.py), model_now (our loss),
-# model_like (--loss-outside: both sides' cross-entropy on fp32 logits), model_before (this script, the old
+# model_like (--loss-outside: both sides' cross-entropy on fp32 logits), falcon_share (what Falcon Mamba's norms
+# cost the 130M training step), model_before (this script, the old
 # package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
 # long_context (LONG_FLAGS), precision (fp32/bf16/fp16, 1,000 steps), decode_profile (wall vs GPU time per
 # decoded token), prefill_profile (GPU time per kernel, PROFILE_FLAGS), induction (the paper's induction heads to 2^20).
@@ -79,6 +80,8 @@ for s in "$@"; do
         ${MODEL_FLAGS:-} ;;
     model_like) step model_like now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
         --loss-outside ;;
+    falcon_share) step falcon_share now "$here/scripts/benchmark_model.py" --skip-builtin-train --no-decode --falcon \
+        --rounds 2 ;;
     model_before) install_tree before; step model_before old "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
     large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
     prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
