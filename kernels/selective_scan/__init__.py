@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..checks import check_shapes, check_tensors
-from .reference import selective_scan_ref, selective_state_update_ref
+from .reference import fp32_or_wider, selective_scan_ref, selective_state_update_ref
 from .torch_scan import selective_scan_torch
 
 BACKENDS = ("reference", "torch", "triton")
@@ -101,6 +101,7 @@ def selective_scan(
     return_final_state=False,
     backend=None,
     seq_idx=None,
+    A_is_log=False,
 ):
     """Selective scan y = SSM(Ā, B̄, C)(u) with ZOH discretisation (Ā = exp(ΔA), B̄u = ΔBu).
 
@@ -116,21 +117,31 @@ def selective_scan(
         seq_idx: optional (batch, seqlen) integer document ids of packed sequences: where the id
             changes the state is reset to zero, so documents do not leak into each other
             (initial_state feeds the first document only). No gradient.
+        A_is_log: A holds A_log, A = -exp(A_log) (the model's parameter). Without gradients the Triton kernels
+            compute A themselves (no exp and negation launches); otherwise A is computed here first.
 
     Returns:
         y (batch, d_inner, seqlen) in u's dtype, or (y, final_state) with final_state fp32
         (batch, d_inner, d_state). Every float input gets a gradient.
     """
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
     name = resolve_backend(backend, u.device)
-    if name == "reference":
-        return selective_scan_ref(*args, seq_idx=seq_idx)
     # An empty sequence, batch, channel or state has nothing to scan: the PyTorch path returns the empty (or
     # skip-only, without a state) outputs and their gradients without launching kernels, whose tiles assume
     # at least one element along each dimension.
-    if name == "torch" or u.numel() == 0 or A.shape[1] == 0:
+    if name == "triton" and (u.numel() == 0 or A.shape[1] == 0):
+        name = "torch"
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if A_is_log and (name != "triton" or needs_grad or torch.compiler.is_compiling()):
+        A, A_is_log = -torch.exp(fp32_or_wider(A)), False
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
+    if name == "reference":
+        return selective_scan_ref(*args, seq_idx=seq_idx)
+    if name == "torch":
         return selective_scan_torch(*args, seq_idx=seq_idx)
+    if A_is_log:
+        return _triton_entries()[0](*args, seq_idx=seq_idx, A_is_log=True)
     return _triton_entries()[0](*args, seq_idx=seq_idx)
 
 

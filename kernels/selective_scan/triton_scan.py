@@ -297,14 +297,17 @@ class _SelectiveScanEager(torch.autograd.Function):
 
 def selective_scan_triton(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, seq_idx=None,
-    tuning=DEFAULT_TUNING,
+    tuning=DEFAULT_TUNING, A_is_log=False,
 ):
     """Triton selective scan; same semantics as `hf_mamba.kernels.selective_scan` (backend="triton").
 
     tuning: the kernels' launch choices (tests and sweeps pass their own; torch.compile traces the
-    custom ops, which take the defaults)."""
+    custom ops, which take the defaults). A_is_log (A holds A_log): without gradients only, outside
+    torch.compile (the custom ops take A)."""
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if A_is_log and (save_states or torch.compiler.is_compiling()):
+        raise ValueError("selective_scan_triton: A_is_log is for calls without gradients, outside torch.compile")
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, save_states, seq_idx)
     if torch.compiler.is_compiling():
         if tuning != DEFAULT_TUNING:
@@ -312,7 +315,9 @@ def selective_scan_triton(
         out, final_state, _ = selective_scan_fwd_op(*args)  # the op torch.compile / export trace through
     elif not save_states:  # nothing to differentiate: the autograd Function's apply would only cost host time
         with device_guard(u):
-            out, final_state, _ = scan_fwd(*args, need_final_state=return_final_state, tuning=tuning)
+            out, final_state, _ = scan_fwd(
+                *args, need_final_state=return_final_state, A_is_log=A_is_log, tuning=tuning
+            )
     else:
         out, final_state = _SelectiveScanEager.apply(*args, tuning)
     return (out, final_state) if return_final_state else out

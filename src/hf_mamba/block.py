@@ -190,7 +190,6 @@ class MambaMixer(nn.Module):
             )
         # 1. Gated MLP's linear projection: x for the SSM branch, z for the gate
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
-        A = self._A()
         # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))  # (batch, d_inner, seqlen) each
         mask = attention_mask[:, None, :].to(x.dtype) if attention_mask is not None else None
@@ -213,7 +212,7 @@ class MambaMixer(nn.Module):
         scan = selective_scan(
             x,
             dt,
-            A,
+            fp32_or_wider(self.A_log),  # A = -exp(A_log): in the kernels where nothing needs gradients
             B,
             C,
             D=fp32_or_wider(self.D),
@@ -224,6 +223,7 @@ class MambaMixer(nn.Module):
             return_final_state=cache_params is not None,
             backend=backend,
             seq_idx=seq_idx,
+            A_is_log=True,
         )
         if cache_params is not None:
             y, final_state = scan
@@ -234,9 +234,6 @@ class MambaMixer(nn.Module):
             y = y * self.act(z)
         # 4. Output projection
         return self.out_proj(_linear_input(self.out_proj, y.transpose(1, 2)))  # (batch, seqlen, hidden_size)
-
-    def _A(self):
-        return -torch.exp(fp32_or_wider(self.A_log))  # (d_inner, d_state), negative
 
     def _fused_inner_ok(self, path, cache_params):
         """Whether training can run the mixer after in_proj (and in_proj too, where it is a plain Linear)

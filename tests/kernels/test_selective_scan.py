@@ -237,3 +237,38 @@ def test_wide_index_kernels_match_reference(dtype, monkeypatch, nan_fill_empty):
     assert rel_err(outs[0], outs[1]) < TOL[dtype]
     for g, g_ref in zip(grads[0], grads[1], strict=True):
         assert rel_err(g, g_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_scan_takes_A_log(backend, grad):
+    """A_is_log: A holds A_log. The outputs, final state and gradients are those of A = -exp(A_log) passed as A
+    (without gradients the Triton kernels compute A themselves; with them, and on PyTorch, it is computed first)."""
+    torch.manual_seed(5)
+    batch, d_inner, seqlen, d_state = 2, 6, 40, 4
+    u, delta, z = (torch.randn(batch, d_inner, seqlen, device=DEVICE) for _ in range(3))
+    B, C = (torch.randn(batch, d_state, seqlen, device=DEVICE) for _ in range(2))
+    A_log = torch.log(torch.arange(1, d_state + 1, device=DEVICE, dtype=torch.float32)).repeat(d_inner, 1)
+    A_log = (A_log + 0.1 * torch.randn_like(A_log)).requires_grad_(grad)
+    kw = dict(D=torch.randn(d_inner, device=DEVICE), z=z, delta_bias=torch.randn(d_inner, device=DEVICE),
+              delta_softplus=True, return_final_state=True, backend=backend)
+    with torch.set_grad_enabled(grad):
+        y, state = selective_scan(u, delta, A_log, B, C, A_is_log=True, **kw)
+        y_ref, state_ref = selective_scan(u, delta, -torch.exp(A_log), B, C, **kw)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+    if grad:
+        dy = torch.randn_like(y)
+        (g,) = torch.autograd.grad(y, A_log, dy)
+        (g_ref,) = torch.autograd.grad(y_ref, A_log, dy)
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_triton_entry_rejects_A_log_with_gradients():
+    from hf_mamba.kernels.selective_scan.triton_scan import selective_scan_triton
+
+    u = torch.randn(1, 2, 8, device=DEVICE, requires_grad=True)
+    B = torch.randn(1, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="A_is_log is for calls without gradients"):
+        selective_scan_triton(u, u.detach(), torch.zeros(2, 3, device=DEVICE), B, B, None, None, None, True, None,
+                              False, A_is_log=True)
