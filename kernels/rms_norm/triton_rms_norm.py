@@ -92,21 +92,32 @@ def _rms_norm_bwd_kernel(
 
 
 @triton.jit
-def _three_norms_kernel(p_x, p_out, n_rows, n_cols, end0, end1, eps, s_x, s_out,
-                        BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
-    # BLOCK_R rows; columns [0, end0), [end0, end1), [end1, n_cols) each divided by their own rms, in fp32.
-    o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_c = tl.arange(0, BLOCK)
-    m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
-    b_x = tl.load(p_x + o_r[:, None] * s_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-    b_sq = b_x * b_x
+def _group_means(b, o_c, n_cols, end0, end1):
+    # Each element's group mean over its row, groups the columns [0, end0), [end0, end1), [end1, n_cols);
+    # b (rows, BLOCK), zero past n_cols.
     in0 = (o_c < end0)[None, :]
     in1 = ((o_c >= end0) & (o_c < end1))[None, :]
-    in2 = (o_c >= end1)[None, :]  # masked columns past n_cols hold zeros
-    b_r0 = tl.rsqrt(tl.sum(tl.where(in0, b_sq, 0.0), 1) / end0 + eps)[:, None]
-    b_r1 = tl.rsqrt(tl.sum(tl.where(in1, b_sq, 0.0), 1) / (end1 - end0) + eps)[:, None]
-    b_r2 = tl.rsqrt(tl.sum(tl.where(in2, b_sq, 0.0), 1) / (n_cols - end1) + eps)[:, None]
-    b_out = b_x * tl.where(in0, b_r0, tl.where(in1, b_r1, b_r2))
+    b_m0 = (tl.sum(tl.where(in0, b, 0.0), 1) / end0)[:, None]
+    b_m1 = (tl.sum(tl.where(in1, b, 0.0), 1) / (end1 - end0))[:, None]
+    b_m2 = (tl.sum(tl.where(o_c[None, :] >= end1, b, 0.0), 1) / (n_cols - end1))[:, None]
+    return tl.where(in0, b_m0, tl.where(in1, b_m1, b_m2))
+
+
+@triton.jit
+def _row_tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's BLOCK_R rows: their indices, the column indices and the in-bounds mask.
+    o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_c = tl.arange(0, BLOCK)
+    return o_r, o_c, (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
+
+
+@triton.jit
+def _three_norms_kernel(p_x, p_out, n_rows, n_cols, end0, end1, eps, s_x, s_out,
+                        BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK_R rows; each column group (_group_means') divided by its rms, in fp32.
+    o_r, o_c, m = _row_tile(n_rows, n_cols, BLOCK_R, BLOCK)
+    b_x = tl.load(p_x + o_r[:, None] * s_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    b_out = b_x * tl.rsqrt(_group_means(b_x * b_x, o_c, n_cols, end0, end1) + eps)
     tl.store(p_out + o_r[:, None] * s_out + o_c[None, :], b_out.to(p_out.dtype.element_ty), mask=m)
 
 
@@ -115,26 +126,13 @@ def _three_norms_bwd_kernel(p_x, p_g, n_rows, n_cols, end0, end1, eps, s_x, s_g,
                             BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     # In place: g, the gradient of the three normalised column groups, becomes x's: rstd * (g - n * mean(g * n))
     # per group, n = x * rstd, in fp32.
-    o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_c = tl.arange(0, BLOCK)
-    m = (o_r < n_rows)[:, None] & (o_c < n_cols)[None, :]
+    o_r, o_c, m = _row_tile(n_rows, n_cols, BLOCK_R, BLOCK)
     b_x = tl.load(p_x + o_r[:, None] * s_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
     p_g_t = p_g + o_r[:, None] * s_g + o_c[None, :]
     b_g = tl.load(p_g_t, mask=m, other=0.0).to(tl.float32)
-    in0 = (o_c < end0)[None, :]
-    in1 = ((o_c >= end0) & (o_c < end1))[None, :]
-    in2 = (o_c >= end1)[None, :]
-    b_sq = b_x * b_x
-    b_r0 = tl.rsqrt(tl.sum(tl.where(in0, b_sq, 0.0), 1) / end0 + eps)[:, None]
-    b_r1 = tl.rsqrt(tl.sum(tl.where(in1, b_sq, 0.0), 1) / (end1 - end0) + eps)[:, None]
-    b_r2 = tl.rsqrt(tl.sum(tl.where(in2, b_sq, 0.0), 1) / (n_cols - end1) + eps)[:, None]
-    b_r = tl.where(in0, b_r0, tl.where(in1, b_r1, b_r2))
-    b_n = b_x * b_r
-    b_gn = b_g * b_n
-    b_m0 = (tl.sum(tl.where(in0, b_gn, 0.0), 1) / end0)[:, None]
-    b_m1 = (tl.sum(tl.where(in1, b_gn, 0.0), 1) / (end1 - end0))[:, None]
-    b_m2 = (tl.sum(tl.where(in2, b_gn, 0.0), 1) / (n_cols - end1))[:, None]
-    b_dx = b_r * (b_g - b_n * tl.where(in0, b_m0, tl.where(in1, b_m1, b_m2)))
+    b_rstd = tl.rsqrt(_group_means(b_x * b_x, o_c, n_cols, end0, end1) + eps)
+    b_n = b_x * b_rstd
+    b_dx = b_rstd * (b_g - b_n * _group_means(b_g * b_n, o_c, n_cols, end0, end1))
     tl.store(p_g_t, b_dx.to(p_g.dtype.element_ty), mask=m)
 
 
