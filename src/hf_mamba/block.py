@@ -118,15 +118,7 @@ class MambaMixer(nn.Module):
         """Causal conv over a whole chunk, continuing from (and refreshing) the cached conv state."""
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         activation = "silu" if self.fused_silu else None
-        # Copy: the cached window is overwritten in place just below.
-        previous = cache_params.conv_states[self.layer_idx].clone() if continuing else None
-        if cache_params is not None:  # the new window: the last d_conv inputs, zeros or the old window before
-            tail = x[:, :, -self.d_conv :]
-            if previous is None:
-                window = F.pad(tail, (self.d_conv - tail.shape[-1], 0))
-            else:
-                window = torch.cat([previous.to(x.dtype), tail], dim=-1)[:, :, -self.d_conv :]
-            cache_params.update_conv_state(window, self.layer_idx)
+        previous = cache_params.conv_states[self.layer_idx] if continuing else None
         initial = previous[:, :, 1:] if previous is not None else None  # (batch, d_inner, d_conv - 1)
         out = causal_conv1d(
             x,
@@ -138,6 +130,13 @@ class MambaMixer(nn.Module):
             backend=backend,
             channels_last_out=True,  # x_proj reads it as (batch, seqlen, d_inner) without a copy
         )
+        if cache_params is not None:  # the new window, after the conv read the old: the last d_conv inputs
+            tail = x[:, :, -self.d_conv :]
+            if previous is None:
+                window = F.pad(tail, (self.d_conv - tail.shape[-1], 0))
+            else:  # a new tensor (cat) before the copy into the old window's storage
+                window = torch.cat([previous.to(x.dtype), tail], dim=-1)[:, :, -self.d_conv :]
+            cache_params.update_conv_state(window, self.layer_idx)
         return out if self.fused_silu else self.act(out)
 
     def _ssm_params(self, x, backend):
