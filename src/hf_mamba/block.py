@@ -132,8 +132,8 @@ class MambaMixer(nn.Module):
         )
         if cache_params is not None:  # the new window, after the conv read the old: the last d_conv inputs
             tail = x[:, :, -self.d_conv :]
-            if previous is None:
-                window = F.pad(tail, (self.d_conv - tail.shape[-1], 0))
+            if previous is None:  # zeros before the first input (a chunk shorter than the window)
+                window = F.pad(tail, (self.d_conv - tail.shape[-1], 0)) if tail.shape[-1] < self.d_conv else tail
             else:  # a new tensor (cat) before the copy into the old window's storage
                 window = torch.cat([previous.to(x.dtype), tail], dim=-1)[:, :, -self.d_conv :]
             cache_params.update_conv_state(window, self.layer_idx)
