@@ -28,9 +28,10 @@ from .kernels import (
 )
 
 # The fused decode step (two launches per mixer) is faster than the modules' four up to this width; wider, its
-# programs per layer are too few to read x_proj's and dt_proj's weights as fast as cuBLAS does (H100, bf16,
-# generate() tokens/s fused / modules at batch 1 and 16: d_inner 1536 1.10 / 1.04, 2048 1.14 / 1.03, 3072
-# 0.96 / 0.83, 4096 0.93 / 0.79 and 0.91 / 0.77, 8192 0.99 / 0.58; docs/kernels.md).
+# first kernel reads x_proj's weight once per batch row and every program of its second kernel adds up all the
+# blocks' partial sums (H100, bf16, generate() tokens/s fused / modules at batch 1 and 16: d_inner 1536
+# 1.10 / 1.04, 2048 1.14 / 1.03, 3072 0.96 / 0.83, 4096 0.93 / 0.79 and 0.91 / 0.77, 8192 0.99 / 0.58;
+# docs/kernels.md).
 FUSED_STEP_MAX_D_INNER = 2048
 
 
