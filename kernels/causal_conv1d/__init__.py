@@ -20,8 +20,7 @@ def causal_conv1d(
     seq_idx: optional (batch, seqlen) document ids of packed sequences; inputs of another document
     count as zeros, so each document is convolved as if it started the sequence.
     backend: "reference" / "torch" (PyTorch ops), "triton" (fused kernel), or None: Triton on CUDA,
-    else PyTorch. With an initial_state the kernel convolves from zeros and the first d_conv - 1 outputs,
-    the only ones that read the initial state, are recomputed from it (fp32, as the kernel adds up).
+    else PyTorch.
     channels_last_out: a layout hint for the Triton kernel: write the output as a (batch, d_inner,
     seqlen) view of a (batch, seqlen, d_inner) tensor, the layout a following nn.Linear over the
     channels reads without a copy. The PyTorch path returns its own layout (on CPU the copy cost
@@ -53,14 +52,9 @@ def causal_conv1d(
     if name == "triton":
         from .triton_conv import causal_conv1d_triton
 
-        out = causal_conv1d_triton(x, weight, bias, activation, seq_idx, channels_last_out)
-        if initial_state is not None:
-            head = min(weight.shape[1] - 1, seqlen)
-            exact = _conv_head(x[..., :head], weight, bias, activation, initial_state).to(out.dtype)
-            if out.requires_grad:  # a new tensor: autograd forbids writing into a view the kernel's Function made
-                return torch.cat([exact, out[..., head:]], dim=-1)
-            out[..., :head] = exact
-        return out
+        return causal_conv1d_triton(
+            x, weight, bias, activation, seq_idx, channels_last_out, initial_state=initial_state
+        )
     return _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx)
 
 
@@ -75,16 +69,6 @@ def _causal_conv1d_torch(x, weight, bias, activation, initial_state, seq_idx):
     out = F.conv1d(
         x_ext, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None, groups=d_inner
     )
-    return F.silu(out) if activation is not None else out
-
-
-def _conv_head(x_head, weight, bias, activation, initial_state):
-    """The outputs at x_head's steps (the first d_conv - 1 or fewer), which read initial_state: products
-    summed in fp32 (not F.conv1d, which cuDNN may run in TF32)."""
-    window = torch.cat([initial_state.float(), x_head.float()], dim=-1).unfold(-1, weight.shape[1], 1)
-    out = (window * weight.float()[:, None, :]).sum(-1)  # (batch, d_inner, head)
-    if bias is not None:
-        out = out + bias.float()[:, None]
     return F.silu(out) if activation is not None else out
 
 

@@ -9,6 +9,7 @@ copy. The backward recomputes the pre-activation where it needs SiLU's derivativ
 it, writes dx in x's layout, and writes the weight and bias gradients as per-program partial sums
 that the host adds up (no atomics, deterministic).
 With seq_idx, a tap that would read another document counts as zero, as in the PyTorch path.
+With an initial state (a cache's window, inference), the taps before step 0 read it instead of zeros.
 With a padding mask (batch, seqlen) (0 at padding, as the model's attention_mask), padded inputs count
 as zero and padded outputs are zero: the model's x * mask before the conv and out * mask after it,
 read in the kernels instead of two elementwise passes (and their gradients in the backward).
@@ -17,6 +18,7 @@ read in the kernels instead of two elementwise passes (and their gradients in th
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -36,10 +38,11 @@ DEFAULT_TUNING = ConvTuning()
 
 
 @triton.jit
-def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t, p_pm_b, s_pm_l,
-             HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_PAD_MASK: tl.constexpr, K: tl.constexpr,
-             BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    # Pre-activation at steps o_t, (BLOCK_D, BLOCK_L) fp32.
+def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t, p_pm_b, s_pm_l, p_init_row,
+             s_init_l, HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_PAD_MASK: tl.constexpr,
+             HAS_INIT: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    # Pre-activation at steps o_t, (BLOCK_D, BLOCK_L) fp32. HAS_INIT: the K - 1 inputs before step 0 come from
+    # the initial state's columns (p_init_row: this block's channels), not zeros.
     b_acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     for k in tl.static_range(K):
         o_src = o_t - (K - 1 - k)
@@ -50,8 +53,12 @@ def _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si
         if HAS_PAD_MASK:  # a padded input counts as zero
             m_src = m_src & _kept(p_pm_b, s_pm_l, o_src, m_src)
         b_x = tl.load(p_row + o_src[None, :] * s_x_l, mask=m_d[:, None] & m_src[None, :], other=0.0)
-        b_w = tl.load(p_w_d + k, mask=m_d, other=0.0).to(tl.float32)
         b_x = b_x.to(tl.float32)
+        if HAS_INIT:  # steps before 0: the initial state's column K - 1 + o_src
+            m_init = (o_src < 0) & (o_src >= 1 - K)
+            b_x += tl.load(p_init_row + (K - 1 + o_src)[None, :] * s_init_l, mask=m_d[:, None] & m_init[None, :],
+                           other=0.0).to(tl.float32)
+        b_w = tl.load(p_w_d + k, mask=m_d, other=0.0).to(tl.float32)
         b_acc += b_w[:, None] * b_x
     if HAS_BIAS:
         b_acc += b_bias[:, None]
@@ -79,10 +86,10 @@ def _row_inputs(p_si_b, p_bias, o_t, m_t, o_d, m_d, s_si_l, HAS_SEQ_IDX: tl.cons
 
 @triton.jit
 def _conv_fwd_kernel(
-    p_x, p_w, p_bias, p_out, p_seq_idx, p_pad_mask, d_inner, seqlen, s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l,
-    s_si_b, s_si_l, s_pm_b, s_pm_l,
+    p_x, p_w, p_bias, p_out, p_seq_idx, p_pad_mask, p_init, d_inner, seqlen, s_x_b, s_x_d, s_x_l, s_o_b, s_o_d, s_o_l,
+    s_si_b, s_si_l, s_pm_b, s_pm_l, s_init_b, s_init_d, s_init_l,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_PAD_MASK: tl.constexpr,
-    K: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    HAS_INIT: tl.constexpr, K: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
@@ -97,9 +104,13 @@ def _conv_fwd_kernel(
     p_pm_b = p_pad_mask  # this batch row's padding mask (None without one)
     if HAS_PAD_MASK:
         p_pm_b += i_b * s_pm_b
+    p_init_row = p_init  # this block's channels of the initial state (None without one)
+    if HAS_INIT:
+        p_init_row += i_b * s_init_b + o_d[:, None] * s_init_d
     b_si_t, b_bias = _row_inputs(p_si_b, p_bias, o_t, m_t, o_d, m_d, s_si_l, HAS_SEQ_IDX, HAS_BIAS)
     b_pre = _conv_at(p_row, s_x_l, p_w + o_d * K, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
-                     p_pm_b, s_pm_l, HAS_BIAS, HAS_SEQ_IDX, HAS_PAD_MASK, K, BLOCK_D, BLOCK_L)
+                     p_pm_b, s_pm_l, p_init_row, s_init_l, HAS_BIAS, HAS_SEQ_IDX, HAS_PAD_MASK, HAS_INIT, K,
+                     BLOCK_D, BLOCK_L)
     b_out = b_pre
     if SILU:
         b_out = b_pre * tl.sigmoid(b_pre)
@@ -146,7 +157,8 @@ def _conv_bwd_kernel(
         b_dpre = b_dpre.to(tl.float32)
         if SILU:
             b_pre = _conv_at(p_row, s_x_l, p_w_d, b_bias, o_t, m_d, seqlen, p_si_b, s_si_l, b_si_t,
-                             p_pm_b, s_pm_l, HAS_BIAS, HAS_SEQ_IDX, HAS_PAD_MASK, K, BLOCK_D, BLOCK_L)
+                             p_pm_b, s_pm_l, p_row, 0, HAS_BIAS, HAS_SEQ_IDX, HAS_PAD_MASK, False, K, BLOCK_D,
+                             BLOCK_L)
             b_sig = tl.sigmoid(b_pre)
             b_dpre = b_dpre * b_sig * (1.0 + b_pre * (1.0 - b_sig))
         if HAS_PAD_MASK:  # a padded output is zero: no gradient reaches its pre-activation
@@ -196,22 +208,25 @@ def _is_channels_last(x):
     return x.stride(1) == 1 and x.shape[2] > 1
 
 
-def conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None, tuning=DEFAULT_TUNING, pad_mask=None):
+def conv_fwd(x, weight, bias, seq_idx, silu, channels_last, out=None, tuning=DEFAULT_TUNING, pad_mask=None,
+             initial_state=None):
     """The conv's output (batch, d_inner, seqlen), written into `out` when given (any strides), else a
     new tensor, channels-last or in x's dimension order. x: time or channels of stride 1; weight:
-    contiguous (d_inner, d_conv). pad_mask: optional (batch, seqlen), 0 at padding (module docstring)."""
+    contiguous (d_inner, d_conv). pad_mask: optional (batch, seqlen), 0 at padding (module docstring).
+    initial_state: optional (batch, d_inner, d_conv - 1), the inputs before x (no gradient flows to it here)."""
     if out is None:
         out = _empty_out(x, channels_last)
     si, s_si_b, s_si_l = seq_idx_args(seq_idx)
     pm, s_pm_b, s_pm_l = seq_idx_args(pad_mask)  # a (batch, seqlen) tensor too
+    init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
     with device_guard(x):
         launch(
             _conv_fwd_kernel, _grid(x, tuning),
-            x, weight, bias, out, si, pm, x.shape[1], x.shape[2], *x.stride(), *out.stride(), s_si_b, s_si_l,
-            s_pm_b, s_pm_l,
+            x, weight, bias, out, si, pm, initial_state, x.shape[1], x.shape[2], *x.stride(), *out.stride(),
+            s_si_b, s_si_l, s_pm_b, s_pm_l, *init_strides,
             HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ_IDX=seq_idx is not None,
-            HAS_PAD_MASK=pad_mask is not None, K=weight.shape[1], WIDE_INDEX=wide_index(x.shape[2], x, out),
-            BLOCK_D=tuning.block_d, BLOCK_L=tuning.block_l,
+            HAS_PAD_MASK=pad_mask is not None, HAS_INIT=initial_state is not None, K=weight.shape[1],
+            WIDE_INDEX=wide_index(x.shape[2], x, out), BLOCK_D=tuning.block_d, BLOCK_L=tuning.block_l,
         )
     return out
 
@@ -315,16 +330,44 @@ class _CausalConv1dEager(torch.autograd.Function):
 
 
 def causal_conv1d_triton(
-    x, weight, bias=None, activation=None, seq_idx=None, channels_last_out=False, tuning=DEFAULT_TUNING
+    x, weight, bias=None, activation=None, seq_idx=None, channels_last_out=False, tuning=DEFAULT_TUNING,
+    initial_state=None,
 ):
-    """Triton causal conv1d (no initial state); weight (d_inner, d_conv). Output in x's dtype.
-    tuning: tests pass their own; torch.compile traces the custom ops, which take the defaults."""
+    """Triton causal conv1d; weight (d_inner, d_conv). Output in x's dtype.
+    tuning: tests pass their own; torch.compile traces the custom ops, which take the defaults.
+    initial_state (batch, d_inner, d_conv - 1), the inputs before x: read by the kernel where nothing needs
+    gradients; otherwise the kernel convolves from zeros and the first d_conv - 1 outputs, the only ones that
+    read the initial state, are recomputed from it with PyTorch ops (fp32, as the kernel adds up)."""
+    if seq_idx is not None and initial_state is not None:
+        raise ValueError("causal_conv1d takes seq_idx or initial_state, not both")
     if x.stride(-1) != 1 and x.stride(1) != 1:
         x = x.contiguous()  # read along time or across channels; anything else is copied first
-    args = (x, weight.contiguous(), bias, seq_idx, activation is not None, channels_last_out)
+    weight = weight.contiguous()
+    silu = activation is not None
+    tensors = (x, weight, bias, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if initial_state is not None and not needs_grad and not torch.compiler.is_compiling():
+        return conv_fwd(x, weight, bias, seq_idx, silu, channels_last_out, tuning=tuning, initial_state=initial_state)
+    args = (x, weight, bias, seq_idx, silu, channels_last_out)
     if torch.compiler.is_compiling():
-        return causal_conv1d_fwd_op(*args)  # the op torch.compile / export trace through
-    return _CausalConv1dEager.apply(*args, tuning)
+        out = causal_conv1d_fwd_op(*args)  # the op torch.compile / export trace through
+    else:
+        out = _CausalConv1dEager.apply(*args, tuning)
+    if initial_state is None:
+        return out
+    head = min(weight.shape[1] - 1, x.shape[-1])
+    exact = _conv_head(x[..., :head], weight, bias, silu, initial_state).to(out.dtype)
+    return torch.cat([exact, out[..., head:]], dim=-1)  # autograd forbids writing into the Function's view
+
+
+def _conv_head(x_head, weight, bias, silu, initial_state):
+    """The outputs at x_head's steps (the first d_conv - 1 or fewer), which read initial_state: products
+    summed in fp32 (not F.conv1d, which cuDNN may run in TF32)."""
+    window = torch.cat([initial_state.float(), x_head.float()], dim=-1).unfold(-1, weight.shape[1], 1)
+    out = (window * weight.float()[:, None, :]).sum(-1)  # (batch, d_inner, head)
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    return F.silu(out) if silu else out
 
 
 __all__ = ["ConvTuning", "causal_conv1d_triton", "conv_bwd", "conv_fwd"]
