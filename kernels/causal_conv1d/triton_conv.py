@@ -344,9 +344,9 @@ def causal_conv1d_triton(
         x = x.contiguous()  # read along time or across channels; anything else is copied first
     weight = weight.contiguous()
     silu = activation is not None
-    tensors = (x, weight, bias, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if initial_state is not None and not needs_grad and not torch.compiler.is_compiling():
+    if initial_state is not None and not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))
+    ):
         return conv_fwd(x, weight, bias, seq_idx, silu, channels_last_out, tuning=tuning, initial_state=initial_state)
     args = (x, weight, bias, seq_idx, silu, channels_last_out)
     if torch.compiler.is_compiling():

@@ -132,17 +132,18 @@ def selective_scan(
     if name == "triton" and (u.numel() == 0 or A.shape[1] == 0):
         name = "torch"
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if A_is_log and (name != "triton" or needs_grad or torch.compiler.is_compiling()):
+    if A_is_log and (
+        name != "triton"
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    ):
         A, A_is_log = -torch.exp(fp32_or_wider(A)), False
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
     if name == "reference":
         return selective_scan_ref(*args, seq_idx=seq_idx)
     if name == "torch":
         return selective_scan_torch(*args, seq_idx=seq_idx)
-    if A_is_log:
-        return _triton_entries()[0](*args, seq_idx=seq_idx, A_is_log=True)
-    return _triton_entries()[0](*args, seq_idx=seq_idx)
+    return _triton_entries()[0](*args, seq_idx=seq_idx, A_is_log=A_is_log)
 
 
 def selective_state_update(
