@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ._launch import compile_ahead, device_guard
-from .rms_norm import weightless_rms_norms
-from .rms_norm.torch_rms_norm import rms_norm_input_grad
+from .rms_norm import weightless_rms_norms, weightless_rms_norms_backward_
 from .selective_scan.reference import fp32_or_wider
 
 # The inputs of `_MambaInner`, in order: its backward returns their gradients by these names.
@@ -95,19 +94,6 @@ def _in_proj_grads(ctx, needs, dxz, hidden, w_in):
 def _rms_normed(x_dbl, sizes, eps):
     """Falcon Mamba's norms: each of x_proj's outputs (dt, B, C) normalised over its last dim (one launch)."""
     return weightless_rms_norms(x_dbl, sizes, eps, backend="triton")
-
-
-def _rms_norm_backward_(grad, x_dbl, sizes, eps):
-    """In place: `grad` (rows, sum(sizes)) holds the gradient of the normed (dt, B, C); make it x_dbl's, in fp32."""
-    if min(sizes) > 0 and torch.float64 not in (grad.dtype, x_dbl.dtype):
-        from .rms_norm.triton_rms_norm import weightless_rms_norms_backward_triton_
-
-        weightless_rms_norms_backward_triton_(grad, x_dbl, sizes, eps)  # one launch
-        return
-    for g_part, x_part in zip(grad.split(sizes, -1), x_dbl.split(sizes, -1), strict=True):
-        x = fp32_or_wider(x_part)
-        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-        g_part.copy_(rms_norm_input_grad(fp32_or_wider(g_part), x * rstd, rstd))
 
 
 def _rows(t):
@@ -263,7 +249,7 @@ class _MambaInner(torch.autograd.Function):
             ddelta = _rows(scan.ddelta)
             torch.mm(ddelta.t(), w_dt, out=dx_dbl[:, :dt_rank])
             if ctx.mixer_rms_eps is not None:  # through the norms, to x_proj's output
-                _rms_norm_backward_(dx_dbl, x_dbl.view(rows, -1), sizes, ctx.mixer_rms_eps)
+                weightless_rms_norms_backward_(dx_dbl, x_dbl.view(rows, -1), sizes, ctx.mixer_rms_eps, "triton")
             # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
             # in_proj only).
             needs = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..checks import check_tensors
 from ..selective_scan import resolve_backend
 from ..selective_scan.reference import fp32_or_wider
+from .torch_rms_norm import rms_norm_input_grad
 
 
 def add_rms_norm_ref(residual, delta, weight, eps, out_dtype=None):
@@ -53,13 +54,34 @@ def weightless_rms_norms(x, sizes, eps, backend=None):
     if x.dim() == 0 or x.shape[-1] != sum(sizes):
         raise ValueError(f"x must have a last dim of sum(sizes) = {sum(sizes)}, got shape {tuple(x.shape)}")
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if (len(sizes) == 3 and min(sizes) > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and not needs_grad and not torch.compiler.is_compiling()
-            and resolve_backend(backend, x.device) == "triton"):
+    if not needs_grad and not torch.compiler.is_compiling() and _one_launch(backend, sizes, x):
         from .triton_rms_norm import weightless_rms_norms_triton
 
         return weightless_rms_norms_triton(x, sizes, eps).split(sizes, -1)
     return [weightless_rms_norm(part, eps) for part in x.split(sizes, -1)]
+
+
+def weightless_rms_norms_backward_(grad, x, sizes, eps, backend=None):
+    """In place: grad (rows, sum(sizes)), the gradient of `weightless_rms_norms`' parts side by side, becomes
+    the gradient of x (rows, sum(sizes)), computed in fp32. One kernel where the forward's takes one."""
+    if _one_launch(backend, sizes, x, grad):
+        from .triton_rms_norm import weightless_rms_norms_backward_triton_
+
+        weightless_rms_norms_backward_triton_(grad, x, sizes, eps)
+        return
+    for g_part, x_part in zip(grad.split(sizes, -1), x.split(sizes, -1), strict=True):
+        x32 = fp32_or_wider(x_part)
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        g_part.copy_(rms_norm_input_grad(fp32_or_wider(g_part), x32 * rstd, rstd))
+
+
+def _one_launch(backend, sizes, *tensors):
+    """Whether the three-norms kernels take these: three non-empty parts, 16- or 32-bit tensors, Triton."""
+    return (
+        len(sizes) == 3 and min(sizes) > 0
+        and all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
+        and resolve_backend(backend, tensors[0].device) == "triton"
+    )
 
 
 def rms_norm(x, weight, eps, dtype, backend=None):
@@ -123,4 +145,5 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
 
 __all__ = [
     "add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref", "weightless_rms_norm", "weightless_rms_norms",
+    "weightless_rms_norms_backward_",
 ]
