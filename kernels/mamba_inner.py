@@ -33,9 +33,10 @@ to Δ in the forward, and the bias of the matmul that recomputes Δ in the backw
 at padding y = 0 anyway (C = 0 and u = 0 there), so the output there is out_proj's bias, as the
 modules give. Combined with seq_idx (packed documents, padded rows) both apply, as in the modules.
 
-The model uses this only where it computes exactly what the modules would: plain Linear/Conv1d
-modules without hooks (so LoRA and other wrappers take the module path), no cache, not under
-torch.compile.
+The model uses this only where it computes exactly what the modules would: a plain Conv1d, and x_proj and
+dt_proj weights it can read (the modules' own, a 4-bit base's dequantized, or with vanilla LoRA adapters merged
+in: `hf_mamba.fast_path.fused_weight`); in_proj and out_proj run inside where they are plain Linears, else as
+modules around it (with out_proj_weight None this returns out_proj's input). No cache, not under torch.compile.
 """
 
 import weakref
@@ -107,6 +108,10 @@ def _by_channel(m, batch):
     return m.view(m.shape[0], batch, -1).transpose(0, 1)
 
 
+def _dtype(t):
+    return t.dtype if t is not None else None
+
+
 def _as(grad, dtype):
     return grad.to(dtype) if grad is not None else None
 
@@ -158,11 +163,10 @@ class _MambaInner(torch.autograd.Function):
         with torch.autocast(x_in.device.type, enabled=False), device_guard(x_in):
             # The weights in the matmul dtype, kept for the backward (casting again there would cost
             # more kernels per layer; under autocast these copies are what autocast would make).
-            weights = (x_proj_weight, dt_proj_weight, out_proj_weight)
-            if in_proj_weight is not None:
-                weights = (in_proj_weight, *weights)
-            weights = _cast_all(weights, dtype)
-            w_in, (w_x, w_dt, w_out) = (weights[0], weights[1:]) if in_proj_weight is not None else (None, weights)
+            given = [w for w in (in_proj_weight, x_proj_weight, dt_proj_weight, out_proj_weight) if w is not None]
+            cast = iter(_cast_all(given, dtype))
+            w_in, w_x, w_dt, w_out = (next(cast) if w is not None else None for w in
+                                      (in_proj_weight, x_proj_weight, dt_proj_weight, out_proj_weight))
             x_in = x_in.to(dtype)
             if w_in is not None:
                 b_in = in_proj_bias.to(dtype) if in_proj_bias is not None else None
@@ -187,10 +191,13 @@ class _MambaInner(torch.autograd.Function):
                 u, delta, A_log_f, B.transpose(1, 2), C.transpose(1, 2), fp32_or_wider(D), z,
                 fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False, A_is_log=True,
             )
-            bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
-            out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
+            if w_out is None:  # out_proj runs outside
+                out = y.transpose(1, 2)  # (batch, seqlen, d_inner)
+            else:
+                bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
+                out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
         ctx.bias_dtypes = tuple(b.dtype if b is not None else None for b in (in_proj_bias, out_proj_bias))
-        ctx.weight_dtypes = (x_proj_weight.dtype, dt_proj_weight.dtype, out_proj_weight.dtype, A_log.dtype)
+        ctx.weight_dtypes = (x_proj_weight.dtype, dt_proj_weight.dtype, _dtype(out_proj_weight), A_log.dtype)
         ctx.mixer_rms_eps = mixer_rms_eps
         hidden = x_in if w_in is not None else None  # for in_proj's weight gradient
         ctx.save_for_backward(
@@ -212,7 +219,7 @@ class _MambaInner(torch.autograd.Function):
         rows = batch * seqlen
         d_inner = xz.shape[-1] // 2
         dt_rank, d_state = w_dt.shape[1], A_log.shape[1]
-        dout = dout.to(dtype).reshape(rows, -1)  # (rows, hidden)
+        dout = dout.to(dtype).reshape(rows, -1)  # (rows, hidden), or dy (rows, d_inner) where out_proj ran outside
         with device_guard(xz):
             x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)
             conv_w = conv_weight.reshape(d_inner, -1)
@@ -232,8 +239,10 @@ class _MambaInner(torch.autograd.Function):
             # Δ as the forward had it, -inf at padding (the matmul's bias: no pass of its own)
             delta = torch.mm(w_dt, dt.t()) if pad_bias is None else torch.addmm(pad_bias, w_dt, dt.t())
             delta = _by_channel(delta, batch)
-            dy = _by_channel(torch.mm(w_out.t(), dout.t()), batch)
-            y = torch.empty_like(u)  # the forward's output, recomputed by the scan backward
+            dy = _by_channel(torch.mm(w_out.t(), dout.t()) if w_out is not None else dout.t().contiguous(), batch)
+            needs = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
+            # the forward's output, recomputed by the scan backward, for out_proj's weight gradient
+            y = torch.empty_like(u) if needs["out_proj_weight"] else None
             # x_proj's output gradient [dΔ_low-rank | dB | dC]; the scan backward writes dB, dC into it.
             dx_dbl = x_dbl.new_empty(rows, dt_rank + 2 * d_state)
             dxz = torch.empty_like(xz)
@@ -252,7 +261,6 @@ class _MambaInner(torch.autograd.Function):
                 weightless_rms_norms_backward_(dx_dbl, x_dbl.view(rows, -1), sizes, ctx.mixer_rms_eps, "triton")
             # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
             # in_proj only).
-            needs = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
             dw_out = _mm_fp32(dout.t(), _rows(y).t()) if needs["out_proj_weight"] else None
             db_out = dout.sum(0, dtype=torch.float32) if needs["out_proj_bias"] else None
             dw_dt = _mm_fp32(ddelta, dt) if needs["dt_proj_weight"] else None
@@ -295,7 +303,9 @@ def mamba_inner_triton(
 
     Parameters as the modules hold them: conv_weight (d_inner, 1, d_conv), x_proj_weight
     (dt_rank + 2 d_state, d_inner), dt_proj_weight (d_inner, dt_rank), dt_proj_bias and D (d_inner,),
-    A_log (d_inner, d_state), out_proj_weight (hidden, d_inner). SiLU activation, softplus on Δ + bias.
+    A_log (d_inner, d_state), out_proj_weight (hidden, d_inner); out_proj_weight None: out_proj runs outside
+    (e.g. an adapter on it), and the result is its input, the gated scan output (batch, seqlen, d_inner).
+    SiLU activation, softplus on Δ + bias.
     Under autocast the matmuls run in autocast's dtype, as the modules would. mixer_rms_eps: Falcon Mamba's
     weight-free RMS norms on the time step, B and C (None: plain Mamba). attention_mask: (batch, seqlen), 0 at
     padding (any other value: a token; bool, integer or float), computed as the model's modules do (x and the
@@ -312,6 +322,8 @@ def mamba_inner_triton(
                              f"{in_proj_weight.shape[1]}), got {tuple(xz.shape)}")
     elif xz.dim() != 3 or xz.shape[-1] != 2 * d_inner:
         raise ValueError(f"xz must have shape (batch, seqlen, 2 * d_inner={2 * d_inner}), got {tuple(xz.shape)}")
+    if out_proj_weight is None and out_proj_bias is not None:
+        raise ValueError("out_proj_bias was given without out_proj_weight: with out_proj outside, pass neither")
     if xz.shape[1] == 0:  # as the model: the kernels need a step to read
         raise ValueError(f"xz has no time steps (shape {tuple(xz.shape)}); pass at least one")
     if attention_mask is not None:

@@ -309,7 +309,7 @@ def test_fused_mixer_matches_the_modules(use_bias, packed, bf16, falcon, monkeyp
     calls = fused_calls(monkeypatch)
     logits, grads = step()
     assert calls == [True] * SIZES["num_hidden_layers"]  # in_proj inside
-    monkeypatch.setattr(MambaMixer, "_fused_inner_ok", lambda *args: False)
+    monkeypatch.setattr(MambaMixer, "_fused_ssm_weights", lambda *args: None)
     ref_logits, ref_grads = step()
     assert len(calls) == SIZES["num_hidden_layers"]
     # fp32: the same arithmetic up to summation order. bf16: the recomputed Δ and the per-batch
@@ -324,7 +324,8 @@ def test_fused_mixer_matches_the_modules(use_bias, packed, bf16, falcon, monkeyp
 
 
 def test_fused_mixer_leaves_wrapped_or_hooked_modules_to_run(monkeypatch):
-    """LoRA adapters and forward hooks live in the modules: with them the modules run (no fused call)."""
+    """Hooks and adapters the fused mixer cannot fold in live in the modules: with them on x_proj or dt_proj the
+    modules run (no fused call); with a hook on out_proj the mixer stays fused and calls out_proj after it."""
     from peft import LoraConfig, get_peft_model
 
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
@@ -335,7 +336,7 @@ def test_fused_mixer_leaves_wrapped_or_hooked_modules_to_run(monkeypatch):
     seen = []
     handle = model.backbone.layers[0].mixer.out_proj.register_forward_hook(lambda *args: seen.append(1))
     train_step(model, ids)
-    assert seen and len(calls) == SIZES["num_hidden_layers"] - 1
+    assert seen and calls == [True] * SIZES["num_hidden_layers"]
     handle.remove()
     grads_seen = []
     handle = model.backbone.layers[0].mixer.x_proj.register_full_backward_hook(lambda *args: grads_seen.append(1))
@@ -343,11 +344,40 @@ def test_fused_mixer_leaves_wrapped_or_hooked_modules_to_run(monkeypatch):
     train_step(model, ids)
     assert grads_seen and len(calls) == SIZES["num_hidden_layers"] - 1
     handle.remove()
-    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["x_proj"], init_lora_weights=False))
+    # LoRA dropout draws a mask per call of the adapter: not a merged weight, so the modules run.
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["x_proj"], lora_dropout=0.1, init_lora_weights=False))
     calls.clear()
     lora(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     assert not calls
     assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("targets", [["x_proj", "dt_proj"], ["in_proj", "x_proj", "dt_proj", "out_proj"]],
+                         ids=["ssm-projections", "all-four"])
+def test_fused_mixer_with_lora_adapters_matches_the_modules(targets, monkeypatch):
+    """LoRA on x_proj and dt_proj keeps the fused path, with the adapters merged into the weights it reads
+    (in_proj and out_proj, adapted, run as modules around it): the loss and every adapter's gradient as on the
+    module path (fp32, 1e-5 relative)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_mamba.modeling_mamba import MambaMixer
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    base = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE)
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 9), device=DEVICE)
+    calls = fused_calls(monkeypatch)
+    logits, grads = train_step(lora, ids)
+    assert calls == ["in_proj" not in targets] * SIZES["num_hidden_layers"]
+    assert len(grads) == 2 * len(targets) * SIZES["num_hidden_layers"] and all("lora_" in name for name in grads)
+    monkeypatch.setattr(MambaMixer, "_fused_ssm_weights", lambda *args: None)
+    ref_logits, ref_grads = train_step(lora, ids)
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        assert ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() < 1e-5, name
 
 
 def test_fused_mixer_with_lora_on_in_proj_only(monkeypatch):
@@ -366,7 +396,7 @@ def test_fused_mixer_with_lora_on_in_proj_only(monkeypatch):
     _, grads = train_step(lora, ids)
     assert calls == [False] * SIZES["num_hidden_layers"]  # the wrapped in_proj runs as a module
     assert grads and all("lora_" in name for name in grads)
-    monkeypatch.setattr(MambaMixer, "_fused_inner_ok", lambda *args: False)
+    monkeypatch.setattr(MambaMixer, "_fused_ssm_weights", lambda *args: None)
     _, ref_grads = train_step(lora, ids)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.nn.utils import parametrize
@@ -88,6 +89,50 @@ def unfused_reference(peft_model):
     for param in deltas.values():
         param.requires_grad_(True)
     return reference, deltas
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
+def test_fused_weight_folds_vanilla_adapters_and_refuses_the_rest():
+    """fused_weight(module): the weight the fused mixer multiplies by, equal to calling the module, for a plain
+    projection and vanilla LoRA over it (one or two active adapters, merged, disabled); None where the module
+    computes something else (dropout, DoRA, a LoRA bias, hooks)."""
+    from hf_mamba.block import MambaDeltaProjection
+    from hf_mamba.fast_path import fused_weight
+
+    def mixer_of(peft_model):
+        return peft_model.base_model.model.backbone.layers[0].mixer
+
+    def adapted(**kwargs):
+        return mixer_of(with_lora(base_model(), **kwargs))
+
+    def assert_folds(module, cls=nn.Linear):
+        weight = fused_weight(module, cls)
+        assert weight is not None
+        x = torch.randn(3, weight.shape[1])
+        torch.testing.assert_close(F.linear(x, weight), module(x), rtol=1e-5, atol=1e-6)
+
+    plain = base_model().backbone.layers[0].mixer
+    assert fused_weight(plain.x_proj, nn.Linear) is plain.x_proj.weight
+    assert fused_weight(plain.dt_proj, nn.Linear) is None  # not exactly the class asked for
+    model = with_lora(base_model())
+    mixer = mixer_of(model)
+    assert_folds(mixer.x_proj)
+    assert_folds(mixer.dt_proj, MambaDeltaProjection)  # W x without the bias, as the module computes
+    assert fused_weight(mixer.x_proj, nn.Linear).requires_grad
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    assert mixer.x_proj.active_adapters == ["default", "second"]
+    assert_folds(mixer.x_proj)
+    mixer.x_proj.merge()
+    assert_folds(mixer.x_proj)
+    mixer.x_proj.unmerge()
+    mixer.x_proj.enable_adapters(False)
+    assert_folds(mixer.x_proj)
+    for kwargs in (dict(lora_dropout=0.1), dict(use_dora=True), dict(lora_bias=True)):
+        assert fused_weight(adapted(**kwargs).x_proj, nn.Linear) is None, kwargs
+    mixer = adapted()
+    mixer.x_proj.register_forward_pre_hook(lambda *args: None)
+    assert fused_weight(mixer.x_proj, nn.Linear) is None
 
 
 @pytest.mark.parametrize("backend", [pytest.param(b, id=b) for b in ("reference", "torch", "triton")])

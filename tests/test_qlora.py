@@ -151,6 +151,51 @@ def test_lora_gradients_match_the_dequantized_model(folder):
         assert relative_error(grad, grads["plain"][name]) <= 1e-5, name
 
 
+def test_fused_training_mixer_runs_on_a_4bit_base_with_adapters(folder, monkeypatch):
+    """On the Triton backend (here its interpreter) a QLoRA model trains through the fused mixer: x_proj's
+    weight dequantized and its adapter merged into it, in_proj and out_proj as modules around it. The loss
+    and every adapter's gradient match the module path's (fp32 compute, 1e-5 relative)."""
+    from hf_mamba.block import MambaMixer
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    model = with_lora(prepare_model_for_kbit_training(load_4bit(folder), use_gradient_checkpointing=False))
+    model.train()
+    ids = token_ids(2, 9)
+    calls = []
+    real = hf_mamba.block.mamba_inner_triton
+    monkeypatch.setattr(hf_mamba.block, "mamba_inner_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(MambaMixer, "_fused_ssm_weights", lambda *args: None)
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert len(calls) == SHAPE["num_hidden_layers"]  # every layer fused, then none
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert relative_error(loss, ref_loss) <= 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * len(PROJECTIONS) * SHAPE["num_hidden_layers"]
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        assert relative_error(grad, ref_grads[name]) <= 1e-5, name
+
+
+def test_fused_weight_is_what_a_4bit_layer_and_an_adapter_over_it_multiply_by(folder):
+    from hf_mamba.fast_path import fused_weight
+
+    quantized, plain = quantized_and_dequantized(folder)
+    x = torch.randn(5, plain.config.intermediate_size)
+    x_proj = quantized.backbone.layers[0].mixer.x_proj
+    quantized.train()  # bitsandbytes' dequantize-and-matmul (eval mode on CPU may repack the weight)
+    torch.testing.assert_close(fused_weight(x_proj, torch.nn.Linear), plain.backbone.layers[0].mixer.x_proj.weight)
+    model = with_lora(quantized)
+    adapted = model.base_model.model.backbone.layers[0].mixer.x_proj
+    weight = fused_weight(adapted, torch.nn.Linear)
+    assert weight is not None and weight.requires_grad
+    torch.testing.assert_close(torch.nn.functional.linear(x, weight), adapted(x), rtol=1e-5, atol=1e-6)
+
+
 def test_qlora_steps_lower_the_loss_and_leave_the_base_unchanged(folder):
     model = prepare_model_for_kbit_training(load_4bit(folder), use_gradient_checkpointing=False)
     enable_activation_checkpointing(model)

@@ -13,7 +13,8 @@
 # package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
 # long_context (LONG_FLAGS), precision (fp32/bf16/fp16, 1,000 steps), decode_profile (wall vs GPU time per
 # decoded token), prefill_profile (GPU time per kernel, PROFILE_FLAGS), choice_now / choice@NAME (decode_step_choice.py,
-# CHOICE_FLAGS), induction (the paper's induction heads to 2^20).
+# CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
+# induction heads to 2^20).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
@@ -86,6 +87,9 @@ for s in "$@"; do
     falcon_share) step falcon_share now "$here/scripts/benchmark_model.py" --skip-builtin-train --no-decode --falcon \
         --rounds 2 ;;
     model_before) install_tree before; step model_before old "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
+    qlora_now) step qlora_now now "$here/scripts/benchmark_large.py" --rows qlora --shapes ${QLORA_SHAPES:-7b} ;;
+    qlora@*) install_tree "${s#qlora@}"; step "${s/@/_}" tree "${s#qlora@}" benchmark_large.py --rows qlora \
+        --shapes ${QLORA_SHAPES:-7b} ;;
     large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
     prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
         --prefill-lengths 1024,8192,65536 ;;

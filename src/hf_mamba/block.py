@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import MambaCache
 from .configuration_mamba import MambaConfig
-from .fast_path import FastPath, decide_fast_path, unhooked
+from .fast_path import FastPath, decide_fast_path, fused_weight, unhooked
 from .kernels import (
     causal_conv1d,
     causal_conv1d_update,
@@ -40,6 +40,12 @@ def _linear_input(linear, x):
     one (its matmul reads strides), a contiguous copy for anything else (bitsandbytes' CPU 4-bit kernel reads a
     strided input wrong)."""
     return x if type(getattr(linear, "base_layer", linear)) is nn.Linear else x.contiguous()
+
+
+def _plain_linear(module):
+    """A plain, unhooked nn.Linear: the fused mixer may read its weight and bias instead of calling it (for
+    in_proj, autocast's cast of the mixer's input is then all that reads that input)."""
+    return type(module) is nn.Linear and unhooked(module)
 
 
 class MambaRMSNorm(nn.Module):
@@ -174,20 +180,9 @@ class MambaMixer(nn.Module):
         if continuing and seqlen == 1:
             return self._step(hidden_states, cache_params, backend)
 
-        if self._fused_inner_ok(path, cache_params):
-            weights = (
-                self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias, seq_idx,
-            )
-            if self._plain_in_proj():  # in_proj inside too
-                return mamba_inner_triton(
-                    hidden_states, *weights, in_proj_weight=self.in_proj.weight, in_proj_bias=self.in_proj.bias,
-                    mixer_rms_eps=self.mixer_rms_eps, attention_mask=attention_mask,
-                )
-            # e.g. LoRA on in_proj
-            return mamba_inner_triton(
-                self.in_proj(hidden_states), *weights, mixer_rms_eps=self.mixer_rms_eps, attention_mask=attention_mask
-            )
+        ssm_weights = self._fused_ssm_weights(path, cache_params)
+        if ssm_weights is not None:
+            return self._fused_inner(hidden_states, *ssm_weights, seq_idx, attention_mask)
         # 1. Gated MLP's linear projection: x for the SSM branch, z for the gate
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
         # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
@@ -235,24 +230,45 @@ class MambaMixer(nn.Module):
         # 4. Output projection
         return self.out_proj(_linear_input(self.out_proj, y.transpose(1, 2)))  # (batch, seqlen, hidden_size)
 
-    def _fused_inner_ok(self, path, cache_params):
-        """Whether training can run the mixer after in_proj (and in_proj too, where it is a plain Linear)
-        as one function (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would
-        (a padding mask included: it masks as the code below does)."""
-        if not path.training_kernels or cache_params is not None:
-            return False
-        return self._plain_ssm_modules() and type(self.out_proj) is nn.Linear and unhooked(self.out_proj)
+    def _fused_ssm_weights(self, path, cache_params):
+        """x_proj's and dt_proj's weights where training may run the mixer as one function
+        (`mamba_inner_triton`: less memory, fewer ops), computing what the modules would (a padding mask
+        included: it masks as the code below does); None where the modules must run.
+
+        The weights are the modules' own, or what a 4-bit base or a LoRA adapter over one multiplies by
+        (`fused_weight`: a QLoRA model runs fused too, its adapters' gradients through the merged weight;
+        merging is cheap for these two small projections). in_proj and out_proj run inside where they are
+        plain Linears, else as modules around it."""
+        if not path.training_kernels or cache_params is not None or not self.fused_silu:
+            return None
+        if not (type(self.conv1d) is nn.Conv1d and unhooked(self.conv1d)):
+            return None
+        x_proj_weight = fused_weight(self.x_proj, nn.Linear)
+        dt_proj_weight = fused_weight(self.dt_proj, MambaDeltaProjection)
+        if x_proj_weight is None or dt_proj_weight is None:
+            return None
+        return x_proj_weight, dt_proj_weight
+
+    def _fused_inner(self, hidden_states, x_proj_weight, dt_proj_weight, seq_idx, attention_mask):
+        """The mixer through `mamba_inner_triton`, in_proj and out_proj inside where they are plain Linears."""
+        in_proj_inside = _plain_linear(self.in_proj)
+        out_proj_inside = _plain_linear(self.out_proj)
+        out = mamba_inner_triton(
+            hidden_states if in_proj_inside else self.in_proj(hidden_states),  # e.g. LoRA on in_proj: outside
+            self.conv1d.weight, self.conv1d.bias, x_proj_weight, dt_proj_weight, self.dt_proj.bias, self.A_log,
+            self.D, self.out_proj.weight if out_proj_inside else None,
+            self.out_proj.bias if out_proj_inside else None, seq_idx,
+            in_proj_weight=self.in_proj.weight if in_proj_inside else None,
+            in_proj_bias=self.in_proj.bias if in_proj_inside else None,
+            mixer_rms_eps=self.mixer_rms_eps, attention_mask=attention_mask,
+        )
+        return out if out_proj_inside else self.out_proj(_linear_input(self.out_proj, out))
 
     def _plain_ssm_modules(self):
         """conv1d, x_proj and dt_proj are plain, unhooked modules and the activation is SiLU: a fused kernel may
         read their weights itself. LoRA and other wrappers replace or hook modules: then the modules must run."""
         modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection))
         return self.fused_silu and all(type(m) is cls and unhooked(m) for m, cls in modules)
-
-    def _plain_in_proj(self):
-        """in_proj is a plain, unhooked Linear: the fused mixer may run it itself, and autocast's cast of
-        its input is all that reads the mixer's input."""
-        return type(self.in_proj) is nn.Linear and unhooked(self.in_proj)
 
     def _step(self, hidden_states, cache_params, backend):
         """One decode step from the cache: O(1) in the number of tokens already seen."""
@@ -302,7 +318,7 @@ def norm_output_dtype(mixer, norm_weight):
     device_type = norm_weight.device.type
     if mixer is None or not torch.is_autocast_enabled(device_type) or norm_weight.dtype == torch.float64:
         return None
-    if type(mixer) is MambaMixer and unhooked(mixer) and mixer._plain_in_proj():
+    if type(mixer) is MambaMixer and unhooked(mixer) and _plain_linear(mixer.in_proj):
         return torch.get_autocast_dtype(device_type)
     return None
 

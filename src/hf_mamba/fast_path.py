@@ -5,9 +5,11 @@ resolves the backend or the fused-path conditions on its own.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .kernels import resolve_backend
 
@@ -30,6 +32,61 @@ def unhooked(module):
         or module_globals._global_backward_pre_hooks
         or "forward" in module.__dict__
     )
+
+
+def fused_weight(module, plain_cls):
+    """The weight W a fused kernel may multiply by in place of calling `module`, a projection x -> W x (a bias,
+    where it has one, is read on its own), or None where the module must run.
+
+    - `module` is exactly `plain_cls`: its weight.
+    - a bitsandbytes 4-bit Linear: its weight dequantized (what its own matmul multiplies by; no gradient).
+    - a PEFT LoRA layer over either: W + sum of scaling * B @ A over its active adapters (fp32), which autograd
+      differentiates into the adapters' gradients. Vanilla LoRA only: with dropout, DoRA or another variant,
+      a LoRA bias, or mixed adapters per batch row the layer computes something else, and it runs.
+
+    Never for a module with hooks (`unhooked`), any other wrapper, or an 8-bit bitsandbytes Linear (its
+    matmul keeps outlier columns in 16 bits: not a product with one dequantized weight).
+    """
+    if not unhooked(module):
+        return None
+    if type(module) is plain_cls:
+        return module.weight
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None and type(module) is bnb.nn.Linear4bit:
+        return _dequantized_4bit(module, bnb)
+    lora = sys.modules.get("peft.tuners.lora")
+    if lora is not None and isinstance(module, lora.LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit"):
+        return _lora_weight(module, plain_cls)
+    return None
+
+
+def _dequantized_4bit(module, bnb):
+    state = getattr(module.weight, "quant_state", None)
+    # Repacked for bitsandbytes' CPU inference kernel (after a no-grad CPU forward): another layout.
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return None
+    return bnb.functional.dequantize_4bit(module.weight.data, state)
+
+
+def _lora_weight(layer, plain_cls):
+    base = fused_weight(layer.base_layer, plain_cls)
+    if base is None or getattr(layer, "fan_in_fan_out", False) or (layer.disable_adapters and layer.merged):
+        return None
+    if layer.merged or layer.disable_adapters:  # the forward is base_layer's alone
+        return base
+    adapters = [name for name in layer.active_adapters if name in layer.lora_A]
+    for name in adapters:
+        A, B = layer.lora_A[name], layer.lora_B[name]
+        plain = all(type(m) is nn.Linear and unhooked(m) for m in (A, B)) and B.bias is None
+        variant = name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False)
+        if not plain or variant or type(layer.lora_dropout[name]) is not nn.Identity:
+            return None
+    weight = base
+    with torch.autocast(base.device.type, enabled=False):
+        for name in adapters:
+            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+            weight = weight + layer.scaling[name] * torch.mm(B.float(), A.float())
+    return weight
 
 
 def scan_backend_for(config) -> str | None:
