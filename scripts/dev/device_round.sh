@@ -11,7 +11,7 @@
 # model_like (--loss-outside: both sides' cross-entropy on fp32 logits), falcon_share (what Falcon Mamba's norms
 # cost the 130M training step), model_before (this script, the old
 # package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
-# long_context (LONG_FLAGS), precision (fp32/bf16/fp16, 1,000 steps), decode_profile (wall vs GPU time per
+# long_context (LONG_FLAGS), precision (PRECISION_FLAGS, default --runs fp32,bf16,fp16: 1,000 steps each), decode_profile (wall vs GPU time per
 # decoded token), prefill_profile (GPU time per kernel, PROFILE_FLAGS), choice_now / choice@NAME (decode_step_choice.py,
 # CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
 # induction heads to 2^20).
@@ -99,7 +99,7 @@ for s in "$@"; do
     induction) step induction now "$here/scripts/induction_heads.py" --steps 5000 --solved-streak 0 \
         --out-dir /tmp/induction ;;
     long_context) step long_context now "$here/scripts/long_context.py" --out-dir /tmp/long_context ${LONG_FLAGS:-} ;;
-    precision) step precision now "$here/scripts/precision_training.py" --runs fp32,bf16,fp16 \
+    precision) step precision now "$here/scripts/precision_training.py" ${PRECISION_FLAGS:---runs fp32,bf16,fp16} \
         --out-dir /tmp/precision ;;
     *) echo "unknown step $s" ;;
     esac
