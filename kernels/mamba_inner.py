@@ -20,8 +20,9 @@ five autograd nodes of an autocast Linear (cast, matmul, transpose and two views
 training step is host-bound, and each node and launch costs host time.
 
 Falcon Mamba (mixer_rms_eps given): weight-free RMS norms on x_proj's three outputs, the time step (before
-dt_proj), B and C, as the modules compute them; the backward recomputes them from the kept x_proj output and
-passes the gradients through them exactly (mamba_ssm's fused function normalises Δ after dt_proj instead and
+dt_proj), B and C, as the modules compute them. The forward keeps the normalised copy beside x_proj's output
+(rows x (dt_rank + 2 d_state), small), so the backward reads it instead of relaunching the norms, and passes
+the gradients through them exactly from x_proj's output (mamba_ssm's fused function normalises Δ after dt_proj instead and
 passes no gradient through its norms).
 
 Padding (attention_mask, 0 at padding) as the modules compute it: x * mask before the conv, the conv
@@ -93,8 +94,13 @@ def _in_proj_grads(ctx, needs, dxz, hidden, w_in):
 
 
 def _rms_normed(x_dbl, sizes, eps):
-    """Falcon Mamba's norms: each of x_proj's outputs (dt, B, C) normalised over its last dim (one launch)."""
-    return weightless_rms_norms(x_dbl, sizes, eps, backend="triton")
+    """Falcon Mamba's norms: x_proj's output with each of its parts (dt, B, C) normalised over its last dim, as
+    one tensor (one launch)."""
+    if x_dbl.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        from .rms_norm.triton_rms_norm import weightless_rms_norms_triton
+
+        return weightless_rms_norms_triton(x_dbl, sizes, eps)
+    return torch.cat(weightless_rms_norms(x_dbl, sizes, eps, backend="torch"), -1)
 
 
 def _rows(t):
@@ -178,9 +184,10 @@ class _MambaInner(torch.autograd.Function):
             # channels-last, for x_proj; zero at padding, where x counts as zero too
             u = conv_fwd(x, conv_w, conv_bias, seq_idx, True, True, pad_mask=attention_mask)
             x_dbl = F.linear(u.transpose(1, 2), w_x)  # (batch, seqlen, dt_rank + 2 d_state)
-            dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
-            if mixer_rms_eps is not None:  # Falcon Mamba
-                dt, B, C = _rms_normed(x_dbl, (dt_rank, d_state, d_state), mixer_rms_eps)
+            sizes = (dt_rank, d_state, d_state)
+            # Falcon Mamba: kept for the backward too (small), which then needs no launch to recompute it
+            x_normed = _rms_normed(x_dbl, sizes, mixer_rms_eps) if mixer_rms_eps is not None else None
+            dt, B, C = torch.split(x_normed if x_normed is not None else x_dbl, sizes, dim=-1)
             delta = F.linear(dt, w_dt)  # (batch, seqlen, d_inner); bias: in the scan, fp32
             pad_bias = _padding_bias(attention_mask, dtype)
             if pad_bias is not None:
@@ -202,7 +209,7 @@ class _MambaInner(torch.autograd.Function):
         hidden = x_in if w_in is not None else None  # for in_proj's weight gradient
         ctx.save_for_backward(
             xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log_f, D, w_out, chunk_states, seq_idx,
-            hidden, w_in, attention_mask, pad_bias,
+            hidden, w_in, attention_mask, pad_bias, x_normed,
         )
         return out
 
@@ -212,7 +219,7 @@ class _MambaInner(torch.autograd.Function):
         from .selective_scan.triton_scan import scan_bwd
 
         (xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx,
-         hidden, w_in, attention_mask, pad_bias) = ctx.saved_tensors
+         hidden, w_in, attention_mask, pad_bias, x_normed) = ctx.saved_tensors
         x_proj_dtype, dt_proj_dtype, out_proj_dtype, A_log_dtype = ctx.weight_dtypes
         dtype = xz.dtype
         batch, seqlen = xz.shape[:2]
@@ -229,12 +236,8 @@ class _MambaInner(torch.autograd.Function):
             u = _by_channel(xz.new_empty(d_inner, rows), batch)
             conv_fwd(x, conv_w, conv_bias, seq_idx, True, False, out=u, pad_mask=attention_mask)
             sizes = (dt_rank, d_state, d_state)
-            # x_proj's outputs as the scan read them: Falcon Mamba's norms recomputed (small: rows x sum(sizes)).
-            dt, B, C = (
-                _rms_normed(x_dbl.view(rows, -1), sizes, ctx.mixer_rms_eps)
-                if ctx.mixer_rms_eps is not None
-                else x_dbl.view(rows, -1).split(sizes, -1)
-            )
+            # x_proj's outputs as the scan read them (Falcon Mamba's normalised ones as the forward kept them)
+            dt, B, C = (x_normed if x_normed is not None else x_dbl).view(rows, -1).split(sizes, -1)
             B, C = B.view(batch, seqlen, d_state), C.view(batch, seqlen, d_state)
             # Δ as the forward had it, -inf at padding (the matmul's bias: no pass of its own)
             delta = torch.mm(w_dt, dt.t()) if pad_bias is None else torch.addmm(pad_bias, w_dt, dt.t())

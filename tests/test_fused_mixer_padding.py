@@ -119,6 +119,22 @@ def test_fused_mixer_rejects_a_bad_attention_mask():
         )
 
 
+def test_fused_mixer_without_out_proj_returns_its_input():
+    """out_proj_weight None: the result is out_proj's input (batch, seqlen, d_inner), so out_proj applied to it
+    gives the whole mixer's output; an out_proj bias without its weight is refused."""
+    torch.manual_seed(0)
+    mixer = MambaForCausalLM(MambaConfig(use_bias=True, **SIZES)).backbone.layers[0].mixer.to(DEVICE)
+    hidden = torch.randn(2, 6, SIZES["hidden_size"], device=DEVICE)
+    weights = _mixer_weights(mixer)
+    with torch.no_grad():
+        whole = mamba_inner_triton(hidden, *weights, in_proj_weight=mixer.in_proj.weight)
+        y = mamba_inner_triton(hidden, *weights[:-2], None, in_proj_weight=mixer.in_proj.weight)
+        assert y.shape == (2, 6, mixer.d_inner)
+        torch.testing.assert_close(mixer.out_proj(y), whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="out_proj_bias was given without out_proj_weight"):
+        mamba_inner_triton(hidden, *weights[:-2], None, mixer.out_proj.bias, in_proj_weight=mixer.in_proj.weight)
+
+
 @pytest.mark.parametrize("variant", ["falcon", "lora-in-proj"])
 def test_padded_training_batch_runs_the_fused_mixer(variant, monkeypatch):
     """A training batch with padding (left, right, a hole) runs every mixer through mamba_inner_triton with
