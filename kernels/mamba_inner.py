@@ -22,8 +22,8 @@ training step is host-bound, and each node and launch costs host time.
 Falcon Mamba (mixer_rms_eps given): weight-free RMS norms on x_proj's three outputs, the time step (before
 dt_proj), B and C, as the modules compute them. The forward keeps the normalised copy beside x_proj's output
 (rows x (dt_rank + 2 d_state), small), so the backward reads it instead of relaunching the norms, and passes
-the gradients through them exactly from x_proj's output (mamba_ssm's fused function normalises Δ after dt_proj instead and
-passes no gradient through its norms).
+the gradients through them exactly from x_proj's output (mamba_ssm's fused function normalises Δ after dt_proj
+instead and passes no gradient through its norms).
 
 Padding (attention_mask, 0 at padding) as the modules compute it: x * mask before the conv, the conv
 output * mask, and Δ = 0 at padding, so that Ā = 1 and B̄x = 0 carry the state through padded steps
