@@ -81,11 +81,13 @@ def _lora_weight(layer, plain_cls):
         variant = name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False)
         if not plain or variant or type(layer.lora_dropout[name]) is not nn.Identity:
             return None
-    weight = base
+    if not adapters:
+        return base
+    weight = base if base.dtype in (torch.float32, torch.float64) else base.float()
     with torch.autocast(base.device.type, enabled=False):
         for name in adapters:
             A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-            weight = weight + layer.scaling[name] * torch.mm(B.float(), A.float())
+            weight = torch.addmm(weight, B.to(weight.dtype), A.to(weight.dtype), alpha=layer.scaling[name])
     return weight
 
 
