@@ -12,7 +12,7 @@
 # cost the 130M training step), model_before (this script, the old
 # package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
 # long_context (LONG_FLAGS), precision (PRECISION_FLAGS, default --runs fp32,bf16,fp16: 1,000 steps each), decode_profile (wall vs GPU time per
-# decoded token), prefill_profile (GPU time per kernel, PROFILE_FLAGS), choice_now / choice@NAME (decode_step_choice.py,
+# decoded token; MODEL_FLAGS gives another shape), prefill_profile (GPU time per kernel, PROFILE_FLAGS), choice_now / choice@NAME (decode_step_choice.py,
 # CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
 # induction heads to 2^20).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
@@ -95,7 +95,7 @@ for s in "$@"; do
         --prefill-lengths 1024,8192,65536 ;;
     prefill_profile) step prefill_profile now "$here/scripts/dev/prefill_profile.py" ${PROFILE_FLAGS:-} ;;
     decode_profile) step decode_profile now "$here/scripts/benchmark_model.py" --no-train --skip-builtin-decode \
-        --decode-profile ;;
+        --decode-profile ${MODEL_FLAGS:-} ;;
     induction) step induction now "$here/scripts/induction_heads.py" --steps 5000 --solved-streak 0 \
         --out-dir /tmp/induction ;;
     long_context) step long_context now "$here/scripts/long_context.py" --out-dir /tmp/long_context ${LONG_FLAGS:-} ;;
