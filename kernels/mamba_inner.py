@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ._launch import compile_ahead, device_guard
-from .rms_norm import weightless_rms_norms, weightless_rms_norms_backward_
+from .rms_norm import _one_launch, weightless_rms_norms, weightless_rms_norms_backward_
 from .selective_scan.reference import fp32_or_wider
 
 # The inputs of `_MambaInner`, in order: its backward returns their gradients by these names.
@@ -96,7 +96,7 @@ def _in_proj_grads(ctx, needs, dxz, hidden, w_in):
 def _rms_normed(x_dbl, sizes, eps):
     """Falcon Mamba's norms: x_proj's output with each of its parts (dt, B, C) normalised over its last dim, as
     one tensor (one launch)."""
-    if x_dbl.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if _one_launch("triton", sizes, x_dbl):
         from .rms_norm.triton_rms_norm import weightless_rms_norms_triton
 
         return weightless_rms_norms_triton(x_dbl, sizes, eps)
@@ -163,7 +163,7 @@ class _MambaInner(torch.autograd.Function):
         from .selective_scan.triton_scan import scan_fwd
 
         dtype = _compute_dtype(x_in)
-        ctx.in_dtypes = (x_in.dtype, in_proj_weight.dtype if in_proj_weight is not None else None)
+        ctx.in_dtypes = (x_in.dtype, _dtype(in_proj_weight))
         d_inner = conv_weight.shape[0]
         dt_rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
         with torch.autocast(x_in.device.type, enabled=False), device_guard(x_in):
@@ -203,7 +203,7 @@ class _MambaInner(torch.autograd.Function):
             else:
                 bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
                 out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
-        ctx.bias_dtypes = tuple(b.dtype if b is not None else None for b in (in_proj_bias, out_proj_bias))
+        ctx.bias_dtypes = (_dtype(in_proj_bias), _dtype(out_proj_bias))
         ctx.weight_dtypes = (x_proj_weight.dtype, dt_proj_weight.dtype, _dtype(out_proj_weight), A_log.dtype)
         ctx.mixer_rms_eps = mixer_rms_eps
         hidden = x_in if w_in is not None else None  # for in_proj's weight gradient

@@ -46,7 +46,8 @@ def weightless_rms_norms(x, sizes, eps, backend=None):
     (dt_rank, d_state, d_state), each normalised as `weightless_rms_norm` does. Returns the parts (views).
 
     backend "triton": one kernel for three non-empty parts of a 16- or 32-bit x without gradients (the decode
-    step and the fused mixer's forward and backward, where PyTorch takes nine launches); otherwise, and on
+    step, where PyTorch takes nine launches; the fused mixer calls that kernel itself, `_one_launch` deciding
+    the same way, to keep its output whole); otherwise, and on
     "reference" / "torch" or None off CUDA, the PyTorch ops part by part (gradients flow through them).
     """
     check_tensors(x=x)

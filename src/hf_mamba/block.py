@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import MambaCache
 from .configuration_mamba import MambaConfig
-from .fast_path import FastPath, decide_fast_path, fused_weight, unhooked
+from .fast_path import FastPath, decide_fast_path, fused_weight, plain
 from .kernels import (
     causal_conv1d,
     causal_conv1d_update,
@@ -40,12 +40,6 @@ def _linear_input(linear, x):
     one (its matmul reads strides), a contiguous copy for anything else (bitsandbytes' CPU 4-bit kernel reads a
     strided input wrong)."""
     return x if type(getattr(linear, "base_layer", linear)) is nn.Linear else x.contiguous()
-
-
-def _plain_linear(module):
-    """A plain, unhooked nn.Linear: the fused mixer may read its weight and bias instead of calling it (for
-    in_proj, autocast's cast of the mixer's input is then all that reads that input)."""
-    return type(module) is nn.Linear and unhooked(module)
 
 
 class MambaRMSNorm(nn.Module):
@@ -241,7 +235,7 @@ class MambaMixer(nn.Module):
         plain Linears, else as modules around it."""
         if not path.training_kernels or cache_params is not None or not self.fused_silu:
             return None
-        if not (type(self.conv1d) is nn.Conv1d and unhooked(self.conv1d)):
+        if not plain(self.conv1d, nn.Conv1d):
             return None
         x_proj_weight = fused_weight(self.x_proj, nn.Linear)
         dt_proj_weight = fused_weight(self.dt_proj, MambaDeltaProjection)
@@ -251,8 +245,9 @@ class MambaMixer(nn.Module):
 
     def _fused_inner(self, hidden_states, x_proj_weight, dt_proj_weight, seq_idx, attention_mask):
         """The mixer through `mamba_inner_triton`, in_proj and out_proj inside where they are plain Linears."""
-        in_proj_inside = _plain_linear(self.in_proj)
-        out_proj_inside = _plain_linear(self.out_proj)
+        # A plain in_proj inside: autocast's cast of the mixer's input is then all that reads that input.
+        in_proj_inside = plain(self.in_proj, nn.Linear)
+        out_proj_inside = plain(self.out_proj, nn.Linear)
         out = mamba_inner_triton(
             hidden_states if in_proj_inside else self.in_proj(hidden_states),  # e.g. LoRA on in_proj: outside
             self.conv1d.weight, self.conv1d.bias, x_proj_weight, dt_proj_weight, self.dt_proj.bias, self.A_log,
@@ -268,7 +263,7 @@ class MambaMixer(nn.Module):
         """conv1d, x_proj and dt_proj are plain, unhooked modules and the activation is SiLU: a fused kernel may
         read their weights itself. LoRA and other wrappers replace or hook modules: then the modules must run."""
         modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection))
-        return self.fused_silu and all(type(m) is cls and unhooked(m) for m, cls in modules)
+        return self.fused_silu and all(plain(m, cls) for m, cls in modules)
 
     def _step(self, hidden_states, cache_params, backend):
         """One decode step from the cache: O(1) in the number of tokens already seen."""
@@ -318,7 +313,7 @@ def norm_output_dtype(mixer, norm_weight):
     device_type = norm_weight.device.type
     if mixer is None or not torch.is_autocast_enabled(device_type) or norm_weight.dtype == torch.float64:
         return None
-    if type(mixer) is MambaMixer and unhooked(mixer) and _plain_linear(mixer.in_proj):
+    if plain(mixer, MambaMixer) and plain(mixer.in_proj, nn.Linear):
         return torch.get_autocast_dtype(device_type)
     return None
 

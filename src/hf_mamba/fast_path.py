@@ -34,6 +34,12 @@ def unhooked(module):
     )
 
 
+def plain(module, cls):
+    """`module` is exactly a `cls` (no subclass, no wrapper) and `unhooked`: code that reads its parameters
+    instead of calling it computes what calling it would."""
+    return type(module) is cls and unhooked(module)
+
+
 def fused_weight(module, plain_cls):
     """The weight W a fused kernel may multiply by in place of calling `module`, a projection x -> W x (a bias,
     where it has one, is read on its own), or None where the module must run.
@@ -77,9 +83,9 @@ def _lora_weight(layer, plain_cls):
     adapters = [name for name in layer.active_adapters if name in layer.lora_A]
     for name in adapters:
         A, B = layer.lora_A[name], layer.lora_B[name]
-        plain = all(type(m) is nn.Linear and unhooked(m) for m in (A, B)) and B.bias is None
+        linear = plain(A, nn.Linear) and plain(B, nn.Linear) and B.bias is None
         variant = name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False)
-        if not plain or variant or type(layer.lora_dropout[name]) is not nn.Identity:
+        if not linear or variant or type(layer.lora_dropout[name]) is not nn.Identity:
             return None
     if not adapters:
         return base

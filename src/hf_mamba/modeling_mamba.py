@@ -24,7 +24,7 @@ from .cache import MambaCache
 from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
-from .fast_path import decide_fast_path, scan_backend_for, unhooked
+from .fast_path import decide_fast_path, plain, scan_backend_for
 from .hub import MambaHubMixin
 from .inputs import (
     check_id_range,
@@ -195,8 +195,8 @@ class MambaModel(MambaPreTrainedModel):
         return (
             len(self.layers) > 0
             and not self._checkpointing()
-            and all(type(block) is MambaBlock and unhooked(block) for block in self.layers)
-            and all(type(norm) is MambaRMSNorm and unhooked(norm) for norm in norms)
+            and all(plain(block, MambaBlock) for block in self.layers)
+            and all(plain(norm, MambaRMSNorm) for norm in norms)
         )
 
     def _blocks_fused_norms(self, hidden_states, cache_params, attention_mask, seq_idx, path, all_hidden=None):
@@ -471,8 +471,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             modules.append((type(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks), m.__dict__.get("forward")))
         global_hooks = (tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        plain = self.backbone._plain_blocks_and_norms()
-        return tuple(weights), tuple(modules), global_hooks, plain, scan_backend_for(self.config), autocast
+        blocks_plain = self.backbone._plain_blocks_and_norms()
+        return tuple(weights), tuple(modules), global_hooks, blocks_plain, scan_backend_for(self.config), autocast
 
     @accepts_cache_params
     def forward(
