@@ -298,6 +298,18 @@ def _scan_steps(shape=(4, 1536, 1024, 16)):
     return steps
 
 
+def _scan_forward_steps(shape=(1, 1536, 1024, 16)):
+    """name -> one inference forward of the scan (no autograd) at the 130M model's prefill shape, 1 x 1K,
+    channels-last bf16: where the scan's host time shows."""
+    steps = {}
+    for name, fn in scan_fns().items():
+        if name == "torch":
+            continue
+        args_ = scan_args(channels_last(make_inputs(*shape, torch.bfloat16)))
+        steps[name] = torch.no_grad()(lambda fn=fn, args_=args_: fn(*args_))
+    return steps
+
+
 def _mixer_steps(batch=4, seqlen=1024, hidden=768, d_state=16, d_conv=4, device="cuda"):
     """name -> one forward + backward of the 130M model's mixer after in_proj under bf16 autocast:
     hf_mamba's mamba_inner_triton, and mamba_ssm's mamba_inner_fn when it is installed."""
@@ -368,13 +380,17 @@ def host_time_table(args, calls=20):
     import io
     import pstats
 
-    print("\nForward + backward, 130M model shapes (batch 4 x 1024): host vs GPU time per call, us")
+    print("\nThe 130M model's scan and mixer: host vs GPU time per call, us")
     print("| what | implementation | host us | GPU us | kernels per call |")
     print("|---|---|---|---|---|")
     profiles = {}
     # The GPU's launch queue holds about 1024 kernels; enqueueing more behind the busy GPU would wait
     # on it (mamba_ssm's mixer, 54 kernels x 20 calls, read 50 ms per call so), hence fewer mixer calls.
-    cases = (("scan (4, 1536, 1024, 16)", _scan_steps(), calls), ("mixer after in_proj", _mixer_steps(), calls // 2))
+    cases = (
+        ("scan forward, inference (1, 1536, 1024, 16)", _scan_forward_steps(), calls),
+        ("scan (4, 1536, 1024, 16)", _scan_steps(), calls),
+        ("mixer after in_proj", _mixer_steps(), calls // 2),
+    )
     for what, steps, n_calls in cases:
         for name, step in steps.items():
             for _ in range(3):

@@ -12,7 +12,8 @@
 # cost the 130M training step), model_before (this script, the old
 # package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
 # long_context (LONG_FLAGS), precision (PRECISION_FLAGS, default --runs fp32,bf16,fp16: 1,000 steps each), decode_profile (wall vs GPU time per
-# decoded token; MODEL_FLAGS gives another shape), prefill_profile (GPU time per kernel, PROFILE_FLAGS), choice_now / choice@NAME (decode_step_choice.py,
+# decoded token; MODEL_FLAGS gives another shape), prefill_profile (GPU time per kernel, PROFILE_FLAGS), host_time
+# (benchmark_kernels.py --host-time: the scan's and the mixer's host vs GPU time per call), choice_now / choice@NAME (decode_step_choice.py,
 # CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
 # induction heads to 2^20).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
@@ -77,6 +78,7 @@ for s in "$@"; do
     scan@*) install_tree "${s#scan@}"; step "${s/@/_}" tree "${s#scan@}" benchmark_kernels.py --no-torch-path --no-scaling --no-conv ;;
     model@*) install_tree "${s#model@}"; step "${s/@/_}" tree "${s#model@}" benchmark_model.py --skip-builtin-train \
         --skip-builtin-decode ${MODEL_FLAGS:-} ;;
+    host_time) step host_time now "$here/scripts/benchmark_kernels.py" --host-time ;;
     choice_now) step choice_now now "$here/scripts/dev/decode_step_choice.py" ${CHOICE_FLAGS:-} ;;
     choice@*) install_tree "${s#choice@}"; step "${s/@/_}" tree "${s#choice@}" dev/decode_step_choice.py ${CHOICE_FLAGS:-} ;;
     scan_before) install_tree before; step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
