@@ -11,10 +11,7 @@ This tool times exactly that stretch on CPU, in Transformers' own loop: from the
 prepare_inputs_for_generation, nn.Module.__call__, our forward's Python, its input checks and the graph's
 input copy). It also gives the host time of a whole loop iteration ("per token": the rest, after the
 replay, overlaps the GPU on CUDA), and "to replay" of each generate()'s first decode step, which
-captures a graph or checks the pooled one's fingerprint (once per generate() call). Where generate() makes
-the cache on CUDA, the stop check is read one step late (`hf_mamba.generation.defer_stop_checks`) and the
-host queues each step while the GPU runs the one before: there the GPU waits for the host only where
-"per token" exceeds a step's GPU time, and "to replay" matters where a cache is passed in or returned.
+captures a graph or checks the pooled one's fingerprint (once per generate() call).
 
 What is stubbed: the decode path is forced on CPU (`_cuda_graphs_on` is asked about a CUDA device) and
 DecodeGraph captures nothing: its `graph.replay()` only records the time, and its logits are zeros;
