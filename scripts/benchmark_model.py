@@ -32,7 +32,7 @@ import time
 import torch
 import transformers
 
-from hf_mamba import MambaConfig, MambaForCausalLM, generation
+from hf_mamba import MambaConfig, MambaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for the shared helpers
 from _bench_common import hf_generate, next_token_loss, peer_generate, timed  # noqa: E402
@@ -391,20 +391,7 @@ def main():
         ours_bf16.config.use_cuda_graph = False
         return hf_generate(ours_bf16)(prompt, new_tokens)
 
-    def ours_graphs_per_token_stop(prompt, new_tokens):
-        """generate()'s stop condition read after every token, as Transformers does on CUDA for other models."""
-        deferred_on = generation.DEFERRED_STOP_DEVICE_TYPES
-        generation.DEFERRED_STOP_DEVICE_TYPES = ()
-        try:
-            return ours_graphs(prompt, new_tokens)
-        finally:
-            generation.DEFERRED_STOP_DEVICE_TYPES = deferred_on
-
-    decoders += [
-        ("hf_mamba, CUDA graphs", ours_graphs),
-        ("hf_mamba, stop per token", ours_graphs_per_token_stop),
-        ("hf_mamba, no graphs", ours_eager),
-    ]
+    decoders += [("hf_mamba, CUDA graphs", ours_graphs), ("hf_mamba, no graphs", ours_eager)]
     if not args.skip_builtin_decode:
         decoders.append(("transformers built-in", hf_generate(builtin.to(torch.bfloat16))))
     if peer:

@@ -33,9 +33,6 @@ class MambaCache(Cache):
     is_compileable = False
     # A recurrent state cannot be cut back to fewer tokens (assisted decoding, deferred stop checks).
     is_croppable = False
-    # Set by generate() on a cache the caller passed in: it outlives generate(), which must then not run the
-    # extra step of a deferred stop check (hf_mamba.generation).
-    passed_to_generate = False
 
     def __init__(self, config, batch_size: int, dtype=torch.float32, device=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:

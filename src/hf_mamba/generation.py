@@ -13,14 +13,10 @@ time therefore gives the same states and logits with peak memory set by the chun
 `generate()` given a cache feeds only the tokens the cache has not seen (at least one, the newest: it
 needs that token's logits from a forward of its own), so prefill all but the last prompt token and
 pass the whole prompt; `generate_after_prefill` does both.
-
-Also here: generate()'s stop check read one step late on CUDA (`defer_stop_checks`).
 """
 
 import torch
-import transformers.generation.utils as generation_utils
 
-from .cache import MambaCache
 from .compat import CACHE_FIELD
 
 DEFAULT_CHUNK_SIZE = 16384
@@ -123,46 +119,4 @@ def generate_after_prefill(model, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZ
     return model.generate(input_ids, **kwargs)
 
 
-# generate() asks after every token whether all rows are done (`unfinished_sequences.max() == 0`), a read that
-# makes the host wait for the step it just queued, so the GPU then idles through the host's work on the next
-# one. Transformers' DeferredStopCheck reads that flag one step late (an extra forward when an EOS ends
-# generation, whose token generate() drops) and is on for Apple's mps only. hf_mamba turns it on for its
-# own cache on these device types, where the cache does not outlive generate(): a recurrent state cannot
-# take back the extra step, so a cache the caller passed in, or asked back with return_dict_in_generate,
-# keeps the per-token read.
-DEFERRED_STOP_DEVICE_TYPES = ("cuda",)
-
-
-def _stop_check_deferrable(device, cache, cache_is_returned, is_assistant):
-    return (
-        isinstance(cache, MambaCache)
-        and device.type in DEFERRED_STOP_DEVICE_TYPES
-        and not cache_is_returned
-        and not cache.passed_to_generate  # Transformers < 5.24 marks a passed cache only under `cache_params`
-        and not is_assistant
-    )
-
-
-def defer_stop_checks() -> bool:
-    """Make generate() on an hf_mamba model read its stop condition one step late on CUDA (see above), by
-    wrapping `DeferredStopCheck.is_supported`: other models' answers are unchanged. Idempotent; False where
-    the installed Transformers has no DeferredStopCheck."""
-    check = getattr(generation_utils, "DeferredStopCheck", None)
-    if check is None:
-        return False
-    original = check.is_supported
-    if getattr(original, "defers_mamba_caches", False):
-        return True
-
-    def is_supported(device, cache, cache_is_returned, is_assistant):
-        return _stop_check_deferrable(device, cache, cache_is_returned, is_assistant) or original(
-            device, cache, cache_is_returned, is_assistant
-        )
-
-    is_supported.defers_mamba_caches = True
-    is_supported.__wrapped__ = original
-    check.is_supported = staticmethod(is_supported)
-    return True
-
-
-__all__ = ["DEFAULT_CHUNK_SIZE", "defer_stop_checks", "generate_after_prefill", "prefill_in_chunks"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "generate_after_prefill", "prefill_in_chunks"]

@@ -25,7 +25,6 @@ from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
 from .fast_path import decide_fast_path, plain, scan_backend_for
-from .generation import defer_stop_checks
 from .hub import MambaHubMixin
 from .inputs import (
     check_id_range,
@@ -332,18 +331,12 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
 
     def generate(self, inputs=None, *args, **kwargs):
         """`GenerationMixin.generate`. An empty prompt is refused first, with the forward's error: Transformers'
-        own preparation of a batch of empty prompts fails earlier, with an IndexError. On CUDA the stop
-        condition is read one step late, so that the host queues each step while the GPU runs the one before
-        (`hf_mamba.generation.defer_stop_checks`)."""
+        own preparation of a batch of empty prompts fails earlier, with an IndexError."""
         prompt = kwargs.get("inputs_embeds")
         if prompt is None:
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if torch.is_tensor(prompt) and prompt.dim() >= 2:
             check_prompt_length(prompt.shape[1])
-        passed = _one_cache(kwargs.get("cache_params"), kwargs.get("cache"))
-        if isinstance(passed, MambaCache):
-            passed.passed_to_generate = True
-        defer_stop_checks()
         return super().generate(inputs, *args, **kwargs)
 
     def get_output_embeddings(self):
