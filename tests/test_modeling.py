@@ -8,7 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GenerationConfig,
+)
 
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
@@ -684,6 +690,23 @@ def test_generate_refuses_an_empty_prompt(model, kwargs):
     """A batch of empty prompts: the forward's error, before Transformers' own preparation (an IndexError)."""
     with pytest.raises(ValueError, match=r"empty \(seqlen 0\)"):
         model.generate(max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "config"])
+def test_generate_refuses_assisted_decoding_naming_the_argument(model, how, monkeypatch):
+    """Assisted decoding rolls the cache back past rejected drafts: refused before any forward, by name."""
+    forwards = []
+    monkeypatch.setattr(MambaForCausalLM, "forward", lambda *a, **k: forwards.append(1))
+    ids = torch.randint(1, 97, (1, 6))
+    kwargs = {"assistant_model": model, "prompt_lookup_num_tokens": 3, "assistant_early_exit": 1}.get(how)
+    if how == "config":
+        config = GenerationConfig(max_new_tokens=3, prompt_lookup_num_tokens=2)
+        with pytest.raises(ValueError, match="^prompt_lookup_num_tokens: assisted decoding"):
+            model.generate(ids, generation_config=config)
+    else:
+        with pytest.raises(ValueError, match=f"^{how}: assisted decoding .* cannot go back"):
+            model.generate(ids, max_new_tokens=3, **{how: kwargs})
+    assert forwards == []
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

@@ -11,6 +11,26 @@ def check_prompt_length(seqlen):
         raise ValueError("The input sequence is empty (seqlen 0); pass at least one token")
 
 
+# generate() arguments that turn on assisted decoding, which drafts tokens and then rolls the cache back past
+# the rejected ones. Transformers refuses it for a cache it cannot crop, but only after the prompt's forward and,
+# for a model that makes its cache in its forward, with "Assisted decoding requires a cache".
+ASSISTED_DECODING_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def check_not_assisted(generate_kwargs, generation_config):
+    """ValueError naming the argument where generate() was asked for assisted decoding (in its keyword
+    arguments or in the generation config it will use)."""
+    for name in ASSISTED_DECODING_ARGS:
+        value = generate_kwargs.get(name)
+        if value is None:
+            value = getattr(generate_kwargs.get("generation_config") or generation_config, name, None)
+        if value is not None:
+            raise ValueError(
+                f"{name}: assisted decoding rolls the cache back past rejected draft tokens, and an hf_mamba cache "
+                f"is a recurrent state that cannot go back; generate without {name}"
+            )
+
+
 def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
     """(batch, seqlen) of the inputs; ValueError naming the argument for anything the forward cannot use
     (shapes and dtypes: the values of input_ids are checked by `read_values`)."""

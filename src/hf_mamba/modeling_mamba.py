@@ -29,6 +29,7 @@ from .hub import MambaHubMixin
 from .inputs import (
     check_id_range,
     check_inputs,
+    check_not_assisted,
     check_prompt_length,
     document_ids,
     queue_id_range,
@@ -330,13 +331,15 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         self._loss_function = value
 
     def generate(self, inputs=None, *args, **kwargs):
-        """`GenerationMixin.generate`. An empty prompt is refused first, with the forward's error: Transformers'
-        own preparation of a batch of empty prompts fails earlier, with an IndexError."""
+        """`GenerationMixin.generate`. Refused first, with errors naming the argument: an empty prompt (Transformers'
+        own preparation of a batch of empty prompts fails with an IndexError) and assisted decoding (which
+        Transformers refuses only after the prompt's forward, and then as "requires a cache")."""
         prompt = kwargs.get("inputs_embeds")
         if prompt is None:
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if torch.is_tensor(prompt) and prompt.dim() >= 2:
             check_prompt_length(prompt.shape[1])
+        check_not_assisted(kwargs, self.generation_config)
         return super().generate(inputs, *args, **kwargs)
 
     def get_output_embeddings(self):
