@@ -709,6 +709,18 @@ def test_generate_refuses_assisted_decoding_naming_the_argument(model, how, monk
     assert forwards == []
 
 
+@pytest.mark.parametrize("where", ["forward", "backbone", "generate"])
+@pytest.mark.parametrize("name", ["cache", "cache_params", "past_key_values"])
+def test_a_cache_of_another_kind_is_refused_by_name(model, where, name):
+    """An attention model's cache (or anything but a MambaCache) is refused, never ignored or misread."""
+    ids = torch.randint(1, 97, (2, 6))
+    call = {"forward": model, "backbone": model.backbone, "generate": model.generate}[where]
+    extra = {"max_new_tokens": 2} if where == "generate" else {"use_cache": True}
+    expected = "^past_key_values: an hf_mamba model" if name == "past_key_values" else "^cache must be an hf_mamba"
+    with pytest.raises(ValueError, match=expected):
+        call(ids, **{name: transformers.DynamicCache()}, **extra)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("with_positions", [False, True])
 def test_a_forward_reads_values_to_the_host_once(model, monkeypatch, with_mask, with_positions):

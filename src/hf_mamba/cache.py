@@ -155,6 +155,21 @@ class MambaCache(Cache):
         raise NotImplementedError("MambaCache has a fixed batch size; build a new cache for another batch")
 
 
+def check_cache(cache, past_key_values=None) -> None:
+    """ValueError naming the argument for a cache a Mamba forward cannot continue from: anything but a MambaCache
+    as `cache`, or a cache under attention models' name `past_key_values` (which would otherwise be ignored)."""
+    if past_key_values is not None:
+        raise ValueError(
+            "past_key_values: an hf_mamba model keeps its state in a MambaCache, passed as `cache` (what a forward "
+            f"with use_cache=True returns); got a {type(past_key_values).__name__} as past_key_values"
+        )
+    if cache is not None and not isinstance(cache, MambaCache):
+        raise ValueError(
+            "cache must be an hf_mamba MambaCache (what a forward with use_cache=True returns, or "
+            f"MambaCache(config, batch_size, ...)); got a {type(cache).__name__}"
+        )
+
+
 def _state_then_layer(first, second):
     if isinstance(first, int) and isinstance(second, torch.Tensor):
         return second, first
@@ -163,4 +178,4 @@ def _state_then_layer(first, second):
     return first, second
 
 
-__all__ = ["MambaCache"]
+__all__ = ["MambaCache", "check_cache"]

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .block import MambaBlock, MambaMixer, MambaRMSNorm, norm_output_dtype
-from .cache import MambaCache
+from .cache import MambaCache, check_cache
 from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
@@ -248,6 +248,7 @@ class MambaModel(MambaPreTrainedModel):
                 MambaForCausalLM passes one that reuses the states of its pooled decode graphs.
         """
         batch, seqlen = check_inputs(input_ids, inputs_embeds, attention_mask)
+        check_cache(cache, kwargs.get("past_key_values"))
         restarts = restarts_of(position_ids, (batch, seqlen))
         # Before the embedding reads the ids.
         padded, restarting = read_values(input_ids, self.config.vocab_size, attention_mask, restarts)
@@ -340,6 +341,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         if torch.is_tensor(prompt) and prompt.dim() >= 2:
             check_prompt_length(prompt.shape[1])
         check_not_assisted(kwargs, self.generation_config)
+        check_cache(_one_cache(kwargs.get("cache_params"), kwargs.get("cache")), kwargs.get("past_key_values"))
         return super().generate(inputs, *args, **kwargs)
 
     def get_output_embeddings(self):
@@ -499,6 +501,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             Others: see MambaModel.forward.
         """
         cache_params = cache
+        check_cache(cache_params, kwargs.get("past_key_values"))
         if self._use_decode_graph(
             input_ids,
             cache_params,
