@@ -721,6 +721,22 @@ def test_a_cache_of_another_kind_is_refused_by_name(model, where, name):
         call(ids, **{name: transformers.DynamicCache()}, **extra)
 
 
+def test_labels_and_embeddings_of_the_wrong_shape_are_refused_by_name(model):
+    ids = torch.randint(1, 97, (2, 6))
+    wrong_labels = r"^labels must have the shape of the logits' \(batch, seqlen\) = \(2, 6\), got \(2, 4\)"
+    with pytest.raises(ValueError, match=wrong_labels):
+        model(ids, labels=ids[:, :4])
+    with pytest.raises(ValueError, match=r"^labels must have the shape .* = \(2, 1\)"):  # logits of one position
+        model(ids, labels=ids, logits_to_keep=1)
+    with pytest.raises(ValueError, match="^labels must be an integer tensor"):
+        model(ids, labels=ids.float())
+    narrow = r"^inputs_embeds must have shape \(batch, seqlen, hidden_size=32\), got \(2, 6, 16\)"
+    with pytest.raises(ValueError, match=narrow):
+        model(inputs_embeds=torch.randn(2, 6, 16))
+    with pytest.raises(ValueError, match="^inputs_embeds must have shape"):
+        model.backbone(inputs_embeds=torch.randn(2, 6, 33))
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("with_positions", [False, True])
 def test_a_forward_reads_values_to_the_host_once(model, monkeypatch, with_mask, with_positions):

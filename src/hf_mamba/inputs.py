@@ -31,9 +31,10 @@ def check_not_assisted(generate_kwargs, generation_config):
             )
 
 
-def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
+def check_inputs(input_ids, inputs_embeds, attention_mask, hidden_size=None) -> tuple[int, int]:
     """(batch, seqlen) of the inputs; ValueError naming the argument for anything the forward cannot use
-    (shapes and dtypes: the values of input_ids are checked by `read_values`)."""
+    (shapes and dtypes: the values of input_ids are checked by `read_values`); inputs_embeds' width is
+    checked against hidden_size where given."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds, not both and not neither")
     if input_ids is not None:
@@ -47,6 +48,11 @@ def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
             raise ValueError(
                 f"inputs_embeds must have shape (batch, seqlen, hidden_size), got {tuple(inputs_embeds.shape)}"
             )
+        if hidden_size is not None and inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, seqlen, hidden_size={hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
         shape = tuple(inputs_embeds.shape[:2])
     check_prompt_length(shape[1])
     if attention_mask is not None and tuple(attention_mask.shape) != shape:
@@ -54,6 +60,18 @@ def check_inputs(input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
             f"attention_mask must have shape (batch, seqlen) = {shape}, got {tuple(attention_mask.shape)}"
         )
     return shape
+
+
+def check_labels(labels, shape) -> None:
+    """ValueError naming labels where they cannot be the targets of logits of (batch, seqlen) = shape."""
+    if not torch.is_tensor(labels) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        kind = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor of token ids (-100 to ignore), got {kind}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(
+            f"labels must have the shape of the logits' (batch, seqlen) = {tuple(shape)}, got {tuple(labels.shape)}"
+            " (labels = input_ids works: they are shifted inside)"
+        )
 
 
 def read_values(input_ids, vocab_size, attention_mask=None, restarts=None):

@@ -29,6 +29,7 @@ from .hub import MambaHubMixin
 from .inputs import (
     check_id_range,
     check_inputs,
+    check_labels,
     check_not_assisted,
     check_prompt_length,
     document_ids,
@@ -247,7 +248,7 @@ class MambaModel(MambaPreTrainedModel):
             new_cache: makes the cache of a new sequence from (batch, dtype, device); default a fresh MambaCache.
                 MambaForCausalLM passes one that reuses the states of its pooled decode graphs.
         """
-        batch, seqlen = check_inputs(input_ids, inputs_embeds, attention_mask)
+        batch, seqlen = check_inputs(input_ids, inputs_embeds, attention_mask, self.config.hidden_size)
         check_cache(cache, kwargs.get("past_key_values"))
         restarts = restarts_of(position_ids, (batch, seqlen))
         # Before the embedding reads the ids.
@@ -545,6 +546,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
+            check_labels(labels, logits.shape[:2])
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
             output = tuple(v for v in (logits, cache_params, outputs.hidden_states) if v is not None)
