@@ -721,6 +721,16 @@ def test_a_cache_of_another_kind_is_refused_by_name(model, where, name):
         call(ids, **{name: transformers.DynamicCache()}, **extra)
 
 
+@pytest.mark.parametrize("change", [dict(hidden_size=64), dict(num_hidden_layers=3), dict(state_size=4)])
+def test_a_cache_made_for_another_model_is_refused(model, tiny_kwargs, change):
+    ids = torch.randint(1, 97, (2, 6))
+    cache = MambaCache(MambaConfig(**{**tiny_kwargs, **change}), batch_size=2)
+    with pytest.raises(ValueError, match=r"^cache was made for another model: \(layers, d_inner, d_conv, d_state\)"):
+        model(ids, cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="^cache was made for another model"):
+        model.generate(ids, cache=cache, max_new_tokens=2)
+
+
 def test_labels_and_embeddings_of_the_wrong_shape_are_refused_by_name(model):
     ids = torch.randint(1, 97, (2, 6))
     wrong_labels = r"^labels must have the shape of the logits' \(batch, seqlen\) = \(2, 6\), got \(2, 4\)"

@@ -155,9 +155,10 @@ class MambaCache(Cache):
         raise NotImplementedError("MambaCache has a fixed batch size; build a new cache for another batch")
 
 
-def check_cache(cache, past_key_values=None) -> None:
+def check_cache(cache, past_key_values=None, config=None) -> None:
     """ValueError naming the argument for a cache a Mamba forward cannot continue from: anything but a MambaCache
-    as `cache`, or a cache under attention models' name `past_key_values` (which would otherwise be ignored)."""
+    as `cache`, a cache under attention models' name `past_key_values` (which would otherwise be ignored), and,
+    given the model's config, a cache of another number of layers or other state sizes."""
     if past_key_values is not None:
         raise ValueError(
             "past_key_values: an hf_mamba model keeps its state in a MambaCache, passed as `cache` (what a forward "
@@ -168,6 +169,15 @@ def check_cache(cache, past_key_values=None) -> None:
             "cache must be an hf_mamba MambaCache (what a forward with use_cache=True returns, or "
             f"MambaCache(config, batch_size, ...)); got a {type(cache).__name__}"
         )
+    if cache is not None and config is not None:
+        expected = (config.num_hidden_layers, config.intermediate_size, config.conv_kernel, config.state_size)
+        conv, ssm = cache.conv_states, cache.ssm_states
+        found = (len(ssm), *(conv[0].shape[1:] if conv else (None, None)), ssm[0].shape[-1] if ssm else None)
+        if found != expected:
+            raise ValueError(
+                "cache was made for another model: (layers, d_inner, d_conv, d_state) = "
+                f"{tuple(found)}, this model's are {expected}"
+            )
 
 
 def _state_then_layer(first, second):

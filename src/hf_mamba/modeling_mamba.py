@@ -249,7 +249,7 @@ class MambaModel(MambaPreTrainedModel):
                 MambaForCausalLM passes one that reuses the states of its pooled decode graphs.
         """
         batch, seqlen = check_inputs(input_ids, inputs_embeds, attention_mask, self.config.hidden_size)
-        check_cache(cache, kwargs.get("past_key_values"))
+        check_cache(cache, kwargs.get("past_key_values"), self.config)
         restarts = restarts_of(position_ids, (batch, seqlen))
         # Before the embedding reads the ids.
         padded, restarting = read_values(input_ids, self.config.vocab_size, attention_mask, restarts)
@@ -342,7 +342,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         if torch.is_tensor(prompt) and prompt.dim() >= 2:
             check_prompt_length(prompt.shape[1])
         check_not_assisted(kwargs, self.generation_config)
-        check_cache(_one_cache(kwargs.get("cache_params"), kwargs.get("cache")), kwargs.get("past_key_values"))
+        passed = _one_cache(kwargs.get("cache_params"), kwargs.get("cache"))
+        check_cache(passed, kwargs.get("past_key_values"), self.config)
         return super().generate(inputs, *args, **kwargs)
 
     def get_output_embeddings(self):
