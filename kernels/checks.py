@@ -5,6 +5,9 @@ Shapes are checked by each entry point; here, what they all need: every tensor a
 into another device's memory faults instead of raising).
 """
 
+import math
+import numbers
+
 import torch
 
 
@@ -27,6 +30,12 @@ def check_tensors(**tensors) -> None:
             )
 
 
+def check_eps(eps) -> None:
+    """ValueError unless eps is a finite number >= 0 (a negative one turns the norms' rsqrt into NaN)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
 def check_shapes(*expected) -> None:
     """ValueError for the first (name, tensor, shape) whose tensor is given and has another shape."""
     for name, tensor, shape in expected:
@@ -34,4 +43,4 @@ def check_shapes(*expected) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
 
 
-__all__ = ["check_shapes", "check_tensors"]
+__all__ = ["check_eps", "check_shapes", "check_tensors"]

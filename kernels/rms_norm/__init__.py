@@ -16,7 +16,7 @@ normalised row is rounded to the weight's dtype (as mamba_ssm's fused add + norm
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_tensors
+from ..checks import check_eps, check_tensors
 from ..selective_scan import resolve_backend
 from ..selective_scan.reference import fp32_or_wider
 from .torch_rms_norm import rms_norm_input_grad
@@ -51,6 +51,7 @@ def weightless_rms_norms(x, sizes, eps, backend=None):
     "reference" / "torch" or None off CUDA, the PyTorch ops part by part (gradients flow through them).
     """
     check_tensors(x=x)
+    check_eps(eps)
     sizes = [int(size) for size in sizes]
     if x.dim() == 0 or x.shape[-1] != sum(sizes):
         raise ValueError(f"x must have a last dim of sum(sizes) = {sum(sizes)}, got shape {tuple(x.shape)}")
@@ -95,6 +96,7 @@ def rms_norm(x, weight, eps, dtype, backend=None):
     PyTorch ops on every backend.
     """
     check_tensors(x=x, weight=weight)
+    check_eps(eps)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     if torch.compiler.is_compiling():
@@ -122,7 +124,10 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     plus the weight gradient's sum), "reference" / "torch" (PyTorch ops), or None: Triton on CUDA,
     else PyTorch. Gradients flow to residual, delta and weight on every backend.
     """
+    if residual is None or delta is None:
+        raise ValueError("residual and delta must both be tensors: add_rms_norm normalises residual + delta")
     check_tensors(residual=residual, delta=delta, weight=weight)
+    check_eps(eps)
     if residual.shape != delta.shape:
         raise ValueError(f"residual and delta must have the same shape, got {tuple(residual.shape)} and "
                          f"{tuple(delta.shape)}")

@@ -12,6 +12,7 @@ from hf_mamba.kernels import (
     selective_state_update,
 )
 from hf_mamba.kernels.checks import check_tensors
+from hf_mamba.kernels.rms_norm import weightless_rms_norms
 
 BATCH, D_INNER, SEQLEN, D_STATE, D_CONV = 2, 8, 5, 4, 4
 
@@ -67,6 +68,16 @@ CASES = [
                  "residual must be a floating-point tensor", id="add-rms-norm-int"),
     pytest.param(lambda: rms_norm(torch.randn(2, 3, 8), torch.ones(7), 1e-6, torch.float32),
                  r"weight must have shape \(8,\)", id="rms-norm-weight"),
+    pytest.param(lambda: rms_norm(torch.randn(2, 3, 8), torch.ones(8), -1e-6, torch.float32),
+                 r"eps must be a finite number >= 0, got -1e-06", id="rms-norm-negative-eps"),
+    pytest.param(lambda: add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), float("nan")),
+                 "eps must be a finite number >= 0, got nan", id="add-rms-norm-nan-eps"),
+    pytest.param(lambda: add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), None),
+                 "eps must be a finite number >= 0, got None", id="add-rms-norm-no-eps"),
+    pytest.param(lambda: add_rms_norm(torch.randn(2, 8), None, torch.ones(8), 1e-6),
+                 "residual and delta must both be tensors", id="add-rms-norm-no-delta"),
+    pytest.param(lambda: weightless_rms_norms(torch.randn(2, 12), [4, 4, 4], True),
+                 "eps must be a finite number >= 0, got True", id="weightless-bool-eps"),
 ]  # fmt: skip
 
 
