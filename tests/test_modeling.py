@@ -827,6 +827,20 @@ def test_an_empty_batch_runs_with_and_without_a_cache(model):
         MambaCache(model.config, batch_size=-1)
 
 
+def test_cache_refuses_an_integer_dtype_and_a_layer_it_does_not_hold(model):
+    """An integer conv state would truncate the activations it keeps; a layer index past the last one is named."""
+    for dtype in (torch.int64, torch.bool, "float32"):
+        with pytest.raises(ValueError, match="^dtype must be a floating-point torch.dtype"):
+            MambaCache(model.config, batch_size=1, dtype=dtype)
+    cache = MambaCache(model.config, batch_size=1)
+    conv = torch.ones_like(cache.conv_states[0])
+    with pytest.raises(ValueError, match=r"^layer_idx must lie in \[0, 2\) for this cache's 2 layers, got 2"):
+        cache.update_conv_state(conv, 2)
+    with pytest.raises(ValueError, match="^layer_idx must lie in"):
+        cache.update_ssm_state(-1, torch.zeros_like(cache.ssm_states[0]))  # the older (layer, state) order
+    assert torch.equal(cache.update_conv_state(1, conv), conv)
+
+
 def test_cache_batch_mismatch_raises(model):
     cache = MambaCache(model.config, batch_size=2)
     with pytest.raises(ValueError, match="cache_params"):

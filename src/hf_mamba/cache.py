@@ -37,6 +37,9 @@ class MambaCache(Cache):
     def __init__(self, config, batch_size: int, dtype=torch.float32, device=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be a non-negative integer, got {batch_size!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            # The conv states hold the layer's activations: an integer copy would truncate them silently.
+            raise ValueError(f"dtype must be a floating-point torch.dtype (the model's activations'), got {dtype!r}")
         d_inner = config.intermediate_size
         layers = range(config.num_hidden_layers)
         state_dtype = torch.promote_types(dtype, torch.float32)
@@ -121,12 +124,12 @@ class MambaCache(Cache):
     def update_conv_state(self, conv_state, layer_idx, state_idx: int = 0, **kwargs) -> torch.Tensor:
         """Copy `conv_state` into layer `layer_idx`'s conv state, in place (Cache's argument order; the older
         Mamba-cache order (layer_idx, conv_state) is accepted too)."""
-        conv_state, layer_idx = _state_then_layer(conv_state, layer_idx)
+        conv_state, layer_idx = _state_then_layer(conv_state, layer_idx, len(self))
         return self.conv_states[layer_idx].copy_(conv_state.detach())  # states carry no autograd history
 
     def update_recurrent_state(self, ssm_state, layer_idx, state_idx: int = 0, **kwargs) -> torch.Tensor:
         """Copy `ssm_state` into layer `layer_idx`'s SSM state, in place (argument order as update_conv_state)."""
-        ssm_state, layer_idx = _state_then_layer(ssm_state, layer_idx)
+        ssm_state, layer_idx = _state_then_layer(ssm_state, layer_idx, len(self))
         return self.ssm_states[layer_idx].copy_(ssm_state.detach())
 
     update_ssm_state = update_recurrent_state  # the name of Transformers' earlier Mamba cache
@@ -180,11 +183,13 @@ def check_cache(cache, past_key_values=None, config=None) -> None:
             )
 
 
-def _state_then_layer(first, second):
+def _state_then_layer(first, second, layers):
     if isinstance(first, int) and isinstance(second, torch.Tensor):
-        return second, first
+        first, second = second, first
     if not isinstance(second, int):
         raise ValueError(f"layer_idx must be an int, got {type(second).__name__}")
+    if not 0 <= second < layers:
+        raise ValueError(f"layer_idx must lie in [0, {layers}) for this cache's {layers} layers, got {second}")
     return first, second
 
 
