@@ -387,11 +387,22 @@ def main():
         ours_bf16.config.use_cuda_graph = True
         return hf_generate(ours_bf16)(prompt, new_tokens)
 
+    def ours_graph_per_token(prompt, new_tokens):  # Transformers' loop, one graph replay per token
+        ours_bf16.config.use_cuda_graph, ours_bf16.decode_chunk_size = True, 1
+        try:
+            return hf_generate(ours_bf16)(prompt, new_tokens)
+        finally:
+            del ours_bf16.decode_chunk_size
+
     def ours_eager(prompt, new_tokens):
         ours_bf16.config.use_cuda_graph = False
         return hf_generate(ours_bf16)(prompt, new_tokens)
 
-    decoders += [("hf_mamba, CUDA graphs", ours_graphs), ("hf_mamba, no graphs", ours_eager)]
+    decoders += [
+        ("hf_mamba, CUDA graphs", ours_graphs),
+        ("hf_mamba, graph per token", ours_graph_per_token),
+        ("hf_mamba, no graphs", ours_eager),
+    ]
     if not args.skip_builtin_decode:
         decoders.append(("transformers built-in", hf_generate(builtin.to(torch.bfloat16))))
     if peer:
@@ -403,7 +414,7 @@ def main():
     if args.decode_profile:
         print(f"\nDecode profile, bf16, prompt {args.prompt_len}, 64 new tokens")
         for name, generate in decoders:
-            if "graphs" in name or "cg=True" in name:
+            if name in ("hf_mamba, CUDA graphs", "hf_mamba, graph per token", "mamba_ssm, cg=True"):
                 for batch in args.decode_batches:
                     print_decode_profile(name, generate, args, batch)
     rows = [

@@ -628,3 +628,24 @@ def test_wide_mixers_step_through_the_modules(falcon, monkeypatch):
         assert len(step_calls) == (config.num_hidden_layers if max_d_inner == 72 else 0)
         step_calls.clear()
     torch.testing.assert_close(logits[71], logits[72], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_chunks_on_cuda_give_the_eager_tokens(batch):
+    """generate()'s chunked greedy loop (a graph of up to 16 steps selecting tokens on the GPU) against
+    Transformers' loop without graphs: the same tokens, with EOS, min_new_tokens and a tail of short chunks."""
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES, tie_word_embeddings=False)).to(DEVICE).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    ids = torch.randint(1, SIZES["vocab_size"], (batch, 12), device=DEVICE)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=46, do_sample=False)
+    model.config.use_cuda_graph = False
+    free = model.generate(ids, eos_token_id=None, **kwargs)
+    eos = int(free[0, 12 + 20])
+    eager = [model.generate(ids, eos_token_id=eos, **kwargs), model.generate(ids, eos_token_id=eos, min_new_tokens=30, **kwargs)]
+    model.config.use_cuda_graph = True
+    assert torch.equal(model.generate(ids, eos_token_id=None, **kwargs), free)
+    assert torch.equal(model.generate(ids, eos_token_id=eos, **kwargs), eager[0])
+    assert torch.equal(model.generate(ids, eos_token_id=eos, min_new_tokens=30, **kwargs), eager[1])
+    assert {chunk.steps for chunk in model._decode_graphs.entries[-1].graphs if chunk is not None} == {16, 4, 1}

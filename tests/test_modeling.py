@@ -2,11 +2,13 @@
 cache continuation, padding, save/load, Auto classes, bad input."""
 
 import copy
+import functools
 import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 import transformers
 from transformers import (
     AutoConfig,
@@ -19,7 +21,7 @@ from transformers import (
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
 from hf_mamba.compat import enable_activation_checkpointing
-from hf_mamba.decode_graphs import DecodeGraphs
+from hf_mamba.decode_graphs import DecodeGraphs, greedy_steps
 from hf_mamba.modeling_mamba import CACHE_FIELD
 
 LOGITS_RTOL = 1e-5  # fp32: relative to the largest logit
@@ -203,6 +205,7 @@ def test_generate_uses_our_cache_with_one_token_per_step(model, monkeypatch):
     seen = []
     original = MambaForCausalLM.forward
 
+    @functools.wraps(original)  # generate() reads the forward's signature (position_ids, logits_to_keep)
     def spy(self, *args, **kwargs):
         seen.append((type(kwargs.get(CACHE_FIELD)).__name__, kwargs["input_ids"].shape[1]))
         return original(self, *args, **kwargs)
@@ -324,19 +327,22 @@ class FakeGraph:
     """Stands in for DecodeGraph on CPU: replays the decode step on the tensors it was captured on, as a
     CUDA graph does, so a cache decoding with another cache's graph gives wrong tokens."""
 
-    def __init__(self, step, cache, input_ids):
-        self.step = step
+    def __init__(self, step, cache, input_ids, chunk=None):
+        self.step, self.chunk = step, chunk
         # Weak references: a CUDA graph holds none to the tensors it reads, and the pool counts references.
         self.captured_on = [weakref.ref(state) for state in cache.conv_states + cache.ssm_states]
         self.states_ptr = cache.ssm_states[0].data_ptr()
         self.layers = len(cache.conv_states)
 
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, unfinished=None, suppressed=None):
         states = [ref() for ref in self.captured_on]
         conv, ssm = states[: self.layers], states[self.layers :]
         # What the step reads of a cache; a replay runs no Python, so placing layers is a no-op.
         captured = SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=1, place_layer=lambda *_: None)
-        return self.step(input_ids, captured)
+        if self.chunk is None:
+            return self.step(input_ids, captured)
+        eos, pad = torch.tensor(self.chunk.eos, dtype=torch.long), torch.tensor(self.chunk.pad)
+        return greedy_steps(self.step, captured, input_ids, unfinished, suppressed, self.chunk, eos, pad)
 
 
 @pytest.fixture
@@ -352,6 +358,7 @@ def graphs(monkeypatch):
 
     original = MambaForCausalLM.forward
 
+    @functools.wraps(original)  # generate() reads the forward's signature (position_ids, logits_to_keep)
     def spy(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         cache = out[CACHE_FIELD]
@@ -362,6 +369,8 @@ def graphs(monkeypatch):
     monkeypatch.setattr(DecodeGraphs, "graph_class", Recording)
     monkeypatch.setattr(MambaForCausalLM, "_cuda_graphs_on", lambda self, device: self.config.use_cuda_graph)
     monkeypatch.setattr(MambaForCausalLM, "forward", spy)
+    # These tests are about the forward's replays, one per token: greedy chunks (tested below) replay no forward.
+    monkeypatch.setattr(MambaForCausalLM, "decode_chunk_size", 1)
     return record
 
 
@@ -515,6 +524,194 @@ def test_a_copied_model_starts_with_no_graphs(model, graphs):
     greedy(model, torch.randint(1, 97, (2, 6)))
     assert len(copy.deepcopy(model)._decode_graphs.entries) == 0
     assert len(model._decode_graphs.entries) == 1
+
+
+# ---- greedy generate() in graph chunks (on CPU, the fake graph) --------------------------------
+
+
+@pytest.fixture
+def lively(tiny_kwargs):
+    """A tiny model whose greedy tokens vary for tens of steps (the tied one repeats its last prompt token)."""
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**tiny_kwargs, tie_word_embeddings=False)).eval()
+    nn.init.normal_(model.lm_head.weight, std=1.0)
+    nn.init.normal_(model.backbone.embeddings.weight, std=1.0)
+    return model
+
+
+@pytest.fixture
+def chunked(graphs, monkeypatch):
+    """Greedy decoding in chunks of up to 16 tokens; `graphs.captured` records each chunk graph, `chunked_runs`
+    whether each generate() with graphs took the chunked loop."""
+    monkeypatch.setattr(MambaForCausalLM, "decode_chunk_size", 16)
+    runs = []
+    original = MambaForCausalLM._sample
+
+    def spy(self, *args, **kwargs):
+        if self.config.use_cuda_graph:  # not the reference runs without graphs
+            runs.append(greedy_decode_plan(self, *args, **kwargs) is not None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MambaForCausalLM, "_sample", spy)
+    graphs.chunked_runs = runs
+    return graphs
+
+
+def greedy_decode_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                       streamer=None, **model_kwargs):
+    from hf_mamba.greedy_decode import greedy_plan
+
+    return greedy_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
+
+
+def both_ways(model, ids, **kwargs):
+    """generate(**kwargs) through the chunked loop and through Transformers' loop without graphs."""
+    chunked = model.generate(ids, do_sample=False, **kwargs)
+    model.config.use_cuda_graph = False
+    try:
+        eager = model.generate(ids, do_sample=False, **kwargs)
+    finally:
+        model.config.use_cuda_graph = True
+    return chunked, eager
+
+
+def eos_seen_at(model, ids, step):
+    """(token, s): the first token row 0 generates without EOS at a step s >= `step` that it did not generate
+    before; as EOS, it stops that row at step s."""
+    _, free = both_ways(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, eos_token_id=None)
+    new = free[0, ids.shape[1] :].tolist()
+    s = next(s for s in range(step, len(new)) if new[s] not in new[:s])
+    return new[s], s
+
+
+@pytest.mark.parametrize("new_tokens", [1, 2, 21, 40])
+def test_greedy_chunks_give_transformers_tokens(lively, chunked, new_tokens):
+    ids = torch.randint(1, 97, (3, 7))
+    out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_id=None)
+    assert torch.equal(out, eager) and out.shape == (3, 7 + new_tokens)
+    assert chunked.chunked_runs == [True]
+    # The first token comes from the prefill; 39 more are chunks of 16, 16, 4, 1, 1, 1.
+    expected = {1: [], 2: [1], 21: [16, 4], 40: [16, 4, 1]}[new_tokens]
+    assert [graph.chunk.steps for graph in chunked.captured] == expected
+
+
+def test_greedy_chunks_stop_each_row_at_eos_and_pad_it(lively, chunked):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 97, (3, 7))
+    eos, at = eos_seen_at(lively, ids, 5)
+    chunked.chunked_runs.clear()
+    out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, eos_token_id=eos,
+                           pad_token_id=96)
+    assert torch.equal(out, eager) and chunked.chunked_runs == [True]
+    assert out[0, 7 + at] == eos and (out[0, 7 + at + 1 :] == 96).all()
+
+
+def test_greedy_chunks_stop_when_every_row_is_done(lively, chunked):
+    ids = torch.randint(1, 97, (1, 7))
+    eos, at = eos_seen_at(lively, ids, 9)
+    chunked.chunked_runs.clear()
+    out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, eos_token_id=eos)
+    assert torch.equal(out, eager) and out.shape == (1, 7 + at + 1) and chunked.chunked_runs == [True]
+
+
+@pytest.mark.parametrize("minimum", [dict(min_new_tokens=12), dict(min_length=7 + 9)])
+def test_greedy_chunks_hold_eos_back_until_min_new_tokens(lively, chunked, minimum):
+    ids = torch.randint(1, 97, (2, 7))
+    eos, at = eos_seen_at(lively, ids, 2)
+    chunked.chunked_runs.clear()
+    out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, eos_token_id=eos,
+                           **minimum)
+    assert torch.equal(out, eager) and chunked.chunked_runs == [True]
+    assert at < 9 and out.shape[1] > 7 + at + 1  # the EOS was suppressed
+
+
+def test_greedy_chunks_with_left_padding_and_a_streamer(lively, chunked):
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    streamed = {}
+    for name in ("chunked", "eager"):
+        class Collect:
+            def __init__(self):
+                self.puts, self.ended = [], False
+
+            def put(self, value):
+                self.puts.append(value.clone())
+
+            def end(self):
+                self.ended = True
+
+        streamed[name] = Collect()
+    out = lively.generate(ids, attention_mask=mask, max_new_tokens=22, do_sample=False, eos_token_id=None,
+                         streamer=streamed["chunked"])
+    lively.config.use_cuda_graph = False
+    eager = lively.generate(ids, attention_mask=mask, max_new_tokens=22, do_sample=False, eos_token_id=None,
+                           streamer=streamed["eager"])
+    lively.config.use_cuda_graph = True
+    assert torch.equal(out, eager) and chunked.chunked_runs == [True]
+    chunked_puts, eager_puts = streamed["chunked"].puts, streamed["eager"].puts
+    assert len(chunked_puts) == len(eager_puts) == 23  # the prompt, then each new token
+    assert all(torch.equal(a, b) for a, b in zip(chunked_puts, eager_puts, strict=True))
+    assert streamed["chunked"].ended
+
+
+def test_greedy_chunks_from_inputs_embeds(lively, chunked):
+    ids = torch.randint(1, 97, (2, 7))
+    embeds = lively.get_input_embeddings()(ids)
+    out, eager = both_ways(lively, None, inputs_embeds=embeds, max_new_tokens=20, eos_token_id=None)
+    assert torch.equal(out, eager) and out.shape == (2, 20) and chunked.chunked_runs == [True]
+
+
+def test_greedy_chunks_return_the_cache_transformers_leaves(lively, chunked):
+    ids = torch.randint(1, 97, (2, 7))
+    out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=19, eos_token_id=None,
+                           return_dict_in_generate=True)
+    assert torch.equal(out.sequences, eager.sequences) and chunked.chunked_runs == [True]
+    mine, theirs = out[CACHE_FIELD] if CACHE_FIELD in out else out["past_key_values"], None
+    theirs = eager[CACHE_FIELD] if CACHE_FIELD in eager else eager["past_key_values"]
+    assert mine.seqlen_offset == theirs.seqlen_offset == 7 + 18
+    for a, b in zip(mine.conv_states + mine.ssm_states, theirs.conv_states + theirs.ssm_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(do_sample=True, top_k=5),
+        dict(repetition_penalty=1.3),
+        dict(return_dict_in_generate=True, output_scores=True),
+        dict(return_dict_in_generate=True),  # EOS could stop it early and the cache is returned
+        dict(max_time=30.0),
+    ],
+    ids=["sampling", "another-processor", "scores", "returned-cache-with-eos", "another-criterion"],
+)
+def test_greedy_chunks_leave_the_rest_to_transformers_loop(lively, chunked, kwargs):
+    ids = torch.randint(1, 97, (2, 7))
+    torch.manual_seed(0)
+    out = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
+    assert chunked.chunked_runs == [False]
+    assert all(graph.chunk is None for graph in chunked.captured)
+    if not kwargs.get("do_sample"):
+        lively.config.use_cuda_graph = False
+        eager = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
+        lively.config.use_cuda_graph = True
+        sequences = (lambda o: o.sequences if hasattr(o, "sequences") else o)
+        assert torch.equal(sequences(out), sequences(eager))
+
+
+def test_a_chunk_size_of_one_is_transformers_loop(lively, chunked):
+    lively.decode_chunk_size = 1
+    ids = torch.randint(1, 97, (2, 7))
+    out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=6)
+    assert torch.equal(out, eager) and chunked.chunked_runs == [False]
+
+
+def test_greedy_chunk_graphs_are_kept_across_generate_calls(lively, chunked):
+    for _ in range(3):
+        ids = torch.randint(1, 97, (2, 7))
+        out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=22, eos_token_id=None)
+        assert torch.equal(out, eager)
+    assert [graph.chunk.steps for graph in chunked.captured] == [16, 4, 1]
 
 
 # ---- outputs and heads -----------------------------------------------------------------------

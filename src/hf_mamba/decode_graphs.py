@@ -11,12 +11,17 @@ sequence takes the states, zeroed, of a pool entry of its kind (batch, dtype, ..
 holds, and at its first decode step the entry's graph, if the model's fingerprint is still the one the
 graph was captured with (else a new capture replaces it). A cache still alive (say, returned by
 return_dict_in_generate) keeps its states: the next sequence gets fresh ones in a new entry.
+
+Two kinds of graph: a step's logits (what the forward replays for one token), and a chunk of greedy steps
+(`GreedyChunk`: each step selects its token on the GPU and feeds it to the next, so generate() launches one
+replay and reads the device once per chunk instead of once per token; `greedy_decode.py` drives it).
 """
 
+import math
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,15 +31,55 @@ from .kernels._launch import device_guard
 Step = Callable[[torch.Tensor, MambaCache], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class GreedyChunk:
+    """A chunk of `steps` greedy decode steps, as Transformers' greedy loop selects tokens: the argmax of the
+    fp32 logits, suppressed ids (min_new_tokens' EOS) at -inf; with `eos` ids, a finished row gets `pad`."""
+
+    steps: int
+    vocab: int  # the logits' size
+    eos: tuple[int, ...] = ()
+    pad: int = 0
+
+
+def greedy_steps(step: Step, cache: MambaCache, ids, unfinished, suppressed, chunk: GreedyChunk, eos, pad):
+    """Runs `chunk.steps` greedy decode steps from `ids` (batch, 1) on `cache`, each step's token the next
+    one's input; returns the tokens and the rows still unfinished after each step, both (batch, steps).
+    `suppressed` is a (vocab,) bool mask; `eos` and `pad` the chunk's ids as tensors on the device."""
+    tokens, flags = [], []
+    for _ in range(chunk.steps):
+        scores = torch.where(suppressed, -math.inf, step(ids, cache)[:, -1].float())
+        next_ids = scores.argmax(-1)
+        if chunk.eos:
+            next_ids = next_ids * unfinished + pad * (1 - unfinished)
+            unfinished = unfinished & ~torch.isin(next_ids, eos)
+        tokens.append(next_ids)
+        flags.append(unfinished)
+        ids = next_ids[:, None]
+    return torch.stack(tokens, 1), torch.stack(flags, 1)
+
+
 class DecodeGraph:
-    """A CUDA graph of one decode step on one set of state tensors.
+    """A CUDA graph on one set of state tensors: one decode step's logits (`chunk` None), or a GreedyChunk.
 
     The states never move (every update is in place), so the graph stays valid for as long as they live.
     """
 
-    def __init__(self, step: Step, cache: MambaCache, input_ids: torch.Tensor):
+    def __init__(self, step: Step, cache: MambaCache, input_ids: torch.Tensor, chunk: GreedyChunk | None = None):
         self.static_ids = input_ids.clone()
         self.states_ptr = cache.ssm_states[0].data_ptr()
+        self.chunk = chunk
+        if chunk is None:
+            body = lambda: step(self.static_ids, cache)  # noqa: E731
+        else:
+            device, batch = input_ids.device, input_ids.shape[0]
+            self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
+            self.suppressed = torch.zeros(chunk.vocab, dtype=torch.bool, device=device)
+            eos = torch.tensor(chunk.eos, dtype=torch.long, device=device)
+            pad = torch.tensor(chunk.pad, dtype=torch.long, device=device)
+            body = lambda: greedy_steps(  # noqa: E731
+                step, cache, self.static_ids, self.unfinished, self.suppressed, chunk, eos, pad
+            )
         saved_states = [state.clone() for state in cache.conv_states + cache.ssm_states]
         # Streams and capture belong to the current GPU: make it the model's (say, cuda:1 of a process whose
         # current device is cuda:0).
@@ -43,19 +88,26 @@ class DecodeGraph:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                step(self.static_ids, cache)
+                body()
             torch.cuda.current_stream().wait_stream(stream)
             for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states, strict=True):
-                state.copy_(saved)  # undo the warm-up step
+                state.copy_(saved)  # undo the warm-up steps
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.static_logits = step(self.static_ids, cache)
+                self.static_out = body()
 
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, unfinished=None, suppressed=None):
+        """A logits graph: the step's logits. A chunk graph: (tokens, unfinished flags), each (batch, steps),
+        from rows `unfinished` (batch,) long and the (vocab,) bool mask `suppressed`."""
         self.static_ids.copy_(input_ids)
+        if self.chunk is not None:
+            self.unfinished.copy_(unfinished)
+            self.suppressed.copy_(suppressed)
         with device_guard(input_ids):  # a replay runs on the current device's stream
             self.graph.replay()
-        return self.static_logits.clone()
+        if self.chunk is None:
+            return self.static_out.clone()
+        return tuple(out.clone() for out in self.static_out)
 
 
 @dataclass(eq=False)
@@ -66,8 +118,13 @@ class _PooledStates:
     conv_states: tuple
     ssm_states: tuple
     holder: weakref.ref  # dead once that cache is gone: then the next new sequence may take the tensors
-    graph: DecodeGraph | None = None
-    fingerprint: tuple | None = None  # the model's fingerprint when `graph` was captured
+    graphs: dict = field(default_factory=dict)  # GreedyChunk (None: the logits graph) -> DecodeGraph
+    fingerprint: tuple | None = None  # the model's fingerprint when `graphs` were captured
+
+    @property
+    def graph(self):
+        """The logits graph."""
+        return self.graphs.get(None)
 
 
 class DecodeGraphs:
@@ -83,14 +140,14 @@ class DecodeGraphs:
 
     def __init__(self):
         self.entries = []  # least recently used first
-        self._graph_of_cache = weakref.WeakKeyDictionary()  # each live cache's graph, chosen at its first step
+        self._graphs_of_cache = weakref.WeakKeyDictionary()  # each live cache's graphs, by kind, chosen at first use
 
     def __reduce__(self):
         return DecodeGraphs, ()  # copied or pickled empty: the graphs read this model's memory
 
-    def graph_of(self, cache: MambaCache) -> DecodeGraph | None:
-        """The graph `cache` decodes with, None before its first graph-replayed step."""
-        return self._graph_of_cache.get(cache)
+    def graph_of(self, cache: MambaCache, chunk: GreedyChunk | None = None) -> DecodeGraph | None:
+        """The graph of that kind `cache` decodes with, None before its first use."""
+        return self._graphs_of_cache.get(cache, {}).get(chunk)
 
     def new_cache(self, config, batch: int, dtype, device) -> MambaCache:
         """A cache for a new sequence: a free entry's states (zeroed), else fresh states in a new entry."""
@@ -113,22 +170,38 @@ class DecodeGraphs:
 
     def decode(self, step: Step, fingerprint: Callable[[], tuple], cache: MambaCache, input_ids) -> torch.Tensor:
         """Logits of one decode step on `cache`, by replaying its graph (captured at its first step)."""
-        graph = self._graph_of_cache.get(cache)
+        return self._graph(step, fingerprint, cache, input_ids, None)(input_ids)
+
+    def decode_greedy(self, step: Step, fingerprint, cache: MambaCache, input_ids, unfinished, suppressed, chunk):
+        """(tokens, unfinished flags), each (batch, chunk.steps), of a chunk of greedy steps on `cache` from
+        `input_ids` (batch, 1), by replaying the cache's graph of that chunk (captured at its first use)."""
+        return self._graph(step, fingerprint, cache, input_ids, chunk)(input_ids, unfinished, suppressed)
+
+    def _graph(self, step, fingerprint, cache, input_ids, chunk):
+        graphs = self._graphs_of_cache.setdefault(cache, {})
+        graph = graphs.get(chunk)
         # A cache whose tensors were swapped since (a user's `cache.ssm_states[0] = ...`) gets a new graph.
         if graph is None or graph.states_ptr != cache.ssm_states[0].data_ptr():
-            graph = self._graph_of_cache[cache] = self._graph_for(step, fingerprint, cache, input_ids)
-        return graph(input_ids)
+            graph = graphs[chunk] = self._graph_for(step, fingerprint, cache, input_ids, chunk)
+        return graph
 
-    def _graph_for(self, step, fingerprint, cache, input_ids):
-        """The pool entry's graph if captured with the model as it is now, else a new one (kept in the entry).
-        A cache from outside the pool (the user's, or evicted) gets its own."""
+    def _graph_for(self, step, fingerprint, cache, input_ids, chunk):
+        """The pool entry's graph of that kind if captured with the model as it is now, else a new one (kept in
+        the entry). A cache from outside the pool (the user's, or evicted) gets its own."""
         entry = next((entry for entry in self.entries if entry.holder() is cache), None)
         if entry is None:
-            return self.graph_class(step, cache, input_ids)
+            return self._capture(step, cache, input_ids, chunk)
         now = fingerprint()
-        if entry.fingerprint != now or entry.graph.states_ptr != cache.ssm_states[0].data_ptr():
-            entry.graph, entry.fingerprint = self.graph_class(step, cache, input_ids), now
-        return entry.graph
+        if entry.fingerprint != now or any(g.states_ptr != cache.ssm_states[0].data_ptr() for g in entry.graphs.values()):
+            entry.graphs, entry.fingerprint = {}, now
+        if chunk not in entry.graphs:
+            entry.graphs[chunk] = self._capture(step, cache, input_ids, chunk)
+        return entry.graphs[chunk]
+
+    def _capture(self, step, cache, input_ids, chunk):
+        if chunk is None:  # the call the test stand-ins of graph_class know
+            return self.graph_class(step, cache, input_ids)
+        return self.graph_class(step, cache, input_ids, chunk)
 
 
 def _held_elsewhere(entry):
@@ -148,4 +221,4 @@ def _references(tensor):
     return sys.getrefcount(tensor), storage_refs
 
 
-__all__ = ["DecodeGraph", "DecodeGraphs"]
+__all__ = ["DecodeGraph", "DecodeGraphs", "GreedyChunk", "greedy_steps"]

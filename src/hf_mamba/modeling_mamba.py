@@ -24,6 +24,7 @@ from .cache import MambaCache, check_cache
 from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
+from .greedy_decode import greedy_generate, greedy_plan
 from .fast_path import decide_fast_path, plain, scan_backend_for
 from .hub import MambaHubMixin
 from .inputs import (
@@ -308,6 +309,9 @@ def _graph_fingerprint_sees(module):
 
 class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+    # Greedy generate() on CUDA selects up to this many tokens per graph replay (`greedy_decode.py`); a
+    # streamer then gets them a chunk at a time. 1: one replay per token, through Transformers' own loop.
+    decode_chunk_size = 16
 
     def __init__(self, config: MambaConfig):
         super().__init__(config)
@@ -345,6 +349,23 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         passed = _one_cache(kwargs.get("cache_params"), kwargs.get("cache"))
         check_cache(passed, kwargs.get("past_key_values"), self.config)
         return super().generate(inputs, *args, **kwargs)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """Greedy decoding in graph chunks where it gives Transformers' tokens (`greedy_decode.py`), else
+        GenerationMixin._sample."""
+        plan = greedy_plan(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
+        if plan is None:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        return greedy_generate(self, input_ids, plan, logits_processor, stopping_criteria, generation_config,
+                               streamer, model_kwargs)
+
+    def _decode_greedy_chunk(self, input_ids, cache, unfinished, suppressed, chunk):
+        """(tokens, unfinished flags), each (batch, chunk.steps): a chunk of greedy steps replayed as one graph."""
+        return self._decode_graphs.decode_greedy(
+            self._decode_step_logits, self._decode_graph_fingerprint, cache, input_ids, unfinished, suppressed, chunk
+        )
 
     def get_output_embeddings(self):
         return self.lm_head

@@ -1,0 +1,169 @@
+"""generate()'s greedy decoding on CUDA: a chunk of tokens per graph replay, the same tokens as Transformers' loop.
+
+Transformers' decode loop works per token on the host: a forward (here, one graph replay), the logits
+processors, the stopping criteria, the token's append, and a read of the device to decide whether to stop.
+For a model the size of Mamba-130M that host work takes longer than the GPU's step, so the GPU idles between
+steps and decoding runs at the host's pace. Where every processor and stopping criterion is one whose effect
+a graph can reproduce exactly (min_length / min_new_tokens, max_length / max_new_tokens, EOS), this loop
+replays a captured chunk of greedy steps instead (`decode_graphs.GreedyChunk`): each step selects its token
+on the GPU, as `GenerationMixin._sample` does, and feeds it to the next step; the host launches one replay
+and reads the device once per chunk of up to `MambaForCausalLM.decode_chunk_size` tokens.
+
+Everything else runs Transformers' own loop: sampling, beam search, other processors or criteria, scores,
+logits or hidden states in the output, synced GPUs, and a cache that outlives generate() (the user's, or
+one returned) while EOS may stop the rows early: a chunk's steps after the last row finished advance the
+cache past the state Transformers leaves. A streamer gets every token, a chunk's tokens at once.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .compat import CACHE_FIELD
+from .decode_graphs import GreedyChunk
+
+# Chunk lengths below decode_chunk_size for a sequence's last tokens and min_new_tokens' boundary: each is a
+# graph of its own per batch size, so few of them.
+TAIL_CHUNKS = (4, 1)
+# Model inputs generate() passes that the chunked loop reproduces: after the prefill only the cache matters
+# (decode steps drop the mask and position_ids, and compute one position's logits).
+KNOWN_MODEL_KWARGS = {
+    "attention_mask", "position_ids", "logits_to_keep", "use_cache", "inputs_embeds", "cache", "cache_params",
+    "past_key_values",
+}
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class GreedyPlan:
+    """What the chunked loop needs of generate()'s settings, read once before the prefill."""
+
+    max_length: int
+    eos: tuple[int, ...]  # () when no EOS stops the rows
+    pad: int
+    suppress: list  # [(length, eos ids)]: the ids are at -inf while the sequence is shorter than length
+    chunk_sizes: tuple[int, ...]  # descending, ending in 1
+
+
+def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs):
+    """The chunked loop's plan for this generate(), or None where Transformers' loop must run."""
+    if (
+        model.decode_chunk_size <= 1
+        or generation_config.do_sample
+        or synced_gpus
+        or input_ids.shape[0] == 0
+        or not model._cuda_graphs_on(input_ids.device)
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or model_kwargs.get("use_cache") is False
+        or not set(model_kwargs) <= KNOWN_MODEL_KWARGS
+        or getattr(model.get_output_embeddings(), "out_features", None) != model.config.vocab_size
+    ):
+        return None
+    wants = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+    if generation_config.return_dict_in_generate and any(getattr(generation_config, name) for name in wants):
+        return None
+    suppress = _suppressed_eos(logits_processor)
+    stops = _stops(stopping_criteria)
+    if suppress is None or stops is None:
+        return None
+    max_length, eos = stops
+    pad = 0
+    if eos:
+        user_cache = any(model_kwargs.get(name) is not None for name in ("cache", "cache_params", "past_key_values"))
+        if user_cache or generation_config.return_dict_in_generate:
+            return None
+        pad = generation_config._pad_token_tensor
+        pad = int(pad) if pad is not None and pad.numel() == 1 else -1
+        if not 0 <= pad < model.config.vocab_size:
+            return None  # Transformers' loop refuses it at the next forward, by name
+    sizes = sorted({size for size in (model.decode_chunk_size, *TAIL_CHUNKS) if size <= model.decode_chunk_size})
+    return GreedyPlan(max_length, eos, pad, suppress, tuple(reversed(sizes)))
+
+
+def _suppressed_eos(logits_processor):
+    """[(length, eos ids)] of min_length / min_new_tokens processors; None if any other processor is there."""
+    from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+
+    suppress = []
+    for processor in logits_processor:
+        if type(processor) is MinLengthLogitsProcessor:
+            length = processor.min_length
+        elif type(processor) is MinNewTokensLengthLogitsProcessor:
+            length = processor.prompt_length_to_skip + processor.min_new_tokens
+        else:
+            return None
+        suppress.append((length, tuple(processor.eos_token_id.reshape(-1).tolist())))
+    return suppress
+
+
+def _stops(stopping_criteria):
+    """(max_length, eos ids) of max-length and EOS criteria; None if any other criterion is there."""
+    max_lengths, eos = [], []
+    for criterion in stopping_criteria:
+        if type(criterion) is MaxLengthCriteria:
+            max_lengths.append(criterion.max_length)
+        elif type(criterion) is EosTokenCriteria:
+            eos += criterion.eos_token_id.reshape(-1).tolist()
+        else:
+            return None
+    if not max_lengths:
+        return None  # generate() always sets one; without it the loop could not size its chunks
+    return min(max_lengths), tuple(sorted(set(eos)))
+
+
+def greedy_generate(model, input_ids, plan, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+    """GenerationMixin._sample's greedy result (sequences, or the output object), decoding in graph chunks."""
+    outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+    cache = outputs[CACHE_FIELD]
+    # The prefill's token, as Transformers' loop selects it.
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    scores = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device))
+    del outputs
+    next_ids = scores.argmax(-1)
+    if plan.eos:
+        next_ids = next_ids * unfinished + plan.pad * (1 - unfinished)
+    input_ids = torch.cat([input_ids, next_ids[:, None]], dim=-1)
+    unfinished = unfinished & ~stopping_criteria(input_ids, None)
+    if streamer is not None:
+        streamer.put(next_ids.cpu())
+    finished = bool(unfinished.max() == 0)
+    masks = {}  # the suppressed mask of each set of active min-length processors
+    while not finished and input_ids.shape[1] < plan.max_length:
+        length = input_ids.shape[1]
+        room = plan.max_length - length
+        active = tuple(i for i, (until, _) in enumerate(plan.suppress) if length < until)
+        if active:  # a chunk never crosses the length where a processor stops suppressing
+            room = min(room, *(plan.suppress[i][0] - length for i in active))
+        steps = next(size for size in plan.chunk_sizes if size <= room)
+        if active not in masks:
+            masks[active] = _suppressed_mask(plan, active, model.config.vocab_size, input_ids.device)
+        chunk = GreedyChunk(steps, model.config.vocab_size, plan.eos, plan.pad)
+        tokens, flags = model._decode_greedy_chunk(next_ids[:, None], cache, unfinished, masks[active], chunk)
+        cache.seqlen_offset += steps
+        done_after = (~flags.any(0)).cpu()  # the one read of the device per chunk
+        keep = int(done_after.to(torch.uint8).argmax()) + 1 if bool(done_after.any()) else steps
+        finished = bool(done_after.any())
+        input_ids = torch.cat([input_ids, tokens[:, :keep]], dim=-1)
+        next_ids, unfinished = tokens[:, keep - 1], flags[:, keep - 1]
+        if streamer is not None:
+            for token in tokens[:, :keep].cpu().unbind(1):
+                streamer.put(token)
+    if streamer is not None:
+        streamer.end()
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=input_ids, **{_OUTPUT_CACHE_FIELD: model_kwargs.get(CACHE_FIELD)})
+    return input_ids
+
+
+def _suppressed_mask(plan, active, vocab_size, device):
+    ids = sorted({token for i in active for token in plan.suppress[i][1] if 0 <= token < vocab_size})
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[ids] = True
+    return mask.to(device)
+
+
+__all__ = ["greedy_generate", "greedy_plan"]
