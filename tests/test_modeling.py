@@ -699,6 +699,19 @@ def test_greedy_chunks_leave_the_rest_to_transformers_loop(lively, chunked, kwar
         assert torch.equal(sequences(out), sequences(eager))
 
 
+def test_greedy_chunks_leave_a_passed_cache_and_wrapped_models_to_transformers_loop(lively, chunked):
+    """A cache passed in has no pooled graphs (each call would capture the chunks afresh), nor does LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(1, 97, (2, 7))
+    with torch.no_grad():
+        cache = lively(ids[:, :-1], use_cache=True)[CACHE_FIELD]
+    out = lively.generate(ids, **{CACHE_FIELD: cache}, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    lora = get_peft_model(lively, LoraConfig(r=2, target_modules=["x_proj"], init_lora_weights=False))
+    lora.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, 13) and chunked.chunked_runs == [False, False]
+
+
 def test_a_chunk_size_of_one_is_transformers_loop(lively, chunked):
     lively.decode_chunk_size = 1
     ids = torch.randint(1, 97, (2, 7))

@@ -10,9 +10,10 @@ on the GPU, as `GenerationMixin._sample` does, and feeds it to the next step; th
 and reads the device once per chunk of up to `MambaForCausalLM.decode_chunk_size` tokens.
 
 Everything else runs Transformers' own loop: sampling, beam search, other processors or criteria, scores,
-logits or hidden states in the output, synced GPUs, and a cache that outlives generate() (the user's, or
-one returned) while EOS may stop the rows early: a chunk's steps after the last row finished advance the
-cache past the state Transformers leaves. A streamer gets every token, a chunk's tokens at once.
+logits or hidden states in the output, synced GPUs, a cache passed in, a returned cache while EOS may stop
+the rows early (a chunk's steps after the last row finished advance it past the state Transformers
+leaves), and models whose graphs are not kept across calls (wrapped modules, e.g. LoRA; a chunk's captures
+would cost every call). A streamer gets every token, a chunk's tokens at once.
 """
 
 from dataclasses import dataclass
@@ -54,11 +55,11 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         or generation_config.do_sample
         or synced_gpus
         or input_ids.shape[0] == 0
-        or not model._cuda_graphs_on(input_ids.device)
-        or torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
         or model_kwargs.get("use_cache") is False
         or not set(model_kwargs) <= KNOWN_MODEL_KWARGS
+        or any(model_kwargs.get(name) is not None for name in ("cache", "cache_params", "past_key_values"))
+        # Only graphs kept across generate() calls: the chunks' captures (21 steps) would cost every call.
+        or not model._pools_decode_graphs(input_ids.device)
         or getattr(model.get_output_embeddings(), "out_features", None) != model.config.vocab_size
     ):
         return None
@@ -71,10 +72,9 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         return None
     max_length, eos = stops
     pad = 0
+    if eos and generation_config.return_dict_in_generate:
+        return None
     if eos:
-        user_cache = any(model_kwargs.get(name) is not None for name in ("cache", "cache_params", "past_key_values"))
-        if user_cache or generation_config.return_dict_in_generate:
-            return None
         pad = generation_config._pad_token_tensor
         pad = int(pad) if pad is not None and pad.numel() == 1 else -1
         if not 0 <= pad < model.config.vocab_size:

@@ -464,9 +464,15 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         )
 
     def _new_cache(self, batch, dtype, device):
-        """The cache MambaModel creates for a new sequence: from the decode-graph pool when its decode steps
-        will replay graphs and the pool's fingerprint sees everything they depend on."""
-        if (
+        """The cache MambaModel creates for a new sequence: from the decode-graph pool where graphs are pooled."""
+        if self._pools_decode_graphs(device):
+            return self._decode_graphs.new_cache(self.config, batch, dtype, device)
+        return MambaCache(self.config, batch, dtype=dtype, device=device)
+
+    def _pools_decode_graphs(self, device):
+        """Whether decode steps on `device` replay graphs kept across generate() calls: where they replay
+        graphs at all and the pool's fingerprint sees everything they depend on."""
+        return (
             self._cuda_graphs_on(device)
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
@@ -475,9 +481,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
                 _graph_fingerprint_sees(module) and all(type(t) in (torch.Tensor, nn.Parameter) for t in weights)
                 for module, weights in self._modules_and_weights()
             )
-        ):
-            return self._decode_graphs.new_cache(self.config, batch, dtype, device)
-        return MambaCache(self.config, batch, dtype=dtype, device=device)
+        )
 
     def _modules_and_weights(self):
         """Each module with its own parameters and buffers, in one walk of the module tree (parameters() and
