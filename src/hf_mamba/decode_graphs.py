@@ -75,10 +75,11 @@ class DecodeGraph:
             device, batch = input_ids.device, input_ids.shape[0]
             self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
             self.suppressed = torch.zeros(chunk.vocab, dtype=torch.bool, device=device)
-            eos = torch.tensor(chunk.eos, dtype=torch.long, device=device)
-            pad = torch.tensor(chunk.pad, dtype=torch.long, device=device)
+            # Held by the graph object: a replay reads them, and memory freed after capture is reused.
+            self.eos = torch.tensor(chunk.eos, dtype=torch.long, device=device)
+            self.pad = torch.tensor(chunk.pad, dtype=torch.long, device=device)
             body = lambda: greedy_steps(  # noqa: E731
-                step, cache, self.static_ids, self.unfinished, self.suppressed, chunk, eos, pad
+                step, cache, self.static_ids, self.unfinished, self.suppressed, chunk, self.eos, self.pad
             )
         saved_states = [state.clone() for state in cache.conv_states + cache.ssm_states]
         # Streams and capture belong to the current GPU: make it the model's (say, cuda:1 of a process whose
