@@ -67,7 +67,7 @@ def build():
         def __init__(self, step, cache, input_ids):  # no capture: what a replay reads, and zero logits
             self.static_ids = input_ids.clone()
             self.states_ptr = cache.ssm_states[0].data_ptr()
-            self.static_logits = torch.zeros(input_ids.shape[0], 1, config.vocab_size)
+            self.static_out = torch.zeros(input_ids.shape[0], 1, config.vocab_size)
             self.graph = Replay()
 
     DecodeGraphs.graph_class = StubGraph
