@@ -24,8 +24,8 @@ from .cache import MambaCache, check_cache
 from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
-from .fast_path import decide_fast_path, plain, scan_backend_for
 from .greedy_decode import greedy_generate, greedy_plan
+from .fast_path import decide_fast_path, plain, scan_backend_for
 from .hub import MambaHubMixin
 from .inputs import (
     check_id_range,
@@ -354,19 +354,17 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
                 streamer=None, **model_kwargs):
         """Greedy decoding in graph chunks where it gives Transformers' tokens (`greedy_decode.py`), else
         GenerationMixin._sample."""
-        plan = greedy_plan(
-            self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
-        )
+        plan = greedy_plan(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
         if plan is None:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
         return greedy_generate(self, input_ids, plan, logits_processor, stopping_criteria, generation_config,
                                streamer, model_kwargs)
 
-    def _greedy_graph(self, cache, input_ids, kind):
-        """The graph of a greedy decode step on `cache` (`greedy_decode.py`), captured at its first use."""
-        return self._decode_graphs.greedy_graph(
-            self._decode_step_logits, self._decode_graph_fingerprint, cache, input_ids, kind
+    def _decode_greedy_chunk(self, input_ids, cache, unfinished, suppressed, chunk):
+        """(tokens, unfinished flags), each (batch, chunk.steps): a chunk of greedy steps replayed as one graph."""
+        return self._decode_graphs.decode_greedy(
+            self._decode_step_logits, self._decode_graph_fingerprint, cache, input_ids, unfinished, suppressed, chunk
         )
 
     def get_output_embeddings(self):
