@@ -167,6 +167,7 @@ def test_cuda_graph_kept_across_generate_calls_matches_eager(batch, monkeypatch)
             super().__init__(*args)
 
     monkeypatch.setattr(DecodeGraphs, "graph_class", Counting)
+    monkeypatch.setattr(MambaForCausalLM, "decode_chunk_size", 1)  # the forward's graph (chunks: tested below)
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE).eval()
     prompts = [torch.randint(1, SIZES["vocab_size"], (batch, 12), device=DEVICE) for _ in range(2)]
@@ -643,7 +644,10 @@ def test_greedy_chunks_on_cuda_give_the_eager_tokens(batch):
     model.config.use_cuda_graph = False
     free = model.generate(ids, eos_token_id=None, **kwargs)
     eos = int(free[0, 12 + 20])
-    eager = [model.generate(ids, eos_token_id=eos, **kwargs), model.generate(ids, eos_token_id=eos, min_new_tokens=30, **kwargs)]
+    eager = [
+        model.generate(ids, eos_token_id=eos, **kwargs),
+        model.generate(ids, eos_token_id=eos, min_new_tokens=30, **kwargs),
+    ]
     model.config.use_cuda_graph = True
     assert torch.equal(model.generate(ids, eos_token_id=None, **kwargs), free)
     assert torch.equal(model.generate(ids, eos_token_id=eos, **kwargs), eager[0])

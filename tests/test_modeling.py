@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 import transformers
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -541,7 +541,7 @@ def lively(tiny_kwargs):
 
 @pytest.fixture
 def chunked(graphs, monkeypatch):
-    """Greedy decoding in chunks of up to 16 tokens; `graphs.captured` records each chunk graph, `chunked_runs`
+    """Greedy decoding in chunks of up to 16 tokens; `graphs.captured` records each graph, `chunked_runs`
     whether each generate() with graphs took the chunked loop."""
     monkeypatch.setattr(MambaForCausalLM, "decode_chunk_size", 16)
     runs = []
@@ -561,7 +561,8 @@ def greedy_decode_plan(model, input_ids, logits_processor, stopping_criteria, ge
                        streamer=None, **model_kwargs):
     from hf_mamba.greedy_decode import greedy_plan
 
-    return greedy_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
+    args = (logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
+    return greedy_plan(model, input_ids, *args)
 
 
 def both_ways(model, ids, **kwargs):
@@ -587,7 +588,8 @@ def eos_seen_at(model, ids, step):
 @pytest.mark.parametrize("new_tokens", [1, 2, 21, 40])
 def test_greedy_chunks_give_transformers_tokens(lively, chunked, new_tokens):
     ids = torch.randint(1, 97, (3, 7))
-    out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_id=None)
+    mask = torch.ones_like(ids)
+    out, eager = both_ways(lively, ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None)
     assert torch.equal(out, eager) and out.shape == (3, 7 + new_tokens)
     assert chunked.chunked_runs == [True]
     # The first token comes from the prefill; 39 more are chunks of 16, 16, 4, 1, 1, 1.
@@ -695,8 +697,9 @@ def test_greedy_chunks_leave_the_rest_to_transformers_loop(lively, chunked, kwar
         lively.config.use_cuda_graph = False
         eager = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
         lively.config.use_cuda_graph = True
-        sequences = (lambda o: o.sequences if hasattr(o, "sequences") else o)
-        assert torch.equal(sequences(out), sequences(eager))
+        if hasattr(out, "sequences"):
+            out, eager = out.sequences, eager.sequences
+        assert torch.equal(out, eager)
 
 
 def test_greedy_chunks_leave_a_passed_cache_and_wrapped_models_to_transformers_loop(lively, chunked):

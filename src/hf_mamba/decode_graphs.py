@@ -193,7 +193,8 @@ class DecodeGraphs:
         if entry is None:
             return self._capture(step, cache, input_ids, chunk)
         now = fingerprint()
-        if entry.fingerprint != now or any(g.states_ptr != cache.ssm_states[0].data_ptr() for g in entry.graphs.values()):
+        moved = any(graph.states_ptr != cache.ssm_states[0].data_ptr() for graph in entry.graphs.values())
+        if entry.fingerprint != now or moved:
             entry.graphs, entry.fingerprint = {}, now
         if chunk not in entry.graphs:
             entry.graphs[chunk] = self._capture(step, cache, input_ids, chunk)

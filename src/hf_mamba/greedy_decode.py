@@ -114,15 +114,18 @@ def _stops(stopping_criteria):
     return min(max_lengths), tuple(sorted(set(eos)))
 
 
-def greedy_generate(model, input_ids, plan, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+def greedy_generate(
+    model, input_ids, plan, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs
+):
     """GenerationMixin._sample's greedy result (sequences, or the output object), decoding in graph chunks."""
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
     cache = outputs[CACHE_FIELD]
     # The prefill's token, as Transformers' loop selects it.
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    scores = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device))
-    del outputs
+    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+    scores = logits_processor(input_ids, logits)
+    del outputs, logits
     next_ids = scores.argmax(-1)
     if plan.eos:
         next_ids = next_ids * unfinished + plan.pad * (1 - unfinished)

@@ -24,8 +24,8 @@ from .cache import MambaCache, check_cache
 from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
-from .greedy_decode import greedy_generate, greedy_plan
 from .fast_path import decide_fast_path, plain, scan_backend_for
+from .greedy_decode import greedy_generate, greedy_plan
 from .hub import MambaHubMixin
 from .inputs import (
     check_id_range,
@@ -354,7 +354,9 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
                 streamer=None, **model_kwargs):
         """Greedy decoding in graph chunks where it gives Transformers' tokens (`greedy_decode.py`), else
         GenerationMixin._sample."""
-        plan = greedy_plan(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
+        plan = greedy_plan(
+            self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
+        )
         if plan is None:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
