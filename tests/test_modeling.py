@@ -722,6 +722,14 @@ def test_a_chunk_size_of_one_is_transformers_loop(lively, chunked):
     assert torch.equal(out, eager) and chunked.chunked_runs == [False]
 
 
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True])
+def test_a_bad_decode_chunk_size_is_refused_by_name(lively, chunked, bad):
+    lively.decode_chunk_size = bad
+    ids = torch.randint(1, 97, (1, 5))
+    with pytest.raises(ValueError, match=r"decode_chunk_size must be a positive integer"):
+        lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+
+
 def test_greedy_chunk_graphs_are_kept_across_generate_calls(lively, chunked):
     for _ in range(3):
         ids = torch.randint(1, 97, (2, 7))

@@ -50,6 +50,9 @@ class GreedyPlan:
 
 def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs):
     """The chunked loop's plan for this generate(), or None where Transformers' loop must run."""
+    chunk = model.decode_chunk_size
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"decode_chunk_size must be a positive integer (1: a forward per token), got {chunk!r}")
     if (
         model.decode_chunk_size <= 1
         or generation_config.do_sample
