@@ -24,7 +24,9 @@
 set -uo pipefail
 OUT=${OUT:-outputs/device}
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+# A cache directory per call: a warm machine keeps /tmp between calls, and a step's first-call rows must not
+# find the kernels an earlier call of the same step compiled.
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache_$(date +%s)}
 start=$SECONDS
 budget=${BUDGET:-560}
 left() { echo $((budget - (SECONDS - start))); }
