@@ -54,7 +54,7 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"decode_chunk_size must be a positive integer (1: a forward per token), got {chunk!r}")
     if (
-        model.decode_chunk_size <= 1
+        chunk == 1
         or generation_config.do_sample
         or synced_gpus
         or input_ids.shape[0] == 0
@@ -82,7 +82,7 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         pad = int(pad) if pad is not None and pad.numel() == 1 else -1
         if not 0 <= pad < model.config.vocab_size:
             return None  # Transformers' loop refuses it at the next forward, by name
-    sizes = sorted({size for size in (model.decode_chunk_size, *TAIL_CHUNKS) if size <= model.decode_chunk_size})
+    sizes = sorted({size for size in (chunk, *TAIL_CHUNKS) if size <= chunk})
     return GreedyPlan(max_length, eos, pad, suppress, tuple(reversed(sizes)))
 
 
