@@ -72,9 +72,9 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         return None
     max_length, eos = stops
     pad = 0
-    if eos and generation_config.return_dict_in_generate:
-        return None
     if eos:
+        if generation_config.return_dict_in_generate:
+            return None  # the cache is returned, and EOS may stop the rows inside a chunk
         pad = generation_config._pad_token_tensor
         pad = int(pad) if pad is not None and pad.numel() == 1 else -1
         if not 0 <= pad < model.config.vocab_size:
@@ -123,9 +123,8 @@ def greedy_generate(
     # The prefill's token, as Transformers' loop selects it.
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
-    scores = logits_processor(input_ids, logits)
-    del outputs, logits
-    next_ids = scores.argmax(-1)
+    del outputs
+    next_ids = logits_processor(input_ids, logits).argmax(-1)
     if plan.eos:
         next_ids = next_ids * unfinished + plan.pad * (1 - unfinished)
     input_ids = torch.cat([input_ids, next_ids[:, None]], dim=-1)
@@ -136,11 +135,7 @@ def greedy_generate(
     graph = None
     masks = {}  # the suppressed mask of each set of active min-length processors
     while not finished and input_ids.shape[1] < plan.max_length:
-        length = input_ids.shape[1]
-        steps = min(model.decode_chunk_size, plan.max_length - length)
-        active = tuple(i for i, (until, _) in enumerate(plan.suppress) if length < until)
-        if active:  # a chunk never crosses the length where a processor stops suppressing
-            steps = min(steps, *(plan.suppress[i][0] - length for i in active))
+        steps, active = _next_chunk(plan, input_ids.shape[1], model.decode_chunk_size)
         if active not in masks:
             masks[active] = _suppressed_mask(plan, active, model.config.vocab_size, input_ids.device)
         if graph is None:  # captured at its first use only: a one-token generate() needs none
@@ -151,7 +146,7 @@ def greedy_generate(
         cache.seqlen_offset += steps
         done_after = (~out[:, 1].bool().any(0)).cpu()  # the one read of the device per chunk
         finished = bool(done_after.any())
-        keep = int(done_after.to(torch.uint8).argmax()) + 1 if finished else steps
+        keep = int(done_after.to(torch.uint8).argmax()) + 1 if finished else steps  # up to the step all finished
         tokens = out[:, 0, :keep]
         input_ids = torch.cat([input_ids, tokens], dim=-1)
         if streamer is not None:
@@ -164,7 +159,19 @@ def greedy_generate(
     return input_ids
 
 
+def _next_chunk(plan, length, most):
+    """(steps, active): the next chunk's length (at most `most`) for a sequence of `length` tokens, and the
+    min-length processors suppressing EOS through it (a chunk never crosses max_length or where one stops)."""
+    steps = min(most, plan.max_length - length)
+    active = tuple(i for i, (until, _) in enumerate(plan.suppress) if length < until)
+    if active:
+        steps = min(steps, *(plan.suppress[i][0] - length for i in active))
+    return steps, active
+
+
 def _suppressed_mask(plan, active, vocab_size, device):
+    """(vocab,) bool: the EOS ids of the `active` min-length processors (ids outside the vocabulary ignored,
+    as Transformers' isin over the vocabulary does)."""
     ids = sorted({token for i in active for token in plan.suppress[i][1] if 0 <= token < vocab_size})
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[ids] = True
