@@ -12,9 +12,9 @@ holds, and at its first decode step the entry's graph, if the model's fingerprin
 graph was captured with (else a new capture replaces it). A cache still alive (say, returned by
 return_dict_in_generate) keeps its states: the next sequence gets fresh ones in a new entry.
 
-Two kinds of graph: a step's logits (what the forward replays for one token), and a chunk of greedy steps
-(`GreedyChunk`: each step selects its token on the GPU and feeds it to the next, so generate() launches one
-replay and reads the device once per chunk instead of once per token; `greedy_decode.py` drives it).
+Two kinds of graph: a step's logits (what the forward replays for one token), and a greedy step
+(`GreedyStep`: it selects its token on the GPU and feeds it to the next replay, so generate() queues a
+chunk of replays and reads the device once per chunk instead of once per token; `greedy_decode.py`).
 """
 
 import math
@@ -32,56 +32,53 @@ Step = Callable[[torch.Tensor, MambaCache], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class GreedyChunk:
-    """A chunk of `steps` greedy decode steps, as Transformers' greedy loop selects tokens: the argmax of the
-    fp32 logits, suppressed ids (min_new_tokens' EOS) at -inf; with `eos` ids, a finished row gets `pad`."""
+class GreedyStep:
+    """A greedy decode step as Transformers' greedy loop selects tokens: the argmax of the fp32 logits,
+    suppressed ids (min_new_tokens' EOS) at -inf; with `eos` ids, a finished row gets `pad`."""
 
-    steps: int
     vocab: int  # the logits' size
     eos: tuple[int, ...] = ()
     pad: int = 0
 
 
-def greedy_steps(step: Step, cache: MambaCache, ids, unfinished, suppressed, chunk: GreedyChunk, eos, pad):
-    """Runs `chunk.steps` greedy decode steps from `ids` (batch, 1) on `cache`, each step's token the next
-    one's input; returns the tokens and the rows still unfinished after each step, both (batch, steps).
-    `suppressed` is a (vocab,) bool mask; `eos` and `pad` the chunk's ids as tensors on the device."""
-    tokens, flags = [], []
-    for _ in range(chunk.steps):
-        scores = torch.where(suppressed, -math.inf, step(ids, cache)[:, -1].float())
-        next_ids = scores.argmax(-1)
-        if chunk.eos:
-            next_ids = next_ids * unfinished + pad * (1 - unfinished)
-            unfinished = unfinished & ~torch.isin(next_ids, eos)
-        tokens.append(next_ids)
-        flags.append(unfinished)
-        ids = next_ids[:, None]
-    return torch.stack(tokens, 1), torch.stack(flags, 1)
+def greedy_step(step: Step, cache: MambaCache, ids, unfinished, suppressed, kind: GreedyStep, eos, pad):
+    """One greedy decode step from `ids` (batch, 1) on `cache`. Updates `ids` to the chosen tokens and
+    `unfinished` (batch,) to the rows still unfinished, in place, so the next replay continues from them;
+    returns (batch, 2): each row's token and unfinished flag. `suppressed` is a (vocab,) bool mask; `eos`
+    and `pad` the ids as tensors on the device."""
+    scores = torch.where(suppressed, -math.inf, step(ids, cache)[:, -1].float())
+    next_ids = scores.argmax(-1)
+    if kind.eos:
+        next_ids = next_ids * unfinished + pad * (1 - unfinished)
+        unfinished.copy_(unfinished & ~torch.isin(next_ids, eos))
+    ids.copy_(next_ids[:, None])
+    return torch.stack([next_ids, unfinished], 1)
 
 
 class DecodeGraph:
-    """A CUDA graph on one set of state tensors: one decode step's logits (`chunk` None), or a GreedyChunk.
+    """A CUDA graph of one decode step on one set of state tensors: its logits (`greedy` None), or a greedy
+    step that selects the token on the GPU and feeds it to the next replay.
 
     The states never move (every update is in place), so the graph stays valid for as long as they live.
     """
 
-    def __init__(self, step: Step, cache: MambaCache, input_ids: torch.Tensor, chunk: GreedyChunk | None = None):
+    def __init__(self, step: Step, cache: MambaCache, input_ids: torch.Tensor, greedy: GreedyStep | None = None):
         self.static_ids = input_ids.clone()
         self.states_ptr = cache.ssm_states[0].data_ptr()
-        self.chunk = chunk
-        if chunk is None:
+        self.greedy = greedy
+        if greedy is None:
             body = lambda: step(self.static_ids, cache)  # noqa: E731
         else:
             device, batch = input_ids.device, input_ids.shape[0]
-            self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
-            self.suppressed = torch.zeros(chunk.vocab, dtype=torch.bool, device=device)
             # Held by the graph object: a replay reads them, and memory freed after capture is reused.
-            self.eos = torch.tensor(chunk.eos, dtype=torch.long, device=device)
-            self.pad = torch.tensor(chunk.pad, dtype=torch.long, device=device)
-            body = lambda: greedy_steps(  # noqa: E731
-                step, cache, self.static_ids, self.unfinished, self.suppressed, chunk, self.eos, self.pad
+            self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
+            self.suppressed = torch.zeros(greedy.vocab, dtype=torch.bool, device=device)
+            self.eos = torch.tensor(greedy.eos, dtype=torch.long, device=device)
+            self.pad = torch.tensor(greedy.pad, dtype=torch.long, device=device)
+            body = lambda: greedy_step(  # noqa: E731
+                step, cache, self.static_ids, self.unfinished, self.suppressed, greedy, self.eos, self.pad
             )
-        saved_states = [state.clone() for state in cache.conv_states + cache.ssm_states]
+        saved = [t.clone() for t in self._mutated(cache)]
         # Streams and capture belong to the current GPU: make it the model's (say, cuda:1 of a process whose
         # current device is cuda:0).
         with device_guard(input_ids):
@@ -91,24 +88,39 @@ class DecodeGraph:
             with torch.cuda.stream(stream):
                 body()
             torch.cuda.current_stream().wait_stream(stream)
-            for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states, strict=True):
-                state.copy_(saved)  # undo the warm-up steps
+            for t, old in zip(self._mutated(cache), saved, strict=True):
+                t.copy_(old)  # undo the warm-up step
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_out = body()
 
-    def __call__(self, input_ids, unfinished=None, suppressed=None):
-        """A logits graph: the step's logits. A chunk graph: (tokens, unfinished flags), each (batch, steps),
-        from rows `unfinished` (batch,) long and the (vocab,) bool mask `suppressed`."""
+    def _mutated(self, cache):
+        """What a step updates in place: the states, and a greedy step's ids and unfinished rows."""
+        extra = [] if self.greedy is None else [self.static_ids, self.unfinished]
+        return [*cache.conv_states, *cache.ssm_states, *extra]
+
+    def __call__(self, input_ids):
+        """The logits of one decode step of `input_ids` (batch, 1)."""
         self.static_ids.copy_(input_ids)
-        if self.chunk is not None:
-            self.unfinished.copy_(unfinished)
-            self.suppressed.copy_(suppressed)
         with device_guard(input_ids):  # a replay runs on the current device's stream
             self.graph.replay()
-        if self.chunk is None:
-            return self.static_out.clone()
-        return tuple(out.clone() for out in self.static_out)
+        return self.static_out.clone()
+
+    def start_greedy(self, input_ids, unfinished):
+        """Greedy steps continue from tokens `input_ids` (batch, 1) and rows `unfinished` (batch,) long."""
+        self.static_ids.copy_(input_ids)
+        self.unfinished.copy_(unfinished)
+
+    def greedy_steps(self, steps: int, suppressed) -> torch.Tensor:
+        """(batch, 2, steps): tokens and unfinished flags of `steps` greedy steps, each one replay queued
+        behind the last (no wait for the GPU), with the (vocab,) bool mask `suppressed`."""
+        out = torch.empty(self.static_ids.shape[0], 2, steps, dtype=torch.long, device=self.static_ids.device)
+        self.suppressed.copy_(suppressed)
+        with device_guard(out):
+            for i in range(steps):
+                self.graph.replay()
+                out[:, :, i].copy_(self.static_out)
+        return out
 
 
 @dataclass(eq=False)
@@ -119,7 +131,7 @@ class _PooledStates:
     conv_states: tuple
     ssm_states: tuple
     holder: weakref.ref  # dead once that cache is gone: then the next new sequence may take the tensors
-    graphs: dict = field(default_factory=dict)  # GreedyChunk (None: the logits graph) -> DecodeGraph
+    graphs: dict = field(default_factory=dict)  # GreedyStep (None: the logits graph) -> DecodeGraph
     fingerprint: tuple | None = None  # the model's fingerprint when `graphs` were captured
 
     @property
@@ -148,9 +160,9 @@ class DecodeGraphs:
     def __reduce__(self):
         return DecodeGraphs, ()  # copied or pickled empty: the graphs read this model's memory
 
-    def graph_of(self, cache: MambaCache, chunk: GreedyChunk | None = None) -> DecodeGraph | None:
+    def graph_of(self, cache: MambaCache, kind: GreedyStep | None = None) -> DecodeGraph | None:
         """The graph of that kind `cache` decodes with, None before its first use."""
-        return self._graphs_of_cache.get(cache, {}).get(chunk)
+        return self._graphs_of_cache.get(cache, {}).get(kind)
 
     def new_cache(self, config, batch: int, dtype, device) -> MambaCache:
         """A cache for a new sequence: a free entry's states (zeroed), else fresh states in a new entry."""
@@ -175,37 +187,36 @@ class DecodeGraphs:
         """Logits of one decode step on `cache`, by replaying its graph (captured at its first step)."""
         return self._graph(step, fingerprint, cache, input_ids, None)(input_ids)
 
-    def decode_greedy(self, step: Step, fingerprint, cache: MambaCache, input_ids, unfinished, suppressed, chunk):
-        """(tokens, unfinished flags), each (batch, chunk.steps), of a chunk of greedy steps on `cache` from
-        `input_ids` (batch, 1), by replaying the cache's graph of that chunk (captured at its first use)."""
-        return self._graph(step, fingerprint, cache, input_ids, chunk)(input_ids, unfinished, suppressed)
+    def greedy_graph(self, step: Step, fingerprint, cache: MambaCache, input_ids, kind: GreedyStep) -> DecodeGraph:
+        """The cache's greedy-step graph of that kind (captured at its first use)."""
+        return self._graph(step, fingerprint, cache, input_ids, kind)
 
-    def _graph(self, step, fingerprint, cache, input_ids, chunk):
+    def _graph(self, step, fingerprint, cache, input_ids, kind):
         graphs = self._graphs_of_cache.setdefault(cache, {})
-        graph = graphs.get(chunk)
+        graph = graphs.get(kind)
         # A cache whose tensors were swapped since (a user's `cache.ssm_states[0] = ...`) gets a new graph.
         if graph is None or graph.states_ptr != cache.ssm_states[0].data_ptr():
-            graph = graphs[chunk] = self._graph_for(step, fingerprint, cache, input_ids, chunk)
+            graph = graphs[kind] = self._graph_for(step, fingerprint, cache, input_ids, kind)
         return graph
 
-    def _graph_for(self, step, fingerprint, cache, input_ids, chunk):
+    def _graph_for(self, step, fingerprint, cache, input_ids, kind):
         """The pool entry's graph of that kind if captured with the model as it is now, else a new one (kept in
         the entry). A cache from outside the pool (the user's, or evicted) gets its own."""
         entry = next((entry for entry in self.entries if entry.holder() is cache), None)
         if entry is None:
-            return self._capture(step, cache, input_ids, chunk)
+            return self._capture(step, cache, input_ids, kind)
         now = fingerprint()
         moved = any(graph.states_ptr != cache.ssm_states[0].data_ptr() for graph in entry.graphs.values())
         if entry.fingerprint != now or moved:
             entry.graphs, entry.fingerprint = {}, now
-        if chunk not in entry.graphs:
-            entry.graphs[chunk] = self._capture(step, cache, input_ids, chunk)
-        return entry.graphs[chunk]
+        if kind not in entry.graphs:
+            entry.graphs[kind] = self._capture(step, cache, input_ids, kind)
+        return entry.graphs[kind]
 
-    def _capture(self, step, cache, input_ids, chunk):
-        if chunk is None:  # the call the test stand-ins of graph_class know
+    def _capture(self, step, cache, input_ids, kind):
+        if kind is None:  # the call the test stand-ins of graph_class know
             return self.graph_class(step, cache, input_ids)
-        return self.graph_class(step, cache, input_ids, chunk)
+        return self.graph_class(step, cache, input_ids, kind)
 
 
 def _held_elsewhere(entry):
@@ -225,4 +236,4 @@ def _references(tensor):
     return sys.getrefcount(tensor), storage_refs
 
 
-__all__ = ["DecodeGraph", "DecodeGraphs", "GreedyChunk", "greedy_steps"]
+__all__ = ["DecodeGraph", "DecodeGraphs", "GreedyStep", "greedy_step"]

@@ -5,9 +5,10 @@ processors, the stopping criteria, the token's append, and a read of the device 
 For a model the size of Mamba-130M that host work takes longer than the GPU's step, so the GPU idles between
 steps and decoding runs at the host's pace. Where every processor and stopping criterion is one whose effect
 a graph can reproduce exactly (min_length / min_new_tokens, max_length / max_new_tokens, EOS), this loop
-replays a captured chunk of greedy steps instead (`decode_graphs.GreedyChunk`): each step selects its token
-on the GPU, as `GenerationMixin._sample` does, and feeds it to the next step; the host launches one replay
-and reads the device once per chunk of up to `MambaForCausalLM.decode_chunk_size` tokens.
+replays a captured greedy step instead (`decode_graphs.GreedyStep`): it selects its token on the GPU, as
+`GenerationMixin._sample` does, and leaves it as the next replay's input; the host queues the replays of a
+chunk of up to `MambaForCausalLM.decode_chunk_size` tokens back to back (a graph launch and a copy each)
+and reads the device once per chunk.
 
 Everything else runs Transformers' own loop: sampling, beam search, other processors or criteria, scores,
 logits or hidden states in the output, synced GPUs, a cache passed in, a returned cache while EOS may stop
@@ -23,11 +24,8 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compat import CACHE_FIELD
-from .decode_graphs import GreedyChunk
+from .decode_graphs import GreedyStep
 
-# Chunk lengths below decode_chunk_size for a sequence's last tokens and min_new_tokens' boundary: each is a
-# graph of its own per batch size, so few of them.
-TAIL_CHUNKS = (4, 1)
 # Model inputs generate() passes that the chunked loop reproduces: after the prefill only the cache matters
 # (decode steps drop the mask and position_ids, and compute one position's logits).
 KNOWN_MODEL_KWARGS = {
@@ -45,7 +43,7 @@ class GreedyPlan:
     eos: tuple[int, ...]  # () when no EOS stops the rows
     pad: int
     suppress: list  # [(length, eos ids)]: the ids are at -inf while the sequence is shorter than length
-    chunk_sizes: tuple[int, ...]  # descending, ending in 1
+    chunk_size: int  # the most replays queued before a read of the device
 
 
 def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs):
@@ -82,8 +80,7 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         pad = int(pad) if pad is not None and pad.numel() == 1 else -1
         if not 0 <= pad < model.config.vocab_size:
             return None  # Transformers' loop refuses it at the next forward, by name
-    sizes = sorted({size for size in (chunk, *TAIL_CHUNKS) if size <= chunk})
-    return GreedyPlan(max_length, eos, pad, suppress, tuple(reversed(sizes)))
+    return GreedyPlan(max_length, eos, pad, suppress, chunk)
 
 
 def _suppressed_eos(logits_processor):
@@ -136,21 +133,25 @@ def greedy_generate(
     if streamer is not None:
         streamer.put(next_ids.cpu())
     finished = bool(unfinished.max() == 0)
+    graph = None
     masks = {}  # the suppressed mask of each set of active min-length processors
     while not finished and input_ids.shape[1] < plan.max_length:
         steps, active = _next_chunk(plan, input_ids.shape[1])
         if active not in masks:
             masks[active] = _suppressed_mask(plan, active, model.config.vocab_size, input_ids.device)
-        chunk = GreedyChunk(steps, model.config.vocab_size, plan.eos, plan.pad)
-        tokens, flags = model._decode_greedy_chunk(next_ids[:, None], cache, unfinished, masks[active], chunk)
+        if graph is None:  # captured at its first use only: a one-token generate() needs none
+            kind = GreedyStep(model.config.vocab_size, plan.eos, plan.pad)
+            graph = model._greedy_graph(cache, next_ids[:, None], kind)
+            graph.start_greedy(next_ids[:, None], unfinished)
+        out = graph.greedy_steps(steps, masks[active])
         cache.seqlen_offset += steps
-        done_after = (~flags.any(0)).cpu()  # the one read of the device per chunk
+        done_after = (~out[:, 1].bool().any(0)).cpu()  # the one read of the device per chunk
         finished = bool(done_after.any())
         keep = int(done_after.to(torch.uint8).argmax()) + 1 if finished else steps  # up to the step all finished
-        input_ids = torch.cat([input_ids, tokens[:, :keep]], dim=-1)
-        next_ids, unfinished = tokens[:, keep - 1], flags[:, keep - 1]
+        tokens = out[:, 0, :keep]
+        input_ids = torch.cat([input_ids, tokens], dim=-1)
         if streamer is not None:
-            for token in tokens[:, :keep].cpu().unbind(1):
+            for token in tokens.cpu().unbind(1):
                 streamer.put(token)
     if streamer is not None:
         streamer.end()
@@ -160,13 +161,14 @@ def greedy_generate(
 
 
 def _next_chunk(plan, length):
-    """(steps, active): the next chunk's length for a sequence of `length` tokens, and the min-length
-    processors suppressing EOS through it (a chunk never crosses max_length or where one stops)."""
-    room = plan.max_length - length
+    """(steps, active): the next chunk's length (at most plan.chunk_size) for a sequence of `length` tokens,
+    and the min-length processors suppressing EOS through it (a chunk never crosses max_length or where one
+    stops)."""
+    steps = min(plan.chunk_size, plan.max_length - length)
     active = tuple(i for i, (until, _) in enumerate(plan.suppress) if length < until)
     if active:
-        room = min(room, *(plan.suppress[i][0] - length for i in active))
-    return next(size for size in plan.chunk_sizes if size <= room), active
+        steps = min(steps, *(plan.suppress[i][0] - length for i in active))
+    return steps, active
 
 
 def _suppressed_mask(plan, active, vocab_size, device):

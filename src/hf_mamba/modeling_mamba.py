@@ -363,10 +363,10 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         return greedy_generate(self, input_ids, plan, logits_processor, stopping_criteria, generation_config,
                                streamer, model_kwargs)
 
-    def _decode_greedy_chunk(self, input_ids, cache, unfinished, suppressed, chunk):
-        """(tokens, unfinished flags), each (batch, chunk.steps): a chunk of greedy steps replayed as one graph."""
-        return self._decode_graphs.decode_greedy(
-            self._decode_step_logits, self._decode_graph_fingerprint, cache, input_ids, unfinished, suppressed, chunk
+    def _greedy_graph(self, cache, input_ids, kind):
+        """The graph of a greedy decode step on `cache` (`greedy_decode.py`), captured at its first use."""
+        return self._decode_graphs.greedy_graph(
+            self._decode_step_logits, self._decode_graph_fingerprint, cache, input_ids, kind
         )
 
     def get_output_embeddings(self):
