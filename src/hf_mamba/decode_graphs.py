@@ -132,8 +132,10 @@ class DecodeGraphs:
     """A model's decode graphs: the pool of reusable states with their graphs, and the graph of each live cache.
 
     Memory: at most MAX_ENTRIES pool entries, the least recently used evicted (its cache, if alive, keeps
-    its states and graph). Each holds its states (2.8B model at batch 64: 1.5 GB) and its graph's
-    activations of one step, also after generate() returns.
+    its states and graphs). Each holds its states (2.8B model at batch 64: 1.5 GB) and its graphs' memory,
+    also after generate() returns: per graph the activations its capture allocated (a chunk frees each
+    step's before the next) and its outputs; a greedy generate() adds up to three chunk graphs (16, 4 and
+    1 steps) per EOS setting.
     """
 
     MAX_ENTRIES = 2
