@@ -654,3 +654,19 @@ def test_greedy_chunks_on_cuda_give_the_eager_tokens(batch):
     assert torch.equal(model.generate(ids, eos_token_id=eos, min_new_tokens=30, **kwargs), eager[1])
     kinds = [kind for kind in model._decode_graphs.entries[-1].graphs if kind is not None]
     assert sorted(kind.eos for kind in kinds) == [(), (eos,)]  # one graph per kind, kept across calls
+
+
+@pytest.mark.skipif(not CUDA, reason="compiling ahead is for CUDA")
+def test_first_generate_compiles_ahead_without_warnings_and_keeps_the_tokens():
+    import warnings
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE).eval()
+    ids = torch.randint(1, SIZES["vocab_size"], (2, 12), device=DEVICE)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = model.generate(ids, **kwargs)
+    assert (ids.device, torch.float32, 2) in model._generate_compiled_ahead
+    model.config.use_cuda_graph = False
+    assert torch.equal(first, model.generate(ids, **kwargs))

@@ -747,6 +747,35 @@ def test_greedy_chunk_graphs_are_kept_across_generate_calls(lively, chunked):
     assert len(chunked.captured) == 1 and chunked.captured[0].greedy is not None
 
 
+# ---- first generate(): its kernels compiled ahead, side by side (on CPU, the dry pass run for real) ----
+
+
+def test_first_generate_of_a_kind_compiles_its_prefill_and_step_ahead(lively, graphs, monkeypatch):
+    """The dry pass runs once per (device, dtype, batch), on a scratch cache (never the decode-graph pool's),
+    and leaves the tokens as they were."""
+    from hf_mamba.kernels import _launch
+
+    passes = []
+
+    def run_dry_pass(fn, *args):  # on CUDA, compile_ahead runs fn with every launch compiling only
+        pool = list(lively._decode_graphs.entries)
+        with torch.no_grad():
+            fn(*args)
+        passes.append(lively._decode_graphs.entries == pool)  # the pool untouched
+        return True
+
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    expected = lively.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False)
+    monkeypatch.setattr(MambaForCausalLM, "_compiles_ahead_on", staticmethod(lambda device: True))
+    monkeypatch.setattr(_launch, "compile_ahead", run_dry_pass)
+    for _ in range(2):
+        assert torch.equal(lively.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False), expected)
+    lively.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False)  # another batch size
+    assert passes == [True, True]
+
+
 # ---- outputs and heads -----------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from .inputs import (
     restarts_of,
 )
 from .kernels import add_rms_norm
+from .kernels import _launch
 from .loss import causal_lm_loss
 
 try:  # Transformers' init helpers skip tensors already loaded from a checkpoint.
@@ -348,7 +349,39 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         check_not_assisted(kwargs, self.generation_config)
         passed = _one_cache(kwargs.get("cache_params"), kwargs.get("cache"))
         check_cache(passed, kwargs.get("past_key_values"), self.config)
+        if passed is None:
+            self._compile_generate_ahead(prompt, kwargs.get("attention_mask"))
         return super().generate(inputs, *args, **kwargs)
+
+    def _compile_generate_ahead(self, prompt, attention_mask):
+        """On the first generate() of a kind (device, dtype, batch) on CUDA, compile the Triton kernels of its
+        prefill and of a decode step side by side (`kernels.compile_ahead`: a dry pass that compiles at each
+        launch and runs no kernel) before generate() runs them. One after another, those compiles are most of
+        a first generate() on an empty Triton cache, the prefill's scan the longest of them."""
+        if not (torch.is_tensor(prompt) and prompt.dim() == 2 and prompt.shape[1] > 0) or prompt.is_floating_point():
+            return
+        if not self._compiles_ahead_on(prompt.device) or torch.compiler.is_compiling():
+            return
+        key = (prompt.device, self.get_input_embeddings().weight.dtype, prompt.shape[0])
+        seen = self.__dict__.setdefault("_generate_compiled_ahead", set())
+        if key in seen:
+            return
+        seen.add(key)
+
+        def scratch_cache(batch, dtype, device):  # never the decode-graph pool's: its states are for real runs
+            return MambaCache(self.config, batch, dtype=dtype, device=device)
+
+        def prefill_and_step():
+            out = self.backbone(prompt, attention_mask=attention_mask, use_cache=True, new_cache=scratch_cache)
+            self.lm_head(out.last_hidden_state[:, -1:].to(self.lm_head.weight.dtype))
+            self._decode_step_logits(prompt[:, -1:], out[CACHE_FIELD])
+
+        _launch.compile_ahead(prefill_and_step)
+
+    @staticmethod
+    def _compiles_ahead_on(device):
+        """Whether generate() compiles ahead on `device`: CUDA, outside graph capture (the CPU tests patch it)."""
+        return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
