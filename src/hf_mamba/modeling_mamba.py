@@ -38,8 +38,7 @@ from .inputs import (
     read_values,
     restarts_of,
 )
-from .kernels import add_rms_norm
-from .kernels import _launch
+from .kernels import _launch, add_rms_norm
 from .loss import causal_lm_loss
 
 try:  # Transformers' init helpers skip tensors already loaded from a checkpoint.
