@@ -670,3 +670,21 @@ def test_first_generate_compiles_ahead_without_warnings_and_keeps_the_tokens():
     assert (ids.device, torch.float32, 2) in model._generate_compiled_ahead
     model.config.use_cuda_graph = False
     assert torch.equal(first, model.generate(ids, **kwargs))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_sampling_on_cuda_draws_the_eager_tokens_with_the_same_seed():
+    """Sampling on the GPU: torch.multinomial inside a captured graph draws from the generator's Philox
+    stream at the offsets the eager loop would use, so the same seed gives Transformers' tokens."""
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES, tie_word_embeddings=False)).to(DEVICE).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    ids = torch.randint(1, SIZES["vocab_size"], (3, 12), device=DEVICE)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=46, do_sample=True, top_k=20, top_p=0.9)
+    runs = []
+    for graphs_on in (False, True, True):
+        model.config.use_cuda_graph = graphs_on
+        torch.manual_seed(7)
+        runs.append(model.generate(ids, eos_token_id=None, **kwargs))
+    assert torch.equal(runs[1], runs[0]) and torch.equal(runs[2], runs[0])
+    assert [kind.sample for kind in model._decode_graphs.entries[-1].graphs if kind is not None] == [True]

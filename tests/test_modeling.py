@@ -21,7 +21,7 @@ from transformers import (
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
 from hf_mamba.compat import enable_activation_checkpointing
-from hf_mamba.decode_graphs import DecodeGraphs, greedy_step
+from hf_mamba.decode_graphs import DecodeGraphs, select_step
 from hf_mamba.modeling_mamba import CACHE_FIELD
 
 LOGITS_RTOL = 1e-5  # fp32: relative to the largest logit
@@ -327,8 +327,8 @@ class FakeGraph:
     """Stands in for DecodeGraph on CPU: replays the decode step on the tensors it was captured on, as a
     CUDA graph does, so a cache decoding with another cache's graph gives wrong tokens."""
 
-    def __init__(self, step, cache, input_ids, greedy=None):
-        self.step, self.greedy = step, greedy
+    def __init__(self, step, cache, input_ids, select=None):
+        self.step, self.select = step, select
         # Weak references: a CUDA graph holds none to the tensors it reads, and the pool counts references.
         self.captured_on = [weakref.ref(state) for state in cache.conv_states + cache.ssm_states]
         self.states_ptr = cache.ssm_states[0].data_ptr()
@@ -343,13 +343,13 @@ class FakeGraph:
     def __call__(self, input_ids):
         return self.step(input_ids, self._captured())
 
-    def start_greedy(self, input_ids, unfinished):
+    def start(self, input_ids, unfinished):
         self.ids, self.unfinished = input_ids.clone(), unfinished.clone()
 
-    def greedy_steps(self, steps, suppressed):
-        eos, pad = torch.tensor(self.greedy.eos, dtype=torch.long), torch.tensor(self.greedy.pad)
+    def run_steps(self, steps, suppressed):
+        eos, pad = torch.tensor(self.select.eos, dtype=torch.long), torch.tensor(self.select.pad)
         outs = [
-            greedy_step(self.step, self._captured(), self.ids, self.unfinished, suppressed, self.greedy, eos, pad)
+            select_step(self.step, self._captured(), self.ids, self.unfinished, suppressed, self.select, eos, pad)
             for _ in range(steps)
         ]
         return torch.stack(outs, 2)
@@ -569,10 +569,10 @@ def chunked(graphs, monkeypatch):
 
 def greedy_decode_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                        streamer=None, **model_kwargs):
-    from hf_mamba.greedy_decode import greedy_plan
+    from hf_mamba.graph_decode import decode_plan
 
     args = (logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
-    return greedy_plan(model, input_ids, *args)
+    return decode_plan(model, input_ids, *args)
 
 
 def both_ways(model, ids, **kwargs):
@@ -603,7 +603,7 @@ def test_greedy_chunks_give_transformers_tokens(lively, chunked, new_tokens):
     assert torch.equal(out, eager) and out.shape == (3, 7 + new_tokens)
     assert chunked.chunked_runs == [True]
     # The first token comes from the prefill, the others from one greedy-step graph.
-    assert [graph.greedy is not None for graph in chunked.captured] == ([True] if new_tokens > 1 else [])
+    assert [graph.select is not None for graph in chunked.captured] == ([True] if new_tokens > 1 else [])
 
 
 def test_greedy_chunks_stop_each_row_at_eos_and_pad_it(lively, chunked):
@@ -688,20 +688,19 @@ def test_greedy_chunks_return_the_cache_transformers_leaves(lively, chunked):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(do_sample=True, top_k=5),
         dict(repetition_penalty=1.3),
         dict(return_dict_in_generate=True, output_scores=True),
         dict(return_dict_in_generate=True),  # EOS could stop it early and the cache is returned
         dict(max_time=30.0),
     ],
-    ids=["sampling", "another-processor", "scores", "returned-cache-with-eos", "another-criterion"],
+    ids=["another-processor", "scores", "returned-cache-with-eos", "another-criterion"],
 )
 def test_greedy_chunks_leave_the_rest_to_transformers_loop(lively, chunked, kwargs):
     ids = torch.randint(1, 97, (2, 7))
     torch.manual_seed(0)
     out = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
     assert chunked.chunked_runs == [False]
-    assert all(graph.greedy is None for graph in chunked.captured)
+    assert all(graph.select is None for graph in chunked.captured)
     if not kwargs.get("do_sample"):
         lively.config.use_cuda_graph = False
         eager = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
@@ -709,6 +708,27 @@ def test_greedy_chunks_leave_the_rest_to_transformers_loop(lively, chunked, kwar
         if hasattr(out, "sequences"):
             out, eager = out.sequences, eager.sequences
         assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(top_k=5), dict(top_k=0, top_p=0.8, temperature=0.7), dict(top_k=20, min_p=0.1), dict(min_new_tokens=10)],
+    ids=["top-k", "top-p-temperature", "min-p", "min-new-tokens"],
+)
+def test_sampled_chunks_draw_what_transformers_loop_draws_with_the_same_seed(lively, chunked, kwargs):
+    """The chunk draws each token with the same ops in the same order as Transformers' loop (processors,
+    softmax, torch.multinomial), so on CPU the same seed gives the same tokens (CUDA: tests/test_model_triton.py)."""
+    ids = torch.randint(1, 97, (3, 7))
+    eos = int(ids[0, 0])
+    runs = []
+    for graphs_on in (True, False):
+        lively.config.use_cuda_graph = graphs_on
+        torch.manual_seed(5)
+        runs.append(lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=True,
+                                    eos_token_id=eos, **kwargs))
+    lively.config.use_cuda_graph = True
+    assert torch.equal(runs[0], runs[1]) and chunked.chunked_runs == [True]
+    assert len({tuple(row) for row in runs[0][:, 7:].tolist()}) == 3  # the rows drew different tokens
 
 
 def test_greedy_chunks_leave_a_passed_cache_and_wrapped_models_to_transformers_loop(lively, chunked):
@@ -744,8 +764,33 @@ def test_greedy_chunk_graphs_are_kept_across_generate_calls(lively, chunked):
         ids = torch.randint(1, 97, (2, 7))
         out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=22, eos_token_id=None)
         assert torch.equal(out, eager)
-    assert len(chunked.captured) == 1 and chunked.captured[0].greedy is not None
+    assert len(chunked.captured) == 1 and chunked.captured[0].select is not None
 
+
+
+def test_sampling_graphs_per_entry_are_capped_oldest_first(lively, chunked, monkeypatch):
+    """A sweep over temperatures captures a graph per setting; an entry keeps the newest few."""
+    monkeypatch.setattr(DecodeGraphs, "MAX_GRAPHS_PER_ENTRY", 3)
+    ids = torch.randint(1, 97, (2, 7))
+    for temperature in (0.5, 0.6, 0.7, 0.8, 0.9):
+        lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=True,
+                        temperature=temperature, eos_token_id=None)
+    kinds = [kind for kind in lively._decode_graphs.entries[-1].graphs if kind is not None]
+    settings = [dict(key[1]) for kind in kinds for key in kind.warper_key]
+    temperatures = [setting["temperature"] for setting in settings if "temperature" in setting]
+    assert len(chunked.captured) == 5 and temperatures == [0.7, 0.8, 0.9]
+
+
+def test_a_warper_whose_settings_are_not_numbers_is_left_to_transformers_loop():
+    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
+    from hf_mamba.graph_decode import _processors
+
+    plain = LogitsProcessorList([TopKLogitsWarper(5), TemperatureLogitsWarper(0.7)])
+    assert _processors(plain) == ([], list(plain))
+    odd = TopKLogitsWarper(5)
+    odd.top_k = torch.tensor(5)  # a graph keyed by it could not tell two settings apart
+    assert _processors(LogitsProcessorList([odd])) is None
 
 # ---- first generate(): its kernels compiled ahead, side by side (on CPU, the dry pass run for real) ----
 

@@ -12,9 +12,9 @@ holds, and at its first decode step the entry's graph, if the model's fingerprin
 graph was captured with (else a new capture replaces it). A cache still alive (say, returned by
 return_dict_in_generate) keeps its states: the next sequence gets fresh ones in a new entry.
 
-Two kinds of graph: a step's logits (what the forward replays for one token), and a greedy step
-(`GreedyStep`: it selects its token on the GPU and feeds it to the next replay, so generate() queues a
-chunk of replays and reads the device once per chunk instead of once per token; `greedy_decode.py`).
+Two kinds of graph: a step's logits (what the forward replays for one token), and a selecting step
+(`SelectStep`: it selects its token on the GPU and feeds it to the next replay, so generate() queues a
+chunk of replays and reads the device once per chunk instead of once per token; `graph_decode.py`).
 """
 
 import math
@@ -32,22 +32,29 @@ Step = Callable[[torch.Tensor, MambaCache], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class GreedyStep:
-    """A greedy decode step as Transformers' greedy loop selects tokens: the argmax of the fp32 logits,
-    suppressed ids (min_new_tokens' EOS) at -inf; with `eos` ids, a finished row gets `pad`."""
+class SelectStep:
+    """A decode step that selects its token as Transformers' `_sample` does: the fp32 logits, suppressed ids
+    (min_new_tokens' EOS) at -inf, then the `warpers` (Transformers' temperature, top-k, top-p and min-p
+    processors, called as they are) in order; the argmax, or with `sample` a draw from the softmax
+    (torch.multinomial); with `eos` ids, a finished row gets `pad`."""
 
     vocab: int  # the logits' size
     eos: tuple[int, ...] = ()
     pad: int = 0
+    sample: bool = False
+    warper_key: tuple = ()  # what tells warpers apart: (class, settings) of each
+    warpers: tuple = field(default=(), compare=False)  # the processor objects (alike where their keys are)
 
 
-def greedy_step(step: Step, cache: MambaCache, ids, unfinished, suppressed, kind: GreedyStep, eos, pad):
-    """One greedy decode step from `ids` (batch, 1) on `cache`. Updates `ids` to the chosen tokens and
-    `unfinished` (batch,) to the rows still unfinished, in place, so the next replay continues from them;
-    returns (batch, 2): each row's token and unfinished flag. `suppressed` is a (vocab,) bool mask; `eos`
-    and `pad` the ids as tensors on the device."""
+def select_step(step: Step, cache: MambaCache, ids, unfinished, suppressed, kind: SelectStep, eos, pad):
+    """One decode step from `ids` (batch, 1) on `cache` that selects its tokens on the device. Updates `ids`
+    to the chosen tokens and `unfinished` (batch,) to the rows still unfinished, in place, so the next replay
+    continues from them; returns (batch, 2): each row's token and unfinished flag. `suppressed` is a (vocab,)
+    bool mask; `eos` and `pad` the ids as tensors on the device."""
     scores = torch.where(suppressed, -math.inf, step(ids, cache)[:, -1].float())
-    next_ids = scores.argmax(-1)
+    for warper in kind.warpers:
+        scores = warper(ids, scores)  # they read only the scores
+    next_ids = select_tokens(scores, kind.sample)
     if kind.eos:
         next_ids = next_ids * unfinished + pad * (1 - unfinished)
         unfinished.copy_(unfinished & ~torch.isin(next_ids, eos))
@@ -55,34 +62,43 @@ def greedy_step(step: Step, cache: MambaCache, ids, unfinished, suppressed, kind
     return torch.stack([next_ids, unfinished], 1)
 
 
+def select_tokens(scores, sample: bool):
+    """The tokens Transformers' `_sample` selects from processed scores (batch, vocab): a draw from their
+    softmax, or their argmax."""
+    if sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return scores.argmax(-1)
+
+
 class DecodeGraph:
-    """A CUDA graph of one decode step on one set of state tensors: its logits (`greedy` None), or a greedy
-    step that selects the token on the GPU and feeds it to the next replay.
+    """A CUDA graph of one decode step on one set of state tensors: its logits (`select` None), or a step
+    that selects the token on the GPU (`SelectStep`) and feeds it to the next replay.
 
     The states never move (every update is in place), so the graph stays valid for as long as they live.
     """
 
-    def __init__(self, step: Step, cache: MambaCache, input_ids: torch.Tensor, greedy: GreedyStep | None = None):
+    def __init__(self, step: Step, cache: MambaCache, input_ids: torch.Tensor, select: SelectStep | None = None):
         self.static_ids = input_ids.clone()
         self.states_ptr = cache.ssm_states[0].data_ptr()
-        self.greedy = greedy
-        if greedy is None:
+        self.select = select
+        if select is None:
             body = lambda: step(self.static_ids, cache)  # noqa: E731
         else:
             device, batch = input_ids.device, input_ids.shape[0]
             # Held by the graph object: a replay reads them, and memory freed after capture is reused.
             self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
-            self.suppressed = torch.zeros(greedy.vocab, dtype=torch.bool, device=device)
-            self.eos = torch.tensor(greedy.eos, dtype=torch.long, device=device)
-            self.pad = torch.tensor(greedy.pad, dtype=torch.long, device=device)
-            body = lambda: greedy_step(  # noqa: E731
-                step, cache, self.static_ids, self.unfinished, self.suppressed, greedy, self.eos, self.pad
+            self.suppressed = torch.zeros(select.vocab, dtype=torch.bool, device=device)
+            self.eos = torch.tensor(select.eos, dtype=torch.long, device=device)
+            self.pad = torch.tensor(select.pad, dtype=torch.long, device=device)
+            body = lambda: select_step(  # noqa: E731
+                step, cache, self.static_ids, self.unfinished, self.suppressed, select, self.eos, self.pad
             )
         saved = [t.clone() for t in self._mutated(cache)]
         # Streams and capture belong to the current GPU: make it the model's (say, cuda:1 of a process whose
         # current device is cuda:0).
         with device_guard(input_ids):
             # Warm up on a side stream (compiles kernels, creates library handles), as capture requires.
+            rng = torch.cuda.get_rng_state(input_ids.device)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -90,13 +106,15 @@ class DecodeGraph:
             torch.cuda.current_stream().wait_stream(stream)
             for t, old in zip(self._mutated(cache), saved, strict=True):
                 t.copy_(old)  # undo the warm-up step
+            # A sampling warm-up drew random numbers: the replays draw those the eager loop would have drawn.
+            torch.cuda.set_rng_state(rng, input_ids.device)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_out = body()
 
     def _mutated(self, cache):
-        """What a step updates in place: the states, and a greedy step's ids and unfinished rows."""
-        extra = [] if self.greedy is None else [self.static_ids, self.unfinished]
+        """What a step updates in place: the states, and a selecting step's ids and unfinished rows."""
+        extra = [] if self.select is None else [self.static_ids, self.unfinished]
         return [*cache.conv_states, *cache.ssm_states, *extra]
 
     def __call__(self, input_ids):
@@ -106,13 +124,13 @@ class DecodeGraph:
             self.graph.replay()
         return self.static_out.clone()
 
-    def start_greedy(self, input_ids, unfinished):
-        """Greedy steps continue from tokens `input_ids` (batch, 1) and rows `unfinished` (batch,) long."""
+    def start(self, input_ids, unfinished):
+        """Selecting steps continue from tokens `input_ids` (batch, 1) and rows `unfinished` (batch,) long."""
         self.static_ids.copy_(input_ids)
         self.unfinished.copy_(unfinished)
 
-    def greedy_steps(self, steps: int, suppressed) -> torch.Tensor:
-        """(batch, 2, steps): tokens and unfinished flags of `steps` greedy steps, each one replay queued
+    def run_steps(self, steps: int, suppressed) -> torch.Tensor:
+        """(batch, 2, steps): tokens and unfinished flags of `steps` selecting steps, each one replay queued
         behind the last (no wait for the GPU), with the (vocab,) bool mask `suppressed`."""
         out = torch.empty(self.static_ids.shape[0], 2, steps, dtype=torch.long, device=self.static_ids.device)
         self.suppressed.copy_(suppressed)
@@ -131,7 +149,7 @@ class _PooledStates:
     conv_states: tuple
     ssm_states: tuple
     holder: weakref.ref  # dead once that cache is gone: then the next new sequence may take the tensors
-    graphs: dict = field(default_factory=dict)  # GreedyStep (None: the logits graph) -> DecodeGraph
+    graphs: dict = field(default_factory=dict)  # SelectStep (None: the logits graph) -> DecodeGraph
     fingerprint: tuple | None = None  # the model's fingerprint when `graphs` were captured
 
     @property
@@ -145,12 +163,13 @@ class DecodeGraphs:
 
     Memory: at most MAX_ENTRIES pool entries, the least recently used evicted (its cache, if alive, keeps
     its states and graphs). Each holds its states (2.8B model at batch 64: 1.5 GB) and its graphs' memory,
-    also after generate() returns: per graph the activations its capture allocated (a chunk frees each
-    step's before the next) and its outputs; a greedy generate() adds up to three chunk graphs (16, 4 and
-    1 steps) per EOS setting.
+    also after generate() returns: per graph the activations its capture allocated and its outputs; a
+    generate() that selects its tokens on the GPU adds one graph per kind (`SelectStep`: EOS setting,
+    greedy or sampled, warpers), up to MAX_GRAPHS_PER_ENTRY graphs in all.
     """
 
     MAX_ENTRIES = 2
+    MAX_GRAPHS_PER_ENTRY = 8  # kinds of step kept per entry, the oldest dropped first
     graph_class = DecodeGraph  # what captures a step (tests put a CPU stand-in here)
 
     def __init__(self):
@@ -160,7 +179,7 @@ class DecodeGraphs:
     def __reduce__(self):
         return DecodeGraphs, ()  # copied or pickled empty: the graphs read this model's memory
 
-    def graph_of(self, cache: MambaCache, kind: GreedyStep | None = None) -> DecodeGraph | None:
+    def graph_of(self, cache: MambaCache, kind: SelectStep | None = None) -> DecodeGraph | None:
         """The graph of that kind `cache` decodes with, None before its first use."""
         return self._graphs_of_cache.get(cache, {}).get(kind)
 
@@ -187,8 +206,8 @@ class DecodeGraphs:
         """Logits of one decode step on `cache`, by replaying its graph (captured at its first step)."""
         return self._graph(step, fingerprint, cache, input_ids, None)(input_ids)
 
-    def greedy_graph(self, step: Step, fingerprint, cache: MambaCache, input_ids, kind: GreedyStep) -> DecodeGraph:
-        """The cache's greedy-step graph of that kind (captured at its first use)."""
+    def select_graph(self, step: Step, fingerprint, cache: MambaCache, input_ids, kind: SelectStep) -> DecodeGraph:
+        """The cache's selecting-step graph of that kind (captured at its first use)."""
         return self._graph(step, fingerprint, cache, input_ids, kind)
 
     def _graph(self, step, fingerprint, cache, input_ids, kind):
@@ -210,6 +229,8 @@ class DecodeGraphs:
         if entry.fingerprint != now or moved:
             entry.graphs, entry.fingerprint = {}, now
         if kind not in entry.graphs:
+            if len(entry.graphs) >= self.MAX_GRAPHS_PER_ENTRY:  # say, a sweep over temperatures
+                del entry.graphs[next(iter(entry.graphs))]  # the oldest capture
             entry.graphs[kind] = self._capture(step, cache, input_ids, kind)
         return entry.graphs[kind]
 
@@ -236,4 +257,4 @@ def _references(tensor):
     return sys.getrefcount(tensor), storage_refs
 
 
-__all__ = ["DecodeGraph", "DecodeGraphs", "GreedyStep", "greedy_step"]
+__all__ = ["DecodeGraph", "DecodeGraphs", "SelectStep", "select_step", "select_tokens"]

@@ -25,7 +25,7 @@ from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
 from .fast_path import decide_fast_path, plain, scan_backend_for
-from .greedy_decode import greedy_generate, greedy_plan
+from .graph_decode import decode_plan, graph_generate
 from .hub import MambaHubMixin
 from .inputs import (
     check_id_range,
@@ -309,8 +309,9 @@ def _graph_fingerprint_sees(module):
 
 class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
-    # Greedy generate() on CUDA selects up to this many tokens per graph replay (`greedy_decode.py`); a
-    # streamer then gets them a chunk at a time. 1: one replay per token, through Transformers' own loop.
+    # generate() on CUDA (greedy or sampled) chooses its tokens on the GPU and reads the device once per this
+    # many (`graph_decode.py`); a streamer then gets them a chunk at a time. 1: Transformers' own loop, a
+    # graph replay per token.
     decode_chunk_size = 16
 
     def __init__(self, config: MambaConfig):
@@ -384,20 +385,21 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
-        """Greedy decoding in graph chunks where it gives Transformers' tokens (`greedy_decode.py`), else
-        GenerationMixin._sample."""
-        plan = greedy_plan(
+        """Greedy search or sampling with the tokens chosen on the GPU where that gives Transformers' tokens
+        (`graph_decode.py`), else GenerationMixin._sample."""
+        plan = decode_plan(
             self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
         )
         if plan is None:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
-        return greedy_generate(self, input_ids, plan, logits_processor, stopping_criteria, generation_config,
+        return graph_generate(self, input_ids, plan, logits_processor, stopping_criteria, generation_config,
                                streamer, model_kwargs)
 
-    def _greedy_graph(self, cache, input_ids, kind):
-        """The graph of a greedy decode step on `cache` (`greedy_decode.py`), captured at its first use."""
-        return self._decode_graphs.greedy_graph(
+    def _select_graph(self, cache, input_ids, kind):
+        """The graph of a decode step on `cache` that selects its token (`graph_decode.py`), captured at its
+        first use."""
+        return self._decode_graphs.select_graph(
             self._decode_step_logits, self._decode_graph_fingerprint, cache, input_ids, kind
         )
 

@@ -1,20 +1,23 @@
-"""generate()'s greedy decoding on CUDA: a chunk of tokens per graph replay, the same tokens as Transformers' loop.
+"""generate()'s greedy search and sampling on CUDA: the tokens chosen on the GPU, a chunk of them per read of
+the device, the same tokens as Transformers' loop.
 
 Transformers' decode loop works per token on the host: a forward (here, one graph replay), the logits
 processors, the stopping criteria, the token's append, and a read of the device to decide whether to stop.
 For a model the size of Mamba-130M that host work takes longer than the GPU's step, so the GPU idles between
 steps and decoding runs at the host's pace. Where every processor and stopping criterion is one whose effect
-a graph can reproduce exactly (min_length / min_new_tokens, max_length / max_new_tokens, EOS), this loop
-replays a captured greedy step instead (`decode_graphs.GreedyStep`): it selects its token on the GPU, as
-`GenerationMixin._sample` does, and leaves it as the next replay's input; the host queues the replays of a
-chunk of up to `MambaForCausalLM.decode_chunk_size` tokens back to back (a graph launch and a copy each)
-and reads the device once per chunk.
+a graph can reproduce exactly (min_length / min_new_tokens, temperature, top-k, top-p, min-p, max_length /
+max_new_tokens, EOS), this loop replays a captured step that selects its token on the GPU
+(`decode_graphs.SelectStep`) as `GenerationMixin._sample` does (argmax, or torch.multinomial: a replay draws
+from the generator's stream where the eager call would, so a seed gives the same tokens) and leaves it as
+the next replay's input; the host queues the replays of a chunk of up to
+`MambaForCausalLM.decode_chunk_size` tokens back to back (a graph launch and a copy each) and reads the
+device once per chunk.
 
-Everything else runs Transformers' own loop: sampling, beam search, other processors or criteria, scores,
-logits or hidden states in the output, synced GPUs, a cache passed in, a returned cache while EOS may stop
-the rows early (a chunk's steps after the last row finished advance it past the state Transformers
-leaves), and models whose graphs are not kept across calls (wrapped modules, e.g. LoRA; a chunk's captures
-would cost every call). A streamer gets every token, a chunk's tokens at once.
+Everything else runs Transformers' own loop: beam search, other processors or criteria, scores, logits or
+hidden states in the output, synced GPUs, a cache passed in, a returned cache while EOS may stop the rows
+early (a chunk's steps after the last row finished advance it past the state Transformers leaves), and
+models whose graphs are not kept across calls (wrapped modules, e.g. LoRA; each call would capture afresh).
+A streamer gets every token, a chunk's tokens at once.
 """
 
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compat import CACHE_FIELD
-from .decode_graphs import GreedyStep
+from .decode_graphs import SelectStep, select_tokens
 
 # Model inputs generate() passes that the chunked loop reproduces: after the prefill only the cache matters
 # (decode steps drop the mask and position_ids, and compute one position's logits).
@@ -36,7 +39,7 @@ _OUTPUT_CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclas
 
 
 @dataclass
-class GreedyPlan:
+class DecodePlan:
     """What the chunked loop needs of generate()'s settings, read once before the prefill."""
 
     max_length: int
@@ -44,16 +47,17 @@ class GreedyPlan:
     pad: int
     suppress: list  # [(length, eos ids)]: the ids are at -inf while the sequence is shorter than length
     chunk_size: int  # the most replays queued before a read of the device
+    sample: bool  # a draw from the softmax, else the argmax
+    warpers: list  # processors of the scores alone, applied in order after the suppression
 
 
-def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs):
+def decode_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs):
     """The chunked loop's plan for this generate(), or None where Transformers' loop must run."""
     chunk = model.decode_chunk_size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"decode_chunk_size must be a positive integer (1: a forward per token), got {chunk!r}")
     if (
         chunk == 1
-        or generation_config.do_sample
         or synced_gpus
         or input_ids.shape[0] == 0
         or model_kwargs.get("use_cache") is False
@@ -67,10 +71,11 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
     wants = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
     if generation_config.return_dict_in_generate and any(getattr(generation_config, name) for name in wants):
         return None
-    suppress = _suppressed_eos(logits_processor)
+    processors = _processors(logits_processor)
     stops = _stops(stopping_criteria)
-    if suppress is None or stops is None:
+    if processors is None or stops is None:
         return None
+    suppress, warpers = processors
     max_length, eos = stops
     pad = 0
     if eos:
@@ -80,23 +85,38 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         pad = int(pad) if pad is not None and pad.numel() == 1 else -1
         if not 0 <= pad < model.config.vocab_size:
             return None  # Transformers' loop refuses it at the next forward, by name
-    return GreedyPlan(max_length, eos, pad, suppress, chunk)
+    return DecodePlan(max_length, eos, pad, suppress, chunk, bool(generation_config.do_sample), warpers)
 
 
-def _suppressed_eos(logits_processor):
-    """[(length, eos ids)] of min_length / min_new_tokens processors; None if any other processor is there."""
-    from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+def _processors(logits_processor):
+    """([(length, eos ids)] of the min_length / min_new_tokens processors, [warpers]): the warpers are
+    processors of the scores alone (temperature, top-k, top-p, min-p) with plain-number settings, after every
+    min-length one, as Transformers orders them. None if any other processor is there, or another order."""
+    from transformers.generation import logits_process as lp
 
-    suppress = []
+    warper_types = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper)
+    suppress, warpers = [], []
     for processor in logits_processor:
-        if type(processor) is MinLengthLogitsProcessor:
+        if type(processor) in warper_types:
+            if not all(type(value) in (int, float, bool) for value in vars(processor).values()):
+                return None  # settings that are not plain numbers could not key the step's graph
+            warpers.append(processor)
+            continue
+        if warpers:
+            return None  # a min-length processor after a warper: not the order the step applies them in
+        if type(processor) is lp.MinLengthLogitsProcessor:
             length = processor.min_length
-        elif type(processor) is MinNewTokensLengthLogitsProcessor:
+        elif type(processor) is lp.MinNewTokensLengthLogitsProcessor:
             length = processor.prompt_length_to_skip + processor.min_new_tokens
         else:
             return None
         suppress.append((length, tuple(processor.eos_token_id.reshape(-1).tolist())))
-    return suppress
+    return suppress, warpers
+
+
+def _warper_key(warper):
+    """What tells two warpers apart: their class and settings (plain numbers, `_processors`)."""
+    return type(warper), tuple(sorted(vars(warper).items()))
 
 
 def _stops(stopping_criteria):
@@ -114,10 +134,10 @@ def _stops(stopping_criteria):
     return min(max_lengths), tuple(sorted(set(eos)))
 
 
-def greedy_generate(
+def graph_generate(
     model, input_ids, plan, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs
 ):
-    """GenerationMixin._sample's greedy result (sequences, or the output object), decoding in graph chunks."""
+    """GenerationMixin._sample's result (sequences, or the output object), decoding in chunks of replays."""
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
     cache = outputs[CACHE_FIELD]
@@ -125,7 +145,7 @@ def greedy_generate(
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     del outputs
-    next_ids = logits_processor(input_ids, logits).argmax(-1)
+    next_ids = select_tokens(logits_processor(input_ids, logits), plan.sample)
     if plan.eos:
         next_ids = next_ids * unfinished + plan.pad * (1 - unfinished)
     input_ids = torch.cat([input_ids, next_ids[:, None]], dim=-1)
@@ -140,10 +160,12 @@ def greedy_generate(
         if active not in masks:
             masks[active] = _suppressed_mask(plan, active, model.config.vocab_size, input_ids.device)
         if graph is None:  # captured at its first use only: a one-token generate() needs none
-            kind = GreedyStep(model.config.vocab_size, plan.eos, plan.pad)
-            graph = model._greedy_graph(cache, next_ids[:, None], kind)
-            graph.start_greedy(next_ids[:, None], unfinished)
-        out = graph.greedy_steps(steps, masks[active])
+            warpers = tuple(plan.warpers)
+            key = tuple(_warper_key(warper) for warper in warpers)
+            kind = SelectStep(model.config.vocab_size, plan.eos, plan.pad, plan.sample, key, warpers)
+            graph = model._select_graph(cache, next_ids[:, None], kind)
+            graph.start(next_ids[:, None], unfinished)
+        out = graph.run_steps(steps, masks[active])
         cache.seqlen_offset += steps
         done_after = (~out[:, 1].bool().any(0)).cpu()  # the one read of the device per chunk
         finished = bool(done_after.any())
@@ -180,4 +202,4 @@ def _suppressed_mask(plan, active, vocab_size, device):
     return mask.to(device)
 
 
-__all__ = ["greedy_generate", "greedy_plan"]
+__all__ = ["graph_generate", "decode_plan"]
