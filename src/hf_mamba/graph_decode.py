@@ -63,7 +63,7 @@ def decode_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         or model_kwargs.get("use_cache") is False
         or not set(model_kwargs) <= KNOWN_MODEL_KWARGS
         or any(model_kwargs.get(name) is not None for name in ("cache", "cache_params", "past_key_values"))
-        # Only graphs kept across generate() calls: the chunks' captures (21 steps) would cost every call.
+        # Only graphs kept across generate() calls: a capture (a warm-up step and the graph) would cost every call.
         or not model._pools_decode_graphs(input_ids.device)
         or getattr(model.get_output_embeddings(), "out_features", None) != model.config.vocab_size
     ):
