@@ -90,8 +90,9 @@ def decode_plan(model, input_ids, logits_processor, stopping_criteria, generatio
 
 def _processors(logits_processor):
     """([(length, eos ids)] of the min_length / min_new_tokens processors, [warpers]): the warpers are
-    processors of the scores alone (temperature, top-k, top-p, min-p) with plain-number settings, after every
-    min-length one, as Transformers orders them. None if any other processor is there, or another order."""
+    processors of the scores alone (temperature, top-k, top-p, min-p) with plain-number settings (they key
+    the step's graph, `SelectStep`), after every min-length one, as Transformers orders them. None if any
+    other processor is there, or another order."""
     from transformers.generation import logits_process as lp
 
     warper_types = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper)
@@ -112,11 +113,6 @@ def _processors(logits_processor):
             return None
         suppress.append((length, tuple(processor.eos_token_id.reshape(-1).tolist())))
     return suppress, warpers
-
-
-def _warper_key(warper):
-    """What tells two warpers apart: their class and settings (plain numbers, `_processors`)."""
-    return type(warper), tuple(sorted(vars(warper).items()))
 
 
 def _stops(stopping_criteria):
@@ -161,9 +157,7 @@ def graph_generate(
         if active not in masks:
             masks[active] = _suppressed_mask(plan, active, model.config.vocab_size, input_ids.device)
         if graph is None:  # captured at its first use only: a one-token generate() needs none
-            warpers = tuple(plan.warpers)
-            key = tuple(_warper_key(warper) for warper in warpers)
-            kind = SelectStep(model.config.vocab_size, plan.eos, plan.pad, plan.sample, key, warpers)
+            kind = SelectStep(model.config.vocab_size, plan.eos, plan.pad, plan.sample, tuple(plan.warpers))
             graph = model._select_graph(cache, next_ids[:, None], kind)
             graph.start(next_ids[:, None], unfinished)
         before = generator.get_offset() if generator is not None else None
