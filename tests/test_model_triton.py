@@ -688,3 +688,25 @@ def test_sampling_on_cuda_draws_the_eager_tokens_with_the_same_seed():
         runs.append(model.generate(ids, eos_token_id=None, **kwargs))
     assert torch.equal(runs[1], runs[0]) and torch.equal(runs[2], runs[0])
     assert [kind.sample for kind in model._decode_graphs.entries[-1].graphs if kind is not None] == [True]
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_sampling_leaves_the_generator_where_transformers_loop_does_after_an_early_eos():
+    """Every row reaches EOS inside a chunk: the chunk's later replays drew, and the generator is set back, so
+    a second call without a new seed draws what Transformers' loop draws there."""
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES, tie_word_embeddings=False)).to(DEVICE).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    ids = torch.randint(1, SIZES["vocab_size"], (1, 12), device=DEVICE)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=True, top_k=4)
+    model.config.use_cuda_graph = False
+    torch.manual_seed(3)
+    probe = model.generate(ids, eos_token_id=None, **kwargs)
+    eos = int(probe[0, 12 + 5])  # sampled as the 6th new token: that call stops inside the first chunk
+    runs = []
+    for graphs_on in (False, True):
+        model.config.use_cuda_graph = graphs_on
+        torch.manual_seed(3)
+        runs.append([model.generate(ids, eos_token_id=eos, **kwargs) for _ in range(2)])
+    assert runs[0][0].shape[1] < 12 + 16  # the first call did end inside a chunk
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(runs[1], runs[0], strict=True))

@@ -151,6 +151,7 @@ def graph_generate(
     finished = bool(unfinished.max() == 0)
     graph = None
     masks = {}  # the suppressed mask of each set of active min-length processors
+    generator = _sampling_generator(input_ids.device) if plan.sample and plan.eos else None
     while not finished and input_ids.shape[1] < plan.max_length:
         steps, active = _next_chunk(plan, input_ids.shape[1])
         if active not in masks:
@@ -159,11 +160,16 @@ def graph_generate(
             kind = SelectStep(model.config.vocab_size, plan.eos, plan.pad, plan.sample, tuple(plan.warpers))
             graph = model._select_graph(cache, next_ids[:, None], kind)
             graph.start(next_ids[:, None], unfinished)
+        before = generator.get_offset() if generator is not None else None
         out = graph.run_steps(steps, masks[active])
         cache.seqlen_offset += steps
         done_after = (~out[:, 1].bool().any(0)).cpu()  # the one read of the device per chunk
         finished = bool(done_after.any())
         keep = int(done_after.to(torch.uint8).argmax()) + 1 if finished else steps  # up to the step all finished
+        if generator is not None and keep < steps:
+            # Transformers' loop stops drawing once every row finished: the generator goes back to where it
+            # would be (every replay advances its Philox offset by the same amount).
+            generator.set_offset(before + (generator.get_offset() - before) // steps * keep)
         tokens = out[:, 0, :keep]
         input_ids = torch.cat([input_ids, tokens], dim=-1)
         if streamer is not None:
@@ -174,6 +180,14 @@ def graph_generate(
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=input_ids, **{_OUTPUT_CACHE_FIELD: model_kwargs.get(CACHE_FIELD)})
     return input_ids
+
+
+def _sampling_generator(device):
+    """The generator torch.multinomial draws from on `device` where its offset can be set back (CUDA's
+    Philox), else None (the CPU tests' stand-in graphs draw from the CPU's generator eagerly)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def _next_chunk(plan, length):
