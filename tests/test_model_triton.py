@@ -653,3 +653,31 @@ def test_greedy_chunks_on_cuda_give_the_eager_tokens(batch):
     assert torch.equal(model.generate(ids, eos_token_id=eos, **kwargs), eager[0])
     assert torch.equal(model.generate(ids, eos_token_id=eos, min_new_tokens=30, **kwargs), eager[1])
     assert {chunk.steps for chunk in model._decode_graphs.entries[-1].graphs if chunk is not None} == {16, 4, 1}
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_graphs_on_cuda_match_the_forward(dtype):
+    """A new sequence's prefill replayed as a graph of its bucket length (left-padded, padding masked): the last
+    logits and the states as the forward's, and generate() continues with the same tokens."""
+    from hf_mamba.decode_graphs import Prefill
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE, dtype).eval()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for length in (7, 64, 100):
+        ids = torch.randint(1, SIZES["vocab_size"], (3, length), device=DEVICE)
+        mask = torch.ones_like(ids)
+        mask[2, : length // 3] = 0
+        with torch.no_grad():
+            model.config.use_cuda_graph = False
+            expected = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            model.config.use_cuda_graph = True
+            out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        torch.testing.assert_close(out.logits.float(), expected.logits.float(), **tol)
+        mine, theirs = out.cache, expected.cache
+        assert mine.seqlen_offset == theirs.seqlen_offset == length
+        for a, b in zip(mine.conv_states + mine.ssm_states, theirs.conv_states + theirs.ssm_states, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+    kinds = [kind for kind in model._decode_graphs.entries[-1].graphs if isinstance(kind, Prefill)]
+    assert sorted(kind.length for kind in kinds) == [64, 128]

@@ -21,7 +21,7 @@ from transformers import (
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
 from hf_mamba.compat import enable_activation_checkpointing
-from hf_mamba.decode_graphs import DecodeGraphs, greedy_steps
+from hf_mamba.decode_graphs import DecodeGraphs, Prefill, greedy_steps
 from hf_mamba.modeling_mamba import CACHE_FIELD
 
 LOGITS_RTOL = 1e-5  # fp32: relative to the largest logit
@@ -334,6 +334,16 @@ class FakeGraph:
         self.states_ptr = cache.ssm_states[0].data_ptr()
         self.layers = len(cache.conv_states)
 
+    def prefill(self, input_ids, attention_mask):
+        return self.step(input_ids, attention_mask, self._captured())
+
+    def _captured(self):
+        states = [ref() for ref in self.captured_on]
+        conv, ssm = states[: self.layers], states[self.layers :]
+        return SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=0, place_layer=lambda *_: None,
+                               update_conv_state=lambda state, i: conv[i].copy_(state),
+                               update_recurrent_state=lambda state, i: ssm[i].copy_(state))
+
     def __call__(self, input_ids, unfinished=None, suppressed=None):
         states = [ref() for ref in self.captured_on]
         conv, ssm = states[: self.layers], states[self.layers :]
@@ -371,6 +381,7 @@ def graphs(monkeypatch):
     monkeypatch.setattr(MambaForCausalLM, "forward", spy)
     # These tests are about the forward's replays, one per token: greedy chunks (tested below) replay no forward.
     monkeypatch.setattr(MambaForCausalLM, "decode_chunk_size", 1)
+    monkeypatch.setattr(MambaForCausalLM, "PREFILL_GRAPH_MAX", 0)  # prefill graphs: tested on their own
     return record
 
 
@@ -736,6 +747,64 @@ def test_greedy_chunk_graphs_are_kept_across_generate_calls(lively, chunked):
         out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=22, eos_token_id=None)
         assert torch.equal(out, eager)
     assert [graph.chunk.steps for graph in chunked.captured] == [16, 4, 1]
+
+
+# ---- a new sequence's prefill replayed as a graph of its bucket length (on CPU, the fake graph) ----------
+
+
+@pytest.fixture
+def prefill_graphs(graphs, monkeypatch):
+    monkeypatch.setattr(MambaForCausalLM, "PREFILL_GRAPH_MAX", 2048)
+    return graphs
+
+
+def test_prefill_graph_gives_the_forwards_logits_and_states(lively, prefill_graphs):
+    ids = torch.randint(1, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        lively.config.use_cuda_graph = False
+        expected = lively(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        lively.config.use_cuda_graph = True
+        out = lively(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    assert [graph.chunk for graph in prefill_graphs.captured] == [Prefill(64)]
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    mine, theirs = out[CACHE_FIELD], expected[CACHE_FIELD]
+    assert mine.seqlen_offset == theirs.seqlen_offset == 9
+    for a, b in zip(mine.conv_states + mine.ssm_states, theirs.conv_states + theirs.ssm_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_with_prefill_graphs_keeps_the_tokens_and_one_graph_per_bucket(lively, prefill_graphs):
+    for length in (5, 9, 64, 65):
+        ids = torch.randint(1, 97, (2, length))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        lively.config.use_cuda_graph = False
+        expected = lively.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        lively.config.use_cuda_graph = True
+        assert torch.equal(lively.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+    prefills = [graph.chunk for graph in prefill_graphs.captured if isinstance(graph.chunk, Prefill)]
+    assert prefills == [Prefill(64), Prefill(128)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(logits_to_keep=0), dict(output_hidden_states=True), dict(labels="ids")],
+    ids=["all-logits", "hidden-states", "labels"],
+)
+def test_other_prefills_run_the_forward(lively, prefill_graphs, kwargs):
+    ids = torch.randint(1, 97, (2, 9))
+    kwargs = {k: (ids if v == "ids" else v) for k, v in kwargs.items()}
+    with torch.no_grad():
+        lively(ids, use_cache=True, **kwargs)
+        lively(torch.randint(1, 97, (1, lively.PREFILL_GRAPH_MAX + 1)), use_cache=True, logits_to_keep=1)
+    assert prefill_graphs.captured == []
+
+
+def test_a_prefill_graph_still_refuses_ids_outside_the_vocabulary(lively, prefill_graphs):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=97\)"):
+        lively(torch.tensor([[1, 2, 97]]), use_cache=True, logits_to_keep=1)
 
 
 # ---- outputs and heads -----------------------------------------------------------------------

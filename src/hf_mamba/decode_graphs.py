@@ -59,6 +59,14 @@ def greedy_steps(step: Step, cache: MambaCache, ids, unfinished, suppressed, chu
     return torch.stack(tokens, 1), torch.stack(flags, 1)
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """A new sequence's prefill of `length` positions (prompts left-padded to it, the padding masked), the
+    last position's logits."""
+
+    length: int
+
+
 class DecodeGraph:
     """A CUDA graph on one set of state tensors: one decode step's logits (`chunk` None), or a GreedyChunk.
 
@@ -71,6 +79,9 @@ class DecodeGraph:
         self.chunk = chunk
         if chunk is None:
             body = lambda: step(self.static_ids, cache)  # noqa: E731
+        elif isinstance(chunk, Prefill):
+            self.static_mask = torch.ones_like(input_ids)
+            body = lambda: step(self.static_ids, self.static_mask, cache)  # noqa: E731
         else:
             device, batch = input_ids.device, input_ids.shape[0]
             self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
@@ -93,9 +104,21 @@ class DecodeGraph:
             torch.cuda.current_stream().wait_stream(stream)
             for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states, strict=True):
                 state.copy_(saved)  # undo the warm-up steps
+            if isinstance(chunk, Prefill):
+                # A new version of the mask: what the forward derives from a mask and keeps by its version
+                # (the padding bias) is then derived again inside the capture, so a replay derives it too.
+                self.static_mask.add_(0)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_out = body()
+
+    def prefill(self, input_ids, attention_mask):
+        """The last position's logits of a prefill graph, for `input_ids` and `attention_mask` of its length."""
+        self.static_ids.copy_(input_ids)
+        self.static_mask.copy_(attention_mask)
+        with device_guard(input_ids):
+            self.graph.replay()
+        return self.static_out.clone()
 
     def __call__(self, input_ids, unfinished=None, suppressed=None):
         """A logits graph: the step's logits. A chunk graph: (tokens, unfinished flags), each (batch, steps),
@@ -180,6 +203,12 @@ class DecodeGraphs:
         `input_ids` (batch, 1), by replaying the cache's graph of that chunk (captured at its first use)."""
         return self._graph(step, fingerprint, cache, input_ids, chunk)(input_ids, unfinished, suppressed)
 
+    def prefill(self, step, fingerprint, cache: MambaCache, input_ids, attention_mask) -> torch.Tensor:
+        """Logits of the last position of a new sequence's prefill on `cache` (fresh states), by replaying the
+        cache's graph of that length (captured at its first use)."""
+        graph = self._graph(step, fingerprint, cache, input_ids, Prefill(input_ids.shape[1]))
+        return graph.prefill(input_ids, attention_mask)
+
     def _graph(self, step, fingerprint, cache, input_ids, chunk):
         graphs = self._graphs_of_cache.setdefault(cache, {})
         graph = graphs.get(chunk)
@@ -225,4 +254,4 @@ def _references(tensor):
     return sys.getrefcount(tensor), storage_refs
 
 
-__all__ = ["DecodeGraph", "DecodeGraphs", "GreedyChunk", "greedy_steps"]
+__all__ = ["DecodeGraph", "DecodeGraphs", "GreedyChunk", "Prefill", "greedy_steps"]
