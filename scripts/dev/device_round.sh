@@ -20,7 +20,8 @@
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
 # another tree copied to .device_cache/NAME (`git archive BRANCH | tar -x -C .device_cache/NAME`), so one call
-# can time several commits side by side; tests@NAME runs TESTS (default tests/kernels) in that tree.
+# can time several commits side by side (prefill@NAME: the prefill rows, PREFILL_LENGTHS); tests@NAME runs
+# TESTS (default tests/kernels) in that tree.
 set -uo pipefail
 OUT=${OUT:-outputs/device}
 mkdir -p "$OUT"
@@ -96,7 +97,9 @@ for s in "$@"; do
         --shapes ${QLORA_SHAPES:-7b} ;;
     large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
     prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
-        --prefill-lengths 1024,8192,65536 ;;
+        --prefill-lengths ${PREFILL_LENGTHS:-1024,8192,65536} ;;
+    prefill@*) install_tree "${s#prefill@}"; step "${s/@/_}" tree "${s#prefill@}" benchmark_large.py \
+        --shapes 130m,1.4b --rows prefill --prefill-lengths ${PREFILL_LENGTHS:-1024,8192,65536} ;;
     prefill_profile) step prefill_profile now "$here/scripts/dev/prefill_profile.py" ${PROFILE_FLAGS:-} ;;
     decode_profile) step decode_profile now "$here/scripts/benchmark_model.py" --no-train --skip-builtin-decode \
         --decode-profile ${MODEL_FLAGS:-} ;;
