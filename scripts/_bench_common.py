@@ -26,8 +26,14 @@ def next_token_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def hf_generate(model):
-    """generate(prompt, new_tokens): greedy decoding of exactly new_tokens tokens with a Transformers model."""
+# Sampling settings both sides take (SAMPLING["top_k"] etc.), for --sample.
+SAMPLING = dict(top_k=50, top_p=0.9, temperature=0.8)
+
+
+def hf_generate(model, sample=False):
+    """generate(prompt, new_tokens): greedy decoding (or sampling with SAMPLING) of exactly new_tokens tokens
+    with a Transformers model."""
+    how = dict(do_sample=True, **SAMPLING) if sample else dict(do_sample=False)
 
     def generate(prompt, new_tokens):
         with torch.no_grad():
@@ -36,19 +42,20 @@ def hf_generate(model):
                 attention_mask=torch.ones_like(prompt),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
-                do_sample=False,
                 pad_token_id=0,
+                **how,
             )
 
     return generate
 
 
-def peer_generate(model, cg):
-    """generate(prompt, new_tokens) for mamba_ssm's MambaLMHeadModel (greedy, with its CUDA graphs where cg),
-    and generate.reset(), which drops its decode graphs."""
+def peer_generate(model, cg, sample=False):
+    """generate(prompt, new_tokens) for mamba_ssm's MambaLMHeadModel (greedy, or sampling with SAMPLING; with
+    its CUDA graphs where cg), and generate.reset(), which drops its decode graphs."""
+    how = SAMPLING if sample else dict(top_k=1)
 
     def generate(prompt, new_tokens):
-        out = model.generate(prompt, max_length=prompt.shape[1] + new_tokens, cg=cg, top_k=1)
+        out = model.generate(prompt, max_length=prompt.shape[1] + new_tokens, cg=cg, **how)
         return out if torch.is_tensor(out) else out.sequences
 
     def reset():

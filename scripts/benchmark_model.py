@@ -246,6 +246,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help="alternating hf_mamba / mamba_ssm training runs")
     parser.add_argument("--no-decode", action="store_true", help="training only")
     parser.add_argument("--no-train", action="store_true", help="decoding only")
+    parser.add_argument("--sample", action="store_true",
+                        help="decode by sampling (top-k 50, top-p 0.9, temperature 0.8) instead of greedily")
     parser.add_argument("--loss-outside", action="store_true",
                         help="every model's loss as cross-entropy on fp32-cast logits (default: labels= where taken)")
     parser.add_argument("--padded", action="store_true",
@@ -385,18 +387,18 @@ def main():
 
     def ours_graphs(prompt, new_tokens):
         ours_bf16.config.use_cuda_graph = True
-        return hf_generate(ours_bf16)(prompt, new_tokens)
+        return hf_generate(ours_bf16, args.sample)(prompt, new_tokens)
 
     def ours_graph_per_token(prompt, new_tokens):  # Transformers' loop, one graph replay per token
         ours_bf16.config.use_cuda_graph, ours_bf16.decode_chunk_size = True, 1
         try:
-            return hf_generate(ours_bf16)(prompt, new_tokens)
+            return hf_generate(ours_bf16, args.sample)(prompt, new_tokens)
         finally:
             del ours_bf16.decode_chunk_size
 
     def ours_eager(prompt, new_tokens):
         ours_bf16.config.use_cuda_graph = False
-        return hf_generate(ours_bf16)(prompt, new_tokens)
+        return hf_generate(ours_bf16, args.sample)(prompt, new_tokens)
 
     decoders += [
         ("hf_mamba, CUDA graphs", ours_graphs),
@@ -408,8 +410,8 @@ def main():
     if peer:
         model = peer_model(args, state_dict, peer).to(torch.bfloat16).eval()
         decoders += [
-            ("mamba_ssm, cg=True", peer_generate(model, True)),
-            ("mamba_ssm, cg=False", peer_generate(model, False)),
+            ("mamba_ssm, cg=True", peer_generate(model, True, args.sample)),
+            ("mamba_ssm, cg=False", peer_generate(model, False, args.sample)),
         ]
     if args.decode_profile:
         print(f"\nDecode profile, bf16, prompt {args.prompt_len}, 64 new tokens")
@@ -422,7 +424,8 @@ def main():
         for name, generate in decoders
     ]
     for title, column in (("steady state, warmed at the timed length", 0), ("first call at a new length", 1)):
-        print(f"\nGreedy decoding, bf16, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s), {title}")
+        how = "Sampled (top-k 50, top-p 0.9, temperature 0.8)" if args.sample else "Greedy"
+        print(f"\n{how} decoding, bf16, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s), {title}")
         print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
         for name, speeds in rows:
             print(f"{name:<26}" + "".join(f"{s[column]:>12,.0f}" for s in speeds))

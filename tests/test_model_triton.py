@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_mamba import MambaConfig, MambaForCausalLM
+from hf_mamba.decode_graphs import SelectStep
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -634,8 +635,8 @@ def test_wide_mixers_step_through_the_modules(falcon, monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_chunks_on_cuda_give_the_eager_tokens(batch):
-    """generate()'s chunked greedy loop (a graph of up to 16 steps selecting tokens on the GPU) against
-    Transformers' loop without graphs: the same tokens, with EOS, min_new_tokens and a tail of short chunks."""
+    """generate()'s chunked greedy loop (up to 16 replays of a greedy step that selects its token on the GPU)
+    against Transformers' loop without graphs: the same tokens, with EOS, min_new_tokens and a short last chunk."""
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(**SIZES, tie_word_embeddings=False)).to(DEVICE).eval()
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)
@@ -652,7 +653,43 @@ def test_greedy_chunks_on_cuda_give_the_eager_tokens(batch):
     assert torch.equal(model.generate(ids, eos_token_id=None, **kwargs), free)
     assert torch.equal(model.generate(ids, eos_token_id=eos, **kwargs), eager[0])
     assert torch.equal(model.generate(ids, eos_token_id=eos, min_new_tokens=30, **kwargs), eager[1])
-    assert {chunk.steps for chunk in model._decode_graphs.entries[-1].graphs if chunk is not None} == {16, 4, 1}
+    kinds = [kind for kind in model._decode_graphs.entries[-1].graphs if isinstance(kind, SelectStep)]
+    assert sorted(kind.eos for kind in kinds) == [(), (eos,)]  # one graph per kind, kept across calls
+
+
+@pytest.mark.skipif(not CUDA, reason="compiling ahead is for CUDA")
+def test_first_generate_compiles_ahead_without_warnings_and_keeps_the_tokens():
+    import warnings
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE).eval()
+    ids = torch.randint(1, SIZES["vocab_size"], (2, 12), device=DEVICE)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = model.generate(ids, **kwargs)
+    assert (ids.device, torch.float32, 2) in model._generate_compiled_ahead
+    model.config.use_cuda_graph = False
+    assert torch.equal(first, model.generate(ids, **kwargs))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_sampling_on_cuda_draws_the_eager_tokens_with_the_same_seed():
+    """Sampling on the GPU: torch.multinomial inside a captured graph draws from the generator's Philox
+    stream at the offsets the eager loop would use, so the same seed gives Transformers' tokens."""
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES, tie_word_embeddings=False)).to(DEVICE).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    ids = torch.randint(1, SIZES["vocab_size"], (3, 12), device=DEVICE)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=46, do_sample=True, top_k=20, top_p=0.9)
+    runs = []
+    for graphs_on in (False, True, True):
+        model.config.use_cuda_graph = graphs_on
+        torch.manual_seed(7)
+        runs.append(model.generate(ids, eos_token_id=None, **kwargs))
+    assert torch.equal(runs[1], runs[0]) and torch.equal(runs[2], runs[0])
+    kinds = [kind for kind in model._decode_graphs.entries[-1].graphs if isinstance(kind, SelectStep)]
+    assert [kind.sample for kind in kinds] == [True]
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

@@ -21,7 +21,7 @@ from transformers import (
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
 from hf_mamba.compat import enable_activation_checkpointing
-from hf_mamba.decode_graphs import DecodeGraphs, Prefill, greedy_steps
+from hf_mamba.decode_graphs import DecodeGraphs, Prefill, SelectStep, select_step
 from hf_mamba.modeling_mamba import CACHE_FIELD
 
 LOGITS_RTOL = 1e-5  # fp32: relative to the largest logit
@@ -327,32 +327,40 @@ class FakeGraph:
     """Stands in for DecodeGraph on CPU: replays the decode step on the tensors it was captured on, as a
     CUDA graph does, so a cache decoding with another cache's graph gives wrong tokens."""
 
-    def __init__(self, step, cache, input_ids, chunk=None):
-        self.step, self.chunk = step, chunk
+    def __init__(self, step, cache, input_ids, kind=None):
+        self.step, self.kind = step, kind
         # Weak references: a CUDA graph holds none to the tensors it reads, and the pool counts references.
         self.captured_on = [weakref.ref(state) for state in cache.conv_states + cache.ssm_states]
         self.states_ptr = cache.ssm_states[0].data_ptr()
         self.layers = len(cache.conv_states)
 
     def prefill(self, input_ids, attention_mask):
-        return self.step(input_ids, attention_mask, self._captured())
+        states = [ref() for ref in self.captured_on]
+        conv, ssm = states[: self.layers], states[self.layers :]
+        captured = SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=0, place_layer=lambda *_: None,
+                                   update_conv_state=lambda state, i: conv[i].copy_(state),
+                                   update_recurrent_state=lambda state, i: ssm[i].copy_(state))
+        return self.step(input_ids, attention_mask, captured)
 
     def _captured(self):
         states = [ref() for ref in self.captured_on]
         conv, ssm = states[: self.layers], states[self.layers :]
-        return SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=0, place_layer=lambda *_: None,
-                               update_conv_state=lambda state, i: conv[i].copy_(state),
-                               update_recurrent_state=lambda state, i: ssm[i].copy_(state))
-
-    def __call__(self, input_ids, unfinished=None, suppressed=None):
-        states = [ref() for ref in self.captured_on]
-        conv, ssm = states[: self.layers], states[self.layers :]
         # What the step reads of a cache; a replay runs no Python, so placing layers is a no-op.
-        captured = SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=1, place_layer=lambda *_: None)
-        if self.chunk is None:
-            return self.step(input_ids, captured)
-        eos, pad = torch.tensor(self.chunk.eos, dtype=torch.long), torch.tensor(self.chunk.pad)
-        return greedy_steps(self.step, captured, input_ids, unfinished, suppressed, self.chunk, eos, pad)
+        return SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=1, place_layer=lambda *_: None)
+
+    def __call__(self, input_ids):
+        return self.step(input_ids, self._captured())
+
+    def start(self, input_ids, unfinished):
+        self.ids, self.unfinished = input_ids.clone(), unfinished.clone()
+
+    def run_steps(self, steps, suppressed):
+        eos, pad = torch.tensor(self.kind.eos, dtype=torch.long), torch.tensor(self.kind.pad)
+        outs = [
+            select_step(self.step, self._captured(), self.ids, self.unfinished, suppressed, self.kind, eos, pad)
+            for _ in range(steps)
+        ]
+        return torch.stack(outs, 2)
 
 
 @pytest.fixture
@@ -570,10 +578,10 @@ def chunked(graphs, monkeypatch):
 
 def greedy_decode_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                        streamer=None, **model_kwargs):
-    from hf_mamba.greedy_decode import greedy_plan
+    from hf_mamba.graph_decode import decode_plan
 
     args = (logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs)
-    return greedy_plan(model, input_ids, *args)
+    return decode_plan(model, input_ids, *args)
 
 
 def both_ways(model, ids, **kwargs):
@@ -603,9 +611,8 @@ def test_greedy_chunks_give_transformers_tokens(lively, chunked, new_tokens):
     out, eager = both_ways(lively, ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None)
     assert torch.equal(out, eager) and out.shape == (3, 7 + new_tokens)
     assert chunked.chunked_runs == [True]
-    # The first token comes from the prefill; 39 more are chunks of 16, 16, 4, 1, 1, 1.
-    expected = {1: [], 2: [1], 21: [16, 4], 40: [16, 4, 1]}[new_tokens]
-    assert [graph.chunk.steps for graph in chunked.captured] == expected
+    # The first token comes from the prefill, the others from one greedy-step graph.
+    assert [type(graph.kind) for graph in chunked.captured] == ([SelectStep] if new_tokens > 1 else [])
 
 
 def test_greedy_chunks_stop_each_row_at_eos_and_pad_it(lively, chunked):
@@ -690,20 +697,19 @@ def test_greedy_chunks_return_the_cache_transformers_leaves(lively, chunked):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(do_sample=True, top_k=5),
         dict(repetition_penalty=1.3),
         dict(return_dict_in_generate=True, output_scores=True),
         dict(return_dict_in_generate=True),  # EOS could stop it early and the cache is returned
         dict(max_time=30.0),
     ],
-    ids=["sampling", "another-processor", "scores", "returned-cache-with-eos", "another-criterion"],
+    ids=["another-processor", "scores", "returned-cache-with-eos", "another-criterion"],
 )
 def test_greedy_chunks_leave_the_rest_to_transformers_loop(lively, chunked, kwargs):
     ids = torch.randint(1, 97, (2, 7))
     torch.manual_seed(0)
     out = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
     assert chunked.chunked_runs == [False]
-    assert all(graph.chunk is None for graph in chunked.captured)
+    assert not any(isinstance(graph.kind, SelectStep) for graph in chunked.captured)
     if not kwargs.get("do_sample"):
         lively.config.use_cuda_graph = False
         eager = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
@@ -711,6 +717,27 @@ def test_greedy_chunks_leave_the_rest_to_transformers_loop(lively, chunked, kwar
         if hasattr(out, "sequences"):
             out, eager = out.sequences, eager.sequences
         assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(top_k=5), dict(top_k=0, top_p=0.8, temperature=0.7), dict(top_k=20, min_p=0.1), dict(min_new_tokens=10)],
+    ids=["top-k", "top-p-temperature", "min-p", "min-new-tokens"],
+)
+def test_sampled_chunks_draw_what_transformers_loop_draws_with_the_same_seed(lively, chunked, kwargs):
+    """The chunk draws each token with the same ops in the same order as Transformers' loop (processors,
+    softmax, torch.multinomial), so on CPU the same seed gives the same tokens (CUDA: tests/test_model_triton.py)."""
+    ids = torch.randint(1, 97, (3, 7))
+    eos = int(ids[0, 0])
+    runs = []
+    for graphs_on in (True, False):
+        lively.config.use_cuda_graph = graphs_on
+        torch.manual_seed(5)
+        runs.append(lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=True,
+                                    eos_token_id=eos, **kwargs))
+    lively.config.use_cuda_graph = True
+    assert torch.equal(runs[0], runs[1]) and chunked.chunked_runs == [True]
+    assert len({tuple(row) for row in runs[0][:, 7:].tolist()}) == 3  # the rows drew different tokens
 
 
 def test_greedy_chunks_leave_a_passed_cache_and_wrapped_models_to_transformers_loop(lively, chunked):
@@ -746,7 +773,61 @@ def test_greedy_chunk_graphs_are_kept_across_generate_calls(lively, chunked):
         ids = torch.randint(1, 97, (2, 7))
         out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=22, eos_token_id=None)
         assert torch.equal(out, eager)
-    assert [graph.chunk.steps for graph in chunked.captured] == [16, 4, 1]
+    assert [type(graph.kind) for graph in chunked.captured] == [SelectStep]
+
+
+
+def test_sampling_graphs_per_entry_are_capped_oldest_first(lively, chunked, monkeypatch):
+    """A sweep over temperatures captures a graph per setting; an entry keeps the newest few."""
+    monkeypatch.setattr(DecodeGraphs, "MAX_GRAPHS_PER_ENTRY", 3)
+    ids = torch.randint(1, 97, (2, 7))
+    for temperature in (0.5, 0.6, 0.7, 0.8, 0.9):
+        lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=True,
+                        temperature=temperature, eos_token_id=None)
+    kinds = [kind for kind in lively._decode_graphs.entries[-1].graphs if kind is not None]
+    settings = [dict(key[1]) for kind in kinds for key in kind.warper_key]
+    temperatures = [setting["temperature"] for setting in settings if "temperature" in setting]
+    assert len(chunked.captured) == 5 and temperatures == [0.7, 0.8, 0.9]
+
+
+def test_a_warper_whose_settings_are_not_numbers_is_left_to_transformers_loop():
+    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
+    from hf_mamba.graph_decode import _processors
+
+    plain = LogitsProcessorList([TopKLogitsWarper(5), TemperatureLogitsWarper(0.7)])
+    assert _processors(plain) == ([], list(plain))
+    odd = TopKLogitsWarper(5)
+    odd.top_k = torch.tensor(5)  # a graph keyed by it could not tell two settings apart
+    assert _processors(LogitsProcessorList([odd])) is None
+
+# ---- first generate(): its kernels compiled ahead, side by side (on CPU, the dry pass run for real) ----
+
+
+def test_first_generate_of_a_kind_compiles_its_prefill_and_step_ahead(lively, graphs, monkeypatch):
+    """The dry pass runs once per (device, dtype, batch), on a scratch cache (never the decode-graph pool's),
+    and leaves the tokens as they were."""
+    from hf_mamba.kernels import _launch
+
+    passes = []
+
+    def run_dry_pass(fn, *args):  # on CUDA, compile_ahead runs fn with every launch compiling only
+        pool = list(lively._decode_graphs.entries)
+        with torch.no_grad():
+            fn(*args)
+        passes.append(lively._decode_graphs.entries == pool)  # the pool untouched
+        return True
+
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    expected = lively.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False)
+    monkeypatch.setattr(MambaForCausalLM, "_compiles_ahead_on", staticmethod(lambda device: True))
+    monkeypatch.setattr(_launch, "compile_ahead", run_dry_pass)
+    for _ in range(2):
+        assert torch.equal(lively.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False), expected)
+    lively.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False)  # another batch size
+    assert passes == [True, True]
 
 
 # ---- a new sequence's prefill replayed as a graph of its bucket length (on CPU, the fake graph) ----------
@@ -767,7 +848,7 @@ def test_prefill_graph_gives_the_forwards_logits_and_states(lively, prefill_grap
         expected = lively(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         lively.config.use_cuda_graph = True
         out = lively(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    assert [graph.chunk for graph in prefill_graphs.captured] == [Prefill(64)]
+    assert [graph.kind for graph in prefill_graphs.captured] == [Prefill(64)]
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
     mine, theirs = out[CACHE_FIELD], expected[CACHE_FIELD]
     assert mine.seqlen_offset == theirs.seqlen_offset == 9
@@ -784,7 +865,7 @@ def test_generate_with_prefill_graphs_keeps_the_tokens_and_one_graph_per_bucket(
         expected = lively.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         lively.config.use_cuda_graph = True
         assert torch.equal(lively.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
-    prefills = [graph.chunk for graph in prefill_graphs.captured if isinstance(graph.chunk, Prefill)]
+    prefills = [graph.kind for graph in prefill_graphs.captured if isinstance(graph.kind, Prefill)]
     assert prefills == [Prefill(64), Prefill(128)]
 
 
@@ -799,6 +880,8 @@ def test_other_prefills_run_the_forward(lively, prefill_graphs, kwargs):
     with torch.no_grad():
         lively(ids, use_cache=True, **kwargs)
         lively(torch.randint(1, 97, (1, lively.PREFILL_GRAPH_MAX + 1)), use_cache=True, logits_to_keep=1)
+        # 33 rows of the 64-token bucket: more tokens than a graph may hold activations for
+        lively(torch.randint(1, 97, (33, 40)), use_cache=True, logits_to_keep=1)
     assert prefill_graphs.captured == []
 
 

@@ -12,9 +12,11 @@ holds, and at its first decode step the entry's graph, if the model's fingerprin
 graph was captured with (else a new capture replaces it). A cache still alive (say, returned by
 return_dict_in_generate) keeps its states: the next sequence gets fresh ones in a new entry.
 
-Two kinds of graph: a step's logits (what the forward replays for one token), and a chunk of greedy steps
-(`GreedyChunk`: each step selects its token on the GPU and feeds it to the next, so generate() launches one
-replay and reads the device once per chunk instead of once per token; `greedy_decode.py` drives it).
+Three kinds of graph: a step's logits (what the forward replays for one token); a selecting step
+(`SelectStep`: it selects its token on the GPU and feeds it to the next replay, so generate() queues a
+chunk of replays and reads the device once per chunk instead of once per token; `graph_decode.py`); and a
+short prompt's prefill (`Prefill`, one per power-of-two length: there a forward's host work outlasts the
+GPU's).
 """
 
 import math
@@ -32,31 +34,42 @@ Step = Callable[[torch.Tensor, MambaCache], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class GreedyChunk:
-    """A chunk of `steps` greedy decode steps, as Transformers' greedy loop selects tokens: the argmax of the
-    fp32 logits, suppressed ids (min_new_tokens' EOS) at -inf; with `eos` ids, a finished row gets `pad`."""
+class SelectStep:
+    """A decode step that selects its token as Transformers' `_sample` does: the fp32 logits, suppressed ids
+    (min_new_tokens' EOS) at -inf, then the `warpers` (Transformers' temperature, top-k, top-p and min-p
+    processors, called as they are) in order; the argmax, or with `sample` a draw from the softmax
+    (torch.multinomial); with `eos` ids, a finished row gets `pad`."""
 
-    steps: int
     vocab: int  # the logits' size
     eos: tuple[int, ...] = ()
     pad: int = 0
+    sample: bool = False
+    warper_key: tuple = ()  # what tells warpers apart: (class, settings) of each
+    warpers: tuple = field(default=(), compare=False)  # the processor objects (alike where their keys are)
 
 
-def greedy_steps(step: Step, cache: MambaCache, ids, unfinished, suppressed, chunk: GreedyChunk, eos, pad):
-    """Runs `chunk.steps` greedy decode steps from `ids` (batch, 1) on `cache`, each step's token the next
-    one's input; returns the tokens and the rows still unfinished after each step, both (batch, steps).
-    `suppressed` is a (vocab,) bool mask; `eos` and `pad` the chunk's ids as tensors on the device."""
-    tokens, flags = [], []
-    for _ in range(chunk.steps):
-        scores = torch.where(suppressed, -math.inf, step(ids, cache)[:, -1].float())
-        next_ids = scores.argmax(-1)
-        if chunk.eos:
-            next_ids = next_ids * unfinished + pad * (1 - unfinished)
-            unfinished = unfinished & ~torch.isin(next_ids, eos)
-        tokens.append(next_ids)
-        flags.append(unfinished)
-        ids = next_ids[:, None]
-    return torch.stack(tokens, 1), torch.stack(flags, 1)
+def select_step(step: Step, cache: MambaCache, ids, unfinished, suppressed, kind: SelectStep, eos, pad):
+    """One decode step from `ids` (batch, 1) on `cache` that selects its tokens on the device. Updates `ids`
+    to the chosen tokens and `unfinished` (batch,) to the rows still unfinished, in place, so the next replay
+    continues from them; returns (batch, 2): each row's token and unfinished flag. `suppressed` is a (vocab,)
+    bool mask; `eos` and `pad` the ids as tensors on the device."""
+    scores = torch.where(suppressed, -math.inf, step(ids, cache)[:, -1].float())
+    for warper in kind.warpers:
+        scores = warper(ids, scores)  # they read only the scores
+    next_ids = select_tokens(scores, kind.sample)
+    if kind.eos:
+        next_ids = next_ids * unfinished + pad * (1 - unfinished)
+        unfinished.copy_(unfinished & ~torch.isin(next_ids, eos))
+    ids.copy_(next_ids[:, None])
+    return torch.stack([next_ids, unfinished], 1)
+
+
+def select_tokens(scores, sample: bool):
+    """The tokens Transformers' `_sample` selects from processed scores (batch, vocab): a draw from their
+    softmax, or their argmax."""
+    if sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return scores.argmax(-1)
 
 
 @dataclass(frozen=True)
@@ -68,49 +81,69 @@ class Prefill:
 
 
 class DecodeGraph:
-    """A CUDA graph on one set of state tensors: one decode step's logits (`chunk` None), or a GreedyChunk.
+    """A CUDA graph on one set of state tensors, of one of three kinds: a decode step's logits (`kind`
+    None); a decode step that selects the token on the GPU (`SelectStep`) and feeds it to the next replay;
+    a new sequence's prefill (`Prefill`).
 
     The states never move (every update is in place), so the graph stays valid for as long as they live.
     """
 
-    def __init__(self, step: Step, cache: MambaCache, input_ids: torch.Tensor, chunk: GreedyChunk | None = None):
+    def __init__(
+        self, step: Step, cache: MambaCache, input_ids: torch.Tensor, kind: SelectStep | Prefill | None = None
+    ):
         self.static_ids = input_ids.clone()
         self.states_ptr = cache.ssm_states[0].data_ptr()
-        self.chunk = chunk
-        if chunk is None:
+        self.kind = kind
+        if kind is None:
             body = lambda: step(self.static_ids, cache)  # noqa: E731
-        elif isinstance(chunk, Prefill):
+        elif isinstance(kind, Prefill):
             self.static_mask = torch.ones_like(input_ids)
             body = lambda: step(self.static_ids, self.static_mask, cache)  # noqa: E731
         else:
+            select = kind
             device, batch = input_ids.device, input_ids.shape[0]
-            self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
-            self.suppressed = torch.zeros(chunk.vocab, dtype=torch.bool, device=device)
             # Held by the graph object: a replay reads them, and memory freed after capture is reused.
-            self.eos = torch.tensor(chunk.eos, dtype=torch.long, device=device)
-            self.pad = torch.tensor(chunk.pad, dtype=torch.long, device=device)
-            body = lambda: greedy_steps(  # noqa: E731
-                step, cache, self.static_ids, self.unfinished, self.suppressed, chunk, self.eos, self.pad
+            self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
+            self.suppressed = torch.zeros(select.vocab, dtype=torch.bool, device=device)
+            self.eos = torch.tensor(select.eos, dtype=torch.long, device=device)
+            self.pad = torch.tensor(select.pad, dtype=torch.long, device=device)
+            body = lambda: select_step(  # noqa: E731
+                step, cache, self.static_ids, self.unfinished, self.suppressed, select, self.eos, self.pad
             )
-        saved_states = [state.clone() for state in cache.conv_states + cache.ssm_states]
+        saved = [t.clone() for t in self._mutated(cache)]
         # Streams and capture belong to the current GPU: make it the model's (say, cuda:1 of a process whose
         # current device is cuda:0).
         with device_guard(input_ids):
             # Warm up on a side stream (compiles kernels, creates library handles), as capture requires.
+            rng = torch.cuda.get_rng_state(input_ids.device)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 body()
             torch.cuda.current_stream().wait_stream(stream)
-            for state, saved in zip(cache.conv_states + cache.ssm_states, saved_states, strict=True):
-                state.copy_(saved)  # undo the warm-up steps
-            if isinstance(chunk, Prefill):
+            for t, old in zip(self._mutated(cache), saved, strict=True):
+                t.copy_(old)  # undo the warm-up step
+            # A sampling warm-up drew random numbers: the replays draw those the eager loop would have drawn.
+            torch.cuda.set_rng_state(rng, input_ids.device)
+            if isinstance(kind, Prefill):
                 # A new version of the mask: what the forward derives from a mask and keeps by its version
                 # (the padding bias) is then derived again inside the capture, so a replay derives it too.
                 self.static_mask.add_(0)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_out = body()
+
+    def _mutated(self, cache):
+        """What a step updates in place: the states, and a selecting step's ids and unfinished rows."""
+        extra = [self.static_ids, self.unfinished] if isinstance(self.kind, SelectStep) else []
+        return [*cache.conv_states, *cache.ssm_states, *extra]
+
+    def __call__(self, input_ids):
+        """The logits of one decode step of `input_ids` (batch, 1)."""
+        self.static_ids.copy_(input_ids)
+        with device_guard(input_ids):  # a replay runs on the current device's stream
+            self.graph.replay()
+        return self.static_out.clone()
 
     def prefill(self, input_ids, attention_mask):
         """The last position's logits of a prefill graph, for `input_ids` and `attention_mask` of its length."""
@@ -120,18 +153,21 @@ class DecodeGraph:
             self.graph.replay()
         return self.static_out.clone()
 
-    def __call__(self, input_ids, unfinished=None, suppressed=None):
-        """A logits graph: the step's logits. A chunk graph: (tokens, unfinished flags), each (batch, steps),
-        from rows `unfinished` (batch,) long and the (vocab,) bool mask `suppressed`."""
+    def start(self, input_ids, unfinished):
+        """Selecting steps continue from tokens `input_ids` (batch, 1) and rows `unfinished` (batch,) long."""
         self.static_ids.copy_(input_ids)
-        if self.chunk is not None:
-            self.unfinished.copy_(unfinished)
-            self.suppressed.copy_(suppressed)
-        with device_guard(input_ids):  # a replay runs on the current device's stream
-            self.graph.replay()
-        if self.chunk is None:
-            return self.static_out.clone()
-        return tuple(out.clone() for out in self.static_out)
+        self.unfinished.copy_(unfinished)
+
+    def run_steps(self, steps: int, suppressed) -> torch.Tensor:
+        """(batch, 2, steps): tokens and unfinished flags of `steps` selecting steps, each one replay queued
+        behind the last (no wait for the GPU), with the (vocab,) bool mask `suppressed`."""
+        out = torch.empty(self.static_ids.shape[0], 2, steps, dtype=torch.long, device=self.static_ids.device)
+        self.suppressed.copy_(suppressed)
+        with device_guard(out):
+            for i in range(steps):
+                self.graph.replay()
+                out[:, :, i].copy_(self.static_out)
+        return out
 
 
 @dataclass(eq=False)
@@ -142,7 +178,7 @@ class _PooledStates:
     conv_states: tuple
     ssm_states: tuple
     holder: weakref.ref  # dead once that cache is gone: then the next new sequence may take the tensors
-    graphs: dict = field(default_factory=dict)  # GreedyChunk (None: the logits graph) -> DecodeGraph
+    graphs: dict = field(default_factory=dict)  # SelectStep (None: the logits graph) -> DecodeGraph
     fingerprint: tuple | None = None  # the model's fingerprint when `graphs` were captured
 
     @property
@@ -156,12 +192,13 @@ class DecodeGraphs:
 
     Memory: at most MAX_ENTRIES pool entries, the least recently used evicted (its cache, if alive, keeps
     its states and graphs). Each holds its states (2.8B model at batch 64: 1.5 GB) and its graphs' memory,
-    also after generate() returns: per graph the activations its capture allocated (a chunk frees each
-    step's before the next) and its outputs; a greedy generate() adds up to three chunk graphs (16, 4 and
-    1 steps) per EOS setting.
+    also after generate() returns: per graph the activations its capture allocated and its outputs; a
+    generate() that selects its tokens on the GPU adds one graph per kind (`SelectStep`: EOS setting,
+    greedy or sampled, warpers) and a prefill graph per prompt bucket; at most MAX_GRAPHS_PER_ENTRY of each.
     """
 
     MAX_ENTRIES = 2
+    MAX_GRAPHS_PER_ENTRY = 8  # graphs of one type (SelectStep, Prefill) kept per entry, the oldest dropped first
     graph_class = DecodeGraph  # what captures a step (tests put a CPU stand-in here)
 
     def __init__(self):
@@ -171,9 +208,9 @@ class DecodeGraphs:
     def __reduce__(self):
         return DecodeGraphs, ()  # copied or pickled empty: the graphs read this model's memory
 
-    def graph_of(self, cache: MambaCache, chunk: GreedyChunk | None = None) -> DecodeGraph | None:
+    def graph_of(self, cache: MambaCache, kind: SelectStep | None = None) -> DecodeGraph | None:
         """The graph of that kind `cache` decodes with, None before its first use."""
-        return self._graphs_of_cache.get(cache, {}).get(chunk)
+        return self._graphs_of_cache.get(cache, {}).get(kind)
 
     def new_cache(self, config, batch: int, dtype, device) -> MambaCache:
         """A cache for a new sequence: a free entry's states (zeroed), else fresh states in a new entry."""
@@ -198,10 +235,9 @@ class DecodeGraphs:
         """Logits of one decode step on `cache`, by replaying its graph (captured at its first step)."""
         return self._graph(step, fingerprint, cache, input_ids, None)(input_ids)
 
-    def decode_greedy(self, step: Step, fingerprint, cache: MambaCache, input_ids, unfinished, suppressed, chunk):
-        """(tokens, unfinished flags), each (batch, chunk.steps), of a chunk of greedy steps on `cache` from
-        `input_ids` (batch, 1), by replaying the cache's graph of that chunk (captured at its first use)."""
-        return self._graph(step, fingerprint, cache, input_ids, chunk)(input_ids, unfinished, suppressed)
+    def select_graph(self, step: Step, fingerprint, cache: MambaCache, input_ids, kind: SelectStep) -> DecodeGraph:
+        """The cache's selecting-step graph of that kind (captured at its first use)."""
+        return self._graph(step, fingerprint, cache, input_ids, kind)
 
     def prefill(self, step, fingerprint, cache: MambaCache, input_ids, attention_mask) -> torch.Tensor:
         """Logits of the last position of a new sequence's prefill on `cache` (fresh states), by replaying the
@@ -209,32 +245,35 @@ class DecodeGraphs:
         graph = self._graph(step, fingerprint, cache, input_ids, Prefill(input_ids.shape[1]))
         return graph.prefill(input_ids, attention_mask)
 
-    def _graph(self, step, fingerprint, cache, input_ids, chunk):
+    def _graph(self, step, fingerprint, cache, input_ids, kind):
         graphs = self._graphs_of_cache.setdefault(cache, {})
-        graph = graphs.get(chunk)
+        graph = graphs.get(kind)
         # A cache whose tensors were swapped since (a user's `cache.ssm_states[0] = ...`) gets a new graph.
         if graph is None or graph.states_ptr != cache.ssm_states[0].data_ptr():
-            graph = graphs[chunk] = self._graph_for(step, fingerprint, cache, input_ids, chunk)
+            graph = graphs[kind] = self._graph_for(step, fingerprint, cache, input_ids, kind)
         return graph
 
-    def _graph_for(self, step, fingerprint, cache, input_ids, chunk):
+    def _graph_for(self, step, fingerprint, cache, input_ids, kind):
         """The pool entry's graph of that kind if captured with the model as it is now, else a new one (kept in
         the entry). A cache from outside the pool (the user's, or evicted) gets its own."""
         entry = next((entry for entry in self.entries if entry.holder() is cache), None)
         if entry is None:
-            return self._capture(step, cache, input_ids, chunk)
+            return self._capture(step, cache, input_ids, kind)
         now = fingerprint()
         moved = any(graph.states_ptr != cache.ssm_states[0].data_ptr() for graph in entry.graphs.values())
         if entry.fingerprint != now or moved:
             entry.graphs, entry.fingerprint = {}, now
-        if chunk not in entry.graphs:
-            entry.graphs[chunk] = self._capture(step, cache, input_ids, chunk)
-        return entry.graphs[chunk]
+        if kind not in entry.graphs:
+            alike = [other for other in entry.graphs if type(other) is type(kind)]
+            if len(alike) >= self.MAX_GRAPHS_PER_ENTRY:  # say, a sweep over temperatures
+                del entry.graphs[alike[0]]  # the oldest capture of that type
+            entry.graphs[kind] = self._capture(step, cache, input_ids, kind)
+        return entry.graphs[kind]
 
-    def _capture(self, step, cache, input_ids, chunk):
-        if chunk is None:  # the call the test stand-ins of graph_class know
+    def _capture(self, step, cache, input_ids, kind):
+        if kind is None:  # the call the test stand-ins of graph_class know
             return self.graph_class(step, cache, input_ids)
-        return self.graph_class(step, cache, input_ids, chunk)
+        return self.graph_class(step, cache, input_ids, kind)
 
 
 def _held_elsewhere(entry):
@@ -254,4 +293,4 @@ def _references(tensor):
     return sys.getrefcount(tensor), storage_refs
 
 
-__all__ = ["DecodeGraph", "DecodeGraphs", "GreedyChunk", "Prefill", "greedy_steps"]
+__all__ = ["DecodeGraph", "DecodeGraphs", "Prefill", "SelectStep", "select_step", "select_tokens"]

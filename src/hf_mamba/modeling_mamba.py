@@ -25,7 +25,7 @@ from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
 from .decode_graphs import DecodeGraphs
 from .fast_path import decide_fast_path, plain, scan_backend_for
-from .greedy_decode import greedy_generate, greedy_plan
+from .graph_decode import decode_plan, graph_generate
 from .hub import MambaHubMixin
 from .inputs import (
     check_id_range,
@@ -38,7 +38,7 @@ from .inputs import (
     read_values,
     restarts_of,
 )
-from .kernels import add_rms_norm
+from .kernels import _launch, add_rms_norm
 from .loss import causal_lm_loss
 
 try:  # Transformers' init helpers skip tensors already loaded from a checkpoint.
@@ -309,8 +309,9 @@ def _graph_fingerprint_sees(module):
 
 class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
-    # Greedy generate() on CUDA selects up to this many tokens per graph replay (`greedy_decode.py`); a
-    # streamer then gets them a chunk at a time. 1: one replay per token, through Transformers' own loop.
+    # generate() on CUDA (greedy or sampled) chooses its tokens on the GPU and reads the device once per this
+    # many (`graph_decode.py`); a streamer then gets them a chunk at a time. 1: Transformers' own loop, a
+    # graph replay per token.
     decode_chunk_size = 16
 
     def __init__(self, config: MambaConfig):
@@ -348,25 +349,58 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         check_not_assisted(kwargs, self.generation_config)
         passed = _one_cache(kwargs.get("cache_params"), kwargs.get("cache"))
         check_cache(passed, kwargs.get("past_key_values"), self.config)
+        if passed is None:
+            self._compile_generate_ahead(prompt, kwargs.get("attention_mask"))
         return super().generate(inputs, *args, **kwargs)
+
+    def _compile_generate_ahead(self, prompt, attention_mask):
+        """On the first generate() of a kind (device, dtype, batch) on CUDA, compile the Triton kernels of its
+        prefill and of a decode step side by side (`kernels.compile_ahead`: a dry pass that compiles at each
+        launch and runs no kernel) before generate() runs them. One after another, those compiles are most of
+        a first generate() on an empty Triton cache, the prefill's scan the longest of them."""
+        if not (torch.is_tensor(prompt) and prompt.dim() == 2 and prompt.shape[1] > 0) or prompt.is_floating_point():
+            return
+        if not self._compiles_ahead_on(prompt.device) or torch.compiler.is_compiling():
+            return
+        key = (prompt.device, self.get_input_embeddings().weight.dtype, prompt.shape[0])
+        seen = self.__dict__.setdefault("_generate_compiled_ahead", set())
+        if key in seen:
+            return
+        seen.add(key)
+
+        def scratch_cache(batch, dtype, device):  # never the decode-graph pool's: its states are for real runs
+            return MambaCache(self.config, batch, dtype=dtype, device=device)
+
+        def prefill_and_step():
+            out = self.backbone(prompt, attention_mask=attention_mask, use_cache=True, new_cache=scratch_cache)
+            self.lm_head(out.last_hidden_state[:, -1:].to(self.lm_head.weight.dtype))
+            self._decode_step_logits(prompt[:, -1:], out[CACHE_FIELD])
+
+        _launch.compile_ahead(prefill_and_step)
+
+    @staticmethod
+    def _compiles_ahead_on(device):
+        """Whether generate() compiles ahead on `device`: CUDA, outside graph capture (the CPU tests patch it)."""
+        return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
-        """Greedy decoding in graph chunks where it gives Transformers' tokens (`greedy_decode.py`), else
-        GenerationMixin._sample."""
-        plan = greedy_plan(
+        """Greedy search or sampling with the tokens chosen on the GPU where that gives Transformers' tokens
+        (`graph_decode.py`), else GenerationMixin._sample."""
+        plan = decode_plan(
             self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
         )
         if plan is None:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
-        return greedy_generate(self, input_ids, plan, logits_processor, stopping_criteria, generation_config,
+        return graph_generate(self, input_ids, plan, logits_processor, stopping_criteria, generation_config,
                                streamer, model_kwargs)
 
-    def _decode_greedy_chunk(self, input_ids, cache, unfinished, suppressed, chunk):
-        """(tokens, unfinished flags), each (batch, chunk.steps): a chunk of greedy steps replayed as one graph."""
-        return self._decode_graphs.decode_greedy(
-            self._decode_step_logits, self._decode_graph_fingerprint, cache, input_ids, unfinished, suppressed, chunk
+    def _select_graph(self, cache, input_ids, kind):
+        """The graph of a decode step on `cache` that selects its token (`graph_decode.py`), captured at its
+        first use."""
+        return self._decode_graphs.select_graph(
+            self._decode_step_logits, self._decode_graph_fingerprint, cache, input_ids, kind
         )
 
     def get_output_embeddings(self):
@@ -429,8 +463,10 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
                 model_inputs[key] = value
         return model_inputs
 
-    # A new sequence's prefill of at most this many tokens replays a CUDA graph (`_use_prefill_graph`): below it
-    # a forward's host work (about 0.6 ms a layer) outlasts its GPU time, above it the GPU's share dominates.
+    # A new sequence's prefill of at most this many tokens (batch x the prompt's bucket length) replays a CUDA
+    # graph (`_use_prefill_graph`): below it a forward's host work (about 0.6 ms a layer) outlasts its GPU
+    # time, above it the GPU's share dominates. It also bounds what each graph's memory holds: the
+    # activations of one forward of that many tokens.
     PREFILL_GRAPH_MAX = 2048
 
     def _prefill_logits(self, input_ids, attention_mask, cache_params):
@@ -448,7 +484,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         return (
             input_ids is not None
             and input_ids.dim() == 2
-            and 1 < input_ids.shape[1] <= self.PREFILL_GRAPH_MAX
+            and input_ids.shape[1] > 1
+            and input_ids.shape[0] * _prefill_bucket(input_ids.shape[1]) <= self.PREFILL_GRAPH_MAX
             and cache_params is None
             and use_cache is True
             and isinstance(logits_to_keep, int)
@@ -466,7 +503,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         batch, seqlen = check_inputs(input_ids, None, attention_mask, self.config.hidden_size)
         read_values(input_ids, self.config.vocab_size, attention_mask, None)  # ids and mask checked, by name
         mask = attention_mask.to(input_ids.dtype) if attention_mask is not None else torch.ones_like(input_ids)
-        padding = max(64, 1 << (seqlen - 1).bit_length()) - seqlen
+        padding = _prefill_bucket(seqlen) - seqlen
         input_ids = nn.functional.pad(input_ids, (padding, 0))
         mask = nn.functional.pad(mask, (padding, 0))
         cache = self._new_cache(batch, self.get_input_embeddings().weight.dtype, input_ids.device)
@@ -706,6 +743,12 @@ class MambaForSequenceClassification(MambaPreTrainedModel):
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states)
 
 
+def _prefill_bucket(seqlen):
+    """The length a prompt of `seqlen` tokens is left-padded to for a prefill graph: a power of two, at least 64
+    (few graphs, and at most twice the prompt's work)."""
+    return max(64, 1 << (seqlen - 1).bit_length())
+
+
 __all__ = [
     "MambaCausalLMOutput",
     "MambaForCausalLM",
@@ -714,3 +757,4 @@ __all__ = [
     "MambaOutput",
     "MambaPreTrainedModel",
 ]
+

@@ -1,19 +1,23 @@
-"""generate()'s greedy decoding on CUDA: a chunk of tokens per graph replay, the same tokens as Transformers' loop.
+"""generate()'s greedy search and sampling on CUDA: the tokens chosen on the GPU, a chunk of them per read of
+the device, the same tokens as Transformers' loop.
 
 Transformers' decode loop works per token on the host: a forward (here, one graph replay), the logits
 processors, the stopping criteria, the token's append, and a read of the device to decide whether to stop.
 For a model the size of Mamba-130M that host work takes longer than the GPU's step, so the GPU idles between
 steps and decoding runs at the host's pace. Where every processor and stopping criterion is one whose effect
-a graph can reproduce exactly (min_length / min_new_tokens, max_length / max_new_tokens, EOS), this loop
-replays a captured chunk of greedy steps instead (`decode_graphs.GreedyChunk`): each step selects its token
-on the GPU, as `GenerationMixin._sample` does, and feeds it to the next step; the host launches one replay
-and reads the device once per chunk of up to `MambaForCausalLM.decode_chunk_size` tokens.
+a graph can reproduce exactly (min_length / min_new_tokens, temperature, top-k, top-p, min-p, max_length /
+max_new_tokens, EOS), this loop replays a captured step that selects its token on the GPU
+(`decode_graphs.SelectStep`) as `GenerationMixin._sample` does (argmax, or torch.multinomial: a replay draws
+from the generator's stream where the eager call would, so a seed gives the same tokens) and leaves it as
+the next replay's input; the host queues the replays of a chunk of up to
+`MambaForCausalLM.decode_chunk_size` tokens back to back (a graph launch and a copy each) and reads the
+device once per chunk.
 
-Everything else runs Transformers' own loop: sampling, beam search, other processors or criteria, scores,
-logits or hidden states in the output, synced GPUs, a cache passed in, a returned cache while EOS may stop
-the rows early (a chunk's steps after the last row finished advance it past the state Transformers
-leaves), and models whose graphs are not kept across calls (wrapped modules, e.g. LoRA; a chunk's captures
-would cost every call). A streamer gets every token, a chunk's tokens at once.
+Everything else runs Transformers' own loop: beam search, other processors or criteria, scores, logits or
+hidden states in the output, synced GPUs, a cache passed in, a returned cache while EOS may stop the rows
+early (a chunk's steps after the last row finished advance it past the state Transformers leaves), and
+models whose graphs are not kept across calls (wrapped modules, e.g. LoRA; each call would capture afresh).
+A streamer gets every token, a chunk's tokens at once.
 """
 
 from dataclasses import dataclass
@@ -23,11 +27,8 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compat import CACHE_FIELD
-from .decode_graphs import GreedyChunk
+from .decode_graphs import SelectStep, select_tokens
 
-# Chunk lengths below decode_chunk_size for a sequence's last tokens and min_new_tokens' boundary: each is a
-# graph of its own per batch size, so few of them.
-TAIL_CHUNKS = (4, 1)
 # Model inputs generate() passes that the chunked loop reproduces: after the prefill only the cache matters
 # (decode steps drop the mask and position_ids, and compute one position's logits).
 KNOWN_MODEL_KWARGS = {
@@ -38,24 +39,25 @@ _OUTPUT_CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclas
 
 
 @dataclass
-class GreedyPlan:
+class DecodePlan:
     """What the chunked loop needs of generate()'s settings, read once before the prefill."""
 
     max_length: int
     eos: tuple[int, ...]  # () when no EOS stops the rows
     pad: int
     suppress: list  # [(length, eos ids)]: the ids are at -inf while the sequence is shorter than length
-    chunk_sizes: tuple[int, ...]  # descending, ending in 1
+    chunk_size: int  # the most replays queued before a read of the device
+    sample: bool  # a draw from the softmax, else the argmax
+    warpers: list  # processors of the scores alone, applied in order after the suppression
 
 
-def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs):
+def decode_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs):
     """The chunked loop's plan for this generate(), or None where Transformers' loop must run."""
     chunk = model.decode_chunk_size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"decode_chunk_size must be a positive integer (1: a forward per token), got {chunk!r}")
     if (
-        model.decode_chunk_size <= 1
-        or generation_config.do_sample
+        chunk == 1
         or synced_gpus
         or input_ids.shape[0] == 0
         or model_kwargs.get("use_cache") is False
@@ -69,10 +71,11 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
     wants = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
     if generation_config.return_dict_in_generate and any(getattr(generation_config, name) for name in wants):
         return None
-    suppress = _suppressed_eos(logits_processor)
+    processors = _processors(logits_processor)
     stops = _stops(stopping_criteria)
-    if suppress is None or stops is None:
+    if processors is None or stops is None:
         return None
+    suppress, warpers = processors
     max_length, eos = stops
     pad = 0
     if eos:
@@ -82,24 +85,38 @@ def greedy_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         pad = int(pad) if pad is not None and pad.numel() == 1 else -1
         if not 0 <= pad < model.config.vocab_size:
             return None  # Transformers' loop refuses it at the next forward, by name
-    sizes = sorted({size for size in (model.decode_chunk_size, *TAIL_CHUNKS) if size <= model.decode_chunk_size})
-    return GreedyPlan(max_length, eos, pad, suppress, tuple(reversed(sizes)))
+    return DecodePlan(max_length, eos, pad, suppress, chunk, bool(generation_config.do_sample), warpers)
 
 
-def _suppressed_eos(logits_processor):
-    """[(length, eos ids)] of min_length / min_new_tokens processors; None if any other processor is there."""
-    from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+def _processors(logits_processor):
+    """([(length, eos ids)] of the min_length / min_new_tokens processors, [warpers]): the warpers are
+    processors of the scores alone (temperature, top-k, top-p, min-p) with plain-number settings, after every
+    min-length one, as Transformers orders them. None if any other processor is there, or another order."""
+    from transformers.generation import logits_process as lp
 
-    suppress = []
+    warper_types = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper)
+    suppress, warpers = [], []
     for processor in logits_processor:
-        if type(processor) is MinLengthLogitsProcessor:
+        if type(processor) in warper_types:
+            if not all(type(value) in (int, float, bool) for value in vars(processor).values()):
+                return None  # settings that are not plain numbers could not key the step's graph
+            warpers.append(processor)
+            continue
+        if warpers:
+            return None  # a min-length processor after a warper: not the order the step applies them in
+        if type(processor) is lp.MinLengthLogitsProcessor:
             length = processor.min_length
-        elif type(processor) is MinNewTokensLengthLogitsProcessor:
+        elif type(processor) is lp.MinNewTokensLengthLogitsProcessor:
             length = processor.prompt_length_to_skip + processor.min_new_tokens
         else:
             return None
         suppress.append((length, tuple(processor.eos_token_id.reshape(-1).tolist())))
-    return suppress
+    return suppress, warpers
+
+
+def _warper_key(warper):
+    """What tells two warpers apart: their class and settings (plain numbers, `_processors`)."""
+    return type(warper), tuple(sorted(vars(warper).items()))
 
 
 def _stops(stopping_criteria):
@@ -117,10 +134,10 @@ def _stops(stopping_criteria):
     return min(max_lengths), tuple(sorted(set(eos)))
 
 
-def greedy_generate(
+def graph_generate(
     model, input_ids, plan, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs
 ):
-    """GenerationMixin._sample's greedy result (sequences, or the output object), decoding in graph chunks."""
+    """GenerationMixin._sample's result (sequences, or the output object), decoding in chunks of replays."""
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
     cache = outputs[CACHE_FIELD]
@@ -128,7 +145,7 @@ def greedy_generate(
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     del outputs
-    next_ids = logits_processor(input_ids, logits).argmax(-1)
+    next_ids = select_tokens(logits_processor(input_ids, logits), plan.sample)
     if plan.eos:
         next_ids = next_ids * unfinished + plan.pad * (1 - unfinished)
     input_ids = torch.cat([input_ids, next_ids[:, None]], dim=-1)
@@ -136,21 +153,27 @@ def greedy_generate(
     if streamer is not None:
         streamer.put(next_ids.cpu())
     finished = bool(unfinished.max() == 0)
+    graph = None
     masks = {}  # the suppressed mask of each set of active min-length processors
     while not finished and input_ids.shape[1] < plan.max_length:
         steps, active = _next_chunk(plan, input_ids.shape[1])
         if active not in masks:
             masks[active] = _suppressed_mask(plan, active, model.config.vocab_size, input_ids.device)
-        chunk = GreedyChunk(steps, model.config.vocab_size, plan.eos, plan.pad)
-        tokens, flags = model._decode_greedy_chunk(next_ids[:, None], cache, unfinished, masks[active], chunk)
+        if graph is None:  # captured at its first use only: a one-token generate() needs none
+            warpers = tuple(plan.warpers)
+            key = tuple(_warper_key(warper) for warper in warpers)
+            kind = SelectStep(model.config.vocab_size, plan.eos, plan.pad, plan.sample, key, warpers)
+            graph = model._select_graph(cache, next_ids[:, None], kind)
+            graph.start(next_ids[:, None], unfinished)
+        out = graph.run_steps(steps, masks[active])
         cache.seqlen_offset += steps
-        done_after = (~flags.any(0)).cpu()  # the one read of the device per chunk
+        done_after = (~out[:, 1].bool().any(0)).cpu()  # the one read of the device per chunk
         finished = bool(done_after.any())
         keep = int(done_after.to(torch.uint8).argmax()) + 1 if finished else steps  # up to the step all finished
-        input_ids = torch.cat([input_ids, tokens[:, :keep]], dim=-1)
-        next_ids, unfinished = tokens[:, keep - 1], flags[:, keep - 1]
+        tokens = out[:, 0, :keep]
+        input_ids = torch.cat([input_ids, tokens], dim=-1)
         if streamer is not None:
-            for token in tokens[:, :keep].cpu().unbind(1):
+            for token in tokens.cpu().unbind(1):
                 streamer.put(token)
     if streamer is not None:
         streamer.end()
@@ -160,13 +183,14 @@ def greedy_generate(
 
 
 def _next_chunk(plan, length):
-    """(steps, active): the next chunk's length for a sequence of `length` tokens, and the min-length
-    processors suppressing EOS through it (a chunk never crosses max_length or where one stops)."""
-    room = plan.max_length - length
+    """(steps, active): the next chunk's length (at most plan.chunk_size) for a sequence of `length` tokens,
+    and the min-length processors suppressing EOS through it (a chunk never crosses max_length or where one
+    stops)."""
+    steps = min(plan.chunk_size, plan.max_length - length)
     active = tuple(i for i, (until, _) in enumerate(plan.suppress) if length < until)
     if active:
-        room = min(room, *(plan.suppress[i][0] - length for i in active))
-    return next(size for size in plan.chunk_sizes if size <= room), active
+        steps = min(steps, *(plan.suppress[i][0] - length for i in active))
+    return steps, active
 
 
 def _suppressed_mask(plan, active, vocab_size, device):
@@ -178,4 +202,4 @@ def _suppressed_mask(plan, active, vocab_size, device):
     return mask.to(device)
 
 
-__all__ = ["greedy_generate", "greedy_plan"]
+__all__ = ["graph_generate", "decode_plan"]
