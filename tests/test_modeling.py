@@ -807,7 +807,7 @@ def test_a_warper_whose_settings_are_not_numbers_is_left_to_transformers_loop():
 def test_first_generate_of_a_kind_compiles_its_prefill_and_step_ahead(lively, graphs, monkeypatch):
     """The dry pass runs once per (device, dtype, batch), on a scratch cache (never the decode-graph pool's),
     and leaves the tokens as they were."""
-    from hf_mamba.kernels import _launch
+    from hf_mamba import modeling_mamba
 
     passes = []
 
@@ -823,7 +823,7 @@ def test_first_generate_of_a_kind_compiles_its_prefill_and_step_ahead(lively, gr
     mask[1, :2] = 0
     expected = lively.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False)
     monkeypatch.setattr(MambaForCausalLM, "_compiles_ahead_on", staticmethod(lambda device: True))
-    monkeypatch.setattr(_launch, "compile_ahead", run_dry_pass)
+    monkeypatch.setattr(modeling_mamba, "compile_ahead", run_dry_pass)
     for _ in range(2):
         assert torch.equal(lively.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False), expected)
     lively.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False)  # another batch size

@@ -38,7 +38,8 @@ from .inputs import (
     read_values,
     restarts_of,
 )
-from .kernels import _launch, add_rms_norm
+from .kernels import add_rms_norm
+from .kernels._launch import compile_ahead
 from .loss import causal_lm_loss
 
 try:  # Transformers' init helpers skip tensors already loaded from a checkpoint.
@@ -376,7 +377,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             self.lm_head(out.last_hidden_state[:, -1:].to(self.lm_head.weight.dtype))
             self._decode_step_logits(prompt[:, -1:], out[CACHE_FIELD])
 
-        _launch.compile_ahead(prefill_and_step)
+        compile_ahead(prefill_and_step)
 
     @staticmethod
     def _compiles_ahead_on(device):
