@@ -885,6 +885,38 @@ def test_other_prefills_run_the_forward(lively, prefill_graphs, kwargs):
     assert prefill_graphs.captured == []
 
 
+def test_the_first_generate_compiles_the_prefill_graphs_path_ahead(lively, prefill_graphs, monkeypatch):
+    """Where a graph will replay the prefill, the dry pass runs that path (padded to the bucket, masked: other
+    kernel variants than the plain forward's), on a scratch cache; the tokens stay as they were."""
+    from hf_mamba import modeling_mamba
+
+    ids = torch.randint(1, 97, (2, 9))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    expected = lively.generate(ids, **kwargs)
+    prefills, pools, dry = [], [], [False]
+    original = MambaForCausalLM._prefill_logits
+
+    def recording(self, input_ids, attention_mask, cache):
+        prefills.append((dry[0], tuple(input_ids.shape), int(attention_mask.sum())))
+        return original(self, input_ids, attention_mask, cache)
+
+    def run_dry_pass(fn, *args):
+        pool = list(lively._decode_graphs.entries)
+        dry[0] = True
+        with torch.no_grad():
+            fn(*args)
+        dry[0] = False
+        pools.append(lively._decode_graphs.entries == pool)
+        return True
+
+    monkeypatch.setattr(MambaForCausalLM, "_prefill_logits", recording)
+    monkeypatch.setattr(MambaForCausalLM, "_compiles_ahead_on", staticmethod(lambda device: True))
+    monkeypatch.setattr(modeling_mamba, "compile_ahead", run_dry_pass)
+    lively.__dict__.pop("_generate_compiled_ahead", None)
+    assert torch.equal(lively.generate(ids, **kwargs), expected)
+    # the dry pass, the 9 real tokens of both rows in 64 (the replay runs the step captured before the patch)
+    assert prefills == [(True, (2, 64), 18)] and pools == [True]
+
 def test_a_prefill_graph_still_refuses_ids_outside_the_vocabulary(lively, prefill_graphs):
     with torch.no_grad(), pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=97\)"):
         lively(torch.tensor([[1, 2, 97]]), use_cache=True, logits_to_keep=1)

@@ -373,9 +373,16 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             return MambaCache(self.config, batch, dtype=dtype, device=device)
 
         def prefill_and_step():
-            out = self.backbone(prompt, attention_mask=attention_mask, use_cache=True, new_cache=scratch_cache)
-            self.lm_head(out.last_hidden_state[:, -1:].to(self.lm_head.weight.dtype))
-            self._decode_step_logits(prompt[:, -1:], out[CACHE_FIELD])
+            if self._use_prefill_graph(prompt, None, True, 1, ()):  # the graph's kernels: the masked ones
+                ids, mask = self._bucketed(prompt, attention_mask)
+                cache = scratch_cache(prompt.shape[0], self.get_input_embeddings().weight.dtype, prompt.device)
+                self._prefill_logits(ids, mask, cache)
+                cache.seqlen_offset = prompt.shape[1]
+            else:
+                out = self.backbone(prompt, attention_mask=attention_mask, use_cache=True, new_cache=scratch_cache)
+                self.lm_head(out.last_hidden_state[:, -1:].to(self.lm_head.weight.dtype))
+                cache = out[CACHE_FIELD]
+            self._decode_step_logits(prompt[:, -1:], cache)
 
         compile_ahead(prefill_and_step)
 
@@ -503,16 +510,20 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         prompt alone makes them (padding steps carry the state unchanged) and the last position's logits."""
         batch, seqlen = check_inputs(input_ids, None, attention_mask, self.config.hidden_size)
         read_values(input_ids, self.config.vocab_size, attention_mask, None)  # ids and mask checked, by name
-        mask = attention_mask.to(input_ids.dtype) if attention_mask is not None else torch.ones_like(input_ids)
-        padding = _prefill_bucket(seqlen) - seqlen
-        input_ids = nn.functional.pad(input_ids, (padding, 0))
-        mask = nn.functional.pad(mask, (padding, 0))
+        input_ids, mask = self._bucketed(input_ids, attention_mask)
         cache = self._new_cache(batch, self.get_input_embeddings().weight.dtype, input_ids.device)
         logits = self._decode_graphs.prefill(
             self._prefill_logits, self._decode_graph_fingerprint, cache, input_ids, mask
         )
         cache.seqlen_offset = seqlen
         return logits, cache
+
+    @staticmethod
+    def _bucketed(input_ids, attention_mask):
+        """(ids, mask) left-padded to the prompt's bucket length, the padding masked: a prefill graph's inputs."""
+        mask = attention_mask.to(input_ids.dtype) if attention_mask is not None else torch.ones_like(input_ids)
+        padding = _prefill_bucket(input_ids.shape[1]) - input_ids.shape[1]
+        return nn.functional.pad(input_ids, (padding, 0)), nn.functional.pad(mask, (padding, 0))
 
     def _decode_step_logits(self, input_ids, cache_params):
         """Logits (batch, 1, vocab) of one token on top of the cache; advances the states, not the offset."""
