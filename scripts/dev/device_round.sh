@@ -20,7 +20,8 @@
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
 # another tree copied to .device_cache/NAME (`git archive BRANCH | tar -x -C .device_cache/NAME`), so one call
-# can time several commits side by side (prefill@NAME: the prefill rows, PREFILL_LENGTHS); tests@NAME runs
+# can time several commits side by side (prefill@NAME: the prefill rows, PREFILL_LENGTHS; prefill_profile@NAME:
+# prefill_profile.py, PROFILE_FLAGS); tests@NAME runs
 # TESTS (default tests/kernels) in that tree.
 set -uo pipefail
 OUT=${OUT:-outputs/device}
@@ -101,6 +102,8 @@ for s in "$@"; do
     prefill@*) install_tree "${s#prefill@}"; step "${s/@/_}" tree "${s#prefill@}" benchmark_large.py \
         --shapes 130m,1.4b --rows prefill --prefill-lengths ${PREFILL_LENGTHS:-1024,8192,65536} ;;
     prefill_profile) step prefill_profile now "$here/scripts/dev/prefill_profile.py" ${PROFILE_FLAGS:-} ;;
+    prefill_profile@*) install_tree "${s#prefill_profile@}"; step "${s/@/_}" tree "${s#prefill_profile@}" \
+        dev/prefill_profile.py ${PROFILE_FLAGS:-} ;;
     decode_profile) step decode_profile now "$here/scripts/benchmark_model.py" --no-train --skip-builtin-decode \
         --decode-profile ${MODEL_FLAGS:-} ;;
     induction) step induction now "$here/scripts/induction_heads.py" --steps 5000 --solved-streak 0 \

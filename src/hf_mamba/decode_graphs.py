@@ -44,8 +44,13 @@ class SelectStep:
     eos: tuple[int, ...] = ()
     pad: int = 0
     sample: bool = False
-    warper_key: tuple = ()  # what tells warpers apart: (class, settings) of each
     warpers: tuple = field(default=(), compare=False)  # the processor objects (alike where their keys are)
+    # What tells warpers apart, the step's key in their place: (class, settings) of each (plain numbers).
+    warper_key: tuple = field(init=False)
+
+    def __post_init__(self):
+        key = tuple((type(warper), tuple(sorted(vars(warper).items()))) for warper in self.warpers)
+        object.__setattr__(self, "warper_key", key)
 
 
 def select_step(step: Step, cache: MambaCache, ids, unfinished, suppressed, kind: SelectStep, eos, pad):

@@ -63,7 +63,7 @@ def decode_plan(model, input_ids, logits_processor, stopping_criteria, generatio
         or model_kwargs.get("use_cache") is False
         or not set(model_kwargs) <= KNOWN_MODEL_KWARGS
         or any(model_kwargs.get(name) is not None for name in ("cache", "cache_params", "past_key_values"))
-        # Only graphs kept across generate() calls: the chunks' captures (21 steps) would cost every call.
+        # Only graphs kept across generate() calls: a capture (a warm-up step and the graph) would cost every call.
         or not model._pools_decode_graphs(input_ids.device)
         or getattr(model.get_output_embeddings(), "out_features", None) != model.config.vocab_size
     ):
@@ -90,8 +90,9 @@ def decode_plan(model, input_ids, logits_processor, stopping_criteria, generatio
 
 def _processors(logits_processor):
     """([(length, eos ids)] of the min_length / min_new_tokens processors, [warpers]): the warpers are
-    processors of the scores alone (temperature, top-k, top-p, min-p) with plain-number settings, after every
-    min-length one, as Transformers orders them. None if any other processor is there, or another order."""
+    processors of the scores alone (temperature, top-k, top-p, min-p) with plain-number settings (they key
+    the step's graph, `SelectStep`), after every min-length one, as Transformers orders them. None if any
+    other processor is there, or another order."""
     from transformers.generation import logits_process as lp
 
     warper_types = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper)
@@ -112,11 +113,6 @@ def _processors(logits_processor):
             return None
         suppress.append((length, tuple(processor.eos_token_id.reshape(-1).tolist())))
     return suppress, warpers
-
-
-def _warper_key(warper):
-    """What tells two warpers apart: their class and settings (plain numbers, `_processors`)."""
-    return type(warper), tuple(sorted(vars(warper).items()))
 
 
 def _stops(stopping_criteria):
@@ -160,9 +156,7 @@ def graph_generate(
         if active not in masks:
             masks[active] = _suppressed_mask(plan, active, model.config.vocab_size, input_ids.device)
         if graph is None:  # captured at its first use only: a one-token generate() needs none
-            warpers = tuple(plan.warpers)
-            key = tuple(_warper_key(warper) for warper in warpers)
-            kind = SelectStep(model.config.vocab_size, plan.eos, plan.pad, plan.sample, key, warpers)
+            kind = SelectStep(model.config.vocab_size, plan.eos, plan.pad, plan.sample, tuple(plan.warpers))
             graph = model._select_graph(cache, next_ids[:, None], kind)
             graph.start(next_ids[:, None], unfinished)
         out = graph.run_steps(steps, masks[active])
