@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_mamba import MambaConfig, MambaForCausalLM
+from hf_mamba.decode_graphs import SelectStep
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -652,7 +653,7 @@ def test_greedy_chunks_on_cuda_give_the_eager_tokens(batch):
     assert torch.equal(model.generate(ids, eos_token_id=None, **kwargs), free)
     assert torch.equal(model.generate(ids, eos_token_id=eos, **kwargs), eager[0])
     assert torch.equal(model.generate(ids, eos_token_id=eos, min_new_tokens=30, **kwargs), eager[1])
-    kinds = [kind for kind in model._decode_graphs.entries[-1].graphs if kind is not None]
+    kinds = [kind for kind in model._decode_graphs.entries[-1].graphs if isinstance(kind, SelectStep)]
     assert sorted(kind.eos for kind in kinds) == [(), (eos,)]  # one graph per kind, kept across calls
 
 
@@ -687,7 +688,8 @@ def test_sampling_on_cuda_draws_the_eager_tokens_with_the_same_seed():
         torch.manual_seed(7)
         runs.append(model.generate(ids, eos_token_id=None, **kwargs))
     assert torch.equal(runs[1], runs[0]) and torch.equal(runs[2], runs[0])
-    assert [kind.sample for kind in model._decode_graphs.entries[-1].graphs if kind is not None] == [True]
+    kinds = [kind for kind in model._decode_graphs.entries[-1].graphs if isinstance(kind, SelectStep)]
+    assert [kind.sample for kind in kinds] == [True]
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -710,3 +712,31 @@ def test_sampling_leaves_the_generator_where_transformers_loop_does_after_an_ear
         runs.append([model.generate(ids, eos_token_id=eos, **kwargs) for _ in range(2)])
     assert runs[0][0].shape[1] < 12 + 16  # the first call did end inside a chunk
     assert all(torch.equal(mine, theirs) for mine, theirs in zip(runs[1], runs[0], strict=True))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_graphs_on_cuda_match_the_forward(dtype):
+    """A new sequence's prefill replayed as a graph of its bucket length (left-padded, padding masked): the last
+    logits and the states as the forward's, and generate() continues with the same tokens."""
+    from hf_mamba.decode_graphs import Prefill
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE, dtype).eval()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for length in (7, 64, 100):
+        ids = torch.randint(1, SIZES["vocab_size"], (3, length), device=DEVICE)
+        mask = torch.ones_like(ids)
+        mask[2, : length // 3] = 0
+        with torch.no_grad():
+            model.config.use_cuda_graph = False
+            expected = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            model.config.use_cuda_graph = True
+            out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        torch.testing.assert_close(out.logits.float(), expected.logits.float(), **tol)
+        mine, theirs = out.cache, expected.cache
+        assert mine.seqlen_offset == theirs.seqlen_offset == length
+        for a, b in zip(mine.conv_states + mine.ssm_states, theirs.conv_states + theirs.ssm_states, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+    kinds = [kind for kind in model._decode_graphs.entries[-1].graphs if isinstance(kind, Prefill)]
+    assert sorted(kind.length for kind in kinds) == [64, 128]

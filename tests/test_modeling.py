@@ -21,7 +21,7 @@ from transformers import (
 import hf_mamba
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
 from hf_mamba.compat import enable_activation_checkpointing
-from hf_mamba.decode_graphs import DecodeGraphs, select_step
+from hf_mamba.decode_graphs import DecodeGraphs, Prefill, SelectStep, select_step
 from hf_mamba.modeling_mamba import CACHE_FIELD
 
 LOGITS_RTOL = 1e-5  # fp32: relative to the largest logit
@@ -327,12 +327,20 @@ class FakeGraph:
     """Stands in for DecodeGraph on CPU: replays the decode step on the tensors it was captured on, as a
     CUDA graph does, so a cache decoding with another cache's graph gives wrong tokens."""
 
-    def __init__(self, step, cache, input_ids, select=None):
-        self.step, self.select = step, select
+    def __init__(self, step, cache, input_ids, kind=None):
+        self.step, self.kind = step, kind
         # Weak references: a CUDA graph holds none to the tensors it reads, and the pool counts references.
         self.captured_on = [weakref.ref(state) for state in cache.conv_states + cache.ssm_states]
         self.states_ptr = cache.ssm_states[0].data_ptr()
         self.layers = len(cache.conv_states)
+
+    def prefill(self, input_ids, attention_mask):
+        states = [ref() for ref in self.captured_on]
+        conv, ssm = states[: self.layers], states[self.layers :]
+        captured = SimpleNamespace(conv_states=conv, ssm_states=ssm, seqlen_offset=0, place_layer=lambda *_: None,
+                                   update_conv_state=lambda state, i: conv[i].copy_(state),
+                                   update_recurrent_state=lambda state, i: ssm[i].copy_(state))
+        return self.step(input_ids, attention_mask, captured)
 
     def _captured(self):
         states = [ref() for ref in self.captured_on]
@@ -347,9 +355,9 @@ class FakeGraph:
         self.ids, self.unfinished = input_ids.clone(), unfinished.clone()
 
     def run_steps(self, steps, suppressed):
-        eos, pad = torch.tensor(self.select.eos, dtype=torch.long), torch.tensor(self.select.pad)
+        eos, pad = torch.tensor(self.kind.eos, dtype=torch.long), torch.tensor(self.kind.pad)
         outs = [
-            select_step(self.step, self._captured(), self.ids, self.unfinished, suppressed, self.select, eos, pad)
+            select_step(self.step, self._captured(), self.ids, self.unfinished, suppressed, self.kind, eos, pad)
             for _ in range(steps)
         ]
         return torch.stack(outs, 2)
@@ -381,6 +389,7 @@ def graphs(monkeypatch):
     monkeypatch.setattr(MambaForCausalLM, "forward", spy)
     # These tests are about the forward's replays, one per token: greedy chunks (tested below) replay no forward.
     monkeypatch.setattr(MambaForCausalLM, "decode_chunk_size", 1)
+    monkeypatch.setattr(MambaForCausalLM, "PREFILL_GRAPH_MAX", 0)  # prefill graphs: tested on their own
     return record
 
 
@@ -603,7 +612,7 @@ def test_greedy_chunks_give_transformers_tokens(lively, chunked, new_tokens):
     assert torch.equal(out, eager) and out.shape == (3, 7 + new_tokens)
     assert chunked.chunked_runs == [True]
     # The first token comes from the prefill, the others from one greedy-step graph.
-    assert [graph.select is not None for graph in chunked.captured] == ([True] if new_tokens > 1 else [])
+    assert [type(graph.kind) for graph in chunked.captured] == ([SelectStep] if new_tokens > 1 else [])
 
 
 def test_greedy_chunks_stop_each_row_at_eos_and_pad_it(lively, chunked):
@@ -700,7 +709,7 @@ def test_greedy_chunks_leave_the_rest_to_transformers_loop(lively, chunked, kwar
     torch.manual_seed(0)
     out = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
     assert chunked.chunked_runs == [False]
-    assert all(graph.select is None for graph in chunked.captured)
+    assert not any(isinstance(graph.kind, SelectStep) for graph in chunked.captured)
     if not kwargs.get("do_sample"):
         lively.config.use_cuda_graph = False
         eager = lively.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **kwargs)
@@ -764,7 +773,7 @@ def test_greedy_chunk_graphs_are_kept_across_generate_calls(lively, chunked):
         ids = torch.randint(1, 97, (2, 7))
         out, eager = both_ways(lively, ids, attention_mask=torch.ones_like(ids), max_new_tokens=22, eos_token_id=None)
         assert torch.equal(out, eager)
-    assert len(chunked.captured) == 1 and chunked.captured[0].select is not None
+    assert [type(graph.kind) for graph in chunked.captured] == [SelectStep]
 
 
 
@@ -819,6 +828,98 @@ def test_first_generate_of_a_kind_compiles_its_prefill_and_step_ahead(lively, gr
         assert torch.equal(lively.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False), expected)
     lively.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False)  # another batch size
     assert passes == [True, True]
+
+
+# ---- a new sequence's prefill replayed as a graph of its bucket length (on CPU, the fake graph) ----------
+
+
+@pytest.fixture
+def prefill_graphs(graphs, monkeypatch):
+    monkeypatch.setattr(MambaForCausalLM, "PREFILL_GRAPH_MAX", 2048)
+    return graphs
+
+
+def test_prefill_graph_gives_the_forwards_logits_and_states(lively, prefill_graphs):
+    ids = torch.randint(1, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        lively.config.use_cuda_graph = False
+        expected = lively(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        lively.config.use_cuda_graph = True
+        out = lively(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    assert [graph.kind for graph in prefill_graphs.captured] == [Prefill(64)]
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    mine, theirs = out[CACHE_FIELD], expected[CACHE_FIELD]
+    assert mine.seqlen_offset == theirs.seqlen_offset == 9
+    for a, b in zip(mine.conv_states + mine.ssm_states, theirs.conv_states + theirs.ssm_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_with_prefill_graphs_keeps_the_tokens_and_one_graph_per_bucket(lively, prefill_graphs):
+    for length in (5, 9, 64, 65):
+        ids = torch.randint(1, 97, (2, length))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        lively.config.use_cuda_graph = False
+        expected = lively.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        lively.config.use_cuda_graph = True
+        assert torch.equal(lively.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+    prefills = [graph.kind for graph in prefill_graphs.captured if isinstance(graph.kind, Prefill)]
+    assert prefills == [Prefill(64), Prefill(128)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(logits_to_keep=0), dict(output_hidden_states=True), dict(labels="ids")],
+    ids=["all-logits", "hidden-states", "labels"],
+)
+def test_other_prefills_run_the_forward(lively, prefill_graphs, kwargs):
+    ids = torch.randint(1, 97, (2, 9))
+    kwargs = {k: (ids if v == "ids" else v) for k, v in kwargs.items()}
+    with torch.no_grad():
+        lively(ids, use_cache=True, **kwargs)
+        lively(torch.randint(1, 97, (1, lively.PREFILL_GRAPH_MAX + 1)), use_cache=True, logits_to_keep=1)
+        # 33 rows of the 64-token bucket: more tokens than a graph may hold activations for
+        lively(torch.randint(1, 97, (33, 40)), use_cache=True, logits_to_keep=1)
+    assert prefill_graphs.captured == []
+
+
+def test_the_first_generate_compiles_the_prefill_graphs_path_ahead(lively, prefill_graphs, monkeypatch):
+    """Where a graph will replay the prefill, the dry pass runs that path (padded to the bucket, masked: other
+    kernel variants than the plain forward's), on a scratch cache; the tokens stay as they were."""
+    from hf_mamba import modeling_mamba
+
+    ids = torch.randint(1, 97, (2, 9))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    expected = lively.generate(ids, **kwargs)
+    prefills, pools, dry = [], [], [False]
+    original = MambaForCausalLM._prefill_logits
+
+    def recording(self, input_ids, attention_mask, cache):
+        prefills.append((dry[0], tuple(input_ids.shape), int(attention_mask.sum())))
+        return original(self, input_ids, attention_mask, cache)
+
+    def run_dry_pass(fn, *args):
+        pool = list(lively._decode_graphs.entries)
+        dry[0] = True
+        with torch.no_grad():
+            fn(*args)
+        dry[0] = False
+        pools.append(lively._decode_graphs.entries == pool)
+        return True
+
+    monkeypatch.setattr(MambaForCausalLM, "_prefill_logits", recording)
+    monkeypatch.setattr(MambaForCausalLM, "_compiles_ahead_on", staticmethod(lambda device: True))
+    monkeypatch.setattr(modeling_mamba, "compile_ahead", run_dry_pass)
+    lively.__dict__.pop("_generate_compiled_ahead", None)
+    assert torch.equal(lively.generate(ids, **kwargs), expected)
+    # the dry pass, the 9 real tokens of both rows in 64 (the replay runs the step captured before the patch)
+    assert prefills == [(True, (2, 64), 18)] and pools == [True]
+
+def test_a_prefill_graph_still_refuses_ids_outside_the_vocabulary(lively, prefill_graphs):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=97\)"):
+        lively(torch.tensor([[1, 2, 97]]), use_cache=True, logits_to_keep=1)
 
 
 # ---- outputs and heads -----------------------------------------------------------------------

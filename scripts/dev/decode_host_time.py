@@ -51,7 +51,7 @@ def build():
     torch.set_num_threads(1)
     config = MambaConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=24, state_size=16)
     model = MambaForCausalLM(config).eval()
-    model.decode_chunk_size = 1  # Transformers' loop, a forward per token (chunks of selecting steps replay no forward)
+    model.decode_chunk_size = 1  # Transformers' loop, a forward per token (selecting steps replay no forward)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     events = []  # ("loop" | "replay", perf_counter)

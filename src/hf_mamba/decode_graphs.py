@@ -12,9 +12,11 @@ holds, and at its first decode step the entry's graph, if the model's fingerprin
 graph was captured with (else a new capture replaces it). A cache still alive (say, returned by
 return_dict_in_generate) keeps its states: the next sequence gets fresh ones in a new entry.
 
-Two kinds of graph: a step's logits (what the forward replays for one token), and a selecting step
+Three kinds of graph: a step's logits (what the forward replays for one token); a selecting step
 (`SelectStep`: it selects its token on the GPU and feeds it to the next replay, so generate() queues a
-chunk of replays and reads the device once per chunk instead of once per token; `graph_decode.py`).
+chunk of replays and reads the device once per chunk instead of once per token; `graph_decode.py`); and a
+short prompt's prefill (`Prefill`, one per power-of-two length: there a forward's host work outlasts the
+GPU's).
 """
 
 import math
@@ -75,20 +77,35 @@ def select_tokens(scores, sample: bool):
     return scores.argmax(-1)
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """A new sequence's prefill of `length` positions (prompts left-padded to it, the padding masked), the
+    last position's logits."""
+
+    length: int
+
+
 class DecodeGraph:
-    """A CUDA graph of one decode step on one set of state tensors: its logits (`select` None), or a step
-    that selects the token on the GPU (`SelectStep`) and feeds it to the next replay.
+    """A CUDA graph on one set of state tensors, of one of three kinds: a decode step's logits (`kind`
+    None); a decode step that selects the token on the GPU (`SelectStep`) and feeds it to the next replay;
+    a new sequence's prefill (`Prefill`).
 
     The states never move (every update is in place), so the graph stays valid for as long as they live.
     """
 
-    def __init__(self, step: Step, cache: MambaCache, input_ids: torch.Tensor, select: SelectStep | None = None):
+    def __init__(
+        self, step: Step, cache: MambaCache, input_ids: torch.Tensor, kind: SelectStep | Prefill | None = None
+    ):
         self.static_ids = input_ids.clone()
         self.states_ptr = cache.ssm_states[0].data_ptr()
-        self.select = select
-        if select is None:
+        self.kind = kind
+        if kind is None:
             body = lambda: step(self.static_ids, cache)  # noqa: E731
+        elif isinstance(kind, Prefill):
+            self.static_mask = torch.ones_like(input_ids)
+            body = lambda: step(self.static_ids, self.static_mask, cache)  # noqa: E731
         else:
+            select = kind
             device, batch = input_ids.device, input_ids.shape[0]
             # Held by the graph object: a replay reads them, and memory freed after capture is reused.
             self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
@@ -113,19 +130,31 @@ class DecodeGraph:
                 t.copy_(old)  # undo the warm-up step
             # A sampling warm-up drew random numbers: the replays draw those the eager loop would have drawn.
             torch.cuda.set_rng_state(rng, input_ids.device)
+            if isinstance(kind, Prefill):
+                # A new version of the mask: what the forward derives from a mask and keeps by its version
+                # (the padding bias) is then derived again inside the capture, so a replay derives it too.
+                self.static_mask.add_(0)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_out = body()
 
     def _mutated(self, cache):
         """What a step updates in place: the states, and a selecting step's ids and unfinished rows."""
-        extra = [] if self.select is None else [self.static_ids, self.unfinished]
+        extra = [self.static_ids, self.unfinished] if isinstance(self.kind, SelectStep) else []
         return [*cache.conv_states, *cache.ssm_states, *extra]
 
     def __call__(self, input_ids):
         """The logits of one decode step of `input_ids` (batch, 1)."""
         self.static_ids.copy_(input_ids)
         with device_guard(input_ids):  # a replay runs on the current device's stream
+            self.graph.replay()
+        return self.static_out.clone()
+
+    def prefill(self, input_ids, attention_mask):
+        """The last position's logits of a prefill graph, for `input_ids` and `attention_mask` of its length."""
+        self.static_ids.copy_(input_ids)
+        self.static_mask.copy_(attention_mask)
+        with device_guard(input_ids):
             self.graph.replay()
         return self.static_out.clone()
 
@@ -170,11 +199,11 @@ class DecodeGraphs:
     its states and graphs). Each holds its states (2.8B model at batch 64: 1.5 GB) and its graphs' memory,
     also after generate() returns: per graph the activations its capture allocated and its outputs; a
     generate() that selects its tokens on the GPU adds one graph per kind (`SelectStep`: EOS setting,
-    greedy or sampled, warpers), up to MAX_GRAPHS_PER_ENTRY graphs in all.
+    greedy or sampled, warpers) and a prefill graph per prompt bucket; at most MAX_GRAPHS_PER_ENTRY of each.
     """
 
     MAX_ENTRIES = 2
-    MAX_GRAPHS_PER_ENTRY = 8  # kinds of step kept per entry, the oldest dropped first
+    MAX_GRAPHS_PER_ENTRY = 8  # graphs of one type (SelectStep, Prefill) kept per entry, the oldest dropped first
     graph_class = DecodeGraph  # what captures a step (tests put a CPU stand-in here)
 
     def __init__(self):
@@ -215,6 +244,12 @@ class DecodeGraphs:
         """The cache's selecting-step graph of that kind (captured at its first use)."""
         return self._graph(step, fingerprint, cache, input_ids, kind)
 
+    def prefill(self, step, fingerprint, cache: MambaCache, input_ids, attention_mask) -> torch.Tensor:
+        """Logits of the last position of a new sequence's prefill on `cache` (fresh states), by replaying the
+        cache's graph of that length (captured at its first use)."""
+        graph = self._graph(step, fingerprint, cache, input_ids, Prefill(input_ids.shape[1]))
+        return graph.prefill(input_ids, attention_mask)
+
     def _graph(self, step, fingerprint, cache, input_ids, kind):
         graphs = self._graphs_of_cache.setdefault(cache, {})
         graph = graphs.get(kind)
@@ -234,8 +269,9 @@ class DecodeGraphs:
         if entry.fingerprint != now or moved:
             entry.graphs, entry.fingerprint = {}, now
         if kind not in entry.graphs:
-            if len(entry.graphs) >= self.MAX_GRAPHS_PER_ENTRY:  # say, a sweep over temperatures
-                del entry.graphs[next(iter(entry.graphs))]  # the oldest capture
+            alike = [other for other in entry.graphs if type(other) is type(kind)]
+            if len(alike) >= self.MAX_GRAPHS_PER_ENTRY:  # say, a sweep over temperatures
+                del entry.graphs[alike[0]]  # the oldest capture of that type
             entry.graphs[kind] = self._capture(step, cache, input_ids, kind)
         return entry.graphs[kind]
 
@@ -262,4 +298,4 @@ def _references(tensor):
     return sys.getrefcount(tensor), storage_refs
 
 
-__all__ = ["DecodeGraph", "DecodeGraphs", "SelectStep", "select_step", "select_tokens"]
+__all__ = ["DecodeGraph", "DecodeGraphs", "Prefill", "SelectStep", "select_step", "select_tokens"]

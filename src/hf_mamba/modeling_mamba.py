@@ -373,9 +373,16 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             return MambaCache(self.config, batch, dtype=dtype, device=device)
 
         def prefill_and_step():
-            out = self.backbone(prompt, attention_mask=attention_mask, use_cache=True, new_cache=scratch_cache)
-            self.lm_head(out.last_hidden_state[:, -1:].to(self.lm_head.weight.dtype))
-            self._decode_step_logits(prompt[:, -1:], out[CACHE_FIELD])
+            if self._use_prefill_graph(prompt, None, True, 1, ()):  # the graph's kernels: the masked ones
+                ids, mask = self._bucketed(prompt, attention_mask)
+                cache = scratch_cache(prompt.shape[0], self.get_input_embeddings().weight.dtype, prompt.device)
+                self._prefill_logits(ids, mask, cache)
+                cache.seqlen_offset = prompt.shape[1]
+            else:
+                out = self.backbone(prompt, attention_mask=attention_mask, use_cache=True, new_cache=scratch_cache)
+                self.lm_head(out.last_hidden_state[:, -1:].to(self.lm_head.weight.dtype))
+                cache = out[CACHE_FIELD]
+            self._decode_step_logits(prompt[:, -1:], cache)
 
         compile_ahead(prefill_and_step)
 
@@ -463,6 +470,60 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             if key not in model_inputs and key != "labels":
                 model_inputs[key] = value
         return model_inputs
+
+    # A new sequence's prefill of at most this many tokens (batch x the prompt's bucket length) replays a CUDA
+    # graph (`_use_prefill_graph`): below it a forward's host work (about 0.6 ms a layer) outlasts its GPU
+    # time, above it the GPU's share dominates. It also bounds what each graph's memory holds: the
+    # activations of one forward of that many tokens.
+    PREFILL_GRAPH_MAX = 2048
+
+    def _prefill_logits(self, input_ids, attention_mask, cache_params):
+        """Logits (batch, 1, vocab) of the last position of a new sequence's prefill, masked as the forward masks
+        padding; fills the fresh cache's states, not its offset. What a prefill graph captures."""
+        backbone = self.backbone
+        hidden_states = backbone.embeddings(input_ids.clamp(0, self.config.vocab_size - 1))
+        path = decide_fast_path(self.config, hidden_states.device, backbone._plain_blocks_and_norms())
+        hidden_states = backbone._run_blocks(hidden_states, cache_params, attention_mask, None, path)
+        return self.lm_head(hidden_states[:, -1:].to(self.lm_head.weight.dtype))
+
+    def _use_prefill_graph(self, input_ids, cache_params, use_cache, logits_to_keep, other_inputs):
+        """A graph replays generate()'s prefill of a short prompt for a new sequence: input ids, a new cache (the
+        pool's, whose states the graph is captured on), the last position's logits only, nothing else asked."""
+        return (
+            input_ids is not None
+            and input_ids.dim() == 2
+            and input_ids.shape[1] > 1
+            and input_ids.shape[0] * _prefill_bucket(input_ids.shape[1]) <= self.PREFILL_GRAPH_MAX
+            and cache_params is None
+            and use_cache is True
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 1
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and all(value is None or value is False for value in other_inputs)
+            and self._pools_decode_graphs(input_ids.device)
+        )
+
+    def _replay_prefill(self, input_ids, attention_mask):
+        """(logits, cache) of a new sequence's prefill by a graph of the prompt's bucket length (a power of two,
+        at least 64): the prompt left-padded to it with the padding masked, which leaves the states as the
+        prompt alone makes them (padding steps carry the state unchanged) and the last position's logits."""
+        batch, seqlen = check_inputs(input_ids, None, attention_mask, self.config.hidden_size)
+        read_values(input_ids, self.config.vocab_size, attention_mask, None)  # ids and mask checked, by name
+        input_ids, mask = self._bucketed(input_ids, attention_mask)
+        cache = self._new_cache(batch, self.get_input_embeddings().weight.dtype, input_ids.device)
+        logits = self._decode_graphs.prefill(
+            self._prefill_logits, self._decode_graph_fingerprint, cache, input_ids, mask
+        )
+        cache.seqlen_offset = seqlen
+        return logits, cache
+
+    @staticmethod
+    def _bucketed(input_ids, attention_mask):
+        """(ids, mask) left-padded to the prompt's bucket length, the padding masked: a prefill graph's inputs."""
+        mask = attention_mask.to(input_ids.dtype) if attention_mask is not None else torch.ones_like(input_ids)
+        padding = _prefill_bucket(input_ids.shape[1]) - input_ids.shape[1]
+        return nn.functional.pad(input_ids, (padding, 0)), nn.functional.pad(mask, (padding, 0))
 
     def _decode_step_logits(self, input_ids, cache_params):
         """Logits (batch, 1, vocab) of one token on top of the cache; advances the states, not the offset."""
@@ -566,6 +627,20 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         """
         cache_params = cache
         check_cache(cache_params, kwargs.get("past_key_values"))
+        if self._use_prefill_graph(
+            input_ids,
+            cache_params,
+            use_cache,
+            logits_to_keep,
+            (inputs_embeds, labels, output_hidden_states, position_ids),
+        ):
+            logits, cache_params = self._replay_prefill(input_ids, attention_mask)
+            return_dict = return_dict if return_dict is not None else self.config.return_dict
+            return (
+                MambaCausalLMOutput(logits=logits, **{CACHE_FIELD: cache_params})
+                if return_dict
+                else (logits, cache_params)
+            )
         if self._use_decode_graph(
             input_ids,
             cache_params,
@@ -680,6 +755,12 @@ class MambaForSequenceClassification(MambaPreTrainedModel):
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states)
 
 
+def _prefill_bucket(seqlen):
+    """The length a prompt of `seqlen` tokens is left-padded to for a prefill graph: a power of two, at least 64
+    (few graphs, and at most twice the prompt's work)."""
+    return max(64, 1 << (seqlen - 1).bit_length())
+
+
 __all__ = [
     "MambaCausalLMOutput",
     "MambaForCausalLM",
@@ -688,3 +769,4 @@ __all__ = [
     "MambaOutput",
     "MambaPreTrainedModel",
 ]
+
