@@ -9,6 +9,9 @@ the fp32 run's (LoRA runs with the fp32 LoRA run's), and a table is printed:
 
 In fp16 the GradScaler skips the steps whose gradients overflowed (its scale starts at 2^16 and halves on
 each); those steps log an infinite grad norm and are counted apart from NaN losses, which should be none.
+Where a run has such steps, it also says where the final weights first give a non-finite value on the batch
+that began the last run of them (`diagnose`): a forward overflow, or gradients that are not finite even
+without loss scaling, is a fault the GradScaler cannot skip past.
 
     python scripts/precision_training.py --runs fp32,bf16,fp16            # GPU, then:
     python scripts/precision_training.py --runs bf16-ckpt,fp16-ckpt      # reuses the fp32 run saved above
@@ -157,14 +160,28 @@ class TokenRows(torch.utils.data.Dataset):
 # Training
 
 
+class LossKeepingTrainer(Trainer):
+    """Keeps each step's loss as computed, and its batch. The Trainer's logged loss is a running sum reset by
+    subtracting it from itself, so after one NaN every later logged loss reads NaN whatever the steps did."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        self.last_loss = (out[0] if return_outputs else out).detach().float()
+        self.last_batch = inputs
+        return out
+
+
 class StepRecorder(TrainerCallback):
-    """Per step: loss and grad norm (logging_steps=1), wall time, and the GradScaler's scale in fp16."""
+    """Per step: loss and grad norm (logging_steps=1), wall time, and the GradScaler's scale in fp16. Of steps
+    whose loss or gradients were not finite: the first, and the batch that began the last run of them (what
+    `diagnose` reruns: where that run lasts to the end, no step changed the weights since)."""
 
     def __init__(self, name, steps, tokens_per_step):
         self.name, self.steps, self.tokens_per_step = name, steps, tokens_per_step
         self.losses, self.grad_norms, self.times, self.scales = [], [], [], []
         self.trainer = None
         self.every = max(1, steps // 10)
+        self.first_bad_step, self.last_streak_step, self.last_streak_batch = None, None, None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter())
@@ -172,12 +189,19 @@ class StepRecorder(TrainerCallback):
         if scaler is not None:
             self.scales.append(float(scaler.get_scale()))
 
+    def _finite(self, i):
+        return math.isfinite(self.losses[i]) and math.isfinite(self.grad_norms[i])
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
             return
-        self.losses.append(float(logs["loss"]))
+        self.losses.append(self.trainer.last_loss.item())
         self.grad_norms.append(float(logs.get("grad_norm", float("nan"))))
         step = state.global_step
+        if not self._finite(-1) and (len(self.losses) == 1 or self._finite(-2)):  # a run of bad steps begins
+            self.first_bad_step = self.first_bad_step or step
+            self.last_streak_step = step
+            self.last_streak_batch = {k: v.detach().clone() for k, v in self.trainer.last_batch.items()}
         if step % self.every == 0 or step == self.steps:
             print(f"  {self.name:<10} step {step:>5}/{self.steps}  loss {self.losses[-1]:.4f}  "
                   f"grad norm {self.grad_norms[-1]:.3g}", flush=True)
@@ -223,7 +247,7 @@ def train_run(name, args, dataset, device_is_cuda):
         **(checkpointing_training_args(True) if checkpointing else {}),
     )
     recorder = StepRecorder(name, args.steps, args.batch_size * args.seq_len)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[recorder])
+    trainer = LossKeepingTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[recorder])
     trainer.remove_callback(ProgressCallback)  # one line per logged step otherwise (logging_steps=1)
     trainer.remove_callback(PrinterCallback)
     recorder.trainer = trainer
@@ -241,10 +265,86 @@ def train_run(name, args, dataset, device_is_cuda):
         "run": name, "losses": recorder.losses, "grad_norms": recorder.grad_norms, "scales": recorder.scales,
         "tokens_per_s": tokens_per_s, "peak_gib": peak, "wall_s": wall,
         "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+        "first_bad_step": recorder.first_bad_step,
+        "last_bad_run_from": recorder.last_streak_step,
     }
+    if recorder.first_bad_step is not None:
+        result["diagnosis"] = diagnose(model, recorder.last_streak_batch, precision)
+        to_end = "to the end" if not recorder._finite(-1) else "then steps were finite again"
+        print(f"  {name}: first non-finite step {recorder.first_bad_step}; the last run of them began at step "
+              f"{recorder.last_streak_step} ({to_end}); its batch on the final weights: {result['diagnosis']}",
+              flush=True)
     if name.startswith("lora"):
         model = model.merge_and_unload()
     return result, model
+
+
+def diagnose(model, batch, precision):
+    """Where the final weights first give a value that is not finite, on the batch of the first bad step, in
+    the run's autocast dtype: parameters, then a no-grad forward (modules hooked; the first to finish with a
+    non-finite output, whether its input was finite, and its largest |output| in fp32), then the loss and
+    gradients of a forward and backward with no loss scaling (a GradScaler cannot help where these are not
+    finite: the fault is not the scale). Where every later step was skipped, the final weights are the
+    weights of that step."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad_params:
+        return f"non-finite parameters: {', '.join(bad_params[:5])}{' ...' if len(bad_params) > 5 else ''}"
+    report = []
+    first = _first_nonfinite_module(model, batch, dtype)
+    if first is None:
+        report.append(f"no-grad forward in {precision}: finite")
+    else:
+        name, input_finite = first
+        peak = _fp32_peak(model, batch, name)
+        report.append(f"no-grad forward in {precision}: first non-finite output {name} (input "
+                      f"{'finite' if input_finite else 'not finite'}; its largest |output| in fp32 {peak:.3g})")
+    model.train()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(**batch).loss
+    loss.backward()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    report.append(f"unscaled loss {loss.item():.4g}, gradients {'finite' if grads_finite else 'NOT finite'}")
+    return "; ".join(report)
+
+
+def _first_nonfinite_module(model, batch, dtype):
+    """(name, input finite) of the first module to finish with a non-finite tensor output, or None."""
+    found = []
+
+    def check(name):
+        def hook(module, inputs, output):
+            if found or not torch.is_tensor(output) or torch.isfinite(output).all():
+                return
+            first_input = next((t for t in inputs if torch.is_tensor(t) and t.is_floating_point()), None)
+            found.append((name, first_input is None or bool(torch.isfinite(first_input).all())))
+        return hook
+
+    handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if n]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
+def _fp32_peak(model, batch, name):
+    """The largest |output| of module `name` in an fp32 forward of the batch."""
+    peak = []
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda module, inputs, output: peak.append(output.detach().float().abs().max().item()))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    return max(peak, default=float("nan"))
 
 
 def smooth(values, window=SMOOTH):

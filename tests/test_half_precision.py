@@ -351,3 +351,23 @@ def test_fp16_model_normalises_a_residual_beyond_fp16_range(saved_model, backend
     logits = out.logits.float().cpu()
     assert torch.isfinite(logits).all()
     assert (logits - expected).abs().max() <= LOGIT_TOLERANCE[torch.float16] * expected.abs().max()
+
+
+def test_precision_training_diagnosis_names_the_overflowing_module():
+    """What the script says of a run with non-finite steps: the module whose fp16 output overflowed (with its
+    fp32 size), whether gradients are finite without loss scaling, or the parameters that are not finite."""
+    script = load_script("precision_training")
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4, tie_word_embeddings=False)
+    model = MambaForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 16))
+    batch = {"input_ids": ids, "labels": ids}
+    assert script.diagnose(model, batch, "fp16").startswith("no-grad forward in fp16: finite;")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)  # logits beyond fp16's 65504
+    diagnosis = script.diagnose(model, batch, "fp16")
+    assert "first non-finite output lm_head (input finite;" in diagnosis and "gradients NOT finite" in diagnosis
+    assert float(diagnosis.split("in fp32 ")[1].split(")")[0]) > 65504
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.D[0] = float("nan")
+    assert script.diagnose(model, batch, "fp16") == "non-finite parameters: backbone.layers.1.mixer.D"
