@@ -769,4 +769,3 @@ __all__ = [
     "MambaOutput",
     "MambaPreTrainedModel",
 ]
-
