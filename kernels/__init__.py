@@ -33,7 +33,7 @@ def _hand_over_to_hugging_face_kernels():
 
 if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
     from .causal_conv1d import causal_conv1d, causal_conv1d_update
-    from .mamba_inner import mamba_inner_triton
+    from .mamba_inner import compute_dtype, fp16_range_scale, mamba_inner_triton
     from .rms_norm import (
         add_rms_norm,
         add_rms_norm_ref,
@@ -69,6 +69,8 @@ __all__ = [
     "add_rms_norm_ref",
     "causal_conv1d",
     "causal_conv1d_update",
+    "compute_dtype",
+    "fp16_range_scale",
     "fp32_or_wider",
     "mamba_inner_triton",
     "mamba_step_triton",

@@ -34,6 +34,10 @@ to Δ in the forward, and the bias of the matmul that recomputes Δ in the backw
 at padding y = 0 anyway (C = 0 and u = 0 there), so the output there is out_proj's bias, as the
 modules give. Combined with seq_idx (packed documents, padded rows) both apply, as in the modules.
 
+In fp16 the gated scan output y is kept in fp32 and scaled into fp16's range for out_proj by a power of two
+(`fp16_range_scale`): where training takes y past 65504, the modules' fp16 y would be inf on every batch,
+which no loss scale avoids (docs/reliability.md). bf16 and fp32 run as described above.
+
 The model uses this only where it computes exactly what the modules would: a plain Conv1d, and x_proj and
 dt_proj weights it can read (the modules' own, a 4-bit base's dequantized, or with vanilla LoRA adapters merged
 in: `hf_mamba.fast_path.fused_weight`); in_proj and out_proj run inside where they are plain Linears, else as
@@ -57,6 +61,27 @@ _INPUTS = (
 # The calls (`_call_key`) whose kernels have been compiled ahead. A new shape gets a dry pass too; where
 # its kernels are built already, that costs the host and GPU work of one layer's step, nothing compiles.
 _compiled_ahead = set()
+
+
+# In fp16, y (the gated scan output, out_proj's input) can pass 65504 where the fp32 values of training do
+# (docs/reliability.md): it is kept in fp32, and out_proj multiplies y / s in fp16, s the power of two that
+# brings max |y| to at most FP16_Y_MAX, then multiplies its fp32 result by s. Dividing and multiplying by a
+# power of two is exact, and where max |y| is at most FP16_Y_MAX (s = 1) the fp16 matmul sees the y it saw
+# before. At that bound out_proj's sums stay far inside fp16's range, and a y below it by 2^-22 (where
+# y / s turns subnormal) adds less than the matmul's rounding.
+FP16_Y_MAX = 2.0**8
+
+
+def fp16_range_scale(y):
+    """The power of two s >= 1 with max |y| / s <= FP16_Y_MAX (up to 2x that where log2 rounds), a 0-dim fp32
+    tensor: no host synchronisation."""
+    amax = y.detach().abs().amax().float().clamp_min(FP16_Y_MAX)
+    return torch.exp2(torch.ceil(torch.log2(amax / FP16_Y_MAX)))
+
+
+def _rows_of(t):
+    """(..., n) as (rows, n), a view where the layout allows."""
+    return t.reshape(-1, t.shape[-1])
 
 
 def _mm_fp32(a, b):
@@ -144,7 +169,7 @@ def _padding_bias(attention_mask, dtype):
 _last_padding_bias = [None, None, None]  # [weakref to the mask, (its version, dtype), the bias]
 
 
-def _compute_dtype(xz):
+def compute_dtype(xz):
     """The matmul dtype: autocast's when it is on for xz's device (as nn.Linear would run), else xz's."""
     device_type = xz.device.type
     if torch.is_autocast_enabled(device_type):
@@ -162,7 +187,7 @@ class _MambaInner(torch.autograd.Function):
         from .causal_conv1d.triton_conv import conv_fwd
         from .selective_scan.triton_scan import scan_fwd
 
-        dtype = _compute_dtype(x_in)
+        dtype = compute_dtype(x_in)
         ctx.in_dtypes = (x_in.dtype, _dtype(in_proj_weight))
         d_inner = conv_weight.shape[0]
         dt_rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
@@ -194,12 +219,20 @@ class _MambaInner(torch.autograd.Function):
                 delta += pad_bias.view(*delta.shape[:2], 1)  # -inf at padding: Δ = softplus(-inf) = 0
             delta = delta.transpose(1, 2)  # (batch, d_inner, seqlen)
             A_log_f = fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
+            fp16 = dtype == torch.float16  # y in fp32, scaled into fp16's range for out_proj (`fp16_range_scale`)
             y, _, chunk_states = scan_fwd(
                 u, delta, A_log_f, B.transpose(1, 2), C.transpose(1, 2), fp32_or_wider(D), z,
                 fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False, A_is_log=True,
+                out_dtype=torch.float32 if fp16 else None,
             )
-            if w_out is None:  # out_proj runs outside
+            y_scale = fp16_range_scale(y) if fp16 and w_out is not None else None
+            if w_out is None:  # out_proj runs outside (in fp16: on the fp32 y, `fp16_range_scale`)
                 out = y.transpose(1, 2)  # (batch, seqlen, d_inner)
+            elif y_scale is not None:  # (batch, seqlen, hidden) in fp32
+                out = _mm_fp32(_rows_of(y.transpose(1, 2)).div(y_scale).to(dtype), w_out.t()).mul_(y_scale)
+                out = out.view(*y.shape[:1], y.shape[2], -1)
+                if out_proj_bias is not None:
+                    out += out_proj_bias.float()
             else:
                 bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
                 out = F.linear(y.transpose(1, 2), w_out, bias)  # (batch, seqlen, hidden)
@@ -209,7 +242,7 @@ class _MambaInner(torch.autograd.Function):
         hidden = x_in if w_in is not None else None  # for in_proj's weight gradient
         ctx.save_for_backward(
             xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log_f, D, w_out, chunk_states, seq_idx,
-            hidden, w_in, attention_mask, pad_bias, x_normed,
+            hidden, w_in, attention_mask, pad_bias, x_normed, y_scale,
         )
         return out
 
@@ -219,7 +252,7 @@ class _MambaInner(torch.autograd.Function):
         from .selective_scan.triton_scan import scan_bwd
 
         (xz, x_dbl, conv_weight, conv_bias, w_x, w_dt, dt_proj_bias, A_log, D, w_out, chunk_states, seq_idx,
-         hidden, w_in, attention_mask, pad_bias, x_normed) = ctx.saved_tensors
+         hidden, w_in, attention_mask, pad_bias, x_normed, y_scale) = ctx.saved_tensors
         x_proj_dtype, dt_proj_dtype, out_proj_dtype, A_log_dtype = ctx.weight_dtypes
         dtype = xz.dtype
         batch, seqlen = xz.shape[:2]
@@ -244,8 +277,10 @@ class _MambaInner(torch.autograd.Function):
             delta = _by_channel(delta, batch)
             dy = _by_channel(torch.mm(w_out.t(), dout.t()) if w_out is not None else dout.t().contiguous(), batch)
             needs = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
-            # the forward's output, recomputed by the scan backward, for out_proj's weight gradient
-            y = torch.empty_like(u) if needs["out_proj_weight"] else None
+            # the forward's output, recomputed by the scan backward, for out_proj's weight gradient (fp32 where
+            # the forward scaled it)
+            y_dtype = torch.float32 if y_scale is not None else None
+            y = torch.empty_like(u, dtype=y_dtype) if needs["out_proj_weight"] else None
             # x_proj's output gradient [dΔ_low-rank | dB | dC]; the scan backward writes dB, dC into it.
             dx_dbl = x_dbl.new_empty(rows, dt_rank + 2 * d_state)
             dxz = torch.empty_like(xz)
@@ -264,7 +299,12 @@ class _MambaInner(torch.autograd.Function):
                 weightless_rms_norms_backward_(dx_dbl, x_dbl.view(rows, -1), sizes, ctx.mixer_rms_eps, "triton")
             # out_proj, dt_proj and x_proj weight gradients, skipped for frozen weights (e.g. LoRA on
             # in_proj only).
-            dw_out = _mm_fp32(dout.t(), _rows(y).t()) if needs["out_proj_weight"] else None
+            if not needs["out_proj_weight"]:
+                dw_out = None
+            elif y_scale is None:
+                dw_out = _mm_fp32(dout.t(), _rows(y).t())
+            else:  # y in fp32, divided by the forward's scale into fp16's range, the product multiplied back
+                dw_out = _mm_fp32(dout.t(), _rows(y).t().div(y_scale).to(dtype)).mul_(y_scale)
             db_out = dout.sum(0, dtype=torch.float32) if needs["out_proj_bias"] else None
             dw_dt = _mm_fp32(ddelta, dt) if needs["dt_proj_weight"] else None
             dw_x = _mm_fp32(dx_dbl.t(), _rows(u).t()) if needs["x_proj_weight"] else None
@@ -358,7 +398,7 @@ def _call_key(inputs):
     """What the kernels of a call are built for: device, matmul dtype, the tensors' shapes, strides
     and dtypes, which inputs are given and which need gradients."""
     xz = inputs[0]
-    key = [xz.device, _compute_dtype(xz)]
+    key = [xz.device, compute_dtype(xz)]
     for t in inputs:
         key.append((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) if isinstance(t, torch.Tensor) else t)
     return tuple(key)
@@ -387,4 +427,4 @@ def _compile_first_call(inputs):
     compile_ahead(forward_and_backward)
 
 
-__all__ = ["mamba_inner_triton"]
+__all__ = ["compute_dtype", "fp16_range_scale", "mamba_inner_triton"]

@@ -298,7 +298,7 @@ def _time_contiguous(t):
 
 def scan_fwd_chunk(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, seq_idx, A_is_log=False,
-    tuning=ChunkTuning(),
+    tuning=ChunkTuning(), out_dtype=None,
 ):
     """(out, final_state) of the chunk forward; fills chunk_states (batch, d_inner, n_chunks, d_state)
     with the state entering every chunk where it is not empty. With A_is_log, A holds A_log."""
@@ -306,7 +306,8 @@ def scan_fwd_chunk(
     d_state = A.shape[1]
     if A_is_log:
         A = -torch.exp(A)
-    out = torch.empty_like(u)  # (batch, d_inner, seqlen) in u's layout, whichever forward runs (as the fake op says)
+    # (batch, d_inner, seqlen) in u's layout, whichever forward runs (as the fake op says); u's dtype or out_dtype
+    out = torch.empty_like(u, dtype=out_dtype)
     out_rows = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     u, delta, B, C, z = (_time_contiguous(t) for t in (u, delta, B, C, z))
     final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
@@ -356,7 +357,8 @@ def scan_bwd_chunk(
     dh0 = torch.empty(batch, d_inner, d_state, **f32)
     if dfinal_state is not None:
         dfinal_state = dfinal_state.contiguous()
-    y_rows = y_out if y_out is None or y_out.is_contiguous() else torch.empty_like(du)  # the kernel writes rows
+    # the kernel writes rows
+    y_rows = y_out if y_out is None or y_out.is_contiguous() else torch.empty_like(du, dtype=y_out.dtype)
     launch(
         _chunk_bwd_kernel, (batch, cdiv(d_inner, block_d)),
         u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dfinal_state,

@@ -533,12 +533,12 @@ def _fwd_plan(
 
 def scan_fwd_recurrent(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx=None,
-    need_final_state=True, A_is_log=False, tuning=RecurrentFwdTuning(),
+    need_final_state=True, A_is_log=False, tuning=RecurrentFwdTuning(), out_dtype=None,
 ):
     """Forward scan; fills `chunk_states` (batch, d_inner, n_ckpt, d_state) every `ckpt_len` steps if non-empty.
 
     Returns (out, final_state); final_state may be None without need_final_state (it saves a copy).
-    With A_is_log, A holds A_log (A = -exp(A_log), computed in the kernels).
+    With A_is_log, A holds A_log (A = -exp(A_log), computed in the kernels). out: u's dtype, or out_dtype.
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
@@ -557,7 +557,7 @@ def scan_fwd_recurrent(
     else:
         B_strides, C_strides = B.stride(), C.stride()
     n_ckpt = chunk_states.shape[2] if save else 1
-    out = torch.empty_like(u)  # (batch, d_inner, seqlen), in u's layout (channels-last in the model)
+    out = torch.empty_like(u, dtype=out_dtype)  # (batch, d_inner, seqlen), in u's layout (channels-last in the model)
     n_seg = plan.n_seg
     A_c = A.contiguous()
     if initial_state is not None:

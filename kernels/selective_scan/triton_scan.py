@@ -69,11 +69,12 @@ def checkpoint_len(seqlen, tuning=DEFAULT_TUNING):
 
 def scan_fwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, need_final_state=True,
-    A_is_log=False, tuning=DEFAULT_TUNING,
+    A_is_log=False, tuning=DEFAULT_TUNING, out_dtype=None,
 ):
     """(out, final_state, chunk_states); chunk_states is empty unless save_states, final_state may be
     None without need_final_state (it saves a copy). With A_is_log, A holds A_log (A = -exp(A_log),
-    computed inside the kernels: the training mixer passes its parameter as it is)."""
+    computed inside the kernels: the training mixer passes its parameter as it is). out is in u's dtype, or
+    out_dtype (the training mixer asks fp32 of fp16 inputs: y may pass fp16's range)."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     ckpt_len = checkpoint_len(seqlen, tuning)
@@ -84,12 +85,12 @@ def scan_fwd(
     if d_state <= tuning.recurrent_fwd_max_d_state:
         out, final_state = scan_fwd_recurrent(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx,
-            need_final_state, A_is_log, tuning.fwd,
+            need_final_state, A_is_log, tuning.fwd, out_dtype,
         )
     else:
         out, final_state = scan_fwd_chunk(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, seq_idx, A_is_log,
-            tuning.chunk,
+            tuning.chunk, out_dtype,
         )
     return out, final_state, chunk_states
 

@@ -18,6 +18,8 @@ from .fast_path import FastPath, decide_fast_path, fused_weight, plain
 from .kernels import (
     causal_conv1d,
     causal_conv1d_update,
+    compute_dtype,
+    fp16_range_scale,
     fp32_or_wider,
     mamba_inner_triton,
     mamba_step_triton,
@@ -248,8 +250,9 @@ class MambaMixer(nn.Module):
         # A plain in_proj inside: autocast's cast of the mixer's input is then all that reads that input.
         in_proj_inside = plain(self.in_proj, nn.Linear)
         out_proj_inside = plain(self.out_proj, nn.Linear)
+        x_in = hidden_states if in_proj_inside else self.in_proj(hidden_states)  # e.g. LoRA on in_proj: outside
         out = mamba_inner_triton(
-            hidden_states if in_proj_inside else self.in_proj(hidden_states),  # e.g. LoRA on in_proj: outside
+            x_in,
             self.conv1d.weight, self.conv1d.bias, x_proj_weight, dt_proj_weight, self.dt_proj.bias, self.A_log,
             self.D, self.out_proj.weight if out_proj_inside else None,
             self.out_proj.bias if out_proj_inside else None, seq_idx,
@@ -257,7 +260,22 @@ class MambaMixer(nn.Module):
             in_proj_bias=self.in_proj.bias if in_proj_inside else None,
             mixer_rms_eps=self.mixer_rms_eps, attention_mask=attention_mask,
         )
-        return out if out_proj_inside else self.out_proj(_linear_input(self.out_proj, out))
+        if out_proj_inside:
+            return out
+        if compute_dtype(x_in) == torch.float16:  # out is y in fp32, beyond fp16's range where it must be
+            return self._out_proj_in_fp16_range(out)
+        return self.out_proj(_linear_input(self.out_proj, out))
+
+    def _out_proj_in_fp16_range(self, y):
+        """out_proj (any module: an adapter, a 4-bit base) of the fp32 y, in fp16: applied to y / s, s the power of
+        two `fp16_range_scale` chose, and its result multiplied by s in fp32 (its bias, where it has one, is
+        taken out first and added back)."""
+        scale = fp16_range_scale(y)
+        out = self.out_proj(_linear_input(self.out_proj, (y / scale).half())).float()
+        bias = getattr(self.out_proj, "bias", None)
+        if bias is None:
+            return out * scale
+        return (out - bias.float()) * scale + bias.float()
 
     def _plain_ssm_modules(self):
         """conv1d, x_proj and dt_proj are plain, unhooked modules and the activation is SiLU: a fused kernel may
