@@ -75,7 +75,8 @@ FP16_Y_MAX = 2.0**8
 def fp16_range_scale(y):
     """The power of two s >= 1 with max |y| / s <= FP16_Y_MAX (up to 2x that where log2 rounds), a 0-dim fp32
     tensor: no host synchronisation."""
-    amax = y.detach().abs().amax().float().clamp_min(FP16_Y_MAX)
+    y = y.detach()
+    amax = torch.maximum(y.amax(), y.amin().neg()).float().clamp_min(FP16_Y_MAX)  # no |y| copy
     return torch.exp2(torch.ceil(torch.log2(amax / FP16_Y_MAX)))
 
 
@@ -229,7 +230,8 @@ class _MambaInner(torch.autograd.Function):
             if w_out is None:  # out_proj runs outside (in fp16: on the fp32 y, `fp16_range_scale`)
                 out = y.transpose(1, 2)  # (batch, seqlen, d_inner)
             elif y_scale is not None:  # (batch, seqlen, hidden) in fp32
-                out = _mm_fp32(_rows_of(y.transpose(1, 2)).div(y_scale).to(dtype), w_out.t()).mul_(y_scale)
+                y_in_range = _rows_of(y.div_(y_scale).transpose(1, 2)).to(dtype)  # y itself is not kept
+                out = _mm_fp32(y_in_range, w_out.t()).mul_(y_scale)
                 out = out.view(*y.shape[:1], y.shape[2], -1)
                 if out_proj_bias is not None:
                     out += out_proj_bias.float()
@@ -304,7 +306,7 @@ class _MambaInner(torch.autograd.Function):
             elif y_scale is None:
                 dw_out = _mm_fp32(dout.t(), _rows(y).t())
             else:  # y in fp32, divided by the forward's scale into fp16's range, the product multiplied back
-                dw_out = _mm_fp32(dout.t(), _rows(y).t().div(y_scale).to(dtype)).mul_(y_scale)
+                dw_out = _mm_fp32(dout.t(), _rows(y.div_(y_scale)).t().to(dtype)).mul_(y_scale)
             db_out = dout.sum(0, dtype=torch.float32) if needs["out_proj_bias"] else None
             dw_dt = _mm_fp32(ddelta, dt) if needs["dt_proj_weight"] else None
             dw_x = _mm_fp32(dx_dbl.t(), _rows(u).t()) if needs["x_proj_weight"] else None
