@@ -71,18 +71,23 @@ def test_fused_mixer_in_fp16_keeps_a_y_beyond_fp16_range(out_proj_inside):
         assert cosine > 0.999
 
 
-@pytest.mark.parametrize("out_proj_hooked", [False, True], ids=["fused", "out-proj-outside"])
-def test_fp16_training_step_stays_finite_where_y_passes_fp16_range(out_proj_hooked, monkeypatch):
-    """A model whose first mixer's y passes 65504: its fp16-autocast training step (the fused mixer) gives a
-    finite loss and gradients, the loss within fp16's rounding of fp32's."""
+@pytest.mark.parametrize("variant", ["fused", "out-proj-hooked", "lora"])
+def test_fp16_training_step_stays_finite_where_y_passes_fp16_range(variant, monkeypatch):
+    """A model whose first mixer's y passes 65504: its fp16-autocast training step (the fused mixer; out_proj
+    outside it where hooked or under a LoRA adapter) gives a finite loss and gradients, the loss within fp16's
+    rounding of fp32's."""
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE).train()
     with torch.no_grad():
         model.backbone.layers[0].mixer.D.fill_(BIG_D)
         model.backbone.layers[0].mixer.out_proj.weight.mul_(1e-3)  # the residual stays moderate
+    if variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4))
     y_peaks = []  # what out_proj reads
-    if out_proj_hooked:  # a hooked out_proj runs outside the fused mixer, as an adapter on it would
+    if variant == "out-proj-hooked":  # a hooked out_proj runs outside the fused mixer, as under an adapter
         model.backbone.layers[0].mixer.out_proj.register_forward_pre_hook(
             lambda module, args: y_peaks.append(args[0].detach().float().abs().max().item())
         )
@@ -99,5 +104,5 @@ def test_fp16_training_step_stays_finite_where_y_passes_fp16_range(out_proj_hook
     loss32, grads32 = step(False)
     assert torch.isfinite(loss16) and all(torch.isfinite(g).all() for g in grads16)
     torch.testing.assert_close(loss16, loss32, rtol=5e-3, atol=0)
-    if out_proj_hooked:
+    if y_peaks:
         assert max(y_peaks[:1]) <= 512 < max(y_peaks[1:])  # in fp16 out_proj saw y / s, in fp32 y itself
