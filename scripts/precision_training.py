@@ -22,7 +22,8 @@ without loss scaling, is a fault the GradScaler cannot skip past.
 
 Each run's curve goes to --out-dir/results.json (and the fp32 run's model to --out-dir/fp32_model, which
 --long-prompt loads); a later invocation with the same settings on the same device keeps those runs, so
-the commands above build one table between them. A run whose reference (fp32, or lora-fp32 for LoRA
+the commands above build one table between them, and the same command run again after a time limit cut it
+short runs only what is missing (--fresh, or another --out-dir, runs everything again). A run whose reference (fp32, or lora-fp32 for LoRA
 runs) is neither listed nor saved gets it added. The corpus is generated (no network): Zipf-distributed
 tokens over the whole vocabulary with a fixed sparse bigram structure and copied spans, so the loss falls
 from ln(vocab) as on text.
@@ -459,7 +460,8 @@ def main(argv=None):
     settings = {name: getattr(args, name) for name in CURVE_SETTINGS}
     settings["device"] = torch.cuda.get_device_name() if device_is_cuda else "cpu"
     earlier = {} if args.fresh else earlier_runs(out_dir / "results.json", settings)
-    runs = with_references(args.runs, earlier)
+    # Saved runs are kept, listed or not: a command cut short by a time limit continues where it stopped.
+    runs = [run for run in with_references(args.runs, earlier) if run not in earlier]
     if earlier:
         print(f"kept from {out_dir / 'results.json'}: {', '.join(sorted(earlier))}")
     if runs:

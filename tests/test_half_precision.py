@@ -328,6 +328,10 @@ def test_precision_training_script_tiny(tmp_path, capsys):
     assert "top-1 agree" in out
     assert script.parse_args(["--runs", "none"]).runs == []
 
+    # The same command again (say, after a time limit cut it short) runs only what is missing.
+    script.main(["--tiny", "--steps", "4", "--runs", "fp32,fp16", "--out-dir", str(tmp_path)])
+    assert "run fp" not in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fp16_model_normalises_a_residual_beyond_fp16_range(saved_model, backend, monkeypatch):
