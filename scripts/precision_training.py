@@ -24,9 +24,9 @@ Each run's curve goes to --out-dir/results.json (and the fp32 run's model to --o
 --long-prompt loads); a later invocation with the same settings on the same device keeps those runs, so
 the commands above build one table between them, and the same command run again after a time limit cut it
 short runs only what is missing (--fresh, or another --out-dir, runs everything again). A run whose reference
-(fp32, or lora-fp32 for LoRA runs) is neither listed nor saved gets it added. The corpus is generated (no network): Zipf-distributed
-tokens over the whole vocabulary with a fixed sparse bigram structure and copied spans, so the loss falls
-from ln(vocab) as on text.
+(fp32, or lora-fp32 for LoRA runs) is neither listed nor saved gets it added. The corpus is generated (no
+network): Zipf-distributed tokens over the whole vocabulary with a fixed sparse bigram structure and copied
+spans, so the loss falls from ln(vocab) as on text.
 """
 
 import argparse
