@@ -80,11 +80,6 @@ def fp16_range_scale(y):
     return torch.exp2(torch.ceil(torch.log2(amax / FP16_Y_MAX)))
 
 
-def _rows_of(t):
-    """(..., n) as (rows, n), a view where the layout allows."""
-    return t.reshape(-1, t.shape[-1])
-
-
 def _mm_fp32(a, b):
     """a @ b as fp32 (the weight gradients): on CUDA one cuBLAS call with an fp32 result for 16-bit
     inputs (torch >= 2.8), elsewhere the product of fp32 copies."""
@@ -230,9 +225,8 @@ class _MambaInner(torch.autograd.Function):
             if w_out is None:  # out_proj runs outside (in fp16: on the fp32 y, `fp16_range_scale`)
                 out = y.transpose(1, 2)  # (batch, seqlen, d_inner)
             elif y_scale is not None:  # (batch, seqlen, hidden) in fp32
-                y_in_range = _rows_of(y.div_(y_scale).transpose(1, 2)).to(dtype)  # y itself is not kept
-                out = _mm_fp32(y_in_range, w_out.t()).mul_(y_scale)
-                out = out.view(*y.shape[:1], y.shape[2], -1)
+                y_in_range = y.div_(y_scale).transpose(1, 2).flatten(0, 1).to(dtype)  # y itself is not kept
+                out = _mm_fp32(y_in_range, w_out.t()).mul_(y_scale).view(*x_in.shape[:2], -1)
                 if out_proj_bias is not None:
                     out += out_proj_bias.float()
             else:

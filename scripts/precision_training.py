@@ -190,7 +190,7 @@ class StepRecorder(TrainerCallback):
         if scaler is not None:
             self.scales.append(float(scaler.get_scale()))
 
-    def _finite(self, i):
+    def step_finite(self, i):
         return math.isfinite(self.losses[i]) and math.isfinite(self.grad_norms[i])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -199,7 +199,7 @@ class StepRecorder(TrainerCallback):
         self.losses.append(self.trainer.last_loss.item())
         self.grad_norms.append(float(logs.get("grad_norm", float("nan"))))
         step = state.global_step
-        if not self._finite(-1) and (len(self.losses) == 1 or self._finite(-2)):  # a run of bad steps begins
+        if not self.step_finite(-1) and (len(self.losses) == 1 or self.step_finite(-2)):  # a run of bad steps begins
             self.first_bad_step = self.first_bad_step or step
             self.last_streak_step = step
             self.last_streak_batch = {k: v.detach().clone() for k, v in self.trainer.last_batch.items()}
@@ -271,7 +271,7 @@ def train_run(name, args, dataset, device_is_cuda):
     }
     if recorder.first_bad_step is not None:
         result["diagnosis"] = diagnose(model, recorder.last_streak_batch, precision)
-        to_end = "to the end" if not recorder._finite(-1) else "then steps were finite again"
+        to_end = "to the end" if not recorder.step_finite(-1) else "then steps were finite again"
         print(f"  {name}: first non-finite step {recorder.first_bad_step}; the last run of them began at step "
               f"{recorder.last_streak_step} ({to_end}); its batch on the final weights: {result['diagnosis']}",
               flush=True)
