@@ -33,7 +33,8 @@ def _hand_over_to_hugging_face_kernels():
 
 if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
     from .causal_conv1d import causal_conv1d, causal_conv1d_update
-    from .mamba_inner import compute_dtype, fp16_range_scale, mamba_inner_triton
+    from .fp16_range import fp16_range_scale, to_fp16_range
+    from .mamba_inner import compute_dtype, mamba_inner_triton
     from .rms_norm import (
         add_rms_norm,
         add_rms_norm_ref,
@@ -81,6 +82,7 @@ __all__ = [
     "selective_scan_ref",
     "selective_state_update",
     "selective_state_update_ref",
+    "to_fp16_range",
     "weightless_rms_norm",
     "weightless_rms_norms",
 ]

@@ -36,6 +36,12 @@ def check_eps(eps) -> None:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
+def check_out_dtype(out_dtype) -> None:
+    """ValueError unless out_dtype is None (the entry point's default) or a floating-point torch.dtype."""
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be None or a floating-point torch.dtype, got {out_dtype!r}")
+
+
 def check_shapes(*expected) -> None:
     """ValueError for the first (name, tensor, shape) whose tensor is given and has another shape."""
     for name, tensor, shape in expected:
@@ -43,4 +49,4 @@ def check_shapes(*expected) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
 
 
-__all__ = ["check_eps", "check_shapes", "check_tensors"]
+__all__ = ["check_eps", "check_out_dtype", "check_shapes", "check_tensors"]

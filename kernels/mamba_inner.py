@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ._launch import compile_ahead, device_guard
+from .fp16_range import fp16_range_scale
 from .rms_norm import _one_launch, weightless_rms_norms, weightless_rms_norms_backward_
 from .selective_scan.reference import fp32_or_wider
 
@@ -61,23 +62,6 @@ _INPUTS = (
 # The calls (`_call_key`) whose kernels have been compiled ahead. A new shape gets a dry pass too; where
 # its kernels are built already, that costs the host and GPU work of one layer's step, nothing compiles.
 _compiled_ahead = set()
-
-
-# In fp16, y (the gated scan output, out_proj's input) can pass 65504 where the fp32 values of training do
-# (docs/reliability.md): it is kept in fp32, and out_proj multiplies y / s in fp16, s the power of two that
-# brings max |y| to at most FP16_Y_MAX, then multiplies its fp32 result by s. Dividing and multiplying by a
-# power of two is exact, and where max |y| is at most FP16_Y_MAX (s = 1) the fp16 matmul sees the y it saw
-# before. At that bound out_proj's sums stay far inside fp16's range, and a y below it by 2^-22 (where
-# y / s turns subnormal) adds less than the matmul's rounding.
-FP16_Y_MAX = 2.0**8
-
-
-def fp16_range_scale(y):
-    """The power of two s >= 1 with max |y| / s <= FP16_Y_MAX (up to 2x that where log2 rounds), a 0-dim fp32
-    tensor: no host synchronisation."""
-    y = y.detach()
-    amax = torch.maximum(y.amax(), y.amin().neg()).float().clamp_min(FP16_Y_MAX)  # no |y| copy
-    return torch.exp2(torch.ceil(torch.log2(amax / FP16_Y_MAX)))
 
 
 def _mm_fp32(a, b):
@@ -222,7 +206,7 @@ class _MambaInner(torch.autograd.Function):
                 out_dtype=torch.float32 if fp16 else None,
             )
             y_scale = fp16_range_scale(y) if fp16 and w_out is not None else None
-            if w_out is None:  # out_proj runs outside (in fp16: on the fp32 y, `fp16_range_scale`)
+            if w_out is None:  # out_proj runs outside (in fp16 on the fp32 y: `MambaMixer._out_proj`)
                 out = y.transpose(1, 2)  # (batch, seqlen, d_inner)
             elif y_scale is not None:  # (batch, seqlen, hidden) in fp32
                 y_in_range = y.div_(y_scale).transpose(1, 2).flatten(0, 1).to(dtype)  # y itself is not kept
@@ -423,4 +407,4 @@ def _compile_first_call(inputs):
     compile_ahead(forward_and_backward)
 
 
-__all__ = ["compute_dtype", "fp16_range_scale", "mamba_inner_triton"]
+__all__ = ["compute_dtype", "mamba_inner_triton"]

@@ -173,7 +173,7 @@ def _check_step_args(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_p
 
 def mamba_step_triton(
     xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state,
-    mixer_rms_eps=None,
+    mixer_rms_eps=None, out_dtype=None,
 ):
     """One decode step of the mixer after in_proj, on the Triton kernels; SiLU activation.
 
@@ -185,9 +185,10 @@ def mamba_step_triton(
         dt_proj_bias, D: (d_inner,); A_log: (d_inner, d_state), A = -exp(A_log).
         ssm_state: (batch, d_inner, d_state), updated in place.
         mixer_rms_eps: Falcon Mamba's weight-free RMS norms on dt (before dt_proj), B and C; None for Mamba.
+        out_dtype: y's dtype, by default xz's (fp32 for fp16 inputs: `hf_mamba.kernels.fp16_range`).
 
     Returns:
-        y (batch, d_inner) in xz's dtype, gated: out_proj's input.
+        y (batch, d_inner), gated: out_proj's input.
     """
     batch, d_inner, d_conv, d_state, dt_rank = _check_step_args(
         xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state
@@ -196,10 +197,10 @@ def mamba_step_triton(
     block_d = conv_block(d_inner)
     n_blocks = cdiv(d_inner, block_d)
     u = torch.empty(batch, d_inner, dtype=xz.dtype, device=xz.device)
+    y = torch.empty(batch, d_inner, dtype=out_dtype or xz.dtype, device=xz.device)
     if batch == 0:
-        return u  # nothing to step (a grid of no programs is not launched)
+        return y  # nothing to step (a grid of no programs is not launched)
     partial = torch.empty(batch, n_blocks, n_proj, dtype=torch.float32, device=xz.device)
-    y = torch.empty(batch, d_inner, dtype=xz.dtype, device=xz.device)
     with device_guard(xz):
         launch(
             _conv_x_proj_kernel, (batch, n_blocks),

@@ -1,12 +1,19 @@
-"""In fp16 the training mixer's gated scan output y (out_proj's input) can pass 65504 where the same weights in
-fp32 do not overflow: y is then kept in fp32 and scaled into range for out_proj (`fp16_range_scale`), so the
-forward and the gradients stay finite and follow fp32's. On CPU the Triton kernels run under the interpreter
-(tests/conftest.py) and autocast runs the matmuls in fp16, so the shapes are tiny."""
+"""In fp16 the gated scan output y (out_proj's input) can pass 65504 where the same weights in fp32 do not
+overflow: y is then kept in fp32 and scaled into range for out_proj (`hf_mamba.kernels.fp16_range`), so the
+forward, the decode steps and the gradients stay finite and follow fp32's. On CPU the Triton kernels run under
+the interpreter (tests/conftest.py) and autocast runs the matmuls in fp16, so the shapes are tiny."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_mamba.kernels import fp16_range_scale, mamba_inner_triton
+from hf_mamba.kernels import (
+    fp16_range_scale,
+    mamba_inner_triton,
+    selective_scan,
+    selective_state_update,
+    to_fp16_range,
+)
+from hf_mamba.kernels.fp16_range import to_fp16_range_triton
 
 from hf_mamba import MambaConfig, MambaForCausalLM
 
@@ -21,6 +28,67 @@ def test_fp16_range_scale_is_a_power_of_two_bringing_y_into_range():
         scale = fp16_range_scale(torch.tensor([1.0, -peak])).item()
         assert scale == 2.0 ** round(torch.log2(torch.tensor(scale)).item())
         assert 128 < peak / scale <= 512
+
+
+def test_to_fp16_range_scales_each_row_by_its_own_power_of_two():
+    """Per row: s = 1 where max |y| <= 256, else the power of two bringing it to (128, 512]; y / s in fp16 is y
+    rounded once. The Triton kernel (one program per row) gives the same bits as the PyTorch ops."""
+    peaks = torch.tensor([0.0, 1.0, 256.0, 300.0, 1e5, 3e9])
+    y = torch.randn(len(peaks), 70, generator=torch.Generator().manual_seed(0))
+    y = y / y.abs().amax(-1, keepdim=True) * peaks[:, None]
+    y_in_range, scale = to_fp16_range(y)
+    assert y_in_range.dtype == torch.float16 and scale.shape == (len(peaks), 1)
+    assert scale[:3].flatten().tolist() == [1.0, 1.0, 1.0]
+    assert ((peaks[3:] / scale[3:].flatten() > 128) & (peaks[3:] / scale[3:].flatten() <= 512)).all()
+    torch.testing.assert_close(y_in_range.float() * scale, y, rtol=torch.finfo(torch.float16).eps, atol=0)
+    pytest.importorskip("triton")
+    y_in_range_t, scale_t = to_fp16_range_triton(y.to(DEVICE))
+    assert torch.equal(scale_t.cpu(), scale) and torch.equal(y_in_range_t.cpu(), y_in_range)
+    # a strided view (the decode step's y is contiguous, but any 2-d y is read by its strides)
+    y_in_range_t, _ = to_fp16_range_triton(y.t().contiguous().t().to(DEVICE))
+    assert torch.equal(y_in_range_t.cpu(), y_in_range)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_scan_and_decode_step_write_fp32_y_of_fp16_inputs(backend):
+    """out_dtype=float32: y beyond 65504 comes back finite and equal to the fp32 scan of the same inputs (fp16
+    y is inf there); gradients through the fp32 y are the fp32 scan's (up to the kernels' summation order)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    generator = torch.Generator().manual_seed(0)
+    batch, d_inner, d_state, seqlen = 2, 6, 4, 9
+    inputs = dict(
+        u=(300 * torch.randn(batch, d_inner, seqlen, generator=generator)).half(),
+        delta=torch.randn(batch, d_inner, seqlen, generator=generator).half(),
+        A=-torch.rand(d_inner, d_state, generator=generator) - 0.5,
+        B=torch.randn(batch, d_state, seqlen, generator=generator).half(),
+        C=torch.randn(batch, d_state, seqlen, generator=generator).half(),
+        D=torch.full((d_inner,), 400.0),
+        z=(3 + torch.randn(batch, d_inner, seqlen, generator=generator)).half(),
+    )
+    inputs = {name: t.to(DEVICE).requires_grad_() for name, t in inputs.items()}
+    wide = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+    y = selective_scan(**inputs, delta_softplus=True, backend=backend, out_dtype=torch.float32)
+    y32 = selective_scan(**wide, delta_softplus=True, backend="reference")
+    assert y.dtype == torch.float32 and y.detach().abs().max() > 65504
+    torch.testing.assert_close(y.cpu(), y32.cpu(), rtol=1e-5, atol=1e-5 * y32.abs().max().item())
+    grad = torch.randn(y.shape, generator=generator).to(DEVICE) * 1e-3
+    y.backward(grad)
+    y32.backward(grad.float())
+    for name, t in inputs.items():
+        torch.testing.assert_close(t.grad.float().cpu(), wide[name].grad.cpu(), rtol=2e-3,
+                                   atol=2e-3 * wide[name].grad.abs().max().item(), msg=name)
+
+    step = {name: t.detach()[..., 0] for name, t in inputs.items() if name not in ("A", "D")}
+    state = torch.zeros(batch, d_inner, d_state, device=DEVICE)
+    y_step = selective_state_update(
+        state, step["u"], step["delta"], inputs["A"].detach(), step["B"], step["C"], D=inputs["D"].detach(),
+        z=step["z"], dt_softplus=True, backend=backend, out_dtype=torch.float32,
+    )
+    assert y_step.dtype == torch.float32
+    torch.testing.assert_close(y_step.cpu(), y32.detach()[..., 0].cpu(), rtol=1e-5, atol=1e-5 * y32.abs().max().item())
+    with pytest.raises(ValueError, match="out_dtype"):
+        selective_scan(**inputs, backend=backend, out_dtype=torch.int32)
 
 
 def _weights(mixer):
@@ -106,3 +174,53 @@ def test_fp16_training_step_stays_finite_where_y_passes_fp16_range(variant, monk
     torch.testing.assert_close(loss16, loss32, rtol=5e-3, atol=0)
     if y_peaks:
         assert max(y_peaks[:1]) <= 512 < max(y_peaks[1:])  # in fp16 out_proj saw y / s, in fp32 y itself
+
+
+def _model_with_y_beyond_fp16_range(folder):
+    """A saved 2-layer model whose first mixer's y passes 65504 (large D), with weights that fp16 holds exactly,
+    so that an fp16 load differs from the fp32 model only in its activations' rounding."""
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+        model.backbone.layers[0].mixer.D.fill_(BIG_D)
+        model.backbone.layers[0].mixer.out_proj.weight.mul_(2.0**-10)  # the residual stays moderate
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("precision", ["fp16-weights", "fp16-autocast"])
+def test_fp16_inference_keeps_a_y_beyond_fp16_range(backend, precision, tmp_path, monkeypatch):
+    """Without gradients (evaluation, prefill, reentrant checkpointing's first pass) and in decode steps, a y
+    beyond 65504 reaches out_proj scaled into range: logits finite and within fp16's rounding of fp32's, for a
+    model loaded in fp16 and for fp32 weights under fp16 autocast (a Trainer's fp16 evaluation)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
+    model = _model_with_y_beyond_fp16_range(tmp_path)
+    y_peaks = []
+    model.backbone.layers[0].mixer.out_proj.register_forward_pre_hook(
+        lambda module, args: y_peaks.append(args[0].abs().max().item())
+    )
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert max(y_peaks) > 65504
+    if precision == "fp16-weights":
+        half = MambaForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).to(DEVICE).eval()
+    else:
+        half = MambaForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
+    ids = ids.to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.float16, enabled=precision == "fp16-autocast"):
+        full = half(ids).logits.float().cpu()
+        prefill = half(ids[:, :8], use_cache=True)
+        steps = [prefill.logits]
+        for t in range(8, 12):
+            steps.append(half(ids[:, t : t + 1], cache_params=prefill.cache_params, use_cache=True).logits)
+    stepped = torch.cat(steps, dim=1).float().cpu()
+    bound = 3e-3 * expected.abs().max().item()
+    for logits in (full, stepped):
+        assert torch.isfinite(logits).all()
+        torch.testing.assert_close(logits, expected, rtol=0, atol=bound)

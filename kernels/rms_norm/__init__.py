@@ -16,7 +16,7 @@ normalised row is rounded to the weight's dtype (as mamba_ssm's fused add + norm
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_eps, check_tensors
+from ..checks import check_eps, check_out_dtype, check_tensors
 from ..selective_scan import resolve_backend
 from ..selective_scan.reference import fp32_or_wider
 from .torch_rms_norm import rms_norm_input_grad
@@ -133,8 +133,7 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
                          f"{tuple(delta.shape)}")
     if weight.dim() != 1 or weight.shape[0] != residual.shape[-1]:
         raise ValueError(f"weight must have shape ({residual.shape[-1]},), got {tuple(weight.shape)}")
-    if out_dtype is not None and not out_dtype.is_floating_point:
-        raise ValueError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+    check_out_dtype(out_dtype)
     tensors = (residual, delta, weight)
     # Rows of no elements (hidden_size 0) go to the PyTorch ops: the kernel's rows need a column.
     triton = resolve_backend(backend, residual.device) == "triton" and residual.shape[-1] > 0

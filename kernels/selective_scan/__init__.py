@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..checks import check_shapes, check_tensors
+from ..checks import check_out_dtype, check_shapes, check_tensors
 from .reference import fp32_or_wider, selective_scan_ref, selective_state_update_ref
 from .torch_scan import selective_scan_torch
 
@@ -102,6 +102,7 @@ def selective_scan(
     backend=None,
     seq_idx=None,
     A_is_log=False,
+    out_dtype=None,
 ):
     """Selective scan y = SSM(Ā, B̄, C)(u) with ZOH discretisation (Ā = exp(ΔA), B̄u = ΔBu).
 
@@ -119,12 +120,15 @@ def selective_scan(
             (initial_state feeds the first document only). No gradient.
         A_is_log: A holds A_log, A = -exp(A_log) (the model's parameter). Without gradients the Triton kernels
             compute A themselves (no exp and negation launches); otherwise A is computed here first.
+        out_dtype: y's dtype, by default u's (fp32 for fp16 inputs where y may pass fp16's range:
+            `hf_mamba.kernels.fp16_range`).
 
     Returns:
-        y (batch, d_inner, seqlen) in u's dtype, or (y, final_state) with final_state fp32
+        y (batch, d_inner, seqlen) in u's dtype (or out_dtype), or (y, final_state) with final_state fp32
         (batch, d_inner, d_state). Every float input gets a gradient.
     """
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    check_out_dtype(out_dtype)
     name = resolve_backend(backend, u.device)
     # An empty sequence, batch, channel or state has nothing to scan: the PyTorch path returns the empty (or
     # skip-only, without a state) outputs and their gradients without launching kernels, whose tiles assume
@@ -140,14 +144,15 @@ def selective_scan(
         A, A_is_log = -torch.exp(fp32_or_wider(A)), False
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
     if name == "reference":
-        return selective_scan_ref(*args, seq_idx=seq_idx)
+        return selective_scan_ref(*args, seq_idx=seq_idx, out_dtype=out_dtype)
     if name == "torch":
-        return selective_scan_torch(*args, seq_idx=seq_idx)
-    return _triton_entries()[0](*args, seq_idx=seq_idx, A_is_log=A_is_log)
+        return selective_scan_torch(*args, seq_idx=seq_idx, out_dtype=out_dtype)
+    return _triton_entries()[0](*args, seq_idx=seq_idx, A_is_log=A_is_log, out_dtype=out_dtype)
 
 
 def selective_state_update(
-    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend=None, A_is_log=False
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend=None, A_is_log=False,
+    out_dtype=None,
 ):
     """One recurrent step of the selective SSM, for decoding.
 
@@ -157,11 +162,13 @@ def selective_state_update(
         A: (d_inner, d_state). B, C: (batch, d_state). D, dt_bias: (d_inner,).
         A_is_log: A holds A_log, A = -exp(A_log) (the model's parameter; the Triton kernel computes A
             itself, so the caller launches no exp and negation kernels). Same shape as A.
+        out_dtype: y's dtype, by default x's.
 
     Returns:
-        y (batch, d_inner) in x's dtype.
+        y (batch, d_inner).
     """
     check_tensors(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    check_out_dtype(out_dtype)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (batch, d_inner), got {tuple(x.shape)}")
     if A.dim() != 2:
@@ -178,7 +185,7 @@ def selective_state_update(
         ("z", z, (batch, d_inner)),
         ("dt_bias", dt_bias, (d_inner,)),
     )
-    args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
+    args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log, out_dtype)
     # One step is already fully vectorised in PyTorch: "torch" and "reference" share the code. It also
     # takes the empty cases (no state: y is the skip alone), which the kernel's tiles do not.
     if resolve_backend(backend, x.device) in ("reference", "torch") or x.numel() == 0 or d_state == 0:

@@ -55,6 +55,7 @@ def selective_scan_ref(
     initial_state=None,
     return_final_state=False,
     seq_idx=None,
+    out_dtype=None,
 ):
     """Sequential selective scan; same signature and semantics as `hf_mamba.kernels.selective_scan`.
 
@@ -79,14 +80,14 @@ def selective_scan_ref(
         h = dA * h + dBu
         ys.append(torch.einsum("bdn,bn->bd", h, C_f[:, :, t]))
     y = torch.stack(ys, dim=-1) if ys else u_f.new_zeros(batch, d_inner, 0)  # (batch, d_inner, seqlen)
-    out = finish_output(y, u, D, z, u.dtype)
+    out = finish_output(y, u, D, z, out_dtype or u.dtype)
     return (out, h) if return_final_state else out
 
 
 def selective_state_update_ref(
-    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, A_is_log=False
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, A_is_log=False, out_dtype=None
 ):
-    """One recurrent step; updates `state` in place and returns y (batch, d_inner) in x's dtype.
+    """One recurrent step; updates `state` in place and returns y (batch, d_inner) in x's dtype (or out_dtype).
     With A_is_log, A holds A_log (A = -exp(A_log))."""
     delta = effective_delta(dt, dt_bias, dt_softplus)  # (batch, d_inner)
     A = -torch.exp(fp32_or_wider(A)) if A_is_log else fp32_or_wider(A)
@@ -95,4 +96,4 @@ def selective_state_update_ref(
     h = dA * fp32_or_wider(state) + dBx
     state.copy_(h)
     y = torch.einsum("bdn,bn->bd", h, fp32_or_wider(C))  # (batch, d_inner)
-    return finish_output(y, x, D, z, x.dtype)
+    return finish_output(y, x, D, z, out_dtype or x.dtype)

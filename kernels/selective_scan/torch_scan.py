@@ -99,6 +99,7 @@ def selective_scan_torch(
     return_final_state=False,
     chunk_size=None,
     seq_idx=None,
+    out_dtype=None,
 ):
     """Vectorised selective scan; same signature and semantics as `hf_mamba.kernels.selective_scan`.
 
@@ -110,7 +111,7 @@ def selective_scan_torch(
     delta = effective_delta(delta, delta_bias, delta_softplus)  # (batch, d_inner, seqlen)
     h = fp32_or_wider(initial_state) if initial_state is not None else u_w.new_zeros(batch, d_inner, d_state)
     if seqlen == 0:  # through finish_output, so that the empty y is still a function of u, D and z
-        out = finish_output(u_w.new_zeros(batch, d_inner, 0), u, D, z, u.dtype)
+        out = finish_output(u_w.new_zeros(batch, d_inner, 0), u, D, z, out_dtype or u.dtype)
         return (out, h) if return_final_state else out
 
     keep = None
@@ -133,5 +134,5 @@ def selective_scan_torch(
             states, h = _sequential_states(dA, dBu, h)
             ys.append(torch.einsum("lbdn,bnl->bdl", states, fp32_or_wider(C[:, :, steps])))
         y = torch.cat(ys, dim=-1)  # (batch, d_inner, seqlen)
-    out = finish_output(y, u, D, z, u.dtype)
+    out = finish_output(y, u, D, z, out_dtype or u.dtype)
     return (out, h) if return_final_state else out

@@ -135,18 +135,22 @@ def selective_scan_fwd_op(
     initial_state: torch.Tensor | None,
     save_states: bool,
     seq_idx: torch.Tensor | None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, final_state, chunk_states); chunk_states is empty unless save_states."""
     with device_guard(u):
-        return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx)
+        return scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx,
+            out_dtype=out_dtype,
+        )
 
 
 @selective_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, out_dtype=None):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     n_chunks = cdiv(seqlen, checkpoint_len(seqlen))
-    out = torch.empty_like(u)
+    out = torch.empty_like(u, dtype=out_dtype)
     final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
     shape = (batch, d_inner, n_chunks, d_state) if save_states else (0,)
     return out, final_state, u.new_empty(shape, dtype=torch.float32)
@@ -228,6 +232,7 @@ def _input_grads(ctx, grads):
         g.dinitial_state if ctx.has_initial_state else None,
         None,  # save_states: a flag
         None,  # seq_idx: integer document ids
+        None,  # out_dtype
     )
 
 
@@ -255,7 +260,7 @@ def _backward(ctx, dout, dfinal_state, dchunk_states):
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, _ = inputs
     _save(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, output[2], seq_idx)
 
 
@@ -272,12 +277,13 @@ class _SelectiveScanEager(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, tuning
+        ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, out_dtype,
+        tuning,
     ):
         with device_guard(u):
             out, final_state, chunk_states = scan_fwd(
                 u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx,
-                tuning=tuning,
+                tuning=tuning, out_dtype=out_dtype,
             )
         _save(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, seq_idx)
         ctx.tuning = tuning
@@ -293,12 +299,12 @@ class _SelectiveScanEager(torch.autograd.Function):
                 u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, dout, dfinal_state, seq_idx,
                 tuning=ctx.tuning,
             )
-        return (*_input_grads(ctx, grads), None)  # tuning: launch choices
+        return (*_input_grads(ctx, grads), None)  # tuning: launch choices (out_dtype is in _input_grads)
 
 
 def selective_scan_triton(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, seq_idx=None,
-    tuning=DEFAULT_TUNING, A_is_log=False,
+    tuning=DEFAULT_TUNING, A_is_log=False, out_dtype=None,
 ):
     """Triton selective scan; same semantics as `hf_mamba.kernels.selective_scan` (backend="triton").
 
@@ -313,14 +319,14 @@ def selective_scan_triton(
     if torch.compiler.is_compiling():
         if tuning != DEFAULT_TUNING:
             raise ValueError("selective_scan_triton: torch.compile traces the custom ops, which take no tuning")
-        out, final_state, _ = selective_scan_fwd_op(*args)  # the op torch.compile / export trace through
+        out, final_state, _ = selective_scan_fwd_op(*args, out_dtype)  # the op torch.compile / export trace through
     elif not save_states:  # nothing to differentiate: the autograd Function's apply would only cost host time
         with device_guard(u):
             out, final_state, _ = scan_fwd(
-                *args, need_final_state=return_final_state, A_is_log=A_is_log, tuning=tuning
+                *args, need_final_state=return_final_state, A_is_log=A_is_log, tuning=tuning, out_dtype=out_dtype
             )
     else:
-        out, final_state = _SelectiveScanEager.apply(*args, tuning)
+        out, final_state = _SelectiveScanEager.apply(*args, out_dtype, tuning)
     return (out, final_state) if return_final_state else out
 
 

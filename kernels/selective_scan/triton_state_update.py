@@ -77,13 +77,13 @@ def _config(d_state):
     return block_d, block_n, 4
 
 
-def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
-    """Updates `state` in place; returns y (batch, d_inner) in x's dtype. With A_is_log, A holds A_log
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False, out_dtype=None):
+    """Updates `state` in place; returns y (batch, d_inner) in x's dtype (or out_dtype). With A_is_log, A holds A_log
     (A = -exp(A_log), computed in the kernel)."""
     batch, d_inner = x.shape
     d_state = A.shape[1]
     block_d, block_n, num_warps = _config(d_state)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
     z_ = z if z is not None else x
     grid = (batch, cdiv(d_inner, block_d))
     with device_guard(x):
@@ -112,18 +112,21 @@ def selective_state_update_op(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     A_is_log: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log, out_dtype)
 
 
 @selective_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False, out_dtype=None):
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
+def selective_state_update_triton(
+    state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False, out_dtype=None
+):
     """Triton decode step; same semantics as `hf_mamba.kernels.selective_state_update` (backend="triton")."""
-    args = (state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), bool(A_is_log))
+    args = (state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), bool(A_is_log), out_dtype)
     if torch.compiler.is_compiling():
         return selective_state_update_op(*args)  # the op torch.compile / export trace through
     return _state_update(*args)  # eager: no custom-op dispatch on the host

@@ -19,13 +19,13 @@ from .kernels import (
     causal_conv1d,
     causal_conv1d_update,
     compute_dtype,
-    fp16_range_scale,
     fp32_or_wider,
     mamba_inner_triton,
     mamba_step_triton,
     rms_norm,
     selective_scan,
     selective_state_update,
+    to_fp16_range,
     weightless_rms_norms,
 )
 
@@ -35,6 +35,12 @@ from .kernels import (
 # 1.10 / 1.04, 2048 1.14 / 1.03, 3072 0.96 / 0.83, 4096 0.93 / 0.79 and 0.91 / 0.77, 8192 0.99 / 0.58;
 # docs/kernels.md).
 FUSED_STEP_MAX_D_INNER = 2048
+
+
+def y_dtype(activations_dtype):
+    """The dtype the scan writes y (out_proj's input) in, for conv outputs of `activations_dtype`: fp32 for
+    fp16, where y may pass 65504 (`hf_mamba.kernels.fp16_range`); None (the activations' dtype) otherwise."""
+    return torch.float32 if activations_dtype == torch.float16 else None
 
 
 def _linear_input(linear, x):
@@ -200,6 +206,7 @@ class MambaMixer(nn.Module):
             dt_bias, softplus = None, False
         else:
             softplus = True
+        y_out_dtype = y_dtype(x.dtype)
         scan = selective_scan(
             x,
             dt,
@@ -215,6 +222,7 @@ class MambaMixer(nn.Module):
             backend=backend,
             seq_idx=seq_idx,
             A_is_log=True,
+            out_dtype=y_out_dtype,
         )
         if cache_params is not None:
             y, final_state = scan
@@ -224,7 +232,7 @@ class MambaMixer(nn.Module):
         if not self.fused_silu:
             y = y * self.act(z)
         # 4. Output projection
-        return self.out_proj(_linear_input(self.out_proj, y.transpose(1, 2)))  # (batch, seqlen, hidden_size)
+        return self._out_proj(y.transpose(1, 2), y_out_dtype is not None)  # (batch, seqlen, hidden_size)
 
     def _fused_ssm_weights(self, path, cache_params):
         """x_proj's and dt_proj's weights where training may run the mixer as one function
@@ -262,20 +270,22 @@ class MambaMixer(nn.Module):
         )
         if out_proj_inside:
             return out
-        if compute_dtype(x_in) == torch.float16:  # out is y in fp32, beyond fp16's range where it must be
-            return self._out_proj_in_fp16_range(out)
-        return self.out_proj(_linear_input(self.out_proj, out))
+        # in fp16, out is y in fp32 (`mamba_inner_triton`)
+        return self._out_proj(out, in_fp16_range=compute_dtype(x_in) == torch.float16)
 
-    def _out_proj_in_fp16_range(self, y):
-        """out_proj (any module: an adapter, a 4-bit base) of the fp32 y, in fp16: applied to y / s, s the power of
-        two `fp16_range_scale` chose, and its result multiplied by s in fp32 (its bias, where it has one, is
-        taken out first and added back)."""
-        scale = fp16_range_scale(y)
-        out = self.out_proj(_linear_input(self.out_proj, (y / scale).half())).float()
+    def _out_proj(self, y, in_fp16_range):
+        """out_proj (any module: an adapter, a 4-bit base) of y (..., d_inner). With in_fp16_range (y in fp32 where
+        the matmuls run in fp16, `y_dtype`) y goes in as y / s in fp16, s a power of two per token
+        (`to_fp16_range`), and the result comes out in fp32 times s (out_proj's bias, where it has one, taken
+        out first and added back)."""
+        if not in_fp16_range:
+            return self.out_proj(_linear_input(self.out_proj, y))
+        y_in_range, scale = to_fp16_range(y)
+        out = self.out_proj(_linear_input(self.out_proj, y_in_range))
         bias = getattr(self.out_proj, "bias", None)
         if bias is None:
-            return out * scale
-        return (out - bias.float()) * scale + bias.float()
+            return out * scale  # fp16 times fp32 (not 0-dim): fp32
+        return (out.float() - bias.float()) * scale + bias.float()
 
     def _plain_ssm_modules(self):
         """conv1d, x_proj and dt_proj are plain, unhooked modules and the activation is SiLU: a fused kernel may
@@ -289,15 +299,16 @@ class MambaMixer(nn.Module):
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         conv_state = cache_params.conv_states[self.layer_idx]
         fused = backend == "triton" and xz.dtype != torch.float64 and not torch.compiler.is_compiling()
+        y_out_dtype = y_dtype(xz.dtype)
         if fused and self.d_inner <= FUSED_STEP_MAX_D_INNER and self._plain_ssm_modules():
             # conv, x_proj, dt_proj and the state update in two launches instead of four (a decode step is
             # bound by its launches); torch.compile traces the modules' custom ops instead
             y = mamba_step_triton(
                 xz, conv_state, weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias, self.A_log, self.D, cache_params.ssm_states[self.layer_idx],
-                mixer_rms_eps=self.mixer_rms_eps,
+                mixer_rms_eps=self.mixer_rms_eps, out_dtype=y_out_dtype,
             )
-            return self.out_proj(y)[:, None, :]
+            return self._out_proj(y, y_out_dtype is not None)[:, None, :]
         x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
         x = causal_conv1d_update(
             x, conv_state, weight, self.conv1d.bias, "silu" if self.fused_silu else None, backend=backend
@@ -318,10 +329,11 @@ class MambaMixer(nn.Module):
             dt_softplus=True,
             backend=backend,
             A_is_log=True,
+            out_dtype=y_out_dtype,
         )
         if not self.fused_silu:
             y = y * self.act(z)
-        return self.out_proj(y)[:, None, :]  # (batch, 1, hidden_size)
+        return self._out_proj(y, y_out_dtype is not None)[:, None, :]  # (batch, 1, hidden_size)
 
 
 def norm_output_dtype(mixer, norm_weight):

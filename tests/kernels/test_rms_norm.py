@@ -162,7 +162,7 @@ def test_add_rms_norm_rejects_bad_shapes():
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), 1e-5)
     with pytest.raises(ValueError, match="weight must have shape"):
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(7), 1e-5)
-    with pytest.raises(ValueError, match="out_dtype must be a floating-point dtype"):
+    with pytest.raises(ValueError, match="out_dtype must be None or a floating-point torch.dtype"):
         add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), 1e-5, out_dtype=torch.int32)
 
 

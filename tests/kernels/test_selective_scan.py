@@ -157,7 +157,7 @@ def test_triton_scan_custom_op_equals_eager_function():
     leaves = [t for t in args if isinstance(t, torch.Tensor)]
     B, C = args[3], args[4]
     results = []
-    eager = lambda *a: triton_scan._SelectiveScanEager.apply(*a, triton_scan.DEFAULT_TUNING)  # noqa: E731
+    eager = lambda *a: triton_scan._SelectiveScanEager.apply(*a, None, triton_scan.DEFAULT_TUNING)  # noqa: E731
     for fn in (triton_scan.selective_scan_fwd_op, eager):
         out, final = fn(*args)[:2]
         grads = torch.autograd.grad((out * out.detach().sin()).sum() + final.sum(), leaves)
