@@ -10,7 +10,8 @@ Implementations: hf_mamba (Triton kernels; decoding with and without CUDA graphs
 built-in MambaForCausalLM (whatever kernels it finds), and mamba_ssm's MambaLMHeadModel when it is
 importable (decoding with its CUDA graphs, cg=True). All share one set of weights.
 
-Training: batch x seqlen tokens, bf16 autocast, AdamW step included; tokens/s is the median over
+Training: batch x seqlen tokens, bf16 autocast (--dtype fp16: fp16 autocast, without a GradScaler; decoding
+then loads every model in fp16), AdamW step included; tokens/s is the median over
 --train-steps timed steps, peak memory is torch.cuda.max_memory_allocated over them. The loss is each
 model's own where it has one (`labels=`: hf_mamba's reads the bf16 logits in blocks, Transformers' casts them
 to fp32); mamba_ssm takes no labels, so its users' cross-entropy on the fp32-cast logits is timed.
@@ -68,10 +69,13 @@ def peer_model(args, state_dict, peer):
     return model
 
 
-def logits_and_loss(model, ids, forward):
-    """The measured training step's forward under bf16 autocast: `forward(model, ids)` gives the logits
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def logits_and_loss(model, ids, forward, dtype):
+    """The measured training step's forward under autocast to `dtype`: `forward(model, ids)` gives the logits
     and the loss, or the logits only (then next-token cross-entropy in fp32 follows)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=dtype):
         out = forward(model, ids)
     return out if isinstance(out, tuple) else (out, next_token_loss(out, ids))
 
@@ -88,7 +92,8 @@ def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None
     model.train()
 
     def step():
-        logits, loss = logits_and_loss(model, ids, logits_of)  # logits kept through the backward, as usual
+        # logits kept through the backward, as usual
+        logits, loss = logits_and_loss(model, ids, logits_of, DTYPES[args.dtype])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -127,7 +132,7 @@ def print_memory_breakdown(name, model, args, logits_of):
         torch.cuda.reset_peak_memory_stats()
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            logits, loss = logits_and_loss(model, ids, logits_of)
+            logits, loss = logits_and_loss(model, ids, logits_of, DTYPES[args.dtype])
         after_forward = torch.cuda.memory_allocated()
         peak_forward = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -256,6 +261,8 @@ def main():
     parser.add_argument("--falcon", action="store_true",
                         help="also train the same weights as a Falcon Mamba (its three norms in every mixer) and "
                              "report what the norms cost")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="training's autocast dtype and the decoding models' weights (default bf16)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument("--profile", action="store_true", help="per training step: CPU enqueue vs GPU kernel time")
     parser.add_argument("--memory", action="store_true", help="training memory breakdown, then stop")
@@ -361,7 +368,7 @@ def main():
         ))
         rows.append(("transformers built-in", tps, peak))
     loss = "cross-entropy on fp32 logits for all" if args.loss_outside else "labels= (mamba_ssm: on fp32 logits)"
-    print(f"\nTraining, batch {args.batch} x {args.seqlen}, bf16 autocast, AdamW, loss {loss}")
+    print(f"\nTraining, batch {args.batch} x {args.seqlen}, {args.dtype} autocast, AdamW, loss {loss}")
     print(f"{'implementation':<34}{'tokens/s':>12}{'peak GiB':>10}")
     for name, tps, peak in rows:
         print(f"{name:<34}{tps:>12,.0f}{peak:>10.2f}")
@@ -382,23 +389,24 @@ def main():
     del ours, falcon
     builtin.cuda().eval()
     # from_pretrained keeps A_log, D and the Δ bias in fp32 (a plain .to(bfloat16) would not).
-    ours_bf16 = MambaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    dtype = DTYPES[args.dtype]
+    ours_half = MambaForCausalLM.from_pretrained(folder, dtype=dtype).cuda().eval()
     decoders = []
 
     def ours_graphs(prompt, new_tokens):
-        ours_bf16.config.use_cuda_graph = True
-        return hf_generate(ours_bf16, args.sample)(prompt, new_tokens)
+        ours_half.config.use_cuda_graph = True
+        return hf_generate(ours_half, args.sample)(prompt, new_tokens)
 
     def ours_graph_per_token(prompt, new_tokens):  # Transformers' loop, one graph replay per token
-        ours_bf16.config.use_cuda_graph, ours_bf16.decode_chunk_size = True, 1
+        ours_half.config.use_cuda_graph, ours_half.decode_chunk_size = True, 1
         try:
-            return hf_generate(ours_bf16, args.sample)(prompt, new_tokens)
+            return hf_generate(ours_half, args.sample)(prompt, new_tokens)
         finally:
-            del ours_bf16.decode_chunk_size
+            del ours_half.decode_chunk_size
 
     def ours_eager(prompt, new_tokens):
-        ours_bf16.config.use_cuda_graph = False
-        return hf_generate(ours_bf16, args.sample)(prompt, new_tokens)
+        ours_half.config.use_cuda_graph = False
+        return hf_generate(ours_half, args.sample)(prompt, new_tokens)
 
     decoders += [
         ("hf_mamba, CUDA graphs", ours_graphs),
@@ -406,15 +414,15 @@ def main():
         ("hf_mamba, no graphs", ours_eager),
     ]
     if not args.skip_builtin_decode:
-        decoders.append(("transformers built-in", hf_generate(builtin.to(torch.bfloat16))))
+        decoders.append(("transformers built-in", hf_generate(builtin.to(dtype))))
     if peer:
-        model = peer_model(args, state_dict, peer).to(torch.bfloat16).eval()
+        model = peer_model(args, state_dict, peer).to(dtype).eval()
         decoders += [
             ("mamba_ssm, cg=True", peer_generate(model, True, args.sample)),
             ("mamba_ssm, cg=False", peer_generate(model, False, args.sample)),
         ]
     if args.decode_profile:
-        print(f"\nDecode profile, bf16, prompt {args.prompt_len}, 64 new tokens")
+        print(f"\nDecode profile, {args.dtype}, prompt {args.prompt_len}, 64 new tokens")
         for name, generate in decoders:
             if name in ("hf_mamba, CUDA graphs", "hf_mamba, graph per token", "mamba_ssm, cg=True"):
                 for batch in args.decode_batches:
@@ -425,7 +433,8 @@ def main():
     ]
     for title, column in (("steady state, warmed at the timed length", 0), ("first call at a new length", 1)):
         how = "Sampled (top-k 50, top-p 0.9, temperature 0.8)" if args.sample else "Greedy"
-        print(f"\n{how} decoding, bf16, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s), {title}")
+        print(f"\n{how} decoding, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s), "
+              f"{title}")
         print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
         for name, speeds in rows:
             print(f"{name:<26}" + "".join(f"{s[column]:>12,.0f}" for s in speeds))

@@ -92,7 +92,8 @@ for s in "$@"; do
         --loss-outside ;;
     falcon_share) step falcon_share now "$here/scripts/benchmark_model.py" --skip-builtin-train --no-decode --falcon \
         --rounds 2 ;;
-    model_before) install_tree before; step model_before old "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode ;;
+    model_before) install_tree before; step model_before old "$here/scripts/benchmark_model.py" --skip-builtin-train \
+        --skip-builtin-decode ${MODEL_FLAGS:-} ;;
     qlora_now) step qlora_now now "$here/scripts/benchmark_large.py" --rows qlora --shapes ${QLORA_SHAPES:-7b} ;;
     qlora@*) install_tree "${s#qlora@}"; step "${s/@/_}" tree "${s#qlora@}" benchmark_large.py --rows qlora \
         --shapes ${QLORA_SHAPES:-7b} ;;
