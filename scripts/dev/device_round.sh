@@ -15,7 +15,8 @@
 # decoded token; MODEL_FLAGS gives another shape), prefill_profile (GPU time per kernel, PROFILE_FLAGS), host_time
 # (benchmark_kernels.py --host-time: the scan's and the mixer's host vs GPU time per call), choice_now / choice@NAME (decode_step_choice.py,
 # CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
-# induction heads to 2^20).
+# induction heads to 2^20), induction_paper (closer to the paper's recipe: no curriculum, batch 8, 40,000 steps;
+# tests to 2^INDUCTION_MAX_LOG2).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
@@ -109,6 +110,9 @@ for s in "$@"; do
         --decode-profile ${MODEL_FLAGS:-} ;;
     induction) step induction now "$here/scripts/induction_heads.py" --steps 5000 --solved-streak 0 \
         --out-dir /tmp/induction ;;
+    induction_paper) step induction_paper now "$here/scripts/induction_heads.py" --curriculum-steps 0 --batch-size 8 \
+        --lr 1e-3 --steps 40000 --solved-streak 0 --max-test-log2 ${INDUCTION_MAX_LOG2:-20} \
+        --out-dir /tmp/induction_paper ;;
     long_context) step long_context now "$here/scripts/long_context.py" --out-dir /tmp/long_context ${LONG_FLAGS:-} ;;
     precision) step precision now "$here/scripts/precision_training.py" ${PRECISION_FLAGS:---runs fp32,bf16,fp16} \
         --out-dir /tmp/precision ;;
