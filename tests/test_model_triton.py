@@ -64,7 +64,8 @@ def test_triton_decode_steps_match_full_forward(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# fp16: the step writes y in fp32 and scales it into range for out_proj inside the graph (`to_fp16_range`)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_cuda_graph_decode_matches_eager(dtype, num_beams):
     torch.manual_seed(0)
