@@ -103,7 +103,7 @@ def earlier_runs(path, settings):
 
 def with_references(runs, available):
     """`runs` plus the reference each needs (fp32; lora-fp32 for LoRA runs) unless `available` has it."""
-    needed = {"lora-fp32" if run.startswith("lora") else "fp32" for run in runs} - set(available)
+    needed = {reference_of(run) for run in runs} - set(available)
     return [run for run in RUNS if run in set(runs) | needed]
 
 
@@ -359,6 +359,11 @@ def smooth(values, window=SMOOTH):
     return out
 
 
+def reference_of(run):
+    """The run another run's curve is compared with: lora-fp32 for LoRA runs, else fp32."""
+    return "lora-fp32" if run.startswith("lora") else "fp32"
+
+
 def summarize(result, reference):
     losses, grads = result["losses"], result["grad_norms"]
     finite = [v for v in losses if math.isfinite(v)]
@@ -484,7 +489,12 @@ def main(argv=None):
             if device_is_cuda:
                 torch.cuda.empty_cache()
             continue
-        print(f"  {name}: {results[name]['wall_s']:.0f} s", flush=True)
+        # each run's line as it ends: a call cut short by a time limit still shows the runs it finished
+        done = {**results[name], **summarize(results[name], results.get(reference_of(name)))}
+        print(f"  {name}: {done['wall_s']:.0f} s, final loss {done['final_loss']:.4f}, max |Δ loss| vs "
+              f"{reference_of(name)} {_fmt(done['max_diff'], '.4f')}, NaN/Inf losses {done['nan_losses']}, inf grad "
+              f"norms {done['nonfinite_grads']}, {done['tokens_per_s']:,.0f} tokens/s, "
+              f"{_fmt(done['peak_gib'], '.2f')} GiB", flush=True)
         if name == "fp32":  # the model the long-prompt check loads in fp16 / bf16
             model.save_pretrained(out_dir / "fp32_model")
         del model
@@ -502,8 +512,7 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     for name, result in results.items():
-        reference = results.get("lora-fp32" if name.startswith("lora") else "fp32")
-        summary = summarize(result, reference)
+        summary = summarize(result, results.get(reference_of(name)))
         result["summary"] = summary
         print(f"{name:<11}{summary['final_loss']:>11.4f}{_fmt(summary['max_diff'], '.4f'):>14}"
               f"{_fmt(summary['noise'], '.3f'):>8}{summary['nan_losses']:>14}{summary['nonfinite_grads']:>15}"
