@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._launch import cdiv, device_guard, launch, next_power_of_2
 from .causal_conv1d.triton_conv_update import conv_update_window
-from .checks import check_shapes, check_tensors
+from .checks import check_out_dtype, check_shapes, check_tensors
 from .triton_utils import log2_rate, softplus
 
 PROJ_BLOCK_J = 32  # x_proj outputs per loop step of the first kernel (dt_rank + 2 d_state of them)
@@ -193,6 +193,7 @@ def mamba_step_triton(
     batch, d_inner, d_conv, d_state, dt_rank = _check_step_args(
         xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state
     )
+    check_out_dtype(out_dtype)
     n_proj = x_proj_weight.shape[0]
     block_d = conv_block(d_inner)
     n_blocks = cdiv(d_inner, block_d)

@@ -34,7 +34,7 @@ def effective_delta(delta, delta_bias, delta_softplus):
 
 
 def finish_output(y, u, D, z, out_dtype):
-    """Add the D skip, gate by SiLU(z), cast back to the input dtype."""
+    """Add the D skip, gate by SiLU(z), cast to out_dtype (the input's, unless the caller asked another)."""
     if D is not None:
         y = y + fp32_or_wider(u) * (fp32_or_wider(D)[..., None] if u.dim() == 3 else fp32_or_wider(D))
     if z is not None:

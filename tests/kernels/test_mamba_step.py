@@ -91,8 +91,25 @@ def test_mamba_step_rejects_bad_arguments():
     with pytest.raises(ValueError, match="dt_proj_bias must be a floating-point tensor"):
         ints = {**w, "dt_proj_bias": torch.zeros(12, dtype=torch.long)}
         mamba_step_triton(xz, conv_state, ssm_state=ssm_state, **ints)
+    with pytest.raises(ValueError, match="out_dtype"):
+        mamba_step_triton(xz, conv_state, ssm_state=ssm_state, out_dtype=torch.int32, **w)
     empty = mamba_step_triton(torch.randn(0, 24), torch.randn(0, 12, 4), ssm_state=torch.randn(0, 12, 4), **w)
     assert empty.shape == (0, 12)
+
+
+def test_mamba_step_writes_y_in_out_dtype(nan_fill_empty):
+    """fp16 inputs, out_dtype=float32 (what the model asks in fp16: y may pass 65504): the same y unrounded, the
+    states as with the default."""
+    torch.manual_seed(3)
+    w = _weights(12, 4, 3, 4, torch.float16)
+    xz = torch.randn(2, 24, device=DEVICE).half()
+    states = [(torch.randn(2, 12, 4, device=DEVICE).half(), torch.randn(2, 12, 4, device=DEVICE)) for _ in range(2)]
+    states[1] = (states[0][0].clone(), states[0][1].clone())
+    y16 = mamba_step_triton(xz, states[0][0], ssm_state=states[0][1], **w)
+    y32 = mamba_step_triton(xz, states[1][0], ssm_state=states[1][1], out_dtype=torch.float32, **w)
+    assert y16.dtype == torch.float16 and y32.dtype == torch.float32
+    assert torch.equal(y32.half(), y16)
+    assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
 
 
 def test_mamba_step_sums_many_blocks(monkeypatch, nan_fill_empty):
