@@ -224,3 +224,23 @@ def test_fp16_inference_keeps_a_y_beyond_fp16_range(backend, precision, tmp_path
     for logits in (full, stepped):
         assert torch.isfinite(logits).all()
         torch.testing.assert_close(logits, expected, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_residual_stream_keeps_its_dtype(backend, tmp_path, monkeypatch):
+    """With residual_in_fp32=False a model loaded in fp16 keeps an fp16 residual stream: the mixer's fp32 result
+    (from the scaled y) is rounded to fp16 as out_proj's own output would be; with the default fp32 stream it
+    is added unrounded."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
+    for residual_in_fp32, stream in ((False, torch.float16), (True, torch.float32)):
+        torch.manual_seed(0)
+        model = MambaForCausalLM(MambaConfig(**SIZES, residual_in_fp32=residual_in_fp32)).eval()
+        model.save_pretrained(tmp_path / str(residual_in_fp32))
+        half = MambaForCausalLM.from_pretrained(tmp_path / str(residual_in_fp32), dtype=torch.float16)
+        ids = torch.randint(0, SIZES["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = half.to(DEVICE).eval()(ids.to(DEVICE), output_hidden_states=True)
+        assert [h.dtype for h in out.hidden_states[1:-1]] == [stream] * (SIZES["num_hidden_layers"] - 1)
+        assert out.logits.dtype == torch.float16 and torch.isfinite(out.logits).all()

@@ -104,6 +104,8 @@ class MambaMixer(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         # SiLU is fused into the conv and the scan's gate; other activations run here.
         self.fused_silu = config.hidden_act in ("silu", "swish")
+        # fp16: the mixer's output stays fp32 where the residual stream it is added to is fp32 (`_fp16_result`)
+        self.residual_in_fp32 = config.residual_in_fp32
 
         self.in_proj = nn.Linear(config.hidden_size, 2 * self.d_inner, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
@@ -268,10 +270,11 @@ class MambaMixer(nn.Module):
             in_proj_bias=self.in_proj.bias if in_proj_inside else None,
             mixer_rms_eps=self.mixer_rms_eps, attention_mask=attention_mask,
         )
-        if out_proj_inside:
-            return out
-        # in fp16, out is y in fp32 (`mamba_inner_triton`)
-        return self._out_proj(out, in_fp16_range=compute_dtype(x_in) == torch.float16)
+        # in fp16, out is fp32 (`mamba_inner_triton`): out_proj's scaled result, or y
+        fp16 = compute_dtype(x_in) == torch.float16
+        if not out_proj_inside:
+            return self._out_proj(out, in_fp16_range=fp16)
+        return self._fp16_result(out) if fp16 else out
 
     def _out_proj(self, y, in_fp16_range):
         """out_proj (any module: an adapter, a 4-bit base) of y (..., d_inner). With in_fp16_range (y in fp32 where
@@ -284,8 +287,14 @@ class MambaMixer(nn.Module):
         out = self.out_proj(_linear_input(self.out_proj, y_in_range))
         bias = getattr(self.out_proj, "bias", None)
         if bias is None:
-            return out * scale  # fp16 times fp32 (not 0-dim): fp32
-        return (out.float() - bias.float()) * scale + bias.float()
+            return self._fp16_result(out * scale)  # fp16 times fp32 (not 0-dim): fp32
+        return self._fp16_result((out.float() - bias.float()) * scale + bias.float())
+
+    def _fp16_result(self, out):
+        """The mixer's output computed in fp32 from a y scaled into fp16's range: kept in fp32 where the residual
+        stream it is added to is fp32 (no rounding in between), else rounded to fp16, as out_proj's own output
+        would be, so that the stream keeps its dtype."""
+        return out if self.residual_in_fp32 else out.half()
 
     def _plain_ssm_modules(self):
         """conv1d, x_proj and dt_proj are plain, unhooked modules and the activation is SiLU: a fused kernel may
