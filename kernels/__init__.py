@@ -33,7 +33,7 @@ def _hand_over_to_hugging_face_kernels():
 
 if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
     from .causal_conv1d import causal_conv1d, causal_conv1d_update
-    from .fp16_range import fp16_range_scale, to_fp16_range
+    from .fp16_range import fp16_range_scale, to_fp16_range, y_dtype
     from .mamba_inner import compute_dtype, mamba_inner_triton
     from .rms_norm import (
         add_rms_norm,
@@ -85,4 +85,5 @@ __all__ = [
     "to_fp16_range",
     "weightless_rms_norm",
     "weightless_rms_norms",
+    "y_dtype",
 ]

@@ -22,6 +22,12 @@ except ImportError:  # the PyTorch paths need no Triton
 FP16_Y_MAX = 2.0**8
 
 
+def y_dtype(matmul_dtype):
+    """The dtype the scan writes y (out_proj's input) in where the matmuls run in `matmul_dtype`: fp32 for fp16,
+    where y may pass 65504; None (the activations' own) otherwise."""
+    return torch.float32 if matmul_dtype == torch.float16 else None
+
+
 def fp16_range_scale(y, dim=None):
     """The power of two s >= 1 with max |y| / s <= FP16_Y_MAX (up to 2x that where log2 rounds), as fp32,
     without host synchronisation: 0-dim over all of y, or with `dim` one per slice along it (kept, size 1)."""
@@ -82,4 +88,4 @@ if triton is not None:
         tl.store(p_scale + i_r, scale)
 
 
-__all__ = ["FP16_Y_MAX", "fp16_range_scale", "to_fp16_range", "to_fp16_range_triton"]
+__all__ = ["FP16_Y_MAX", "fp16_range_scale", "to_fp16_range", "to_fp16_range_triton", "y_dtype"]

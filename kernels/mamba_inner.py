@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ._launch import compile_ahead, device_guard
-from .fp16_range import fp16_range_scale
+from .fp16_range import fp16_range_scale, y_dtype
 from .rms_norm import _one_launch, weightless_rms_norms, weightless_rms_norms_backward_
 from .selective_scan.reference import fp32_or_wider
 
@@ -199,13 +199,13 @@ class _MambaInner(torch.autograd.Function):
                 delta += pad_bias.view(*delta.shape[:2], 1)  # -inf at padding: Δ = softplus(-inf) = 0
             delta = delta.transpose(1, 2)  # (batch, d_inner, seqlen)
             A_log_f = fp32_or_wider(A_log)  # A = -exp(A_log), computed by the scan's kernels
-            fp16 = dtype == torch.float16  # y in fp32, scaled into fp16's range for out_proj (`fp16_range_scale`)
+            y_out_dtype = y_dtype(dtype)  # fp16: y in fp32, scaled into fp16's range for out_proj
             y, _, chunk_states = scan_fwd(
                 u, delta, A_log_f, B.transpose(1, 2), C.transpose(1, 2), fp32_or_wider(D), z,
                 fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False, A_is_log=True,
-                out_dtype=torch.float32 if fp16 else None,
+                out_dtype=y_out_dtype,
             )
-            y_scale = fp16_range_scale(y) if fp16 and w_out is not None else None
+            y_scale = fp16_range_scale(y) if y_out_dtype is not None and w_out is not None else None
             if w_out is None:  # out_proj runs outside (in fp16 on the fp32 y: `MambaMixer._out_proj`)
                 out = y.transpose(1, 2)  # (batch, seqlen, d_inner)
             elif y_scale is not None:  # (batch, seqlen, hidden) in fp32
@@ -259,8 +259,8 @@ class _MambaInner(torch.autograd.Function):
             needs = dict(zip(_INPUTS, ctx.needs_input_grad, strict=True))
             # the forward's output, recomputed by the scan backward, for out_proj's weight gradient (fp32 where
             # the forward scaled it)
-            y_dtype = torch.float32 if y_scale is not None else None
-            y = torch.empty_like(u, dtype=y_dtype) if needs["out_proj_weight"] else None
+            y_out_dtype = torch.float32 if y_scale is not None else None
+            y = torch.empty_like(u, dtype=y_out_dtype) if needs["out_proj_weight"] else None
             # x_proj's output gradient [dΔ_low-rank | dB | dC]; the scan backward writes dB, dC into it.
             dx_dbl = x_dbl.new_empty(rows, dt_rank + 2 * d_state)
             dxz = torch.empty_like(xz)

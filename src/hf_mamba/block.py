@@ -27,6 +27,7 @@ from .kernels import (
     selective_state_update,
     to_fp16_range,
     weightless_rms_norms,
+    y_dtype,
 )
 
 # The fused decode step (two launches per mixer) is faster than the modules' four up to this width; wider, its
@@ -35,12 +36,6 @@ from .kernels import (
 # 1.10 / 1.04, 2048 1.14 / 1.03, 3072 0.96 / 0.83, 4096 0.93 / 0.79 and 0.91 / 0.77, 8192 0.99 / 0.58;
 # docs/kernels.md).
 FUSED_STEP_MAX_D_INNER = 2048
-
-
-def y_dtype(activations_dtype):
-    """The dtype the scan writes y (out_proj's input) in, for conv outputs of `activations_dtype`: fp32 for
-    fp16, where y may pass 65504 (`hf_mamba.kernels.fp16_range`); None (the activations' dtype) otherwise."""
-    return torch.float32 if activations_dtype == torch.float16 else None
 
 
 def _linear_input(linear, x):
@@ -271,7 +266,7 @@ class MambaMixer(nn.Module):
             mixer_rms_eps=self.mixer_rms_eps, attention_mask=attention_mask,
         )
         # in fp16, out is fp32 (`mamba_inner_triton`): out_proj's scaled result, or y
-        fp16 = compute_dtype(x_in) == torch.float16
+        fp16 = y_dtype(compute_dtype(x_in)) is not None
         if not out_proj_inside:
             return self._out_proj(out, in_fp16_range=fp16)
         return self._fp16_result(out) if fp16 else out
