@@ -98,13 +98,13 @@ def _weights(mixer):
     )
 
 
-@pytest.mark.parametrize("out_proj_inside", [True, False], ids=["out-proj-inside", "out-proj-outside"])
-def test_fused_mixer_in_fp16_keeps_a_y_beyond_fp16_range(out_proj_inside):
-    """Output and gradients under fp16 autocast: finite and within fp16's rounding of the fp32 run's."""
+def _fused_mixer_fp16_and_fp32(D, out_proj_inside):
+    """The fused mixer's output and gradients (input first, then the parameters') under fp16 autocast and
+    in fp32, with every D set to `D`, and the peak of y where out_proj runs outside."""
     torch.manual_seed(0)
     mixer = MambaForCausalLM(MambaConfig(**SIZES)).backbone.layers[0].mixer.to(DEVICE)
     with torch.no_grad():
-        mixer.D.fill_(BIG_D)
+        mixer.D.fill_(D)
     hidden = torch.randn(2, 13, SIZES["hidden_size"], device=DEVICE)
     # Output gradients of a size a GradScaler would leave: du = D dy stays within fp16, nothing underflows.
     grad_out = 1e-2 * torch.randn(2, 13, SIZES["hidden_size"], device=DEVICE)
@@ -117,26 +117,39 @@ def test_fused_mixer_in_fp16_keeps_a_y_beyond_fp16_range(out_proj_inside):
         with torch.autocast(DEVICE, dtype=torch.float16, enabled=autocast):
             xz = F.linear(x, mixer.in_proj.weight)
             out = mamba_inner_triton(xz, *_weights(mixer), mixer.out_proj.weight if out_proj_inside else None)
+        peak = None
         if not out_proj_inside:
             assert out.dtype == (torch.float32 if autocast else x.dtype)  # y itself, kept in fp32
             peak = out.detach().abs().max()
             out = F.linear(out, mixer.out_proj.weight)  # fp32, as the model's scaled out_proj gives
-        else:
-            peak = None
         out.float().backward(grad_out)
         return out.detach().float(), [x.grad] + [p.grad for p in params if p.grad is not None], peak
 
-    out16, grads16, peak = run(True)
-    out32, grads32, _ = run(False)
+    (out16, grads16, peak), (out32, grads32, _) = run(True), run(False)
+    return out16, out32, grads16, grads32, peak
+
+
+def _cosines(grads16, grads32):
+    assert len(grads16) == len(grads32)
+    return [F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+            for a, b in zip(grads16, grads32, strict=True)]
+
+
+@pytest.mark.parametrize("out_proj_inside", [True, False], ids=["out-proj-inside", "out-proj-outside"])
+def test_fused_mixer_in_fp16_keeps_a_y_beyond_fp16_range(out_proj_inside):
+    """Output and gradients under fp16 autocast: finite, the output within fp16's rounding of the fp32 run's,
+    and every gradient as close to fp32's as it is for the same mixer with an ordinary D (y within range).
+    The baseline matters: fp16's rounding of the Δ path alone leaves dt_proj.weight's gradient at a cosine
+    of 0.9995 to fp32's on CPU and 0.992 on an H100, whatever D is."""
+    out16, out32, grads16, grads32, peak = _fused_mixer_fp16_and_fp32(BIG_D, out_proj_inside)
     if peak is not None:
         assert peak > 65504
     assert torch.isfinite(out16).all()
     torch.testing.assert_close(out16, out32, rtol=2e-2, atol=2e-2 * out32.abs().max().item())
-    assert len(grads16) == len(grads32)
-    for g16, g32 in zip(grads16, grads32, strict=True):
-        assert torch.isfinite(g16).all()
-        cosine = F.cosine_similarity(g16.flatten().double(), g32.flatten().double(), dim=0)
-        assert cosine > 0.999
+    assert all(torch.isfinite(g).all() for g in grads16)
+    baseline = _cosines(*_fused_mixer_fp16_and_fp32(1.0, out_proj_inside)[2:4])
+    for cosine, ordinary in zip(_cosines(grads16, grads32), baseline, strict=True):
+        assert cosine > 0.98 and 1 - cosine <= 2 * (1 - ordinary) + 1e-4, (cosine, ordinary)
 
 
 @pytest.mark.parametrize("variant", ["fused", "out-proj-hooked", "lora"])
@@ -198,7 +211,6 @@ def test_fp16_inference_keeps_a_y_beyond_fp16_range(backend, precision, tmp_path
     model loaded in fp16 and for fp32 weights under fp16 autocast (a Trainer's fp16 evaluation)."""
     if backend == "triton":
         pytest.importorskip("triton")
-    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
     model = _model_with_y_beyond_fp16_range(tmp_path)
     y_peaks = []
     model.backbone.layers[0].mixer.out_proj.register_forward_pre_hook(
@@ -206,8 +218,9 @@ def test_fp16_inference_keeps_a_y_beyond_fp16_range(backend, precision, tmp_path
     )
     ids = torch.randint(0, SIZES["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = model(ids).logits
+        expected = model(ids).logits  # fp32 on CPU, whichever backend the half model runs below
     assert max(y_peaks) > 65504
+    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
     if precision == "fp16-weights":
         half = MambaForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).to(DEVICE).eval()
     else:

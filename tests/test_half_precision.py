@@ -342,13 +342,14 @@ def test_fp16_model_normalises_a_residual_beyond_fp16_range(saved_model, backend
         pytest.importorskip("triton")
         if not torch.cuda.is_available():
             monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
     model, folder = saved_model
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    half = MambaForCausalLM.from_pretrained(folder, dtype=torch.float16).to(device).eval()
     embeds = 2e5 * torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = model(inputs_embeds=embeds).logits
+        expected = model(inputs_embeds=embeds).logits  # fp32 on CPU, whichever backend the half model runs
+    monkeypatch.setenv("HF_MAMBA_BACKEND", backend)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    half = MambaForCausalLM.from_pretrained(folder, dtype=torch.float16).to(device).eval()
+    with torch.no_grad():
         out = half(inputs_embeds=embeds.to(device), output_hidden_states=True)
     residual = out.hidden_states[-2]  # the last block's output, before norm_f
     assert residual.dtype == torch.float32 and residual.abs().max() > 65504

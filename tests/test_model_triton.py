@@ -157,15 +157,16 @@ def test_a_replayed_step_refuses_a_bad_id_and_the_gpu_stays_usable():
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_graph_kept_across_generate_calls_matches_eager(batch, monkeypatch):
-    """A second generate() of the same batch replays the first one's graph (no capture) and gives eager's
-    tokens; a cache the user still holds keeps its states while the next generate() gets fresh ones."""
-    from hf_mamba.decode_graphs import DecodeGraph, DecodeGraphs
+    """A second generate() of the same batch replays the first one's graphs (no capture) and gives eager's
+    tokens; a cache the user still holds keeps its states while the next generate() gets fresh ones, and
+    so captures again."""
+    from hf_mamba.decode_graphs import DecodeGraph, DecodeGraphs, Prefill
 
-    captures = []
+    captures = []  # the kind of each capture: per generate() a prefill graph and the forward's (None)
 
     class Counting(DecodeGraph):
         def __init__(self, *args):
-            captures.append(1)
+            captures.append(type(args[3]) if len(args) > 3 else None)
             super().__init__(*args)
 
     monkeypatch.setattr(DecodeGraphs, "graph_class", Counting)
@@ -182,12 +183,14 @@ def test_cuda_graph_kept_across_generate_calls_matches_eager(batch, monkeypatch)
     model.config.use_cuda_graph = True
     for ids, expected in zip(prompts, eager, strict=True):
         assert torch.equal(greedy(ids), expected)
-    assert len(captures) == 1
-    held = greedy(prompts[0], return_dict_in_generate=True)  # the same graph again
+    first = list(captures)
+    assert len(first) == 2 and set(first) == {Prefill, None}
+    held = greedy(prompts[0], return_dict_in_generate=True)  # the same graphs again
     cache = held["cache"] if "cache" in held else held["past_key_values"]
     kept = [state.clone() for state in cache.conv_states + cache.ssm_states]
-    assert torch.equal(greedy(prompts[1]), eager[1])  # fresh states, so a new capture
-    assert torch.equal(held.sequences, eager[0]) and len(captures) == 2
+    assert captures == first
+    assert torch.equal(greedy(prompts[1]), eager[1])  # fresh states, so new captures
+    assert torch.equal(held.sequences, eager[0]) and captures == first * 2
     for state, old in zip(cache.conv_states + cache.ssm_states, kept, strict=True):
         assert torch.equal(state, old)
 

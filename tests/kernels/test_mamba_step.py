@@ -76,24 +76,27 @@ def test_mamba_step_matches_composed_step(case, dtype, nan_fill_empty):
 def test_mamba_step_rejects_bad_arguments():
     """A size that does not fit the others is a ValueError naming the argument, before any launch."""
     w = _weights(12, 4, 3, 4, torch.float32)
-    xz, conv_state, ssm_state = torch.randn(2, 24), torch.randn(2, 12, 4), torch.randn(2, 12, 4)
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE)
+
+    xz, conv_state, ssm_state = randn(2, 24), randn(2, 12, 4), randn(2, 12, 4)
     bad = {
-        "xz": dict(xz=torch.randn(2, 23)),
-        "conv_state": dict(conv_state=torch.randn(2, 12, 3)),
-        "x_proj_weight": dict(x_proj_weight=torch.randn(10, 12)),
-        "ssm_state": dict(ssm_state=torch.randn(1, 12, 4)),
-        "D": dict(D=torch.randn(11)),
+        "xz": dict(xz=randn(2, 23)),
+        "conv_state": dict(conv_state=randn(2, 12, 3)),
+        "x_proj_weight": dict(x_proj_weight=randn(10, 12)),
+        "ssm_state": dict(ssm_state=randn(1, 12, 4)),
+        "D": dict(D=randn(11)),
     }
     for name, change in bad.items():
         args = {**w, "xz": xz, "conv_state": conv_state, "ssm_state": ssm_state, **change}
         with pytest.raises(ValueError, match=name):
             mamba_step_triton(**args)
     with pytest.raises(ValueError, match="dt_proj_bias must be a floating-point tensor"):
-        ints = {**w, "dt_proj_bias": torch.zeros(12, dtype=torch.long)}
+        ints = {**w, "dt_proj_bias": torch.zeros(12, dtype=torch.long, device=DEVICE)}
         mamba_step_triton(xz, conv_state, ssm_state=ssm_state, **ints)
     with pytest.raises(ValueError, match="out_dtype"):
         mamba_step_triton(xz, conv_state, ssm_state=ssm_state, out_dtype=torch.int32, **w)
-    empty = mamba_step_triton(torch.randn(0, 24), torch.randn(0, 12, 4), ssm_state=torch.randn(0, 12, 4), **w)
+    empty = mamba_step_triton(randn(0, 24), randn(0, 12, 4), ssm_state=randn(0, 12, 4), **w)
     assert empty.shape == (0, 12)
 
 
