@@ -30,6 +30,7 @@ spans, so the loss falls from ln(vocab) as on text.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -302,14 +303,51 @@ def diagnose(model, batch, precision):
         peak = _fp32_peak(model, batch, name)
         report.append(f"no-grad forward in {precision}: first non-finite output {name} (input "
                       f"{'finite' if input_finite else 'not finite'}; its largest |output| in fp32 {peak:.3g})")
+    with _module_peaks(model) as fp32_peaks, torch.no_grad():
+        model(**batch)  # y in fp32: in fp16 out_proj reads it scaled into range
     model.train()
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with _module_peaks(model) as peaks, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         loss = model(**batch).loss
-    loss.backward()
+        loss.backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
     report.append(f"unscaled loss {loss.item():.4g}, gradients {'finite' if grads_finite else 'NOT finite'}")
+    # Where the range goes: a GradScaler's scale times the largest gradient must stay below 65504 (fp16).
+    y_name, y_peak = max(fp32_peaks["y"].items(), key=lambda item: item[1], default=("-", float("nan")))
+    g_name, g_peak = max(peaks["grad"].items(), key=lambda item: item[1], default=("-", float("nan")))
+    fits = f", so fp16 overflows at loss scales above {65504 / g_peak:.3g}" if 0 < g_peak < math.inf else ""
+    report.append(f"largest |y| into out_proj {y_peak:.3g} ({y_name}); largest |gradient| of a module's output "
+                  f"{g_peak:.3g} ({g_name}){fits}")
     return "; ".join(report)
+
+
+@contextlib.contextmanager
+def _module_peaks(model):
+    """{"y": {out_proj: largest |input|}, "grad": {module: largest |gradient of its output|}} of what runs,
+    the backward included (hooked, the mixers take their module path rather than the fused one)."""
+    peaks = {"y": {}, "grad": {}}
+
+    def keep(kind, name, tensor):
+        peak = tensor.detach().float().abs().max().item()
+        peaks[kind][name] = max(peaks[kind].get(name, 0.0), math.inf if math.isnan(peak) else peak)
+
+    def on_y(name):
+        return lambda module, args: keep("y", name, args[0])
+
+    def on_output(name):
+        def hook(module, inputs, output):
+            if torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(lambda grad: keep("grad", name, grad))
+        return hook
+
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_pre_hook(on_y(n)) for n, m in modules if n.endswith("out_proj")]
+    handles += [m.register_forward_hook(on_output(n)) for n, m in modules]
+    try:
+        yield peaks
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _first_nonfinite_module(model, batch, dtype):

@@ -367,8 +367,16 @@ def test_precision_training_diagnosis_names_the_overflowing_module():
     model = MambaForCausalLM(config)
     ids = torch.randint(0, 64, (2, 16))
     batch = {"input_ids": ids, "labels": ids}
-    assert script.diagnose(model, batch, "fp16").startswith("no-grad forward in fp16: finite;")
+    diagnosis = script.diagnose(model, batch, "fp16")
+    assert diagnosis.startswith("no-grad forward in fp16: finite;") and "gradients finite" in diagnosis
     with torch.no_grad():
+        model.backbone.layers[1].mixer.D.fill_(1e7)  # y beyond fp16's range, reaching out_proj scaled
+    where = script.diagnose(model, batch, "fp16").split("largest |y| into out_proj ")[1]
+    assert float(where.split(" ")[0]) > 1e6 and where.split(" ")[1] == "(backbone.layers.1.mixer.out_proj);"
+    grad_peak = float(where.split("largest |gradient| of a module's output ")[1].split(" ")[0])
+    assert f"loss scales above {65504 / grad_peak:.3g}" in where
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.D.fill_(1.0)
         model.lm_head.weight.mul_(1e5)  # logits beyond fp16's 65504
     diagnosis = script.diagnose(model, batch, "fp16")
     assert "first non-finite output lm_head (input finite;" in diagnosis and "gradients NOT finite" in diagnosis
