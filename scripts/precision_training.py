@@ -310,14 +310,17 @@ def diagnose(model, batch, precision):
         loss = model(**batch).loss
         loss.backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    p_peak, p_name = max(((p.grad.abs().max().item(), n) for n, p in model.named_parameters() if p.grad is not None),
+                         default=(float("nan"), "-"))
     model.zero_grad(set_to_none=True)
     report.append(f"unscaled loss {loss.item():.4g}, gradients {'finite' if grads_finite else 'NOT finite'}")
     # Where the range goes: a GradScaler's scale times the largest gradient must stay below 65504 (fp16).
     y_name, y_peak = max(fp32_peaks["y"].items(), key=lambda item: item[1], default=("-", float("nan")))
     g_name, g_peak = max(peaks["grad"].items(), key=lambda item: item[1], default=("-", float("nan")))
-    fits = f", so fp16 overflows at loss scales above {65504 / g_peak:.3g}" if 0 < g_peak < math.inf else ""
+    peak = max(g_peak, p_peak)
+    fits = f", so fp16 overflows at loss scales above {65504 / peak:.3g}" if 0 < peak < math.inf else ""
     report.append(f"largest |y| into out_proj {y_peak:.3g} ({y_name}); largest |gradient| of a module's output "
-                  f"{g_peak:.3g} ({g_name}){fits}")
+                  f"{g_peak:.3g} ({g_name}), of a parameter {p_peak:.3g} ({p_name}){fits}")
     return "; ".join(report)
 
 
