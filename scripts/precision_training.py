@@ -64,6 +64,9 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=50280)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--scaler-growth-interval", type=int, default=2000,
+                        help="fp16 runs: steps without an overflow before the GradScaler doubles its scale "
+                             "(2000: torch's and the Trainer's default)")
     parser.add_argument("--long-prompt", type=int, default=0, help="tokens of the fp16/bf16 inference check (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="outputs/precision_training",
@@ -76,7 +79,8 @@ def parse_args(argv=None):
         args.hidden_size, args.layers, args.vocab, args.seq_len, args.batch_size = 32, 2, 256, 64, 4
         args.steps = min(args.steps, 30)
         args.long_prompt = args.long_prompt and min(args.long_prompt, 2048)
-    for name in ("steps", "batch_size", "seq_len", "hidden_size", "layers", "vocab", "lora_r"):
+    positive = ("steps", "batch_size", "seq_len", "hidden_size", "layers", "vocab", "lora_r", "scaler_growth_interval")
+    for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.long_prompt < 0:
@@ -91,7 +95,10 @@ def parse_args(argv=None):
 
 
 # What a loss curve depends on: runs from an earlier invocation with the same settings are comparable.
-CURVE_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "hidden_size", "layers", "vocab", "lora_r", "seed")
+CURVE_SETTINGS = (
+    "steps", "batch_size", "seq_len", "lr", "hidden_size", "layers", "vocab", "lora_r", "seed",
+    "scaler_growth_interval",
+)
 
 
 def earlier_runs(path, settings):
@@ -253,6 +260,7 @@ def train_run(name, args, dataset, device_is_cuda):
     trainer.remove_callback(ProgressCallback)  # one line per logged step otherwise (logging_steps=1)
     trainer.remove_callback(PrinterCallback)
     recorder.trainer = trainer
+    set_growth_interval(trainer.accelerator, args.scaler_growth_interval)
     if device_is_cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -279,6 +287,19 @@ def train_run(name, args, dataset, device_is_cuda):
     if name.startswith("lora"):
         model = model.merge_and_unload()
     return result, model
+
+
+def set_growth_interval(accelerator, interval):
+    """Give an fp16 run's GradScaler `interval` (the Trainer offers no setting for it). The optimizer takes the
+    accelerator's scaler when `train()` prepares it, so this must come before."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and scaler.get_growth_interval() != interval:
+        scaler.set_growth_interval(interval)
+
+
+def scale_changes(scales):
+    """[(step, new scale)] wherever the GradScaler's scale changed (steps counted from 1)."""
+    return [(i + 1, new) for i, (old, new) in enumerate(zip(scales, scales[1:], strict=False), start=1) if new != old]
 
 
 def diagnose(model, batch, precision):
@@ -563,8 +584,10 @@ def main(argv=None):
     for name, result in results.items():
         if result["scales"]:
             skipped_steps = result["summary"]["nonfinite_grads"]
+            changes = ", ".join(f"{scale:g} at {step}" for step, scale in scale_changes(result["scales"])[:24])
             print(f"{name}: GradScaler scale {result['scales'][0]:.0f} -> {result['scales'][-1]:.0f}; "
-                  f"{skipped_steps} steps skipped for overflowing gradients")
+                  f"{skipped_steps} steps skipped for overflowing gradients"
+                  f"{f' (scale, step: {changes})' if changes else ''}")
 
     long_rows = []
     if args.long_prompt:
