@@ -31,6 +31,7 @@ spans, so the loss falls from ln(vocab) as on text.
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -299,7 +300,7 @@ def set_growth_interval(accelerator, interval):
 
 def scale_changes(scales):
     """[(step, new scale)] wherever the GradScaler's scale changed (steps counted from 1)."""
-    return [(i + 1, new) for i, (old, new) in enumerate(zip(scales, scales[1:], strict=False), start=1) if new != old]
+    return [(step, new) for step, (old, new) in enumerate(itertools.pairwise(scales), start=2) if new != old]
 
 
 def diagnose(model, batch, precision):
@@ -316,16 +317,16 @@ def diagnose(model, batch, precision):
     if bad_params:
         return f"non-finite parameters: {', '.join(bad_params[:5])}{' ...' if len(bad_params) > 5 else ''}"
     report = []
+    with _module_peaks(model) as fp32_peaks, torch.no_grad():
+        model(**batch)  # the sizes in fp32 (y too: in fp16 out_proj reads it scaled into range)
     first = _first_nonfinite_module(model, batch, dtype)
     if first is None:
         report.append(f"no-grad forward in {precision}: finite")
     else:
         name, input_finite = first
-        peak = _fp32_peak(model, batch, name)
+        peak = fp32_peaks["out"].get(name, float("nan"))
         report.append(f"no-grad forward in {precision}: first non-finite output {name} (input "
                       f"{'finite' if input_finite else 'not finite'}; its largest |output| in fp32 {peak:.3g})")
-    with _module_peaks(model) as fp32_peaks, torch.no_grad():
-        model(**batch)  # y in fp32: in fp16 out_proj reads it scaled into range
     model.train()
     with _module_peaks(model) as peaks, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         loss = model(**batch).loss
@@ -347,9 +348,10 @@ def diagnose(model, batch, precision):
 
 @contextlib.contextmanager
 def _module_peaks(model):
-    """{"y": {out_proj: largest |input|}, "grad": {module: largest |gradient of its output|}} of what runs,
-    the backward included (hooked, the mixers take their module path rather than the fused one)."""
-    peaks = {"y": {}, "grad": {}}
+    """{"y": {out_proj: largest |input|}, "out": {module: largest |tensor output|}, "grad": {module: largest
+    |gradient of its output|}} of what runs, the backward included (hooked, the mixers take their module path
+    rather than the fused one)."""
+    peaks = {"y": {}, "out": {}, "grad": {}}
 
     def keep(kind, name, tensor):
         peak = tensor.detach().float().abs().max().item()
@@ -360,7 +362,10 @@ def _module_peaks(model):
 
     def on_output(name):
         def hook(module, inputs, output):
-            if torch.is_tensor(output) and output.requires_grad:
+            if not torch.is_tensor(output):
+                return
+            keep("out", name, output)
+            if output.requires_grad:
                 output.register_hook(lambda grad: keep("grad", name, grad))
         return hook
 
@@ -395,19 +400,6 @@ def _first_nonfinite_module(model, batch, dtype):
         for handle in handles:
             handle.remove()
     return found[0] if found else None
-
-
-def _fp32_peak(model, batch, name):
-    """The largest |output| of module `name` in an fp32 forward of the batch."""
-    peak = []
-    handle = model.get_submodule(name).register_forward_hook(
-        lambda module, inputs, output: peak.append(output.detach().float().abs().max().item()))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        handle.remove()
-    return max(peak, default=float("nan"))
 
 
 def smooth(values, window=SMOOTH):
