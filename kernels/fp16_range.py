@@ -41,9 +41,10 @@ def fp16_range_scale(y, dim=None):
 
 def to_fp16_range(y):
     """(y / s in fp16, s) for an fp32 y, s of shape (..., 1): one power of two per row of y's last dimension,
-    as `fp16_range_scale(y, dim=-1)` chooses it. One Triton launch for a 2-d CUDA y without gradients (the
-    decode step's, per layer), PyTorch ops otherwise (differentiable in y)."""
-    if y.dim() == 2 and y.is_cuda and triton is not None and not torch.compiler.is_compiling() and not (
+    as `fp16_range_scale(y, dim=-1)` chooses it. One Triton launch for a 2-d or 3-d CUDA y without gradients
+    (a decode step's or a prefill's, per layer: the PyTorch ops take eight), PyTorch ops otherwise
+    (differentiable in y)."""
+    if y.dim() in (2, 3) and y.is_cuda and triton is not None and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and y.requires_grad
     ):
         return to_fp16_range_triton(y)
@@ -52,19 +53,21 @@ def to_fp16_range(y):
 
 
 def to_fp16_range_triton(y):
-    """`to_fp16_range` of a 2-d y (rows, d) in one launch, a program per row (also under TRITON_INTERPRET=1)."""
+    """`to_fp16_range` of a 2-d (rows, d) or 3-d (batch, seqlen, d) y, read by its strides, in one launch, a
+    program per row (also under TRITON_INTERPRET=1). The outputs are contiguous."""
     from ._launch import device_guard, launch, next_power_of_2
 
-    rows, d = y.shape
-    out = torch.empty(rows, d, dtype=torch.float16, device=y.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=y.device)
+    y3 = y if y.dim() == 3 else y[None]  # (outer, inner, d): rows are (outer, inner) pairs
+    outer, inner, d = y3.shape
+    out = torch.empty(y.shape, dtype=torch.float16, device=y.device)
+    scale = torch.empty((*y.shape[:-1], 1), dtype=torch.float32, device=y.device)
     if y.numel():
         with device_guard(y):
             launch(
-                _to_fp16_range_kernel, (rows,), y, out, scale, d, y.stride(0), y.stride(1), out.stride(0),
+                _to_fp16_range_kernel, (outer * inner,), y3, out, scale, inner, d, *y3.stride(),
                 Y_MAX=FP16_Y_MAX, BLOCK=min(4096, next_power_of_2(d)), num_warps=4,
             )
-    elif rows:
+    elif scale.numel():
         scale.fill_(1.0)
     return out, scale
 
@@ -72,19 +75,22 @@ def to_fp16_range_triton(y):
 if triton is not None:
 
     @triton.jit
-    def _to_fp16_range_kernel(p_y, p_out, p_scale, d, s_y_r, s_y_d, s_out_r, Y_MAX: tl.constexpr, BLOCK: tl.constexpr):
-        i_r = tl.program_id(0).to(tl.int64)
+    def _to_fp16_range_kernel(
+        p_y, p_out, p_scale, inner, d, s_y_o, s_y_i, s_y_d, Y_MAX: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        i_r = tl.program_id(0).to(tl.int64)  # the row: out and scale are contiguous, y is read by its strides
+        p_row = p_y + (i_r // inner) * s_y_o + (i_r % inner) * s_y_i
         o = tl.arange(0, BLOCK)
         b_amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for d0 in range(0, d, BLOCK):
-            b_y = tl.load(p_y + i_r * s_y_r + (d0 + o) * s_y_d, mask=d0 + o < d, other=0.0).to(tl.float32)
+            b_y = tl.load(p_row + (d0 + o) * s_y_d, mask=d0 + o < d, other=0.0).to(tl.float32)
             b_amax = tl.maximum(b_amax, tl.abs(b_y))
         amax = tl.maximum(tl.max(b_amax, axis=0), Y_MAX)
         scale = tl.exp2(tl.ceil(tl.log2(amax / Y_MAX)))
         for d0 in range(0, d, BLOCK):
             m = d0 + o < d
-            b_y = tl.load(p_y + i_r * s_y_r + (d0 + o) * s_y_d, mask=m, other=0.0).to(tl.float32)
-            tl.store(p_out + i_r * s_out_r + d0 + o, (b_y / scale).to(tl.float16), mask=m)
+            b_y = tl.load(p_row + (d0 + o) * s_y_d, mask=m, other=0.0).to(tl.float32)
+            tl.store(p_out + i_r * d + d0 + o, (b_y / scale).to(tl.float16), mask=m)
         tl.store(p_scale + i_r, scale)
 
 

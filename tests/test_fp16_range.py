@@ -47,6 +47,11 @@ def test_to_fp16_range_scales_each_row_by_its_own_power_of_two():
     # a strided view (the decode step's y is contiguous, but any 2-d y is read by its strides)
     y_in_range_t, _ = to_fp16_range_triton(y.t().contiguous().t().to(DEVICE))
     assert torch.equal(y_in_range_t.cpu(), y_in_range)
+    # 3-d, as a prefill's y (batch, seqlen, d_inner) is a transposed view of the scan's output: rows are tokens
+    y3 = y.view(2, 3, 70).transpose(1, 2).contiguous().transpose(1, 2)
+    y_in_range_t, scale_t = to_fp16_range_triton(y3.to(DEVICE))
+    assert y_in_range_t.shape == (2, 3, 70) and y_in_range_t.is_contiguous() and scale_t.shape == (2, 3, 1)
+    assert torch.equal(y_in_range_t.cpu().view(6, 70), y_in_range) and torch.equal(scale_t.cpu().view(6, 1), scale)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
@@ -237,6 +242,48 @@ def test_fp16_inference_keeps_a_y_beyond_fp16_range(backend, precision, tmp_path
     for logits in (full, stepped):
         assert torch.isfinite(logits).all()
         torch.testing.assert_close(logits, expected, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("residual_in_fp32", [True, False], ids=["fp32-stream", "fp16-stream"])
+def test_fp16_mixer_leaves_its_scale_to_the_residual_add(residual_in_fp32, tmp_path, monkeypatch):
+    """In fp16 without gradients the model's fused residual adds multiply the mixers' out_proj results by their
+    scales (`ScaledOutput`, one launch fewer per layer): prefill and decode logits are bit for bit those of
+    mixers that multiply themselves (a forward hook on every mixer makes the model call them without deferring),
+    while y passes 65504."""
+    pytest.importorskip("triton")
+    model = _model_with_y_beyond_fp16_range(tmp_path)
+    model.config.residual_in_fp32 = residual_in_fp32
+    model.save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    half = MambaForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).to(DEVICE).eval()
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    deferring = []  # each mixer call's defer_scale
+
+    def run():
+        with torch.no_grad():
+            prefill = half(ids[:, :8], use_cache=True)
+            steps = [prefill.logits]
+            for t in range(8, 10):
+                steps.append(half(ids[:, t : t + 1], cache_params=prefill.cache_params, use_cache=True).logits)
+        return torch.cat(steps, dim=1)
+
+    mixer_cls = type(half.backbone.layers[0].mixer)
+    forward = mixer_cls.forward
+
+    def recording_forward(self, *args, **kwargs):
+        deferring.append(kwargs.get("defer_scale", False))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(mixer_cls, "forward", recording_forward)
+    deferred = run()
+    assert len(deferring) == 3 * SIZES["num_hidden_layers"] and all(deferring)
+    hooks = [block.mixer.register_forward_hook(lambda *args: None) for block in half.backbone.layers]
+    deferring.clear()
+    multiplied = run()
+    assert len(deferring) == 3 * SIZES["num_hidden_layers"] and not any(deferring)
+    for hook in hooks:
+        hook.remove()
+    assert torch.isfinite(deferred).all() and torch.equal(deferred, multiplied)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

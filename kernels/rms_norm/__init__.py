@@ -22,9 +22,12 @@ from ..selective_scan.reference import fp32_or_wider
 from .torch_rms_norm import rms_norm_input_grad
 
 
-def add_rms_norm_ref(residual, delta, weight, eps, out_dtype=None):
+def add_rms_norm_ref(residual, delta, weight, eps, out_dtype=None, delta_scale=None):
     """PyTorch ops in the model's order; returns (hidden, normed)."""
-    hidden = residual + delta
+    if delta_scale is None:
+        hidden = residual + delta
+    else:  # residual + delta * s in fp32 (or wider), rounded once
+        hidden = (residual + delta * fp32_or_wider(delta_scale)).to(torch.promote_types(residual.dtype, delta.dtype))
     normed = weight * F.rms_norm(fp32_or_wider(hidden), weight.shape, eps=eps).to(weight.dtype)
     return hidden, normed.to(out_dtype or normed.dtype)
 
@@ -116,17 +119,20 @@ def rms_norm(x, weight, eps, dtype, backend=None):
     return rms_norm_ref(x, weight, eps, dtype)
 
 
-def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
+def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None, delta_scale=None):
     """residual, delta: (..., hidden_size); weight: (hidden_size,). Returns (hidden, normed).
 
     out_dtype: normed's dtype, by default weight's; autocast's dtype lets the next matmul skip its cast
-    (the value is the one that cast would give). backend: "triton" (one kernel forward, one backward
-    plus the weight gradient's sum), "reference" / "torch" (PyTorch ops), or None: Triton on CUDA,
-    else PyTorch. Gradients flow to residual, delta and weight on every backend.
+    (the value is the one that cast would give). delta_scale: (..., 1), a factor per row of delta (the power of
+    two an fp16 out_proj's output still has to be multiplied by, `to_fp16_range`): the sum is then residual +
+    delta * delta_scale, computed in fp32 and rounded once. backend: "triton" (one kernel forward, one backward
+    plus the weight gradient's sum), "reference" / "torch" (PyTorch ops), or None: Triton on CUDA, else
+    PyTorch. Gradients flow to residual, delta and weight on every backend (with delta_scale through the
+    PyTorch ops).
     """
     if residual is None or delta is None:
         raise ValueError("residual and delta must both be tensors: add_rms_norm normalises residual + delta")
-    check_tensors(residual=residual, delta=delta, weight=weight)
+    check_tensors(residual=residual, delta=delta, weight=weight, delta_scale=delta_scale)
     check_eps(eps)
     if residual.shape != delta.shape:
         raise ValueError(f"residual and delta must have the same shape, got {tuple(residual.shape)} and "
@@ -134,18 +140,22 @@ def add_rms_norm(residual, delta, weight, eps, backend=None, out_dtype=None):
     if weight.dim() != 1 or weight.shape[0] != residual.shape[-1]:
         raise ValueError(f"weight must have shape ({residual.shape[-1]},), got {tuple(weight.shape)}")
     check_out_dtype(out_dtype)
-    tensors = (residual, delta, weight)
+    if delta_scale is not None and delta_scale.shape != (*delta.shape[:-1], 1):
+        raise ValueError(f"delta_scale must have shape {(*delta.shape[:-1], 1)} (one factor per row of delta), "
+                         f"got {tuple(delta_scale.shape)}")
+    tensors = (residual, delta, weight) if delta_scale is None else (residual, delta, weight, delta_scale)
     # Rows of no elements (hidden_size 0) go to the PyTorch ops: the kernel's rows need a column.
     triton = resolve_backend(backend, residual.device) == "triton" and residual.shape[-1] > 0
     if triton and torch.float64 not in {t.dtype for t in tensors}:
         from .triton_rms_norm import add_rms_norm_train_triton, add_rms_norm_triton
 
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if not needs_grad:
-            return add_rms_norm_triton(residual, delta, weight, eps, out_dtype)
-        if not torch.compiler.is_compiling():  # compiled training traces the ops below
+        compiling = torch.compiler.is_compiling()
+        if not needs_grad and (delta_scale is None or not compiling):
+            return add_rms_norm_triton(residual, delta, weight, eps, out_dtype, delta_scale)
+        if not compiling and delta_scale is None:  # compiled training traces the ops below
             return add_rms_norm_train_triton(residual, delta, weight, eps, out_dtype)
-    return add_rms_norm_ref(residual, delta, weight, eps, out_dtype)
+    return add_rms_norm_ref(residual, delta, weight, eps, out_dtype, delta_scale)
 
 
 __all__ = [

@@ -28,11 +28,12 @@ from .._launch import cdiv, device_guard, launch, next_power_of_2, sm_count
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    p_x, p_delta, p_w, p_hidden, p_out, p_rstd, n_rows, n_cols, rows_per_program, eps,
+    p_x, p_delta, p_delta_scale, p_w, p_hidden, p_out, p_rstd, n_rows, n_cols, rows_per_program, eps,
     s_x, s_delta, s_hidden, s_out,
-    ADD: tl.constexpr, STORE_RSTD: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    ADD: tl.constexpr, SCALED: tl.constexpr, STORE_RSTD: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # ADD: hidden = x + delta, rounded to hidden's dtype, stored and normalised. Else x itself is normalised.
+    # ADD: hidden = x + delta (times the row's delta_scale where SCALED), in fp32, rounded to hidden's dtype,
+    # stored and normalised. Else x itself is normalised.
     o_c = tl.arange(0, BLOCK)
     m_c = o_c < n_cols
     b_w = tl.load(p_w + o_c, mask=m_c, other=0.0).to(tl.float32)
@@ -42,6 +43,8 @@ def _rms_norm_fwd_kernel(
             b_x = tl.load(p_x + i_row * s_x + o_c, mask=m_c, other=0.0).to(tl.float32)
             if ADD:
                 b_delta = tl.load(p_delta + i_row * s_delta + o_c, mask=m_c, other=0.0).to(tl.float32)
+                if SCALED:
+                    b_delta = b_delta * tl.load(p_delta_scale + i_row)
                 b_hidden = (b_x + b_delta).to(p_hidden.dtype.element_ty)
                 tl.store(p_hidden + i_row * s_hidden + o_c, b_hidden, mask=m_c)
                 b_x = b_hidden.to(tl.float32)
@@ -152,8 +155,9 @@ def _rows(t, n_cols):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _norm_fwd(x2, delta2, weight, eps, round_dtype, out_dtype, store_rstd):
-    """The forward kernel on rows x2 (+ delta2): (hidden or None, out, rstd or None)."""
+def _norm_fwd(x2, delta2, weight, eps, round_dtype, out_dtype, store_rstd, delta_scale=None):
+    """The forward kernel on rows x2 (+ delta2, times delta_scale's fp32 value per row where given): (hidden or
+    None, out, rstd or None)."""
     n_rows, n_cols = x2.shape
     # Rows like x2's, contiguous: empty_like costs half the host time of torch.empty(x2.shape, ...),
     # which parses the torch.Size as a sequence.
@@ -168,10 +172,11 @@ def _norm_fwd(x2, delta2, weight, eps, round_dtype, out_dtype, store_rstd):
         with device_guard(x2):
             launch(
                 _rms_norm_fwd_kernel, (programs,),
-                x2, delta2, weight, hidden, out, rstd, n_rows, n_cols, rows_per_program, eps,
+                x2, delta2, delta_scale, weight, hidden, out, rstd, n_rows, n_cols, rows_per_program, eps,
                 x2.stride(0), delta2.stride(0) if delta2 is not None else 0,
                 hidden.stride(0) if hidden is not None else 0, out.stride(0),
-                ADD=delta2 is not None, STORE_RSTD=store_rstd, ROUND=_TL_DTYPES[round_dtype],
+                ADD=delta2 is not None, SCALED=delta_scale is not None, STORE_RSTD=store_rstd,
+                ROUND=_TL_DTYPES[round_dtype],
                 BLOCK=next_power_of_2(n_cols), num_warps=num_warps,
             )
     return hidden, out, rstd
@@ -298,10 +303,13 @@ def add_rms_norm_train_triton(residual, delta, weight, eps, out_dtype=None):
     return _AddRMSNormTriton.apply(residual, delta, weight.contiguous(), float(eps), out_dtype or weight.dtype)
 
 
-def _add_rms_norm(residual, delta, weight, eps, out_dtype=None):
+def _add_rms_norm(residual, delta, weight, eps, out_dtype=None, delta_scale=None):
     n_cols = residual.shape[-1]
     res2, delta2 = _rows(residual, n_cols), _rows(delta, n_cols)
-    hidden, normed, _ = _norm_fwd(res2, delta2, weight, eps, weight.dtype, out_dtype or weight.dtype, False)
+    if delta_scale is not None:
+        delta_scale = delta_scale.reshape(-1).float().contiguous()  # one fp32 value per row
+    out_dtype = out_dtype or weight.dtype
+    hidden, normed, _ = _norm_fwd(res2, delta2, weight, eps, weight.dtype, out_dtype, False, delta_scale)
     return hidden.view_as(residual), normed.view_as(residual)  # view_as: less host time than view(shape)
 
 
@@ -318,12 +326,12 @@ def _(residual, delta, weight, eps, out_dtype):
     return residual.new_empty(residual.shape, dtype=dtype), residual.new_empty(residual.shape, dtype=out_dtype)
 
 
-def add_rms_norm_triton(residual, delta, weight, eps, out_dtype=None):
-    """Triton path of `hf_mamba.kernels.add_rms_norm` without autograd."""
+def add_rms_norm_triton(residual, delta, weight, eps, out_dtype=None, delta_scale=None):
+    """Triton path of `hf_mamba.kernels.add_rms_norm` without autograd (delta_scale: not under torch.compile)."""
     args = (residual, delta, weight.contiguous(), float(eps), out_dtype or weight.dtype)
     if torch.compiler.is_compiling():
         return add_rms_norm_op(*args)  # the op torch.compile / export trace through
-    return _add_rms_norm(*args)  # eager: no custom-op dispatch on the host
+    return _add_rms_norm(*args, delta_scale=delta_scale)  # eager: no custom-op dispatch on the host
 
 
 __all__ = [

@@ -6,6 +6,8 @@ Transformers' built-in Mamba. The kernels it calls live in `hf_mamba.kernels`; w
 FastPath the model decides once per forward (`fast_path.py`).
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,14 @@ def _linear_input(linear, x):
     one (its matmul reads strides), a contiguous copy for anything else (bitsandbytes' CPU 4-bit kernel reads a
     strided input wrong)."""
     return x if type(getattr(linear, "base_layer", linear)) is nn.Linear else x.contiguous()
+
+
+class ScaledOutput(NamedTuple):
+    """A mixer's output as out * scale, not yet multiplied: out is out_proj's fp16 result, scale (..., 1) fp32
+    powers of two, one per token (`MambaMixer._out_proj`)."""
+
+    out: torch.Tensor
+    scale: torch.Tensor
 
 
 class MambaRMSNorm(nn.Module):
@@ -165,9 +175,13 @@ class MambaMixer(nn.Module):
         attention_mask=None,
         seq_idx=None,
         path: FastPath | None = None,
+        defer_scale: bool = False,
     ):
         """seq_idx: optional (batch, seqlen) document ids of packed sequences; state and conv restart at each.
-        path: the model's FastPath for this forward (decided here when the mixer is called on its own)."""
+        path: the model's FastPath for this forward (decided here when the mixer is called on its own).
+        defer_scale: where out_proj multiplies a y scaled into fp16's range (`_out_proj`) without gradients,
+        return a `ScaledOutput` and leave the multiply by the scale to the caller (the model's residual add, one
+        launch fewer per layer)."""
         batch, seqlen, _ = hidden_states.shape
         path = path or decide_fast_path(self.config, hidden_states.device)
         backend = path.backend
@@ -177,11 +191,11 @@ class MambaMixer(nn.Module):
         if continuing and seq_idx is not None:
             raise ValueError("Packed sequences (seq_idx / restarting position_ids) cannot continue from a cache")
         if continuing and seqlen == 1:
-            return self._step(hidden_states, cache_params, backend)
+            return self._step(hidden_states, cache_params, backend, defer_scale)
 
         ssm_weights = self._fused_ssm_weights(path, cache_params)
         if ssm_weights is not None:
-            return self._fused_inner(hidden_states, *ssm_weights, seq_idx, attention_mask)
+            return self._fused_inner(hidden_states, *ssm_weights, seq_idx, attention_mask, defer_scale)
         # 1. Gated MLP's linear projection: x for the SSM branch, z for the gate
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2 * d_inner)
         # Channels-last views, no copy: the Triton conv and the scan's forward read them as they are.
@@ -229,7 +243,7 @@ class MambaMixer(nn.Module):
         if not self.fused_silu:
             y = y * self.act(z)
         # 4. Output projection
-        return self._out_proj(y.transpose(1, 2), y_out_dtype is not None)  # (batch, seqlen, hidden_size)
+        return self._out_proj(y.transpose(1, 2), y_out_dtype is not None, defer_scale)  # (batch, seqlen, hidden)
 
     def _fused_ssm_weights(self, path, cache_params):
         """x_proj's and dt_proj's weights where training may run the mixer as one function
@@ -250,7 +264,7 @@ class MambaMixer(nn.Module):
             return None
         return x_proj_weight, dt_proj_weight
 
-    def _fused_inner(self, hidden_states, x_proj_weight, dt_proj_weight, seq_idx, attention_mask):
+    def _fused_inner(self, hidden_states, x_proj_weight, dt_proj_weight, seq_idx, attention_mask, defer_scale):
         """The mixer through `mamba_inner_triton`, in_proj and out_proj inside where they are plain Linears."""
         # A plain in_proj inside: autocast's cast of the mixer's input is then all that reads that input.
         in_proj_inside = plain(self.in_proj, nn.Linear)
@@ -268,20 +282,23 @@ class MambaMixer(nn.Module):
         # in fp16, out is fp32 (`mamba_inner_triton`): out_proj's scaled result, or y
         fp16 = y_dtype(compute_dtype(x_in)) is not None
         if not out_proj_inside:
-            return self._out_proj(out, in_fp16_range=fp16)
+            return self._out_proj(out, fp16, defer_scale)
         return self._fp16_result(out) if fp16 else out
 
-    def _out_proj(self, y, in_fp16_range):
+    def _out_proj(self, y, in_fp16_range, defer_scale=False):
         """out_proj (any module: an adapter, a 4-bit base) of y (..., d_inner). With in_fp16_range (y in fp32 where
         the matmuls run in fp16, `y_dtype`) y goes in as y / s in fp16, s a power of two per token
         (`to_fp16_range`), and the result comes out in fp32 times s (out_proj's bias, where it has one, taken
-        out first and added back)."""
+        out first and added back), or with defer_scale, where nothing needs gradients and out_proj has no bias,
+        as the ScaledOutput (out_proj's fp16 result, s)."""
         if not in_fp16_range:
             return self.out_proj(_linear_input(self.out_proj, y))
         y_in_range, scale = to_fp16_range(y)
         out = self.out_proj(_linear_input(self.out_proj, y_in_range))
         bias = getattr(self.out_proj, "bias", None)
         if bias is None:
+            if defer_scale and not (torch.is_grad_enabled() and out.requires_grad):
+                return ScaledOutput(out, scale)
             return self._fp16_result(out * scale)  # fp16 times fp32 (not 0-dim): fp32
         return self._fp16_result((out.float() - bias.float()) * scale + bias.float())
 
@@ -297,7 +314,7 @@ class MambaMixer(nn.Module):
         modules = ((self.conv1d, nn.Conv1d), (self.x_proj, nn.Linear), (self.dt_proj, MambaDeltaProjection))
         return self.fused_silu and all(plain(m, cls) for m, cls in modules)
 
-    def _step(self, hidden_states, cache_params, backend):
+    def _step(self, hidden_states, cache_params, backend, defer_scale=False):
         """One decode step from the cache: O(1) in the number of tokens already seen."""
         xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
@@ -312,7 +329,7 @@ class MambaMixer(nn.Module):
                 self.dt_proj.bias, self.A_log, self.D, cache_params.ssm_states[self.layer_idx],
                 mixer_rms_eps=self.mixer_rms_eps, out_dtype=y_out_dtype,
             )
-            return self._out_proj(y, y_out_dtype is not None)[:, None, :]
+            return self._out_proj(y[:, None, :], y_out_dtype is not None, defer_scale)  # (batch, 1, hidden_size)
         x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
         x = causal_conv1d_update(
             x, conv_state, weight, self.conv1d.bias, "silu" if self.fused_silu else None, backend=backend
@@ -337,7 +354,7 @@ class MambaMixer(nn.Module):
         )
         if not self.fused_silu:
             y = y * self.act(z)
-        return self._out_proj(y, y_out_dtype is not None)[:, None, :]  # (batch, 1, hidden_size)
+        return self._out_proj(y[:, None, :], y_out_dtype is not None, defer_scale)  # (batch, 1, hidden_size)
 
 
 def norm_output_dtype(mixer, norm_weight):

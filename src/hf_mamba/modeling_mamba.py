@@ -19,7 +19,7 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .block import MambaBlock, MambaMixer, MambaRMSNorm, norm_output_dtype
+from .block import MambaBlock, MambaMixer, MambaRMSNorm, ScaledOutput, norm_output_dtype
 from .cache import MambaCache, check_cache
 from .compat import CACHE_FIELD
 from .configuration_mamba import MambaConfig
@@ -211,14 +211,17 @@ class MambaModel(MambaPreTrainedModel):
         layers = self.layers
         normed = layers[0].norm(hidden_states, path=path, dtype=layers[0].norm.weight.dtype)
         for block, next_block in zip(layers, [*layers[1:], None], strict=True):
+            # An fp16 mixer may leave its output's scale to the add (`ScaledOutput`); a hooked one returns a tensor.
             delta = block.mixer(
-                normed, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx, path=path
+                normed, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx, path=path,
+                defer_scale=plain(block.mixer, MambaMixer),
             )
+            delta, delta_scale = delta if isinstance(delta, ScaledOutput) else (delta, None)
             next_norm = next_block.norm if next_block is not None else self.norm_f
             next_mixer = next_block.mixer if next_block is not None else None
             hidden_states, normed = add_rms_norm(
                 block.residual_of(hidden_states), delta, next_norm.weight, next_norm.variance_epsilon, path.backend,
-                out_dtype=norm_output_dtype(next_mixer, next_norm.weight),
+                out_dtype=norm_output_dtype(next_mixer, next_norm.weight), delta_scale=delta_scale,
             )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)

@@ -38,6 +38,36 @@ def test_add_rms_norm_matches_the_model_ops(res_dtype, delta_dtype, w_dtype, hid
     torch.testing.assert_close(normed.float(), normed_ref.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("res_dtype", [torch.float32, torch.float16], ids=["fp32-residual", "fp16-residual"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_add_rms_norm_multiplies_delta_by_its_scale(res_dtype, backend, nan_fill_empty):
+    """delta_scale (an fp16 out_proj's output still to be multiplied by its power of two per token): the sum is
+    what adding the multiplied output gives, bit for bit, where that product fits fp16 or the stream is fp32
+    (a power of two times an fp16 value is exact in fp32); past fp16's range an fp16 stream gets the one
+    rounding of the fp32 sum, where the product rounded to fp16 first would be inf."""
+    torch.manual_seed(0)
+    hidden_size = 40
+    residual = torch.randn(4, 1, hidden_size, device=DEVICE).mul(30).to(res_dtype)
+    delta = torch.randn(4, 1, hidden_size, device=DEVICE).half()
+    scale = torch.tensor([1.0, 4.0, 2.0**10, 2.0**15], device=DEVICE)[:, None, None]
+    delta[3, 0, 0], residual[3, 0, 0] = 2.5, -30000.0  # 2.5 * 2^15 = 81920 is past 65504, the sum is not
+    weight = (1 + 0.1 * torch.randn(hidden_size, device=DEVICE)).half()
+    hidden, normed = add_rms_norm(residual, delta, weight, 1e-5, backend=backend, delta_scale=scale)
+    multiplied = delta * scale  # fp32
+    if res_dtype == torch.float16:
+        multiplied = multiplied.half()
+    hidden_then, normed_then = add_rms_norm(residual, multiplied, weight, 1e-5, backend=backend)
+    assert hidden.dtype == hidden_then.dtype == res_dtype and normed.dtype == torch.float16
+    fits = slice(None) if res_dtype == torch.float32 else slice(0, 3)
+    assert torch.equal(hidden[fits], hidden_then[fits]) and torch.equal(normed[fits], normed_then[fits])
+    if res_dtype == torch.float16:
+        assert torch.isinf(hidden_then[3]).any()  # the product rounded to fp16 first
+        assert torch.equal(hidden[3], (residual[3].float() + delta[3].float() * 2.0**15).half())
+        assert torch.isfinite(hidden).all() and torch.isfinite(normed).all()
+    with pytest.raises(ValueError, match=r"delta_scale must have shape \(4, 1, 1\)"):
+        add_rms_norm(residual, delta, weight, 1e-5, backend=backend, delta_scale=scale[:, 0])
+
+
 TRAIN_CASES = [
     # (input dtype, weight dtype, hidden_size, rows): rows past 4 programs per multiprocessor make each
     # program loop over several rows, the last one partly
