@@ -8,7 +8,8 @@ matmul sees the y it saw before. At that bound out_proj's sums stay far inside f
 by 2^-22 (where y / s turns subnormal) adds less than the matmul's rounding.
 
 The training mixer takes one s for its whole y (`fp16_range_scale`); elsewhere each token has its own
-(`to_fp16_range`), which a decode step computes in one launch.
+(`to_fp16_range`), which a decode step or a prefill computes in one launch, and where nothing needs gradients
+the model's residual add multiplies out_proj's result by it (`add_rms_norm`'s delta_scale).
 """
 
 import torch
