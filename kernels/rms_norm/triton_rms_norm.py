@@ -327,9 +327,11 @@ def _(residual, delta, weight, eps, out_dtype):
 
 
 def add_rms_norm_triton(residual, delta, weight, eps, out_dtype=None, delta_scale=None):
-    """Triton path of `hf_mamba.kernels.add_rms_norm` without autograd (delta_scale: not under torch.compile)."""
+    """Triton path of `hf_mamba.kernels.add_rms_norm` without autograd."""
     args = (residual, delta, weight.contiguous(), float(eps), out_dtype or weight.dtype)
     if torch.compiler.is_compiling():
+        if delta_scale is not None:  # add_rms_norm takes the PyTorch ops for it there
+            raise ValueError("delta_scale is not supported under torch.compile here: call add_rms_norm")
         return add_rms_norm_op(*args)  # the op torch.compile / export trace through
     return _add_rms_norm(*args, delta_scale=delta_scale)  # eager: no custom-op dispatch on the host
 
