@@ -236,7 +236,7 @@ def test_fp16_inference_keeps_a_y_beyond_fp16_range(backend, precision, tmp_path
         prefill = half(ids[:, :8], use_cache=True)
         steps = [prefill.logits]
         for t in range(8, 12):
-            steps.append(half(ids[:, t : t + 1], cache_params=prefill.cache_params, use_cache=True).logits)
+            steps.append(half(ids[:, t : t + 1], cache=prefill.cache, use_cache=True).logits)
     stepped = torch.cat(steps, dim=1).float().cpu()
     bound = 3e-3 * expected.abs().max().item()
     for logits in (full, stepped):
@@ -264,7 +264,7 @@ def test_fp16_mixer_leaves_its_scale_to_the_residual_add(residual_in_fp32, tmp_p
             prefill = half(ids[:, :8], use_cache=True)
             steps = [prefill.logits]
             for t in range(8, 10):
-                steps.append(half(ids[:, t : t + 1], cache_params=prefill.cache_params, use_cache=True).logits)
+                steps.append(half(ids[:, t : t + 1], cache=prefill.cache, use_cache=True).logits)
         return torch.cat(steps, dim=1)
 
     mixer_cls = type(half.backbone.layers[0].mixer)
