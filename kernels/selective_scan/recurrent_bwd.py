@@ -64,6 +64,9 @@ class RecurrentBwdTuning:
         dC over the 32 lanes).
     interpret_tile_steps: the same under the Triton interpreter (CPU tests), where 16-step tiles ran
         2-3x slower than 8 for no reason found; T changes only the unrolling.
+    states_per_iter: how many states pass 1 and phase F (the chunk's forward rerun) update per iteration of
+        their loops over the states (0, or one that does not divide d_state: all, unrolled, their values in
+        registers across tiles); fewer make a smaller kernel, which compiles faster.
     chain: the adjoint chain's block sizes.
     """
 
@@ -71,6 +74,7 @@ class RecurrentBwdTuning:
     min_tiles_per_seg: int = 16
     tile_steps: int = 16
     interpret_tile_steps: int = 8
+    states_per_iter: int = 0
     chain: ChainTuning = ChainTuning()
 
 
@@ -165,34 +169,84 @@ def _load_decay_rates(L, I, N, tag):
     load_states(L, I, [f"a_{n}" for n in range(N)], "p_A_d", "s_A_n", "BLOCK_D", tag, convert=convert)
 
 
-def _adjoint_pass(L, I, T, N):
-    """Pass 1 of a segmented backward: per state P = prod a_t and Q = sum_t (prod_{s<=t} a_s) dy_t C_t."""
+def _adjoint_pass(L, I, T, N, G):
+    """Pass 1 of a segmented backward: per state P = prod a_t and Q = sum_t (prod_{s<=t} a_s) dy_t C_t.
+
+    G states per iteration of a loop over the states, as in phase F (`_forward_phase`): with G < N each
+    state's P and Q live in their place in the output between tiles."""
     ns = range(N)
-    _load_decay_rates(L, I, N, "ap")
-    for n in ns:
-        L.append(f"{I}p_{n} = tl.full([BLOCK_D], 1.0, tl.float32)")
-        L.append(f"{I}q_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+    L.append(f"{I}p_pq = p_PQ + (i_b * n_seg + i_s) * {2 * N} * d_inner + o_d  # (batch, n_seg, 2, N, d_inner)")
+    if G < N:
+        L.append(f"{I}for i_n in range(0, {N}):")
+        L.append(f"{I}    tl.store(p_pq + i_n * d_inner, tl.full([BLOCK_D], 1.0, tl.float32), mask=m_d)")
+        L.append(f"{I}    tl.store(p_pq + ({N} + i_n) * d_inner, tl.zeros([BLOCK_D], dtype=tl.float32), mask=m_d)")
+    else:
+        _load_decay_rates(L, I, N, "ap")
+        for n in ns:
+            L.append(f"{I}p_{n} = tl.full([BLOCK_D], 1.0, tl.float32)")
+            L.append(f"{I}q_{n} = tl.zeros([BLOCK_D], dtype=tl.float32)")
     L.append(f"{I}for i_c in range(tile_start, tile_end):")
     J = I + "    "
     _tile_prologue(L, J, T, ("dt", "do", "z"))
     _dy(L, J, T)
     keeps(L, J, T)
+    if G < N:
+        L.append(f"{J}for i_g in range(0, {N // G}):")
+        K = J + "    "
+        for j in range(G):
+            n = f"(i_g * {G} + {j})"
+            L.append(f"{K}a_g = {decay_rate(n)}")
+            L.append(f"{K}p_g = tl.load(p_pq + {n} * d_inner, mask=m_d, other=0.0)")
+            L.append(f"{K}q_g = tl.load(p_pq + ({N} + {n}) * d_inner, mask=m_d, other=0.0)")
+            time_vector(L, K, f"p_C_b + {n} * s_C_n", "ct", T)
+            _decays(L, K, T, "a_g")
+            for t in range(T):
+                L.append(f"{K}p_g = p_g * e_{t}")
+                L.append(f"{K}q_g += p_g * (dy_{t} * ct_{t})")
+            L.append(f"{K}tl.store(p_pq + {n} * d_inner, p_g, mask=m_d)")
+            L.append(f"{K}tl.store(p_pq + ({N} + {n}) * d_inner, q_g, mask=m_d)")
+        return
     for n in ns:
         time_vector(L, J, f"p_C_b + {n} * s_C_n", "ct", T)
         _decays(L, J, T, f"a_{n}")
         for t in range(T):
             L.append(f"{J}p_{n} = p_{n} * e_{t}")
             L.append(f"{J}q_{n} += p_{n} * (dy_{t} * ct_{t})")
-    L.append(f"{I}p_pq = p_PQ + (i_b * n_seg + i_s) * {2 * N} * d_inner + o_d  # (batch, n_seg, 2, N, d_inner)")
     store_states(L, I, [f"p_{n}" for n in ns], "p_pq", "d_inner", "BLOCK_D", "pp")
     store_states(L, I, [f"q_{n}" for n in ns], f"(p_pq + {N} * d_inner)", "d_inner", "BLOCK_D", "pq")
 
 
-def _forward_phase(L, I, T, N):
-    """Phase F: h from the chunk's checkpoint to its last tile, storing h at each tile's start."""
+def _forward_phase(L, I, T, N, G):
+    """Phase F: h from the chunk's checkpoint to its last tile, storing h at each tile's start.
+
+    G states per iteration of a loop over the states (G = N: all unrolled, h in registers across tiles;
+    G < N: each state's h goes through the tile's scratch entry, which phase R reads anyway, and the kernel
+    is a fraction of the size, so it compiles faster)."""
     ns = range(N)
-    _load_decay_rates(L, I, N, "af")  # here, not live through phase R
     L.append(f"{I}p_hc_c = p_hc + ((i_b * d_inner + o_d) * n_ckpt + i_k) * {N}")
+    if G < N:
+        load_states(L, I, [f"h_{n}" for n in ns], "p_hc_c", "1", "BLOCK_D", "hc", convert=lambda t: t)
+        L.append(f"{I}p_scr_t = p_scr_p")
+        store_states(L, I, [f"h_{n}" for n in ns], "p_scr_t", "BLOCK_D", "BLOCK_D", "scr0", mask=None)
+        L.append(f"{I}for i_c in range(k_first, k_last):")
+        J = I + "    "
+        _tile_prologue(L, J, T, ("u", "dt"))
+        L.append(f"{J}b_dtu = b_dt * raw_u.to(tl.float32)")
+        unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
+        keeps(L, J, T)
+        L.append(f"{J}p_scr_t = p_scr_p + (i_c - k_first) * {N} * BLOCK_D")
+        L.append(f"{J}for i_g in range(0, {N // G}):")
+        K = J + "    "
+        for j in range(G):
+            n = f"(i_g * {G} + {j})"
+            L.append(f"{K}a_g{j} = {decay_rate(n)}")
+            L.append(f"{K}h_g{j} = tl.load(p_scr_t + {n} * BLOCK_D)")
+            time_vector(L, K, f"p_B_b + {n} * s_B_n", f"bt{j}", T)
+            for t in range(T):
+                L.append(f"{K}h_g{j} = tl.exp2(dt_{t} * a_g{j}) * keep_{t} * h_g{j} + dtu_{t} * bt{j}_{t}")
+            L.append(f"{K}tl.store(p_scr_t + {N} * BLOCK_D + {n} * BLOCK_D, h_g{j})")
+        return
+    _load_decay_rates(L, I, N, "af")  # here, not live through phase R
     load_states(L, I, [f"h_{n}" for n in ns], "p_hc_c", "1", "BLOCK_D", "hc", convert=lambda t: t)
     L.append(f"{I}for i_c in range(k_first, k_last):")
     J = I + "    "
@@ -303,8 +357,9 @@ def _reverse_phase(L, I, T, N):
     L.append(f"{J}    tl.store(p_y + p_o, b_y.to(p_y.dtype.element_ty), mask=m_dt)")
 
 
-def _bwd_source(N, T):
-    """Source of the backward kernel for d_state = N and T time steps per tile."""
+def _bwd_source(N, T, G):
+    """Source of the backward kernel for d_state = N, T time steps per tile and G states per iteration of
+    pass 1 and phase F."""
     L = []
     L.append("@triton.jit")
     L.append("def scan_bwd_kernel(")
@@ -342,7 +397,7 @@ def _bwd_source(N, T):
     L.append(f"{I}tile_start = k_start * (CKPT // T)")
     L.append(f"{I}tile_end = tl.minimum(k_end * (CKPT // T), n_tiles)")
     L.append(f"{I}if ADJOINT_ONLY:")
-    _adjoint_pass(L, I + "    ", T, N)
+    _adjoint_pass(L, I + "    ", T, N, G)
     L.append(f"{I}else:")
     J = I + "    "
     L.append(f"{J}if LANE_SUM:")
@@ -360,7 +415,7 @@ def _bwd_source(N, T):
     L.append(f"{K}i_k = k_end - 1 - i_kr")
     L.append(f"{K}k_first = i_k * (CKPT // T)")
     L.append(f"{K}k_last = tl.minimum(k_first + CKPT // T, n_tiles) - 1")
-    _forward_phase(L, K, T, N)
+    _forward_phase(L, K, T, N, G)
     _reverse_phase(L, K, T, N)
     # This program's sums added into p_dsum (zeroed by the host): dA (d_inner, d_state), then dD
     # and dΔ bias (d_inner,) each. Atomics, as for dB and dC: no partial buffers, no sum kernels.
@@ -377,8 +432,8 @@ def _bwd_source(N, T):
 
 
 @functools.cache
-def _bwd_kernel(N, T):
-    return generated_kernel(_bwd_source(N, T), f"scan_bwd_N{N}_T{T}", "scan_bwd_kernel")
+def _bwd_kernel(N, T, G):
+    return generated_kernel(_bwd_source(N, T, G), f"scan_bwd_N{N}_T{T}_G{G}", "scan_bwd_kernel")
 
 
 def scan_bwd_recurrent(
@@ -439,7 +494,8 @@ def scan_bwd_recurrent(
     scratch = torch.empty(programs * n_seg * (ckpt_len // T) * d_state * block_d, **f32)  # tile-start states
     A_c = A.contiguous()
     z_ = z if z is not None else u
-    kernel = _bwd_kernel(d_state, T)
+    G = tuning.states_per_iter
+    kernel = _bwd_kernel(d_state, T, G if 0 < G < d_state and d_state % G == 0 else d_state)
     strides = (
         *u.stride(), *delta.stride(), *z_.stride(), *dout.stride(), *du.stride(),
         *(dz.stride() if dz is not None else (0, 0, 0)), *A_c.stride(),

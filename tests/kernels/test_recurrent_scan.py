@@ -48,6 +48,23 @@ def test_backward_segments(documents, dtype, tile, nan_fill_empty):
     check_scan("triton", case, dtype, transposed_BC=False, seq_idx=seq_idx, tuning=tuning)
 
 
+@pytest.mark.parametrize("states", [1, 2])
+@pytest.mark.parametrize("dtype", FP32_BF16)
+def test_backward_forward_phase_in_state_groups(dtype, states, nan_fill_empty):
+    """Phase F of the backward (the chunk's forward rerun) looping over the states a group at a time,
+    each state's h passing through the tile's scratch entry: segments, several checkpoint chunks, a
+    ragged end, masked channels and document resets."""
+    torch.manual_seed(16)
+    tuning = ScanTuning(
+        bwd=RecurrentBwdTuning(min_tiles_per_seg=2, warps_per_sm=64, states_per_iter=states),
+        chunk=ChunkTuning(max_chunk=32),
+    )
+    case = dict(cpu=(1, 5, 75, 4), gpu=(1, 100, 1499, 16), D=True, z=True, bias=True, h0=True)
+    batch, _, seqlen, _ = case["gpu" if ON_GPU else "cpu"]
+    seq_idx = document_ids(batch, seqlen, 4, seed=3)
+    check_scan("triton", case, dtype, transposed_BC=False, seq_idx=seq_idx, tuning=tuning)
+
+
 @pytest.mark.parametrize("dtype", FP32_BF16)
 def test_many_checkpoint_chunks(dtype, nan_fill_empty):
     """Short checkpoint chunks: the checkpoints, the adjoint carried back across chunks."""
