@@ -32,6 +32,7 @@ def _hand_over_to_hugging_face_kernels():
 
 
 if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
+    from ._launch import wait_for_background_compiles
     from .causal_conv1d import causal_conv1d, causal_conv1d_update
     from .fp16_range import fp16_range_scale, to_fp16_range, y_dtype
     from .mamba_inner import compute_dtype, mamba_inner_triton
@@ -82,6 +83,7 @@ __all__ = [
     "selective_scan_ref",
     "selective_state_update",
     "selective_state_update_ref",
+    "wait_for_background_compiles",
     "to_fp16_range",
     "weightless_rms_norm",
     "weightless_rms_norms",

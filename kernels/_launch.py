@@ -6,6 +6,7 @@ import contextvars
 import functools
 import inspect
 import os
+import threading
 import warnings
 
 import torch
@@ -180,6 +181,90 @@ def compile_ahead(fn, *args):
     finally:
         _COMPILE_ONLY.reset(token)
     return True
+
+
+def launch_once_compiled(kernel, fallback, grid, *args, **constexprs):
+    """launch(kernel, ...) once kernel is compiled for arguments specialised as these; until then
+    launch(fallback, ...), a kernel that computes the same and compiles faster, while kernel compiles
+    in a background thread (started by the first such call). Where the fast path does not apply
+    (interpreter, older Triton, `plain_launches()`) kernel launches, compiling as it goes.
+
+    Why: the scan backward's fastest kernel takes three times as long to compile as a variant a few
+    percent slower, and its compile bounded the first training step (docs/kernels.md, "First calls").
+    A compile that fails in the background is warned about, and fallback stays."""
+    if fallback is kernel or not (_FAST_PATH and isinstance(kernel, JITFunction)) or _PLAIN.get():
+        launch(kernel, grid, *args, **constexprs)
+        return
+    device = torch.cuda.current_device()
+    args_key = _args_key(args)
+    if args_key is not None and (id(kernel), device, args_key, *constexprs, *constexprs.values()) in _launches:
+        launch(kernel, grid, *args, **constexprs)  # the usual case after the first steps: one lookup
+        return
+    key = (kernel, device, _signature(args), *constexprs.items())
+    # While a CUDA graph captures, only a kernel launched before (its module loaded) switches in.
+    if key in _compiled or (
+        _compiled_in_background(key, kernel, device, grid, args, constexprs)
+        and not torch.cuda.is_current_stream_capturing()
+    ):
+        launch(kernel, grid, *args, **constexprs)
+    else:
+        launch(fallback, grid, *args, **constexprs)
+
+
+_background = {}  # (kernel, device, signature, *constexprs) -> concurrent.futures.Future of its compile
+
+
+def _compiled_in_background(key, kernel, device, grid, args, constexprs):
+    """Whether the background compile of `key` finished; starts it if none did."""
+    future = _background.get(key)
+    if future is None:
+        future = _background[key] = concurrent.futures.Future()
+        stand_ins = [_stand_in(a) for a in args]
+        kwargs = {k: _stand_in(v) for k, v in constexprs.items()}
+        threading.Thread(
+            target=_compile, args=(future, kernel, device, grid, stand_ins, kwargs), daemon=True,
+            name="hf_mamba-background-compile",
+        ).start()
+        return False
+    if not future.done():
+        return False
+    if future.exception() is not None:
+        if not getattr(future, "warned", False):
+            future.warned = True
+            warnings.warn(
+                f"hf_mamba: compiling {kernel.__name__} failed ({future.exception()!r}); a slower variant runs "
+                "instead", stacklevel=3,
+            )
+        return False
+    return True
+
+
+def _compile(future, kernel, device, grid, args, constexprs):
+    """Compile kernel for these arguments on `device` (a daemon thread: an exit does not wait for it;
+    Triton writes its cache files whole or not at all)."""
+    try:
+        with torch.cuda.device(device):
+            kernel.warmup(*args, grid=grid, **constexprs)
+    except Exception as exc:  # noqa: BLE001 - reported where the result is read
+        future.set_exception(exc)
+    else:
+        future.set_result(None)
+
+
+def wait_for_background_compiles(timeout=None):
+    """Wait until every kernel compiling in the background (`launch_once_compiled`) is built, so that
+    what runs next is what runs in the steady state (benchmarks call this before timing)."""
+    concurrent.futures.wait(list(_background.values()), timeout)
+
+
+def _stand_in(a):
+    """What Triton specialises a tensor argument on, without keeping the tensor (and its memory) alive
+    while a compile runs: a small CPU tensor of the same dtype whose data pointer has the same alignment
+    modulo 16."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    misalign = a.data_ptr() % 16
+    return torch.empty(64, dtype=a.dtype)[misalign // a.element_size() :]
 
 
 # The current CUDA stream's handle, as Triton's own launch path reads it (torch.cuda.current_stream

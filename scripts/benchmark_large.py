@@ -58,6 +58,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.utils.checkpoint
 import transformers
+from hf_mamba.kernels import wait_for_background_compiles
 from torch import nn
 
 import hf_mamba
@@ -348,6 +349,7 @@ class Bench:
 
         try:
             first, _ = timed(step, self.device)
+            wait_for_background_compiles()  # the warm-up steps run the steady state's kernels
             for _ in range(self.sizes.warmup_steps):
                 step()
             reset_peak(self.device)
@@ -418,6 +420,7 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
 
         first, _ = timed(step, self.device)
+        wait_for_background_compiles()
         for _ in range(self.sizes.warmup_steps):
             step()
         reset_peak(self.device)

@@ -32,6 +32,7 @@ import time
 
 import torch
 import transformers
+from hf_mamba.kernels import wait_for_background_compiles
 
 from hf_mamba import MambaConfig, MambaForCausalLM
 
@@ -99,6 +100,7 @@ def train_throughput(name, model, args, logits_of, warmup_steps=None, steps=None
         optimizer.zero_grad(set_to_none=True)
 
     first_step = timed(step, CUDA)[0]  # compiles every kernel the model needs on its first use
+    wait_for_background_compiles()  # then the warm-up steps run the steady state's kernels
     for _ in range((args.warmup_steps if warmup_steps is None else warmup_steps) - 1):
         step()
     torch.cuda.reset_peak_memory_stats()

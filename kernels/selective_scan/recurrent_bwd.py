@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._launch import cdiv, launch, seq_idx_args, wide_index
+from .._launch import cdiv, launch_once_compiled, seq_idx_args, wide_index
 from ..triton_utils import shfl_xor_code
 from .chain import ChainTuning, chain_adjoints, segment_count
 from .codegen import (
@@ -66,7 +66,10 @@ class RecurrentBwdTuning:
         2-3x slower than 8 for no reason found; T changes only the unrolling.
     states_per_iter: how many states pass 1 and phase F (the chunk's forward rerun) update per iteration of
         their loops over the states (0, or one that does not divide d_state: all, unrolled, their values in
-        registers across tiles); fewer make a smaller kernel, which compiles faster.
+        registers across tiles); fewer make a smaller kernel, which compiles faster and runs slower.
+    fallback_states_per_iter: the same for the variant that runs while the kernel compiles in a background
+        thread (`launch_once_compiled`; on CUDA, where the fast launch path applies); 0: none, the first
+        call waits for the kernel's compile.
     chain: the adjoint chain's block sizes.
     """
 
@@ -75,6 +78,7 @@ class RecurrentBwdTuning:
     tile_steps: int = 16
     interpret_tile_steps: int = 8
     states_per_iter: int = 0
+    fallback_states_per_iter: int = 1
     chain: ChainTuning = ChainTuning()
 
 
@@ -431,6 +435,11 @@ def _bwd_source(N, T, G):
     return HEADER + "\n".join(L) + "\n"
 
 
+def _states_per_iter(G, N):
+    """G states per iteration where it divides N, else all N (unrolled)."""
+    return G if 0 < G < N and N % G == 0 else N
+
+
 @functools.cache
 def _bwd_kernel(N, T, G):
     return generated_kernel(_bwd_source(N, T, G), f"scan_bwd_N{N}_T{T}_G{G}", "scan_bwd_kernel")
@@ -494,8 +503,9 @@ def scan_bwd_recurrent(
     scratch = torch.empty(programs * n_seg * (ckpt_len // T) * d_state * block_d, **f32)  # tile-start states
     A_c = A.contiguous()
     z_ = z if z is not None else u
-    G = tuning.states_per_iter
-    kernel = _bwd_kernel(d_state, T, G if 0 < G < d_state and d_state % G == 0 else d_state)
+    kernel = _bwd_kernel(d_state, T, _states_per_iter(tuning.states_per_iter, d_state))
+    G = tuning.fallback_states_per_iter
+    fallback = _bwd_kernel(d_state, T, _states_per_iter(G, d_state)) if G else kernel
     strides = (
         *u.stride(), *delta.stride(), *z_.stride(), *dout.stride(), *du.stride(),
         *(dz.stride() if dz is not None else (0, 0, 0)), *A_c.stride(),
@@ -510,8 +520,8 @@ def scan_bwd_recurrent(
     )
 
     def run_pass(PQ, segments, **pass_flags):
-        launch(
-            kernel, (batch, n_blocks, segments),
+        launch_once_compiled(
+            kernel, fallback, (batch, n_blocks, segments),
             u, delta, A_c, B, C, D, z, delta_bias, chunk_states, dout,
             du, ddelta, dz, y_out, dBC, dA, dsum, x, PQ, scratch,
             seqlen, d_inner, n_ckpt, ckpts_per_seg, *strides, *seq_idx_args(seq_idx),

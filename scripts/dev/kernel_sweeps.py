@@ -50,7 +50,7 @@ BACKWARD_ROWS = [
     ("segments below 32 warps/SM", replace(DEFAULT_TUNING, bwd=replace(BWD, warps_per_sm=32))),
     ("8-step tiles", replace(DEFAULT_TUNING, bwd=replace(BWD, tile_steps=8))),
     *((f"states per iteration {g}", replace(DEFAULT_TUNING, bwd=replace(BWD, states_per_iter=g)))
-      for g in (0, 1, 2, 4, 8)),
+      for g in (1, 2, 4)),
     ("chunk backward", replace(DEFAULT_TUNING, recurrent_bwd_max_d_state=0)),
     ("chunk backward, 256-step chunks, 2 warps",
      replace(DEFAULT_TUNING, recurrent_bwd_max_d_state=0, chunk=ChunkTuning(max_chunk=256, max_warps=2))),

@@ -62,3 +62,119 @@ def test_fast_launch_reuses_only_matching_kernels():
             expected[1:][: n * s_y : s_y] = x[: n * s_x : s_x][:n] * scale
             torch.testing.assert_close(y, expected, rtol=0, atol=0)
     assert len(_launch._compiled) == len(cases)
+
+
+@triton.jit
+def _scaled_copy_kernel(p_x, p_y, n, s_x, s_y, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """What _strided_copy_kernel computes, written another way (the stand-in while it compiles)."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    x = tl.load(p_x + o * s_x, mask=m, other=0.0)
+    tl.store(p_y + o * s_y, x * SCALE, mask=m)
+
+
+class _FakeKernel:
+    """Stands for a JITFunction in `launch_once_compiled`'s decisions (nothing compiles or runs)."""
+
+    __name__ = "fake_kernel"
+
+
+def _fake_background(monkeypatch, compile_fn):
+    """launch_once_compiled as on CUDA, its launches recorded and its background compile `compile_fn`."""
+    launched = []
+    monkeypatch.setattr(_launch, "_FAST_PATH", True)
+    monkeypatch.setattr(_launch, "JITFunction", _FakeKernel)
+    monkeypatch.setattr(_launch, "launch", lambda kernel, grid, *a, **k: launched.append(kernel))
+    monkeypatch.setattr(_launch, "_compile", compile_fn)
+    monkeypatch.setattr(_launch, "_background", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    return launched
+
+
+capturing = [False]  # what the stubbed torch.cuda.is_current_stream_capturing answers
+
+
+def test_fallback_runs_until_the_kernel_compiled_in_the_background(monkeypatch):
+    """The first call starts one background compile per specialisation and launches the fallback, as do
+    calls until that compile is done; then the kernel launches. Other arguments' specialisations compile
+    on their own."""
+    import threading
+
+    release = threading.Event()
+
+    def compile_fn(future, kernel, device, grid, args, constexprs):
+        started.append((kernel, args, constexprs))
+        release.wait(10)
+        future.set_result(None)
+
+    started = []
+    launched = _fake_background(monkeypatch, compile_fn)
+    kernel, fallback = _FakeKernel(), _FakeKernel()
+    x = torch.zeros(64)
+    for _ in range(3):
+        _launch.launch_once_compiled(kernel, fallback, (1,), x, 16, BLOCK=64)
+    assert launched == [fallback] * 3 and len(started) == 1
+    # the compile got stand-ins: no reference to x, the same dtype and alignment
+    (_, args, constexprs), = started
+    assert args[0] is not x and args[0].dtype == x.dtype and args[0].data_ptr() % 16 == 0
+    assert args[1] == 16 and constexprs == {"BLOCK": 64}
+    release.set()
+    _launch.wait_for_background_compiles(timeout=10)
+    capturing[0] = True  # a CUDA graph capture: the kernel never launched, so the fallback still runs
+    try:
+        _launch.launch_once_compiled(kernel, fallback, (1,), x, 16, BLOCK=64)
+    finally:
+        capturing[0] = False
+    assert launched[-1] is fallback
+    _launch.launch_once_compiled(kernel, fallback, (1,), x, 16, BLOCK=64)
+    assert launched[-1] is kernel
+    # an unaligned pointer is another specialisation: its own compile, the fallback meanwhile
+    release.clear()
+    _launch.launch_once_compiled(kernel, fallback, (1,), x[1:], 16, BLOCK=64)
+    assert launched[-1] is fallback and len(started) == 2 and started[-1][1][0].data_ptr() % 16 == 4
+    release.set()
+    _launch.wait_for_background_compiles(timeout=10)
+
+
+def test_failed_background_compile_keeps_the_fallback_and_warns_once(monkeypatch):
+    def compile_fn(future, *args):
+        future.set_exception(RuntimeError("ptxas died"))
+
+    launched = _fake_background(monkeypatch, compile_fn)
+    kernel, fallback = _FakeKernel(), _FakeKernel()
+    _launch.launch_once_compiled(kernel, fallback, (1,), 3)
+    with pytest.warns(UserWarning, match="compiling fake_kernel failed .*ptxas died"):
+        _launch.launch_once_compiled(kernel, fallback, (1,), 3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _launch.launch_once_compiled(kernel, fallback, (1,), 3)
+    assert launched == [fallback] * 3
+
+
+def test_no_background_compile_without_a_distinct_fallback(monkeypatch):
+    launched = _fake_background(monkeypatch, lambda *a: pytest.fail("nothing compiles in the background"))
+    kernel = _FakeKernel()
+    _launch.launch_once_compiled(kernel, kernel, (1,), 3)
+    assert launched == [kernel]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the background compile runs on CUDA only")
+def test_background_compile_on_cuda():
+    """A real background compile: the fallback computes the result until the kernel is built, then the
+    kernel does, through the fast path."""
+    x = torch.arange(1000, device="cuda", dtype=torch.float32)
+    results = []
+    for _ in range(2):
+        y = torch.zeros_like(x)
+        _launch.launch_once_compiled(
+            _strided_copy_kernel, _scaled_copy_kernel, (16,), x, y, 1000, 1, 1, SCALE=3.0, BLOCK=64
+        )
+        results.append(y)
+        _launch.wait_for_background_compiles(timeout=120)
+    assert not any(f.exception() for f in _launch._background.values())
+    assert any(key[0] is _strided_copy_kernel for key in _launch._compiled)
+    for y in results:
+        torch.testing.assert_close(y, x * 3.0, rtol=0, atol=0)
