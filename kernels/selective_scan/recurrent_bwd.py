@@ -23,9 +23,11 @@ states (dΔ, du, y) need no shuffles. The work per state update is then a few FM
   nothing else.
 
 H200, bf16, forward + backward at (8, 1536, 2048, 16): 1.55 ms against mamba_ssm's 2.19
-(docs/kernels.md, "Measured"). Compiling takes longer than the chunk kernel's: on the 2-core CI
-machine, for sm_90, 20 s for pass 2 and 10 s for pass 1, most of it in Triton's coalescing pass
-(whose cost grows with memory ops times kernel size).
+(docs/kernels.md, "Measured"). With the states of phase F and pass 1 unrolled the kernel compiles slowly
+(on the 2-core CI machine, for sm_90, 8 s for pass 2 and 3.5 s for pass 1, mostly in Triton's coalescing
+pass, whose cost grows with memory ops times the kernel's size squared); a variant that loops over the
+states one at a time compiles in 2.7 and 0.6 s and runs 4-8% slower, so it runs while the unrolled one
+compiles in the background (`launch_once_compiled`, `RecurrentBwdTuning`).
 """
 
 import functools

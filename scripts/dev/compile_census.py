@@ -14,7 +14,8 @@ hf_mamba.kernels is intercepted: its arguments go through Triton's own binder (t
 stand-ins of the same dtype and 16-byte alignment, ints as they are), which gives the exact
 specialisation a GPU run keys its compile on (signature, constexprs, divisibility attributes, options);
 nothing runs. Launches made inside `compile_ahead`'s dry pass are tagged, so the table shows which
-compiles it overlaps. Generation runs the forward calls generate() makes (prefill, one-token steps);
+compiles it overlaps, as are the kernels `launch_once_compiled` builds in a background thread (their
+fallbacks are recorded as launched). Generation runs the forward calls generate() makes (prefill, one-token steps);
 the CUDA-graph capture of the decode step launches the same kernels and is not emulated.
 
 Each distinct specialisation is then compiled for sm_90 (`triton.compile(ASTSource(...),
@@ -28,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -161,11 +163,28 @@ def record_launch(kernel, grid, *args, **constexprs):
             launches=0,
             src=(kernel, signature, consts, attrs, options),
         )
-    if _launch._COMPILE_ONLY.get():
+    if _BACKGROUND[0]:
+        rec["background"] = True
+    if _launch._COMPILE_ONLY.get() and not _BACKGROUND[0]:
         rec["ahead"] = True
     elif phase[0] not in rec["phases"]:
         rec["phases"].append(phase[0])
     rec["launches"] += 1
+
+
+_BACKGROUND = [False]  # set while the kernel of a `launch_once_compiled` call is recorded
+
+
+def record_once_compiled(kernel, fallback, grid, *args, **constexprs):
+    """`launch_once_compiled`: the fallback launches (and compiles ahead where the call does); the kernel
+    compiles in a background thread, which a first call does not wait for (its rows say "background")."""
+    record_launch(fallback, grid, *args, **constexprs)
+    if kernel is not fallback:
+        _BACKGROUND[0] = True
+        try:
+            record_launch(kernel, grid, *args, **constexprs)
+        finally:
+            _BACKGROUND[0] = False
 
 
 def patch_kernels():
@@ -182,6 +201,7 @@ def patch_kernels():
 
     replacements = {
         "launch": record_launch,
+        "launch_once_compiled": record_once_compiled,
         "sm_count": lambda device: SMS,
         "device_guard": lambda t: contextlib.nullcontext(),
         "resolve_backend": lambda backend, device: backend or "triton",  # meta tensors: the CUDA choice
@@ -286,6 +306,20 @@ def compile_all(recs, ptx_dir=None, only=None):
         print(f"  #{i} {rec['kernel']}: {rec['seconds']:.1f} s ({rec['stages']})", file=sys.stderr, flush=True)
 
 
+def _kernel_name(rec):
+    """The kernel's name, with the states per iteration of a generated backward's variant (`_G<n>_`)."""
+    variant = re.search(r"scan_bwd_N(\d+)_T\d+_G(\d+)_", rec["module"])
+    if variant is None:
+        return rec["kernel"]
+    n, g = variant.groups()
+    return f"{rec['kernel']} ({'all states' if n == g else f'{g} state(s)'} per iteration)"
+
+
+def _when(rec):
+    """When a first call compiles it: ahead (side by side), in the background (not waited for), or at launch."""
+    return "background" if rec.get("background") else "yes" if rec["ahead"] else "no"
+
+
 def _short(rec):
     """The UPPER-case constexprs (flags by name) and the pointer dtypes other than fp32."""
     upper = {k: v for k, v in rec["constexprs"].items() if k.isupper() or k[0].isupper()}
@@ -343,18 +377,20 @@ def main():
         other = first.setdefault(rec["kernel"], (i, rec))
         diff = f"#{other[0]}: {_difference(rec, other[1])}" if other[1] is not rec else ""
         print(
-            f"| {i} | {'+'.join(rec['phases']) or 'ahead only'} | {rec['kernel']} | {_short(rec)} | "
-            f"{rec['options']['num_warps']} | {'yes' if rec['ahead'] else 'no'} | {rec['launches']} | {secs} "
+            f"| {i} | {'+'.join(rec['phases']) or 'ahead only'} | {_kernel_name(rec)} | {_short(rec)} | "
+            f"{rec['options']['num_warps']} | {_when(rec)} | {rec['launches']} | {secs} "
             f"| {diff} |"
         )
     if not args.record_only and not args.only:
         for name in ("train", "prefill", "decode"):
             mine = [r for r in recs if name in r["phases"]]
             ahead = [r for r in mine if r["ahead"]]
+            later = [r for r in mine if r.get("background")]
             print(
                 f"{name}: {len(mine)} compiles, {sum(r['seconds'] for r in mine):.1f} s "
                 f"({len(ahead)} of them compiled ahead: {sum(r['seconds'] for r in ahead):.1f} s; "
-                f"the slowest of those {max((r['seconds'] for r in ahead), default=0):.1f} s)"
+                f"the slowest of those {max((r['seconds'] for r in ahead), default=0):.1f} s; "
+                f"{len(later)} in the background, the slowest {max((r['seconds'] for r in later), default=0):.1f} s)"
             )
         gen = [r for r in recs if {"prefill", "decode"} & set(r["phases"]) and "train" not in r["phases"]]
         print(
