@@ -163,18 +163,21 @@ def test_no_background_compile_without_a_distinct_fallback(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the background compile runs on CUDA only")
 def test_background_compile_on_cuda():
-    """A real background compile: the fallback computes the result until the kernel is built, then the
-    kernel does, through the fast path."""
+    """A real background compile: the fallback computes the result until the kernel is built (in another
+    thread, from stand-in arguments), then the kernel does, through the fast path."""
     x = torch.arange(1000, device="cuda", dtype=torch.float32)
+    args = (x, torch.zeros_like(x), 1000, 1, 1)
+    constexprs = dict(SCALE=3.5, BLOCK=64)
+    key = (_strided_copy_kernel, torch.cuda.current_device(), _launch._signature(args), *constexprs.items())
+    assert key not in _launch._compiled and key not in _launch._background
     results = []
     for _ in range(2):
         y = torch.zeros_like(x)
-        _launch.launch_once_compiled(
-            _strided_copy_kernel, _scaled_copy_kernel, (16,), x, y, 1000, 1, 1, SCALE=3.0, BLOCK=64
-        )
+        _launch.launch_once_compiled(_strided_copy_kernel, _scaled_copy_kernel, (16,), x, y, *args[2:], **constexprs)
         results.append(y)
+        assert key in _launch._background  # started by the first call
         _launch.wait_for_background_compiles(timeout=120)
-    assert not any(f.exception() for f in _launch._background.values())
-    assert any(key[0] is _strided_copy_kernel for key in _launch._compiled)
+    assert _launch._background[key].exception() is None
+    assert key in _launch._compiled  # the second call launched the kernel itself
     for y in results:
-        torch.testing.assert_close(y, x * 3.0, rtol=0, atol=0)
+        torch.testing.assert_close(y, x * 3.5, rtol=0, atol=0)
