@@ -175,6 +175,13 @@ def _load_decay_rates(L, I, N, tag):
     load_states(L, I, [f"a_{n}" for n in range(N)], "p_A_d", "s_A_n", "BLOCK_D", tag, convert=convert)
 
 
+def _state_loop(L, I, N, G):
+    """Emit a loop over the N states, G per iteration; returns its body's indent and the code of each of
+    an iteration's states' index."""
+    L.append(f"{I}for i_g in range(0, {N // G}):")
+    return I + "    ", [f"(i_g * {G} + {j})" for j in range(G)]
+
+
 def _adjoint_pass(L, I, T, N, G):
     """Pass 1 of a segmented backward: per state P = prod a_t and Q = sum_t (prod_{s<=t} a_s) dy_t C_t.
 
@@ -197,10 +204,8 @@ def _adjoint_pass(L, I, T, N, G):
     _dy(L, J, T)
     keeps(L, J, T)
     if G < N:
-        L.append(f"{J}for i_g in range(0, {N // G}):")
-        K = J + "    "
-        for j in range(G):
-            n = f"(i_g * {G} + {j})"
+        K, states = _state_loop(L, J, N, G)
+        for n in states:
             L.append(f"{K}a_g = {decay_rate(n)}")
             L.append(f"{K}p_g = tl.load(p_pq + {n} * d_inner, mask=m_d, other=0.0)")
             L.append(f"{K}q_g = tl.load(p_pq + ({N} + {n}) * d_inner, mask=m_d, other=0.0)")
@@ -241,10 +246,8 @@ def _forward_phase(L, I, T, N, G):
         unpack("b_dtu", [f"dtu_{t}" for t in range(T)], L, J, "sdtu")
         keeps(L, J, T)
         L.append(f"{J}p_scr_t = p_scr_p + (i_c - k_first) * {N} * BLOCK_D")
-        L.append(f"{J}for i_g in range(0, {N // G}):")
-        K = J + "    "
-        for j in range(G):
-            n = f"(i_g * {G} + {j})"
+        K, states = _state_loop(L, J, N, G)
+        for j, n in enumerate(states):
             L.append(f"{K}a_g{j} = {decay_rate(n)}")
             L.append(f"{K}h_g{j} = tl.load(p_scr_t + {n} * BLOCK_D)")
             time_vector(L, K, f"p_B_b + {n} * s_B_n", f"bt{j}", T)
