@@ -88,10 +88,21 @@ def launch(kernel, grid, *args, **constexprs):
     if args_key is None:
         kernel[grid](*args, **constexprs)
         return
-    device = torch.cuda.current_device()
-    # id(kernel): a JITFunction hashes in Python (its source hash, under a lock); the entry keeps the
-    # kernel alive, so its id stays its own.
-    key = (id(kernel), device, args_key, *constexprs, *constexprs.values())
+    _launch_keyed(kernel, grid, args, constexprs, torch.cuda.current_device(), args_key)
+
+
+def _launch_key(kernel, device, args_key, constexprs):
+    """The key of `_launches`. id(kernel): a JITFunction hashes in Python (its source hash, under a lock);
+    the entry keeps the kernel alive, so its id stays its own."""
+    return (id(kernel), device, args_key, *constexprs, *constexprs.values())
+
+
+def _launch_keyed(kernel, grid, args, constexprs, device, args_key):
+    """`launch`'s fast path, for arguments whose `_args_key` is args_key (not None)."""
+    if _COMPILE_ONLY.get():
+        kernel.warmup(*args, grid=grid, **constexprs)
+        return
+    key = _launch_key(kernel, device, args_key, constexprs)
     entry = _launches.get(key)
     if entry is None:
         entry = _compiled_entry(kernel, grid, args, constexprs, device)
@@ -192,23 +203,22 @@ def launch_once_compiled(kernel, fallback, grid, *args, **constexprs):
     Why: the scan backward's fastest kernel takes three times as long to compile as a variant a few
     percent slower, and its compile bounded the first training step (docs/kernels.md, "First calls").
     A compile that fails in the background is warned about, and fallback stays."""
-    if fallback is kernel or not (_FAST_PATH and isinstance(kernel, JITFunction)) or _PLAIN.get():
+    fast = _FAST_PATH and not _PLAIN.get() and isinstance(kernel, JITFunction) and isinstance(fallback, JITFunction)
+    args_key = _args_key(args) if fast and fallback is not kernel else None
+    if args_key is None:
         launch(kernel, grid, *args, **constexprs)
         return
     device = torch.cuda.current_device()
-    args_key = _args_key(args)
-    if args_key is not None and (id(kernel), device, args_key, *constexprs, *constexprs.values()) in _launches:
-        launch(kernel, grid, *args, **constexprs)  # the usual case after the first steps: one lookup
+    if _launch_key(kernel, device, args_key, constexprs) in _launches:  # the usual case after the first steps
+        _launch_keyed(kernel, grid, args, constexprs, device, args_key)
         return
     key = (kernel, device, _signature(args), *constexprs.items())
     # While a CUDA graph captures, only a kernel launched before (its module loaded) switches in.
-    if key in _compiled or (
+    ready = key in _compiled or (
         _compiled_in_background(key, kernel, device, grid, args, constexprs)
         and not torch.cuda.is_current_stream_capturing()
-    ):
-        launch(kernel, grid, *args, **constexprs)
-    else:
-        launch(fallback, grid, *args, **constexprs)
+    )
+    _launch_keyed(kernel if ready else fallback, grid, args, constexprs, device, args_key)
 
 
 _background = {}  # (kernel, device, signature, *constexprs) -> concurrent.futures.Future of its compile

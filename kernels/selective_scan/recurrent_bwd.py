@@ -510,7 +510,7 @@ def scan_bwd_recurrent(
     z_ = z if z is not None else u
     kernel = _bwd_kernel(d_state, T, _states_per_iter(tuning.states_per_iter, d_state))
     G = tuning.fallback_states_per_iter
-    fallback = _bwd_kernel(d_state, T, _states_per_iter(G, d_state)) if G else kernel
+    fallback = _bwd_kernel(d_state, T, _states_per_iter(G, d_state)) if G and u.is_cuda else kernel
     strides = (
         *u.stride(), *delta.stride(), *z_.stride(), *dout.stride(), *du.stride(),
         *(dz.stride() if dz is not None else (0, 0, 0)), *A_c.stride(),

@@ -85,6 +85,7 @@ def _fake_background(monkeypatch, compile_fn):
     monkeypatch.setattr(_launch, "_FAST_PATH", True)
     monkeypatch.setattr(_launch, "JITFunction", _FakeKernel)
     monkeypatch.setattr(_launch, "launch", lambda kernel, grid, *a, **k: launched.append(kernel))
+    monkeypatch.setattr(_launch, "_launch_keyed", lambda kernel, *a: launched.append(kernel))
     monkeypatch.setattr(_launch, "_compile", compile_fn)
     monkeypatch.setattr(_launch, "_background", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
