@@ -80,8 +80,8 @@ def launch(kernel, grid, *args, **constexprs):
     this follows Triton >= 3.4's calling convention; the interpreter, older Triton and
     `plain_launches()` take the ordinary path.
     """
-    if _COMPILE_ONLY.get():
-        kernel.warmup(*args, grid=grid, **constexprs)
+    if _COMPILE_ONLY.get() is not None:
+        _compile_only(kernel, grid, args, constexprs)
         return
     fast = _FAST_PATH and not _PLAIN.get() and isinstance(kernel, JITFunction)
     args_key = _args_key(args) if fast else None
@@ -99,8 +99,8 @@ def _launch_key(kernel, device, args_key, constexprs):
 
 def _launch_keyed(kernel, grid, args, constexprs, device, args_key):
     """`launch`'s fast path, for arguments whose `_args_key` is args_key (not None)."""
-    if _COMPILE_ONLY.get():
-        kernel.warmup(*args, grid=grid, **constexprs)
+    if _COMPILE_ONLY.get() is not None:
+        _compile_only(kernel, grid, args, constexprs)
         return
     key = _launch_key(kernel, device, args_key, constexprs)
     entry = _launches.get(key)
@@ -145,8 +145,9 @@ _launches = {}  # (id(kernel), device, args key, *constexpr names, *constexpr va
 _MAX_LAUNCH_KEYS = 4096
 
 
-# Set while `compile_ahead` runs its function: `launch` then compiles the kernel and runs nothing.
-_COMPILE_ONLY = contextvars.ContextVar("hf_mamba_compile_only", default=False)
+# While `compile_ahead` runs its function, the list of what its launches compiled (CompiledKernels, or
+# Triton's futures of them): `launch` then compiles the kernel and runs nothing.
+_COMPILE_ONLY = contextvars.ContextVar("hf_mamba_compile_only", default=None)
 # Set inside `plain_launches()`: every launch goes through Triton's JITFunction.run.
 _PLAIN = contextvars.ContextVar("hf_mamba_plain_launches", default=False)
 
@@ -167,7 +168,8 @@ def compile_ahead(fn, *args):
     inside another such pass).
 
     fn runs with every `launch` replaced by Triton's warmup (compile only), whose compiles go to a pool
-    of threads (Triton's AsyncCompileMode), and this returns once all are built. Why: a first
+    of threads (Triton's AsyncCompileMode); their launchers (`_build_launcher`) are built in the same
+    pool, and this returns once all are. Why: a first
     training step compiles about ten kernels one after another, 41 s of compiling on an H200 (20 s of
     it the scan backward's second pass), where side by side they take about as long as the slowest. The
     torch ops of fn run as usual on its own tensors, whose values are garbage, so fn must not read
@@ -175,23 +177,39 @@ def compile_ahead(fn, *args):
     they launch, as without this pass, and a compile error shows there."""
     if _async_compile is None or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if _COMPILE_ONLY.get() or _async_compile.active_mode.get() is not None:
+    if _COMPILE_ONLY.get() is not None or _async_compile.active_mode.get() is not None:
         return False
-    token = _COMPILE_ONLY.set(True)
+    compiled = []
+    token = _COMPILE_ONLY.set(compiled)
     try:
         workers = min(8, os.cpu_count() or 1)
-        with (
-            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hf_mamba-compile") as pool,
-            _async_compile.AsyncCompileMode(pool),
-            torch.no_grad(),
-        ):
-            fn(*args)
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hf_mamba-compile") as pool:
+            with _async_compile.AsyncCompileMode(pool), torch.no_grad():
+                fn(*args)
+            # every compile is done here (AsyncCompileMode waits for them): their launchers, side by side too
+            list(pool.map(_build_launcher, [k.result() if hasattr(k, "result") else k for k in compiled]))
     except Exception as exc:  # noqa: BLE001 - see the docstring
         warnings.warn(f"hf_mamba: compiling kernels ahead failed ({exc!r}); they compile as they launch", stacklevel=2)
         return False
     finally:
         _COMPILE_ONLY.reset(token)
     return True
+
+
+def _compile_only(kernel, grid, args, constexprs):
+    """`launch` inside compile_ahead's pass: compile (or find) the kernel, run nothing; note the
+    CompiledKernel (or, while Triton compiles in the pool, its future of one)."""
+    _COMPILE_ONLY.get().append(kernel.warmup(*args, grid=grid, **constexprs))
+
+
+def _build_launcher(compiled):
+    """Build a compiled kernel's host launcher, which Triton otherwise builds at its first launch. Triton
+    3.6 (the GPU machine's) makes it a C extension module per kernel signature, 0.25-0.4 s of the C
+    compiler each on the CI machine's CPU, kept in Triton's cache where that first launch finds it
+    (Triton 3.9 builds none). Touches no CUDA state, so it may run in any thread, even while a CUDA
+    graph captures. None (a compile whose hook returned nothing) is skipped."""
+    if compiled is not None and getattr(compiled, "_run", None) is None:
+        triton.runtime.driver.active.launcher_cls(compiled.src, compiled.metadata)
 
 
 def launch_once_compiled(kernel, fallback, grid, *args, **constexprs):
@@ -231,8 +249,10 @@ def _compiled_in_background(key, kernel, device, grid, args, constexprs):
         future = _background[key] = concurrent.futures.Future()
         stand_ins = [_stand_in(a) for a in args]
         kwargs = {k: _stand_in(v) for k, v in constexprs.items()}
+        # Not a daemon: the interpreter's exit waits for it. A daemon thread still compiling at exit is
+        # stopped inside Triton's C++ compiler, which aborts the process (exit status 134).
         threading.Thread(
-            target=_compile, args=(future, kernel, device, grid, stand_ins, kwargs), daemon=True,
+            target=_compile, args=(future, kernel, device, grid, stand_ins, kwargs),
             name="hf_mamba-background-compile",
         ).start()
         return False
@@ -250,11 +270,10 @@ def _compiled_in_background(key, kernel, device, grid, args, constexprs):
 
 
 def _compile(future, kernel, device, grid, args, constexprs):
-    """Compile kernel for these arguments on `device` (a daemon thread: an exit does not wait for it;
-    Triton writes its cache files whole or not at all)."""
+    """Compile kernel for these arguments on `device` (in a thread of its own)."""
     try:
         with torch.cuda.device(device):
-            kernel.warmup(*args, grid=grid, **constexprs)
+            _build_launcher(kernel.warmup(*args, grid=grid, **constexprs))
     except Exception as exc:  # noqa: BLE001 - reported where the result is read
         future.set_exception(exc)
     else:

@@ -259,6 +259,14 @@ def test_model_exports_through_the_kernels(strict, monkeypatch):
         torch.testing.assert_close(program.module()(ids), wrapped(ids), rtol=1e-5, atol=1e-5)
 
 
+def in_dry_pass():
+    """Whether a call comes from a pass that compiles kernels ahead (on CUDA a first training step's, which
+    runs the first blocks once without running their kernels): the spies below count real calls only."""
+    from hf_mamba.kernels import _launch
+
+    return _launch._COMPILE_ONLY.get() is not None
+
+
 def fused_calls(monkeypatch):
     """Record the model's calls of the fused mixer (`mamba_inner_triton`), letting them run: per call,
     whether in_proj ran inside it."""
@@ -268,7 +276,8 @@ def fused_calls(monkeypatch):
     real = block.mamba_inner_triton
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("in_proj_weight") is not None)
+        if not in_dry_pass():
+            calls.append(kwargs.get("in_proj_weight") is not None)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(block, "mamba_inner_triton", spy)
@@ -423,7 +432,13 @@ def test_fused_add_norm_matches_the_blocks(bf16, monkeypatch):
     ids = torch.randint(0, config.vocab_size, (2, 6), device=DEVICE)
     calls = []
     real = modeling_mamba.add_rms_norm
-    monkeypatch.setattr(modeling_mamba, "add_rms_norm", lambda *a, **k: calls.append(k["out_dtype"]) or real(*a, **k))
+
+    def recording(*args, **kwargs):
+        if not in_dry_pass():
+            calls.append(kwargs["out_dtype"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_mamba, "add_rms_norm", recording)
 
     def step():
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
@@ -553,6 +568,88 @@ def test_first_training_call_compiles_its_kernels_ahead(monkeypatch):
     for a, b, c in zip(first, again, without, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+
+
+def test_first_training_step_compiles_the_blocks_and_norms_ahead(monkeypatch):
+    """The model's first training step of a kind runs the first two blocks and the final norm forward and
+    backward in a dry pass ahead (`MambaModel._compile_training_ahead`), once per kind, touching no gradient,
+    parameter or random state: the steps give what steps without that pass give. (On CPU the pass runs for
+    real in place of compile_ahead; what it compiles on CUDA, the next test.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_mamba import modeling_mamba
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    config = MambaConfig(**{**SIZES, "num_hidden_layers": 3})
+    model = MambaForCausalLM(config).to(DEVICE)
+    # LoRA dropout draws random masks: the pass must leave the random state as it found it
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["out_proj"], lora_dropout=0.5))
+    ids = torch.randint(0, config.vocab_size, (2, 7), device=DEVICE)
+    norms, passes = [], []
+    real_norm = modeling_mamba.add_rms_norm
+
+    def recording(*args, **kwargs):
+        norms.append((passes[-1] == "dry" if passes else False, torch.is_grad_enabled()))
+        return real_norm(*args, **kwargs)
+
+    def run_dry_pass(fn, *args):  # on CUDA, compile_ahead runs fn with every launch compiling only
+        passes.append("dry")
+        with torch.no_grad():
+            fn(*args)
+        passes.append("done")
+        return True
+
+    def steps():
+        torch.manual_seed(1)
+        out = [train_step(model, ids) for _ in range(2)]
+        return out, torch.get_rng_state()
+
+    expected, expected_rng = steps()
+    monkeypatch.setattr(modeling_mamba.MambaModel, "_compiles_ahead_on", staticmethod(lambda device: True))
+    monkeypatch.setattr(modeling_mamba, "compile_ahead", run_dry_pass)
+    monkeypatch.setattr(modeling_mamba, "add_rms_norm", recording)
+    model.get_base_model().backbone.__dict__.pop("_training_compiled_ahead", None)  # on CUDA: the real pass ran
+    (first, second), rng = steps()
+    assert passes == ["dry", "done"]  # once per kind
+    # the pass: the add + norm after block 0 (into block 1's norm) and after block 1 (into norm_f), with gradients
+    assert norms[:2] == [(True, True), (True, True)] and len(norms) == 2 + 2 * 3
+    assert torch.equal(rng, expected_rng)
+    # On CUDA the scan backward's atomic adds (dA, dD, the Δ bias) sum in no fixed order: equal up to that.
+    tol = dict(rtol=1e-5, atol=1e-6) if CUDA else dict(rtol=0, atol=0)
+    for (logits, grads), (ref_logits, ref_grads) in zip((first, second), expected, strict=True):
+        torch.testing.assert_close(logits, ref_logits, **tol)
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], **tol, msg=name)
+    with torch.no_grad():  # inference: no pass
+        model(ids[:1], use_cache=False)
+    ids = ids[:, :5]  # another kind: another pass
+    train_step(model, ids)
+    assert passes == ["dry", "done"] * 2
+
+
+@pytest.mark.skipif(not CUDA, reason="compiling ahead is for CUDA (under the interpreter nothing compiles)")
+def test_first_training_step_compiles_every_kernel_ahead(monkeypatch):
+    """On CUDA the first training step's kernels, the norms' included, all compile ahead (side by side)."""
+    import triton
+
+    compiled = []  # (kernel name, whether the pass ahead compiled it)
+    monkeypatch.setattr(
+        triton.knobs.runtime, "jit_post_compile_hook",
+        lambda **kw: compiled.append((kw["fn"].name, kw["is_manual_warmup"])),
+    )
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    # widths no other test builds kernels for (72: not a multiple of 16), so every kernel compiles here
+    config = MambaConfig(**{**SIZES, "hidden_size": 72, "state_size": 6, "num_hidden_layers": 3})
+    model = MambaForCausalLM(config).to(DEVICE)
+    ids = torch.randint(0, config.vocab_size, (2, 33), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        train_step(model, ids)
+    ahead = {name for name, is_ahead in compiled if is_ahead}
+    assert {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "scan_fwd_kernel", "scan_bwd_kernel"} <= ahead, ahead
+    assert [name for name, is_ahead in compiled if not is_ahead] == []
 
 
 def _cache_of(output):

@@ -165,7 +165,7 @@ def record_launch(kernel, grid, *args, **constexprs):
         )
     if _BACKGROUND[0]:
         rec["background"] = True
-    if _launch._COMPILE_ONLY.get() and not _BACKGROUND[0]:
+    if _launch._COMPILE_ONLY.get() is not None and not _BACKGROUND[0]:
         rec["ahead"] = True
     elif phase[0] not in rec["phases"]:
         rec["phases"].append(phase[0])
@@ -220,6 +220,7 @@ def patch_kernels():
     import hf_mamba.modeling_mamba as mm
 
     mm.read_values = lambda *a, **k: (False, False)  # no padding, no packed documents (a host read on meta)
+    mm.MambaPreTrainedModel._compiles_ahead_on = staticmethod(lambda device: True)  # meta poses as CUDA
 
 
 # --- the calls ------------------------------------------------------------------------------------------

@@ -66,6 +66,12 @@ class MambaPreTrainedModel(MambaHubMixin, PreTrainedModel):
         FutureWarning on every get_peft_model) for is_activation_checkpointing."""
         return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
 
+    @staticmethod
+    def _compiles_ahead_on(device):
+        """Whether the first training step or generate() of a kind compiles its kernels ahead on `device`:
+        CUDA, outside graph capture (the CPU tests patch it)."""
+        return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
     @torch.no_grad()
     def _init_weights(self, module):
         config = self.config
@@ -203,12 +209,17 @@ class MambaModel(MambaPreTrainedModel):
             and all(plain(norm, MambaRMSNorm) for norm in norms)
         )
 
-    def _blocks_fused_norms(self, hidden_states, cache_params, attention_mask, seq_idx, path, all_hidden=None):
-        """What the blocks and the final norm compute (MambaBlock.forward), with each residual add fused
-        with the norm after it (`add_rms_norm`: one launch forward and one backward where the ops take
-        about five more per layer, which a host-bound training step and a CUDA-graph decode step pay
-        for). Appends each block's output to all_hidden if given; returns norm_f's output."""
-        layers = self.layers
+    def _blocks_fused_norms(
+        self, hidden_states, cache_params, attention_mask, seq_idx, path, all_hidden=None, layers=None
+    ):
+        """What the blocks (`layers`, default all) and the final norm compute (MambaBlock.forward), with each
+        residual add fused with the norm after it (`add_rms_norm`: one launch forward and one backward where
+        the ops take about five more per layer, which a host-bound training step and a CUDA-graph decode step
+        pay for). Appends each block's output to all_hidden if given; returns norm_f's output."""
+        if layers is None:
+            layers = self.layers
+            if cache_params is None:
+                self._compile_training_ahead(hidden_states, attention_mask, seq_idx, path)
         normed = layers[0].norm(hidden_states, path=path, dtype=layers[0].norm.weight.dtype)
         for block, next_block in zip(layers, [*layers[1:], None], strict=True):
             # An fp16 mixer may leave its output's scale to the add (`ScaledOutput`); a hooked one returns a tensor.
@@ -226,6 +237,45 @@ class MambaModel(MambaPreTrainedModel):
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
         return normed
+
+    def _compile_training_ahead(self, hidden_states, attention_mask, seq_idx, path):
+        """On a training call (gradients wanted) of a kind not seen before, on CUDA, compile every kernel the
+        step's blocks and norms launch side by side (`kernels.compile_ahead`) before running them: a dry
+        forward and backward of the first two blocks and the final norm, which launch each kernel variant the
+        whole model does (the first block's norm, the add + norm between blocks and the last one, the
+        mixer's forward and backward). The mixer compiles its own kernels ahead (`mamba_inner`); the norms'
+        six kernels and launchers, compiled as they launched, took a second or more of a first step."""
+        dry_layers = self.layers[:2]
+        params = [p for p in dry_layers.parameters() if p.requires_grad] + [
+            p for p in self.norm_f.parameters() if p.requires_grad
+        ]
+        if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (hidden_states.requires_grad or params)):
+            return
+        if not self._compiles_ahead_on(hidden_states.device):
+            return
+        key = (
+            hidden_states.device, hidden_states.dtype, tuple(hidden_states.shape), hidden_states.requires_grad,
+            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None,
+            attention_mask is not None, seq_idx is not None, path,
+        )
+        seen = self.__dict__.setdefault("_training_compiled_ahead", set())
+        if key in seen:
+            return
+        seen.add(key)
+
+        def first_blocks_forward_and_backward():
+            # Random draws (dropout in adapters) are put back: the real step draws what it would have drawn.
+            cuda = [hidden_states.device] if hidden_states.device.type == "cuda" else []
+            with torch.random.fork_rng(cuda), torch.enable_grad():
+                inputs = hidden_states.detach().requires_grad_(hidden_states.requires_grad)
+                out = self._blocks_fused_norms(inputs, None, attention_mask, seq_idx, path, layers=dry_layers)
+                wrt = [inputs] * inputs.requires_grad + params
+                # On this thread: autograd runs a CUDA backward on a thread of its own, where the pass's
+                # context (every launch compiling only, in the pass's pool) is not set.
+                with torch.autograd.set_multithreading_enabled(False):
+                    torch.autograd.grad(out, wrt, torch.empty_like(out), allow_unused=True)  # no .grad touched
+
+        compile_ahead(first_blocks_forward_and_backward)
 
     @accepts_cache_params
     def forward(
@@ -388,11 +438,6 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             self._decode_step_logits(prompt[:, -1:], cache)
 
         compile_ahead(prefill_and_step)
-
-    @staticmethod
-    def _compiles_ahead_on(device):
-        """Whether generate() compiles ahead on `device`: CUDA, outside graph capture (the CPU tests patch it)."""
-        return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
@@ -606,6 +651,45 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         blocks_plain = self.backbone._plain_blocks_and_norms()
         return tuple(weights), tuple(modules), global_hooks, blocks_plain, scan_backend_for(self.config), autocast
+
+    def _compile_training_ahead(self, hidden_states, attention_mask, seq_idx, path):
+        """On a training call (gradients wanted) of a kind not seen before, on CUDA, compile every kernel the
+        step's blocks and norms launch side by side (`kernels.compile_ahead`) before running them: a dry
+        forward and backward of the first two blocks and the final norm, which launch each kernel variant the
+        whole model does (the first block's norm, the add + norm between blocks and the last one, the
+        mixer's forward and backward). The mixer compiles its own kernels ahead (`mamba_inner`); the norms'
+        six kernels and launchers, compiled as they launched, took a second or more of a first step."""
+        dry_layers = self.layers[:2]
+        params = [p for p in dry_layers.parameters() if p.requires_grad] + [
+            p for p in self.norm_f.parameters() if p.requires_grad
+        ]
+        if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (hidden_states.requires_grad or params)):
+            return
+        if not self._compiles_ahead_on(hidden_states.device):
+            return
+        key = (
+            hidden_states.device, hidden_states.dtype, tuple(hidden_states.shape), hidden_states.requires_grad,
+            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None,
+            attention_mask is not None, seq_idx is not None, path,
+        )
+        seen = self.__dict__.setdefault("_training_compiled_ahead", set())
+        if key in seen:
+            return
+        seen.add(key)
+
+        def first_blocks_forward_and_backward():
+            # Random draws (dropout in adapters) are put back: the real step draws what it would have drawn.
+            cuda = [hidden_states.device] if hidden_states.device.type == "cuda" else []
+            with torch.random.fork_rng(cuda), torch.enable_grad():
+                inputs = hidden_states.detach().requires_grad_(hidden_states.requires_grad)
+                out = self._blocks_fused_norms(inputs, None, attention_mask, seq_idx, path, layers=dry_layers)
+                wrt = [inputs] * inputs.requires_grad + params
+                # On this thread: autograd runs a CUDA backward on a thread of its own, where the pass's
+                # context (every launch compiling only, in the pass's pool) is not set.
+                with torch.autograd.set_multithreading_enabled(False):
+                    torch.autograd.grad(out, wrt, torch.empty_like(out), allow_unused=True)  # no .grad touched
+
+        compile_ahead(first_blocks_forward_and_backward)
 
     @accepts_cache_params
     def forward(

@@ -182,3 +182,93 @@ def test_background_compile_on_cuda():
     assert key in _launch._compiled  # the second call launched the kernel itself
     for y in results:
         torch.testing.assert_close(y, x * 3.5, rtol=0, atol=0)
+
+
+def test_compile_ahead_builds_every_launcher_in_its_pool(monkeypatch):
+    """compile_ahead's pass compiles each launch (Triton's future while compiling, or a kernel it had) and
+    then builds each one's launcher in its pool of threads, not at the first launch."""
+    import threading
+
+    compiled = [object(), object()]
+
+    class Future:  # what a JITFunction's warmup returns under Triton's AsyncCompileMode
+        def result(self):
+            return compiled[0]
+
+    class Kernel:
+        def __init__(self, result):
+            self.result, self.calls = result, []
+
+        def warmup(self, *args, grid, **constexprs):
+            self.calls.append((grid, args, constexprs))
+            return self.result
+
+    built = []
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_launch, "_build_launcher", lambda k: built.append((k, threading.current_thread().name)))
+    compiling, cached = Kernel(Future()), Kernel(compiled[1])
+
+    def dry_pass():
+        _launch.launch(compiling, (4,), 7, BLOCK=16)
+        _launch.launch(cached, (1,), 3)
+
+    assert _launch.compile_ahead(dry_pass)
+    assert compiling.calls == [((4,), (7,), {"BLOCK": 16})] and cached.calls == [((1,), (3,), {})]
+    assert sorted(map(id, (k for k, _ in built))) == sorted(map(id, compiled))
+    assert all(name.startswith("hf_mamba-compile") for _, name in built)
+    assert _launch._COMPILE_ONLY.get() is None  # after the pass, launches run again
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compile_ahead runs on CUDA only")
+def test_compile_ahead_leaves_the_first_launch_nothing_to_build():
+    """After compile_ahead, a new specialisation's kernel and launcher are built (the launcher in the
+    pool), and its first launch computes the right result."""
+    import threading
+
+    built = []
+    build = _launch._build_launcher
+
+    def recording_build(compiled):
+        built.append(threading.current_thread().name)
+        build(compiled)
+
+    x = torch.arange(300, device="cuda", dtype=torch.float32)
+    y = torch.zeros_like(x)
+    args = (x, y, 300, 1, 1)
+    constexprs = dict(SCALE=5.25, BLOCK=32)  # a specialisation no other test compiles
+    _launch._build_launcher = recording_build
+    try:
+        assert _launch.compile_ahead(lambda: _launch.launch(_strided_copy_kernel, (10,), *args, **constexprs))
+    finally:
+        _launch._build_launcher = build
+    assert built and all(name.startswith("hf_mamba-compile") for name in built)
+    torch.testing.assert_close(y, torch.zeros_like(x), rtol=0, atol=0)  # nothing ran
+    _launch.launch(_strided_copy_kernel, (10,), *args, **constexprs)
+    torch.testing.assert_close(y, x * 5.25, rtol=0, atol=0)
+
+
+def test_exit_waits_for_a_background_compile(tmp_path):
+    """A process that ends while a kernel compiles in the background waits for the compile and exits cleanly:
+    a daemon thread would be stopped inside Triton's C++ compiler at exit, which aborts the process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    done = tmp_path / "compiled"
+    script = textwrap.dedent(f"""
+        import time
+        import torch
+        from hf_mamba.kernels import _launch
+
+        class Kernel:
+            def warmup(self, *args, grid, **constexprs):
+                time.sleep(1.0)
+                open({str(done)!r}, "w").close()
+
+        _launch.torch.cuda.device = lambda device: __import__("contextlib").nullcontext()
+        key = ("kernel", 0, (), )
+        assert not _launch._compiled_in_background(key, Kernel(), 0, (1,), (), {{}})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert done.exists()
