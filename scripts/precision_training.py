@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -47,6 +48,10 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM
 from hf_mamba.compat import checkpointing_training_args
 from hf_mamba.generation import prefill_in_chunks
+
+# train.py (beside this file; scripts/ is sys.path[0] only when run as a script) owns the GradScaler helper.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train import set_growth_interval  # noqa: E402
 
 RUNS = ("fp32", "bf16", "fp16", "bf16-ckpt", "fp16-ckpt", "lora-fp32", "lora-bf16", "lora-fp16")
 SMOOTH = 20  # steps in the moving average the curves are compared by
@@ -288,14 +293,6 @@ def train_run(name, args, dataset, device_is_cuda):
     if name.startswith("lora"):
         model = model.merge_and_unload()
     return result, model
-
-
-def set_growth_interval(accelerator, interval):
-    """Give an fp16 run's GradScaler `interval` (the Trainer offers no setting for it). The optimizer takes the
-    accelerator's scaler when `train()` prepares it, so this must come before."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and scaler.get_growth_interval() != interval:
-        scaler.set_growth_interval(interval)
 
 
 def scale_changes(scales):

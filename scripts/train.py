@@ -142,6 +142,11 @@ def parse_args(argv=None):
     precision = train.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 mixed precision (a GPU with bf16, or --use-cpu)")
     precision.add_argument("--fp16", action="store_true", help="fp16 mixed precision (loss scaling)")
+    precision.add_argument(
+        "--scaler-growth-interval", type=positive_int,
+        help="--fp16: steps without an overflow before the loss scale doubles (default the GradScaler's 2000; "
+        "100 kept an fp16 LoRA run on its fp32 run's curve, docs/reliability.md)",
+    )
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in backward")
     train.add_argument(
         "--resume-from-checkpoint", help='a checkpoint folder, or "latest": the newest complete one in --output-dir'
@@ -221,6 +226,8 @@ def parse_args(argv=None):
     # Several processes without CUDA (accelerate launch / torchrun on CPU): Accelerate only forms a gloo
     # process group for the Trainer when told the run is on CPU.
     args.use_cpu = args.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    if args.scaler_growth_interval is not None and not args.fp16:
+        parser.error("--scaler-growth-interval sets fp16's loss scaling: it needs --fp16")
     if args.bf16 and not args.use_cpu and not is_torch_bf16_gpu_available():
         # Transformers' own message ("Your setup doesn't support bf16/gpu") names neither flag nor way out.
         parser.error(
@@ -228,6 +235,14 @@ def parse_args(argv=None):
             "use --fp16 on an older GPU, or add --use-cpu for bf16 autocast on the CPU (slow)"
         )
     return args
+
+
+def set_growth_interval(accelerator, interval):
+    """Give an fp16 run's GradScaler `interval` (the Trainer offers no setting for it). The optimizer takes the
+    accelerator's scaler when `train()` prepares it, so this must come before."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and scaler.get_growth_interval() != interval:
+        scaler.set_growth_interval(interval)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,6 +433,8 @@ def main(argv=None):
         callbacks=[tokens_per_second, stop_on_signal],
     )
 
+    if args.scaler_growth_interval is not None:
+        set_growth_interval(trainer.accelerator, args.scaler_growth_interval)
     eval_before = trainer.evaluate()["eval_loss"] if resume is None else None
     start = time.perf_counter()
     with stop_on_signal:

@@ -79,6 +79,7 @@ def loads_text(case, expected, id):
         loads_text("short_validation", r"--validation-file \S+ makes no validation sequence", id="short-validation"),
         pytest.param("missing_model", r"--model ./no-such-model: no such folder", id="missing-model"),
         pytest.param("split_percentage", r"--validation-split-percentage must be in \(0, 100\)", id="split-100"),
+        pytest.param("growth_without_fp16", r"--scaler-growth-interval .* needs --fp16", id="growth-no-fp16"),
     ],
 )
 def test_bad_flags_and_data_stop_with_one_line(case, expected, tmp_path, capsys):
@@ -101,9 +102,21 @@ def test_bad_flags_and_data_stop_with_one_line(case, expected, tmp_path, capsys)
         ],  # fmt: skip
         "missing_model": ["--model", "./no-such-model"],
         "split_percentage": ["--validation-split-percentage", "100"],
+        "growth_without_fp16": ["--scaler-growth-interval", "100"],
     }[case]
     message = run_error([*argv, "--output-dir", str(tmp_path / "out"), "--max-steps", "1"], capsys)
     assert re.search(expected, message), message
+
+
+def test_scaler_growth_interval_reaches_the_grad_scaler():
+    """--scaler-growth-interval sets the GradScaler the Trainer's accelerator made for --fp16 (bf16 and fp32
+    runs have none: nothing to set)."""
+    from types import SimpleNamespace
+
+    scaler = torch.amp.GradScaler("cpu")
+    train_script.set_growth_interval(SimpleNamespace(scaler=scaler), 100)
+    assert scaler.get_growth_interval() == 100
+    train_script.set_growth_interval(SimpleNamespace(scaler=None), 100)
 
 
 @pytest.fixture(scope="module")
