@@ -652,45 +652,6 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         blocks_plain = self.backbone._plain_blocks_and_norms()
         return tuple(weights), tuple(modules), global_hooks, blocks_plain, scan_backend_for(self.config), autocast
 
-    def _compile_training_ahead(self, hidden_states, attention_mask, seq_idx, path):
-        """On a training call (gradients wanted) of a kind not seen before, on CUDA, compile every kernel the
-        step's blocks and norms launch side by side (`kernels.compile_ahead`) before running them: a dry
-        forward and backward of the first two blocks and the final norm, which launch each kernel variant the
-        whole model does (the first block's norm, the add + norm between blocks and the last one, the
-        mixer's forward and backward). The mixer compiles its own kernels ahead (`mamba_inner`); the norms'
-        six kernels and launchers, compiled as they launched, took a second or more of a first step."""
-        dry_layers = self.layers[:2]
-        params = [p for p in dry_layers.parameters() if p.requires_grad] + [
-            p for p in self.norm_f.parameters() if p.requires_grad
-        ]
-        if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (hidden_states.requires_grad or params)):
-            return
-        if not self._compiles_ahead_on(hidden_states.device):
-            return
-        key = (
-            hidden_states.device, hidden_states.dtype, tuple(hidden_states.shape), hidden_states.requires_grad,
-            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None,
-            attention_mask is not None, seq_idx is not None, path,
-        )
-        seen = self.__dict__.setdefault("_training_compiled_ahead", set())
-        if key in seen:
-            return
-        seen.add(key)
-
-        def first_blocks_forward_and_backward():
-            # Random draws (dropout in adapters) are put back: the real step draws what it would have drawn.
-            cuda = [hidden_states.device] if hidden_states.device.type == "cuda" else []
-            with torch.random.fork_rng(cuda), torch.enable_grad():
-                inputs = hidden_states.detach().requires_grad_(hidden_states.requires_grad)
-                out = self._blocks_fused_norms(inputs, None, attention_mask, seq_idx, path, layers=dry_layers)
-                wrt = [inputs] * inputs.requires_grad + params
-                # On this thread: autograd runs a CUDA backward on a thread of its own, where the pass's
-                # context (every launch compiling only, in the pass's pool) is not set.
-                with torch.autograd.set_multithreading_enabled(False):
-                    torch.autograd.grad(out, wrt, torch.empty_like(out), allow_unused=True)  # no .grad touched
-
-        compile_ahead(first_blocks_forward_and_backward)
-
     @accepts_cache_params
     def forward(
         self,
