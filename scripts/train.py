@@ -159,6 +159,10 @@ def parse_args(argv=None):
     train.add_argument("--dataloader-num-workers", type=int, default=0)
     train.add_argument("--fsdp", action="store_true", help="shard with FSDP (under accelerate launch / torchrun)")
     train.add_argument("--fsdp-wrap", default="MambaBlock", help="layer class FSDP wraps (default MambaBlock)")
+    train.add_argument(
+        "--fsdp-activation-checkpointing", action="store_true",
+        help="--fsdp: FSDP's own activation checkpointing of each wrapped block (instead of --gradient-checkpointing)",
+    )
     train.add_argument("--use-cpu", action="store_true", help="train on CPU even when a GPU is present")
 
     lora = parser.add_argument_group("LoRA (PEFT)")
@@ -206,6 +210,11 @@ def parse_args(argv=None):
     if args.fsdp and not torch.cuda.is_available():
         # Accelerate runs CPU processes as plain DDP (MULTI_CPU) and never applies FSDP there.
         parser.error("--fsdp needs CUDA devices; on CPU leave it out (the processes then run DDP over gloo)")
+    if args.fsdp_activation_checkpointing and not args.fsdp:
+        parser.error("--fsdp-activation-checkpointing is FSDP's option: it needs --fsdp")
+    if args.fsdp_activation_checkpointing and args.gradient_checkpointing:
+        # Transformers refuses both, after loading the model; one of them checkpoints each block already.
+        parser.error("give --fsdp-activation-checkpointing or --gradient-checkpointing, not both")
     if args.dataset and args.train_file:
         parser.error("give --dataset or --train-file, not both")
     if args.validation_file and not args.train_file:
@@ -350,10 +359,12 @@ def wrap_lora(model, args):
 
 
 class TokensPerSecondCallback(TrainerCallback):
-    """Adds the throughput since the previous log line (`tokens_per_second`) to every training log."""
+    """Adds the throughput since the previous log line (`tokens_per_second`) to every training log. Tokens are
+    all processes' (the Trainer sums them), so the figure is the run's, not one process's."""
 
     def __init__(self):
         self.last_time, self.last_tokens, self.history = None, 0, []
+        self.logged = []  # (time, tokens seen) at each training log
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -364,7 +375,15 @@ class TokensPerSecondCallback(TrainerCallback):
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         logs["tokens_per_second"] = round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1)
         self.history.append(logs["tokens_per_second"])
+        self.logged.append((now, tokens))
         self.last_time, self.last_tokens = now, tokens
+
+    def steady(self):
+        """Tokens/s from the first log to the last (the first interval holds the kernels' compiles), or None."""
+        if len(self.logged) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.logged[0], self.logged[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
 def perplexity(loss: float) -> float:
@@ -404,7 +423,14 @@ def main(argv=None):
         dataloader_pin_memory=torch.cuda.is_available() and not args.use_cpu,
         include_num_input_tokens_seen="non_padding" if args.no_packing else "all",
         fsdp=True if args.fsdp else None,
-        fsdp_config={"transformer_layer_cls_to_wrap": [args.fsdp_wrap]} if args.fsdp else None,
+        fsdp_config=(
+            {
+                "transformer_layer_cls_to_wrap": [args.fsdp_wrap],
+                "activation_checkpointing": args.fsdp_activation_checkpointing,
+            }
+            if args.fsdp
+            else None
+        ),
         use_cpu=args.use_cpu,
         ddp_find_unused_parameters=False,
     )
@@ -457,6 +483,11 @@ def main(argv=None):
     eval_after = trainer.evaluate()["eval_loss"]
     dataset_names = [args.dataset] if args.dataset else None
     results = {"eval_loss": eval_after, "perplexity": perplexity(eval_after)}
+    # Every process's peak (a collective: each process reaches it); the table gives the largest.
+    peaks = None
+    if torch.cuda.is_available():
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=training_args.device)
+        peaks = trainer.accelerator.gather(peak)
     if trainer.is_world_process_zero():
         if not args.lora:  # the adapter folder gets PEFT's own card
             write_model_card(
@@ -491,10 +522,15 @@ def main(argv=None):
                 "tokens/s (mean of logs)",
                 f"{sum(tokens_per_second.history) / max(len(tokens_per_second.history), 1):,.0f}",
             ),
+            *(
+                [("tokens/s after the first log", f"{tokens_per_second.steady():,.0f}")]
+                if tokens_per_second.steady() is not None
+                else []
+            ),
             ("train time", f"{train_seconds:.1f} s"),
             *(
-                [("peak CUDA memory", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")]
-                if torch.cuda.is_available()
+                [("peak CUDA memory (largest process)", f"{peaks.max().item():.2f} GiB")]
+                if peaks is not None
                 else []
             ),
             ("saved to", args.output_dir + (" (adapter)" if args.lora else "")),

@@ -9,7 +9,8 @@ model folders at its paths, data files); its Python blocks share one namespace, 
   flags parsed instead, as on a machine with a bf16 GPU.
 - `accelerate launch ... scripts/train.py ...`: flags parsed; two CPU processes run in
   tests/test_training.py::test_accelerate_launch_two_processes.
-- `python scripts/convert_checkpoint.py ...` runs as written.
+- `python scripts/convert_checkpoint.py ...` runs as written; `python scripts/benchmark_multi_gpu.py ...` gets its
+  flags parsed, as on a machine with 8 GPUs (tests/test_training.py runs it on CPU processes).
 - Python blocks run as written, with pushes to the Hub landing in a local folder named by the repo id (which
   `from_pretrained` then reads), and `use_cpu=True` added beside `bf16=True` where there is no bf16 GPU, as
   the example's comment says. Names a block leaves to the reader (`dataset`, the kernel inputs) are given.
@@ -38,6 +39,7 @@ DOCS = ["README.md", "docs/recipes.md"]
 
 
 train_script, convert_script = load_script("train"), load_script("convert_checkpoint")
+multi_gpu_script = load_script("benchmark_multi_gpu")
 
 # Appended to every train.py command that runs: seconds instead of minutes.
 TINY_TRAIN = [
@@ -150,6 +152,12 @@ def run_command(argv, monkeypatch) -> str:
     if script == "scripts/convert_checkpoint.py":
         assert convert_script.main(args) == 0
         return "ran"
+    if script == "scripts/benchmark_multi_gpu.py":  # GPUs and minutes: tests/test_training.py runs it on CPU
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            patch.setattr(torch.cuda, "device_count", lambda: 8)
+            multi_gpu_script.parse_args(args)
+        return "flags"
     assert script == "scripts/train.py", argv
     if needs_the_hub(args):
         check_flags(args, monkeypatch)

@@ -80,6 +80,7 @@ def loads_text(case, expected, id):
         pytest.param("missing_model", r"--model ./no-such-model: no such folder", id="missing-model"),
         pytest.param("split_percentage", r"--validation-split-percentage must be in \(0, 100\)", id="split-100"),
         pytest.param("growth_without_fp16", r"--scaler-growth-interval .* needs --fp16", id="growth-no-fp16"),
+        pytest.param("fsdp_ckpt_without_fsdp", r"--fsdp-activation-checkpointing .* needs --fsdp", id="fsdp-ckpt"),
     ],
 )
 def test_bad_flags_and_data_stop_with_one_line(case, expected, tmp_path, capsys):
@@ -103,6 +104,7 @@ def test_bad_flags_and_data_stop_with_one_line(case, expected, tmp_path, capsys)
         "missing_model": ["--model", "./no-such-model"],
         "split_percentage": ["--validation-split-percentage", "100"],
         "growth_without_fp16": ["--scaler-growth-interval", "100"],
+        "fsdp_ckpt_without_fsdp": ["--fsdp-activation-checkpointing"],
     }[case]
     message = run_error([*argv, "--output-dir", str(tmp_path / "out"), "--max-steps", "1"], capsys)
     assert re.search(expected, message), message

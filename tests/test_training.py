@@ -301,6 +301,25 @@ def test_accelerate_launch_two_processes(local_assets, tmp_path):
     assert isinstance(reloaded, hf_mamba.MambaForCausalLM)
 
 
+@needs_datasets
+def test_multi_gpu_benchmark_runs_one_and_two_processes(tmp_path, capsys):
+    """scripts/benchmark_multi_gpu.py on CPU (gloo): train.py under accelerate launch with 1 and 2 processes,
+    the same global batch (each process half of it): the same loss, and the table with both runs."""
+    script = load_script("benchmark_multi_gpu")
+    rows = script.main(
+        ["--shape", "tiny", "--processes", "1,2", "--max-steps", "3", "--global-batch", "4", "--block-size", "32",
+         "--logging-steps", "1", "--keep", str(tmp_path)]
+    )  # fmt: skip
+    assert [(row["mode"], row["processes"], row["world_size"], row["steps"]) for row in rows] == [
+        ("ddp", 1, 1, 3), ("ddp", 2, 2, 3)
+    ]
+    # the same sequences make each step's global batch (the sampler's order, split over the processes)
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-3, rows
+    assert all(row["tokens_per_s"] > 0 for row in rows)
+    table = capsys.readouterr().out
+    assert "| ddp | 2 | 2 |" in table and "CPU (gloo); tiny shape" in table
+
+
 FSDP_WORKER = """
 import os
 import sys
