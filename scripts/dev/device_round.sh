@@ -16,7 +16,8 @@
 # (benchmark_kernels.py --host-time: the scan's and the mixer's host vs GPU time per call), choice_now / choice@NAME (decode_step_choice.py,
 # CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
 # induction heads to 2^20), induction_paper (closer to the paper's recipe: no curriculum, batch 8, 40,000 steps;
-# tests to 2^INDUCTION_MAX_LOG2).
+# tests to 2^INDUCTION_MAX_LOG2), multi_gpu (benchmark_multi_gpu.py, MULTI_FLAGS, default --bf16: needs a
+# multi-GPU kind and the datasets wheels in .device_cache/datasets).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
@@ -38,10 +39,12 @@ before=$here/.device_cache/before
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-deps --no-build-isolation . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
-if [ -d .device_cache/bnb ]; then
-    python3 -m pip install -q --no-deps --target /tmp/site .device_cache/bnb/*.whl >/dev/null 2>&1 \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+for wheels in bnb datasets; do  # carried wheels the image lacks (bitsandbytes; datasets, dill, multiprocess)
+    if [ -d .device_cache/$wheels ]; then
+        python3 -m pip install -q --no-deps --target /tmp/site .device_cache/$wheels/*.whl >/dev/null 2>&1 \
+            && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+done
 [ -f .device_cache/peers/activate.sh ] && source .device_cache/peers/activate.sh
 install_tree() {  # install_tree NAME: .device_cache/NAME (a copy of another commit) into /tmp/tree_NAME, once
     [ -d "/tmp/tree_$1/hf_mamba" ] || python3 -m pip install -q --no-deps --no-build-isolation \
@@ -84,6 +87,7 @@ for s in "$@"; do
     model@*) install_tree "${s#model@}"; step "${s/@/_}" tree "${s#model@}" benchmark_model.py --skip-builtin-train \
         --skip-builtin-decode ${MODEL_FLAGS:-} ;;
     host_time) step host_time now "$here/scripts/benchmark_kernels.py" --host-time ;;
+    multi_gpu) step multi_gpu now "$here/scripts/benchmark_multi_gpu.py" ${MULTI_FLAGS:---bf16} ;;
     choice_now) step choice_now now "$here/scripts/dev/decode_step_choice.py" ${CHOICE_FLAGS:-} ;;
     choice@*) install_tree "${s#choice@}"; step "${s/@/_}" tree "${s#choice@}" dev/decode_step_choice.py ${CHOICE_FLAGS:-} ;;
     scan_before) install_tree before; step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
