@@ -320,6 +320,80 @@ def test_multi_gpu_benchmark_runs_one_and_two_processes(tmp_path, capsys):
     assert "| ddp | 2 | 2 |" in table and "CPU (gloo); tiny shape" in table
 
 
+DDP_DRY_PASS_WORKER = """
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import hf_mamba
+from hf_mamba import modeling_mamba
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+# As on CUDA: the first training step's dry pass (compile_ahead would run it with every launch compiling only).
+passes = []
+modeling_mamba.MambaPreTrainedModel._compiles_ahead_on = staticmethod(lambda device: True)
+
+
+def run_dry_pass(fn, *args):
+    passes.append(1)
+    with torch.no_grad():
+        fn(*args)
+    return True
+
+
+modeling_mamba.compile_ahead = run_dry_pass
+torch.manual_seed(0)
+model = hf_mamba.MambaForCausalLM(hf_mamba.MambaConfig(**{tiny}))
+ddp = DistributedDataParallel(model, find_unused_parameters=False)
+optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+ids = torch.load(sys.argv[1]).chunk(world)[rank]
+for _ in range(2):
+    ddp(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+assert passes == [1], passes
+if rank == 0:
+    torch.save(model.state_dict(), sys.argv[2])
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_ddp_first_step_dry_pass_leaves_the_gradient_reduction_alone(tmp_path, monkeypatch):
+    """Under DDP the first training step's dry pass (MambaModel._compile_training_ahead, on the fused Triton
+    path) takes gradients without DDP's reduction hooks firing: two CPU processes (gloo, find_unused_parameters
+    off, where a hook firing twice is an error) train two steps to the weights one process reaches."""
+    ids = torch.randint(TINY["vocab_size"], (4, 9), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    config = {**TINY, "hidden_size": 16, "state_size": 4}  # the fused kernels run under the interpreter here
+    (tmp_path / "worker.py").write_text(DDP_DRY_PASS_WORKER.replace("{tiny}", repr(config)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(tmp_path / "worker.py"), str(tmp_path / "ids.pt"), str(tmp_path / "state.pt")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.update(HF_MAMBA_BACKEND="triton", TRITON_INTERPRET="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = hf_mamba.MambaForCausalLM(hf_mamba.MambaConfig(**config))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ddp_state = torch.load(tmp_path / "state.pt")
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
 FSDP_WORKER = """
 import os
 import sys
