@@ -320,6 +320,30 @@ def test_multi_gpu_benchmark_runs_one_and_two_processes(tmp_path, capsys):
     assert "| ddp | 2 | 2 |" in table and "CPU (gloo); tiny shape" in table
 
 
+def run_two_workers(tmp_path, source, *args, **env):
+    """worker.py (source) in two CPU processes over gloo (torch.distributed.run), with these arguments and
+    environment variables; fails the test with their stderr if they fail."""
+    (tmp_path / "worker.py").write_text(source)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(tmp_path / "worker.py"), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def train_in_one_process(model, optimizer, input_ids, steps):
+    """`steps` optimizer steps on the language-model loss of input_ids: what the workers' runs are compared with."""
+    for _ in range(steps):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def assert_same_weights(state, model, rtol, atol):
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(state[name], param, rtol=rtol, atol=atol, msg=name)
+
+
 DDP_DRY_PASS_WORKER = """
 import os
 import sys
@@ -373,25 +397,15 @@ def test_ddp_first_step_dry_pass_leaves_the_gradient_reduction_alone(tmp_path, m
     ids = torch.randint(TINY["vocab_size"], (4, 9), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")
     config = {**TINY, "hidden_size": 16, "state_size": 4}  # the fused kernels run under the interpreter here
-    (tmp_path / "worker.py").write_text(DDP_DRY_PASS_WORKER.replace("{tiny}", repr(config)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(tmp_path / "worker.py"), str(tmp_path / "ids.pt"), str(tmp_path / "state.pt")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.update(HF_MAMBA_BACKEND="triton", TRITON_INTERPRET="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-
+    run_two_workers(
+        tmp_path, DDP_DRY_PASS_WORKER.replace("{tiny}", repr(config)), tmp_path / "ids.pt", tmp_path / "state.pt",
+        HF_MAMBA_BACKEND="triton", TRITON_INTERPRET="1",
+    )
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
     torch.manual_seed(0)
     model = hf_mamba.MambaForCausalLM(hf_mamba.MambaConfig(**config))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    ddp_state = torch.load(tmp_path / "state.pt")
-    for name, param in model.state_dict().items():
-        torch.testing.assert_close(ddp_state[name], param, rtol=1e-5, atol=1e-6, msg=name)
+    train_in_one_process(model, torch.optim.SGD(model.parameters(), lr=0.1), ids, steps=2)
+    assert_same_weights(torch.load(tmp_path / "state.pt"), model, rtol=1e-5, atol=1e-6)
 
 
 FSDP_WORKER = """
@@ -448,23 +462,14 @@ def test_fsdp_wraps_mamba_blocks_and_trains_like_one_process(tmp_path):
     """
     input_ids = torch.randint(TINY["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(0))
     torch.save(input_ids, tmp_path / "ids.pt")
-    (tmp_path / "worker.py").write_text(FSDP_WORKER.replace("{tiny}", repr(TINY)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(tmp_path / "worker.py"), str(tmp_path / "ids.pt"), str(tmp_path / "state.pt")]
-    command += [str(tmp_path / "dcp")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-
+    run_two_workers(
+        tmp_path, FSDP_WORKER.replace("{tiny}", repr(TINY)), tmp_path / "ids.pt", tmp_path / "state.pt",
+        tmp_path / "dcp",
+    )
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    sharded = torch.load(tmp_path / "state.pt")
-    for name, param in model.state_dict().items():
-        torch.testing.assert_close(sharded[name], param, rtol=1e-4, atol=1e-5, msg=name)
+    train_in_one_process(model, optimizer, input_ids, steps=3)
+    assert_same_weights(torch.load(tmp_path / "state.pt"), model, rtol=1e-4, atol=1e-5)
 
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -475,9 +480,5 @@ def test_fsdp_wraps_mamba_blocks_and_trains_like_one_process(tmp_path):
     dcp.load(state, checkpoint_id=tmp_path / "dcp")  # one process, no process group
     set_state_dict(resumed, resumed_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     for net, opt in ((model, optimizer), (resumed, resumed_optimizer)):
-        for _ in range(2):
-            net(input_ids=input_ids, labels=input_ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    for (name, param), resumed_param in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
-        torch.testing.assert_close(resumed_param, param, rtol=1e-4, atol=1e-5, msg=name)
+        train_in_one_process(net, opt, input_ids, steps=2)
+    assert_same_weights(resumed.state_dict(), model, rtol=1e-4, atol=1e-5)
