@@ -219,6 +219,27 @@ def test_compile_ahead_builds_every_launcher_in_its_pool(monkeypatch):
     assert _launch._COMPILE_ONLY.get() is None  # after the pass, launches run again
 
 
+def test_launcher_builds_only_where_needed_and_never_raise(monkeypatch):
+    """_build_launcher builds a compiled kernel's launcher unless it has one; a build that fails is left to
+    the kernel's first launch (which reports it), so a pass ahead or a background compile is not lost."""
+    from types import SimpleNamespace
+
+    built = []
+    active = SimpleNamespace(launcher_cls=lambda src, metadata: built.append(src))
+    driver = SimpleNamespace(active=active)
+    monkeypatch.setattr(_launch, "triton", SimpleNamespace(runtime=SimpleNamespace(driver=driver)))
+    _launch._build_launcher(SimpleNamespace(_run=None, src="new", metadata=None))
+    _launch._build_launcher(SimpleNamespace(_run=object(), src="launched before", metadata=None))
+    _launch._build_launcher(None)
+    assert built == ["new"]
+
+    def failing(src, metadata):
+        raise RuntimeError("no C compiler")
+
+    active.launcher_cls = failing
+    _launch._build_launcher(SimpleNamespace(_run=None, src="new", metadata=None))  # no error
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compile_ahead runs on CUDA only")
 def test_compile_ahead_leaves_the_first_launch_nothing_to_build():
     """After compile_ahead, a new specialisation's kernel and launcher are built (the launcher in the
