@@ -51,7 +51,7 @@ from hf_mamba.generation import prefill_in_chunks
 
 # train.py (beside this file; scripts/ is sys.path[0] only when run as a script) owns the GradScaler helper.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import set_growth_interval  # noqa: E402
+from train import set_loss_scaling  # noqa: E402
 
 RUNS = ("fp32", "bf16", "fp16", "bf16-ckpt", "fp16-ckpt", "lora-fp32", "lora-bf16", "lora-fp16")
 SMOOTH = 20  # steps in the moving average the curves are compared by
@@ -73,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--scaler-growth-interval", type=int, default=2000,
                         help="fp16 runs: steps without an overflow before the GradScaler doubles its scale "
                              "(2000: torch's and the Trainer's default)")
+    parser.add_argument("--scaler-init-scale", type=float, default=65536.0,
+                        help="fp16 runs: the GradScaler's first scale (65536: torch's and the Trainer's default)")
     parser.add_argument("--long-prompt", type=int, default=0, help="tokens of the fp16/bf16 inference check (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="outputs/precision_training",
@@ -89,6 +91,8 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.scaler_init_scale < math.inf:
+        parser.error(f"--scaler-init-scale must be a positive finite number, got {args.scaler_init_scale}")
     if args.long_prompt < 0:
         parser.error(f"--long-prompt must be >= 0, got {args.long_prompt}")
     runs = [run.strip() for run in args.runs.split(",") if run.strip()]
@@ -103,7 +107,7 @@ def parse_args(argv=None):
 # What a loss curve depends on: runs from an earlier invocation with the same settings are comparable.
 CURVE_SETTINGS = (
     "steps", "batch_size", "seq_len", "lr", "hidden_size", "layers", "vocab", "lora_r", "seed",
-    "scaler_growth_interval",
+    "scaler_growth_interval", "scaler_init_scale",
 )
 
 
@@ -266,7 +270,7 @@ def train_run(name, args, dataset, device_is_cuda):
     trainer.remove_callback(ProgressCallback)  # one line per logged step otherwise (logging_steps=1)
     trainer.remove_callback(PrinterCallback)
     recorder.trainer = trainer
-    set_growth_interval(trainer.accelerator, args.scaler_growth_interval)
+    set_loss_scaling(trainer.accelerator, args.scaler_growth_interval, args.scaler_init_scale)
     if device_is_cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

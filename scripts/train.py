@@ -98,6 +98,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
 def _looks_like_path(name: str) -> bool:
     """A local path, not a Hub id: hf_mamba.loading's rule, which from_pretrained follows too."""
     return is_local_path(name)
@@ -142,10 +149,15 @@ def parse_args(argv=None):
     precision = train.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 mixed precision (a GPU with bf16, or --use-cpu)")
     precision.add_argument("--fp16", action="store_true", help="fp16 mixed precision (loss scaling)")
-    precision.add_argument(
+    train.add_argument(
         "--scaler-growth-interval", type=positive_int,
         help="--fp16: steps without an overflow before the loss scale doubles (default the GradScaler's 2000; "
         "100 kept an fp16 LoRA run on its fp32 run's curve, docs/reliability.md)",
+    )
+    train.add_argument(
+        "--scaler-init-scale", type=positive_float,
+        help="--fp16: the loss scale to start from (default the GradScaler's 65536); a lower one skips the "
+        "first steps' overflows",
     )
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in backward")
     train.add_argument(
@@ -235,8 +247,9 @@ def parse_args(argv=None):
     # Several processes without CUDA (accelerate launch / torchrun on CPU): Accelerate only forms a gloo
     # process group for the Trainer when told the run is on CPU.
     args.use_cpu = args.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
-    if args.scaler_growth_interval is not None and not args.fp16:
-        parser.error("--scaler-growth-interval sets fp16's loss scaling: it needs --fp16")
+    for flag in ("scaler_growth_interval", "scaler_init_scale"):
+        if getattr(args, flag) is not None and not args.fp16:
+            parser.error(f"--{flag.replace('_', '-')} sets fp16's loss scaling: it needs --fp16")
     if args.bf16 and not args.use_cpu and not is_torch_bf16_gpu_available():
         # Transformers' own message ("Your setup doesn't support bf16/gpu") names neither flag nor way out.
         parser.error(
@@ -246,12 +259,20 @@ def parse_args(argv=None):
     return args
 
 
-def set_growth_interval(accelerator, interval):
-    """Give an fp16 run's GradScaler `interval` (the Trainer offers no setting for it). The optimizer takes the
-    accelerator's scaler when `train()` prepares it, so this must come before."""
+def set_loss_scaling(accelerator, growth_interval=None, init_scale=None):
+    """Give an fp16 run's GradScaler a growth interval and an initial scale (None: leave it), which the Trainer
+    offers no setting for, through its state dict (the one public way to set the scale before its first step).
+    The optimizer takes the accelerator's scaler when `train()` prepares it, so this must come before; a
+    resumed run then loads the checkpoint's scaler over it."""
     scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and scaler.get_growth_interval() != interval:
-        scaler.set_growth_interval(interval)
+    if scaler is None or not scaler.is_enabled():
+        return
+    state = scaler.state_dict()
+    if growth_interval is not None:
+        state["growth_interval"] = growth_interval
+    if init_scale is not None:
+        state["scale"] = float(init_scale)
+    scaler.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,8 +480,7 @@ def main(argv=None):
         callbacks=[tokens_per_second, stop_on_signal],
     )
 
-    if args.scaler_growth_interval is not None:
-        set_growth_interval(trainer.accelerator, args.scaler_growth_interval)
+    set_loss_scaling(trainer.accelerator, args.scaler_growth_interval, args.scaler_init_scale)
     eval_before = trainer.evaluate()["eval_loss"] if resume is None else None
     start = time.perf_counter()
     with stop_on_signal:

@@ -388,19 +388,23 @@ def test_precision_training_diagnosis_names_the_overflowing_module():
 
 
 def test_precision_training_sets_the_scalers_growth_interval():
-    """--scaler-growth-interval reaches an fp16 run's GradScaler (the Trainer has no setting for it); the
-    summary lists where the scale changed."""
+    """--scaler-growth-interval and --scaler-init-scale reach an fp16 run's GradScaler (the Trainer has no
+    setting for them); the summary lists where the scale changed."""
     script = load_script("precision_training")
     assert script.parse_args([]).scaler_growth_interval == 2000
     assert script.parse_args(["--scaler-growth-interval", "100"]).scaler_growth_interval == 100
     with pytest.raises(SystemExit):
         script.parse_args(["--scaler-growth-interval", "0"])
 
+    assert script.parse_args(["--scaler-init-scale", "512"]).scaler_init_scale == 512
+    with pytest.raises(SystemExit):
+        script.parse_args(["--scaler-init-scale", "0"])
+
     class Accelerator:
         scaler = torch.amp.GradScaler("cpu")
 
-    script.set_growth_interval(Accelerator, 100)
-    assert Accelerator.scaler.get_growth_interval() == 100
-    script.set_growth_interval(object(), 100)  # no scaler (bf16, fp32): nothing to set
+    script.set_loss_scaling(Accelerator, 100, 512)
+    assert Accelerator.scaler.get_growth_interval() == 100 and Accelerator.scaler.get_scale() == 512
+    script.set_loss_scaling(object(), 100)  # no scaler (bf16, fp32): nothing to set
     assert script.scale_changes([65536.0, 65536.0, 32768.0, 32768.0, 65536.0]) == [(3, 32768.0), (5, 65536.0)]
     assert script.scale_changes([]) == []

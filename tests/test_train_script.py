@@ -80,6 +80,8 @@ def loads_text(case, expected, id):
         pytest.param("missing_model", r"--model ./no-such-model: no such folder", id="missing-model"),
         pytest.param("split_percentage", r"--validation-split-percentage must be in \(0, 100\)", id="split-100"),
         pytest.param("growth_without_fp16", r"--scaler-growth-interval .* needs --fp16", id="growth-no-fp16"),
+        pytest.param("init_scale_without_fp16", r"--scaler-init-scale .* needs --fp16", id="init-scale-no-fp16"),
+        pytest.param("init_scale_0", r"--scaler-init-scale: must be a positive finite number", id="init-scale-0"),
         pytest.param("fsdp_ckpt_without_fsdp", r"--fsdp-activation-checkpointing .* needs --fsdp", id="fsdp-ckpt"),
     ],
 )
@@ -104,21 +106,31 @@ def test_bad_flags_and_data_stop_with_one_line(case, expected, tmp_path, capsys)
         "missing_model": ["--model", "./no-such-model"],
         "split_percentage": ["--validation-split-percentage", "100"],
         "growth_without_fp16": ["--scaler-growth-interval", "100"],
+        "init_scale_without_fp16": ["--scaler-init-scale", "512"],
+        "init_scale_0": ["--fp16", "--scaler-init-scale", "0"],
         "fsdp_ckpt_without_fsdp": ["--fsdp-activation-checkpointing"],
     }[case]
     message = run_error([*argv, "--output-dir", str(tmp_path / "out"), "--max-steps", "1"], capsys)
     assert re.search(expected, message), message
 
 
-def test_scaler_growth_interval_reaches_the_grad_scaler():
-    """--scaler-growth-interval sets the GradScaler the Trainer's accelerator made for --fp16 (bf16 and fp32
-    runs have none: nothing to set)."""
+def test_loss_scaling_flags_reach_the_grad_scaler():
+    """--scaler-growth-interval and --scaler-init-scale set the GradScaler the Trainer's accelerator made for
+    --fp16, before its first step, and leave its other settings; bf16 and fp32 runs have none: nothing to set."""
     from types import SimpleNamespace
 
-    scaler = torch.amp.GradScaler("cpu")
-    train_script.set_growth_interval(SimpleNamespace(scaler=scaler), 100)
-    assert scaler.get_growth_interval() == 100
-    train_script.set_growth_interval(SimpleNamespace(scaler=None), 100)
+    scaler = torch.amp.GradScaler("cpu", growth_factor=3.0)
+    train_script.set_loss_scaling(SimpleNamespace(scaler=scaler), 100, 512)
+    assert (scaler.get_growth_interval(), scaler.get_scale(), scaler.get_growth_factor()) == (100, 512.0, 3.0)
+    train_script.set_loss_scaling(SimpleNamespace(scaler=scaler), None, None)  # nothing given: as it was
+    assert (scaler.get_growth_interval(), scaler.get_scale()) == (100, 512.0)
+    # the first step starts from the scale set
+    weight = torch.nn.Parameter(torch.ones(2))
+    scaler.scale(weight.sum()).backward()
+    assert torch.equal(weight.grad, torch.full((2,), 512.0))
+    train_script.set_loss_scaling(SimpleNamespace(scaler=None), 100, 512)
+    args = train_script.parse_args(["--fp16", "--scaler-growth-interval", "100", "--scaler-init-scale", "1024"])
+    assert (args.fp16, args.scaler_growth_interval, args.scaler_init_scale) == (True, 100, 1024.0)
 
 
 @pytest.fixture(scope="module")
