@@ -35,10 +35,17 @@ Share on the Hub at the end:
 
     python scripts/train.py ... --push-to-hub --hub-model-id me/mamba-wikitext
 
-Several processes (DDP), or FSDP wrapping each MambaBlock:
+fp16 on a GPU without bf16 (V100, T4): the GradScaler's growth interval and first scale can be set, which the
+Trainer has no settings for (docs/reliability.md: with 100, fp16 LoRA followed fp32 LoRA):
+
+    python scripts/train.py ... --fp16 --scaler-growth-interval 100 --scaler-init-scale 512
+
+Several processes (DDP), or FSDP wrapping each MambaBlock (with FSDP's own activation checkpointing, or the
+model's --gradient-checkpointing); scripts/benchmark_multi_gpu.py measures their scaling:
 
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py ...   # also on a CPU-only machine (gloo)
-    accelerate launch --multi_gpu --num_processes 8 scripts/train.py ... --fsdp --fsdp-wrap MambaBlock
+    accelerate launch --multi_gpu --num_processes 8 scripts/train.py ... --fsdp --fsdp-wrap MambaBlock \
+        --fsdp-activation-checkpointing
 
 Logs loss, learning rate and tokens/s (the Trainer's progress bar), evaluates perplexity before and after
 training, saves a Hub-ready folder with the tokenizer (hf_mamba.hub: safetensors, remote code, model card with
