@@ -39,6 +39,7 @@ SHAPES = {  # (hidden size, layers, vocabulary)
 ROWS = {
     "processes": "world_size",
     "train steps": "steps",
+    "tokens seen": "tokens_seen",
     "train loss": "loss",
     "tokens/s after the first log": "tokens_per_s",
     "peak CUDA memory (largest process)": "peak",

@@ -8,7 +8,7 @@ model folders at its paths, data files); its Python blocks share one namespace, 
   commands that need the Hub (a Hub --model or --dataset, --push-to-hub) or are fragments (`...`) get their
   flags parsed instead, as on a machine with a bf16 GPU.
 - `accelerate launch ... scripts/train.py ...`: flags parsed; two CPU processes run in
-  tests/test_training.py::test_accelerate_launch_two_processes.
+  tests/test_training.py::test_multi_gpu_benchmark_runs_one_and_two_processes.
 - `python scripts/convert_checkpoint.py ...` runs as written; `python scripts/benchmark_multi_gpu.py ...` gets its
   flags parsed, as on a machine with 8 GPUs (tests/test_training.py runs it on CPU processes).
 - Python blocks run as written, with pushes to the Hub landing in a local folder named by the repo id (which
