@@ -5,6 +5,7 @@ FSDP2 with each MambaBlock a unit), the global batch fixed, beside one process.
     python scripts/benchmark_multi_gpu.py --bf16 --shape 1.4b --gradient-checkpointing
     python scripts/benchmark_multi_gpu.py --bf16 --modes fsdp --fsdp-activation-checkpointing
     python scripts/benchmark_multi_gpu.py --shape tiny --processes 1,2  # CPU processes over gloo (DDP only)
+    python scripts/benchmark_multi_gpu.py --bf16 --modes fsdp --resume-check   # + resume on another count
 
 Every run trains the same random-weight model (one folder, written first, with a small BPE tokenizer: the
 model keeps its full vocabulary, so the LM head costs what it does) on the same generated text, with the same
@@ -12,6 +13,10 @@ seed and --global-batch sequences per step split evenly over the processes. Per 
 the final train loss, tokens/s of all processes (from the first log to the last: the first interval holds
 the kernels' compiles), per process, its share of one process's (scaling efficiency), and the largest
 process's peak CUDA memory. train.py needs `datasets` (carry its wheel where it is not installed).
+
+--resume-check: the runs also save a checkpoint halfway; the run on the most processes is then resumed from
+it on the fewest (the same global batch), and its final evaluation compared with the uninterrupted run's: a
+checkpoint (FSDP: sharded) must resume on another number of processes where it left off.
 """
 
 import argparse
@@ -40,6 +45,7 @@ ROWS = {
     "processes": "world_size",
     "train steps": "steps",
     "tokens seen": "tokens_seen",
+    "eval perplexity after": "perplexity",
     "train loss": "loss",
     "tokens/s after the first log": "tokens_per_s",
     "peak CUDA memory (largest process)": "peak",
@@ -63,6 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--fsdp-activation-checkpointing", action="store_true",
                         help="FSDP's own activation checkpointing in the fsdp runs (the ddp runs then checkpoint "
                              "through the model, so both modes recompute the same)")
+    parser.add_argument("--resume-check", action="store_true",
+                        help="resume the run on the most processes from its halfway checkpoint on the fewest")
     parser.add_argument("--keep", help="keep the model folder, data and run outputs in this folder")
     args = parser.parse_args(argv)
     args.processes = [int(n) for n in args.processes.split(",")]
@@ -74,6 +82,8 @@ def parse_args(argv=None):
         parser.error(f"--modes takes ddp and fsdp, got {','.join(args.modes)}")
     if "fsdp" in args.modes and not torch.cuda.is_available():
         parser.error("--modes fsdp needs CUDA devices (on CPU, Accelerate runs the processes as DDP)")
+    if args.resume_check and (len(set(args.processes)) < 2 or args.max_steps < 2):
+        parser.error("--resume-check needs two process counts in --processes and --max-steps of 2 or more")
     if gpus and max(args.processes) > gpus:
         parser.error(f"--processes {max(args.processes)}: this machine has {gpus} GPU(s)")
     return args
@@ -103,7 +113,7 @@ def write_model_and_data(folder: Path, shape: str, block_size: int, sequences: i
     return model_folder, text
 
 
-def launch_command(args, mode, processes, model, text, out):
+def launch_command(args, mode, processes, model, text, out, resume_from=None):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
@@ -112,7 +122,8 @@ def launch_command(args, mode, processes, model, text, out):
         str(SCRIPTS / "train.py"), "--model", str(model), "--train-file", str(text),
         "--block-size", str(args.block_size), "--max-steps", str(args.max_steps),
         "--per-device-train-batch-size", str(args.global_batch // processes),
-        "--logging-steps", str(args.logging_steps), "--save-steps", str(10 * args.max_steps),
+        "--logging-steps", str(args.logging_steps),
+        "--save-steps", str(args.max_steps // 2 if args.resume_check else 10 * args.max_steps),
         "--max-eval-samples", str(args.global_batch), "--output-dir", str(out), "--seed", "0",
     ]  # fmt: skip
     if args.bf16:
@@ -123,6 +134,8 @@ def launch_command(args, mode, processes, model, text, out):
             command.append("--fsdp-activation-checkpointing")
     if args.gradient_checkpointing or (mode == "ddp" and args.fsdp_activation_checkpointing):
         command.append("--gradient-checkpointing")
+    if resume_from is not None:
+        command += ["--resume-from-checkpoint", str(resume_from)]
     return command
 
 
@@ -146,28 +159,51 @@ def main(argv=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not torch.cuda.is_available():
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    rows = []
+    def run(mode, processes, out, resume_from=None):
+        """One launch: its row (train.py's results, or why it failed)."""
+        what = f"resumed on {processes} from {resume_from.name}" if resume_from else f"{processes} process(es)"
+        print(f"== {mode}, {what}", flush=True)
+        result = subprocess.run(launch_command(args, mode, processes, model, text, out, resume_from),
+                                capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            print(result.stderr[-3000:], file=sys.stderr)
+            return dict(mode=mode, processes=processes, failed=f"exit status {result.returncode}")
+        found = parse_results(result.stdout)
+        if found.get("world_size") != processes:
+            ran = found.get("world_size")
+            raise RuntimeError(f"train.py ran {ran} process(es), not {processes}:\n{result.stdout}")
+        return dict(mode=mode, processes=processes, **found)
+
+    rows, resumed = [], []
     for mode in args.modes:
         for processes in args.processes:
-            out = work / f"{mode}-{processes}"
-            print(f"== {mode}, {processes} process(es)", flush=True)
-            result = subprocess.run(launch_command(args, mode, processes, model, text, out),
-                                    capture_output=True, text=True, env=env)
-            if result.returncode != 0:
-                print(result.stderr[-3000:], file=sys.stderr)
-                rows.append(dict(mode=mode, processes=processes, failed=f"exit status {result.returncode}"))
-                continue
-            found = parse_results(result.stdout)
-            if found.get("world_size") != processes:
-                ran = found.get("world_size")
-                raise RuntimeError(f"train.py ran {ran} process(es), not {processes}:\n{result.stdout}")
-            rows.append(dict(mode=mode, processes=processes, **found))
-            if not args.keep:
+            rows.append(run(mode, processes, work / f"{mode}-{processes}"))
+        if args.resume_check:
+            most, fewest = max(args.processes), min(args.processes)
+            checkpoint = work / f"{mode}-{most}" / f"checkpoint-{args.max_steps // 2}"
+            row = run(mode, fewest, work / f"{mode}-{most}-resumed-on-{fewest}", resume_from=checkpoint)
+            uninterrupted = next(r for r in rows if r["mode"] == mode and r["processes"] == most)
+            resumed.append(dict(row, saved_on=most, uninterrupted=uninterrupted.get("perplexity")))
+        if not args.keep:
+            for out in work.glob(f"{mode}-*"):
                 shutil.rmtree(out, ignore_errors=True)
     print_table(args, rows)
+    print_resumed(args, resumed)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    return rows
+    return rows + resumed
+
+
+def print_resumed(args, resumed):
+    if not resumed:
+        return
+    print(f"\nResumed from the checkpoint at step {args.max_steps // 2} on another number of processes; eval "
+          "perplexity after the last step")
+    print("| mode | saved on | resumed on | resumed | uninterrupted |")
+    print("|---|---|---|---|---|")
+    for row in resumed:
+        mine = row.get("failed") or f"{row.get('perplexity', float('nan')):.4f}"
+        print(f"| {row['mode']} | {row['saved_on']} | {row['processes']} | {mine} | {row['uninterrupted'] or '-'} |")
 
 
 def print_table(args, rows):
@@ -179,6 +215,8 @@ def print_table(args, rows):
     print(f"\n{device}; {args.shape} shape ({layers} x {hidden}, vocab {vocab}), random weights; global batch "
           f"{args.global_batch} x {args.block_size} tokens, {args.max_steps} steps, "
           f"{'bf16' if args.bf16 else 'fp32'}; activation checkpointing: {checkpointing}")
+    if args.resume_check:
+        print("(tokens/s include the write of the halfway checkpoint that --resume-check resumes from)")
     print("| mode | processes | batch per process | train loss | tokens/s | per process | scaling | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -274,23 +274,27 @@ def test_train_script_text_files_without_packing(local_assets, tmp_path):
 @needs_datasets
 def test_multi_gpu_benchmark_runs_one_and_two_processes(tmp_path, capsys):
     """scripts/benchmark_multi_gpu.py on CPU (gloo): train.py under accelerate launch with 1 and 2 processes,
-    the same global batch (each process half of it): the same loss, and the table with both runs."""
+    the same global batch (each process half of it): the same loss, and the table with both runs; the 2-process
+    run's halfway checkpoint resumes on 1 process to the uninterrupted run's evaluation."""
     script = load_script("benchmark_multi_gpu")
     rows = script.main(
-        ["--shape", "tiny", "--processes", "1,2", "--max-steps", "3", "--global-batch", "4", "--block-size", "32",
-         "--logging-steps", "1", "--keep", str(tmp_path)]
+        ["--shape", "tiny", "--processes", "1,2", "--max-steps", "4", "--global-batch", "4", "--block-size", "32",
+         "--logging-steps", "1", "--resume-check", "--keep", str(tmp_path)]
     )  # fmt: skip
+    rows, (resumed,) = rows[:2], rows[2:]
     assert [(row["mode"], row["processes"], row["world_size"], row["steps"]) for row in rows] == [
-        ("ddp", 1, 1, 3), ("ddp", 2, 2, 3)
+        ("ddp", 1, 1, 4), ("ddp", 2, 2, 4)
     ]
+    assert (resumed["processes"], resumed["saved_on"], resumed["steps"]) == (1, 2, 4)
+    assert resumed["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-3)
     # the same sequences make each step's global batch (the sampler's order, split over the processes)
     assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-3, rows
-    assert all(row["tokens_per_s"] > 0 and row["tokens_seen"] == 3 * 4 * 32 for row in rows)  # steps x batch x block
+    assert all(row["tokens_per_s"] > 0 and row["tokens_seen"] == 4 * 4 * 32 for row in rows)  # steps x batch x block
     # each run saved a folder that loads back through the Auto classes
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp-2")
     assert isinstance(reloaded, hf_mamba.MambaForCausalLM)
     table = capsys.readouterr().out
-    assert "| ddp | 2 | 2 |" in table and "CPU (gloo); tiny shape" in table
+    assert "| ddp | 2 | 2 |" in table and "CPU (gloo); tiny shape" in table and "| ddp | 2 | 1 |" in table
 
 
 def run_two_workers(tmp_path, source, *args, **env):
