@@ -245,13 +245,15 @@ class MambaModel(MambaPreTrainedModel):
         whole model does (the first block's norm, the add + norm between blocks and the last one, the
         mixer's forward and backward). The mixer compiles its own kernels ahead (`mamba_inner`); the norms'
         six kernels and launchers, compiled as they launched, took a second or more of a first step."""
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return
+        if not self._compiles_ahead_on(hidden_states.device):
+            return
         dry_layers = self.layers[:2]
         params = [p for p in dry_layers.parameters() if p.requires_grad] + [
             p for p in self.norm_f.parameters() if p.requires_grad
         ]
-        if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (hidden_states.requires_grad or params)):
-            return
-        if not self._compiles_ahead_on(hidden_states.device):
+        if not (hidden_states.requires_grad or params):
             return
         key = (
             hidden_states.device, hidden_states.dtype, tuple(hidden_states.shape), hidden_states.requires_grad,
