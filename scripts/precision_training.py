@@ -51,7 +51,7 @@ from hf_mamba.generation import prefill_in_chunks
 
 # train.py (beside this file; scripts/ is sys.path[0] only when run as a script) owns the GradScaler helper.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import set_loss_scaling  # noqa: E402
+from train import positive_float, set_loss_scaling  # noqa: E402
 
 RUNS = ("fp32", "bf16", "fp16", "bf16-ckpt", "fp16-ckpt", "lora-fp32", "lora-bf16", "lora-fp16")
 SMOOTH = 20  # steps in the moving average the curves are compared by
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--scaler-growth-interval", type=int, default=2000,
                         help="fp16 runs: steps without an overflow before the GradScaler doubles its scale "
                              "(2000: torch's and the Trainer's default)")
-    parser.add_argument("--scaler-init-scale", type=float, default=65536.0,
+    parser.add_argument("--scaler-init-scale", type=positive_float, default=65536.0,
                         help="fp16 runs: the GradScaler's first scale (65536: torch's and the Trainer's default)")
     parser.add_argument("--long-prompt", type=int, default=0, help="tokens of the fp16/bf16 inference check (0: off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -91,8 +91,6 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.scaler_init_scale < math.inf:
-        parser.error(f"--scaler-init-scale must be a positive finite number, got {args.scaler_init_scale}")
     if args.long_prompt < 0:
         parser.error(f"--long-prompt must be >= 0, got {args.long_prompt}")
     runs = [run.strip() for run in args.runs.split(",") if run.strip()]

@@ -249,21 +249,21 @@ class MambaModel(MambaPreTrainedModel):
             return
         if not self._compiles_ahead_on(hidden_states.device):
             return
-        dry_layers = self.layers[:2]
-        params = [p for p in dry_layers.parameters() if p.requires_grad] + [
-            p for p in self.norm_f.parameters() if p.requires_grad
-        ]
-        if not (hidden_states.requires_grad or params):
-            return
         key = (
             hidden_states.device, hidden_states.dtype, tuple(hidden_states.shape), hidden_states.requires_grad,
             torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None,
             attention_mask is not None, seq_idx is not None, path,
         )
         seen = self.__dict__.setdefault("_training_compiled_ahead", set())
-        if key in seen:
+        if key in seen:  # every later step of the kind stops here
             return
         seen.add(key)
+        dry_layers = self.layers[:2]
+        params = [p for p in dry_layers.parameters() if p.requires_grad] + [
+            p for p in self.norm_f.parameters() if p.requires_grad
+        ]
+        if not (hidden_states.requires_grad or params):
+            return
 
         def first_blocks_forward_and_backward():
             # Random draws (dropout in adapters) are put back: the real step draws what it would have drawn.
