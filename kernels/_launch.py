@@ -21,6 +21,9 @@ try:  # Triton >= 3.4: compiles submitted to an executor
 except ImportError:
     _async_compile = None
 
+from ._compile_processes import ProcessCompiles
+
+
 def device_guard(t):
     """Launch on t's GPU (Triton launches on the current device); nothing for CPU tensors (interpreter)
     or when t's GPU is already current (entering torch.cuda.device costs host time every layer)."""
@@ -168,8 +171,8 @@ def compile_ahead(fn, *args):
     inside another such pass).
 
     fn runs with every `launch` replaced by Triton's warmup (compile only), whose compiles go to a pool
-    of threads (Triton's AsyncCompileMode); their launchers (`_build_launcher`) are built in the same
-    pool, and this returns once all are. Why: a first
+    of threads (Triton's AsyncCompileMode), each compiling in a child process (`_compile_processes`)
+    and then building the kernel's launcher (`_build_launcher`); this returns once all are. Why: a first
     training step compiles about ten kernels one after another, 41 s of compiling on an H200 (20 s of
     it the scan backward's second pass), where side by side they take about as long as the slowest. The
     torch ops of fn run as usual on its own tensors, whose values are garbage, so fn must not read
@@ -184,10 +187,9 @@ def compile_ahead(fn, *args):
     try:
         workers = min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hf_mamba-compile") as pool:
-            with _async_compile.AsyncCompileMode(pool), torch.no_grad():
+            # each compile in a child process, then its launcher in the pool thread that waited for it
+            with _async_compile.AsyncCompileMode(ProcessCompiles(pool, _build_launcher)), torch.no_grad():
                 fn(*args)
-            # every compile is done here (AsyncCompileMode waits for them): their launchers, side by side too
-            list(pool.map(_build_launcher, [k.result() if hasattr(k, "result") else k for k in compiled]))
     except Exception as exc:  # noqa: BLE001 - see the docstring
         warnings.warn(f"hf_mamba: compiling kernels ahead failed ({exc!r}); they compile as they launch", stacklevel=2)
         return False
@@ -278,7 +280,12 @@ def _compile(future, kernel, device, grid, args, constexprs):
     """Compile kernel for these arguments on `device` (in a thread of its own)."""
     try:
         with torch.cuda.device(device):
-            _build_launcher(kernel.warmup(*args, grid=grid, **constexprs))
+            if _async_compile is None:  # Triton < 3.4
+                _build_launcher(kernel.warmup(*args, grid=grid, **constexprs))
+            else:  # in a child process, so that it takes no host time from the steps running meanwhile
+                with concurrent.futures.ThreadPoolExecutor(1) as one:
+                    with _async_compile.AsyncCompileMode(ProcessCompiles(one, _build_launcher)):
+                        kernel.warmup(*args, grid=grid, **constexprs)
     except Exception as exc:  # noqa: BLE001 - reported where the result is read
         future.set_exception(exc)
     else:

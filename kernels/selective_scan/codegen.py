@@ -231,11 +231,16 @@ def generated_kernel(src, stem, name):
         with open(tmp_path, "w") as f:
             f.write(src)
         os.replace(tmp_path, path)  # atomic, so concurrent processes never read half a file
-    spec = importlib.util.spec_from_file_location(f"hf_mamba_generated_{stem}_{digest}", path)
+    return getattr(load_generated(path, f"hf_mamba_generated_{stem}_{digest}"), name)
+
+
+def load_generated(path, module_name):
+    """The module of generated kernels at path, with the `triton_utils` helpers in its namespace."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     vars(module).update(GENERATED_HELPERS)
     spec.loader.exec_module(module)
-    return getattr(module, name)
+    return module
 
 
 __all__ = [
@@ -246,6 +251,7 @@ __all__ = [
     "decay_rate",
     "delta_prologue",
     "generated_kernel",
+    "load_generated",
     "keeps",
     "pack",
     "first_tile",

@@ -1,6 +1,8 @@
 """The fast launch path (`hf_mamba.kernels._launch.launch`): a cached compiled kernel is reused only
 for arguments Triton would specialise alike."""
 
+import os
+
 import pytest
 import torch
 import triton
@@ -184,39 +186,116 @@ def test_background_compile_on_cuda():
         torch.testing.assert_close(y, x * 3.5, rtol=0, atol=0)
 
 
-def test_compile_ahead_builds_every_launcher_in_its_pool(monkeypatch):
-    """compile_ahead's pass compiles each launch (Triton's future while compiling, or a kernel it had) and
-    then builds each one's launcher in its pool of threads, not at the first launch."""
+def test_compile_ahead_hands_each_compile_to_its_pool(monkeypatch):
+    """compile_ahead's pass compiles each launch: what Triton submits (here a fake kernel's warmup submits as
+    a JITFunction's does under AsyncCompileMode) runs in a pool thread, which then builds its launcher; a
+    kernel Triton already had (warmup returns it) submits nothing."""
+    import inspect
     import threading
 
-    compiled = [object(), object()]
+    from triton.runtime import _async_compile
 
-    class Future:  # what a JITFunction's warmup returns under Triton's AsyncCompileMode
-        def result(self):
-            return compiled[0]
+    compiled = object()
+    ran, built = [], []
 
-    class Kernel:
-        def __init__(self, result):
-            self.result, self.calls = result, []
-
+    class Compiling:  # Triton's JITFunction.warmup for a kernel not compiled yet
         def warmup(self, *args, grid, **constexprs):
-            self.calls.append((grid, args, constexprs))
-            return self.result
+            mode = _async_compile.active_mode.get()
+            extra = [lambda future: None] if "cleanup_fn" in inspect.signature(mode.submit).parameters else []
+            return mode.submit("key", lambda: ran.append(threading.current_thread().name) or compiled,
+                               lambda kernel: None, *extra)
 
-    built = []
+    class Cached:
+        def warmup(self, *args, grid, **constexprs):
+            return compiled
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(_launch, "_build_launcher", lambda k: built.append((k, threading.current_thread().name)))
-    compiling, cached = Kernel(Future()), Kernel(compiled[1])
 
     def dry_pass():
-        _launch.launch(compiling, (4,), 7, BLOCK=16)
-        _launch.launch(cached, (1,), 3)
+        _launch.launch(Compiling(), (4,), 7, BLOCK=16)
+        _launch.launch(Cached(), (1,), 3)
 
     assert _launch.compile_ahead(dry_pass)
-    assert compiling.calls == [((4,), (7,), {"BLOCK": 16})] and cached.calls == [((1,), (3,), {})]
-    assert sorted(map(id, (k for k, _ in built))) == sorted(map(id, compiled))
-    assert all(name.startswith("hf_mamba-compile") for _, name in built)
+    assert len(ran) == 1 and ran[0].startswith("hf_mamba-compile")
+    assert built == [(compiled, ran[0])]  # the launcher, in the thread that compiled it
     assert _launch._COMPILE_ONLY.get() is None  # after the pass, launches run again
+
+
+COMPILE_IN_A_CHILD = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime import driver
+
+TARGET = GPUTarget("cuda", 90, 32)
+launchers, stages_run = [], []
+
+
+class NoGpuDriver:  # what JITFunction.warmup asks of the driver, answered as an H100's; nothing launches
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+    def launcher_cls(self, src, metadata):
+        launchers.append(metadata.name)
+
+
+driver.set_active(NoGpuDriver())
+backend_class = type(make_backend(TARGET))
+add_stages = backend_class.add_stages
+
+
+def counted_add_stages(self, stages, options, *rest):  # each compiler stage this process runs, counted
+    add_stages(self, stages, options, *rest)
+    for name, stage in list(stages.items()):
+        stages[name] = lambda src, metadata, stage=stage, name=name: stages_run.append(name) or stage(src, metadata)
+
+
+backend_class.add_stages = counted_add_stages
+from hf_mamba.kernels import _compile_processes, _launch
+from hf_mamba.kernels.rms_norm import triton_rms_norm
+
+children = []
+in_child = _compile_processes.compile_in_child
+_compile_processes.compile_in_child = lambda job: children.append(in_child(job)) or children[-1]
+x, w = torch.randn(8, 64, dtype=torch.bfloat16), torch.ones(64)
+for _ in range(2):  # the second pass finds the kernel in Triton's cache
+    assert _launch.compile_ahead(
+        lambda: triton_rms_norm._norm_fwd(x, None, w, 1e-5, torch.float32, torch.bfloat16, True)
+    )
+    triton_rms_norm._rms_norm_fwd_kernel.device_caches.clear()  # forget it in this process
+print(json.dumps({"children": children, "stages": stages_run, "launchers": launchers}))
+"""
+
+
+@pytest.mark.parametrize("processes", ["1", "0"])
+def test_compile_ahead_compiles_in_a_child_process(tmp_path, processes):
+    """compile_ahead compiles a real kernel (for sm_90, no GPU needed) in a child process into Triton's cache,
+    where this process finds it without running a compiler stage, then builds its launcher; a second pass
+    finds the cache and starts no child. With HF_MAMBA_COMPILE_PROCESSES=0 this process compiles."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "HF_MAMBA_COMPILE_PROCESSES": processes,
+           "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_CHILD], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen["launchers"] == ["_rms_norm_fwd_kernel"] * 2
+    if processes == "1":
+        assert seen["children"] == [True] and seen["stages"] == []
+    else:
+        assert seen["children"] == [] and {"ttir", "ptx"} <= set(seen["stages"])
 
 
 def test_launcher_builds_only_where_needed_and_never_raise(monkeypatch):
@@ -276,13 +355,15 @@ def test_exit_waits_for_a_background_compile(tmp_path):
     import textwrap
 
     done = tmp_path / "compiled"
-    # _launch.py alone (torch and Triton), not the package, whose import takes seconds
+    # the kernels without the model around them (hf_mamba's own __init__ imports Transformers: seconds)
     script = textwrap.dedent(f"""
-        import importlib.util
+        import sys
         import time
-        spec = importlib.util.spec_from_file_location("_launch", {_launch.__file__!r})
-        _launch = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_launch)
+        import types
+        package = types.ModuleType("hf_mamba")
+        package.__path__ = {list(sys.modules["hf_mamba"].__path__)!r}
+        sys.modules["hf_mamba"] = package
+        from hf_mamba.kernels import _launch
 
         class Kernel:
             def warmup(self, *args, grid, **constexprs):
