@@ -17,11 +17,21 @@ multiprocessing's: those would import the user's `__main__` script again.
 HF_MAMBA_COMPILE_PROCESSES=0 turns the children off (threads compile, as before).
 """
 
+import hashlib
 import importlib
 import os
 import pickle
 import subprocess
 import sys
+
+try:
+    import triton
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import get_cache_key, get_cache_manager
+except ImportError:  # the PyTorch paths import this module too, and need no Triton
+    triton = None
 
 
 def processes_enabled():
@@ -86,11 +96,6 @@ def _job_of(compile_fn):
 
 def in_cache(job):
     """Whether Triton's cache holds job's kernel already (the test its `compile` makes)."""
-    import hashlib
-
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.cache import get_cache_key, get_cache_manager
-
     src = job["src"]
     try:
         backend = make_backend(job["target"])
@@ -104,22 +109,19 @@ def in_cache(job):
 
 # The child's program: the kernels package without the model (and Transformers) around it, which
 # would take seconds more to import, then the compile.
-_CHILD = """
-import pickle, sys, types
-job = pickle.loads(sys.stdin.buffer.read())
-sys.path[:0] = [p for p in job["sys_path"] if p not in sys.path]
-package = types.ModuleType("hf_mamba")
-package.__path__ = job["package_path"]
-sys.modules["hf_mamba"] = package
-from hf_mamba.kernels._compile_processes import compile_here
-sys.exit(compile_here(job))
-"""
+_CHILD = "; ".join([
+    "import pickle, sys, types",
+    "job = pickle.loads(sys.stdin.buffer.read())",
+    "sys.path[:0] = [p for p in job['sys_path'] if p not in sys.path]",
+    "package = types.ModuleType('hf_mamba')",
+    "package.__path__ = job['package_path']",
+    "sys.modules['hf_mamba'] = package",
+    "sys.exit(__import__('hf_mamba.kernels._compile_processes', fromlist=['_']).compile_here(job))",
+])
 
 
 def compile_in_child(job):
     """Have a child process compile job into this process's Triton cache; whether it did."""
-    import triton
-
     env = {**os.environ, "TRITON_CACHE_DIR": triton.knobs.cache.dir}
     env.pop("TRITON_INTERPRET", None)
     try:
@@ -137,7 +139,7 @@ def _kernel(job):
     try:
         module = importlib.import_module(job["module"])
     except ImportError:
-        from hf_mamba.kernels.selective_scan.codegen import load_generated
+        from .selective_scan.codegen import load_generated
 
         module = load_generated(job["file"], job["module"])
     fn = module
@@ -149,11 +151,9 @@ def _kernel(job):
 def compile_here(job):
     """Compile job into TRITON_CACHE_DIR; the exit status: 0, or 3 where the kernel found is not the
     parent's (another source), which the parent then compiles itself."""
-    from triton.compiler import ASTSource, compile
-
     fn = _kernel(job)
     if fn.cache_key != job["cache_key"]:
         return 3
     source = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
-    compile(source, target=job["target"], options=job["options"], _env_vars=job["env_vars"])
+    triton_compile(source, target=job["target"], options=job["options"], _env_vars=job["env_vars"])
     return 0
