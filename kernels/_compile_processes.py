@@ -3,26 +3,31 @@
 Why: Triton compiles partly under Python's global lock, so compiles in threads of one process get in each
 other's way. On an H100 machine's host (16 cores) the 14 compiles of a first 130M training step, 8 threads
 side by side, each took 3 to 5 times as long as alone (the slowest 10.3 s, where alone such a compile takes
-about 3 s), and the step waited 14 s for them. A child process per compile has no lock to share.
+about 3 s), and the step waited 14 s for them. Child processes have no lock to share.
 
 How: `ProcessCompiles` is the executor Triton's `AsyncCompileMode` submits each compile to. It reads what
-to compile from the submitted function (the kernel, its specialisation, target and options), has a child
-process compile exactly that into Triton's cache, then
-runs the submitted function, which finds the result there, and builds the kernel's launcher. Anything
-unexpected (a Triton whose submitted function holds other things, a kernel the child cannot import, a
-child that fails) leaves the compile to the submitted function, in this process, as without this module:
-never a different result, at worst the old speed. The children are plain subprocesses, not
-multiprocessing's: those would import the user's `__main__` script again.
+to compile from the submitted function (the kernel, its specialisation, target and options) and, unless
+Triton's cache has it, has one of its `CompileWorkers` compile exactly that into the cache; then it runs the
+submitted function, which finds the result there, and builds the kernel's launcher. The workers start
+together at the first compile that needs one (each imports torch and Triton: seconds) and serve every
+compile of the pass, so that start is paid once. Anything unexpected (a Triton whose submitted function
+holds other things, a kernel a worker cannot import, a worker that dies) leaves the compile to the
+submitted function, in this process, as without this module: never a different result, at worst the old
+speed. The workers are plain subprocesses, not multiprocessing's, which would import the user's `__main__`
+script again.
 
-HF_MAMBA_COMPILE_PROCESSES=0 turns the children off (threads compile, as before).
+HF_MAMBA_COMPILE_PROCESSES=0 turns the workers off (threads compile, as before).
 """
 
 import hashlib
 import importlib
 import os
 import pickle
+import queue
+import struct
 import subprocess
 import sys
+import threading
 
 try:
     import triton
@@ -34,28 +39,112 @@ except ImportError:  # the PyTorch paths import this module too, and need no Tri
     triton = None
 
 
-def processes_enabled():
-    return os.environ.get("HF_MAMBA_COMPILE_PROCESSES", "1") != "0"
-
-
 class ProcessCompiles:
     """An executor for Triton's AsyncCompileMode: each submitted compile runs in `threads` (a
-    concurrent.futures executor), whose thread has a child process compile it first."""
+    concurrent.futures executor), whose thread has one of `workers` (CompileWorkers, or None) compile it."""
 
-    def __init__(self, threads, build_launcher):
+    def __init__(self, threads, build_launcher, workers):
         self._threads = threads
         self._build_launcher = build_launcher
+        self._workers = workers
 
     def submit(self, compile_fn):
-        job = compile_job(compile_fn) if processes_enabled() else None
+        job = compile_job(compile_fn) if self._workers is not None else None
         return self._threads.submit(self._compile, job, compile_fn)
 
     def _compile(self, job, compile_fn):
-        if job is not None and not in_cache(job):  # a child costs seconds to start: not for a cache hit
-            compile_in_child(job)
-        kernel = compile_fn()  # a cache hit where the child compiled it
+        if job is not None and not in_cache(job):  # a worker costs seconds to start: not for a cache hit
+            self._workers.compile(job)
+        kernel = compile_fn()  # a cache hit where a worker compiled it
         self._build_launcher(kernel)
         return kernel
+
+
+def compile_workers(count):
+    """CompileWorkers(count), or None where HF_MAMBA_COMPILE_PROCESSES=0 (or without Triton)."""
+    enabled = triton is not None and os.environ.get("HF_MAMBA_COMPILE_PROCESSES", "1") != "0"
+    return CompileWorkers(count) if enabled else None
+
+
+class CompileWorkers:
+    """Up to `count` child processes compiling Triton kernels into this process's cache, started together at
+    the first `compile`; `close()` ends them."""
+
+    def __init__(self, count):
+        self._count = count
+        self._idle = queue.Queue()
+        self._started = []
+        self._lock = threading.Lock()
+
+    def compile(self, job):
+        """Have an idle worker compile job (waiting for one); whether it did."""
+        with self._lock:
+            if not self._started:
+                env = {**os.environ, "TRITON_CACHE_DIR": triton.knobs.cache.dir}
+                env.pop("TRITON_INTERPRET", None)
+                for _ in range(self._count):
+                    worker = _Worker(env)
+                    self._started.append(worker)
+                    self._idle.put(worker)
+        worker = self._idle.get()
+        try:
+            return worker.compile(job)
+        finally:
+            self._idle.put(worker)
+
+    def close(self):
+        for worker in self._started:
+            worker.close()
+
+
+class _Worker:
+    """One child process: a pickled job in (length-prefixed), one status byte out (0: compiled)."""
+
+    def __init__(self, env):
+        setup = {"sys_path": list(sys.path), "package_path": list(sys.modules["hf_mamba"].__path__)}
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, env=env,
+            )
+            _send(self.process.stdin, setup)
+        except Exception:  # noqa: BLE001 - no interpreter, no package path: this process compiles
+            self.process = None
+
+    def compile(self, job):
+        if self.process is None:
+            return False
+        try:
+            _send(self.process.stdin, {k: v for k, v in job.items() if k != "src"})
+            status = self.process.stdout.read(1)
+        except Exception:  # noqa: BLE001 - an unpicklable job, a dead worker
+            status = b""
+        if not status:  # dead: this process compiles from now on
+            self.close()
+            self.process = None
+        return status == b"\0"
+
+    def close(self):
+        """Idle or dead here (never mid-compile), so nothing is lost: stop it at once."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process.stdin.close()
+            self.process.stdout.close()
+
+
+def _send(stream, obj):
+    data = pickle.dumps(obj)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    """The next object _send wrote, or None at the end of the stream."""
+    size = stream.read(8)
+    if len(size) < 8:
+        return None
+    return pickle.loads(stream.read(struct.unpack("<Q", size)[0]))
 
 
 def compile_job(compile_fn):
@@ -107,31 +196,38 @@ def in_cache(job):
     return bool(group)
 
 
-# The child's program: the kernels package without the model (and Transformers) around it, which
-# would take seconds more to import, then the compile.
+# The child's program: the kernels package without the model (and Transformers) around it, which would take
+# seconds more to import, then `serve`. Its stdout carries only the replies: anything printed goes to stderr.
 _CHILD = "; ".join([
-    "import pickle, sys, types",
-    "job = pickle.loads(sys.stdin.buffer.read())",
-    "sys.path[:0] = [p for p in job['sys_path'] if p not in sys.path]",
+    "import os, pickle, struct, sys, types",
+    "replies = os.fdopen(os.dup(1), 'wb')",
+    "os.dup2(2, 1)",
+    "setup = pickle.loads(sys.stdin.buffer.read(struct.unpack('<Q', sys.stdin.buffer.read(8))[0]))",
+    "sys.path[:0] = [p for p in setup['sys_path'] if p not in sys.path]",
     "package = types.ModuleType('hf_mamba')",
-    "package.__path__ = job['package_path']",
+    "package.__path__ = setup['package_path']",
     "sys.modules['hf_mamba'] = package",
-    "sys.exit(__import__('hf_mamba.kernels._compile_processes', fromlist=['_']).compile_here(job))",
+    "__import__('hf_mamba.kernels._compile_processes', fromlist=['_']).serve(sys.stdin.buffer, replies)",
 ])
 
 
-def compile_in_child(job):
-    """Have a child process compile job into this process's Triton cache; whether it did."""
-    env = {**os.environ, "TRITON_CACHE_DIR": triton.knobs.cache.dir}
-    env.pop("TRITON_INTERPRET", None)
-    try:
-        data = pickle.dumps({k: v for k, v in job.items() if k != "src"})
-        done = subprocess.run(
-            [sys.executable, "-c", _CHILD], input=data, env=env, capture_output=True, timeout=600
-        )
-    except Exception:  # noqa: BLE001 - unpicklable job, no interpreter, a timeout: this process compiles
-        return False
-    return done.returncode == 0
+def serve(jobs, replies):
+    """The worker's loop: compile each job read from jobs, reply with its status byte, until jobs ends."""
+    while True:
+        try:
+            job = _receive(jobs)
+        except Exception:  # noqa: BLE001 - a job that does not unpickle here: the parent compiles it
+            replies.write(b"\1")
+            replies.flush()
+            continue
+        if job is None:
+            return
+        try:
+            status = compile_here(job)
+        except Exception:  # noqa: BLE001 - the parent compiles it again and reports the error
+            status = 1
+        replies.write(bytes([status]))
+        replies.flush()
 
 
 def _kernel(job):
@@ -149,8 +245,8 @@ def _kernel(job):
 
 
 def compile_here(job):
-    """Compile job into TRITON_CACHE_DIR; the exit status: 0, or 3 where the kernel found is not the
-    parent's (another source), which the parent then compiles itself."""
+    """Compile job into TRITON_CACHE_DIR; 0, or 3 where the kernel found is not the parent's (another
+    source), which the parent then compiles itself."""
     fn = _kernel(job)
     if fn.cache_key != job["cache_key"]:
         return 3

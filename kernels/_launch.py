@@ -21,7 +21,7 @@ try:  # Triton >= 3.4: compiles submitted to an executor
 except ImportError:
     _async_compile = None
 
-from ._compile_processes import ProcessCompiles
+from ._compile_processes import ProcessCompiles, compile_workers
 
 
 def device_guard(t):
@@ -148,8 +148,7 @@ _launches = {}  # (id(kernel), device, args key, *constexpr names, *constexpr va
 _MAX_LAUNCH_KEYS = 4096
 
 
-# While `compile_ahead` runs its function, the list of what its launches compiled (CompiledKernels, or
-# Triton's futures of them): `launch` then compiles the kernel and runs nothing.
+# True while `compile_ahead` runs its function: `launch` then compiles the kernel and runs nothing.
 _COMPILE_ONLY = contextvars.ContextVar("hf_mamba_compile_only", default=None)
 # Set inside `plain_launches()`: every launch goes through Triton's JITFunction.run.
 _PLAIN = contextvars.ContextVar("hf_mamba_plain_launches", default=False)
@@ -182,26 +181,27 @@ def compile_ahead(fn, *args):
         return False
     if _COMPILE_ONLY.get() is not None or _async_compile.active_mode.get() is not None:
         return False
-    compiled = []
-    token = _COMPILE_ONLY.set(compiled)
+    token = _COMPILE_ONLY.set(True)
+    count = min(8, os.cpu_count() or 1)
+    workers = compile_workers(count)
     try:
-        workers = min(8, os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hf_mamba-compile") as pool:
-            # each compile in a child process, then its launcher in the pool thread that waited for it
-            with _async_compile.AsyncCompileMode(ProcessCompiles(pool, _build_launcher)), torch.no_grad():
+        with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="hf_mamba-compile") as pool:
+            # each compile in a worker process, then its launcher in the pool thread that waited for it
+            with _async_compile.AsyncCompileMode(ProcessCompiles(pool, _build_launcher, workers)), torch.no_grad():
                 fn(*args)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         warnings.warn(f"hf_mamba: compiling kernels ahead failed ({exc!r}); they compile as they launch", stacklevel=2)
         return False
     finally:
         _COMPILE_ONLY.reset(token)
+        if workers is not None:
+            workers.close()
     return True
 
 
 def _compile_only(kernel, grid, args, constexprs):
-    """`launch` inside compile_ahead's pass: compile (or find) the kernel, run nothing; note the
-    CompiledKernel (or, while Triton compiles in the pool, its future of one)."""
-    _COMPILE_ONLY.get().append(kernel.warmup(*args, grid=grid, **constexprs))
+    """`launch` inside compile_ahead's pass: compile (or find) the kernel, run nothing."""
+    kernel.warmup(*args, grid=grid, **constexprs)
 
 
 def _build_launcher(compiled):
@@ -282,10 +282,15 @@ def _compile(future, kernel, device, grid, args, constexprs):
         with torch.cuda.device(device):
             if _async_compile is None:  # Triton < 3.4
                 _build_launcher(kernel.warmup(*args, grid=grid, **constexprs))
-            else:  # in a child process, so that it takes no host time from the steps running meanwhile
-                with concurrent.futures.ThreadPoolExecutor(1) as one:
-                    with _async_compile.AsyncCompileMode(ProcessCompiles(one, _build_launcher)):
-                        kernel.warmup(*args, grid=grid, **constexprs)
+            else:  # in a worker process, so that it takes no host time from the steps running meanwhile
+                workers = compile_workers(1)
+                try:
+                    with concurrent.futures.ThreadPoolExecutor(1) as one:
+                        with _async_compile.AsyncCompileMode(ProcessCompiles(one, _build_launcher, workers)):
+                            kernel.warmup(*args, grid=grid, **constexprs)
+                finally:
+                    if workers is not None:
+                        workers.close()
     except Exception as exc:  # noqa: BLE001 - reported where the result is read
         future.set_exception(exc)
     else:

@@ -263,9 +263,9 @@ backend_class.add_stages = counted_add_stages
 from hf_mamba.kernels import _compile_processes, _launch
 from hf_mamba.kernels.rms_norm import triton_rms_norm
 
-children = []
-in_child = _compile_processes.compile_in_child
-_compile_processes.compile_in_child = lambda job: children.append(in_child(job)) or children[-1]
+children = []  # what each worker compile returned
+worker_compile = _compile_processes._Worker.compile
+_compile_processes._Worker.compile = lambda self, job: children.append(worker_compile(self, job)) or children[-1]
 x, w = torch.randn(8, 64, dtype=torch.bfloat16), torch.ones(64)
 for _ in range(2):  # the second pass finds the kernel in Triton's cache
     assert _launch.compile_ahead(
@@ -278,9 +278,9 @@ print(json.dumps({"children": children, "stages": stages_run, "launchers": launc
 
 @pytest.mark.parametrize("processes", ["1", "0"])
 def test_compile_ahead_compiles_in_a_child_process(tmp_path, processes):
-    """compile_ahead compiles a real kernel (for sm_90, no GPU needed) in a child process into Triton's cache,
+    """compile_ahead compiles a real kernel (for sm_90, no GPU needed) in a worker process into Triton's cache,
     where this process finds it without running a compiler stage, then builds its launcher; a second pass
-    finds the cache and starts no child. With HF_MAMBA_COMPILE_PROCESSES=0 this process compiles."""
+    finds the cache and asks no worker. With HF_MAMBA_COMPILE_PROCESSES=0 this process compiles."""
     import json
     import subprocess
     import sys
