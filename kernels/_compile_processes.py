@@ -23,6 +23,7 @@ ahead"): a child process per compile, the version measured, started a child for 
 compile back, a small one, 5.8 s into the step) and took the first step from 15.7 to 16.7 s.
 """
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -105,27 +106,33 @@ class _Worker:
     """One child process: a pickled job in (length-prefixed), one status byte out (0: compiled)."""
 
     def __init__(self, env):
-        setup = {"sys_path": list(sys.path), "package_path": list(sys.modules["hf_mamba"].__path__)}
+        self.process = None
         try:
+            setup = _frame({"sys_path": list(sys.path), "package_path": list(sys.modules["hf_mamba"].__path__)})
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, env=env,
             )
-            _send(self.process.stdin, setup)
-        except Exception:  # noqa: BLE001 - no interpreter, no package path: this process compiles
-            self.process = None
+            self.process.stdin.write(setup)
+            self.process.stdin.flush()
+        except Exception:  # noqa: BLE001 - no interpreter, no package path, a child dead at once: this process compiles
+            self.close()
 
     def compile(self, job):
         if self.process is None:
             return False
         try:
-            _send(self.process.stdin, {k: v for k, v in job.items() if k != "src"})
+            data = _frame({k: v for k, v in job.items() if k != "src"})
+        except Exception:  # noqa: BLE001 - an unpicklable job: this process compiles it
+            return False
+        try:
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
             status = self.process.stdout.read(1)
-        except Exception:  # noqa: BLE001 - an unpicklable job, a dead worker
+        except OSError:  # a dead worker
             status = b""
         if not status:  # dead: this process compiles from now on
             self.close()
-            self.process = None
         return status == b"\0"
 
     def close(self):
@@ -133,18 +140,20 @@ class _Worker:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
-            self.process.stdin.close()
-            self.process.stdout.close()
+            for pipe in (self.process.stdin, self.process.stdout):
+                with contextlib.suppress(OSError):  # a write the dead child never read
+                    pipe.close()
+            self.process = None
 
 
-def _send(stream, obj):
+def _frame(obj):
+    """obj pickled, after its length (8 bytes): a job that fails to unpickle leaves the stream in step."""
     data = pickle.dumps(obj)
-    stream.write(struct.pack("<Q", len(data)) + data)
-    stream.flush()
+    return struct.pack("<Q", len(data)) + data
 
 
 def _receive(stream):
-    """The next object _send wrote, or None at the end of the stream."""
+    """The next object _frame framed, or None at the end of the stream."""
     size = stream.read(8)
     if len(size) < 8:
         return None

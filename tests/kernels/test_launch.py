@@ -377,3 +377,31 @@ def test_exit_waits_for_a_background_compile(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert done.exists()
+
+
+def test_compile_workers_survive_failed_jobs_and_dead_children(monkeypatch):
+    """A job a worker cannot compile (its kernel's module does not exist) answers False and leaves the worker
+    serving the next; a worker that dies answers False from then on, so its compiles fall back to this
+    process; an unpicklable job answers False too."""
+    from hf_mamba.kernels import _compile_processes
+
+    monkeypatch.setenv("HF_MAMBA_COMPILE_PROCESSES", "1")
+    missing = {"src": None, "module": "hf_mamba.kernels.no_such_module", "qualname": "kernel", "file": "/nowhere.py"}
+    workers = _compile_processes.compile_workers(1)
+    try:
+        assert workers.compile(missing) is False
+        assert workers.compile({**missing, "unpicklable": lambda: None}) is False
+        assert workers.compile(missing) is False
+        (worker,) = workers._started
+        assert worker.process is not None and worker.process.poll() is None  # still serving
+    finally:
+        workers.close()
+    monkeypatch.setattr(_compile_processes, "_CHILD", "import sys; sys.exit(0)")  # a child that dies at once
+    workers = _compile_processes.compile_workers(1)
+    try:
+        assert workers.compile(missing) is False and workers._started[0].process is None
+        assert workers.compile(missing) is False
+    finally:
+        workers.close()
+    monkeypatch.setenv("HF_MAMBA_COMPILE_PROCESSES", "0")
+    assert _compile_processes.compile_workers(4) is None
