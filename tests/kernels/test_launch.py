@@ -226,6 +226,7 @@ COMPILE_IN_A_CHILD = """
 import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime import driver
@@ -267,35 +268,39 @@ children = []  # what each worker compile returned
 worker_compile = _compile_processes._Worker.compile
 _compile_processes._Worker.compile = lambda self, job: children.append(worker_compile(self, job)) or children[-1]
 x, w = torch.randn(8, 64, dtype=torch.bfloat16), torch.ones(64)
-for _ in range(2):  # the second pass finds the kernel in Triton's cache
+passes = []
+# with workers; again (Triton's cache has it now); without workers, into another, empty cache
+for processes, cache in (("1", sys.argv[1]), ("1", sys.argv[1]), ("", sys.argv[2])):
+    os.environ["HF_MAMBA_COMPILE_PROCESSES"] = processes
+    triton.knobs.cache.dir = cache
+    triton_rms_norm._rms_norm_fwd_kernel.device_caches.clear()  # forget the kernel in this process
+    del children[:], stages_run[:], launchers[:]
     assert _launch.compile_ahead(
         lambda: triton_rms_norm._norm_fwd(x, None, w, 1e-5, torch.float32, torch.bfloat16, True)
     )
-    triton_rms_norm._rms_norm_fwd_kernel.device_caches.clear()  # forget it in this process
-print(json.dumps({"children": children, "stages": stages_run, "launchers": launchers}))
+    passes.append({"children": list(children), "stages": list(stages_run), "launchers": list(launchers)})
+print(json.dumps(passes))
 """
 
 
-@pytest.mark.parametrize("processes", ["1", ""])
-def test_compile_ahead_compiles_in_a_child_process(tmp_path, processes):
+def test_compile_ahead_compiles_in_a_child_process(tmp_path):
     """compile_ahead compiles a real kernel (for sm_90, no GPU needed) in a worker process into Triton's cache,
     where this process finds it without running a compiler stage, then builds its launcher; a second pass
-    finds the cache and asks no worker. Without HF_MAMBA_COMPILE_PROCESSES=1 this process compiles."""
+    finds the cache and asks no worker. Without HF_MAMBA_COMPILE_PROCESSES=1 this process compiles (which
+    also shows the stage count sees compiles)."""
     import json
     import subprocess
     import sys
 
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "HF_MAMBA_COMPILE_PROCESSES": processes,
-           "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_CHILD], env=env, capture_output=True, text=True,
-                            timeout=300)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-c", COMPILE_IN_A_CHILD, str(tmp_path / "a"), str(tmp_path / "b")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    seen = json.loads(result.stdout.splitlines()[-1])
-    assert seen["launchers"] == ["_rms_norm_fwd_kernel"] * 2
-    if processes == "1":
-        assert seen["children"] == [True] and seen["stages"] == []
-    else:
-        assert seen["children"] == [] and {"ttir", "ptx"} <= set(seen["stages"])
+    workers, cached, threads = json.loads(result.stdout.splitlines()[-1])
+    assert workers == {"children": [True], "stages": [], "launchers": ["_rms_norm_fwd_kernel"]}
+    assert cached == {"children": [], "stages": [], "launchers": ["_rms_norm_fwd_kernel"]}
+    assert threads["children"] == [] and {"ttir", "ptx"} <= set(threads["stages"])
+    assert threads["launchers"] == ["_rms_norm_fwd_kernel"]
 
 
 def test_launcher_builds_only_where_needed_and_never_raise(monkeypatch):
