@@ -170,10 +170,12 @@ def compile_ahead(fn, *args):
     inside another such pass).
 
     fn runs with every `launch` replaced by Triton's warmup (compile only), whose compiles go to a pool
-    of threads (Triton's AsyncCompileMode), each compiling in a child process (`_compile_processes`)
-    and then building the kernel's launcher (`_build_launcher`); this returns once all are. Why: a first
-    training step compiles about ten kernels one after another, 41 s of compiling on an H200 (20 s of
-    it the scan backward's second pass), where side by side they take about as long as the slowest. The
+    of threads (Triton's AsyncCompileMode), each thread compiling (in a worker process with
+    HF_MAMBA_COMPILE_PROCESSES=1, `_compile_processes`) and then building the kernel's launcher
+    (`_build_launcher`); this returns once all are. Why: a first training step compiles about ten
+    kernels one after another, 41 s of compiling on an H200 (20 s of it the scan backward's second
+    pass), where side by side they take less (Python's global lock keeps threads from taking only as
+    long as the slowest: docs/kernels.md, "Compile ahead"). The
     torch ops of fn run as usual on its own tensors, whose values are garbage, so fn must not read
     kernel results on the host. A failure here is only warned about: the kernels then compile where
     they launch, as without this pass, and a compile error shows there."""
