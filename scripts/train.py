@@ -575,5 +575,17 @@ def main(argv=None):
     return {"eval_loss_before": eval_before, "eval_loss_after": eval_after, "trainer": trainer}
 
 
+def end_process_group():
+    """Under `accelerate launch`: every process done, the process group ended before the interpreter's
+    teardown. Left to that teardown, a gloo run once aborted a process at exit ("terminate called without
+    an active exception") after it had trained and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    end_process_group()
