@@ -161,7 +161,7 @@ def _receive(stream):
 
 
 def compile_job(compile_fn):
-    """What the child needs to compile what Triton's submitted function would (its closure holds the
+    """What a worker needs to compile what Triton's submitted function would (its closure holds the
     ASTSource, target, options and cache-invalidating environment), or None where that is not what it
     holds or the kernel is not importable by name."""
     try:
@@ -191,8 +191,6 @@ def _job_of(compile_fn):
         "target": target,
         "options": dict(options.__dict__),
         "env_vars": captured.get("env_vars"),
-        "sys_path": list(sys.path),
-        "package_path": list(sys.modules["hf_mamba"].__path__),
     }
 
 
@@ -204,7 +202,7 @@ def in_cache(job):
         options = backend.parse_options(dict(job["options"], **src.parse_options()))
         key = get_cache_key(src, backend, options, env_vars=job["env_vars"])
         group = get_cache_manager(hashlib.sha256(key.encode("utf-8")).hexdigest()).get_group(f"{src.name[:150]}.json")
-    except Exception:  # noqa: BLE001 - another Triton: let a child try
+    except Exception:  # noqa: BLE001 - another Triton: let a worker try
         return False
     return bool(group)
 
