@@ -281,18 +281,17 @@ def _compiled_in_background(key, kernel, device, grid, args, constexprs):
 def _compile(future, kernel, device, grid, args, constexprs):
     """Compile kernel for these arguments on `device` (in a thread of its own)."""
     try:
+        workers = compile_workers(1) if _async_compile is not None else None
         with torch.cuda.device(device):
-            if _async_compile is None:  # Triton < 3.4
+            if workers is None:
                 _build_launcher(kernel.warmup(*args, grid=grid, **constexprs))
             else:  # in a worker process, so that it takes no host time from the steps running meanwhile
-                workers = compile_workers(1)
                 try:
                     with concurrent.futures.ThreadPoolExecutor(1) as one:
                         with _async_compile.AsyncCompileMode(ProcessCompiles(one, _build_launcher, workers)):
                             kernel.warmup(*args, grid=grid, **constexprs)
                 finally:
-                    if workers is not None:
-                        workers.close()
+                    workers.close()
     except Exception as exc:  # noqa: BLE001 - reported where the result is read
         future.set_exception(exc)
     else:
