@@ -1,10 +1,10 @@
 """Triton compiles in child processes, for `compile_ahead` and the background compiles of `_launch`.
 
 Why: Triton compiles partly under Python's global lock, so compiles in threads of one process get in each
-other's way. On an H100 machine's host (16 cores) the 14 compiles of a first 130M training step, 8 threads
-side by side, took 54 s of compiling in all and 10.3 s the slowest (alone, one after another on the CI
-machine's slower CPU: 10.6 s in all, 2.9 s the slowest), and the step waited 14 s for them. Child processes
-have no lock to share.
+other's way. On an H100 machine's host (16 cores) the compiles of a first 130M training step, 8 threads
+side by side, took 54 s of compiling in all and 10.3 s the slowest (one after another on the CI machine's
+CPU: 10.6 s in all, 2.9 s the slowest), and the step waited 14 s for them. Child processes have no lock to
+share.
 
 How: `ProcessCompiles` is the executor Triton's `AsyncCompileMode` submits each compile to. It reads what
 to compile from the submitted function (the kernel, its specialisation, target and options) and, unless
