@@ -281,6 +281,7 @@ def test_multi_gpu_benchmark_runs_one_and_two_processes(tmp_path, capsys):
         ["--shape", "tiny", "--processes", "1,2", "--max-steps", "4", "--global-batch", "4", "--block-size", "32",
          "--logging-steps", "1", "--resume-check", "--keep", str(tmp_path)]
     )  # fmt: skip
+    assert not [row for row in rows if "failed" in row], rows  # the launch's stderr is in the captured output
     rows, (resumed,) = rows[:2], rows[2:]
     assert [(row["mode"], row["processes"], row["world_size"], row["steps"]) for row in rows] == [
         ("ddp", 1, 1, 4), ("ddp", 2, 2, 4)
