@@ -26,6 +26,7 @@ ahead"): the version measured, a child started for each compile (the first compi
 import contextlib
 import hashlib
 import importlib
+import json
 import os
 import pickle
 import queue
@@ -108,14 +109,12 @@ class _Worker:
     def __init__(self, env):
         self.process = None
         try:
-            setup = _frame({"sys_path": list(sys.path), "package_path": list(sys.modules["hf_mamba"].__path__)})
+            setup = json.dumps({"sys_path": sys.path, "package_path": list(sys.modules["hf_mamba"].__path__)})
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-c", _CHILD, setup], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, env=env,
             )
-            self.process.stdin.write(setup)
-            self.process.stdin.flush()
-        except Exception:  # noqa: BLE001 - no interpreter, no package path, a child dead at once: this process compiles
+        except Exception:  # noqa: BLE001 - no interpreter, no package path: this process compiles
             self.close()
 
     def compile(self, job):
@@ -210,10 +209,10 @@ def in_cache(job):
 # The child's program: the kernels package without the model (and Transformers) around it, which would take
 # seconds more to import, then `serve`. Its stdout carries only the replies: anything printed goes to stderr.
 _CHILD = "; ".join([
-    "import os, pickle, struct, sys, types",
+    "import json, os, sys, types",
     "replies = os.fdopen(os.dup(1), 'wb')",
     "os.dup2(2, 1)",
-    "setup = pickle.loads(sys.stdin.buffer.read(struct.unpack('<Q', sys.stdin.buffer.read(8))[0]))",
+    "setup = json.loads(sys.argv[1])",
     "sys.path[:0] = [p for p in setup['sys_path'] if p not in sys.path]",
     "package = types.ModuleType('hf_mamba')",
     "package.__path__ = setup['package_path']",

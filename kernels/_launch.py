@@ -188,7 +188,7 @@ def compile_ahead(fn, *args):
     workers = compile_workers(count)
     try:
         with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="hf_mamba-compile") as pool:
-            # each compile in a worker process, then its launcher in the pool thread that waited for it
+            # each compile (in a worker process where workers are on), then its launcher, in one pool thread
             with _async_compile.AsyncCompileMode(ProcessCompiles(pool, _build_launcher, workers)), torch.no_grad():
                 fn(*args)
     except Exception as exc:  # noqa: BLE001 - see the docstring
