@@ -7,12 +7,18 @@ Why: a decode step on a CUDA graph is bound by its launches, not by its bytes (1
 0.26 GB of weights, 80 us at HBM speed, against a step of several hundred microseconds). The modules take
 four launches here (conv update, x_proj, dt_proj, state update); these two kernels take two:
 
-1. `_conv_x_proj_kernel`, one program per (batch row, block of channels): shifts x into the conv window,
-   computes u, and multiplies its block of u by its columns of x_proj's weight, writing one partial sum of
-   (dt, B, C) per block. x_proj reduces over all channels, so the sum waits for the second launch.
-2. `_ssm_step_kernel`, one program per (batch row, block of channels): adds up the partial sums (every
-   program does, they are a few hundred numbers), applies Falcon Mamba's norms where asked, computes its
-   block of Δ from dt_proj's weight, updates its block of the state in place and writes y.
+1. `_conv_x_proj_kernel`, one program per (batch row, block of channels, block of PROJ_BLOCK_J x_proj
+   outputs): computes its channels' u from the conv window (the state as it will be after this step, read
+   only) and multiplies them by its tile of x_proj's weight, writing one partial sum of those outputs per
+   block of channels. x_proj reduces over all channels, so the sum waits for the second launch. A program
+   per tile, rather than a loop over the outputs, spreads the weight's reads over the GPU: Falcon Mamba 7B's
+   x_proj (288 x 8192) is 576 tiles, where a program per block of channels would be 64 programs for 132
+   multiprocessors, each waiting on nine loads in turn. The conv is recomputed per tile (four products a
+   channel), which is why no program of this kernel can shift the state: the others still read it.
+2. `_ssm_step_kernel`, one program per (batch row, block of channels): shifts x into its channels' conv
+   state, adds up the partial sums (every program does, they are a few hundred numbers), applies Falcon
+   Mamba's norms where asked, computes its block of Δ from dt_proj's weight, updates its block of the
+   state in place and writes y.
 
 Everything after the conv is fp32 arithmetic (x_proj's and dt_proj's outputs are not rounded to the
 weights' dtype in between, as the modules' matmuls round them): the result is the modules' up to that
@@ -25,11 +31,11 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, device_guard, launch, next_power_of_2
-from .causal_conv1d.triton_conv_update import conv_update_window
+from .causal_conv1d.triton_conv_update import conv_of_window, conv_window, shift_conv_state
 from .checks import check_out_dtype, check_shapes, check_tensors
 from .triton_utils import log2_rate, softplus
 
-PROJ_BLOCK_J = 32  # x_proj outputs per loop step of the first kernel (dt_rank + 2 d_state of them)
+PROJ_BLOCK_J = 32  # x_proj outputs per program of the first kernel (dt_rank + 2 d_state of them)
 SSM_BLOCK_D = 32  # channels per program of the second kernel (as the state update's, for d_state 16)
 SUM_ROWS = 32  # partial sums the second kernel reads per load
 
@@ -37,8 +43,7 @@ SUM_ROWS = 32  # partial sums the second kernel reads per load
 def conv_block(d_inner):
     """Channels per program of the first kernel: 64 (the 130M shape's 1536 channels make 24 blocks), more
     for wider models, so that the second kernel reads the blocks' partial sums in few loads of SUM_ROWS rows
-    (1.4B: 32 blocks of 128, one load; Falcon Mamba 7B: 64 of 128, two), while enough programs share the
-    reading of x_proj's weight (at batch 1, 64 of them at 7B)."""
+    (1.4B: 32 blocks of 128, one load; Falcon Mamba 7B: 64 of 128, two)."""
     return min(128, max(64, next_power_of_2(cdiv(d_inner, SUM_ROWS))))
 
 
@@ -56,25 +61,27 @@ def _conv_x_proj_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
+    i_j = tl.program_id(2)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < d_inner
-    b_u = conv_update_window(  # x is xz's first half
-        p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, p_conv_w, s_cw_d, s_cw_k,
-        p_conv_bias, o_d, m_d, d_conv, HAS_BIAS, BLOCK_K,
+    o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    m_j = o_j < n_proj
+    # The weight's tile first: its load is the long one, and nothing it needs waits on the conv.
+    b_pw = tl.load(
+        p_x_proj_w + o_j[:, None] * s_pw_j + o_d[None, :] * s_pw_d, mask=m_j[:, None] & m_d[None, :], other=0.0
+    ).to(tl.float32)  # (BLOCK_J, BLOCK_D)
+    b_win = conv_window(  # x is xz's first half
+        p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
     )
+    b_u = conv_of_window(b_win, p_conv_w, s_cw_d, s_cw_k, p_conv_bias, o_d, m_d, d_conv, HAS_BIAS, BLOCK_K)
     b_u = b_u * tl.sigmoid(b_u)
     # u rounded to xz's dtype, as the modules' conv output is: x_proj and the state update read it so.
     b_u = b_u.to(p_u.dtype.element_ty)
-    tl.store(p_u + i_b * s_u_b + o_d, b_u, mask=m_d)
+    if i_j == 0:
+        tl.store(p_u + i_b * s_u_b + o_d, b_u, mask=m_d)
     b_u = b_u.to(tl.float32)
     p_part = p_partial + i_b * s_part_b + i_d * s_part_blk
-    for j0 in range(0, n_proj, BLOCK_J):
-        o_j = j0 + tl.arange(0, BLOCK_J)
-        m_j = o_j < n_proj
-        b_pw = tl.load(
-            p_x_proj_w + o_j[:, None] * s_pw_j + o_d[None, :] * s_pw_d, mask=m_j[:, None] & m_d[None, :], other=0.0
-        ).to(tl.float32)  # (BLOCK_J, BLOCK_D)
-        tl.store(p_part + o_j, tl.sum(b_pw * b_u[None, :], axis=1), mask=m_j)
+    tl.store(p_part + o_j, tl.sum(b_pw * b_u[None, :], axis=1), mask=m_j)
 
 
 @triton.jit
@@ -101,16 +108,18 @@ def _summed_slice(
 
 @triton.jit
 def _ssm_step_kernel(
-    p_partial, p_u, p_xz, p_dt_w, p_dt_bias, p_A_log, p_D, p_state, p_y,
-    d_inner, d_state, dt_rank, n_blocks, eps,
+    p_partial, p_u, p_xz, p_conv_state, p_dt_w, p_dt_bias, p_A_log, p_D, p_state, p_y,
+    d_inner, d_state, dt_rank, n_blocks, d_conv, eps,
     s_part_b, s_part_blk,
     s_u_b,
     s_xz_b, s_xz_d,
+    s_st_b, s_st_d, s_st_k,
     s_dw_d, s_dw_r,
     s_A_d, s_A_n,
     s_h_b, s_h_d, s_h_n,
     s_y_b,
     NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUM_ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
@@ -118,6 +127,10 @@ def _ssm_step_kernel(
     o_n = tl.arange(0, BLOCK_N)
     o_r = tl.arange(0, BLOCK_R)
     m_d = o_d < d_inner
+    # The first kernel has read the conv state (every tile of x_proj did): x shifts in now.
+    shift_conv_state(
+        p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
+    )
     m_n = o_n < d_state
     m_dn = m_d[:, None] & m_n[None, :]
     p_part = p_partial + i_b * s_part_b
@@ -204,7 +217,7 @@ def mamba_step_triton(
     partial = torch.empty(batch, n_blocks, n_proj, dtype=torch.float32, device=xz.device)
     with device_guard(xz):
         launch(
-            _conv_x_proj_kernel, (batch, n_blocks),
+            _conv_x_proj_kernel, (batch, n_blocks, cdiv(n_proj, PROJ_BLOCK_J)),
             xz, conv_state, conv_weight, conv_bias, x_proj_weight, u, partial,
             d_inner, d_conv, n_proj,
             *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
@@ -214,12 +227,13 @@ def mamba_step_triton(
         )
         launch(
             _ssm_step_kernel, (batch, cdiv(d_inner, SSM_BLOCK_D)),
-            partial, u, xz, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y,
-            d_inner, d_state, dt_rank, n_blocks, float(mixer_rms_eps or 0.0),
-            *partial.stride()[:2], u.stride(0), *xz.stride(), *dt_proj_weight.stride(), *A_log.stride(),
-            *ssm_state.stride(), y.stride(0),
+            partial, u, xz, conv_state, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y,
+            d_inner, d_state, dt_rank, n_blocks, d_conv, float(mixer_rms_eps or 0.0),
+            *partial.stride()[:2], u.stride(0), *xz.stride(), *conv_state.stride(), *dt_proj_weight.stride(),
+            *A_log.stride(), *ssm_state.stride(), y.stride(0),
             NORM=mixer_rms_eps is not None, BLOCK_D=SSM_BLOCK_D, BLOCK_N=next_power_of_2(d_state),
-            BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(SUM_ROWS, next_power_of_2(n_blocks)), num_warps=4,
+            BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(SUM_ROWS, next_power_of_2(n_blocks)),
+            BLOCK_K=next_power_of_2(d_conv), num_warps=4,
         )
     return y
 

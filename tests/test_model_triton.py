@@ -709,8 +709,8 @@ def test_fused_decode_step_equals_the_blocks(dtype, falcon, monkeypatch):
 
 @pytest.mark.parametrize("falcon", [False, True], ids=["mamba", "falcon"])
 def test_wide_mixers_step_through_the_modules(falcon, monkeypatch):
-    """Above FUSED_STEP_MAX_D_INNER the decode step runs the modules' kernels (faster there; Falcon Mamba's norms
-    in one kernel), with the same logits."""
+    """Above FUSED_STEP_MAX_D_INNER (FUSED_STEP_MAX_D_INNER_BATCH_1 for a batch of one) the decode step runs the
+    modules' kernels (faster there; Falcon Mamba's norms in one kernel), with the same logits."""
     import hf_mamba.block as block
 
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
@@ -721,16 +721,19 @@ def test_wide_mixers_step_through_the_modules(falcon, monkeypatch):
     step_calls = []
     real_step = block.mamba_step_triton
     monkeypatch.setattr(block, "mamba_step_triton", lambda *a, **k: step_calls.append(1) or real_step(*a, **k))
-    ids = torch.randint(0, 97, (2, 6), device=DEVICE)
-    logits = {}
-    for max_d_inner in (72, 71):
-        monkeypatch.setattr(block, "FUSED_STEP_MAX_D_INNER", max_d_inner)
-        with torch.no_grad():
-            cache = _cache_of(model(ids[:, :5], use_cache=True))
-            logits[max_d_inner] = model._decode_step_logits(ids[:, 5:], cache)
-        assert len(step_calls) == (config.num_hidden_layers if max_d_inner == 72 else 0)
-        step_calls.clear()
-    torch.testing.assert_close(logits[71], logits[72], rtol=1e-4, atol=1e-5)
+    for batch, limit, other_limit in ((2, "FUSED_STEP_MAX_D_INNER", "FUSED_STEP_MAX_D_INNER_BATCH_1"),
+                                      (1, "FUSED_STEP_MAX_D_INNER_BATCH_1", "FUSED_STEP_MAX_D_INNER")):
+        ids = torch.randint(0, 97, (batch, 6), device=DEVICE)
+        monkeypatch.setattr(block, other_limit, 71)  # below the width: only the batch's own limit lets it fuse
+        logits = {}
+        for max_d_inner in (72, 71):
+            monkeypatch.setattr(block, limit, max_d_inner)
+            with torch.no_grad():
+                cache = _cache_of(model(ids[:, :5], use_cache=True))
+                logits[max_d_inner] = model._decode_step_logits(ids[:, 5:], cache)
+            assert len(step_calls) == (config.num_hidden_layers if max_d_inner == 72 else 0), (batch, limit)
+            step_calls.clear()
+        torch.testing.assert_close(logits[71], logits[72], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

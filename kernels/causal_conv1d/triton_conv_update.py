@@ -14,23 +14,35 @@ from .._launch import cdiv, device_guard, launch, next_power_of_2
 
 
 @triton.jit
-def conv_update_window(
-    p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, p_w, s_w_d, s_w_k, p_bias, o_d, m_d, d_conv,
-    HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Shift x (one batch row's, at p_x_b) into the conv state rows o_d in place, newest last, and return
-    bias + sum_k weight[k] window[k] for those channels in fp32, before any activation. Shared by this
-    module's kernel and the mixer's fused decode step (`mamba_step`)."""
-    o_k = tl.arange(0, BLOCK_K)
-    m_dk = m_d[:, None] & (o_k < d_conv)[None, :]
-    p_st = p_state_b + o_d[:, None] * s_st_d  # (BLOCK_D, 1) row starts
-    # window[k] = state[k + 1] for k < d_conv - 1, and x at k = d_conv - 1.
-    b_old = tl.load(p_st + (o_k[None, :] + 1) * s_st_k, mask=m_d[:, None] & (o_k < d_conv - 1)[None, :], other=0.0)
-    b_x = tl.load(p_x_b + o_d * s_x_d, mask=m_d, other=0.0).to(b_old.dtype)
-    b_win = tl.where((o_k == d_conv - 1)[None, :], b_x[:, None], b_old)  # (BLOCK_D, BLOCK_K), state dtype
+def shift_conv_state(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K: tl.constexpr):
+    """Shift x (one batch row's, at p_x_b) into the conv state rows o_d in place, newest last; returns the
+    window it stored, (BLOCK_D, BLOCK_K) in the state's dtype (zero past d_conv)."""
+    b_win = conv_window(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
     # Every thread has read its old entries before any thread overwrites a neighbour's.
     tl.debug_barrier()
-    tl.store(p_st + o_k[None, :] * s_st_k, b_win, mask=m_dk)
+    o_k = tl.arange(0, BLOCK_K)
+    tl.store(p_state_b + o_d[:, None] * s_st_d + o_k[None, :] * s_st_k, b_win,
+             mask=m_d[:, None] & (o_k < d_conv)[None, :])
+    return b_win
+
+
+@triton.jit
+def conv_window(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K: tl.constexpr):
+    """The conv's window once x shifts in, without touching the state: window[k] = state[k + 1] for
+    k < d_conv - 1 and x at k = d_conv - 1; (BLOCK_D, BLOCK_K) in the state's dtype, zero past d_conv."""
+    o_k = tl.arange(0, BLOCK_K)
+    p_st = p_state_b + o_d[:, None] * s_st_d  # (BLOCK_D, 1) row starts
+    b_old = tl.load(p_st + (o_k[None, :] + 1) * s_st_k, mask=m_d[:, None] & (o_k < d_conv - 1)[None, :], other=0.0)
+    b_x = tl.load(p_x_b + o_d * s_x_d, mask=m_d, other=0.0).to(b_old.dtype)
+    return tl.where((o_k == d_conv - 1)[None, :], b_x[:, None], b_old)
+
+
+@triton.jit
+def conv_of_window(b_win, p_w, s_w_d, s_w_k, p_bias, o_d, m_d, d_conv, HAS_BIAS: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """bias + sum_k weight[k] window[k] for the channels o_d, in fp32, before any activation."""
+    o_k = tl.arange(0, BLOCK_K)
+    m_dk = m_d[:, None] & (o_k < d_conv)[None, :]
     b_w = tl.load(p_w + o_d[:, None] * s_w_d + o_k[None, :] * s_w_k, mask=m_dk, other=0.0).to(tl.float32)
     b_out = tl.sum(b_win.to(tl.float32) * b_w, axis=1)  # (BLOCK_D,)
     if HAS_BIAS:
@@ -52,10 +64,9 @@ def _conv_update_kernel(
     i_d = tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < d_inner
-    b_out = conv_update_window(
-        p_x + i_b * s_x_b, s_x_d, p_state + i_b * s_st_b, s_st_d, s_st_k, p_w, s_w_d, s_w_k, p_bias, o_d, m_d,
-        d_conv, HAS_BIAS, BLOCK_K,
-    )
+    p_x_b, p_state_b = p_x + i_b * s_x_b, p_state + i_b * s_st_b
+    b_win = shift_conv_state(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
+    b_out = conv_of_window(b_win, p_w, s_w_d, s_w_k, p_bias, o_d, m_d, d_conv, HAS_BIAS, BLOCK_K)
     if SILU:
         b_out = b_out * tl.sigmoid(b_out)
     tl.store(p_out + i_b * s_o_b + o_d * s_o_d, b_out.to(p_out.dtype.element_ty), mask=m_d)
@@ -99,4 +110,4 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias, activation):
     return _conv_update(*args)  # eager: no custom-op dispatch on the host
 
 
-__all__ = ["causal_conv1d_update_triton", "conv_update_window"]
+__all__ = ["causal_conv1d_update_triton", "conv_of_window", "conv_window", "shift_conv_state"]

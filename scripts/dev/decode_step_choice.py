@@ -1,6 +1,6 @@
 """Developer tool: decode tokens/s with the fused decode step (mamba_step_triton) against the modules' step
 (conv update, x_proj, dt_proj, state update), per shape and batch size (CUDA only): the measurement behind
-block.FUSED_STEP_MAX_D_INNER, each width forced one way and then the other.
+block.FUSED_STEP_MAX_D_INNER(_BATCH_1), each width forced one way and then the other.
 
     python scripts/dev/decode_step_choice.py --shapes 130m,1.4b,7b --batches 1,16
     python scripts/dev/decode_step_choice.py --shapes 48x1024,48x1536    # LAYERSxHIDDEN: Mamba 370M, 790M
@@ -37,7 +37,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     impl = HfMamba(device, torch.bfloat16)
-    shipped = block.FUSED_STEP_MAX_D_INNER
+    shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1
     print(f"{torch.cuda.get_device_name(device)}, bf16, greedy, prompt 128, {args.new} new tokens, tokens/s")
     print("| shape | batch | fused step | modules' step | fused / modules |\n|---|---|---|---|---|")
     for name in args.shapes.split(","):
@@ -51,10 +51,11 @@ def main():
             prompt = torch.randint(1, shape.vocab, (batch, 128), device=device)
             results = []
             for fused in (True, False):
-                block.FUSED_STEP_MAX_D_INNER = 1 << 30 if fused else 0  # every width one way or the other
+                widest = 1 << 30 if fused else 0  # every width one way or the other
+                block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_D_INNER_BATCH_1 = widest
                 model._decode_graphs = DecodeGraphs()  # no graph captured with the other step
                 results.append(tokens_per_s(impl, model, prompt, args.new, device))
-            block.FUSED_STEP_MAX_D_INNER = shipped
+            block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1 = shipped
             print(f"| {name} | {batch} | {results[0]:,.0f} | {results[1]:,.0f} | {results[0] / results[1]:.2f} |",
                   flush=True)
         del model

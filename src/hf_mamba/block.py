@@ -32,12 +32,13 @@ from .kernels import (
     y_dtype,
 )
 
-# The fused decode step (two launches per mixer) is faster than the modules' four up to this width; wider, its
-# first kernel reads x_proj's weight once per batch row and every program of its second kernel adds up all the
-# blocks' partial sums (H100, bf16, generate() tokens/s fused / modules at batch 1 and 16: d_inner 1536
-# 1.10 / 1.04, 2048 1.14 / 1.03, 3072 0.96 / 0.83, 4096 0.93 / 0.79 and 0.91 / 0.77, 8192 0.99 / 0.58;
-# docs/kernels.md).
+# The fused decode step (two launches per mixer) is faster than the modules' four up to this width at any
+# batch, and up to the next at batch 1; wider, every program of its second kernel adds up all the blocks'
+# partial sums of x_proj, once per batch row, where cuBLAS reads x_proj's weight once with the whole GPU
+# (H100, bf16, generate() tokens/s fused / modules at batch 1 and 16: d_inner 1536 1.24 / 1.10, 4096 1.13 /
+# 0.83, 8192 1.01 / 0.50; docs/kernels.md).
 FUSED_STEP_MAX_D_INNER = 2048
+FUSED_STEP_MAX_D_INNER_BATCH_1 = 4096
 
 
 def _linear_input(linear, x):
@@ -321,7 +322,8 @@ class MambaMixer(nn.Module):
         conv_state = cache_params.conv_states[self.layer_idx]
         fused = backend == "triton" and xz.dtype != torch.float64 and not torch.compiler.is_compiling()
         y_out_dtype = y_dtype(xz.dtype)
-        if fused and self.d_inner <= FUSED_STEP_MAX_D_INNER and self._plain_ssm_modules():
+        widest = FUSED_STEP_MAX_D_INNER_BATCH_1 if xz.shape[0] == 1 else FUSED_STEP_MAX_D_INNER
+        if fused and self.d_inner <= widest and self._plain_ssm_modules():
             # conv, x_proj, dt_proj and the state update in two launches instead of four (a decode step is
             # bound by its launches); torch.compile traces the modules' custom ops instead
             y = mamba_step_triton(

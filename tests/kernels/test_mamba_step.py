@@ -12,7 +12,7 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 CASES = [
     pytest.param(dict(batch=2, d_inner=12, d_state=4, dt_rank=3, d_conv=4), id="small"),
     # d_inner past one block of the first kernel and not a multiple of either block; x_proj's outputs past
-    # one loop step; d_state and dt_rank not powers of two
+    # one program's tile; d_state and dt_rank not powers of two
     pytest.param(dict(batch=3, d_inner=150, d_state=5, dt_rank=30, d_conv=3, conv_bias=False), id="odd"),
     pytest.param(dict(batch=1, d_inner=96, d_state=16, dt_rank=6, d_conv=4, eps=1e-6), id="falcon"),
     pytest.param(dict(batch=16, d_inner=1536 if ON_GPU else 64, d_state=16, dt_rank=48 if ON_GPU else 4, d_conv=4),
