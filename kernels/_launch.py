@@ -100,12 +100,14 @@ def _launch_key(kernel, device, args_key, constexprs):
     return (id(kernel), device, args_key, *constexprs, *constexprs.values())
 
 
-def _launch_keyed(kernel, grid, args, constexprs, device, args_key):
-    """`launch`'s fast path, for arguments whose `_args_key` is args_key (not None)."""
+def _launch_keyed(kernel, grid, args, constexprs, device, args_key, key=None):
+    """`launch`'s fast path, for arguments whose `_args_key` is args_key (not None); key: their
+    `_launch_key`, where the caller has built it already."""
     if _COMPILE_ONLY.get() is not None:
         _compile_only(kernel, grid, args, constexprs)
         return
-    key = _launch_key(kernel, device, args_key, constexprs)
+    if key is None:
+        key = _launch_key(kernel, device, args_key, constexprs)
     entry = _launches.get(key)
     if entry is None:
         entry = _compiled_entry(kernel, grid, args, constexprs, device)
@@ -236,8 +238,9 @@ def launch_once_compiled(kernel, fallback, grid, *args, **constexprs):
         launch(kernel, grid, *args, **constexprs)
         return
     device = torch.cuda.current_device()
-    if _launch_key(kernel, device, args_key, constexprs) in _launches:  # the usual case after the first steps
-        _launch_keyed(kernel, grid, args, constexprs, device, args_key)
+    launch_key = _launch_key(kernel, device, args_key, constexprs)
+    if launch_key in _launches:  # the usual case after the first steps
+        _launch_keyed(kernel, grid, args, constexprs, device, args_key, launch_key)
         return
     key = (kernel, device, _signature(args), *constexprs.items())
     # While a CUDA graph captures, only a kernel launched before (its module loaded) switches in.
