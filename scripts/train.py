@@ -391,27 +391,29 @@ class TokensPerSecondCallback(TrainerCallback):
     all processes' (the Trainer sums them), so the figure is the run's, not one process's."""
 
     def __init__(self):
-        self.last_time, self.last_tokens, self.history = None, 0, []
-        self.logged = []  # (time, tokens seen) at each training log
+        self.points = []  # (time, tokens seen): the start of training, then each training log
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+        self.points = [(time.perf_counter(), state.num_input_tokens_seen)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or self.last_time is None:
+        if logs is None or "loss" not in logs or not self.points:
             return
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        logs["tokens_per_second"] = round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1)
-        self.history.append(logs["tokens_per_second"])
-        self.logged.append((now, tokens))
-        self.last_time, self.last_tokens = now, tokens
+        self.points.append((time.perf_counter(), state.num_input_tokens_seen))
+        logs["tokens_per_second"] = round(self._rate(-2, -1), 1)
+
+    def _rate(self, first, last):
+        (t0, n0), (t1, n1) = self.points[first], self.points[last]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
+
+    def mean_of_logs(self):
+        """The mean of the logged tokens/s figures (0 without a log)."""
+        rates = [self._rate(i, i + 1) for i in range(len(self.points) - 1)]
+        return sum(rates) / max(len(rates), 1)
 
     def steady(self):
         """Tokens/s from the first log to the last (the first interval holds the kernels' compiles), or None."""
-        if len(self.logged) < 2:
-            return None
-        (t0, n0), (t1, n1) = self.logged[0], self.logged[-1]
-        return (n1 - n0) / max(t1 - t0, 1e-9)
+        return self._rate(1, -1) if len(self.points) >= 3 else None
 
 
 def perplexity(loss: float) -> float:
@@ -545,10 +547,7 @@ def main(argv=None):
             ("eval perplexity before", f"{perplexity(eval_before):.3f}" if eval_before is not None else "(resumed)"),
             ("eval perplexity after", f"{perplexity(eval_after):.3f}"),
             ("tokens seen", f"{trainer.state.num_input_tokens_seen:,}"),
-            (
-                "tokens/s (mean of logs)",
-                f"{sum(tokens_per_second.history) / max(len(tokens_per_second.history), 1):,.0f}",
-            ),
+            ("tokens/s (mean of logs)", f"{tokens_per_second.mean_of_logs():,.0f}"),
             *(
                 [("tokens/s after the first log", f"{tokens_per_second.steady():,.0f}")]
                 if tokens_per_second.steady() is not None

@@ -133,6 +133,27 @@ def test_loss_scaling_flags_reach_the_grad_scaler():
     assert (args.fp16, args.scaler_growth_interval, args.scaler_init_scale) == (True, 100, 1024.0)
 
 
+def test_tokens_per_second_per_log_and_after_the_first(monkeypatch):
+    """Each training log gets the rate since the one before (the first: since training began); the summary's
+    steady rate runs from the first log to the last, leaving out the first interval's compiles."""
+    from types import SimpleNamespace
+
+    clock = iter([0.0, 10.0, 11.0, 13.0])  # train begin, then three logs
+    monkeypatch.setattr(train_script.time, "perf_counter", lambda: next(clock))
+    callback = train_script.TokensPerSecondCallback()
+    state = SimpleNamespace(num_input_tokens_seen=0)
+    callback.on_train_begin(None, state, None)
+    logs = []
+    for tokens in (100, 200, 400):
+        state.num_input_tokens_seen = tokens
+        logs.append({"loss": 1.0})
+        callback.on_log(None, state, None, logs=logs[-1])
+        assert callback.steady() == (None if tokens == 100 else 100.0)  # since the first log: 100 in 1 s, 300 in 3
+    callback.on_log(None, state, None, logs={"eval_loss": 1.0})  # not a training log: no point, no clock read
+    assert [log["tokens_per_second"] for log in logs] == [10.0, 100.0, 100.0]
+    assert callback.mean_of_logs() == 70.0
+
+
 @pytest.fixture(scope="module")
 def model_without_tokenizer(tmp_path_factory):
     """What `model.save_pretrained("my-mamba")` leaves when the tokenizer is not saved beside it."""
