@@ -166,6 +166,35 @@ def plain_launches():
         _PLAIN.reset(token)
 
 
+# compile_ahead passes running: a background compile (`launch_once_compiled`) starts once none is.
+_ahead_passes = 0
+_ahead_passes_changed = threading.Condition()
+
+
+@contextlib.contextmanager
+def _ahead_pass():
+    """Counts a compile_ahead pass in `_ahead_passes` while it runs."""
+    global _ahead_passes
+    with _ahead_passes_changed:
+        _ahead_passes += 1
+    try:
+        yield
+    finally:
+        with _ahead_passes_changed:
+            _ahead_passes -= 1
+            _ahead_passes_changed.notify_all()
+
+
+def _after_ahead_passes():
+    """Return once no compile_ahead pass runs. Why: a background compile started inside a pass (the scan
+    backward's faster variant, 3.7 + 7.9 s of compiling on the CI machine's CPU) competes with the pass's
+    own compiles for the host and Python's global lock, and the first step waits for those, not for it:
+    on that CPU the 15 compiles of the 130M model's first training step took 7.7-8.1 s in 8 threads
+    alone and 11.2-11.7 s beside the two background compiles (docs/kernels.md, "Compile ahead")."""
+    with _ahead_passes_changed:
+        _ahead_passes_changed.wait_for(lambda: _ahead_passes == 0)
+
+
 def compile_ahead(fn, *args):
     """Compile the Triton kernels fn(*args) launches, side by side, without running them; returns
     whether it did (it needs Triton >= 3.4 and compiled kernels: nothing under TRITON_INTERPRET=1 or
@@ -189,7 +218,8 @@ def compile_ahead(fn, *args):
     count = min(8, os.cpu_count() or 1)
     workers = compile_workers(count)
     try:
-        with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="hf_mamba-compile") as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="hf_mamba-compile")
+        with _ahead_pass(), pool:  # the pass counts until the pool has finished
             # each compile (in a worker process where workers are on), then its launcher, in one pool thread
             with _async_compile.AsyncCompileMode(ProcessCompiles(pool, _build_launcher, workers)), torch.no_grad():
                 fn(*args)
@@ -282,8 +312,9 @@ def _compiled_in_background(key, kernel, device, grid, args, constexprs):
 
 
 def _compile(future, kernel, device, grid, args, constexprs):
-    """Compile kernel for these arguments on `device` (in a thread of its own)."""
+    """Compile kernel for these arguments on `device` (in a thread of its own), once no compile_ahead pass runs."""
     try:
+        _after_ahead_passes()
         workers = compile_workers(1) if _async_compile is not None else None
         with torch.cuda.device(device):
             if workers is None:

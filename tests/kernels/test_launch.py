@@ -1,7 +1,9 @@
 """The fast launch path (`hf_mamba.kernels._launch.launch`): a cached compiled kernel is reused only
 for arguments Triton would specialise alike."""
 
+import concurrent.futures
 import os
+import threading
 
 import pytest
 import torch
@@ -410,3 +412,24 @@ def test_compile_workers_survive_failed_jobs_and_dead_children(monkeypatch):
         workers.close()
     monkeypatch.setenv("HF_MAMBA_COMPILE_PROCESSES", "0")
     assert _compile_processes.compile_workers(4) is None
+
+
+def test_background_compiles_start_once_no_compile_ahead_pass_runs():
+    """A background compile (`launch_once_compiled`'s faster kernel) started during compile_ahead's passes waits
+    until the last has ended: it would compete with their compiles, which the first step waits for."""
+    started = threading.Event()
+
+    class Kernel:  # stands in for a JITFunction: records when its compile begins
+        def warmup(self, *args, grid, **constexprs):
+            started.set()
+
+    future = concurrent.futures.Future()
+    thread = threading.Thread(target=_launch._compile, args=(future, Kernel(), -1, (1,), [], {}))
+    with _launch._ahead_pass():
+        with _launch._ahead_pass():  # nested passes (generate()'s inside a training step's, say)
+            thread.start()
+            assert not started.wait(0.2)
+        assert not started.wait(0.2)  # one pass still runs
+    assert started.wait(10)
+    thread.join(10)
+    assert future.result(0) is None and _launch._ahead_passes == 0
