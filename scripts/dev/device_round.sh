@@ -11,7 +11,8 @@
 # model_like (--loss-outside: both sides' cross-entropy on fp32 logits), falcon_share (what Falcon Mamba's norms
 # cost the 130M training step), model_before (this script, the old
 # package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
-# long_context (LONG_FLAGS), precision (PRECISION_FLAGS, default --runs fp32,bf16,fp16: 1,000 steps each), first_step (dev/first_step_timeline.py, TIMELINE_FLAGS: where the first training step's time goes), model_workers /
+# long_context (LONG_FLAGS), precision (PRECISION_FLAGS, default --runs fp32,bf16,fp16: 1,000 steps each), first_step (dev/first_step_timeline.py, TIMELINE_FLAGS: where the first training step's time goes), contention
+# (dev/compile_contention.py: the pass's compiles alone and beside the background ones, on the host's CPU), model_workers /
 # first_step_workers (model_now / first_step with HF_MAMBA_COMPILE_PROCESSES=1: compiles in worker processes), decode_profile (wall vs GPU time per
 # decoded token; MODEL_FLAGS gives another shape), prefill_profile (GPU time per kernel, PROFILE_FLAGS), host_time
 # (benchmark_kernels.py --host-time: the scan's and the mixer's host vs GPU time per call), choice_now / choice@NAME (decode_step_choice.py,
@@ -87,6 +88,7 @@ for s in "$@"; do
     scan@*) install_tree "${s#scan@}"; step "${s/@/_}" tree "${s#scan@}" benchmark_kernels.py --no-torch-path --no-scaling --no-conv ;;
     model@*) install_tree "${s#model@}"; step "${s/@/_}" tree "${s#model@}" benchmark_model.py --skip-builtin-train \
         --skip-builtin-decode ${MODEL_FLAGS:-} ;;
+    contention) step contention now "$here/scripts/dev/compile_contention.py" ;;
     first_step) step first_step now "$here/scripts/dev/first_step_timeline.py" ${TIMELINE_FLAGS:-} ;;
     host_time) step host_time now "$here/scripts/benchmark_kernels.py" --host-time ;;
     multi_gpu) step multi_gpu now "$here/scripts/benchmark_multi_gpu.py" ${MULTI_FLAGS:---bf16} ;;
