@@ -14,19 +14,6 @@ from .._launch import cdiv, device_guard, launch, next_power_of_2
 
 
 @triton.jit
-def shift_conv_state(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K: tl.constexpr):
-    """Shift x (one batch row's, at p_x_b) into the conv state rows o_d in place, newest last; returns the
-    window it stored, (BLOCK_D, BLOCK_K) in the state's dtype (zero past d_conv)."""
-    b_win = conv_window(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
-    # Every thread has read its old entries before any thread overwrites a neighbour's.
-    tl.debug_barrier()
-    o_k = tl.arange(0, BLOCK_K)
-    tl.store(p_state_b + o_d[:, None] * s_st_d + o_k[None, :] * s_st_k, b_win,
-             mask=m_d[:, None] & (o_k < d_conv)[None, :])
-    return b_win
-
-
-@triton.jit
 def conv_window(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K: tl.constexpr):
     """The conv's window once x shifts in, without touching the state: window[k] = state[k + 1] for
     k < d_conv - 1 and x at k = d_conv - 1; (BLOCK_D, BLOCK_K) in the state's dtype, zero past d_conv."""
@@ -48,6 +35,19 @@ def conv_of_window(b_win, p_w, s_w_d, s_w_k, p_bias, o_d, m_d, d_conv, HAS_BIAS:
     if HAS_BIAS:
         b_out += tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
     return b_out
+
+
+@triton.jit
+def shift_conv_state(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K: tl.constexpr):
+    """Shift x (one batch row's, at p_x_b) into the conv state rows o_d in place, newest last; returns the
+    window it stored, (BLOCK_D, BLOCK_K) in the state's dtype (zero past d_conv)."""
+    b_win = conv_window(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
+    # Every thread has read its old entries before any thread overwrites a neighbour's.
+    tl.debug_barrier()
+    o_k = tl.arange(0, BLOCK_K)
+    tl.store(p_state_b + o_d[:, None] * s_st_d + o_k[None, :] * s_st_k, b_win,
+             mask=m_d[:, None] & (o_k < d_conv)[None, :])
+    return b_win
 
 
 @triton.jit
