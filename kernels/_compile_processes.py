@@ -18,7 +18,7 @@ speed. The workers are plain subprocesses, not multiprocessing's, which would im
 script again.
 
 Off unless HF_MAMBA_COMPILE_PROCESSES=1: compiles then run in compile_ahead's threads, as they always did.
-Not the default because the workers' start (the first compile back 5.8 s into the pass) costs more than
+Not the default because the workers' start (the first compile back 6.9 s into the pass) costs more than
 they save where few kernels compile: on one H100 the first training step took 13.7 s with workers against
 16.0 s with threads, but the first generate() 12.15 s against 5.74 s (docs/kernels.md, "Compile ahead").
 """
