@@ -189,7 +189,7 @@ def _after_ahead_passes():
     """Return once no compile_ahead pass runs. Why: a background compile started inside a pass (the scan
     backward's faster variant, 3.7 + 7.9 s of compiling on the CI machine's CPU) competes with the pass's
     own compiles for the host and Python's global lock, and the first step waits for those, not for it:
-    on that CPU the 15 compiles of the 130M model's first training step took 7.7-8.1 s in 8 threads
+    on that CPU the 15 compiles of the 130M model's first training step took 7.3-8.1 s in 8 threads
     alone and 11.2-11.7 s beside the two background compiles (docs/kernels.md, "Compile ahead")."""
     with _ahead_passes_changed:
         _ahead_passes_changed.wait_for(lambda: _ahead_passes == 0)
