@@ -25,26 +25,19 @@ import time
 def one_run(arrangement):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import compile_census as census
-    import triton
-    from triton.compiler import ASTSource
 
     census.patch_kernels()
-    census.run_model(argparse.Namespace(
-        layers=24, hidden=768, vocab=50280, batch=4, seqlen=1024, prompt_len=128, decode_batches=[1]
-    ))
+    census.run_model(census.build_parser().parse_args([]))  # the census's default shape: the 130M model
     train = [r for r in census.records.values() if "train" in r["phases"]]
     ahead, background = [r for r in train if r["ahead"]], [r for r in train if r.get("background")]
 
-    def compile_one(rec):
-        kernel, signature, consts, attrs, options = rec["src"]
-        triton.compile(ASTSource(kernel, signature, consts, attrs), target=census.TARGET, options=options.__dict__)
-
     start = time.perf_counter()
-    beside = [threading.Thread(target=compile_one, args=(r,)) for r in background] if arrangement == "beside" else []
+    threads = [threading.Thread(target=census.compile_record, args=(r,)) for r in background]
+    beside = threads if arrangement == "beside" else []
     for thread in beside:
         thread.start()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(compile_one, ahead))
+        list(pool.map(census.compile_record, ahead))
     ahead_done = time.perf_counter() - start
     for thread in beside:
         thread.join()
