@@ -104,7 +104,6 @@ def test_fallback_runs_until_the_kernel_compiled_in_the_background(monkeypatch):
     """The first call starts one background compile per specialisation and launches the fallback, as do
     calls until that compile is done; then the kernel launches. Other arguments' specialisations compile
     on their own."""
-    import threading
 
     release = threading.Event()
 
@@ -193,7 +192,6 @@ def test_compile_ahead_hands_each_compile_to_its_pool(monkeypatch):
     a JITFunction's does under AsyncCompileMode) runs in a pool thread, which then builds its launcher; a
     kernel Triton already had (warmup returns it) submits nothing."""
     import inspect
-    import threading
 
     from triton.runtime import _async_compile
 
@@ -330,7 +328,6 @@ def test_launcher_builds_only_where_needed_and_never_raise(monkeypatch):
 def test_compile_ahead_leaves_the_first_launch_nothing_to_build():
     """After compile_ahead, a new specialisation's kernel and launcher are built (the launcher in the
     pool), and its first launch computes the right result."""
-    import threading
 
     built = []
     build = _launch._build_launcher
