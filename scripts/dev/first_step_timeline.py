@@ -87,7 +87,7 @@ def first_step(model, args, forward):
     EVENTS.clear()
     t0 = time.perf_counter()
     marks = []
-    _, loss = bench.logits_and_loss(model, ids, forward, torch.bfloat16)
+    _, loss = bench.logits_and_loss(model, ids, forward, bench.DTYPES[args.dtype])
     torch.cuda.synchronize()
     marks.append(("forward", time.perf_counter()))
     loss.backward()
@@ -124,7 +124,7 @@ def main():
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=1024)
-    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--dtype", choices=sorted(bench.DTYPES), default="bf16", help="the step's autocast dtype")
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp())
