@@ -1,5 +1,6 @@
 """Helpers the benchmark scripts share (benchmark_model.py, benchmark_large.py): timing that waits for the
-device, the next-token loss of a training step, and greedy decoding with hf_mamba and with mamba_ssm."""
+device, the next-token loss of a training step, greedy decoding with hf_mamba and with mamba_ssm,
+and where a decoded token's time goes."""
 
 import time
 
@@ -65,3 +66,30 @@ def peer_generate(model, cg, sample=False):
 
     generate.reset = reset
     return generate
+
+
+def print_decode_profile(name, generate, prompt, new_tokens=64, top=12):
+    """Where a decoded token's time goes: wall time against GPU kernel time, kernel count, and the top kernels'
+    GPU time per token. generate(prompt, new_tokens) runs once at new_tokens first, so that an implementation
+    that keys its decode graphs on the maximum length (mamba_ssm) is warm at the profiled length.
+
+    The profiled call includes the prompt's prefill (one forward), spread over the new tokens.
+    """
+    device = prompt.device
+    generate(prompt, new_tokens)  # compile kernels, capture graphs at this length
+    seconds, _ = timed(lambda: generate(prompt, new_tokens), device)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        generate(prompt, new_tokens)
+        sync(device)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / new_tokens
+    count = sum(e.count for e in kernels) / new_tokens
+    print(f"{name}: wall {seconds * 1e3 / new_tokens:.3f} ms/token, GPU kernels {gpu_ms:.3f} ms/token, "
+          f"{count:.0f} kernels/token")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"    {e.self_device_time_total / new_tokens / 1e3:7.4f} ms  x{e.count / new_tokens:5.1f}  {e.key[:90]}")
+    host_ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    print("  host, top by self CPU time per token (profiler-inflated):")
+    for e in sorted(host_ops, key=lambda e: -e.self_cpu_time_total)[:8]:
+        print(f"    {e.self_cpu_time_total / new_tokens / 1e3:7.4f} ms  x{e.count / new_tokens:5.1f}  {e.key[:80]}")

@@ -66,7 +66,7 @@ from hf_mamba import MambaConfig, MambaForCausalLM
 from hf_mamba.compat import disable_activation_checkpointing, enable_activation_checkpointing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for the shared helpers
-from _bench_common import hf_generate, next_token_loss, peer_generate, sync, timed  # noqa: E402
+from _bench_common import hf_generate, next_token_loss, peer_generate, print_decode_profile, sync, timed  # noqa: E402
 
 LORA_TARGETS = ["in_proj", "x_proj", "dt_proj", "out_proj"]
 QUANTIZED = ("in_proj", "x_proj", "out_proj")  # dt_proj (256 x 8192 at 7b) stays bf16, as from_pretrained leaves it
@@ -310,7 +310,7 @@ class Peer:
 class Bench:
     """The rows: each measures one thing on a model and returns its table rows."""
 
-    def __init__(self, device, dtype, sizes, gpu, bandwidth, table):
+    def __init__(self, device, dtype, sizes, gpu, bandwidth, table, decode_profile=False):
         self.device = device
         self.dtype = dtype
         self.dtype_name = DTYPE_NAMES[dtype]
@@ -318,6 +318,7 @@ class Bench:
         self.gpu = gpu
         self.bandwidth = bandwidth  # bytes read + written per second, for the decode bound
         self.table = table
+        self.decode_profile = decode_profile  # print each decode row's kernels (print_decode_profile)
 
     def row(self, shape, measurement, implementation, tokens, dtype=None, **fields):
         return Row(self.gpu, shape.name, measurement, implementation, dtype or self.dtype_name, tokens, **fields)
@@ -390,6 +391,9 @@ class Bench:
                 notes=(f"{100 * tokens_per_s / bound:.0f}% of bound {bound:,.0f} tok/s "
                        f"({weight_bytes / 1e9:.2f} GB weights); whole call {batch * new / whole:,.0f} tok/s"),
             ))
+            if self.decode_profile:
+                print_decode_profile(f"{implementation or impl.label(shape)}, {shape.name}, batch {batch}",
+                                     lambda p, n: impl.generate(model, p, n), prompt)
         return rows
 
     def lora_step(self, shape, base):
@@ -558,6 +562,8 @@ def parse_args(argv=None):
                              f"--prefill-lengths 1024,8192,65536); --tiny divides each by {TINY_PREFILL_DIVISOR}")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and sizes on the CPU: a smoke run in seconds")
     parser.add_argument("--no-peer", action="store_true", help="skip mamba_ssm even where it is importable")
+    parser.add_argument("--decode-profile", action="store_true",
+                        help="after each decode row, print where a decoded token's GPU time goes, kernel by kernel")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -617,7 +623,7 @@ def main(argv=None):
     ]
     print("\n".join(header), flush=True)
     table = Table(header, args.out)
-    bench = Bench(device, dtype, sizes, gpu, bandwidth, table)
+    bench = Bench(device, dtype, sizes, gpu, bandwidth, table, args.decode_profile and device.type == "cuda")
 
     for shape in shapes:
         calls = model_rows(args.rows, sizes)

@@ -39,7 +39,7 @@ from hf_mamba.kernels import wait_for_background_compiles
 from hf_mamba import MambaConfig, MambaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for the shared helpers
-from _bench_common import hf_generate, next_token_loss, peer_generate, timed  # noqa: E402
+from _bench_common import hf_generate, next_token_loss, peer_generate, print_decode_profile, timed  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -226,34 +226,6 @@ def decode_throughput(generate, args, batch):
     seconds, out = timed(lambda: generate(prompt, args.new_tokens), CUDA)
     assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
     return batch * args.new_tokens / seconds, batch * args.new_tokens / first_seconds, warmup_seconds
-
-
-def print_decode_profile(name, generate, args, batch, new_tokens=64):
-    """Where a decoded token's time goes: wall time against GPU kernel time and kernel count per token.
-
-    The profiled call includes the prompt's prefill (one forward), spread over the new tokens.
-    """
-    prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
-    getattr(generate, "reset", lambda: None)()
-    generate(prompt, 8)  # compile kernels, capture graphs
-    seconds, _ = timed(lambda: generate(prompt, new_tokens), CUDA)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        generate(prompt, new_tokens)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / new_tokens
-    count = sum(e.count for e in kernels) / new_tokens
-    print(
-        f"{name}, batch {batch}: wall {seconds * 1e3 / new_tokens:.3f} ms/token, "
-        f"GPU kernels {gpu_ms:.3f} ms/token, {count:.0f} kernels/token"
-    )
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
-        print(f"    {e.self_device_time_total / new_tokens / 1e3:7.4f} ms  x{e.count / new_tokens:5.1f}  {e.key[:80]}")
-    host_ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    print("  host, top by self CPU time per token (profiler-inflated):")
-    for e in sorted(host_ops, key=lambda e: -e.self_cpu_time_total)[:8]:
-        print(f"    {e.self_cpu_time_total / new_tokens / 1e3:7.4f} ms  x{e.count / new_tokens:5.1f}  {e.key[:80]}")
 
 
 def main():
@@ -450,7 +422,9 @@ def main():
         for name, generate in decoders:
             if name in ("hf_mamba, CUDA graphs", "hf_mamba, graph per token", "mamba_ssm, cg=True"):
                 for batch in args.decode_batches:
-                    print_decode_profile(name, generate, args, batch)
+                    prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
+                    getattr(generate, "reset", lambda: None)()
+                    print_decode_profile(f"{name}, batch {batch}", generate, prompt)
     rows = [
         (name, [decode_throughput(generate, args, batch) for batch in args.decode_batches])
         for name, generate in decoders

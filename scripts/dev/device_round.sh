@@ -10,7 +10,7 @@
 # Steps: tests (whole suite on the GPU), scan_now / scan_before (benchmark_kernels.py), model_now (our loss),
 # model_like (--loss-outside: both sides' cross-entropy on fp32 logits), falcon_share (what Falcon Mamba's norms
 # cost the 130M training step), model_before (this script, the old
-# package), large_7b / large_1.4b (benchmark_large.py), prefill (130m and 1.4b at 1K, 8K, 64K),
+# package), large_7b / large_1.4b (benchmark_large.py, LARGE_FLAGS), prefill (130m and 1.4b at 1K, 8K, 64K),
 # long_context (LONG_FLAGS), precision (PRECISION_FLAGS, default --runs fp32,bf16,fp16: 1,000 steps each), first_step (dev/first_step_timeline.py, TIMELINE_FLAGS: where the first training step's time goes), contention
 # (dev/compile_contention.py: the pass's compiles alone and beside the background ones, on the host's CPU), model_workers /
 # first_step_workers (model_now / first_step with HF_MAMBA_COMPILE_PROCESSES=1: compiles in worker processes), decode_profile (wall vs GPU time per
@@ -110,7 +110,7 @@ for s in "$@"; do
     qlora_now) step qlora_now now "$here/scripts/benchmark_large.py" --rows qlora --shapes ${QLORA_SHAPES:-7b} ;;
     qlora@*) install_tree "${s#qlora@}"; step "${s/@/_}" tree "${s#qlora@}" benchmark_large.py --rows qlora \
         --shapes ${QLORA_SHAPES:-7b} ;;
-    large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ;;
+    large_*) step "$s" now "$here/scripts/benchmark_large.py" --shapes "${s#large_}" ${LARGE_FLAGS:-} ;;
     prefill) step prefill now "$here/scripts/benchmark_large.py" --shapes 130m,1.4b --rows prefill \
         --prefill-lengths ${PREFILL_LENGTHS:-1024,8192,65536} ;;
     prefill@*) install_tree "${s#prefill@}"; step "${s/@/_}" tree "${s#prefill@}" benchmark_large.py \
