@@ -4,6 +4,7 @@ block.FUSED_STEP_MAX_D_INNER(_BATCH_1), each width forced one way and then the o
 
     python scripts/dev/decode_step_choice.py --shapes 130m,1.4b,7b --batches 1,16
     python scripts/dev/decode_step_choice.py --shapes 48x1024,48x1536    # LAYERSxHIDDEN: Mamba 370M, 790M
+    python scripts/dev/decode_step_choice.py --shapes 1.4b --batches 16 --profile   # and each one's kernels
 
 Greedy generate() with CUDA graphs, prompt 128; tokens/s of the decode steps alone: (whole call - a call
 that generates one token) over batch x (new - 1) tokens, medians of three.
@@ -16,6 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _bench_common import print_decode_profile  # noqa: E402
 from benchmark_large import SHAPES, HfMamba, Shape, median_time  # noqa: E402
 
 import hf_mamba.block as block  # noqa: E402
@@ -34,6 +36,7 @@ def main():
     parser.add_argument("--shapes", default="130m,1.4b,7b")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--profile", action="store_true", help="also print each step's GPU time kernel by kernel")
     args = parser.parse_args()
     device = torch.device("cuda")
     impl = HfMamba(device, torch.bfloat16)
@@ -55,6 +58,10 @@ def main():
                 block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_D_INNER_BATCH_1 = widest
                 model._decode_graphs = DecodeGraphs()  # no graph captured with the other step
                 results.append(tokens_per_s(impl, model, prompt, args.new, device))
+                if args.profile:
+                    step = "fused step" if fused else "modules' step"
+                    print_decode_profile(f"{step}, {name}, batch {batch}",
+                                         lambda p, n: impl.generate(model, p, n), prompt)
             block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1 = shipped
             print(f"| {name} | {batch} | {results[0]:,.0f} | {results[1]:,.0f} | {results[0] / results[1]:.2f} |",
                   flush=True)
