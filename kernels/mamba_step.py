@@ -40,6 +40,26 @@ SSM_BLOCK_D = 32  # channels per program of the second kernel (as the state upda
 SUM_ROWS = 32  # partial sums the second kernel reads per load
 
 
+# A batch of several rows has programs to spare: up to MAX_ROWS rows share a program of the first kernel (one
+# load of its weight tile), up to MAX_SUB_BLOCKS blocks of channels a program of the second (one read of the
+# partial sums, the second kernel's main traffic), as long as each launch keeps MIN_PROGRAMS programs.
+MIN_PROGRAMS = 512
+MAX_ROWS = 8
+MAX_SUB_BLOCKS = 4
+
+
+def step_grouping(batch, d_inner, n_blocks, n_tiles):
+    """(batch rows per program of the first kernel, blocks of SSM_BLOCK_D channels per program of the second):
+    the largest powers of two up to MAX_ROWS and MAX_SUB_BLOCKS that leave each launch MIN_PROGRAMS programs."""
+    rows = 1
+    while 2 * rows <= min(MAX_ROWS, batch) and cdiv(batch, 2 * rows) * n_blocks * n_tiles >= MIN_PROGRAMS:
+        rows *= 2
+    sub_blocks, n_channel_blocks = 1, cdiv(d_inner, SSM_BLOCK_D)
+    while sub_blocks < MAX_SUB_BLOCKS and batch * cdiv(n_channel_blocks, 2 * sub_blocks) >= MIN_PROGRAMS:
+        sub_blocks *= 2
+    return rows, sub_blocks
+
+
 def conv_block(d_inner):
     """Channels per program of the first kernel: 64 (the 130M shape's 1536 channels make 24 blocks), more
     for wider models, so that the second kernel reads the blocks' partial sums in few loads of SUM_ROWS rows
@@ -50,7 +70,7 @@ def conv_block(d_inner):
 @triton.jit
 def _conv_x_proj_kernel(
     p_xz, p_conv_state, p_conv_w, p_conv_bias, p_x_proj_w, p_u, p_partial,
-    d_inner, d_conv, n_proj,
+    batch, d_inner, d_conv, n_proj,
     s_xz_b, s_xz_d,
     s_st_b, s_st_d, s_st_k,
     s_cw_d, s_cw_k,
@@ -58,30 +78,36 @@ def _conv_x_proj_kernel(
     s_u_b,
     s_part_b, s_part_blk,
     HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
+    i_rows = tl.program_id(0)
     i_d = tl.program_id(1)
     i_j = tl.program_id(2)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < d_inner
     o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
     m_j = o_j < n_proj
-    # The weight's tile first: its load is the long one, and nothing it needs waits on the conv.
+    # The weight's tile first: its load is the long one, and nothing it needs waits on the conv. ROWS batch
+    # rows share it.
     b_pw = tl.load(
-        p_x_proj_w + o_j[:, None] * s_pw_j + o_d[None, :] * s_pw_d, mask=m_j[:, None] & m_d[None, :], other=0.0
+        p_x_proj_w + o_j[:, None] * s_pw_j + o_d[None, :] * s_pw_d,
+        mask=m_j[:, None] & (o_d < d_inner)[None, :], other=0.0,
     ).to(tl.float32)  # (BLOCK_J, BLOCK_D)
-    b_win = conv_window(  # x is xz's first half
-        p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
-    )
-    b_u = conv_of_window(b_win, p_conv_w, s_cw_d, s_cw_k, p_conv_bias, o_d, m_d, d_conv, HAS_BIAS, BLOCK_K)
-    b_u = b_u * tl.sigmoid(b_u)
-    # u rounded to xz's dtype, as the modules' conv output is: x_proj and the state update read it so.
-    b_u = b_u.to(p_u.dtype.element_ty)
-    if i_j == 0:
-        tl.store(p_u + i_b * s_u_b + o_d, b_u, mask=m_d)
-    b_u = b_u.to(tl.float32)
-    p_part = p_partial + i_b * s_part_b + i_d * s_part_blk
-    tl.store(p_part + o_j, tl.sum(b_pw * b_u[None, :], axis=1), mask=m_j)
+    for r in tl.static_range(ROWS):
+        i_b = (i_rows * ROWS + r).to(tl.int64)
+        in_batch = i_b < batch
+        m_d = o_d < tl.where(in_batch, d_inner, 0)  # nothing past the last row
+        b_win = conv_window(  # x is xz's first half
+            p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
+        )
+        b_u = conv_of_window(b_win, p_conv_w, s_cw_d, s_cw_k, p_conv_bias, o_d, m_d, d_conv, HAS_BIAS, BLOCK_K)
+        b_u = b_u * tl.sigmoid(b_u)
+        # u rounded to xz's dtype, as the modules' conv output is: x_proj and the state update read it so.
+        b_u = b_u.to(p_u.dtype.element_ty)
+        if i_j == 0:
+            tl.store(p_u + i_b * s_u_b + o_d, b_u, mask=m_d)
+        b_u = b_u.to(tl.float32)
+        p_part = p_partial + i_b * s_part_b + i_d * s_part_blk
+        tl.store(p_part + o_j, tl.sum(b_pw * b_u[None, :], axis=1), mask=o_j < tl.where(in_batch, n_proj, 0))
 
 
 @triton.jit
@@ -119,40 +145,43 @@ def _ssm_step_kernel(
     s_h_b, s_h_d, s_h_n,
     s_y_b,
     NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUM_ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SUB_BLOCKS: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_n = tl.arange(0, BLOCK_N)
     o_r = tl.arange(0, BLOCK_R)
-    m_d = o_d < d_inner
-    # The first kernel has read the conv state (every tile of x_proj did): x shifts in now.
-    shift_conv_state(
-        p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
-    )
     m_n = o_n < d_state
-    m_dn = m_d[:, None] & m_n[None, :]
+    # x_proj's outputs, summed once for the SUB_BLOCKS blocks of channels below: the sums are the same for all.
     p_part = p_partial + i_b * s_part_b
     b_dt_in = _summed_slice(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, NORM, eps, SUM_ROWS)
     b_B = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, NORM, eps, SUM_ROWS)
     b_C = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, NORM, eps, SUM_ROWS)
-    b_dw = tl.load(
-        p_dt_w + o_d[:, None] * s_dw_d + o_r[None, :] * s_dw_r, mask=m_d[:, None] & (o_r < dt_rank)[None, :], other=0.0
-    ).to(tl.float32)  # (BLOCK_D, BLOCK_R)
-    b_dt = tl.sum(b_dw * b_dt_in[None, :], axis=1) + tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_dt = softplus(b_dt, False)
-    b_u = tl.load(p_u + i_b * s_u_b + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_A_log = tl.load(p_A_log + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
-    b_a = log2_rate(b_A_log, True)
-    p_h = p_state + i_b * s_h_b + o_d[:, None] * s_h_d + o_n[None, :] * s_h_n
-    b_h = tl.load(p_h, mask=m_dn, other=0.0).to(tl.float32)
-    b_h = tl.exp2(b_dt[:, None] * b_a) * b_h + (b_dt * b_u)[:, None] * b_B[None, :]
-    tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_dn)
-    b_y = tl.sum(b_h * b_C[None, :], axis=1) + b_u * tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_z = tl.load(p_xz + i_b * s_xz_b + (d_inner + o_d) * s_xz_d, mask=m_d, other=0.0).to(tl.float32)
-    b_y = b_y * b_z * tl.sigmoid(b_z)
-    tl.store(p_y + i_b * s_y_b + o_d, b_y.to(p_y.dtype.element_ty), mask=m_d)
+    for i_sub in tl.static_range(SUB_BLOCKS):
+        o_d = (i_d * SUB_BLOCKS + i_sub) * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_d = o_d < d_inner
+        # The first kernel has read the conv state (every tile of x_proj did): x shifts in now.
+        shift_conv_state(
+            p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
+        )
+        m_dn = m_d[:, None] & m_n[None, :]
+        b_dw = tl.load(
+            p_dt_w + o_d[:, None] * s_dw_d + o_r[None, :] * s_dw_r, mask=m_d[:, None] & (o_r < dt_rank)[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_D, BLOCK_R)
+        b_dt = tl.sum(b_dw * b_dt_in[None, :], axis=1) + tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_dt = softplus(b_dt, False)
+        b_u = tl.load(p_u + i_b * s_u_b + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_A_log = tl.load(p_A_log + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
+        b_a = log2_rate(b_A_log, True)
+        p_h = p_state + i_b * s_h_b + o_d[:, None] * s_h_d + o_n[None, :] * s_h_n
+        b_h = tl.load(p_h, mask=m_dn, other=0.0).to(tl.float32)
+        b_h = tl.exp2(b_dt[:, None] * b_a) * b_h + (b_dt * b_u)[:, None] * b_B[None, :]
+        tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_dn)
+        b_y = tl.sum(b_h * b_C[None, :], axis=1) + b_u * tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_z = tl.load(p_xz + i_b * s_xz_b + (d_inner + o_d) * s_xz_d, mask=m_d, other=0.0).to(tl.float32)
+        b_y = b_y * b_z * tl.sigmoid(b_z)
+        tl.store(p_y + i_b * s_y_b + o_d, b_y.to(p_y.dtype.element_ty), mask=m_d)
 
 
 def _check_step_args(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
@@ -215,25 +244,27 @@ def mamba_step_triton(
     if batch == 0:
         return y  # nothing to step (a grid of no programs is not launched)
     partial = torch.empty(batch, n_blocks, n_proj, dtype=torch.float32, device=xz.device)
+    n_tiles = cdiv(n_proj, PROJ_BLOCK_J)
+    rows, sub_blocks = step_grouping(batch, d_inner, n_blocks, n_tiles)
     with device_guard(xz):
         launch(
-            _conv_x_proj_kernel, (batch, n_blocks, cdiv(n_proj, PROJ_BLOCK_J)),
+            _conv_x_proj_kernel, (cdiv(batch, rows), n_blocks, n_tiles),
             xz, conv_state, conv_weight, conv_bias, x_proj_weight, u, partial,
-            d_inner, d_conv, n_proj,
+            batch, d_inner, d_conv, n_proj,
             *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
             u.stride(0), *partial.stride()[:2],
             HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, BLOCK_K=next_power_of_2(d_conv),
-            BLOCK_J=PROJ_BLOCK_J, num_warps=4,
+            BLOCK_J=PROJ_BLOCK_J, ROWS=rows, num_warps=4,
         )
         launch(
-            _ssm_step_kernel, (batch, cdiv(d_inner, SSM_BLOCK_D)),
+            _ssm_step_kernel, (batch, cdiv(d_inner, SSM_BLOCK_D * sub_blocks)),
             partial, u, xz, conv_state, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y,
             d_inner, d_state, dt_rank, n_blocks, d_conv, float(mixer_rms_eps or 0.0),
             *partial.stride()[:2], u.stride(0), *xz.stride(), *conv_state.stride(), *dt_proj_weight.stride(),
             *A_log.stride(), *ssm_state.stride(), y.stride(0),
             NORM=mixer_rms_eps is not None, BLOCK_D=SSM_BLOCK_D, BLOCK_N=next_power_of_2(d_state),
             BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(SUM_ROWS, next_power_of_2(n_blocks)),
-            BLOCK_K=next_power_of_2(d_conv), num_warps=4,
+            BLOCK_K=next_power_of_2(d_conv), SUB_BLOCKS=sub_blocks, num_warps=4,
         )
     return y
 

@@ -52,6 +52,24 @@ def _composed_step(xz, conv_state, ssm_state, w, eps):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_mamba_step_matches_composed_step(case, dtype, nan_fill_empty):
+    _check_three_steps(case, dtype)
+
+
+def test_mamba_step_groups_rows_and_channel_blocks(monkeypatch, nan_fill_empty):
+    """Batch rows sharing a program of the first kernel (an odd batch: the last group has a row past the end) and
+    blocks of channels sharing one of the second (the last block past d_inner), forced on a small shape: the
+    model's shapes take them at batch 16 and more (`step_grouping`)."""
+    from hf_mamba.kernels import mamba_step
+
+    assert mamba_step.step_grouping(16, 4096, 32, 5) == (4, 4)  # the 1.4B shape
+    assert mamba_step.step_grouping(1, 8192, 64, 9) == (1, 1)
+    monkeypatch.setattr(mamba_step, "MIN_PROGRAMS", 1)
+    case = dict(batch=3, d_inner=150, d_state=5, dt_rank=30, d_conv=3, eps=1e-6)
+    assert mamba_step.step_grouping(3, 150, 3, 2) == (2, 4)
+    _check_three_steps(case, torch.float32)
+
+
+def _check_three_steps(case, dtype):
     torch.manual_seed(11)
     batch, d_inner, d_state, d_conv = case["batch"], case["d_inner"], case["d_state"], case["d_conv"]
     eps = case.get("eps")
