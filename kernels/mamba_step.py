@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, device_guard, launch, next_power_of_2
-from .causal_conv1d.triton_conv_update import conv_of_window, conv_window, shift_conv_state
+from .causal_conv1d.triton_conv_update import conv_of_window, conv_window, store_conv_window
 from .checks import check_out_dtype, check_shapes, check_tensors
 from .triton_utils import log2_rate, softplus
 
@@ -111,22 +111,25 @@ def _conv_x_proj_kernel(
 
 
 @triton.jit
-def _summed_slice(
-    p_part, s_part_blk, n_blocks, start, length, BLOCK: tl.constexpr, NORM: tl.constexpr, eps, SUM_ROWS: tl.constexpr
-):
-    """x_proj's outputs [start, start + length) summed over the first kernel's blocks, optionally RMS-normed
-    (Falcon Mamba's weight-free norm): (BLOCK,) fp32, zero past length."""
-    # SUM_ROWS blocks' rows per load, all in flight at once: one round trip for up to SUM_ROWS blocks (24 at
-    # the 130M shape), where a load per block would wait for each in turn.
+def _partial_tile(p_part, s_part_blk, n_blocks, start, length, BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr,
+                  SUM_LOADS: tl.constexpr):
+    """The first kernel's partial sums of x_proj's outputs [start, start + length), added up over its blocks to
+    (SUM_ROWS, BLOCK) fp32 (zero past length): SUM_ROWS blocks' rows per load, SUM_LOADS loads, no reduction, so
+    that nothing waits on them until `_summed` reduces the tile."""
     o = tl.arange(0, BLOCK)
     o_i = tl.arange(0, SUM_ROWS)
-    m = o < length
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i0 in range(0, n_blocks, SUM_ROWS):
-        rows = i0 + o_i
-        tile = tl.load(p_part + rows[:, None] * s_part_blk + start + o[None, :],
-                       mask=(rows < n_blocks)[:, None] & m[None, :], other=0.0)
-        acc += tl.sum(tile, axis=0)
+    tile = tl.zeros((SUM_ROWS, BLOCK), dtype=tl.float32)
+    for i in tl.static_range(SUM_LOADS):
+        rows = i * SUM_ROWS + o_i
+        tile += tl.load(p_part + rows[:, None] * s_part_blk + start + o[None, :],
+                        mask=(rows < n_blocks)[:, None] & (o < length)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _summed(tile, length, NORM: tl.constexpr, eps):
+    """x_proj's outputs from their `_partial_tile`, optionally RMS-normed (Falcon Mamba's weight-free norm)."""
+    acc = tl.sum(tile, axis=0)
     if NORM:
         acc = acc * tl.rsqrt(tl.sum(acc * acc, axis=0) / length + eps)
     return acc
@@ -145,8 +148,11 @@ def _ssm_step_kernel(
     s_h_b, s_h_d, s_h_n,
     s_y_b,
     NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUM_ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr, SUB_BLOCKS: tl.constexpr,
+    SUM_LOADS: tl.constexpr, BLOCK_K: tl.constexpr, SUB_BLOCKS: tl.constexpr,
 ):
+    # A chain of dependent round trips to memory is what this kernel's time is made of at batch 1: every load
+    # is issued before the first reduction (a reduction across warps synchronises them, waiting for the loads
+    # in flight), and the conv state's shift, which needs a barrier between its load and its store, comes last.
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
     o_n = tl.arange(0, BLOCK_N)
@@ -154,34 +160,37 @@ def _ssm_step_kernel(
     m_n = o_n < d_state
     # x_proj's outputs, summed once for the SUB_BLOCKS blocks of channels below: the sums are the same for all.
     p_part = p_partial + i_b * s_part_b
-    b_dt_in = _summed_slice(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, NORM, eps, SUM_ROWS)
-    b_B = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, NORM, eps, SUM_ROWS)
-    b_C = _summed_slice(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, NORM, eps, SUM_ROWS)
+    t_dt = _partial_tile(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, SUM_ROWS, SUM_LOADS)
+    t_B = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
+    t_C = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
     for i_sub in tl.static_range(SUB_BLOCKS):
         o_d = (i_d * SUB_BLOCKS + i_sub) * BLOCK_D + tl.arange(0, BLOCK_D)
         m_d = o_d < d_inner
-        # The first kernel has read the conv state (every tile of x_proj did): x shifts in now.
-        shift_conv_state(
-            p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
-        )
         m_dn = m_d[:, None] & m_n[None, :]
+        p_h = p_state + i_b * s_h_b + o_d[:, None] * s_h_d + o_n[None, :] * s_h_n
         b_dw = tl.load(
             p_dt_w + o_d[:, None] * s_dw_d + o_r[None, :] * s_dw_r, mask=m_d[:, None] & (o_r < dt_rank)[None, :],
             other=0.0,
         ).to(tl.float32)  # (BLOCK_D, BLOCK_R)
-        b_dt = tl.sum(b_dw * b_dt_in[None, :], axis=1) + tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_dt = softplus(b_dt, False)
+        b_dt_bias = tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
         b_u = tl.load(p_u + i_b * s_u_b + o_d, mask=m_d, other=0.0).to(tl.float32)
         b_A_log = tl.load(p_A_log + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
-        b_a = log2_rate(b_A_log, True)
-        p_h = p_state + i_b * s_h_b + o_d[:, None] * s_h_d + o_n[None, :] * s_h_n
         b_h = tl.load(p_h, mask=m_dn, other=0.0).to(tl.float32)
-        b_h = tl.exp2(b_dt[:, None] * b_a) * b_h + (b_dt * b_u)[:, None] * b_B[None, :]
-        tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_dn)
-        b_y = tl.sum(b_h * b_C[None, :], axis=1) + b_u * tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
         b_z = tl.load(p_xz + i_b * s_xz_b + (d_inner + o_d) * s_xz_d, mask=m_d, other=0.0).to(tl.float32)
-        b_y = b_y * b_z * tl.sigmoid(b_z)
+        p_st = p_conv_state + i_b * s_st_b
+        b_win = conv_window(p_xz + i_b * s_xz_b, s_xz_d, p_st, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
+        if i_sub == 0:
+            b_dt_in = _summed(t_dt, dt_rank, NORM, eps)
+            b_B = _summed(t_B, d_state, NORM, eps)
+            b_C = _summed(t_C, d_state, NORM, eps)
+        b_dt = softplus(tl.sum(b_dw * b_dt_in[None, :], axis=1) + b_dt_bias, False)
+        b_h = tl.exp2(b_dt[:, None] * log2_rate(b_A_log, True)) * b_h + (b_dt * b_u)[:, None] * b_B[None, :]
+        tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_dn)
+        b_y = (tl.sum(b_h * b_C[None, :], axis=1) + b_u * b_D) * b_z * tl.sigmoid(b_z)
         tl.store(p_y + i_b * s_y_b + o_d, b_y.to(p_y.dtype.element_ty), mask=m_d)
+        # The first kernel has read the conv state (every tile of x_proj did): x shifts in now.
+        store_conv_window(b_win, p_st, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
 
 
 def _check_step_args(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
@@ -264,6 +273,7 @@ def mamba_step_triton(
             *A_log.stride(), *ssm_state.stride(), y.stride(0),
             NORM=mixer_rms_eps is not None, BLOCK_D=SSM_BLOCK_D, BLOCK_N=next_power_of_2(d_state),
             BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(SUM_ROWS, next_power_of_2(n_blocks)),
+            SUM_LOADS=cdiv(n_blocks, SUM_ROWS),
             BLOCK_K=next_power_of_2(d_conv), SUB_BLOCKS=sub_blocks, num_warps=4,
         )
     return y

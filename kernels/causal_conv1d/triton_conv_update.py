@@ -42,12 +42,18 @@ def shift_conv_state(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, 
     """Shift x (one batch row's, at p_x_b) into the conv state rows o_d in place, newest last; returns the
     window it stored, (BLOCK_D, BLOCK_K) in the state's dtype (zero past d_conv)."""
     b_win = conv_window(p_x_b, s_x_d, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
+    store_conv_window(b_win, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
+    return b_win
+
+
+@triton.jit
+def store_conv_window(b_win, p_state_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K: tl.constexpr):
+    """Write the window `conv_window` read from the state rows o_d back as their new state."""
     # Every thread has read its old entries before any thread overwrites a neighbour's.
     tl.debug_barrier()
     o_k = tl.arange(0, BLOCK_K)
     tl.store(p_state_b + o_d[:, None] * s_st_d + o_k[None, :] * s_st_k, b_win,
              mask=m_d[:, None] & (o_k < d_conv)[None, :])
-    return b_win
 
 
 @triton.jit
@@ -110,4 +116,4 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias, activation):
     return _conv_update(*args)  # eager: no custom-op dispatch on the host
 
 
-__all__ = ["causal_conv1d_update_triton", "conv_of_window", "conv_window", "shift_conv_state"]
+__all__ = ["causal_conv1d_update_triton", "conv_of_window", "conv_window", "shift_conv_state", "store_conv_window"]

@@ -27,6 +27,7 @@ figure (which adds the launcher builds, cuBLAS set-up and the overlap compile_ah
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -38,7 +39,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions, not the interpret
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton < 3.10's default, silenced
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="census_triton_cache_")  # every compile from scratch
 os.environ.setdefault("HF_MAMBA_KERNEL_CACHE", tempfile.mkdtemp(prefix="census_generated_"))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+if importlib.util.find_spec("hf_mamba") is None:  # not installed: this tree's sources (kernels/ needs an install)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402

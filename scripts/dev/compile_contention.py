@@ -57,7 +57,7 @@ def main():
     for _ in range(args.runs):
         for arrangement in ("alone", "beside"):
             run = subprocess.run(
-                [sys.executable, __file__, "--arrangement", arrangement], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "--arrangement", arrangement], stdout=subprocess.PIPE, text=True, check=True
             )
             print(run.stdout.strip().splitlines()[-1], flush=True)
 
