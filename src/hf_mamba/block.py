@@ -32,13 +32,11 @@ from .kernels import (
     y_dtype,
 )
 
-# The fused decode step (two launches per mixer) is faster than the modules' four up to this width at any
-# batch, and up to the next at batch 1; wider, every program of its second kernel adds up all the blocks'
-# partial sums of x_proj, once per batch row, where cuBLAS reads x_proj's weight once with the whole GPU
-# (H100, bf16, generate() tokens/s fused / modules at batch 1 and 16: d_inner 1536 1.24 / 1.10, 4096 1.13 /
-# 0.83, 8192 1.01 / 0.50; docs/kernels.md).
+# The fused decode step (two launches per mixer at batch 1, three for several rows) against the modules' four
+# to six, H100, bf16, generate() tokens/s fused / modules (docs/kernels.md): at batch 1 faster at every width
+# measured, up to Falcon Mamba 7B's (d_inner 1536 1.29, 4096 1.29, 8192 1.09); for several rows up to this width.
 FUSED_STEP_MAX_D_INNER = 2048
-FUSED_STEP_MAX_D_INNER_BATCH_1 = 4096
+FUSED_STEP_MAX_D_INNER_BATCH_1 = 8192
 
 
 def _linear_input(linear, x):
