@@ -38,8 +38,26 @@ from .triton_utils import log2_rate, softplus
 PROJ_BLOCK_J = 32  # x_proj outputs per program of the first kernel (dt_rank + 2 d_state of them)
 SSM_BLOCK_D = 32  # channels per program of the second kernel (as the state update's, for d_state 16)
 SUM_ROWS = 32  # partial sums the second kernel reads per load
-ROWS = 16  # batch rows per program of the batched kernels (tl.dot's least size)
-ROWS_BLOCK_D = 64  # channels per program of the batched first kernel
+
+
+# A batch of several rows has programs to spare: up to MAX_ROWS rows share a program of the first kernel (one
+# load of its weight tile), up to MAX_SUB_BLOCKS blocks of channels a program of the second (one read of the
+# partial sums, the second kernel's main traffic), as long as each launch keeps MIN_PROGRAMS programs.
+MIN_PROGRAMS = 512
+MAX_ROWS = 8
+MAX_SUB_BLOCKS = 4
+
+
+def step_grouping(batch, d_inner, n_blocks, n_tiles):
+    """(batch rows per program of the first kernel, blocks of SSM_BLOCK_D channels per program of the second):
+    the largest powers of two up to MAX_ROWS and MAX_SUB_BLOCKS that leave each launch MIN_PROGRAMS programs."""
+    rows = 1
+    while 2 * rows <= min(MAX_ROWS, batch) and cdiv(batch, 2 * rows) * n_blocks * n_tiles >= MIN_PROGRAMS:
+        rows *= 2
+    sub_blocks, n_channel_blocks = 1, cdiv(d_inner, SSM_BLOCK_D)
+    while sub_blocks < MAX_SUB_BLOCKS and batch * cdiv(n_channel_blocks, 2 * sub_blocks) >= MIN_PROGRAMS:
+        sub_blocks *= 2
+    return rows, sub_blocks
 
 
 def conv_block(d_inner):
@@ -52,7 +70,7 @@ def conv_block(d_inner):
 @triton.jit
 def _conv_x_proj_kernel(
     p_xz, p_conv_state, p_conv_w, p_conv_bias, p_x_proj_w, p_u, p_partial,
-    d_inner, d_conv, n_proj,
+    batch, d_inner, d_conv, n_proj,
     s_xz_b, s_xz_d,
     s_st_b, s_st_d, s_st_k,
     s_cw_d, s_cw_k,
@@ -60,30 +78,36 @@ def _conv_x_proj_kernel(
     s_u_b,
     s_part_b, s_part_blk,
     HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
+    i_rows = tl.program_id(0)
     i_d = tl.program_id(1)
     i_j = tl.program_id(2)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < d_inner
     o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
     m_j = o_j < n_proj
-    # The weight's tile first: its load is the long one, and nothing it needs waits on the conv.
+    # The weight's tile first: its load is the long one, and nothing it needs waits on the conv. ROWS batch
+    # rows share it.
     b_pw = tl.load(
-        p_x_proj_w + o_j[:, None] * s_pw_j + o_d[None, :] * s_pw_d, mask=m_j[:, None] & m_d[None, :], other=0.0
+        p_x_proj_w + o_j[:, None] * s_pw_j + o_d[None, :] * s_pw_d,
+        mask=m_j[:, None] & (o_d < d_inner)[None, :], other=0.0,
     ).to(tl.float32)  # (BLOCK_J, BLOCK_D)
-    b_win = conv_window(  # x is xz's first half
-        p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
-    )
-    b_u = conv_of_window(b_win, p_conv_w, s_cw_d, s_cw_k, p_conv_bias, o_d, m_d, d_conv, HAS_BIAS, BLOCK_K)
-    b_u = b_u * tl.sigmoid(b_u)
-    # u rounded to xz's dtype, as the modules' conv output is: x_proj and the state update read it so.
-    b_u = b_u.to(p_u.dtype.element_ty)
-    if i_j == 0:
-        tl.store(p_u + i_b * s_u_b + o_d, b_u, mask=m_d)
-    b_u = b_u.to(tl.float32)
-    p_part = p_partial + i_b * s_part_b + i_d * s_part_blk
-    tl.store(p_part + o_j, tl.sum(b_pw * b_u[None, :], axis=1), mask=m_j)
+    for r in tl.static_range(ROWS):
+        i_b = (i_rows * ROWS + r).to(tl.int64)
+        in_batch = i_b < batch
+        m_d = o_d < tl.where(in_batch, d_inner, 0)  # nothing past the last row
+        b_win = conv_window(  # x is xz's first half
+            p_xz + i_b * s_xz_b, s_xz_d, p_conv_state + i_b * s_st_b, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K
+        )
+        b_u = conv_of_window(b_win, p_conv_w, s_cw_d, s_cw_k, p_conv_bias, o_d, m_d, d_conv, HAS_BIAS, BLOCK_K)
+        b_u = b_u * tl.sigmoid(b_u)
+        # u rounded to xz's dtype, as the modules' conv output is: x_proj and the state update read it so.
+        b_u = b_u.to(p_u.dtype.element_ty)
+        if i_j == 0:
+            tl.store(p_u + i_b * s_u_b + o_d, b_u, mask=m_d)
+        b_u = b_u.to(tl.float32)
+        p_part = p_partial + i_b * s_part_b + i_d * s_part_blk
+        tl.store(p_part + o_j, tl.sum(b_pw * b_u[None, :], axis=1), mask=o_j < tl.where(in_batch, n_proj, 0))
 
 
 @triton.jit
@@ -124,176 +148,49 @@ def _ssm_step_kernel(
     s_h_b, s_h_d, s_h_n,
     s_y_b,
     NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUM_ROWS: tl.constexpr,
-    SUM_LOADS: tl.constexpr, BLOCK_K: tl.constexpr,
+    SUM_LOADS: tl.constexpr, BLOCK_K: tl.constexpr, SUB_BLOCKS: tl.constexpr,
 ):
-    # A chain of dependent round trips to memory is what this kernel's time is made of: every load is issued
-    # before the first reduction (a reduction across warps synchronises them, waiting for the loads in flight),
-    # and the conv state's store, which needs a barrier after the loads, comes last.
+    # A chain of dependent round trips to memory is what this kernel's time is made of at batch 1: every load
+    # is issued before the first reduction (a reduction across warps synchronises them, waiting for the loads
+    # in flight), and the conv state's shift, which needs a barrier between its load and its store, comes last.
     i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_n = tl.arange(0, BLOCK_N)
     o_r = tl.arange(0, BLOCK_R)
-    m_d = o_d < d_inner
-    m_dn = m_d[:, None] & (o_n < d_state)[None, :]
-    p_part = p_partial + i_b * s_part_b
-    t_dt = _partial_tile(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, SUM_ROWS, SUM_LOADS)
-    t_B = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
-    t_C = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
-    b_dw = tl.load(
-        p_dt_w + o_d[:, None] * s_dw_d + o_r[None, :] * s_dw_r, mask=m_d[:, None] & (o_r < dt_rank)[None, :], other=0.0
-    ).to(tl.float32)  # (BLOCK_D, BLOCK_R)
-    b_dt_bias = tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_u = tl.load(p_u + i_b * s_u_b + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_A_log = tl.load(p_A_log + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
-    p_h = p_state + i_b * s_h_b + o_d[:, None] * s_h_d + o_n[None, :] * s_h_n
-    b_h = tl.load(p_h, mask=m_dn, other=0.0).to(tl.float32)
-    b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_z = tl.load(p_xz + i_b * s_xz_b + (d_inner + o_d) * s_xz_d, mask=m_d, other=0.0).to(tl.float32)
-    p_st = p_conv_state + i_b * s_st_b
-    b_win = conv_window(p_xz + i_b * s_xz_b, s_xz_d, p_st, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
-    b_dt_in = _summed(t_dt, dt_rank, NORM, eps)
-    b_B = _summed(t_B, d_state, NORM, eps)
-    b_C = _summed(t_C, d_state, NORM, eps)
-    b_dt = softplus(tl.sum(b_dw * b_dt_in[None, :], axis=1) + b_dt_bias, False)
-    b_h = tl.exp2(b_dt[:, None] * log2_rate(b_A_log, True)) * b_h + (b_dt * b_u)[:, None] * b_B[None, :]
-    tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_dn)
-    b_y = (tl.sum(b_h * b_C[None, :], axis=1) + b_u * b_D) * b_z * tl.sigmoid(b_z)
-    tl.store(p_y + i_b * s_y_b + o_d, b_y.to(p_y.dtype.element_ty), mask=m_d)
-    # The first kernel has read the conv state (every tile of x_proj did): x shifts in now.
-    store_conv_window(b_win, p_st, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
-
-
-# --- Several batch rows: three launches, ROWS rows per program ------------------------------------------------
-
-
-@triton.jit
-def _conv_x_proj_rows_kernel(
-    p_xz, p_conv_state, p_conv_w, p_conv_bias, p_x_proj_w, p_u, p_partial,
-    batch, d_inner, d_conv, n_proj,
-    s_xz_b, s_xz_d,
-    s_st_b, s_st_d, s_st_k,
-    s_cw_d, s_cw_k,
-    s_pw_j, s_pw_d,
-    s_u_b,
-    s_part_b, s_part_blk,
-    HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    """u = SiLU(conv) for ROWS rows x BLOCK_D channels, and their partial products with a tile of x_proj's weight
-    (one matrix product for all the rows, the weight's tile loaded once)."""
-    o_b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    i_d = tl.program_id(1)
-    i_j = tl.program_id(2)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    o_k = tl.arange(0, BLOCK_K)
-    m_d = o_d < d_inner
-    m_bd = (o_b < batch)[:, None] & m_d[None, :]
-    m_j = o_j < n_proj
-    b_pw = tl.load(
-        p_x_proj_w + o_j[:, None] * s_pw_j + o_d[None, :] * s_pw_d, mask=m_j[:, None] & m_d[None, :], other=0.0
-    ).to(tl.float32)  # (BLOCK_J, BLOCK_D)
-    # The window once x shifts in (the state is only read here: the last kernel shifts it), (ROWS, BLOCK_D, BLOCK_K).
-    p_st = p_conv_state + o_b[:, None, None].to(tl.int64) * s_st_b + o_d[None, :, None] * s_st_d
-    b_old = tl.load(p_st + (o_k + 1)[None, None, :] * s_st_k,
-                    mask=m_bd[:, :, None] & (o_k < d_conv - 1)[None, None, :], other=0.0).to(tl.float32)
-    b_x = tl.load(p_xz + o_b[:, None].to(tl.int64) * s_xz_b + o_d[None, :] * s_xz_d, mask=m_bd, other=0.0)
-    b_x = b_x.to(p_conv_state.dtype.element_ty).to(tl.float32)  # as the window holds it
-    b_win = tl.where((o_k == d_conv - 1)[None, None, :], b_x[:, :, None], b_old)
-    b_cw = tl.load(p_conv_w + o_d[:, None] * s_cw_d + o_k[None, :] * s_cw_k,
-                   mask=m_d[:, None] & (o_k < d_conv)[None, :], other=0.0).to(tl.float32)
-    b_u = tl.sum(b_win * b_cw[None, :, :], axis=2)  # (ROWS, BLOCK_D)
-    if HAS_BIAS:
-        b_u += tl.load(p_conv_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-    b_u = b_u * tl.sigmoid(b_u)
-    b_u = b_u.to(p_u.dtype.element_ty)  # rounded as the modules' conv output is
-    if i_j == 0:
-        tl.store(p_u + o_b[:, None].to(tl.int64) * s_u_b + o_d[None, :], b_u, mask=m_bd)
-    b_part = tl.dot(b_u.to(tl.float32), tl.trans(b_pw), input_precision="ieee")  # (ROWS, BLOCK_J), fp32 products
-    p_part = p_partial + o_b[:, None].to(tl.int64) * s_part_b + i_d * s_part_blk + o_j[None, :]
-    tl.store(p_part, b_part, mask=(o_b < batch)[:, None] & m_j[None, :])
-
-
-@triton.jit
-def _x_proj_sums_kernel(
-    p_partial, p_sums, n_blocks, d_state, dt_rank, eps,
-    s_part_b, s_part_blk, s_sums_b,
-    NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUM_ROWS: tl.constexpr,
-    SUM_LOADS: tl.constexpr,
-):
-    """One batch row's x_proj outputs (dt, B, C), its blocks' partial sums added up (and Falcon Mamba's norms)."""
-    i_b = tl.program_id(0).to(tl.int64)
-    p_part = p_partial + i_b * s_part_b
-    t_dt = _partial_tile(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, SUM_ROWS, SUM_LOADS)
-    t_B = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
-    t_C = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
-    o_r = tl.arange(0, BLOCK_R)
-    o_n = tl.arange(0, BLOCK_N)
-    p_row = p_sums + i_b * s_sums_b
-    tl.store(p_row + o_r, _summed(t_dt, dt_rank, NORM, eps), mask=o_r < dt_rank)
-    tl.store(p_row + dt_rank + o_n, _summed(t_B, d_state, NORM, eps), mask=o_n < d_state)
-    tl.store(p_row + dt_rank + d_state + o_n, _summed(t_C, d_state, NORM, eps), mask=o_n < d_state)
-
-
-@triton.jit
-def _ssm_step_rows_kernel(
-    p_sums, p_u, p_xz, p_conv_state, p_dt_w, p_dt_bias, p_A_log, p_D, p_state, p_y,
-    batch, d_inner, d_state, dt_rank, d_conv,
-    s_sums_b,
-    s_u_b,
-    s_xz_b, s_xz_d,
-    s_st_b, s_st_d, s_st_k,
-    s_dw_d, s_dw_r,
-    s_A_d, s_A_n,
-    s_h_b, s_h_d, s_h_n,
-    s_y_b,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Δ from dt_proj (one matrix product for ROWS rows, dt_proj's tile loaded once), the state update, y, and the
-    conv state's shift, for ROWS rows x BLOCK_D channels."""
-    o_b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, BLOCK_N)
-    o_r = tl.arange(0, BLOCK_R)
-    o_k = tl.arange(0, BLOCK_K)
-    m_b = o_b < batch
-    m_d = o_d < d_inner
     m_n = o_n < d_state
-    m_bd = m_b[:, None] & m_d[None, :]
-    m_bdn = m_bd[:, :, None] & m_n[None, None, :]
-    r_b = o_b.to(tl.int64)
-    p_sums_b = p_sums + r_b[:, None] * s_sums_b
-    # Every load first (see _ssm_step_kernel).
-    b_dt_in = tl.load(p_sums_b + o_r[None, :], mask=m_b[:, None] & (o_r < dt_rank)[None, :], other=0.0)
-    b_B = tl.load(p_sums_b + dt_rank + o_n[None, :], mask=m_b[:, None] & m_n[None, :], other=0.0)
-    b_C = tl.load(p_sums_b + dt_rank + d_state + o_n[None, :], mask=m_b[:, None] & m_n[None, :], other=0.0)
-    b_dw = tl.load(
-        p_dt_w + o_d[:, None] * s_dw_d + o_r[None, :] * s_dw_r, mask=m_d[:, None] & (o_r < dt_rank)[None, :], other=0.0
-    ).to(tl.float32)  # (BLOCK_D, BLOCK_R)
-    b_dt_bias = tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_A_log = tl.load(p_A_log + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n,
-                      mask=m_d[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-    b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_u = tl.load(p_u + r_b[:, None] * s_u_b + o_d[None, :], mask=m_bd, other=0.0).to(tl.float32)
-    b_z = tl.load(p_xz + r_b[:, None] * s_xz_b + (d_inner + o_d)[None, :] * s_xz_d, mask=m_bd, other=0.0)
-    p_h = p_state + r_b[:, None, None] * s_h_b + o_d[None, :, None] * s_h_d + o_n[None, None, :] * s_h_n
-    b_h = tl.load(p_h, mask=m_bdn, other=0.0).to(tl.float32)  # (ROWS, BLOCK_D, BLOCK_N)
-    p_st = p_conv_state + r_b[:, None, None] * s_st_b + o_d[None, :, None] * s_st_d + o_k[None, None, :] * s_st_k
-    b_old = tl.load(p_st + s_st_k, mask=m_bd[:, :, None] & (o_k < d_conv - 1)[None, None, :], other=0.0)
-    b_x = tl.load(p_xz + r_b[:, None] * s_xz_b + o_d[None, :] * s_xz_d, mask=m_bd, other=0.0).to(b_old.dtype)
-    b_win = tl.where((o_k == d_conv - 1)[None, None, :], b_x[:, :, None], b_old)
-
-    b_dt = tl.dot(b_dt_in, tl.trans(b_dw), input_precision="ieee") + b_dt_bias[None, :]  # (ROWS, BLOCK_D)
-    b_dt = softplus(b_dt, False)
-    b_a = log2_rate(b_A_log, True)
-    b_h = tl.exp2(b_dt[:, :, None] * b_a[None, :, :]) * b_h + (b_dt * b_u)[:, :, None] * b_B[:, None, :]
-    tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_bdn)
-    b_z = b_z.to(tl.float32)
-    b_y = (tl.sum(b_h * b_C[:, None, :], axis=2) + b_u * b_D[None, :]) * b_z * tl.sigmoid(b_z)
-    tl.store(p_y + r_b[:, None] * s_y_b + o_d[None, :], b_y.to(p_y.dtype.element_ty), mask=m_bd)
-    tl.debug_barrier()  # every thread has read its old window entries before any overwrites a neighbour's
-    tl.store(p_st, b_win, mask=m_bd[:, :, None] & (o_k < d_conv)[None, None, :])
+    # x_proj's outputs, summed once for the SUB_BLOCKS blocks of channels below: the sums are the same for all.
+    p_part = p_partial + i_b * s_part_b
+    t_dt = _partial_tile(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, SUM_ROWS, SUM_LOADS)
+    t_B = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
+    t_C = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
+    for i_sub in tl.static_range(SUB_BLOCKS):
+        o_d = (i_d * SUB_BLOCKS + i_sub) * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_d = o_d < d_inner
+        m_dn = m_d[:, None] & m_n[None, :]
+        p_h = p_state + i_b * s_h_b + o_d[:, None] * s_h_d + o_n[None, :] * s_h_n
+        b_dw = tl.load(
+            p_dt_w + o_d[:, None] * s_dw_d + o_r[None, :] * s_dw_r, mask=m_d[:, None] & (o_r < dt_rank)[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_D, BLOCK_R)
+        b_dt_bias = tl.load(p_dt_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_u = tl.load(p_u + i_b * s_u_b + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_A_log = tl.load(p_A_log + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
+        b_h = tl.load(p_h, mask=m_dn, other=0.0).to(tl.float32)
+        b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_z = tl.load(p_xz + i_b * s_xz_b + (d_inner + o_d) * s_xz_d, mask=m_d, other=0.0).to(tl.float32)
+        p_st = p_conv_state + i_b * s_st_b
+        b_win = conv_window(p_xz + i_b * s_xz_b, s_xz_d, p_st, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
+        if i_sub == 0:
+            b_dt_in = _summed(t_dt, dt_rank, NORM, eps)
+            b_B = _summed(t_B, d_state, NORM, eps)
+            b_C = _summed(t_C, d_state, NORM, eps)
+        b_dt = softplus(tl.sum(b_dw * b_dt_in[None, :], axis=1) + b_dt_bias, False)
+        b_h = tl.exp2(b_dt[:, None] * log2_rate(b_A_log, True)) * b_h + (b_dt * b_u)[:, None] * b_B[None, :]
+        tl.store(p_h, b_h.to(p_state.dtype.element_ty), mask=m_dn)
+        b_y = (tl.sum(b_h * b_C[None, :], axis=1) + b_u * b_D) * b_z * tl.sigmoid(b_z)
+        tl.store(p_y + i_b * s_y_b + o_d, b_y.to(p_y.dtype.element_ty), mask=m_d)
+        # The first kernel has read the conv state (every tile of x_proj did): x shifts in now.
+        store_conv_window(b_win, p_st, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
 
 
 def _check_step_args(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
@@ -325,71 +222,6 @@ def _check_step_args(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_p
     return batch, d_inner, d_conv, d_state, dt_rank
 
 
-def _step_one_row(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-                  ssm_state, u, y, eps):
-    d_inner, d_conv = conv_weight.shape
-    dt_rank, (n_proj, d_state) = dt_proj_weight.shape[1], (x_proj_weight.shape[0], A_log.shape[1])
-    block_d = conv_block(d_inner)
-    n_blocks = cdiv(d_inner, block_d)
-    partial = torch.empty(1, n_blocks, n_proj, dtype=torch.float32, device=xz.device)
-    launch(
-        _conv_x_proj_kernel, (1, n_blocks, cdiv(n_proj, PROJ_BLOCK_J)),
-        xz, conv_state, conv_weight, conv_bias, x_proj_weight, u, partial,
-        d_inner, d_conv, n_proj,
-        *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
-        u.stride(0), *partial.stride()[:2],
-        HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, BLOCK_K=next_power_of_2(d_conv),
-        BLOCK_J=PROJ_BLOCK_J, num_warps=4,
-    )
-    launch(
-        _ssm_step_kernel, (1, cdiv(d_inner, SSM_BLOCK_D)),
-        partial, u, xz, conv_state, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y,
-        d_inner, d_state, dt_rank, n_blocks, d_conv, float(eps or 0.0),
-        *partial.stride()[:2], u.stride(0), *xz.stride(), *conv_state.stride(), *dt_proj_weight.stride(),
-        *A_log.stride(), *ssm_state.stride(), y.stride(0),
-        NORM=eps is not None, BLOCK_D=SSM_BLOCK_D, BLOCK_N=next_power_of_2(d_state),
-        BLOCK_R=next_power_of_2(dt_rank), BLOCK_K=next_power_of_2(d_conv), **_sum_loads(n_blocks), num_warps=4,
-    )
-
-
-def _step_rows(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-               ssm_state, u, y, eps):
-    batch, (d_inner, d_conv) = xz.shape[0], conv_weight.shape
-    dt_rank, (n_proj, d_state) = dt_proj_weight.shape[1], (x_proj_weight.shape[0], A_log.shape[1])
-    n_blocks, row_blocks = cdiv(d_inner, ROWS_BLOCK_D), cdiv(batch, ROWS)
-    partial = torch.empty(batch, n_blocks, n_proj, dtype=torch.float32, device=xz.device)
-    sums = torch.empty(batch, n_proj, dtype=torch.float32, device=xz.device)
-    # tl.dot takes operands of at least 16 along each side
-    block_n, block_r, block_k = next_power_of_2(d_state), max(16, next_power_of_2(dt_rank)), next_power_of_2(d_conv)
-    launch(
-        _conv_x_proj_rows_kernel, (row_blocks, n_blocks, cdiv(n_proj, PROJ_BLOCK_J)),
-        xz, conv_state, conv_weight, conv_bias, x_proj_weight, u, partial,
-        batch, d_inner, d_conv, n_proj,
-        *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
-        u.stride(0), *partial.stride()[:2],
-        HAS_BIAS=conv_bias is not None, ROWS=ROWS, BLOCK_D=ROWS_BLOCK_D, BLOCK_K=block_k, BLOCK_J=PROJ_BLOCK_J,
-        num_warps=4,
-    )
-    launch(
-        _x_proj_sums_kernel, (batch,),
-        partial, sums, n_blocks, d_state, dt_rank, float(eps or 0.0), *partial.stride()[:2], sums.stride(0),
-        NORM=eps is not None, BLOCK_N=block_n, BLOCK_R=block_r, **_sum_loads(n_blocks), num_warps=4,
-    )
-    launch(
-        _ssm_step_rows_kernel, (row_blocks, cdiv(d_inner, SSM_BLOCK_D)),
-        sums, u, xz, conv_state, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y,
-        batch, d_inner, d_state, dt_rank, d_conv,
-        sums.stride(0), u.stride(0), *xz.stride(), *conv_state.stride(), *dt_proj_weight.stride(),
-        *A_log.stride(), *ssm_state.stride(), y.stride(0),
-        ROWS=ROWS, BLOCK_D=SSM_BLOCK_D, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=8,
-    )
-
-
-def _sum_loads(n_blocks):
-    """SUM_ROWS and SUM_LOADS of `_partial_tile` for n_blocks blocks' partial sums."""
-    return dict(SUM_ROWS=min(SUM_ROWS, next_power_of_2(n_blocks)), SUM_LOADS=cdiv(n_blocks, SUM_ROWS))
-
-
 def mamba_step_triton(
     xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state,
     mixer_rms_eps=None, out_dtype=None,
@@ -413,14 +245,37 @@ def mamba_step_triton(
         xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state
     )
     check_out_dtype(out_dtype)
+    n_proj = x_proj_weight.shape[0]
+    block_d = conv_block(d_inner)
+    n_blocks = cdiv(d_inner, block_d)
     u = torch.empty(batch, d_inner, dtype=xz.dtype, device=xz.device)
     y = torch.empty(batch, d_inner, dtype=out_dtype or xz.dtype, device=xz.device)
     if batch == 0:
         return y  # nothing to step (a grid of no programs is not launched)
-    args = (xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state,
-            u, y, mixer_rms_eps)
+    partial = torch.empty(batch, n_blocks, n_proj, dtype=torch.float32, device=xz.device)
+    n_tiles = cdiv(n_proj, PROJ_BLOCK_J)
+    rows, sub_blocks = step_grouping(batch, d_inner, n_blocks, n_tiles)
     with device_guard(xz):
-        (_step_one_row if batch == 1 else _step_rows)(*args)
+        launch(
+            _conv_x_proj_kernel, (cdiv(batch, rows), n_blocks, n_tiles),
+            xz, conv_state, conv_weight, conv_bias, x_proj_weight, u, partial,
+            batch, d_inner, d_conv, n_proj,
+            *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
+            u.stride(0), *partial.stride()[:2],
+            HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, BLOCK_K=next_power_of_2(d_conv),
+            BLOCK_J=PROJ_BLOCK_J, ROWS=rows, num_warps=4,
+        )
+        launch(
+            _ssm_step_kernel, (batch, cdiv(d_inner, SSM_BLOCK_D * sub_blocks)),
+            partial, u, xz, conv_state, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y,
+            d_inner, d_state, dt_rank, n_blocks, d_conv, float(mixer_rms_eps or 0.0),
+            *partial.stride()[:2], u.stride(0), *xz.stride(), *conv_state.stride(), *dt_proj_weight.stride(),
+            *A_log.stride(), *ssm_state.stride(), y.stride(0),
+            NORM=mixer_rms_eps is not None, BLOCK_D=SSM_BLOCK_D, BLOCK_N=next_power_of_2(d_state),
+            BLOCK_R=next_power_of_2(dt_rank), SUM_ROWS=min(SUM_ROWS, next_power_of_2(n_blocks)),
+            SUM_LOADS=cdiv(n_blocks, SUM_ROWS),
+            BLOCK_K=next_power_of_2(d_conv), SUB_BLOCKS=sub_blocks, num_warps=4,
+        )
     return y
 
 

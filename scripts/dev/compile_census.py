@@ -132,11 +132,11 @@ def record_launch(kernel, grid, *args, **constexprs):
         else contextlib.nullcontext()
     ):
         kw = {k: _stand_in(v) for k, v in constexprs.items()}
-        kw.update(
-            debug=kw.get("debug", kernel.debug) or triton.knobs.runtime.debug,
-            instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
-            fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts,
-        )
+        kw["debug"] = kw.get("debug", kernel.debug) or triton.knobs.runtime.debug
+        # the compilation knobs JITFunction.run passes on, where this Triton has them (3.6 lacks the second)
+        compilation = triton.knobs.compilation
+        kw.update({name: getattr(compilation, name) for name in ("instrumentation_mode", "fpsan_homomorphic_casts")
+                   if hasattr(compilation, name)})
         binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
         bound, specialization, options = binder(*[_stand_in(a) for a in args], **kw)
         options, signature, consts, attrs = kernel._pack_args(BACKEND, kw, bound, specialization, options)

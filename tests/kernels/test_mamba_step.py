@@ -55,6 +55,20 @@ def test_mamba_step_matches_composed_step(case, dtype, nan_fill_empty):
     _check_three_steps(case, dtype)
 
 
+def test_mamba_step_groups_rows_and_channel_blocks(monkeypatch, nan_fill_empty):
+    """Batch rows sharing a program of the first kernel (an odd batch: the last group has a row past the end) and
+    blocks of channels sharing one of the second (the last block past d_inner), forced on a small shape: the
+    model's shapes take them at batch 16 and more (`step_grouping`)."""
+    from hf_mamba.kernels import mamba_step
+
+    assert mamba_step.step_grouping(16, 4096, 32, 5) == (4, 4)  # the 1.4B shape
+    assert mamba_step.step_grouping(1, 8192, 64, 9) == (1, 1)
+    monkeypatch.setattr(mamba_step, "MIN_PROGRAMS", 1)
+    case = dict(batch=3, d_inner=150, d_state=5, dt_rank=30, d_conv=3, eps=1e-6)
+    assert mamba_step.step_grouping(3, 150, 3, 2) == (2, 4)
+    _check_three_steps(case, torch.float32)
+
+
 def _check_three_steps(case, dtype):
     torch.manual_seed(11)
     batch, d_inner, d_state, d_conv = case["batch"], case["d_inner"], case["d_state"], case["d_conv"]
@@ -119,20 +133,17 @@ def test_mamba_step_writes_y_in_out_dtype(nan_fill_empty):
     assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_mamba_step_sums_many_blocks(batch, monkeypatch, nan_fill_empty):
-    """33 blocks of the first kernel (d_inner 2112 in blocks of 64; at batch 1 forced, the model's shapes taking
-    wider blocks there, at most 32 of them): their partial rows are summed in two loads of up to 32."""
+def test_mamba_step_sums_many_blocks(monkeypatch, nan_fill_empty):
+    """33 blocks of the first kernel (d_inner 2112 in blocks of 64, forced: the model's shapes take wider blocks,
+    at most 32 of them): the second kernel sums their partial rows in two loads of up to 32."""
     from hf_mamba.kernels import mamba_step
 
     assert [mamba_step.conv_block(d) for d in (1536, 2048, 4096, 8192)] == [64, 64, 128, 128]
     monkeypatch.setattr(mamba_step, "conv_block", lambda d_inner: 64)
-    assert mamba_step.ROWS_BLOCK_D == 64
     torch.manual_seed(12)
     w = _weights(2112, 4, 3, 4, torch.float32)
-    xz = torch.randn(batch, 2 * 2112, device=DEVICE)
-    conv_state = torch.randn(batch, 2112, 4, device=DEVICE)
-    ssm_state = torch.randn(batch, 2112, 4, device=DEVICE)
+    xz = torch.randn(1, 2 * 2112, device=DEVICE)
+    conv_state, ssm_state = torch.randn(1, 2112, 4, device=DEVICE), torch.randn(1, 2112, 4, device=DEVICE)
     conv_ref, ssm_ref = conv_state.clone(), ssm_state.clone()
     y = mamba_step_triton(xz, conv_state, ssm_state=ssm_state, **w)
     y_ref = _composed_step(xz, conv_ref, ssm_ref, w, None)
