@@ -5,20 +5,28 @@
 
 Why: a decode step on a CUDA graph is bound by its launches, not by its bytes (130M at batch 1 reads
 0.26 GB of weights, 80 us at HBM speed, against a step of several hundred microseconds). The modules take
-four launches here (conv update, x_proj, dt_proj, state update); these two kernels take two:
+four to six launches here (conv update, x_proj, dt_proj, state update; cuBLAS's split-K reductions; Falcon
+Mamba's norms); these kernels take two:
 
-1. `_conv_x_proj_kernel`, one program per (batch row, block of channels, block of PROJ_BLOCK_J x_proj
+1. `_conv_x_proj_kernel`, one program per (ROWS batch rows, block of channels, block of PROJ_BLOCK_J x_proj
    outputs): computes its channels' u from the conv window (the state as it will be after this step, read
    only) and multiplies them by its tile of x_proj's weight, writing one partial sum of those outputs per
-   block of channels. x_proj reduces over all channels, so the sum waits for the second launch. A program
-   per tile, rather than a loop over the outputs, spreads the weight's reads over the GPU: Falcon Mamba 7B's
-   x_proj (288 x 8192) is 576 tiles, where a program per block of channels would be 64 programs for 132
-   multiprocessors, each waiting on nine loads in turn. The conv is recomputed per tile (four products a
-   channel), which is why no program of this kernel can shift the state: the others still read it.
-2. `_ssm_step_kernel`, one program per (batch row, block of channels): shifts x into its channels' conv
-   state, adds up the partial sums (every program does, they are a few hundred numbers), applies Falcon
-   Mamba's norms where asked, computes its block of Δ from dt_proj's weight, updates its block of the
-   state in place and writes y.
+   row and block of channels. x_proj reduces over all channels, so the sum waits for the second launch. A
+   program per tile, rather than a loop over the outputs, spreads the weight's reads over the GPU: Falcon
+   Mamba 7B's x_proj (288 x 8192) is 576 tiles, where a program per block of channels would be 64 programs
+   for 132 multiprocessors, each waiting on nine loads in turn. The conv is recomputed per tile (four
+   products a channel), which is why no program of this kernel can shift the state: the others still read it.
+2. `_ssm_step_kernel`, one program per (batch row, SUB_BLOCKS blocks of channels): adds up the partial sums
+   (every program does, they are a few hundred numbers), applies Falcon Mamba's norms where asked, computes
+   its blocks of Δ from dt_proj's weight, updates its blocks of the state in place, writes y and shifts x
+   into its channels' conv state. Its time is a chain of round trips to memory, so every load is issued
+   before the first reduction and the conv state's store (behind a barrier) comes last: at the 1.4B shape
+   and batch 1 that took it from 6.7 to 3.4 us a call on an H100.
+
+At batch 1, ROWS = SUB_BLOCKS = 1. A larger batch has programs to spare, and every program re-reading its
+weight tile (first kernel) or all the partial sums (second) once per row is then what the step waits on:
+`step_grouping` lets up to 8 rows share a program of the first kernel and up to 4 blocks of channels one of
+the second while each launch keeps 512 programs.
 
 Everything after the conv is fp32 arithmetic (x_proj's and dt_proj's outputs are not rounded to the
 weights' dtype in between, as the modules' matmuls round them): the result is the modules' up to that

@@ -32,9 +32,11 @@ from .kernels import (
     y_dtype,
 )
 
-# The fused decode step (two launches per mixer at batch 1, three for several rows) against the modules' four
-# to six, H100, bf16, generate() tokens/s fused / modules (docs/kernels.md): at batch 1 faster at every width
-# measured, up to Falcon Mamba 7B's (d_inner 1536 1.29, 4096 1.29, 8192 1.09); for several rows up to this width.
+# The fused decode step (two launches per mixer) against the modules' four to six, H100, bf16, generate()
+# tokens/s fused / modules (docs/kernels.md): at batch 1 faster at every width measured, up to Falcon Mamba
+# 7B's (d_inner 1536 1.29, 4096 1.29, 8192 1.09); at batch 16 faster up to this width (1536 1.16, 4096 0.99,
+# 8192 0.76: every program of its second kernel reads all of its row's partial sums of x_proj, where cuBLAS
+# reads x_proj's weight once with the whole GPU).
 FUSED_STEP_MAX_D_INNER = 2048
 FUSED_STEP_MAX_D_INNER_BATCH_1 = 8192
 
