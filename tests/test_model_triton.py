@@ -629,6 +629,27 @@ def test_first_training_step_compiles_the_blocks_and_norms_ahead(monkeypatch):
     assert passes == ["dry", "done"] * 2
 
 
+def test_training_pass_ahead_waits_for_something_to_differentiate(monkeypatch):
+    """A forward with gradients on but nothing to differentiate (every parameter frozen, ids as input) runs no
+    pass ahead and does not count as its kind's first step: once the blocks are unfrozen (the embedding staying
+    frozen, so the blocks' input is the same kind), the next call runs the pass."""
+    from hf_mamba import modeling_mamba
+
+    monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
+    passes = []
+    monkeypatch.setattr(modeling_mamba.MambaModel, "_compiles_ahead_on", staticmethod(lambda device: True))
+    monkeypatch.setattr(modeling_mamba, "compile_ahead", lambda fn, *args: passes.append(fn) or True)
+    model = MambaForCausalLM(MambaConfig(**SIZES)).to(DEVICE)
+    ids = torch.randint(0, SIZES["vocab_size"], (1, 5), device=DEVICE)
+    model.requires_grad_(False)
+    model(ids)
+    assert passes == []
+    model.backbone.layers.requires_grad_(True)
+    model(ids)
+    model(ids)
+    assert len(passes) == 1
+
+
 @pytest.mark.skipif(not CUDA, reason="compiling ahead is for CUDA (under the interpreter nothing compiles)")
 def test_first_training_step_compiles_every_kernel_ahead(monkeypatch):
     """On CUDA the first training step's kernels, the norms' included, all compile ahead (side by side)."""

@@ -257,13 +257,13 @@ class MambaModel(MambaPreTrainedModel):
         seen = self.__dict__.setdefault("_training_compiled_ahead", set())
         if key in seen:  # every later step of the kind stops here
             return
-        seen.add(key)
         dry_layers = self.layers[:2]
         params = [p for p in dry_layers.parameters() if p.requires_grad] + [
             p for p in self.norm_f.parameters() if p.requires_grad
         ]
         if not (hidden_states.requires_grad or params):
-            return
+            return  # nothing to differentiate: not seen yet, so parameters unfrozen later still get the pass
+        seen.add(key)
 
         def first_blocks_forward_and_backward():
             # Random draws (dropout in adapters) are put back: the real step draws what it would have drawn.
