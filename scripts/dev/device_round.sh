@@ -12,14 +12,15 @@
 # cost the 130M training step), model_before (this script, the old
 # package), large_7b / large_1.4b (benchmark_large.py, LARGE_FLAGS), prefill (130m and 1.4b at 1K, 8K, 64K),
 # long_context (LONG_FLAGS), precision (PRECISION_FLAGS, default --runs fp32,bf16,fp16: 1,000 steps each), first_step (dev/first_step_timeline.py, TIMELINE_FLAGS: where the first training step's time goes), contention
-# (dev/compile_contention.py: the pass's compiles alone and beside the background ones, on the host's CPU), model_workers /
-# first_step_workers (model_now / first_step with HF_MAMBA_COMPILE_PROCESSES=1: compiles in worker processes), decode_profile (wall vs GPU time per
+# (dev/compile_contention.py: the pass's compiles alone and beside the background ones, on the host's CPU), decode_profile (wall vs GPU time per
 # decoded token; MODEL_FLAGS gives another shape), prefill_profile (GPU time per kernel, PROFILE_FLAGS), host_time
 # (benchmark_kernels.py --host-time: the scan's and the mixer's host vs GPU time per call), choice_now / choice@NAME (decode_step_choice.py,
 # CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
 # induction heads to 2^20), induction_paper (closer to the paper's recipe: no curriculum, batch 8, 40,000 steps;
 # tests to 2^INDUCTION_MAX_LOG2), multi_gpu (benchmark_multi_gpu.py, MULTI_FLAGS, default --bf16: needs a
 # multi-GPU kind and the datasets wheels in .device_cache/datasets).
+# A step with compiles in worker processes: HF_MAMBA_COMPILE_PROCESSES=1 OUT=... bash scripts/dev/device_round.sh
+# model_now (the environment reaches every step; OUT keeps the two runs' files apart).
 # Expects, carried in .device_cache/ (git ignores it): peers/ (a copy of ../shared/peers, mamba_ssm),
 # bnb/*.whl for the QLoRA rows, and for *_before the old commit as a worktree in .device_cache/before
 # (`git worktree add -f .device_cache/before COMMIT`). scan@NAME and model@NAME run those benchmarks from
@@ -97,10 +98,6 @@ for s in "$@"; do
     scan_before) install_tree before; step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
     model_now) step model_now now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
         ${MODEL_FLAGS:-} ;;
-    model_workers) HF_MAMBA_COMPILE_PROCESSES=1 step model_workers now "$here/scripts/benchmark_model.py" \
-        --skip-builtin-train --skip-builtin-decode ${MODEL_FLAGS:-} ;;
-    first_step_workers) HF_MAMBA_COMPILE_PROCESSES=1 step first_step_workers now \
-        "$here/scripts/dev/first_step_timeline.py" ${TIMELINE_FLAGS:-} ;;
     model_like) step model_like now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
         --loss-outside ;;
     falcon_share) step falcon_share now "$here/scripts/benchmark_model.py" --skip-builtin-train --no-decode --falcon \
