@@ -61,7 +61,7 @@ def main():
                 if args.profile:
                     step = "fused step" if fused else "modules' step"
                     print_decode_profile(f"{step}, {name}, batch {batch}",
-                                         lambda p, n: impl.generate(model, p, n), prompt)
+                                         lambda p, n, model=model: impl.generate(model, p, n), prompt)
             block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1 = shipped
             print(f"| {name} | {batch} | {results[0]:,.0f} | {results[1]:,.0f} | {results[0] / results[1]:.2f} |",
                   flush=True)
