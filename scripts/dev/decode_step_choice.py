@@ -5,6 +5,7 @@ block.FUSED_STEP_MAX_D_INNER(_BATCH_1), each width forced one way and then the o
     python scripts/dev/decode_step_choice.py --shapes 130m,1.4b,7b --batches 1,16
     python scripts/dev/decode_step_choice.py --shapes 48x1024,48x1536    # LAYERSxHIDDEN: Mamba 370M, 790M
     python scripts/dev/decode_step_choice.py --shapes 1.4b --batches 16 --profile   # and each one's kernels
+    python scripts/dev/decode_step_choice.py --batches 16 --ungrouped  # and the fused step without step_grouping
 
 Greedy generate() with CUDA graphs, prompt 128; tokens/s of the decode steps alone: (whole call - a call
 that generates one token) over batch x (new - 1) tokens, medians of three.
@@ -19,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from _bench_common import print_decode_profile  # noqa: E402
 from benchmark_large import SHAPES, HfMamba, Shape, median_time  # noqa: E402
+from hf_mamba.kernels import mamba_step  # noqa: E402
 
 import hf_mamba.block as block  # noqa: E402
 from hf_mamba.decode_graphs import DecodeGraphs  # noqa: E402
@@ -37,12 +39,20 @@ def main():
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="also print each step's GPU time kernel by kernel")
+    parser.add_argument("--ungrouped", action="store_true",
+                        help="also time the fused step with no rows or channel blocks sharing a program "
+                             "(mamba_step.step_grouping: MIN_PROGRAMS out of reach)")
     args = parser.parse_args()
     device = torch.device("cuda")
     impl = HfMamba(device, torch.bfloat16)
     shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1
+    shipped_min_programs = mamba_step.MIN_PROGRAMS
     print(f"{torch.cuda.get_device_name(device)}, bf16, greedy, prompt 128, {args.new} new tokens, tokens/s")
-    print("| shape | batch | fused step | modules' step | fused / modules |\n|---|---|---|---|---|")
+    steps = [("fused step", True, None), ("modules' step", False, None)]
+    if args.ungrouped:
+        steps.append(("fused step, ungrouped", True, 1 << 30))
+    print("| shape | batch | " + " | ".join(label for label, _, _ in steps) + " | fused / modules |")
+    print("|---|---|" + "---|" * len(steps) + "---|")
     for name in args.shapes.split(","):
         if name in SHAPES:
             shape = SHAPES[name]
@@ -53,18 +63,19 @@ def main():
         for batch in map(int, args.batches.split(",")):
             prompt = torch.randint(1, shape.vocab, (batch, 128), device=device)
             results = []
-            for fused in (True, False):
+            for label, fused, min_programs in steps:
                 widest = 1 << 30 if fused else 0  # every width one way or the other
                 block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_D_INNER_BATCH_1 = widest
+                mamba_step.MIN_PROGRAMS = min_programs or shipped_min_programs
                 model._decode_graphs = DecodeGraphs()  # no graph captured with the other step
                 results.append(tokens_per_s(impl, model, prompt, args.new, device))
                 if args.profile:
-                    step = "fused step" if fused else "modules' step"
-                    print_decode_profile(f"{step}, {name}, batch {batch}",
+                    print_decode_profile(f"{label}, {name}, batch {batch}",
                                          lambda p, n, model=model: impl.generate(model, p, n), prompt)
             block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1 = shipped
-            print(f"| {name} | {batch} | {results[0]:,.0f} | {results[1]:,.0f} | {results[0] / results[1]:.2f} |",
-                  flush=True)
+            mamba_step.MIN_PROGRAMS = shipped_min_programs
+            cells = " | ".join(f"{r:,.0f}" for r in results)
+            print(f"| {name} | {batch} | {cells} | {results[0] / results[1]:.2f} |", flush=True)
         del model
         torch.cuda.empty_cache()
 
