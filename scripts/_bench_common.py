@@ -78,7 +78,9 @@ def print_decode_profile(name, generate, prompt, new_tokens=64, top=12):
     device = prompt.device
     generate(prompt, new_tokens)  # compile kernels, capture graphs at this length
     seconds, _ = timed(lambda: generate(prompt, new_tokens), device)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         generate(prompt, new_tokens)
         sync(device)
