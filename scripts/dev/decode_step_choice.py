@@ -6,12 +6,14 @@ block.FUSED_STEP_MAX_D_INNER(_BATCH_1), each width forced one way and then the o
     python scripts/dev/decode_step_choice.py --shapes 48x1024,48x1536    # LAYERSxHIDDEN: Mamba 370M, 790M
     python scripts/dev/decode_step_choice.py --shapes 1.4b --batches 16 --profile   # and each one's kernels
     python scripts/dev/decode_step_choice.py --batches 16 --ungrouped  # and the fused step without step_grouping
+    python scripts/dev/decode_step_choice.py --batches 1 --mv   # and the fused step with in_proj, out_proj as torch.mv
 
 Greedy generate() with CUDA graphs, prompt 128; tokens/s of the decode steps alone: (whole call - a call
 that generates one token) over batch x (new - 1) tokens, medians of three.
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -33,6 +35,26 @@ def tokens_per_s(impl, model, prompt, new, device):
     return prompt.shape[0] * (new - 1) / (whole - one)
 
 
+def matrix_vector_projections(model, on):
+    """Every mixer's in_proj and out_proj as torch.mv where a call has one row (a GEMV, where F.linear's GEMM
+    with one row may take a split-K kernel and its reduction), or back to nn.Linear's own forward."""
+    for layer in model.backbone.layers:
+        for linear in (layer.mixer.in_proj, layer.mixer.out_proj):
+            if on:
+                linear.forward = functools.partial(_mv_forward, linear)
+            else:
+                linear.__dict__.pop("forward", None)
+
+
+def _mv_forward(linear, x):
+    if x.numel() != x.shape[-1]:
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+    out = torch.mv(linear.weight, x.reshape(-1))
+    if linear.bias is not None:
+        out = out + linear.bias
+    return out.view(*x.shape[:-1], out.shape[0])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="130m,1.4b,7b")
@@ -42,16 +64,20 @@ def main():
     parser.add_argument("--ungrouped", action="store_true",
                         help="also time the fused step with no rows or channel blocks sharing a program "
                              "(mamba_step.step_grouping: MIN_PROGRAMS out of reach)")
+    parser.add_argument("--mv", action="store_true",
+                        help="also time the fused step with in_proj and out_proj as torch.mv at batch 1")
     args = parser.parse_args()
     device = torch.device("cuda")
     impl = HfMamba(device, torch.bfloat16)
     shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1
     shipped_min_programs = mamba_step.MIN_PROGRAMS
     print(f"{torch.cuda.get_device_name(device)}, bf16, greedy, prompt 128, {args.new} new tokens, tokens/s")
-    steps = [("fused step", True, None), ("modules' step", False, None)]
+    steps = [("fused step", True, None, False), ("modules' step", False, None, False)]  # label, fused, grouping, mv
     if args.ungrouped:
-        steps.append(("fused step, ungrouped", True, 1 << 30))
-    print("| shape | batch | " + " | ".join(label for label, _, _ in steps) + " | fused / modules |")
+        steps.append(("fused step, ungrouped", True, 1 << 30, False))
+    if args.mv:
+        steps.append(("fused step, torch.mv projections", True, None, True))
+    print("| shape | batch | " + " | ".join(step[0] for step in steps) + " | fused / modules |")
     print("|---|---|" + "---|" * len(steps) + "---|")
     for name in args.shapes.split(","):
         if name in SHAPES:
@@ -63,10 +89,11 @@ def main():
         for batch in map(int, args.batches.split(",")):
             prompt = torch.randint(1, shape.vocab, (batch, 128), device=device)
             results = []
-            for label, fused, min_programs in steps:
+            for label, fused, min_programs, mv in steps:
                 widest = 1 << 30 if fused else 0  # every width one way or the other
                 block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_D_INNER_BATCH_1 = widest
                 mamba_step.MIN_PROGRAMS = min_programs or shipped_min_programs
+                matrix_vector_projections(model, mv)
                 model._decode_graphs = DecodeGraphs()  # no graph captured with the other step
                 results.append(tokens_per_s(impl, model, prompt, args.new, device))
                 if args.profile:
@@ -74,6 +101,7 @@ def main():
                                          lambda p, n, model=model: impl.generate(model, p, n), prompt)
             block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1 = shipped
             mamba_step.MIN_PROGRAMS = shipped_min_programs
+            matrix_vector_projections(model, False)
             cells = " | ".join(f"{r:,.0f}" for r in results)
             print(f"| {name} | {batch} | {cells} | {results[0] / results[1]:.2f} |", flush=True)
         del model
