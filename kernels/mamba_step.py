@@ -168,6 +168,7 @@ def _ssm_step_kernel(
     m_n = o_n < d_state
     # x_proj's outputs, summed once for the SUB_BLOCKS blocks of channels below: the sums are the same for all.
     p_part = p_partial + i_b * s_part_b
+    p_xz_b, p_st = p_xz + i_b * s_xz_b, p_conv_state + i_b * s_st_b  # this row's xz and conv state
     t_dt = _partial_tile(p_part, s_part_blk, n_blocks, 0, dt_rank, BLOCK_R, SUM_ROWS, SUM_LOADS)
     t_B = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
     t_C = _partial_tile(p_part, s_part_blk, n_blocks, dt_rank + d_state, d_state, BLOCK_N, SUM_ROWS, SUM_LOADS)
@@ -185,9 +186,8 @@ def _ssm_step_kernel(
         b_A_log = tl.load(p_A_log + o_d[:, None] * s_A_d + o_n[None, :] * s_A_n, mask=m_dn, other=0.0).to(tl.float32)
         b_h = tl.load(p_h, mask=m_dn, other=0.0).to(tl.float32)
         b_D = tl.load(p_D + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_z = tl.load(p_xz + i_b * s_xz_b + (d_inner + o_d) * s_xz_d, mask=m_d, other=0.0).to(tl.float32)
-        p_st = p_conv_state + i_b * s_st_b
-        b_win = conv_window(p_xz + i_b * s_xz_b, s_xz_d, p_st, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
+        b_z = tl.load(p_xz_b + (d_inner + o_d) * s_xz_d, mask=m_d, other=0.0).to(tl.float32)
+        b_win = conv_window(p_xz_b, s_xz_d, p_st, s_st_d, s_st_k, o_d, m_d, d_conv, BLOCK_K)
         if i_sub == 0:
             b_dt_in = _summed(t_dt, dt_rank, NORM, eps)
             b_B = _summed(t_B, d_state, NORM, eps)
