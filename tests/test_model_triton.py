@@ -730,33 +730,36 @@ def test_fused_decode_step_equals_the_blocks(dtype, falcon, monkeypatch):
 
 @pytest.mark.parametrize("falcon", [False, True], ids=["mamba", "falcon"])
 def test_wide_mixers_step_through_the_modules(falcon, monkeypatch):
-    """Above FUSED_STEP_MAX_D_INNER (FUSED_STEP_MAX_D_INNER_BATCH_1 for a batch of one) the decode step runs the
-    modules' kernels (faster there; Falcon Mamba's norms in one kernel), with the same logits."""
+    """Above FUSED_STEP_MAX_D_INNER, and where batch x d_inner passes FUSED_STEP_MAX_BATCH_CHANNELS, the decode
+    step runs the modules' kernels (faster there; Falcon Mamba's norms in one kernel), with the same logits."""
     import hf_mamba.block as block
 
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
     torch.manual_seed(0)
-    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, intermediate_size=72,
+    d_inner = 72
+    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, intermediate_size=d_inner,
                          mixer_rms_eps=1e-6 if falcon else None)
     model = MambaForCausalLM(config).to(DEVICE).eval()
     step_calls = []
     real_step = block.mamba_step_triton
     monkeypatch.setattr(block, "mamba_step_triton", lambda *a, **k: step_calls.append(1) or real_step(*a, **k))
-    for batch, limit, other_limit in ((2, "FUSED_STEP_MAX_D_INNER", "FUSED_STEP_MAX_D_INNER_BATCH_1"),
-                                      (1, "FUSED_STEP_MAX_D_INNER_BATCH_1", "FUSED_STEP_MAX_D_INNER")):
+    for batch in (1, 2):
         ids = torch.randint(0, 97, (batch, 6), device=DEVICE)
-        monkeypatch.setattr(block, other_limit, 71)  # below the width: only the batch's own limit lets it fuse
-        logits = {}
-        for max_d_inner in (72, 71):
-            monkeypatch.setattr(block, limit, max_d_inner)
+        logits = []
+        # (FUSED_STEP_MAX_D_INNER, FUSED_STEP_MAX_BATCH_CHANNELS, fused): either limit alone lets it fuse
+        for max_d_inner, max_batch_channels, fused in ((d_inner, 0, True), (d_inner - 1, batch * d_inner, True),
+                                                       (d_inner - 1, batch * d_inner - 1, False)):
+            monkeypatch.setattr(block, "FUSED_STEP_MAX_D_INNER", max_d_inner)
+            monkeypatch.setattr(block, "FUSED_STEP_MAX_BATCH_CHANNELS", max_batch_channels)
             with torch.no_grad():
                 monkeypatch.setenv("HF_MAMBA_BACKEND", "torch")  # the prefill: the same either way, and quick
                 cache = _cache_of(model(ids[:, :5], use_cache=True))
                 monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
-                logits[max_d_inner] = model._decode_step_logits(ids[:, 5:], cache)
-            assert len(step_calls) == (config.num_hidden_layers if max_d_inner == 72 else 0), (batch, limit)
+                logits.append(model._decode_step_logits(ids[:, 5:], cache))
+            assert len(step_calls) == (config.num_hidden_layers if fused else 0), (batch, max_d_inner)
             step_calls.clear()
-        torch.testing.assert_close(logits[71], logits[72], rtol=1e-4, atol=1e-5)
+        for other in logits[1:]:
+            torch.testing.assert_close(other, logits[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

@@ -1,6 +1,7 @@
 """Developer tool: decode tokens/s with the fused decode step (mamba_step_triton) against the modules' step
 (conv update, x_proj, dt_proj, state update), per shape and batch size (CUDA only): the measurement behind
-block.FUSED_STEP_MAX_D_INNER(_BATCH_1), each width forced one way and then the other.
+block.fused_step_pays (FUSED_STEP_MAX_D_INNER, FUSED_STEP_MAX_BATCH_CHANNELS), each shape and batch forced one
+way and then the other.
 
     python scripts/dev/decode_step_choice.py --shapes 130m,1.4b,7b --batches 1,16
     python scripts/dev/decode_step_choice.py --shapes 48x1024,48x1536    # LAYERSxHIDDEN: Mamba 370M, 790M
@@ -69,7 +70,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     impl = HfMamba(device, torch.bfloat16)
-    shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1
+    shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_CHANNELS
     shipped_min_programs = mamba_step.MIN_PROGRAMS
     print(f"{torch.cuda.get_device_name(device)}, bf16, greedy, prompt 128, {args.new} new tokens, tokens/s")
     steps = [("fused step", True, None, False), ("modules' step", False, None, False)]  # label, fused, grouping, mv
@@ -91,7 +92,7 @@ def main():
             results = []
             for label, fused, min_programs, mv in steps:
                 widest = 1 << 30 if fused else 0  # every width one way or the other
-                block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_D_INNER_BATCH_1 = widest
+                block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_BATCH_CHANNELS = widest
                 mamba_step.MIN_PROGRAMS = min_programs or shipped_min_programs
                 matrix_vector_projections(model, mv)
                 model._decode_graphs = DecodeGraphs()  # no graph captured with the other step
@@ -99,7 +100,7 @@ def main():
                 if args.profile:
                     print_decode_profile(f"{label}, {name}, batch {batch}",
                                          lambda p, n, model=model: impl.generate(model, p, n), prompt)
-            block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_D_INNER_BATCH_1 = shipped
+            block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_CHANNELS = shipped
             mamba_step.MIN_PROGRAMS = shipped_min_programs
             matrix_vector_projections(model, False)
             cells = " | ".join(f"{r:,.0f}" for r in results)

@@ -33,12 +33,18 @@ from .kernels import (
 )
 
 # The fused decode step (two launches per mixer) against the modules' four to six, H100, bf16, generate()
-# tokens/s fused / modules (docs/kernels.md): at batch 1 faster at every width measured, up to Falcon Mamba
-# 7B's (d_inner 1536 1.29, 4096 1.29, 8192 1.09); at batch 16 faster up to this width (1536 1.16, 4096 0.99,
-# 8192 0.76: every program of its second kernel reads all of its row's partial sums of x_proj, where cuBLAS
-# reads x_proj's weight once with the whole GPU).
+# tokens/s fused / modules (docs/kernels.md): faster up to d_inner 2048 at every batch measured (1536: 1.29 at
+# batch 1, 1.09-1.16 at 16), and for wider mixers while batch x d_inner stays small (4096: 1.29 at batch 1,
+# 1.15 at 4, 0.97-0.99 at 16; 8192: 1.09 at batch 1, 0.95 at 4, 0.75 at 16). Past that, every program of its
+# second kernel reading dt_proj's tile and all the partial sums of x_proj once per row is what the step waits
+# on, where cuBLAS reads each weight once with the whole GPU.
 FUSED_STEP_MAX_D_INNER = 2048
-FUSED_STEP_MAX_D_INNER_BATCH_1 = 8192
+FUSED_STEP_MAX_BATCH_CHANNELS = 16384  # batch x d_inner
+
+
+def fused_step_pays(batch, d_inner):
+    """Whether the fused decode step beats the modules' at this batch size and width (measured above)."""
+    return d_inner <= FUSED_STEP_MAX_D_INNER or batch * d_inner <= FUSED_STEP_MAX_BATCH_CHANNELS
 
 
 def _linear_input(linear, x):
@@ -322,8 +328,7 @@ class MambaMixer(nn.Module):
         conv_state = cache_params.conv_states[self.layer_idx]
         fused = backend == "triton" and xz.dtype != torch.float64 and not torch.compiler.is_compiling()
         y_out_dtype = y_dtype(xz.dtype)
-        widest = FUSED_STEP_MAX_D_INNER_BATCH_1 if xz.shape[0] == 1 else FUSED_STEP_MAX_D_INNER
-        if fused and self.d_inner <= widest and self._plain_ssm_modules():
+        if fused and fused_step_pays(xz.shape[0], self.d_inner) and self._plain_ssm_modules():
             # conv, x_proj, dt_proj and the state update in two launches instead of four (a decode step is
             # bound by its launches); torch.compile traces the modules' custom ops instead
             y = mamba_step_triton(
