@@ -1,9 +1,11 @@
 """hf_mamba.kernels: the selective scan, its decode step, the causal conv, the fused training mixer
-(`mamba_inner_triton`), the mixer's fused decode step (`mamba_step_triton`) and the residual add + RMSNorm
-between blocks (`add_rms_norm`), as plain functions on tensors.
+(`mamba_inner_triton`), the mixer's fused decode step (`mamba_step_triton`), a decode step's projections
+(`few_rows_linear`) and the residual add + RMSNorm between blocks (`add_rms_norm`), as plain functions on tensors.
 
 Nothing here imports the model, its config or transformers.
 """
+
+import importlib
 
 
 def _hand_over_to_hugging_face_kernels():
@@ -54,15 +56,31 @@ if __name__ != "kernels" or not _hand_over_to_hugging_face_kernels():
     )
     from .selective_scan.reference import fp32_or_wider
 
-_mamba_step = None  # the Triton module, imported on first use: the PyTorch paths need no Triton
 
 
-def mamba_step_triton(*args, **kwargs):
-    """The mixer's fused decode step on the Triton kernels: `hf_mamba.kernels.mamba_step.mamba_step_triton`."""
-    global _mamba_step
-    if _mamba_step is None:
-        from .mamba_step import mamba_step_triton as _mamba_step
-    return _mamba_step(*args, **kwargs)
+def _imported_at_first_call(module, name, doc):
+    """`module`.`name`, imported at its first call: a Triton-only module the PyTorch paths must not need."""
+    function = None
+
+    def call(*args, **kwargs):
+        nonlocal function
+        if function is None:
+            function = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        return function(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = doc
+    return call
+
+
+mamba_step_triton = _imported_at_first_call(
+    "mamba_step", "mamba_step_triton",
+    "The mixer's fused decode step on the Triton kernels: `hf_mamba.kernels.mamba_step.mamba_step_triton`.",
+)
+few_rows_linear = _imported_at_first_call(
+    "few_rows", "few_rows_linear",
+    "A projection of a decode step's few rows in one Triton launch: `hf_mamba.kernels.few_rows.few_rows_linear`.",
+)
 
 
 __all__ = [
@@ -72,6 +90,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "compute_dtype",
+    "few_rows_linear",
     "fp16_range_scale",
     "fp32_or_wider",
     "mamba_inner_triton",

@@ -37,6 +37,7 @@ import transformers
 from hf_mamba.kernels import wait_for_background_compiles
 
 from hf_mamba import MambaConfig, MambaForCausalLM
+from hf_mamba.decode_graphs import SelectStep
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for the shared helpers
 from _bench_common import hf_generate, next_token_loss, peer_generate, print_decode_profile, timed  # noqa: E402
@@ -226,6 +227,25 @@ def decode_throughput(generate, args, batch):
     seconds, out = timed(lambda: generate(prompt, args.new_tokens), CUDA)
     assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
     return batch * args.new_tokens / seconds, batch * args.new_tokens / first_seconds, warmup_seconds
+
+
+def step_graph_ms(model, batch, replays=200):
+    """GPU time of one decode step as generate() runs it, ms: the selecting step's graph captured for `batch`
+    rows replayed back to back (the host only enqueues; the launch gaps inside the graph count), or None where
+    the model holds no such graph."""
+    for entry in model._decode_graphs.entries:
+        graphs = [graph for kind, graph in entry.graphs.items() if isinstance(kind, SelectStep)]
+        if entry.key[0] == batch and graphs:
+            graph = graphs[-1].graph
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / replays
+    return None
 
 
 def main():
@@ -425,10 +445,11 @@ def main():
                     prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
                     getattr(generate, "reset", lambda: None)()
                     print_decode_profile(f"{name}, batch {batch}", generate, prompt)
-    rows = [
-        (name, [decode_throughput(generate, args, batch) for batch in args.decode_batches])
-        for name, generate in decoders
-    ]
+    rows, step_ms = [], {}
+    for name, generate in decoders:
+        rows.append((name, [decode_throughput(generate, args, batch) for batch in args.decode_batches]))
+        if generate is ours_graphs:  # its graphs, before other decoders' captures evict them
+            step_ms = {batch: step_graph_ms(ours_half, batch) for batch in args.decode_batches}
     for title, column in (("steady state, warmed at the timed length", 0), ("first call at a new length", 1)):
         how = "Sampled (top-k 50, top-p 0.9, temperature 0.8)" if args.sample else "Greedy"
         print(f"\n{how} decoding, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s), "
@@ -436,6 +457,13 @@ def main():
         print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
         for name, speeds in rows:
             print(f"{name:<26}" + "".join(f"{s[column]:>12,.0f}" for s in speeds))
+    wall_ms = {batch: batch * 1e3 / speed[0] for batch, speed in zip(args.decode_batches, rows[0][1], strict=True)}
+    print("\nhf_mamba, CUDA graphs: wall time per decoded token (steady state above; the prompt's prefill spread "
+          "over the new tokens) against the GPU time of one step (its graph replayed back to back), ms")
+    for batch in args.decode_batches:
+        if step_ms.get(batch):
+            print(f"  batch {batch}: wall {wall_ms[batch]:.3f}, step {step_ms[batch]:.3f}, "
+                  f"wall / step {wall_ms[batch] / step_ms[batch]:.2f}")
     # Where the Triton cache starts empty (scripts/dev/device_round.sh gives each run its own), the first
     # batch size's call compiles what generate() needs: hf_mamba's prefill and step kernels, mamba_ssm's
     # Triton norms (its CUDA kernels come compiled). With --decode-profile, the profile ran first.

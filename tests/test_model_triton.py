@@ -703,10 +703,12 @@ def test_fused_decode_step_equals_the_blocks(dtype, falcon, monkeypatch):
             param.data = param.data.float()
     import hf_mamba.modeling_mamba as modeling
 
-    fused_calls, step_calls = [], []
-    real_add_rms_norm, real_step = modeling.add_rms_norm, block.mamba_step_triton
+    fused_calls, step_calls, projections = [], [], []
+    real_add_rms_norm, real_step, real_linear = modeling.add_rms_norm, block.mamba_step_triton, block.few_rows_linear
     monkeypatch.setattr(modeling, "add_rms_norm", lambda *a, **k: fused_calls.append(1) or real_add_rms_norm(*a, **k))
     monkeypatch.setattr(block, "mamba_step_triton", lambda *a, **k: step_calls.append(1) or real_step(*a, **k))
+    monkeypatch.setattr(block, "few_rows_linear", lambda *a, **k: projections.append(1) or real_linear(*a, **k))
+    monkeypatch.setattr(block, "FEW_ROWS_LINEAR_MIN_WEIGHT", 0)  # these weights are tiny
     ids = torch.randint(0, 97, (2, 6), device=DEVICE)
     with torch.no_grad():
         cache = _cache_of(model(ids[:, :5], use_cache=True))
@@ -716,6 +718,8 @@ def test_fused_decode_step_equals_the_blocks(dtype, falcon, monkeypatch):
         fused_calls.clear()
         fused = model._decode_step_logits(ids[:, 5:], cache)
         assert len(fused_calls) == len(step_calls) == config.num_hidden_layers  # the fused paths ran
+        # in_proj and out_proj in one launch each where the weights are 16-bit
+        assert len(projections) == (2 * config.num_hidden_layers if dtype == torch.bfloat16 else 0)
         after_fused = [s.clone() for s in states]
         for s, s0 in zip(states, start, strict=True):
             s.copy_(s0)
@@ -728,10 +732,42 @@ def test_fused_decode_step_equals_the_blocks(dtype, falcon, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
+def test_decode_projections_call_the_module_unless_few_rows_linear_computes_the_same(monkeypatch):
+    """`project` takes few_rows_linear for a plain 16-bit Linear's few rows on the Triton backend, and calls the
+    module wherever that would compute something else, lose something or not pay: more rows, a small weight,
+    another backend, fp32, autocast, a gradient to track, a hook."""
+    import hf_mamba.block as block
+
+    calls = []
+    monkeypatch.setattr(block, "few_rows_linear", lambda x, w, b: calls.append(x.shape) or torch.zeros(()))
+    monkeypatch.setattr(block, "FEW_ROWS_LINEAR_MIN_WEIGHT", 32)
+    linear = torch.nn.Linear(8, 4).to(DEVICE, torch.bfloat16)
+    x = torch.randn(2, 1, 8, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        block.project(linear, x, "triton")
+        assert calls == [x.shape]
+        calls.clear()
+        for rows, backend in ((block.FEW_ROWS_LINEAR_ROWS.stop, "triton"), (2, "torch"), (2, None)):
+            torch.testing.assert_close(block.project(linear, x[:1].expand(rows, 1, 8), backend),
+                                       linear(x[:1].expand(rows, 1, 8)))
+        block.project(linear.float(), x.float(), "triton")
+        linear.to(torch.bfloat16)
+        monkeypatch.setattr(block, "FEW_ROWS_LINEAR_MIN_WEIGHT", 33)
+        block.project(linear, x, "triton")
+        monkeypatch.setattr(block, "FEW_ROWS_LINEAR_MIN_WEIGHT", 32)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            block.project(linear, x, "triton")
+        handle = linear.register_forward_hook(lambda *args: None)
+        block.project(linear, x, "triton")
+        handle.remove()
+    block.project(linear, x, "triton")  # gradients on: the weight wants one
+    assert calls == []
+
+
 @pytest.mark.parametrize("falcon", [False, True], ids=["mamba", "falcon"])
 def test_wide_mixers_step_through_the_modules(falcon, monkeypatch):
-    """Above FUSED_STEP_MAX_D_INNER, and where batch x d_inner passes FUSED_STEP_MAX_BATCH_CHANNELS, the decode
-    step runs the modules' kernels (faster there; Falcon Mamba's norms in one kernel), with the same logits."""
+    """Above FUSED_STEP_MAX_D_INNER, and where batch x d_inner^2 passes FUSED_STEP_MAX_BATCH_D_INNER_SQUARED, the
+    decode step runs the modules' kernels (faster there; Falcon Mamba's norms in one kernel), with the same logits."""
     import hf_mamba.block as block
 
     monkeypatch.setenv("HF_MAMBA_BACKEND", "triton")
@@ -746,11 +782,12 @@ def test_wide_mixers_step_through_the_modules(falcon, monkeypatch):
     for batch in (1, 2):
         ids = torch.randint(0, 97, (batch, 6), device=DEVICE)
         logits = []
-        # (FUSED_STEP_MAX_D_INNER, FUSED_STEP_MAX_BATCH_CHANNELS, fused): either limit alone lets it fuse
-        for max_d_inner, max_batch_channels, fused in ((d_inner, 0, True), (d_inner - 1, batch * d_inner, True),
-                                                       (d_inner - 1, batch * d_inner - 1, False)):
+        # (FUSED_STEP_MAX_D_INNER, FUSED_STEP_MAX_BATCH_D_INNER_SQUARED, fused): either limit alone lets it fuse
+        squared = batch * d_inner**2
+        for max_d_inner, max_squared, fused in ((d_inner, 0, True), (d_inner - 1, squared, True),
+                                                (d_inner - 1, squared - 1, False)):
             monkeypatch.setattr(block, "FUSED_STEP_MAX_D_INNER", max_d_inner)
-            monkeypatch.setattr(block, "FUSED_STEP_MAX_BATCH_CHANNELS", max_batch_channels)
+            monkeypatch.setattr(block, "FUSED_STEP_MAX_BATCH_D_INNER_SQUARED", max_squared)
             with torch.no_grad():
                 monkeypatch.setenv("HF_MAMBA_BACKEND", "torch")  # the prefill: the same either way, and quick
                 cache = _cache_of(model(ids[:, :5], use_cache=True))

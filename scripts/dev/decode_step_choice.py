@@ -1,20 +1,20 @@
 """Developer tool: decode tokens/s with the fused decode step (mamba_step_triton) against the modules' step
 (conv update, x_proj, dt_proj, state update), per shape and batch size (CUDA only): the measurement behind
-block.fused_step_pays (FUSED_STEP_MAX_D_INNER, FUSED_STEP_MAX_BATCH_CHANNELS), each shape and batch forced one
+block.fused_step_pays (FUSED_STEP_MAX_D_INNER, FUSED_STEP_MAX_BATCH_D_INNER_SQUARED), each shape and batch forced one
 way and then the other.
 
     python scripts/dev/decode_step_choice.py --shapes 130m,1.4b,7b --batches 1,16
     python scripts/dev/decode_step_choice.py --shapes 48x1024,48x1536    # LAYERSxHIDDEN: Mamba 370M, 790M
     python scripts/dev/decode_step_choice.py --shapes 1.4b --batches 16 --profile   # and each one's kernels
     python scripts/dev/decode_step_choice.py --batches 16 --ungrouped  # and the fused step without step_grouping
-    python scripts/dev/decode_step_choice.py --batches 1 --mv   # and the fused step with in_proj, out_proj as torch.mv
+    python scripts/dev/decode_step_choice.py --cublas  # and both steps with in_proj, out_proj as cuBLAS's GEMMs
+    python scripts/dev/decode_step_choice.py --projections  # first: few_rows_linear against F.linear, per call
 
 Greedy generate() with CUDA graphs, prompt 128; tokens/s of the decode steps alone: (whole call - a call
 that generates one token) over batch x (new - 1) tokens, medians of three.
 """
 
 import argparse
-import functools
 import os
 import sys
 
@@ -36,24 +36,33 @@ def tokens_per_s(impl, model, prompt, new, device):
     return prompt.shape[0] * (new - 1) / (whole - one)
 
 
-def matrix_vector_projections(model, on):
-    """Every mixer's in_proj and out_proj as torch.mv where a call has one row (a GEMV, where F.linear's GEMM
-    with one row may take a split-K kernel and its reduction), or back to nn.Linear's own forward."""
-    for layer in model.backbone.layers:
-        for linear in (layer.mixer.in_proj, layer.mixer.out_proj):
-            if on:
-                linear.forward = functools.partial(_mv_forward, linear)
-            else:
-                linear.__dict__.pop("forward", None)
+def shape_of(name):
+    """A SHAPES entry, or LAYERSxHIDDEN (a Mamba of that size, vocab 50280)."""
+    if name in SHAPES:
+        return SHAPES[name]
+    layers, hidden = map(int, name.split("x"))
+    return Shape(name, hidden=hidden, layers=layers, vocab=50280)
 
 
-def _mv_forward(linear, x):
-    if x.numel() != x.shape[-1]:
-        return torch.nn.functional.linear(x, linear.weight, linear.bias)
-    out = torch.mv(linear.weight, x.reshape(-1))
-    if linear.bias is not None:
-        out = out + linear.bias
-    return out.view(*x.shape[:-1], out.shape[0])
+def print_projection_times(shapes, batches, device):
+    """Microseconds per call (do_bench, L2 flushed) and the weight's bytes over that time, of in_proj's and
+    out_proj's products through few_rows_linear and F.linear, per shape and batch size."""
+    from hf_mamba.kernels import few_rows_linear
+    from triton.testing import do_bench
+
+    print("| shape | projection | batch | few_rows_linear us (GB/s) | F.linear us (GB/s) | F.linear / ours |")
+    print("|---|---|---|---|---|---|")
+    for shape in shapes:
+        d_inner = 2 * shape.hidden
+        for label, n_out, n_in in (("in_proj", 2 * d_inner, shape.hidden), ("out_proj", shape.hidden, d_inner)):
+            weight = torch.randn(n_out, n_in, device=device, dtype=torch.bfloat16) / n_in**0.5
+            for batch in batches:
+                x = torch.randn(batch, n_in, device=device, dtype=torch.bfloat16)
+                ours = do_bench(lambda x=x, weight=weight: few_rows_linear(x, weight)) * 1e3
+                theirs = do_bench(lambda x=x, weight=weight: torch.nn.functional.linear(x, weight)) * 1e3
+                gb = weight.numel() * weight.element_size() / 1e9
+                print(f"| {shape.name} | {label} | {batch} | {ours:.1f} ({gb / ours * 1e6:,.0f}) | "
+                      f"{theirs:.1f} ({gb / theirs * 1e6:,.0f}) | {theirs / ours:.2f} |", flush=True)
 
 
 def main():
@@ -65,44 +74,47 @@ def main():
     parser.add_argument("--ungrouped", action="store_true",
                         help="also time the fused step with no rows or channel blocks sharing a program "
                              "(mamba_step.step_grouping: MIN_PROGRAMS out of reach)")
-    parser.add_argument("--mv", action="store_true",
-                        help="also time the fused step with in_proj and out_proj as torch.mv at batch 1")
+    parser.add_argument("--cublas", action="store_true",
+                        help="also time both steps with in_proj and out_proj as cuBLAS's GEMMs (no few_rows_linear)")
+    parser.add_argument("--projections", action="store_true",
+                        help="first print in_proj's and out_proj's time per call, few_rows_linear against F.linear")
     args = parser.parse_args()
     device = torch.device("cuda")
+    shapes = [shape_of(name) for name in args.shapes.split(",")]
+    batches = [int(batch) for batch in args.batches.split(",")]
+    if args.projections:
+        print_projection_times(shapes, batches, device)
     impl = HfMamba(device, torch.bfloat16)
-    shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_CHANNELS
-    shipped_min_programs = mamba_step.MIN_PROGRAMS
+    shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_D_INNER_SQUARED
+    shipped_min_programs, shipped_rows = mamba_step.MIN_PROGRAMS, block.FEW_ROWS_LINEAR_ROWS
     print(f"{torch.cuda.get_device_name(device)}, bf16, greedy, prompt 128, {args.new} new tokens, tokens/s")
-    steps = [("fused step", True, None, False), ("modules' step", False, None, False)]  # label, fused, grouping, mv
+    # label, fused, grouping, few_rows_linear
+    steps = [("fused step", True, None, True), ("modules' step", False, None, True)]
     if args.ungrouped:
-        steps.append(("fused step, ungrouped", True, 1 << 30, False))
-    if args.mv:
-        steps.append(("fused step, torch.mv projections", True, None, True))
+        steps.append(("fused step, ungrouped", True, 1 << 30, True))
+    if args.cublas:
+        steps += [("fused step, cuBLAS projections", True, None, False),
+                  ("modules' step, cuBLAS projections", False, None, False)]
     print("| shape | batch | " + " | ".join(step[0] for step in steps) + " | fused / modules |")
     print("|---|---|" + "---|" * len(steps) + "---|")
-    for name in args.shapes.split(","):
-        if name in SHAPES:
-            shape = SHAPES[name]
-        else:
-            layers, hidden = map(int, name.split("x"))
-            shape = Shape(name, hidden=hidden, layers=layers, vocab=50280)
+    for shape in shapes:
+        name = shape.name
         model = impl.build(shape)
-        for batch in map(int, args.batches.split(",")):
+        for batch in batches:
             prompt = torch.randint(1, shape.vocab, (batch, 128), device=device)
             results = []
-            for label, fused, min_programs, mv in steps:
+            for label, fused, min_programs, few_rows in steps:
                 widest = 1 << 30 if fused else 0  # every width one way or the other
-                block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_BATCH_CHANNELS = widest
+                block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_BATCH_D_INNER_SQUARED = widest
                 mamba_step.MIN_PROGRAMS = min_programs or shipped_min_programs
-                matrix_vector_projections(model, mv)
+                block.FEW_ROWS_LINEAR_ROWS = shipped_rows if few_rows else range(0)
                 model._decode_graphs = DecodeGraphs()  # no graph captured with the other step
                 results.append(tokens_per_s(impl, model, prompt, args.new, device))
                 if args.profile:
                     print_decode_profile(f"{label}, {name}, batch {batch}",
                                          lambda p, n, model=model: impl.generate(model, p, n), prompt)
-            block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_CHANNELS = shipped
-            mamba_step.MIN_PROGRAMS = shipped_min_programs
-            matrix_vector_projections(model, False)
+            block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_D_INNER_SQUARED = shipped
+            mamba_step.MIN_PROGRAMS, block.FEW_ROWS_LINEAR_ROWS = shipped_min_programs, shipped_rows
             cells = " | ".join(f"{r:,.0f}" for r in results)
             print(f"| {name} | {batch} | {cells} | {results[0] / results[1]:.2f} |", flush=True)
         del model

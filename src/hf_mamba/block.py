@@ -21,6 +21,7 @@ from .kernels import (
     causal_conv1d,
     causal_conv1d_update,
     compute_dtype,
+    few_rows_linear,
     fp32_or_wider,
     mamba_inner_triton,
     mamba_step_triton,
@@ -33,18 +34,45 @@ from .kernels import (
 )
 
 # The fused decode step (two launches per mixer) against the modules' four to six, H100, bf16, generate()
-# tokens/s fused / modules (docs/kernels.md): faster up to d_inner 2048 at every batch measured (1536: 1.29 at
-# batch 1, 1.09-1.16 at 16), and for wider mixers while batch x d_inner stays small (4096: 1.29 at batch 1,
-# 1.15 at 4, 0.97-0.99 at 16; 8192: 1.09 at batch 1, 0.95 at 4, 0.75 at 16). Past that, every program of its
-# second kernel reading dt_proj's tile and all the partial sums of x_proj once per row is what the step waits
-# on, where cuBLAS reads each weight once with the whole GPU.
+# tokens/s fused / modules (docs/kernels.md). Each row's programs of its second kernel read dt_proj's tile and
+# all the partial sums of x_proj, traffic that grows as batch x d_inner^2 (dt_rank and the number of partial
+# sums both grow with d_inner), where cuBLAS reads each weight once: faster at every batch measured up to d_inner
+# 2048 (1536: 1.29-1.37 at batch 1, 1.09-1.16 at 16), and above it while batch x d_inner^2 <= 2^27 (4096: 1.23-1.29
+# at batch 1, 1.19 at 2, 1.15 at 4, 1.06 at 8, 0.97-0.99 at 16; 8192: 1.09 at batch 1, 1.02 at 2, 0.95 at 4).
 FUSED_STEP_MAX_D_INNER = 2048
-FUSED_STEP_MAX_BATCH_CHANNELS = 16384  # batch x d_inner
+FUSED_STEP_MAX_BATCH_D_INNER_SQUARED = 2**27
 
 
 def fused_step_pays(batch, d_inner):
     """Whether the fused decode step beats the modules' at this batch size and width (measured above)."""
-    return d_inner <= FUSED_STEP_MAX_D_INNER or batch * d_inner <= FUSED_STEP_MAX_BATCH_CHANNELS
+    return d_inner <= FUSED_STEP_MAX_D_INNER or batch * d_inner**2 <= FUSED_STEP_MAX_BATCH_D_INNER_SQUARED
+
+
+# A decode step's in_proj and out_proj as one Triton launch (`few_rows_linear`) instead of cuBLAS's GEMM (with a
+# split-K reduction at some shapes), for batches of up to 16 rows and weights of at least 2^22 elements. H100,
+# bf16, decode tokens/s with it against cuBLAS: 1.4B (weights of 8.4M and 16.8M elements) and Falcon Mamba 7B
+# 1.01-1.04 at batch 1, 4 and 16; 130M (1.2M and 2.4M) 0.96-1.00, so its small weights stay on cuBLAS.
+FEW_ROWS_LINEAR_ROWS = range(1, 17)
+FEW_ROWS_LINEAR_MIN_WEIGHT = 2**22
+
+
+def project(linear, x, backend=None):
+    """linear(x). On the Triton backend, a decode step's few rows go through `few_rows_linear` where that pays
+    (a large weight, measured above) and computes what calling the module would: a plain 16-bit nn.Linear, x
+    in its dtype, no autocast to apply and no gradient to track."""
+    weight = getattr(linear, "weight", None)
+    if (
+        backend == "triton"
+        and x.numel() // max(x.shape[-1], 1) in FEW_ROWS_LINEAR_ROWS
+        and plain(linear, nn.Linear)
+        and weight.numel() >= FEW_ROWS_LINEAR_MIN_WEIGHT
+        and x.dtype == weight.dtype in (torch.bfloat16, torch.float16)
+        and not torch.is_autocast_enabled(x.device.type)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+    ):
+        return few_rows_linear(x, weight, linear.bias)
+    return linear(_linear_input(linear, x))
 
 
 def _linear_input(linear, x):
@@ -292,16 +320,16 @@ class MambaMixer(nn.Module):
             return self._out_proj(out, fp16, defer_scale)
         return self._fp16_result(out) if fp16 else out
 
-    def _out_proj(self, y, in_fp16_range, defer_scale=False):
+    def _out_proj(self, y, in_fp16_range, defer_scale=False, backend=None):
         """out_proj (any module: an adapter, a 4-bit base) of y (..., d_inner). With in_fp16_range (y in fp32 where
         the matmuls run in fp16, `y_dtype`) y goes in as y / s in fp16, s a power of two per token
         (`to_fp16_range`), and the result comes out in fp32 times s (out_proj's bias, where it has one, taken
         out first and added back), or with defer_scale, where nothing needs gradients and out_proj has no bias,
-        as the ScaledOutput (out_proj's fp16 result, s)."""
+        as the ScaledOutput (out_proj's fp16 result, s). `backend`: a decode step's (`project`)."""
         if not in_fp16_range:
-            return self.out_proj(_linear_input(self.out_proj, y))
+            return project(self.out_proj, y, backend)
         y_in_range, scale = to_fp16_range(y)
-        out = self.out_proj(_linear_input(self.out_proj, y_in_range))
+        out = project(self.out_proj, y_in_range, backend)
         bias = getattr(self.out_proj, "bias", None)
         if bias is None:
             if defer_scale and not (torch.is_grad_enabled() and out.requires_grad):
@@ -323,7 +351,7 @@ class MambaMixer(nn.Module):
 
     def _step(self, hidden_states, cache_params, backend, defer_scale=False):
         """One decode step from the cache: O(1) in the number of tokens already seen."""
-        xz = self.in_proj(hidden_states[:, 0])  # (batch, 2 * d_inner)
+        xz = project(self.in_proj, hidden_states[:, 0], backend)  # (batch, 2 * d_inner)
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
         conv_state = cache_params.conv_states[self.layer_idx]
         fused = backend == "triton" and xz.dtype != torch.float64 and not torch.compiler.is_compiling()
@@ -336,7 +364,7 @@ class MambaMixer(nn.Module):
                 self.dt_proj.bias, self.A_log, self.D, cache_params.ssm_states[self.layer_idx],
                 mixer_rms_eps=self.mixer_rms_eps, out_dtype=y_out_dtype,
             )
-            return self._out_proj(y[:, None, :], y_out_dtype is not None, defer_scale)  # (batch, 1, hidden_size)
+            return self._out_proj(y[:, None, :], y_out_dtype is not None, defer_scale, backend)  # (batch, 1, hidden)
         x, z = xz.chunk(2, dim=-1)  # (batch, d_inner) each
         x = causal_conv1d_update(
             x, conv_state, weight, self.conv1d.bias, "silu" if self.fused_silu else None, backend=backend
@@ -361,7 +389,7 @@ class MambaMixer(nn.Module):
         )
         if not self.fused_silu:
             y = y * self.act(z)
-        return self._out_proj(y[:, None, :], y_out_dtype is not None, defer_scale)  # (batch, 1, hidden_size)
+        return self._out_proj(y[:, None, :], y_out_dtype is not None, defer_scale, backend)  # (batch, 1, hidden)
 
 
 def norm_output_dtype(mixer, norm_weight):

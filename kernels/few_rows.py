@@ -1,0 +1,118 @@
+"""x @ weight.T (+ bias) for a few rows of x in one Triton launch: a decode step's in_proj and out_proj.
+
+Why: a decode step at a small batch reads every weight once for a handful of rows, so its time is the
+weights' bytes over the memory bandwidth reached, plus the launches inside the step's CUDA graph. cuBLAS's
+GEMM for one row of out_proj at the 7B shape is a split-K kernel and its reduction (two launches); here it is
+one. Per call (do_bench, H100 80GB HBM3, bf16) this kernel and F.linear are within 5% of each other at the
+1.4B and 7B shapes and batches 1 to 16; in the decode step it gained 1-4% tokens/s there
+(`hf_mamba.block.FEW_ROWS_LINEAR_MIN_WEIGHT` keeps smaller weights on cuBLAS).
+
+A program computes BLOCK_N outputs for all rows (up to BLOCK_M = 16, tl.dot's least size) and streams its rows
+of the weight once. BLOCK_N shrinks to 16 until the launch has two programs per multiprocessor, so that every
+multiprocessor keeps loads in flight; each load takes TILE_BYTES of the weight, NUM_STAGES of them in flight
+per program. No split over K: each output is one program's sum, in a fixed order.
+
+The products run on tensor cores from the 16-bit weight and x in the weight's dtype, summed in fp32 and
+rounded once to the output dtype, as cuBLAS's 16-bit GEMMs compute them (up to summation order).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import cdiv, device_guard, launch, next_power_of_2, sm_count
+from .checks import check_tensors
+
+MAX_ROWS = 16  # rows per call: one BLOCK_M of tl.dot
+MIN_BLOCK_N, MAX_BLOCK_N = 16, 64
+PROGRAMS_PER_SM = 2
+TILE_BYTES = 8192  # of the weight per load: BLOCK_K = TILE_BYTES / (BLOCK_N x its element size)
+NUM_STAGES = 4  # loads of the weight in flight per program
+
+
+@triton.jit
+def _few_rows_linear_kernel(
+    p_x, p_w, p_bias, p_out,
+    M, N, K,
+    s_x_m, s_x_k, s_w_n, s_w_k, s_o_m, s_o_n,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    o_m = tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    m_m, m_n = o_m < M, o_n < N
+    p_x_k = p_x + o_m[:, None] * s_x_m + o_k[None, :] * s_x_k  # (BLOCK_M, BLOCK_K)
+    p_w_k = p_w + o_n[None, :] * s_w_n + o_k[:, None] * s_w_k  # (BLOCK_K, BLOCK_N): the weight's rows, transposed
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            b_x = tl.load(p_x_k, mask=m_m[:, None], other=0.0)
+            b_w = tl.load(p_w_k, mask=m_n[None, :], other=0.0)
+        else:
+            m_k = k + o_k < K
+            b_x = tl.load(p_x_k, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(p_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if FP32_DOT:  # the interpreter multiplies 16-bit blocks as their raw bits
+            acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(b_x.to(b_w.dtype), b_w, acc)
+        p_x_k += BLOCK_K * s_x_k
+        p_w_k += BLOCK_K * s_w_k
+    if HAS_BIAS:
+        acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(p_out + o_m[:, None] * s_o_m + o_n[None, :] * s_o_n, acc.to(p_out.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+def block_n(n_out, device):
+    """Outputs per program: the largest power of two from MAX_BLOCK_N down to MIN_BLOCK_N that still gives
+    PROGRAMS_PER_SM programs per multiprocessor."""
+    size = MAX_BLOCK_N
+    while size > MIN_BLOCK_N and cdiv(n_out, size) < PROGRAMS_PER_SM * sm_count(device):
+        size //= 2
+    return size
+
+
+def few_rows_linear(x, weight, bias=None):
+    """x @ weight.T + bias for x of at most MAX_ROWS rows, as torch.nn.functional.linear computes it.
+
+    Args:
+        x: (..., in_features) with at most MAX_ROWS rows in all, of the weight's dtype.
+        weight: (out_features, in_features), 16-bit (bf16 or fp16).
+        bias: (out_features,) or None.
+
+    Returns:
+        (..., out_features) in the weight's dtype.
+    """
+    check_tensors(x=x, weight=weight, bias=bias)
+    if weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"weight must be a 2-d bf16 or fp16 tensor, got shape {tuple(weight.shape)}, {weight.dtype}")
+    n_out, n_in = weight.shape
+    if x.shape[-1:] != (n_in,) or x.dtype != weight.dtype:
+        raise ValueError(f"x must have shape (..., {n_in}) and dtype {weight.dtype}, got {tuple(x.shape)}, {x.dtype}")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
+    rows = x.reshape(-1, n_in)
+    if rows.shape[0] > MAX_ROWS:
+        raise ValueError(f"x must have at most {MAX_ROWS} rows, got {rows.shape[0]}")
+    out = torch.empty(rows.shape[0], n_out, dtype=weight.dtype, device=weight.device)
+    if rows.shape[0] and n_out:
+        size = block_n(n_out, weight.device)
+        block_k = min(TILE_BYTES // (size * weight.element_size()), max(16, next_power_of_2(n_in)))
+        with device_guard(weight):
+            launch(
+                _few_rows_linear_kernel, (cdiv(n_out, size),),
+                rows, weight, bias, out, rows.shape[0], n_out, n_in,
+                *rows.stride(), *weight.stride(), *out.stride(),
+                HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=size, BLOCK_K=block_k,
+                EVEN_K=n_in % block_k == 0, FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
+                NUM_STAGES=NUM_STAGES, num_warps=4,
+            )
+    return out.view(*x.shape[:-1], n_out)
+
+
+__all__ = ["MAX_ROWS", "few_rows_linear"]
