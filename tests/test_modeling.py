@@ -405,6 +405,26 @@ def eager_greedy(model, ids):
         model.config.use_cuda_graph = True
 
 
+def test_generate_walks_the_module_tree_once_per_call(model, graphs, monkeypatch):
+    """The decode graphs' checks in one generate() (the prompt's prefill graph, the new cache, the selecting
+    step's graph) share one walk of the module tree; the next call walks again and sees what changed between."""
+    monkeypatch.setattr(MambaForCausalLM, "decode_chunk_size", 16)
+    monkeypatch.setattr(MambaForCausalLM, "PREFILL_GRAPH_MAX", 2048)
+    walks = []
+    real_walk = MambaForCausalLM._modules_and_weights
+    monkeypatch.setattr(MambaForCausalLM, "_modules_and_weights", lambda self: walks.append(1) or real_walk(self))
+    ids = torch.randint(1, 97, (2, 6))
+    expected = eager_greedy(model, ids)
+    walks.clear()
+    assert torch.equal(greedy(model, ids), expected)
+    kinds = [type(graph.kind).__name__ for graph in graphs.captured]
+    assert kinds == ["Prefill", "SelectStep"] and len(walks) == 1
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # moved: graphs read old memory
+    assert torch.equal(greedy(model, ids), expected)
+    assert len(walks) == 2 and len(graphs.captured) == 4  # both captured again
+    assert "_tree_walk_memo" not in model.__dict__
+
+
 def test_second_generate_replays_the_first_graph_on_the_same_states(model, graphs):
     prompts = [torch.randint(1, 97, (2, 6)) for _ in range(2)]
     eager = [eager_greedy(model, ids) for ids in prompts]

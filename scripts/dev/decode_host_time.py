@@ -45,7 +45,7 @@ def build():
     from transformers import GenerationMixin
 
     from hf_mamba import MambaConfig, MambaForCausalLM
-    from hf_mamba.decode_graphs import DecodeGraph, DecodeGraphs
+    from hf_mamba.decode_graphs import DecodeGraph, DecodeGraphs, Prefill
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -63,12 +63,21 @@ def build():
             if profiler is not None:
                 profiler.disable()
 
+    class PrefillReplay:  # the prompt's prefill graph: not a decode step
+        def replay(self):
+            pass
+
     class StubGraph(DecodeGraph):
-        def __init__(self, step, cache, input_ids):  # no capture: what a replay reads, and zero logits
+        def __init__(self, step, cache, input_ids, kind=None):  # no capture: what a replay reads, zero logits
             self.static_ids = input_ids.clone()
             self.states_ptr = cache.ssm_states[0].data_ptr()
+            self.kind = kind
             self.static_out = torch.zeros(input_ids.shape[0], 1, config.vocab_size)
-            self.graph = Replay()
+            if isinstance(kind, Prefill):
+                self.static_mask = torch.ones_like(input_ids)
+                self.graph = PrefillReplay()
+            else:
+                self.graph = Replay()
 
     DecodeGraphs.graph_class = StubGraph
     # The real decision, asked about a CUDA device (a torch.device needs no GPU).

@@ -7,6 +7,7 @@ the once-per-forward choice of backend and fused paths in `fast_path.py`, CUDA-g
 Parameter names and shapes are those of Transformers' built-in Mamba, so its checkpoints load as they are.
 """
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable
@@ -405,9 +406,27 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         check_not_assisted(kwargs, self.generation_config)
         passed = _one_cache(kwargs.get("cache_params"), kwargs.get("cache"))
         check_cache(passed, kwargs.get("past_key_values"), self.config)
-        if passed is None:
-            self._compile_generate_ahead(prompt, kwargs.get("attention_mask"))
-        return super().generate(inputs, *args, **kwargs)
+        with self._module_tree_walked_once():
+            if passed is None:
+                self._compile_generate_ahead(prompt, kwargs.get("attention_mask"))
+            return super().generate(inputs, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _module_tree_walked_once(self):
+        """Within it (one generate() call) the walk of the module tree behind the decode graphs' checks
+        (`_tree_walk`) runs once, not at each use: the prompt's prefill graph, the new cache and the decode
+        step's graph each ask, with the GPU idle (a walk of a 24-layer model takes 0.4-0.6 ms on the CI
+        machine's CPU). Between those uses only generate()'s own code, the logits processors, stopping criteria
+        and streamer run, none of which moves a weight or adds a module or hook."""
+        outer = self.__dict__.get("_tree_walk_memo")
+        self.__dict__["_tree_walk_memo"] = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                del self.__dict__["_tree_walk_memo"]
+            else:
+                self.__dict__["_tree_walk_memo"] = outer
 
     def _compile_generate_ahead(self, prompt, attention_mask):
         """On the first generate() of a kind (device, dtype, batch) on CUDA, compile the Triton kernels of its
@@ -624,16 +643,32 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             self._cuda_graphs_on(device)
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            # Tensor subclasses (quantized, DTensor) may have no single data_ptr for the fingerprint.
-            and all(
-                _graph_fingerprint_sees(module) and all(type(t) in (torch.Tensor, nn.Parameter) for t in weights)
-                for module, weights in self._modules_and_weights()
-            )
+            and self._tree_walk()[0]
         )
+
+    def _tree_walk(self):
+        """(whether the fingerprint sees every module: ours, torch.nn's and Transformers' activations, each weight a
+        plain tensor, not a subclass (quantized, DTensor) that may have no single data_ptr; the module tree's part
+        of the fingerprint), from one walk of the tree; once per generate() call (`_module_tree_walked_once`)."""
+        memo = self.__dict__.get("_tree_walk_memo")
+        if memo is not None and "walk" in memo:
+            return memo["walk"]
+        sees_all, weights, modules = True, [], []
+        for module, own in self._modules_and_weights():  # a tied weight comes twice: the same every time
+            sees_all = sees_all and _graph_fingerprint_sees(module) and all(
+                type(t) in (torch.Tensor, nn.Parameter) for t in own
+            )
+            weights += [(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in own]
+            modules.append((type(module), tuple(module._forward_pre_hooks), tuple(module._forward_hooks),
+                            module.__dict__.get("forward")))
+        walk = sees_all, (tuple(weights), tuple(modules), self.backbone._plain_blocks_and_norms())
+        if memo is not None:
+            memo["walk"] = walk
+        return walk
 
     def _modules_and_weights(self):
         """Each module with its own parameters and buffers, in one walk of the module tree (parameters() and
-        buffers() take one walk each: a millisecond of a 24-layer model, paid at every generate()'s start)."""
+        buffers() take one walk each)."""
         for module in self.modules():
             own = itertools.chain(module._parameters.values(), module._buffers.values())
             yield module, [t for t in own if t is not None]
@@ -645,14 +680,9 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         backend's choice, autocast."""
         from torch.nn.modules import module as module_globals
 
-        weights, modules = [], []
-        for m, own in self._modules_and_weights():  # a tied weight comes twice: the same every time
-            weights += [(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in own]
-            modules.append((type(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks), m.__dict__.get("forward")))
         global_hooks = (tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        blocks_plain = self.backbone._plain_blocks_and_norms()
-        return tuple(weights), tuple(modules), global_hooks, blocks_plain, scan_backend_for(self.config), autocast
+        return self._tree_walk()[1], global_hooks, scan_backend_for(self.config), autocast
 
     @accepts_cache_params
     def forward(
