@@ -18,8 +18,8 @@ SCAN_CASES = [
     pytest.param(dict(cpu=(2, 3, 1, 4), gpu=(2, 96, 1, 16), D=True, z=True, bias=True, h0=True), id="L1-all"),
     pytest.param(dict(cpu=(2, 5, 7, 4), gpu=(2, 200, 7, 16)), id="L7-plain"),
     pytest.param(dict(cpu=(1, 7, 63, 8), gpu=(2, 333, 511, 16), D=True, z=True), id="L63-d7-Dz"),
-    pytest.param(dict(cpu=(1, 10, 129, 16), gpu=(2, 160, 1025, 16), D=True, z=True, bias=True, h0=True),
-                 id="L129-d10-all"),
+    pytest.param(dict(cpu=(1, 5, 129, 16), gpu=(2, 160, 1025, 16), D=True, z=True, bias=True, h0=True),
+                 id="L129-d5-all"),
     pytest.param(dict(cpu=(2, 6, 40, 5), gpu=(3, 100, 389, 13), bias=True, h0=True), id="L40-N5-bias-h0"),
     pytest.param(dict(cpu=(1, 4, 33, 32), gpu=(1, 64, 500, 64), D=True, bias=True), id="L33-N32"),
 ]
