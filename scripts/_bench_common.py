@@ -68,6 +68,27 @@ def peer_generate(model, cg, sample=False):
     return generate
 
 
+def step_graph_ms(model, batch, replays=200):
+    """GPU time of one decode step as generate() runs it, ms: the selecting step's graph captured for `batch`
+    rows replayed back to back (the host only enqueues; the launch gaps inside the graph count), or None where
+    the model holds no such graph."""
+    from hf_mamba.decode_graphs import SelectStep
+
+    for entry in model._decode_graphs.entries:
+        graphs = [graph for kind, graph in entry.graphs.items() if isinstance(kind, SelectStep)]
+        if entry.key[0] == batch and graphs:
+            graph = graphs[-1].graph
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / replays
+    return None
+
+
 def print_decode_profile(name, generate, prompt, new_tokens=64, top=12):
     """Where a decoded token's time goes: wall time against GPU kernel time, kernel count, and the top kernels'
     GPU time per token. generate(prompt, new_tokens) runs once at new_tokens first, so that an implementation

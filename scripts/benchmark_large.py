@@ -66,7 +66,15 @@ from hf_mamba import MambaConfig, MambaForCausalLM
 from hf_mamba.compat import disable_activation_checkpointing, enable_activation_checkpointing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for the shared helpers
-from _bench_common import hf_generate, next_token_loss, peer_generate, print_decode_profile, sync, timed  # noqa: E402
+from _bench_common import (  # noqa: E402
+    hf_generate,
+    next_token_loss,
+    peer_generate,
+    print_decode_profile,
+    step_graph_ms,
+    sync,
+    timed,
+)
 
 LORA_TARGETS = ["in_proj", "x_proj", "dt_proj", "out_proj"]
 QUANTIZED = ("in_proj", "x_proj", "out_proj")  # dt_proj (256 x 8192 at 7b) stays bf16, as from_pretrained leaves it
@@ -216,6 +224,9 @@ class HfMamba:
 
     def reset_decoding(self, model):
         pass  # hf_mamba keeps one decode graph per batch size across generate() calls
+
+    def step_graph_ms(self, model, batch):
+        return step_graph_ms(model, batch)
 
     def embedding_and_head(self, model):
         return model.get_input_embeddings().weight, model.get_output_embeddings().weight
@@ -385,11 +396,15 @@ class Bench:
             tokens_per_s = batch * (new - 1) / (whole - prefill_only)
             bound = batch * self.bandwidth / weight_bytes
             tokens = f"{batch} x {new} new (prompt {prompt.shape[1]})"
+            step_ms = impl.step_graph_ms(model, batch) if hasattr(impl, "step_graph_ms") else None
+            per_step = (f"; wall {batch * 1e3 / tokens_per_s:.3f} ms per step against {step_ms:.3f} ms of the "
+                        "step's graph replayed back to back" if step_ms else "")
             rows.append(self.row(
                 shape, measurement, implementation or impl.label(shape), tokens, dtype=dtype,
                 first_s=first, tokens_per_s=tokens_per_s, peak_gib=peak_gib(self.device),
                 notes=(f"{100 * tokens_per_s / bound:.0f}% of bound {bound:,.0f} tok/s "
-                       f"({weight_bytes / 1e9:.2f} GB weights); whole call {batch * new / whole:,.0f} tok/s"),
+                       f"({weight_bytes / 1e9:.2f} GB weights); whole call {batch * new / whole:,.0f} tok/s"
+                       + per_step),
             ))
             if self.decode_profile:
                 print_decode_profile(f"{implementation or impl.label(shape)}, {shape.name}, batch {batch}",

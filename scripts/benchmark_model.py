@@ -37,10 +37,16 @@ import transformers
 from hf_mamba.kernels import wait_for_background_compiles
 
 from hf_mamba import MambaConfig, MambaForCausalLM
-from hf_mamba.decode_graphs import SelectStep
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for the shared helpers
-from _bench_common import hf_generate, next_token_loss, peer_generate, print_decode_profile, timed  # noqa: E402
+from _bench_common import (  # noqa: E402
+    hf_generate,
+    next_token_loss,
+    peer_generate,
+    print_decode_profile,
+    step_graph_ms,
+    timed,
+)
 
 CUDA = torch.device("cuda")
 
@@ -227,25 +233,6 @@ def decode_throughput(generate, args, batch):
     seconds, out = timed(lambda: generate(prompt, args.new_tokens), CUDA)
     assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
     return batch * args.new_tokens / seconds, batch * args.new_tokens / first_seconds, warmup_seconds
-
-
-def step_graph_ms(model, batch, replays=200):
-    """GPU time of one decode step as generate() runs it, ms: the selecting step's graph captured for `batch`
-    rows replayed back to back (the host only enqueues; the launch gaps inside the graph count), or None where
-    the model holds no such graph."""
-    for entry in model._decode_graphs.entries:
-        graphs = [graph for kind, graph in entry.graphs.items() if isinstance(kind, SelectStep)]
-        if entry.key[0] == batch and graphs:
-            graph = graphs[-1].graph
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / replays
-    return None
 
 
 def main():
