@@ -4,7 +4,7 @@ Why: a decode step at a small batch reads every weight once for a handful of row
 weights' bytes over the memory bandwidth reached, plus the launches inside the step's CUDA graph. cuBLAS's
 GEMM for one row of out_proj at the 7B shape is a split-K kernel and its reduction (two launches); here it is
 one. Per call (do_bench, H100 80GB HBM3, bf16) this kernel and F.linear are within 5% of each other at the
-1.4B and 7B shapes and batches 1 to 16; in the decode step it gained 1-4% tokens/s there
+1.4B and 7B shapes and batches 1 to 16; in the decode step it gained 0.5-2.5% tokens/s there
 (`hf_mamba.block.FEW_ROWS_LINEAR_MIN_WEIGHT` keeps smaller weights on cuBLAS).
 
 A program computes BLOCK_N outputs for all rows (up to BLOCK_M = 16, tl.dot's least size) and streams its rows
