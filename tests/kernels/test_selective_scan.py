@@ -27,8 +27,17 @@ SCAN_CASES = [
 SEGMENTS = ScanTuning(fwd=RecurrentFwdTuning(min_tiles_per_seg=2, warps_per_sm=64))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", SCAN_CASES)
+# Every case in every dtype; on CPU the long one in fp32 and bf16 only (fp16 is in the other cases, and under
+# the interpreter each run of it takes several seconds).
+SCAN_CASE_DTYPES = [
+    pytest.param(case.values[0], dtype.values[0], id=f"{case.id}-{dtype.id}")
+    for case in SCAN_CASES
+    for dtype in DTYPES
+    if ON_GPU or not (case.id.startswith("L129") and dtype.id == "fp16")
+]
+
+
+@pytest.mark.parametrize("case, dtype", SCAN_CASE_DTYPES)
 def test_triton_scan_matches_reference(case, dtype, nan_fill_empty):
     torch.manual_seed(0)
     check_scan("triton", case, dtype)
