@@ -432,11 +432,12 @@ def main():
                     prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
                     getattr(generate, "reset", lambda: None)()
                     print_decode_profile(f"{name}, batch {batch}", generate, prompt)
-    rows, step_ms = [], {}
+    rows, per_step = [], {}  # batch -> (wall ms per token, ms of the step graph) of hf_mamba with CUDA graphs
     for name, generate in decoders:
         rows.append((name, [decode_throughput(generate, args, batch) for batch in args.decode_batches]))
         if generate is ours_graphs:  # its graphs, before other decoders' captures evict them
-            step_ms = {batch: step_graph_ms(ours_half, batch) for batch in args.decode_batches}
+            for batch, speed in zip(args.decode_batches, rows[-1][1], strict=True):
+                per_step[batch] = batch * 1e3 / speed[0], step_graph_ms(ours_half, batch)
     for title, column in (("steady state, warmed at the timed length", 0), ("first call at a new length", 1)):
         how = "Sampled (top-k 50, top-p 0.9, temperature 0.8)" if args.sample else "Greedy"
         print(f"\n{how} decoding, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s), "
@@ -444,13 +445,11 @@ def main():
         print(f"{'implementation':<26}" + "".join(f"{'batch ' + str(b):>12}" for b in args.decode_batches))
         for name, speeds in rows:
             print(f"{name:<26}" + "".join(f"{s[column]:>12,.0f}" for s in speeds))
-    wall_ms = {batch: batch * 1e3 / speed[0] for batch, speed in zip(args.decode_batches, rows[0][1], strict=True)}
     print("\nhf_mamba, CUDA graphs: wall time per decoded token (steady state above; the prompt's prefill spread "
           "over the new tokens) against the GPU time of one step (its graph replayed back to back), ms")
-    for batch in args.decode_batches:
-        if step_ms.get(batch):
-            print(f"  batch {batch}: wall {wall_ms[batch]:.3f}, step {step_ms[batch]:.3f}, "
-                  f"wall / step {wall_ms[batch] / step_ms[batch]:.2f}")
+    for batch, (wall_ms, step_ms) in per_step.items():
+        if step_ms:
+            print(f"  batch {batch}: wall {wall_ms:.3f}, step {step_ms:.3f}, wall / step {wall_ms / step_ms:.2f}")
     # Where the Triton cache starts empty (scripts/dev/device_round.sh gives each run its own), the first
     # batch size's call compiles what generate() needs: hf_mamba's prefill and step kernels, mamba_ssm's
     # Triton norms (its CUDA kernels come compiled). With --decode-profile, the profile ran first.

@@ -53,7 +53,7 @@ def fused_step_pays(batch, d_inner):
 # bf16, decode tokens/s with it against cuBLAS, on the step each batch takes: 1.4B (weights of 8.4M and 16.8M
 # elements) and Falcon Mamba 7B 1.00-1.02 at batch 1, 4 and 16 (1.04 for 1.4B's fused step at 16); 130M (1.2M
 # and 2.4M) 0.96-1.00, so its small weights stay on cuBLAS.
-FEW_ROWS_LINEAR_ROWS = range(1, 17)
+FEW_ROWS_LINEAR_ROWS = range(1, 17)  # up to kernels.few_rows.MAX_ROWS (not imported here: that module needs Triton)
 FEW_ROWS_LINEAR_MIN_WEIGHT = 2**22
 
 
