@@ -19,7 +19,14 @@ from transformers import (
 )
 
 import hf_mamba
-from hf_mamba import MambaCache, MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel
+from hf_mamba import (
+    MambaCache,
+    MambaConfig,
+    MambaForCausalLM,
+    MambaForSequenceClassification,
+    MambaModel,
+    modeling_mamba,
+)
 from hf_mamba.compat import enable_activation_checkpointing
 from hf_mamba.decode_graphs import DecodeGraphs, Prefill, SelectStep, select_step
 from hf_mamba.modeling_mamba import CACHE_FIELD
@@ -423,6 +430,36 @@ def test_generate_walks_the_module_tree_once_per_call(model, graphs, monkeypatch
     assert torch.equal(greedy(model, ids), expected)
     assert len(walks) == 2 and len(graphs.captured) == 4  # both captured again
     assert "_tree_walk_memo" not in model.__dict__
+
+
+class Wrapped(nn.Module):
+    """A module from outside torch.nn, Transformers and hf_mamba: one the decode graphs' fingerprint cannot see."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_an_eager_forward_builds_no_fingerprint(model, graphs, monkeypatch):
+    """Outside generate() a forward making a new cache takes it from the graphs' pool after asking only whether the
+    fingerprint sees every module: it builds no fingerprint, and a module the fingerprint cannot see ends that walk."""
+    walks, pooled = [], []
+    real_walk, real_new_cache = MambaForCausalLM._tree_walk, DecodeGraphs.new_cache
+    monkeypatch.setattr(MambaForCausalLM, "_tree_walk", lambda self: walks.append(1) or real_walk(self))
+    monkeypatch.setattr(DecodeGraphs, "new_cache", lambda self, *a: pooled.append(1) or real_new_cache(self, *a))
+    ids = torch.randint(1, 97, (2, 6))
+    with torch.no_grad():
+        model(ids, use_cache=True)
+        assert walks == [] and pooled == [1]
+        seen = []
+        real_sees = modeling_mamba._fingerprint_sees
+        monkeypatch.setattr(modeling_mamba, "_fingerprint_sees", lambda m, own: seen.append(m) or real_sees(m, own))
+        model.backbone.layers[0].mixer.in_proj = Wrapped(model.backbone.layers[0].mixer.in_proj)
+        model(ids, use_cache=True)
+    assert walks == [] and pooled == [1] and isinstance(seen[-1], Wrapped)
 
 
 def test_second_generate_replays_the_first_graph_on_the_same_states(model, graphs):

@@ -356,12 +356,15 @@ class MambaModel(MambaPreTrainedModel):
 _PACKAGE = __name__.rpartition(".")[0]  # hf_mamba, or the folder's package when run as remote code
 
 
-def _graph_fingerprint_sees(module):
+def _fingerprint_sees(module, own):
     """Whether a module's forward depends only on what _decode_graph_fingerprint covers: ours, torch.nn's
-    and Transformers' activations. Wrappers (PEFT's LoRA, quantized linears) also keep Python state that a
-    graph bakes in (merged, adapters disabled), which no fingerprint sees."""
+    and Transformers' activations, its own weights (`own`) plain tensors, not subclasses (quantized,
+    DTensor) that may have no single data_ptr. Wrappers (PEFT's LoRA, quantized linears) also keep Python
+    state that a graph bakes in (merged, adapters disabled), which no fingerprint sees."""
     origin = type(module).__module__
-    return origin.startswith((f"{_PACKAGE}.", "torch.nn.", "transformers.activations"))
+    return origin.startswith((f"{_PACKAGE}.", "torch.nn.", "transformers.activations")) and all(
+        type(t) in (torch.Tensor, nn.Parameter) for t in own
+    )
 
 
 class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
@@ -643,21 +646,26 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             self._cuda_graphs_on(device)
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and self._tree_walk()[0]
+            and self._fingerprint_sees_all()
         )
 
+    def _fingerprint_sees_all(self):
+        """`_tree_walk()[0]`; outside generate() (no walk shared by the call) from a walk that stops at the first
+        module the fingerprint cannot see, building no fingerprint: an eager forward making a new cache needs
+        only this."""
+        if "_tree_walk_memo" in self.__dict__:
+            return self._tree_walk()[0]
+        return all(_fingerprint_sees(module, own) for module, own in self._modules_and_weights())
+
     def _tree_walk(self):
-        """(whether the fingerprint sees every module: ours, torch.nn's and Transformers' activations, each weight a
-        plain tensor, not a subclass (quantized, DTensor) that may have no single data_ptr; the module tree's part
-        of the fingerprint), from one walk of the tree; once per generate() call (`_module_tree_walked_once`)."""
+        """(whether the fingerprint sees every module (`_fingerprint_sees`); the module tree's part of the
+        fingerprint), from one walk of the tree; once per generate() call (`_module_tree_walked_once`)."""
         memo = self.__dict__.get("_tree_walk_memo")
         if memo is not None and "walk" in memo:
             return memo["walk"]
         sees_all, weights, modules = True, [], []
         for module, own in self._modules_and_weights():  # a tied weight comes twice: the same every time
-            sees_all = sees_all and _graph_fingerprint_sees(module) and all(
-                type(t) in (torch.Tensor, nn.Parameter) for t in own
-            )
+            sees_all = sees_all and _fingerprint_sees(module, own)
             weights += [(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in own]
             modules.append((type(module), tuple(module._forward_pre_hooks), tuple(module._forward_hooks),
                             module.__dict__.get("forward")))
