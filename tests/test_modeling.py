@@ -432,6 +432,13 @@ def test_generate_walks_the_module_tree_once_per_call(model, graphs, monkeypatch
     assert "_tree_walk_memo" not in model.__dict__
 
 
+def test_the_fingerprints_walk_takes_every_module_in_modules_order(model):
+    walked = list(model._modules_and_weights())
+    assert [module for module, _ in walked] == list(model.modules())
+    for module, own in walked:
+        assert own == [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+
 class Wrapped(nn.Module):
     """A module from outside torch.nn, Transformers and hf_mamba: one the decode graphs' fingerprint cannot see."""
 

@@ -8,7 +8,7 @@ Parameter names and shapes are those of Transformers' built-in Mamba, so its che
 """
 
 import contextlib
-import itertools
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -361,10 +361,12 @@ def _fingerprint_sees(module, own):
     and Transformers' activations, its own weights (`own`) plain tensors, not subclasses (quantized,
     DTensor) that may have no single data_ptr. Wrappers (PEFT's LoRA, quantized linears) also keep Python
     state that a graph bakes in (merged, adapters disabled), which no fingerprint sees."""
-    origin = type(module).__module__
-    return origin.startswith((f"{_PACKAGE}.", "torch.nn.", "transformers.activations")) and all(
-        type(t) in (torch.Tensor, nn.Parameter) for t in own
-    )
+    return _type_seen(type(module)) and all(type(t) in (torch.Tensor, nn.Parameter) for t in own)
+
+
+@functools.cache
+def _type_seen(module_type):
+    return module_type.__module__.startswith((f"{_PACKAGE}.", "torch.nn.", "transformers.activations"))
 
 
 class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
@@ -675,11 +677,14 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         return walk
 
     def _modules_and_weights(self):
-        """Each module with its own parameters and buffers, in one walk of the module tree (parameters() and
-        buffers() take one walk each)."""
-        for module in self.modules():
-            own = itertools.chain(module._parameters.values(), module._buffers.values())
-            yield module, [t for t in own if t is not None]
+        """Each module with its own parameters and buffers, in one walk of the module tree in modules()' order
+        (parameters() and buffers() take one walk each; modules() builds every module's name: 0.32 against 0.21
+        ms for 24 layers on the CI CPU). A module shared by two parents comes twice."""
+        stack = [self]
+        while stack:
+            module = stack.pop()
+            yield module, [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+            stack += reversed([child for child in module._modules.values() if child is not None])
 
     def _decode_graph_fingerprint(self):
         """What a captured decode step reads besides its cache, unchanged since the capture for a replay to be
