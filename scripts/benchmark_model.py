@@ -235,6 +235,15 @@ def decode_throughput(generate, args, batch):
     return batch * args.new_tokens / seconds, batch * args.new_tokens / first_seconds, warmup_seconds
 
 
+def loop_ms_per_token(generate, args, batch, device=CUDA, repeats=3):
+    """Wall milliseconds per decoded token without the prompt's prefill and the call's set-up: (a call of
+    args.new_tokens - a call of one new token) / (args.new_tokens - 1), medians of `repeats` calls each."""
+    prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device=device)
+    whole = statistics.median(timed(lambda: generate(prompt, args.new_tokens), device)[0] for _ in range(repeats))
+    one = statistics.median(timed(lambda: generate(prompt, 1), device)[0] for _ in range(repeats))
+    return (whole - one) * 1e3 / (args.new_tokens - 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=50280)
@@ -432,12 +441,14 @@ def main():
                     prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), device="cuda")
                     getattr(generate, "reset", lambda: None)()
                     print_decode_profile(f"{name}, batch {batch}", generate, prompt)
-    rows, per_step = [], {}  # batch -> (wall ms per token, ms of the step graph) of hf_mamba with CUDA graphs
+    # batch -> (wall ms per token, the same without the prefill, ms of the step graph) of hf_mamba with CUDA graphs
+    rows, per_step = [], {}
     for name, generate in decoders:
         rows.append((name, [decode_throughput(generate, args, batch) for batch in args.decode_batches]))
         if generate is ours_graphs:  # its graphs, before other decoders' captures evict them
             for batch, speed in zip(args.decode_batches, rows[-1][1], strict=True):
-                per_step[batch] = batch * 1e3 / speed[0], step_graph_ms(ours_half, batch)
+                per_step[batch] = (batch * 1e3 / speed[0], loop_ms_per_token(generate, args, batch),
+                                   step_graph_ms(ours_half, batch))
     for title, column in (("steady state, warmed at the timed length", 0), ("first call at a new length", 1)):
         how = "Sampled (top-k 50, top-p 0.9, temperature 0.8)" if args.sample else "Greedy"
         print(f"\n{how} decoding, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens (tokens/s), "
@@ -446,10 +457,12 @@ def main():
         for name, speeds in rows:
             print(f"{name:<26}" + "".join(f"{s[column]:>12,.0f}" for s in speeds))
     print("\nhf_mamba, CUDA graphs: wall time per decoded token (steady state above; the prompt's prefill spread "
-          "over the new tokens) against the GPU time of one step (its graph replayed back to back), ms")
-    for batch, (wall_ms, step_ms) in per_step.items():
+          "over the new tokens), the same without the prefill and the call's set-up, against the GPU time of "
+          "one step (its graph replayed back to back), ms")
+    for batch, (wall_ms, loop_ms, step_ms) in per_step.items():
         if step_ms:
-            print(f"  batch {batch}: wall {wall_ms:.3f}, step {step_ms:.3f}, wall / step {wall_ms / step_ms:.2f}")
+            print(f"  batch {batch}: wall {wall_ms:.3f}, without the prefill {loop_ms:.3f}, step {step_ms:.3f}, "
+                  f"wall / step {wall_ms / step_ms:.2f}, without the prefill / step {loop_ms / step_ms:.2f}")
     # Where the Triton cache starts empty (scripts/dev/device_round.sh gives each run its own), the first
     # batch size's call compiles what generate() needs: hf_mamba's prefill and step kernels, mamba_ssm's
     # Triton norms (its CUDA kernels come compiled). With --decode-profile, the profile ran first.
