@@ -14,7 +14,7 @@
 # long_context (LONG_FLAGS), precision (PRECISION_FLAGS, default --runs fp32,bf16,fp16: 1,000 steps each), first_step (dev/first_step_timeline.py, TIMELINE_FLAGS: where the first training step's time goes), contention
 # (dev/compile_contention.py: the pass's compiles alone and beside the background ones, on the host's CPU), decode_profile (wall vs GPU time per
 # decoded token; MODEL_FLAGS gives another shape), prefill_profile (GPU time per kernel, PROFILE_FLAGS), host_time
-# (benchmark_kernels.py --host-time: the scan's and the mixer's host vs GPU time per call), choice_now / choice@NAME (decode_step_choice.py,
+# (benchmark_kernels.py --host-time: the scan's and the mixer's host vs GPU time per call; host_time@NAME: another tree's), choice_now / choice@NAME (decode_step_choice.py,
 # CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
 # induction heads to 2^20), induction_paper (closer to the paper's recipe: no curriculum, batch 8, 40,000 steps;
 # tests to 2^INDUCTION_MAX_LOG2), multi_gpu (benchmark_multi_gpu.py, MULTI_FLAGS, default --bf16: needs a
@@ -92,6 +92,7 @@ for s in "$@"; do
     contention) step contention now "$here/scripts/dev/compile_contention.py" ;;
     first_step) step first_step now "$here/scripts/dev/first_step_timeline.py" ${TIMELINE_FLAGS:-} ;;
     host_time) step host_time now "$here/scripts/benchmark_kernels.py" --host-time ;;
+    host_time@*) install_tree "${s#host_time@}"; step "${s/@/_}" tree "${s#host_time@}" benchmark_kernels.py --host-time ;;
     multi_gpu) step multi_gpu now "$here/scripts/benchmark_multi_gpu.py" ${MULTI_FLAGS:---bf16} ;;
     choice_now) step choice_now now "$here/scripts/dev/decode_step_choice.py" ${CHOICE_FLAGS:-} ;;
     choice@*) install_tree "${s#choice@}"; step "${s/@/_}" tree "${s#choice@}" dev/decode_step_choice.py ${CHOICE_FLAGS:-} ;;
