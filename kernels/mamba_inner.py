@@ -202,7 +202,7 @@ class _MambaInner(torch.autograd.Function):
             y_out_dtype = y_dtype(dtype)  # fp16: y in fp32, scaled into fp16's range for out_proj
             y, _, chunk_states = scan_fwd(
                 u, delta, A_log_f, B.transpose(1, 2), C.transpose(1, 2), fp32_or_wider(D), z,
-                fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, need_final_state=False, A_is_log=True,
+                fp32_or_wider(dt_proj_bias), True, None, True, seq_idx, A_is_log=True,
                 out_dtype=y_out_dtype,
             )
             y_scale = fp16_range_scale(y) if y_out_dtype is not None and w_out is not None else None

@@ -1,10 +1,9 @@
-"""The kernels that chain the segments of a segmented recurrent scan: the states entering each segment
-(forward) and the adjoints leaving each segment (backward).
-
-Both are linear recurrences over the segments, h_s = a_s h_{s-1} + b_s per (channel, state) element.
-Each one-warp program takes block_e elements and block_s segments at a time, loaded together and
-chained by `tl.associative_scan`; one segment per loop step waited on its loads' latency (57 us of
-the forward at 64 segments; docs/kernels.md, "Segments").
+"""The segment chain of a segmented recurrent backward: the adjoints leaving each segment, a linear
+recurrence over the segments, x_{s-1} = P_s x_s + Q_s per (state, channel) element. Each one-warp program
+takes block_e elements and block_s segments at a time, loaded together and chained by `tl.associative_scan`;
+one segment per loop step waited on its loads' latency (docs/kernels.md, "Segments"). Also how many segments
+a segmented scan cuts its sequence into (`segment_count`). The forward chains its segments inside its full
+pass (`recurrent_fwd._fold_earlier_segments`).
 """
 
 from dataclasses import dataclass
@@ -18,9 +17,10 @@ from ..triton_utils import linear_combine
 
 @dataclass(frozen=True)
 class ChainTuning:
-    """block_e (channel, state) elements per one-warp program, block_s segments per loop step. H200:
-    9.6 / 11.0 / 14.0 us at 8, 8 and 64 segments of the benchmark shapes, against 14.8 / 15.6 / 72.3
-    for one segment per step; with 4 warps the scan crossed warps (14.7 / 17.8 / 18.0)."""
+    """block_e (state, channel) elements per one-warp program, block_s segments per loop step (measured on
+    the forward's chain of the same shape, H200: 9.6 / 11.0 / 14.0 us at 8, 8 and 64 segments of the
+    benchmark shapes, against 14.8 / 15.6 / 72.3 for one segment per step; with 4 warps the scan crossed
+    warps, 14.7 / 17.8 / 18.0)."""
 
     block_e: int = 128
     block_s: int = 16
@@ -34,39 +34,6 @@ def _chain_rows(b_a, b_b, b_carry, BLOCK_S: tl.constexpr):
     b_h = b_P * b_carry[None, :] + b_Q
     last = (tl.arange(0, BLOCK_S) == BLOCK_S - 1)[:, None]
     return b_h, tl.sum(tl.where(last, b_h, 0.0), axis=0)
-
-
-@triton.jit
-def _chain_segments_kernel(
-    p_hend, p_dtsum, p_A, p_h0, p_hin, d_inner, d_state, n_seg,
-    USE_INITIAL_STATE: tl.constexpr, A_LOG: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # h_in[s + 1] = exp(A ΣΔ_s) h_in[s] + h_end[s]: the state entering every segment; h_end and ΣΔ
-    # (batch, d_inner, n_seg - 1) of segments 0 .. n_seg - 2. Each program takes BLOCK_E elements
-    # (channel, state) and BLOCK_S segments at a time, loaded together and chained by a scan: one
-    # segment per loop step waited on its loads' latency (57 us of the forward at 64 segments).
-    i_b = tl.program_id(0).to(tl.int64)
-    o_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # channel * d_state + state
-    m_e = o_e < d_inner * d_state
-    o_d = o_e // d_state
-    b_A = tl.load(p_A + o_e, mask=m_e, other=0.0).to(tl.float32)
-    if A_LOG:
-        b_A = -tl.exp(b_A)
-    if USE_INITIAL_STATE:
-        b_h = tl.load(p_h0 + i_b * d_inner * d_state + o_e, mask=m_e, other=0.0)
-    else:
-        b_h = tl.zeros([BLOCK_E], dtype=tl.float32)
-    p_seg = (i_b * d_inner + o_d) * (n_seg * d_state) + o_e % d_state  # (batch, d_inner, n_seg, d_state)
-    tl.store(p_hin + p_seg, b_h, mask=m_e)
-    o_s = tl.arange(0, BLOCK_S)
-    for s_first in range(0, n_seg - 1, BLOCK_S):  # pass 1 ran every segment but the last
-        o_ss = s_first + o_s
-        m_se = (o_ss < n_seg - 1)[:, None] & m_e[None, :]
-        b_dts = tl.load(p_dtsum + ((i_b * d_inner + o_d) * (n_seg - 1))[None, :] + o_ss[:, None], mask=m_se, other=0.0)
-        b_hend = tl.load(p_hend + p_seg[None, :] + o_ss[:, None] * d_state, mask=m_se, other=0.0)
-        # Past the last segment ΣΔ = 0 and h_end = 0: decay 1, nothing added.
-        b_hs, b_h = _chain_rows(tl.exp(b_dts * b_A[None, :]), b_hend, b_h, BLOCK_S)  # h_in[s + 1]
-        tl.store(p_hin + p_seg[None, :] + (o_ss[:, None] + 1) * d_state, b_hs, mask=m_se)
 
 
 @triton.jit
@@ -108,19 +75,6 @@ def segment_count(programs, warps_per_sm, device, n_tiles, min_tiles, max_segmen
     return n_seg
 
 
-def chain_segments(h_end, dtsum, A, initial_state, h_in, A_is_log, tuning=ChainTuning()):
-    """Fill h_in (batch, d_inner, n_seg, d_state) with the state entering every segment, from each
-    segment's end state h_end (same shape; the last segment's unused) scanned from h = 0 and its sum
-    of Δ, dtsum (batch, d_inner, n_seg - 1). A (d_inner, d_state) contiguous, or A_log with A_is_log."""
-    batch, d_inner, n_seg, d_state = h_end.shape
-    launch(
-        _chain_segments_kernel, (batch, cdiv(d_inner * d_state, tuning.block_e)),
-        h_end, dtsum, A, initial_state, h_in, d_inner, d_state, n_seg,
-        USE_INITIAL_STATE=initial_state is not None, A_LOG=A_is_log, BLOCK_E=tuning.block_e,
-        BLOCK_S=min(tuning.block_s, next_power_of_2(n_seg - 1)), num_warps=1,
-    )
-
-
 def chain_adjoints(PQ, x, tuning=ChainTuning()):
     """Fill x[:, s - 1] = Q_s + P_s x[:, s] for s from the last segment down to 1; x (batch, n_seg,
     d_state, d_inner) holds dL/dh_T in its last segment, PQ (batch, n_seg, 2, d_state, d_inner)."""
@@ -132,4 +86,4 @@ def chain_adjoints(PQ, x, tuning=ChainTuning()):
     )
 
 
-__all__ = ["ChainTuning", "chain_adjoints", "chain_segments", "segment_count"]
+__all__ = ["ChainTuning", "chain_adjoints", "segment_count"]

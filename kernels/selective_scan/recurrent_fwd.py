@@ -18,8 +18,9 @@ the same for every channel, so every thread loads the same values (one broadcast
 
 Short batches do not fill the GPU with one program per 32 channels, so the sequence is then cut into
 segments run in parallel: pass 1 scans each segment but the last from h = 0 (keeping only its end
-state and sum of Δ), `chain.chain_segments` chains them (h_in[s+1] = exp(A ΣΔ_s) h_in[s] + h_end[s]),
-and pass 2 reruns every segment from its true incoming state. That nearly doubles the exps, so it is
+state and sum of Δ), and the full pass runs every segment from its true incoming state, which each of
+its programs first chains from pass 1's (h_in[s+1] = exp(A ΣΔ_s) h_in[s] + h_end[s],
+`_fold_earlier_segments`): two launches, no chain between them. That nearly doubles the exps, so it is
 used only where the GPU would otherwise be mostly idle (docs/kernels.md, "Segments").
 
 A channel's states can also be spread over several lanes (`_fwd_source_lanes`): each lane keeps
@@ -41,7 +42,7 @@ import triton.language as tl
 
 from .._launch import cdiv, launch, next_power_of_2, seq_idx_args, sm_count, wide_index
 from ..triton_utils import time_index
-from .chain import ChainTuning, chain_segments, segment_count
+from .chain import segment_count
 from .codegen import (
     HEADER,
     ZERO,
@@ -54,6 +55,7 @@ from .codegen import (
     pack,
     program_ids,
     reset_state,
+    state_groups,
     store_states,
     time_vector,
     unpack,
@@ -74,7 +76,8 @@ class RecurrentFwdTuning:
     spread_lanes, spread_warps_per_sm: d_state 16 is spread over spread_lanes lanes per channel where
         that alone gives spread_warps_per_sm one-warp programs per multiprocessor, and then needs no
         segments.
-    chain: the segment chain's block sizes.
+    fold_segments: earlier segments whose ΣΔ and end states a segment of the full pass loads at once, to
+        chain them into its incoming state (`_fold_earlier_segments`): one wait for memory per that many.
     """
 
     warps_per_sm: int = 16
@@ -83,13 +86,13 @@ class RecurrentFwdTuning:
     states_per_lane: int = 16
     spread_lanes: int = 4
     spread_warps_per_sm: int = 4
-    chain: ChainTuning = ChainTuning()
+    fold_segments: int = 2
 
 
 # The forward kernels' signature (one lane or several per channel: the launcher passes the same arguments).
 _FWD_SIGNATURE = """@triton.jit
 def scan_fwd_kernel(
-    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_h0, p_out, p_hT, p_dtsum, p_hc,
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_z, p_delta_bias, p_h0, p_out, p_hT, p_dtsum, p_hseg, p_hc,
     seqlen, d_inner, n_ckpt, chunks_per_seg,
     s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_A_d, s_A_n,
     s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_o_b, s_o_d, s_o_l,
@@ -208,14 +211,59 @@ def _prologue(L, I, n_states, rows, first_state=None):
     L.append(f"{I}p_B_b = p_B + i_b * s_B_b")
 
 
-def _fwd_source(N, T):
-    """Source of the forward kernel for d_state = N and T time steps per tile (T a power of two >= 2)."""
+def _fold_earlier_segments(L, I, n_states, N, rows, U, first_state=None):
+    """Emit, in the full pass (not STATES_ONLY), the state entering segment i_s: from h (the initial state or
+    zeros), every earlier segment k in turn, h = exp(A ΣΔ_k) h + h_end[k], from the ΣΔ and end states pass 1
+    stored (none in a pass of one segment). U segments' loads are issued together before their updates, so
+    the chain waits for memory once per U segments; past i_s the loads give ΣΔ = 0 and h_end = 0, which leave h
+    as it is. Each segment's end states are one load: the compile time of these kernels grows with their
+    memory operations (`codegen.load_states`). (n_states of the thread's states: the lane's, from first_state
+    on, in the lanes kernel.)"""
+    lane = f" + {first_state}" if first_state else ""
+    P = next_power_of_2(n_states)
+    o_k = f"tl.arange(0, {P})[None, :]"
+    m_k = "" if P == n_states else f" & ({o_k} < {n_states})"
+    L.append(f"{I}if not STATES_ONLY:")
+    J = I + "    "
+    K = J + "    "
+    L.append(f"{J}n_prev = tl.num_programs(2) - 1  # pass 1's segments: (batch, d_inner, n_prev[, d_state])")
+    L.append(f"{J}p_ds_d = p_dtsum + (i_b * d_inner + o_d) * n_prev")
+    L.append(f"{J}p_hs_d = p_hseg + (i_b * d_inner + o_d) * (n_prev * {N}){lane}")
+    L.append(f"{J}for k_s in range(0, i_s, {U}):")
+    for j in range(U):
+        L.append(f"{K}m_fold = o_d < tl.where(k_s + {j} < i_s, d_inner, 0)")
+        L.append(f"{K}dts_{j} = tl.load(p_ds_d + k_s + {j}, mask=m_fold, other=0.0)")
+        L.append(f"{K}hs_{j} = tl.load((p_hs_d + (k_s + {j}) * {N})[:, None] + {o_k}, "
+                 f"mask=m_fold[:, None]{m_k}, other=0.0)")
+    names = [f"e_{k}" for k in range(n_states)]
+    for j in range(U):
+        if P == 1:
+            L.append(f"{K}e_0 = tl.reshape(hs_{j}, [{rows}])")
+        else:
+            unpack(f"hs_{j}", names + [f"pad_hs{i}" for i in range(P - n_states)], L, K, f"shs{j}", rows=rows)
+        for k in range(n_states):
+            L.append(f"{K}h_{k} = tl.exp2(dts_{j} * a_{k}) * h_{k} + e_{k}")
+
+
+def _final_state_mask(L, I):
+    """Emit m_hT, the mask of the end states' store: every segment's in pass 1 (STATES_ONLY), the last
+    segment's in the full pass (the final state; the others' the next segment folds in itself)."""
+    L.append(f"{I}if STATES_ONLY:")
+    L.append(f"{I}    m_hT = m_d")
+    L.append(f"{I}else:")
+    L.append(f"{I}    m_hT = o_d < tl.where(i_s == tl.num_programs(2) - 1, d_inner, 0)")
+
+
+def _fwd_source(N, T, U):
+    """Source of the forward kernel for d_state = N and T time steps per tile (T a power of two >= 2), U earlier
+    segments chained per step (`_fold_earlier_segments`)."""
     ns = range(N)
     L = []
     L.extend(_FWD_SIGNATURE.splitlines())
     I = "    "
     program_ids(L, I, T)
     _prologue(L, I, N, "BLOCK_D")
+    _fold_earlier_segments(L, I, N, N, "BLOCK_D", U)
     L.append(f"{I}p_C_b = p_C + i_b * s_C_b")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
     first_tile(L, I, "c_start", "i_s * chunks_per_seg")
@@ -264,13 +312,14 @@ def _fwd_source(N, T):
     L.append(f"{K}p_od = p_out + i_b * s_o_b + o_d[:, None] * s_o_d + o_tt[None, :] * s_o_l")
     L.append(f"{K}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_dt)")
     L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d * s_hT_d + i_s * s_hT_s")
-    store_states(L, I, [f"h_{n}" for n in ns], "p_hT_d", "1", "BLOCK_D", "hT")
+    _final_state_mask(L, I)
+    store_states(L, I, [f"h_{n}" for n in ns], "p_hT_d", "1", "BLOCK_D", "hT", mask="m_hT")
     L.append(f"{I}if STATES_ONLY:")
     L.append(f"{I}    tl.store(p_dtsum + (i_b * d_inner + o_d) * tl.num_programs(2) + i_s, b_dtsum, mask=m_d)")
     return HEADER + "\n".join(L) + "\n"
 
 
-def _fwd_source_lanes(N, T, G):
+def _fwd_source_lanes(N, T, G, U):
     """Source of the forward kernel with G lanes per channel (G a power of two dividing N and T).
 
     A row of the program's tensors is one lane: lane group g of channel d (row = d G + g, so a
@@ -306,6 +355,7 @@ def _fwd_source_lanes(N, T, G):
     for j in range(G):
         L.append(f"{I}src_{j} = o_r - o_g + {j}  # row of the channel's lane {j}")
     _prologue(L, I, K, "R", first_state="o_n")
+    _fold_earlier_segments(L, I, K, N, "R", U, first_state="o_n")
     L.append(f"{I}s_row: tl.constexpr = {T // 2} if BC_PAIRS else {T}  # (batch, tile, B | C, state, step) rows")
     L.append(f"{I}o_w, m_w1 = tl.arange(0, s_row)[None, :], None")
     L.append(f"{I}n_tiles = tl.cdiv(seqlen, {T})")
@@ -381,7 +431,8 @@ def _fwd_source_lanes(N, T, G):
     L.append(f"{K2}p_od = p_out + {row.format('o')} + o_ts * s_o_l")
     L.append(f"{K2}tl.store(p_od, b_y.to(p_out.dtype.element_ty), mask=m_ds)")
     L.append(f"{I}p_hT_d = p_hT + i_b * s_hT_b + o_d * s_hT_d + i_s * s_hT_s + o_n")
-    store_states(L, I, [f"h_{k}" for k in ks], "p_hT_d", "1", "R", "hT")
+    _final_state_mask(L, I)
+    store_states(L, I, [f"h_{k}" for k in ks], "p_hT_d", "1", "R", "hT", mask="m_hT")
     L.append(f"{I}if STATES_ONLY:")
     L.append(f"{I}    p_ds = p_dtsum + (i_b * d_inner + o_d) * tl.num_programs(2) + i_s")
     L.append(f"{I}    tl.store(p_ds, b_dtsum, mask=m_d & (o_g == 0))")
@@ -389,10 +440,10 @@ def _fwd_source_lanes(N, T, G):
 
 
 @functools.cache
-def _fwd_kernel(N, T, G=1):
-    """The generated forward kernel for (d_state, T, lanes per channel)."""
-    src = _fwd_source(N, T) if G == 1 else _fwd_source_lanes(N, T, G)
-    return generated_kernel(src, f"scan_fwd_N{N}_T{T}_G{G}", "scan_fwd_kernel")
+def _fwd_kernel(N, T, G, U):
+    """The generated forward kernel for (d_state, T, lanes per channel, earlier segments chained per step)."""
+    src = _fwd_source(N, T, U) if G == 1 else _fwd_source_lanes(N, T, G, U)
+    return generated_kernel(src, f"scan_fwd_N{N}_T{T}_G{G}_U{U}", "scan_fwd_kernel")
 
 
 def _lanes_per_channel(batch, d_inner, d_state, T, time_rows, device, tuning):
@@ -482,9 +533,8 @@ class _FwdPlan(NamedTuple):
     chunks_per_seg: int
     bc_tiled: bool  # B and C read from a tile-by-tile copy
     flags: dict  # constexprs and launch options of both passes
-    single_pass: dict  # n_seg == 1: the one pass's own flags
-    pass1: dict  # n_seg > 1: the states-only pass over every segment but the last
-    pass2: dict  # n_seg > 1: the rerun from the chained states
+    full: dict  # the full pass's own flags (the one pass where n_seg == 1)
+    states_only: dict  # n_seg > 1, first: the states-only pass over every segment but the last
 
 
 @functools.lru_cache(maxsize=256)
@@ -524,21 +574,19 @@ def _fwd_plan(
         **({"maxnreg": tuning.maxnreg} if tuning.maxnreg and is_cuda else {}),
     )
     return _FwdPlan(
-        _fwd_kernel(d_state, T, lanes), T, n_blocks, n_seg, cdiv(n_tiles, n_seg), bc_tiled, flags,
-        single_pass=dict(USE_INITIAL_STATE=has_initial_state, STATES_ONLY=False, SAVE_CHUNK_STATES=save),
-        pass1=dict(USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False),
-        pass2=dict(USE_INITIAL_STATE=True, STATES_ONLY=False, SAVE_CHUNK_STATES=save),
+        _fwd_kernel(d_state, T, lanes, tuning.fold_segments), T, n_blocks, n_seg, cdiv(n_tiles, n_seg), bc_tiled, flags,
+        full=dict(USE_INITIAL_STATE=has_initial_state, STATES_ONLY=False, SAVE_CHUNK_STATES=save),
+        states_only=dict(USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False),
     )
 
 
 def scan_fwd_recurrent(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx=None,
-    need_final_state=True, A_is_log=False, tuning=RecurrentFwdTuning(), out_dtype=None,
+    A_is_log=False, tuning=RecurrentFwdTuning(), out_dtype=None,
 ):
     """Forward scan; fills `chunk_states` (batch, d_inner, n_ckpt, d_state) every `ckpt_len` steps if non-empty.
 
-    Returns (out, final_state); final_state may be None without need_final_state (it saves a copy).
-    With A_is_log, A holds A_log (A = -exp(A_log), computed in the kernels). out: u's dtype, or out_dtype.
+    Returns (out, final_state), final_state (batch, d_inner, d_state) fp32. With A_is_log, A holds A_log (A = -exp(A_log), computed in the kernels). out: u's dtype, or out_dtype.
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
@@ -569,28 +617,28 @@ def scan_fwd_recurrent(
     si = seq_idx_args(seq_idx)
     wide = wide_index(seqlen, u, delta, z, out, B, C)
 
-    def run_pass(segments, h0, h0_strides, h_out, dtsum, pass_flags):
+    def run_pass(segments, h0, h_out, h_out_strides, dtsum, h_seg, pass_flags):
         """One launch of the generated kernel over (batch, channel blocks, segments)."""
         launch(
             plan.kernel, (batch, plan.n_blocks, segments),
-            u, delta, A_c, B, C, D, z, delta_bias, h0, out, h_out, dtsum, chunk_states,
-            seqlen, d_inner, n_ckpt, plan.chunks_per_seg, *common, *h0_strides, *h0_strides, *si,
+            u, delta, A_c, B, C, D, z, delta_bias, h0, out, h_out, dtsum, h_seg, chunk_states,
+            seqlen, d_inner, n_ckpt, plan.chunks_per_seg, *common, *h0_strides, *h_out_strides, *si,
             **pass_flags, **plan.flags, WIDE_INDEX=wide,
         )
 
-    if n_seg == 1:
-        final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
-        run_pass(1, initial_state, (d_inner * d_state, d_state, 0), final_state, None, plan.single_pass)
+    final_state = u.new_empty(batch, d_inner, d_state, dtype=torch.float32)
+    h0_strides = (d_inner * d_state, d_state, 0)  # initial_state and final_state, contiguous; no segment stride
+    if n_seg == 1:  # no earlier segments: their ΣΔ and end states are never read (any fp32 tensor will do)
+        run_pass(1, initial_state, final_state, h0_strides, final_state, final_state, plan.full)
         return out, final_state
-    seg_strides = (d_inner * n_seg * d_state, n_seg * d_state, d_state)
-    h_end = u.new_empty(batch, d_inner, n_seg, d_state, dtype=torch.float32)
+    # Pass 1 skips the last segment: no later segment needs its end state, and the full pass computes it.
+    # Each segment of the full pass then chains the states of those before it (`_fold_earlier_segments`).
+    h_seg = u.new_empty(batch, d_inner, n_seg - 1, d_state, dtype=torch.float32)
     dtsum = u.new_empty(batch, d_inner, n_seg - 1, dtype=torch.float32)
-    # Pass 1 skips the last segment: no later segment needs its end state, and pass 2 computes it.
-    run_pass(n_seg - 1, None, seg_strides, h_end, dtsum, plan.pass1)
-    h_in = torch.empty_like(h_end)
-    chain_segments(h_end, dtsum, A_c, initial_state, h_in, A_is_log, tuning.chain)
-    run_pass(n_seg, h_in, seg_strides, h_end, None, plan.pass2)
-    return out, h_end[:, :, -1].contiguous() if need_final_state else None
+    seg_strides = (d_inner * (n_seg - 1) * d_state, (n_seg - 1) * d_state, d_state)
+    run_pass(n_seg - 1, None, h_seg, seg_strides, dtsum, None, plan.states_only)
+    run_pass(n_seg, initial_state, final_state, h0_strides, dtsum, h_seg, plan.full)
+    return out, final_state
 
 
 __all__ = ["RecurrentFwdTuning", "scan_fwd_recurrent"]

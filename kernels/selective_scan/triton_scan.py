@@ -68,11 +68,10 @@ def checkpoint_len(seqlen, tuning=DEFAULT_TUNING):
 
 
 def scan_fwd(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, need_final_state=True,
-    A_is_log=False, tuning=DEFAULT_TUNING, out_dtype=None,
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, A_is_log=False,
+    tuning=DEFAULT_TUNING, out_dtype=None,
 ):
-    """(out, final_state, chunk_states); chunk_states is empty unless save_states, final_state may be
-    None without need_final_state (it saves a copy). With A_is_log, A holds A_log (A = -exp(A_log),
+    """(out, final_state, chunk_states); chunk_states is empty unless save_states. With A_is_log, A holds A_log (A = -exp(A_log),
     computed inside the kernels: the training mixer passes its parameter as it is). out is in u's dtype, or
     out_dtype (the training mixer asks fp32 of fp16 inputs: y may pass fp16's range)."""
     batch, d_inner, seqlen = u.shape
@@ -85,7 +84,7 @@ def scan_fwd(
     if d_state <= tuning.recurrent_fwd_max_d_state:
         out, final_state = scan_fwd_recurrent(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_states, ckpt_len, seq_idx,
-            need_final_state, A_is_log, tuning.fwd, out_dtype,
+            A_is_log, tuning.fwd, out_dtype,
         )
     else:
         out, final_state = scan_fwd_chunk(
@@ -322,9 +321,7 @@ def selective_scan_triton(
         out, final_state, _ = selective_scan_fwd_op(*args, out_dtype)  # the op torch.compile / export trace through
     elif not save_states:  # nothing to differentiate: the autograd Function's apply would only cost host time
         with device_guard(u):
-            out, final_state, _ = scan_fwd(
-                *args, need_final_state=return_final_state, A_is_log=A_is_log, tuning=tuning, out_dtype=out_dtype
-            )
+            out, final_state, _ = scan_fwd(*args, A_is_log=A_is_log, tuning=tuning, out_dtype=out_dtype)
     else:
         out, final_state = _SelectiveScanEager.apply(*args, out_dtype, tuning)
     return (out, final_state) if return_final_state else out
