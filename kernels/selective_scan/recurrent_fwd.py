@@ -55,7 +55,6 @@ from .codegen import (
     pack,
     program_ids,
     reset_state,
-    state_groups,
     store_states,
     time_vector,
     unpack,
@@ -574,7 +573,8 @@ def _fwd_plan(
         **({"maxnreg": tuning.maxnreg} if tuning.maxnreg and is_cuda else {}),
     )
     return _FwdPlan(
-        _fwd_kernel(d_state, T, lanes, tuning.fold_segments), T, n_blocks, n_seg, cdiv(n_tiles, n_seg), bc_tiled, flags,
+        _fwd_kernel(d_state, T, lanes, tuning.fold_segments), T, n_blocks, n_seg, cdiv(n_tiles, n_seg), bc_tiled,
+        flags,
         full=dict(USE_INITIAL_STATE=has_initial_state, STATES_ONLY=False, SAVE_CHUNK_STATES=save),
         states_only=dict(USE_INITIAL_STATE=False, STATES_ONLY=True, SAVE_CHUNK_STATES=False),
     )
@@ -586,7 +586,8 @@ def scan_fwd_recurrent(
 ):
     """Forward scan; fills `chunk_states` (batch, d_inner, n_ckpt, d_state) every `ckpt_len` steps if non-empty.
 
-    Returns (out, final_state), final_state (batch, d_inner, d_state) fp32. With A_is_log, A holds A_log (A = -exp(A_log), computed in the kernels). out: u's dtype, or out_dtype.
+    Returns (out, final_state), final_state (batch, d_inner, d_state) fp32. With A_is_log, A holds A_log
+    (A = -exp(A_log), computed in the kernels). out: u's dtype, or out_dtype.
     """
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]

@@ -71,9 +71,9 @@ def scan_fwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states, seq_idx, A_is_log=False,
     tuning=DEFAULT_TUNING, out_dtype=None,
 ):
-    """(out, final_state, chunk_states); chunk_states is empty unless save_states. With A_is_log, A holds A_log (A = -exp(A_log),
-    computed inside the kernels: the training mixer passes its parameter as it is). out is in u's dtype, or
-    out_dtype (the training mixer asks fp32 of fp16 inputs: y may pass fp16's range)."""
+    """(out, final_state, chunk_states); chunk_states is empty unless save_states. With A_is_log, A holds
+    A_log (A = -exp(A_log), computed inside the kernels: the training mixer passes its parameter as it is).
+    out is in u's dtype, or out_dtype (the training mixer asks fp32 of fp16 inputs: y may pass fp16's range)."""
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     ckpt_len = checkpoint_len(seqlen, tuning)
