@@ -41,9 +41,9 @@ def _chain_adjoint_kernel(
     p_PQ, p_x, d_inner, d_state, n_seg, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # x[s - 1] = Q_s + P_s x[s], from the last segment (x holds dL/dh_T there) to the first.
-    # x (batch, n_seg, d_state, d_inner), P and Q (batch, n_seg, 2, d_state, d_inner). As the
-    # forward's chain kernel: BLOCK_E elements (state, channel) per program, BLOCK_S segments per
-    # loop step (row j: segment s_top - j), loaded together and chained by a scan.
+    # x (batch, n_seg, d_state, d_inner), P and Q (batch, n_seg, 2, d_state, d_inner). BLOCK_E
+    # elements (state, channel) per program, BLOCK_S segments per loop step (row j: segment
+    # s_top - j), loaded together and chained by a scan.
     i_b = tl.program_id(0).to(tl.int64)
     o_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # state * d_inner + channel
     m_e = o_e < d_state * d_inner
