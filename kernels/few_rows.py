@@ -17,6 +17,7 @@ rounded once to the output dtype, as cuBLAS's 16-bit GEMMs compute them (up to s
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,10 +27,22 @@ from ._launch import cdiv, device_guard, launch, next_power_of_2, sm_count
 from .checks import check_tensors
 
 MAX_ROWS = 16  # rows per call: one BLOCK_M of tl.dot
-MIN_BLOCK_N, MAX_BLOCK_N = 16, 64
-PROGRAMS_PER_SM = 2
-TILE_BYTES = 8192  # of the weight per load: BLOCK_K = TILE_BYTES / (BLOCK_N x its element size)
-NUM_STAGES = 4  # loads of the weight in flight per program
+
+
+@dataclass(frozen=True)
+class FewRowsTuning:
+    """Launch choices of few_rows_linear (scripts/dev/few_rows_sweep.py times others)."""
+
+    min_block_n: int = 16
+    max_block_n: int = 64
+    programs_per_sm: int = 2
+    tile_bytes: int = 8192  # of the weight per load: BLOCK_K = tile_bytes / (BLOCK_N x its element size)
+    num_stages: int = 4  # loads of the weight in flight per program
+    num_warps: int = 4
+    one_row_fma: bool = False  # a single row's products on CUDA cores (no tl.dot), summed once at the end
+
+
+DEFAULT_TUNING = FewRowsTuning()
 
 
 @triton.jit
@@ -68,22 +81,55 @@ def _few_rows_linear_kernel(
              mask=m_m[:, None] & m_n[None, :])
 
 
-def block_n(n_out, device):
-    """Outputs per program: the largest power of two from MAX_BLOCK_N down to MIN_BLOCK_N that still gives
-    PROGRAMS_PER_SM programs per multiprocessor."""
-    size = MAX_BLOCK_N
-    while size > MIN_BLOCK_N and cdiv(n_out, size) < PROGRAMS_PER_SM * sm_count(device):
+@triton.jit
+def _one_row_linear_kernel(
+    p_x, p_w, p_bias, p_out,
+    N, K,
+    s_x_k, s_w_n, s_w_k, s_o_n,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    m_n = o_n < N
+    p_x_k = p_x + o_k * s_x_k
+    p_w_k = p_w + o_n[:, None] * s_w_n + o_k[None, :] * s_w_k  # (BLOCK_N, BLOCK_K): the weight's rows
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            b_x = tl.load(p_x_k)
+            b_w = tl.load(p_w_k, mask=m_n[:, None], other=0.0)
+        else:
+            m_k = k + o_k < K
+            b_x = tl.load(p_x_k, mask=m_k, other=0.0)
+            b_w = tl.load(p_w_k, mask=m_n[:, None] & m_k[None, :], other=0.0)
+        acc += b_w.to(tl.float32) * b_x.to(tl.float32)[None, :]
+        p_x_k += BLOCK_K * s_x_k
+        p_w_k += BLOCK_K * s_w_k
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)
+    tl.store(p_out + o_n * s_o_n, out.to(p_out.dtype.element_ty), mask=m_n)
+
+
+def block_n(n_out, device, tuning=DEFAULT_TUNING):
+    """Outputs per program: the largest power of two from max_block_n down to min_block_n that still gives
+    programs_per_sm programs per multiprocessor."""
+    size = tuning.max_block_n
+    while size > tuning.min_block_n and cdiv(n_out, size) < tuning.programs_per_sm * sm_count(device):
         size //= 2
     return size
 
 
-def few_rows_linear(x, weight, bias=None):
+def few_rows_linear(x, weight, bias=None, tuning=DEFAULT_TUNING):
     """x @ weight.T + bias for x of at most MAX_ROWS rows, as torch.nn.functional.linear computes it.
 
     Args:
         x: (..., in_features) with at most MAX_ROWS rows in all, of the weight's dtype.
         weight: (out_features, in_features), 16-bit (bf16 or fp16).
         bias: (out_features,) or None.
+        tuning: launch choices (FewRowsTuning).
 
     Returns:
         (..., out_features) in the weight's dtype.
@@ -101,18 +147,22 @@ def few_rows_linear(x, weight, bias=None):
         raise ValueError(f"x must have at most {MAX_ROWS} rows, got {rows.shape[0]}")
     out = torch.empty(rows.shape[0], n_out, dtype=weight.dtype, device=weight.device)
     if rows.shape[0] and n_out:
-        size = block_n(n_out, weight.device)
-        block_k = min(TILE_BYTES // (size * weight.element_size()), max(16, next_power_of_2(n_in)))
+        size = block_n(n_out, weight.device, tuning)
+        block_k = min(tuning.tile_bytes // (size * weight.element_size()), max(16, next_power_of_2(n_in)))
+        shared = dict(HAS_BIAS=bias is not None, BLOCK_N=size, BLOCK_K=block_k, EVEN_K=n_in % block_k == 0,
+                      NUM_STAGES=tuning.num_stages, num_warps=tuning.num_warps)
         with device_guard(weight):
-            launch(
-                _few_rows_linear_kernel, (cdiv(n_out, size),),
-                rows, weight, bias, out, rows.shape[0], n_out, n_in,
-                *rows.stride(), *weight.stride(), *out.stride(),
-                HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=size, BLOCK_K=block_k,
-                EVEN_K=n_in % block_k == 0, FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
-                NUM_STAGES=NUM_STAGES, num_warps=4,
-            )
+            if tuning.one_row_fma and rows.shape[0] == 1:
+                launch(_one_row_linear_kernel, (cdiv(n_out, size),), rows, weight, bias, out, n_out, n_in,
+                       rows.stride(1), *weight.stride(), out.stride(1), **shared)
+            else:
+                launch(
+                    _few_rows_linear_kernel, (cdiv(n_out, size),),
+                    rows, weight, bias, out, rows.shape[0], n_out, n_in,
+                    *rows.stride(), *weight.stride(), *out.stride(),
+                    BLOCK_M=MAX_ROWS, FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", **shared,
+                )
     return out.view(*x.shape[:-1], n_out)
 
 
-__all__ = ["MAX_ROWS", "few_rows_linear"]
+__all__ = ["DEFAULT_TUNING", "MAX_ROWS", "FewRowsTuning", "few_rows_linear"]

@@ -5,7 +5,7 @@ by truncation, within one unit in the last place."""
 import pytest
 import torch
 from hf_mamba.kernels import few_rows_linear
-from hf_mamba.kernels.few_rows import MAX_ROWS, block_n
+from hf_mamba.kernels.few_rows import DEFAULT_TUNING, MAX_ROWS, FewRowsTuning, block_n
 from scan_testing import DEVICE, ON_GPU
 
 
@@ -33,6 +33,18 @@ def test_matches_the_exact_product(rows, n_in, n_out, bias, dtype):
     assert_one_rounding(few_rows_linear(x, weight, b), exact, dtype)
     if ON_GPU:  # F.linear's own rounding of its fp32 sum: the same up to summation order
         torch.testing.assert_close(few_rows_linear(x, weight, b), torch.nn.functional.linear(x, weight, b))
+
+
+@pytest.mark.parametrize("n_in,bias", [(256, False), (200, True)], ids=["even", "uneven-in"])
+def test_one_row_on_cuda_cores_matches_the_exact_product(n_in, bias):
+    """The CUDA-core variant for a single row (FewRowsTuning.one_row_fma) rounds its fp32 sum once too."""
+    torch.manual_seed(2)
+    g = dict(device=DEVICE, dtype=torch.bfloat16)
+    x, weight = torch.randn(1, n_in, **g), torch.randn(70, n_in, **g) / n_in**0.5
+    b = torch.randn(70, **g) if bias else None
+    exact = x.double() @ weight.double().T + (b.double() if bias else 0)
+    out = few_rows_linear(x, weight, b, tuning=FewRowsTuning(one_row_fma=True, tile_bytes=512))
+    assert_one_rounding(out, exact, torch.bfloat16)
 
 
 def test_strided_rows_and_leading_dims():
@@ -65,3 +77,4 @@ def test_outputs_per_program_keep_the_multiprocessors_busy():
     assert block_n(128 * sms, DEVICE) == 64
     assert block_n(64 * sms, DEVICE) == 32
     assert block_n(8, DEVICE) == 16
+    assert block_n(64 * sms, DEVICE, DEFAULT_TUNING) == 32
