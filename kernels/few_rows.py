@@ -113,23 +113,24 @@ def _one_row_linear_kernel(
     tl.store(p_out + o_n * s_o_n, out.to(p_out.dtype.element_ty), mask=m_n)
 
 
-def block_n(n_out, device, tuning=DEFAULT_TUNING):
+def block_n(n_out, device, tuning=None):
     """Outputs per program: the largest power of two from max_block_n down to min_block_n that still gives
     programs_per_sm programs per multiprocessor."""
+    tuning = tuning or DEFAULT_TUNING
     size = tuning.max_block_n
     while size > tuning.min_block_n and cdiv(n_out, size) < tuning.programs_per_sm * sm_count(device):
         size //= 2
     return size
 
 
-def few_rows_linear(x, weight, bias=None, tuning=DEFAULT_TUNING):
+def few_rows_linear(x, weight, bias=None, tuning=None):
     """x @ weight.T + bias for x of at most MAX_ROWS rows, as torch.nn.functional.linear computes it.
 
     Args:
         x: (..., in_features) with at most MAX_ROWS rows in all, of the weight's dtype.
         weight: (out_features, in_features), 16-bit (bf16 or fp16).
         bias: (out_features,) or None.
-        tuning: launch choices (FewRowsTuning).
+        tuning: launch choices (FewRowsTuning); None for the module's DEFAULT_TUNING as it is at the call.
 
     Returns:
         (..., out_features) in the weight's dtype.
@@ -146,6 +147,7 @@ def few_rows_linear(x, weight, bias=None, tuning=DEFAULT_TUNING):
     if rows.shape[0] > MAX_ROWS:
         raise ValueError(f"x must have at most {MAX_ROWS} rows, got {rows.shape[0]}")
     out = torch.empty(rows.shape[0], n_out, dtype=weight.dtype, device=weight.device)
+    tuning = tuning or DEFAULT_TUNING
     if rows.shape[0] and n_out:
         size = block_n(n_out, weight.device, tuning)
         block_k = min(tuning.tile_bytes // (size * weight.element_size()), max(16, next_power_of_2(n_in)))

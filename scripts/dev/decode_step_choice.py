@@ -9,6 +9,7 @@ way and then the other.
     python scripts/dev/decode_step_choice.py --batches 16 --ungrouped  # and the fused step without step_grouping
     python scripts/dev/decode_step_choice.py --cublas  # and both steps with in_proj, out_proj as cuBLAS's GEMMs
     python scripts/dev/decode_step_choice.py --projections  # first: few_rows_linear against F.linear, per call
+    python scripts/dev/decode_step_choice.py --few-rows num_stages=6,one_row_fma=1  # and both steps so tuned
 
 Greedy generate() with CUDA graphs, prompt 128; tokens/s of the decode steps alone: (whole call - a call
 that generates one token) over batch x (new - 1) tokens, medians of three.
@@ -17,13 +18,14 @@ that generates one token) over batch x (new - 1) tokens, medians of three.
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from _bench_common import print_decode_profile  # noqa: E402
 from benchmark_large import SHAPES, HfMamba, Shape, median_time  # noqa: E402
-from hf_mamba.kernels import mamba_step  # noqa: E402
+from hf_mamba.kernels import few_rows, mamba_step  # noqa: E402
 
 import hf_mamba.block as block  # noqa: E402
 from hf_mamba.decode_graphs import DecodeGraphs  # noqa: E402
@@ -78,6 +80,9 @@ def main():
                         help="also time both steps with in_proj and out_proj as cuBLAS's GEMMs (no few_rows_linear)")
     parser.add_argument("--projections", action="store_true",
                         help="first print in_proj's and out_proj's time per call, few_rows_linear against F.linear")
+    parser.add_argument("--few-rows", default="",
+                        help="also time both steps with few_rows_linear under these FewRowsTuning fields "
+                             "(name=integer,...)")
     args = parser.parse_args()
     device = torch.device("cuda")
     shapes = [shape_of(name) for name in args.shapes.split(",")]
@@ -88,13 +93,19 @@ def main():
     shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_D_INNER_SQUARED
     shipped_min_programs, shipped_rows = mamba_step.MIN_PROGRAMS, block.FEW_ROWS_LINEAR_ROWS
     print(f"{torch.cuda.get_device_name(device)}, bf16, greedy, prompt 128, {args.new} new tokens, tokens/s")
-    # label, fused, grouping, few_rows_linear
-    steps = [("fused step", True, None, True), ("modules' step", False, None, True)]
+    shipped_tuning = few_rows.DEFAULT_TUNING
+    # label, fused, grouping, few_rows_linear (its tuning)
+    steps = [("fused step", True, None, shipped_tuning), ("modules' step", False, None, shipped_tuning)]
     if args.ungrouped:
-        steps.append(("fused step, ungrouped", True, 1 << 30, True))
+        steps.append(("fused step, ungrouped", True, 1 << 30, shipped_tuning))
     if args.cublas:
-        steps += [("fused step, cuBLAS projections", True, None, False),
-                  ("modules' step, cuBLAS projections", False, None, False)]
+        steps += [("fused step, cuBLAS projections", True, None, None),
+                  ("modules' step, cuBLAS projections", False, None, None)]
+    if args.few_rows:
+        fields = {name: int(value) for name, value in (field.split("=") for field in args.few_rows.split(","))}
+        tuned = replace(shipped_tuning, **fields)
+        steps += [(f"fused step, {args.few_rows}", True, None, tuned),
+                  (f"modules' step, {args.few_rows}", False, None, tuned)]
     print("| shape | batch | " + " | ".join(step[0] for step in steps) + " | fused / modules |")
     print("|---|---|" + "---|" * len(steps) + "---|")
     for shape in shapes:
@@ -103,11 +114,12 @@ def main():
         for batch in batches:
             prompt = torch.randint(1, shape.vocab, (batch, 128), device=device)
             results = []
-            for label, fused, min_programs, few_rows in steps:
+            for label, fused, min_programs, few_rows_tuning in steps:
                 widest = 1 << 30 if fused else 0  # every width one way or the other
                 block.FUSED_STEP_MAX_D_INNER = block.FUSED_STEP_MAX_BATCH_D_INNER_SQUARED = widest
                 mamba_step.MIN_PROGRAMS = min_programs or shipped_min_programs
-                block.FEW_ROWS_LINEAR_ROWS = shipped_rows if few_rows else range(0)
+                block.FEW_ROWS_LINEAR_ROWS = shipped_rows if few_rows_tuning else range(0)
+                few_rows.DEFAULT_TUNING = few_rows_tuning or shipped_tuning
                 model._decode_graphs = DecodeGraphs()  # no graph captured with the other step
                 results.append(tokens_per_s(impl, model, prompt, args.new, device))
                 if args.profile:
@@ -115,6 +127,7 @@ def main():
                                          lambda p, n, model=model: impl.generate(model, p, n), prompt)
             block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_D_INNER_SQUARED = shipped
             mamba_step.MIN_PROGRAMS, block.FEW_ROWS_LINEAR_ROWS = shipped_min_programs, shipped_rows
+            few_rows.DEFAULT_TUNING = shipped_tuning
             cells = " | ".join(f"{r:,.0f}" for r in results)
             print(f"| {name} | {batch} | {cells} | {results[0] / results[1]:.2f} |", flush=True)
         del model
