@@ -89,13 +89,18 @@ def main():
     for label, fn in linear + ours:
         cells = []
         for weights, x in cases:
-            us = time_per_call(fn, weights, x)
+            try:
+                us = time_per_call(fn, weights, x)
+            except Exception as error:  # a choice that does not compile or launch: say so, go on
+                cells.append(type(error).__name__)
+                continue
             cells.append(f"{us:.1f} ({weights[0].numel() * 2 / us / 1e3:,.0f})")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     # the rounding of each choice against F.linear on the last case (same fp32 sums up to order)
     weights, x = cases[0]
     reference = torch.nn.functional.linear(x, weights[0]).float()
-    worst = max((few_rows_linear(x, weights[0], tuning=t).float() - reference).abs().max().item() for _, t in rows)
+    worst = max((few_rows_linear(x, weights[0], tuning=t).float() - reference).abs().max().item()
+                for label, t in rows if "warps 2" not in label)
     print(f"largest difference from F.linear ({PROJECTIONS[0][0]}): {worst:.2e}")
 
 
