@@ -99,8 +99,13 @@ def main():
     # the rounding of each choice against F.linear on the last case (same fp32 sums up to order)
     weights, x = cases[0]
     reference = torch.nn.functional.linear(x, weights[0]).float()
-    worst = max((few_rows_linear(x, weights[0], tuning=t).float() - reference).abs().max().item()
-                for label, t in rows if "warps 2" not in label)
+    worst = 0.0
+    for _, tuning in rows:
+        try:
+            out = few_rows_linear(x, weights[0], tuning=tuning).float()
+        except Exception:  # reported in the table
+            continue
+        worst = max(worst, (out - reference).abs().max().item())
     print(f"largest difference from F.linear ({PROJECTIONS[0][0]}): {worst:.2e}")
 
 
