@@ -9,7 +9,7 @@ way and then the other.
     python scripts/dev/decode_step_choice.py --batches 16 --ungrouped  # and the fused step without step_grouping
     python scripts/dev/decode_step_choice.py --cublas  # and both steps with in_proj, out_proj as cuBLAS's GEMMs
     python scripts/dev/decode_step_choice.py --projections  # first: few_rows_linear against F.linear, per call
-    python scripts/dev/decode_step_choice.py --few-rows num_stages=6,one_row_fma=1  # and both steps so tuned
+    python scripts/dev/decode_step_choice.py --few-rows "num_stages=6;one_row_fma=1"  # and both steps so tuned
 
 Greedy generate() with CUDA graphs, prompt 128; tokens/s of the decode steps alone: (whole call - a call
 that generates one token) over batch x (new - 1) tokens, medians of three.
@@ -82,7 +82,7 @@ def main():
                         help="first print in_proj's and out_proj's time per call, few_rows_linear against F.linear")
     parser.add_argument("--few-rows", default="",
                         help="also time both steps with few_rows_linear under these FewRowsTuning fields "
-                             "(name=integer,...)")
+                             "(name=integer,...; several choices separated by ';')")
     args = parser.parse_args()
     device = torch.device("cuda")
     shapes = [shape_of(name) for name in args.shapes.split(",")]
@@ -101,11 +101,10 @@ def main():
     if args.cublas:
         steps += [("fused step, cuBLAS projections", True, None, None),
                   ("modules' step, cuBLAS projections", False, None, None)]
-    if args.few_rows:
-        fields = {name: int(value) for name, value in (field.split("=") for field in args.few_rows.split(","))}
+    for choice in filter(None, args.few_rows.split(";")):
+        fields = {name: int(value) for name, value in (field.split("=") for field in choice.split(","))}
         tuned = replace(shipped_tuning, **fields)
-        steps += [(f"fused step, {args.few_rows}", True, None, tuned),
-                  (f"modules' step, {args.few_rows}", False, None, tuned)]
+        steps += [(f"fused step, {choice}", True, None, tuned), (f"modules' step, {choice}", False, None, tuned)]
     print("| shape | batch | " + " | ".join(step[0] for step in steps) + " | fused / modules |")
     print("|---|---|" + "---|" * len(steps) + "---|")
     for shape in shapes:
