@@ -5,12 +5,16 @@ call and the weight's bytes over that time, next to the device's copy bandwidth 
 
     python scripts/dev/few_rows_sweep.py                       # 1.4B and 7B projections, batch 1 and 16
     python scripts/dev/few_rows_sweep.py --batches 1 --only "stages"   # rows whose label starts so
+
+The last line, `best: FIELDS;FIELDS`, names per batch size the choice with the least time summed over the
+projections, as FewRowsTuning fields that differ from the shipped ones (`decode_step_choice.py --few-rows`
+takes it as it is).
 """
 
 import argparse
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -86,14 +90,18 @@ def main():
             cases.append((weights, torch.randn(batch, n_in, device=device, dtype=torch.bfloat16)))
     linear = [("F.linear", torch.nn.functional.linear)]
     ours = [(label, lambda x, w, t=tuning: few_rows_linear(x, w, tuning=t)) for label, tuning in rows]
+    totals = {}  # (label, batch) -> microseconds summed over the projections
     for label, fn in linear + ours:
         cells = []
-        for weights, x in cases:
+        for i, (weights, x) in enumerate(cases):
+            batch = batches[i % len(batches)]
             try:
                 us = time_per_call(fn, weights, x)
             except Exception as error:  # a choice that does not compile or launch: say so, go on
                 cells.append(type(error).__name__)
+                totals[label, batch] = float("inf")
                 continue
+            totals[label, batch] = totals.get((label, batch), 0.0) + us
             cells.append(f"{us:.1f} ({weights[0].numel() * 2 / us / 1e3:,.0f})")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     # the rounding of each choice against F.linear on the last case (same fp32 sums up to order)
@@ -107,6 +115,15 @@ def main():
             continue
         worst = max(worst, (out - reference).abs().max().item())
     print(f"largest difference from F.linear ({PROJECTIONS[0][0]}): {worst:.2e}")
+    tunings, best = dict(rows), []
+    for batch in batches:
+        label = min((label for label, _ in rows), key=lambda label: totals[label, batch])
+        changed = {k: int(v) for k, v in asdict(tunings[label]).items() if v != asdict(DEFAULT_TUNING)[k]}
+        print(f"batch {batch}: least in all {label} ({totals[label, batch]:.1f} us against "
+              f"{totals['shipped', batch]:.1f} shipped, {totals['F.linear', batch]:.1f} F.linear)")
+        if changed and ",".join(f"{k}={v}" for k, v in changed.items()) not in best:
+            best.append(",".join(f"{k}={v}" for k, v in changed.items()))
+    print("best: " + ";".join(best))
 
 
 if __name__ == "__main__":
