@@ -40,6 +40,7 @@ class FewRowsTuning:
     num_stages: int = 4  # loads of the weight in flight per program
     num_warps: int = 4
     one_row_fma: bool = False  # a single row's products on CUDA cores (no tl.dot), summed once at the end
+    split_k: int = 1  # programs per block of outputs, each over a part of K (the last adds the parts up)
 
 
 DEFAULT_TUNING = FewRowsTuning()
@@ -47,26 +48,28 @@ DEFAULT_TUNING = FewRowsTuning()
 
 @triton.jit
 def _few_rows_linear_kernel(
-    p_x, p_w, p_bias, p_out,
-    M, N, K,
+    p_x, p_w, p_bias, p_out, p_part, p_count,
+    M, N, K, K_PER,
     s_x_m, s_x_k, s_w_n, s_w_k, s_o_m, s_o_n,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, NUM_STAGES: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
+    i_n, i_k = tl.program_id(0), tl.program_id(1)
+    k_start = i_k * K_PER  # this program's part of K (all of it without a split)
+    k_end = tl.minimum(K, k_start + K_PER)
     o_m = tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_k = tl.arange(0, BLOCK_K)
+    o_k = k_start + tl.arange(0, BLOCK_K)
     m_m, m_n = o_m < M, o_n < N
     p_x_k = p_x + o_m[:, None] * s_x_m + o_k[None, :] * s_x_k  # (BLOCK_M, BLOCK_K)
     p_w_k = p_w + o_n[None, :] * s_w_n + o_k[:, None] * s_w_k  # (BLOCK_K, BLOCK_N): the weight's rows, transposed
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             b_x = tl.load(p_x_k, mask=m_m[:, None], other=0.0)
             b_w = tl.load(p_w_k, mask=m_n[None, :], other=0.0)
         else:
-            m_k = k + o_k < K
+            m_k = k - k_start + o_k < k_end
             b_x = tl.load(p_x_k, mask=m_m[:, None] & m_k[None, :], other=0.0)
             b_w = tl.load(p_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
         if FP32_DOT:  # the interpreter multiplies 16-bit blocks as their raw bits
@@ -75,6 +78,21 @@ def _few_rows_linear_kernel(
             acc = tl.dot(b_x.to(b_w.dtype), b_w, acc)
         p_x_k += BLOCK_K * s_x_k
         p_w_k += BLOCK_K * s_w_k
+    if SPLIT_K > 1:
+        # Each part's sums go to p_part; the last program of this block of outputs to arrive (a counter,
+        # reset by that program for the next call) adds the parts up in their order, so the result does not
+        # depend on which program came last.
+        o_part = o_m[:, None] * N + o_n[None, :]
+        m_part = m_m[:, None] & m_n[None, :]
+        tl.store(p_part + i_k * BLOCK_M * N + o_part, acc, mask=m_part)
+        tl.debug_barrier()  # every thread's part stored before the counter moves
+        last = tl.atomic_add(p_count + i_n, 1) == SPLIT_K - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for part in tl.static_range(SPLIT_K):  # read past L1, which may hold an earlier call's parts
+                acc += tl.load(p_part + part * BLOCK_M * N + o_part, mask=m_part, other=0.0, cache_modifier=".cg")
+            tl.store(p_count + i_n, 0)
+        m_n = o_n < tl.where(last, N, 0)  # only the last program stores
     if HAS_BIAS:
         acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     tl.store(p_out + o_m[:, None] * s_o_m + o_n[None, :] * s_o_n, acc.to(p_out.dtype.element_ty),
@@ -111,6 +129,21 @@ def _one_row_linear_kernel(
     if HAS_BIAS:
         out += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)
     tl.store(p_out + o_n * s_o_n, out.to(p_out.dtype.element_ty), mask=m_n)
+
+
+_counters = {}  # device -> int32 zeros: the split programs' arrival counters, each left at 0 after a call
+
+
+def _split_counters(device, n):
+    """At least n arrival counters on device, zero. Allocated outside CUDA graph capture only: a buffer first
+    made inside a capture would hold zeros only once that graph had run."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("few_rows_linear with split_k > 1 needs a call outside CUDA graph capture first, "
+                               "to allocate its counters")
+        counters = _counters[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 def block_n(n_out, device, tuning=None):
@@ -158,11 +191,18 @@ def few_rows_linear(x, weight, bias=None, tuning=None):
                 launch(_one_row_linear_kernel, (cdiv(n_out, size),), rows, weight, bias, out, n_out, n_in,
                        rows.stride(1), *weight.stride(), out.stride(1), **shared)
             else:
+                n_blocks, k_tiles = cdiv(n_out, size), cdiv(n_in, block_k)
+                k_per = cdiv(k_tiles, max(1, tuning.split_k)) * block_k
+                split = cdiv(n_in, k_per)
+                part = count = None
+                if split > 1:
+                    part = torch.empty(split, MAX_ROWS, n_out, dtype=torch.float32, device=weight.device)
+                    count = _split_counters(weight.device, n_blocks)
                 launch(
-                    _few_rows_linear_kernel, (cdiv(n_out, size),),
-                    rows, weight, bias, out, rows.shape[0], n_out, n_in,
+                    _few_rows_linear_kernel, (n_blocks, split),
+                    rows, weight, bias, out, part, count, rows.shape[0], n_out, n_in, k_per,
                     *rows.stride(), *weight.stride(), *out.stride(),
-                    BLOCK_M=MAX_ROWS, FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", **shared,
+                    BLOCK_M=MAX_ROWS, FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", SPLIT_K=split, **shared,
                 )
     return out.view(*x.shape[:-1], n_out)
 

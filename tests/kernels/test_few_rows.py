@@ -47,6 +47,19 @@ def test_one_row_on_cuda_cores_matches_the_exact_product(n_in, bias):
     assert_one_rounding(out, exact, torch.bfloat16)
 
 
+@pytest.mark.parametrize("split_k,n_in", [(2, 256), (3, 200), (4, 48)], ids=["two", "three-uneven", "short-k"])
+def test_split_over_k_adds_the_parts_in_order(split_k, n_in):
+    """FewRowsTuning.split_k: programs over parts of K, the last to arrive adding the parts up: one rounding
+    of the fp32 sum, equal to itself call after call (the counters go back to zero), bias added once."""
+    torch.manual_seed(3)
+    g = dict(device=DEVICE, dtype=torch.bfloat16)
+    x, weight, b = torch.randn(5, n_in, **g), torch.randn(40, n_in, **g) / n_in**0.5, torch.randn(40, **g)
+    tuning = FewRowsTuning(split_k=split_k, tile_bytes=512)
+    first = few_rows_linear(x, weight, b, tuning=tuning)
+    assert_one_rounding(first, x.double() @ weight.double().T + b.double(), torch.bfloat16)
+    assert torch.equal(few_rows_linear(x, weight, b, tuning=tuning), first)
+
+
 def test_strided_rows_and_leading_dims():
     """x as a decode step hands it over: (batch, 1, in) or a strided view of a longer tensor."""
     torch.manual_seed(1)
