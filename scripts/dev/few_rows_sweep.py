@@ -29,19 +29,16 @@ PROJECTIONS = [
 ]
 D = DEFAULT_TUNING
 ROWS = [("shipped", D)]
-ROWS += [(f"stages {n}", replace(D, num_stages=n)) for n in (2, 3, 6, 8)]
-ROWS += [(f"tile {b // 1024}K", replace(D, tile_bytes=b)) for b in (4096, 16384, 32768)]
-ROWS += [(f"warps {w}", replace(D, num_warps=w)) for w in (2, 8)]
-ROWS += [(f"programs/SM {p}", replace(D, programs_per_sm=p)) for p in (1, 4, 8)]
-ROWS += [("block_n 16 only", replace(D, max_block_n=16))]
-ROWS += [("block_n 32 only", replace(D, min_block_n=32, max_block_n=32))]
+ROWS += [(f"stages {n}", replace(D, num_stages=n)) for n in (3, 6)]
+ROWS += [(f"tile {b // 1024}K", replace(D, tile_bytes=b)) for b in (16384, 32768)]
+ROWS += [("warps 8", replace(D, num_warps=8))]
+ROWS += [(f"programs/SM {p}", replace(D, programs_per_sm=p)) for p in (4, 8)]
 ROWS += [(f"split {k}", replace(D, split_k=k)) for k in (2, 4, 8)]
 ROWS += [("split 4 tile 16K", replace(D, split_k=4, tile_bytes=16384))]
 ROWS += [("fma", replace(D, one_row_fma=True))]
-ROWS += [(f"fma tile {b // 1024}K", replace(D, one_row_fma=True, tile_bytes=b)) for b in (4096, 16384)]
-ROWS += [(f"fma stages {n}", replace(D, one_row_fma=True, num_stages=n)) for n in (2, 6)]
+ROWS += [("fma tile 16K", replace(D, one_row_fma=True, tile_bytes=16384))]
+ROWS += [("fma stages 6", replace(D, one_row_fma=True, num_stages=6))]
 ROWS += [("fma programs/SM 4", replace(D, one_row_fma=True, programs_per_sm=4))]
-ROWS += [("fma warps 8", replace(D, one_row_fma=True, num_warps=8))]
 
 CALLS = 48  # per graph replay
 L2_CLEARING_BYTES = 256 << 20  # the weights the calls cycle through: several times any L2
