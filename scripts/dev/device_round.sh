@@ -15,7 +15,8 @@
 # (dev/compile_contention.py: the pass's compiles alone and beside the background ones, on the host's CPU), decode_profile (wall vs GPU time per
 # decoded token; MODEL_FLAGS gives another shape), prefill_profile (GPU time per kernel, PROFILE_FLAGS), host_time
 # (benchmark_kernels.py --host-time: the scan's and the mixer's host vs GPU time per call; host_time@NAME: another tree's), choice_now / choice@NAME (decode_step_choice.py,
-# CHOICE_FLAGS), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
+# CHOICE_FLAGS), few_rows (dev/few_rows_sweep.py for at most SWEEP_CAP seconds, then decode_step_choice.py with
+# the sweep's best choices beside the shipped ones, FEW_ROWS_SHAPES), qlora_now / qlora@NAME (benchmark_large.py's QLoRA rows, QLORA_SHAPES), induction (the paper's
 # induction heads to 2^20), induction_paper (closer to the paper's recipe: no curriculum, batch 8, 40,000 steps;
 # tests to 2^INDUCTION_MAX_LOG2), multi_gpu (benchmark_multi_gpu.py, MULTI_FLAGS, default --bf16: needs a
 # multi-GPU kind and the datasets wheels in .device_cache/datasets).
@@ -95,6 +96,10 @@ for s in "$@"; do
     host_time@*) install_tree "${s#host_time@}"; step "${s/@/_}" tree "${s#host_time@}" benchmark_kernels.py --host-time ;;
     multi_gpu) step multi_gpu now "$here/scripts/benchmark_multi_gpu.py" ${MULTI_FLAGS:---bf16} ;;
     choice_now) step choice_now now "$here/scripts/dev/decode_step_choice.py" ${CHOICE_FLAGS:-} ;;
+    few_rows) CAP=${SWEEP_CAP:-200} step few_rows_sweep now "$here/scripts/dev/few_rows_sweep.py"
+        best=$(grep '^best: ' "$OUT/few_rows_sweep.txt" | cut -c7-)
+        step few_rows_choice now "$here/scripts/dev/decode_step_choice.py" --shapes ${FEW_ROWS_SHAPES:-1.4b,7b} \
+            --batches 1,16 --few-rows "$best" ;;
     choice@*) install_tree "${s#choice@}"; step "${s/@/_}" tree "${s#choice@}" dev/decode_step_choice.py ${CHOICE_FLAGS:-} ;;
     scan_before) install_tree before; step scan_before old "$before/scripts/benchmark_kernels.py" --no-torch-path --no-scaling --no-conv ;;
     model_now) step model_now now "$here/scripts/benchmark_model.py" --skip-builtin-train --skip-builtin-decode \
