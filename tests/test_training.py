@@ -450,6 +450,8 @@ os._exit(0)
 """
 
 
+# resuming in one process with no process group is the point; torch warns that it assumes so
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_fsdp_wraps_mamba_blocks_and_trains_like_one_process(tmp_path):
     """Two CPU processes (gloo), each MambaBlock an FSDP2 unit: same weights after 3 steps as one process;
     their sharded checkpoint (model and optimizer) resumes in one process, 2 more steps as uninterrupted.
