@@ -9,8 +9,9 @@ one. Per call (do_bench, H100 80GB HBM3, bf16) this kernel and F.linear are with
 
 A program computes BLOCK_N outputs for all rows (up to BLOCK_M = 16, tl.dot's least size) and streams its rows
 of the weight once. BLOCK_N shrinks to 16 until the launch has two programs per multiprocessor, so that every
-multiprocessor keeps loads in flight; each load takes TILE_BYTES of the weight, NUM_STAGES of them in flight
-per program. No split over K: each output is one program's sum, in a fixed order.
+multiprocessor keeps loads in flight; each load takes `tile_bytes` of the weight, `num_stages` of them in
+flight per program (`FewRowsTuning`). By default no split over K: each output is one program's sum; with
+`split_k` the parts are added up in their order, so either way the sum's order is fixed.
 
 The products run on tensor cores from the 16-bit weight and x in the weight's dtype, summed in fp32 and
 rounded once to the output dtype, as cuBLAS's 16-bit GEMMs compute them (up to summation order).
@@ -137,6 +138,8 @@ _counters = {}  # device -> int32 zeros: the split programs' arrival counters, e
 def _split_counters(device, n):
     """At least n arrival counters on device, zero. Allocated outside CUDA graph capture only: a buffer first
     made inside a capture would hold zeros only once that graph had run."""
+    if device.type == "cuda" and device.index is None:  # one key per GPU, however the caller names it
+        device = torch.device("cuda", torch.cuda.current_device())
     counters = _counters.get(device)
     if counters is None or counters.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -90,7 +90,7 @@ def main():
     if args.projections:
         print_projection_times(shapes, batches, device)
     impl = HfMamba(device, torch.bfloat16)
-    few_rows._split_counters(torch.empty(0, device=device).device, 1 << 16)  # split_k's counters, before any capture
+    few_rows._split_counters(device, 1 << 16)  # split_k's counters, before any capture
     shipped = block.FUSED_STEP_MAX_D_INNER, block.FUSED_STEP_MAX_BATCH_D_INNER_SQUARED
     shipped_min_programs, shipped_rows = mamba_step.MIN_PROGRAMS, block.FEW_ROWS_LINEAR_ROWS
     print(f"{torch.cuda.get_device_name(device)}, bf16, greedy, prompt 128, {args.new} new tokens, tokens/s")
